@@ -1,0 +1,39 @@
+"""The `l2s` command line: a thin typer layer over the library."""
+
+from __future__ import annotations
+
+import typer
+
+from l2s import __version__
+from l2s.cli import doctor, models
+
+app = typer.Typer(
+    name="l2s",
+    help="Learn-to-Steer: make text-to-image diffusion models put objects where the prompt "
+    "says, by steering the latent with a classifier trained on the model's own attention.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"l2s {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print the version and exit."),
+) -> None:
+    """Learn-to-Steer command line."""
+
+
+app.command("models")(models.models)
+app.command("doctor")(doctor.doctor)
+
+
+def main() -> None:
+    app()

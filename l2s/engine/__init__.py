@@ -1,0 +1,1 @@
+"""The core engine: backbone adapters, attention hooks and token alignment."""

@@ -1,0 +1,162 @@
+"""Cross-attention capture through diffusers attention processors, with optional gradients."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import diffusers
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from l2s.engine.backbone import CrossAttnLayer
+
+# Token groups: one list of token indices per recorded object ("teddy bear" -> [2, 3]), shared
+# by the whole batch, or one such list of groups per batch element.
+TokenGroups = Sequence[Sequence[int]] | Sequence[Sequence[Sequence[int]]]
+
+
+class HookError(RuntimeError):
+    """The model does not have the attention layers the hooks expect."""
+
+
+def token_weights(groups: TokenGroups, seq_len: int) -> torch.Tensor:
+    """Averaging weights (B or 1, T, G): column g has 1/n on the n tokens of group g."""
+    if groups and groups[0] and isinstance(groups[0][0], int):
+        groups = [groups]  # shared by the batch
+    w = torch.zeros(len(groups), seq_len, len(groups[0]))
+    for b, sample in enumerate(groups):
+        if len(sample) != w.shape[2]:
+            raise ValueError("every batch element needs the same number of token groups")
+        for g, idx in enumerate(sample):
+            if not idx:
+                raise ValueError(f"token group {g} is empty")
+            if max(idx) >= seq_len or min(idx) < 0:
+                raise ValueError(f"token index {max(idx)} outside the prompt's {seq_len} tokens")
+            w[b, list(idx), g] = 1.0 / len(idx)
+    return w
+
+
+def resize_maps(maps: torch.Tensor, size: int) -> torch.Tensor:
+    """(..., h, w) attention maps -> (..., size, size), renormalised to sum 1 per map."""
+    lead, (h, w) = maps.shape[:-2], maps.shape[-2:]
+    x = maps.reshape(-1, 1, h, w)
+    if (h, w) != (size, size):
+        # Area averaging when shrinking keeps every query's mass; bilinear when growing.
+        mode = "area" if h >= size and w >= size else "bilinear"
+        x = F.interpolate(x.float(), size=(size, size), mode=mode,
+                          **({"align_corners": False} if mode == "bilinear" else {}))
+    x = x.float().clamp_min(0)
+    x = x / x.sum(dim=(-2, -1), keepdim=True).clamp_min(1e-12)
+    return x.reshape(*lead, size, size)
+
+
+class _RecordingProcessor:
+    """Explicit-softmax attention (as diffusers' AttnProcessor) that hands probs to a recorder."""
+
+    def __init__(self, recorder: AttentionRecorder, layer: CrossAttnLayer) -> None:
+        self.recorder, self.layer = recorder, layer
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                 temb=None, *args, **kwargs):
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            b, c, h, w = hidden_states.shape
+            hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        batch, seq_len = context.shape[:2]
+        attention_mask = attn.prepare_attention_mask(attention_mask, seq_len, batch)
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        query = attn.to_q(hidden_states)
+        if encoder_hidden_states is not None and attn.norm_cross:
+            context = attn.norm_encoder_hidden_states(context)
+        key, value = attn.to_k(context), attn.to_v(context)
+        query, key, value = (attn.head_to_batch_dim(x) for x in (query, key, value))
+        probs = attn.get_attention_scores(query, key, attention_mask)  # (B*heads, HW, T)
+        self.recorder._record(self.layer, probs, attn.heads)
+        hidden_states = attn.batch_to_head_dim(torch.bmm(probs, value))
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(b, c, h, w)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+
+class AttentionRecorder:
+    """Record per-layer, per-head softmax maps of chosen tokens while the context is open.
+
+    Only the chosen layers get the explicit-softmax processor; every other layer keeps its
+    original (fast SDPA) processor, and the originals come back on exit, also on exceptions.
+    After each forward, ``maps[layer_name]`` is (B, G, heads, S, S) for the G token groups,
+    resized to S = ``map_size`` and summing to 1 per map; ``stacked()`` gives (B, G, C, S, S)
+    with C = sum of heads over layers in forward order. With ``keep_grad`` the maps stay in
+    the autograd graph (steering); otherwise they are detached.
+    """
+
+    def __init__(self, model: nn.Module, layers: Sequence[CrossAttnLayer], tokens: TokenGroups,
+                 *, map_size: int = 16, keep_grad: bool = False) -> None:
+        self.model, self.layers = model, list(layers)
+        self.map_size, self.keep_grad = map_size, keep_grad
+        self.enabled = True  # set False to run forwards (e.g. the unconditional one) unrecorded
+        self.maps: dict[str, torch.Tensor] = {}
+        self._tokens = tokens
+        self._weights: torch.Tensor | None = None
+        self._originals: dict | None = None
+
+    def set_tokens(self, tokens: TokenGroups) -> None:
+        """Record other token groups from the next forward on (e.g. another prompt)."""
+        self._tokens, self._weights = tokens, None
+        self.maps.clear()
+
+    def __enter__(self) -> AttentionRecorder:
+        procs = self.model.attn_processors
+        missing = [la.name for la in self.layers if f"{la.name}.processor" not in procs]
+        if missing:
+            raise HookError(
+                f"attention layers {missing[:3]} not found in {type(self.model).__name__} "
+                f"(diffusers {diffusers.__version__}); l2s is tested with diffusers 0.42: "
+                "install a version in the range pyproject.toml pins")
+        self._originals = dict(procs)
+        new = dict(procs)
+        for la in self.layers:
+            new[f"{la.name}.processor"] = _RecordingProcessor(self, la)
+        self.model.set_attn_processor(new)  # consumes the dict it is given
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._originals is not None:
+            self.model.set_attn_processor(dict(self._originals))
+            self._originals = None
+
+    def _record(self, layer: CrossAttnLayer, probs: torch.Tensor, heads: int) -> None:
+        if not self.enabled:
+            return
+        bh, hw, seq_len = probs.shape
+        batch = bh // heads
+        if self._weights is None or self._weights.shape[1] != seq_len:
+            self._weights = token_weights(self._tokens, seq_len)
+        wts = self._weights.to(probs.device, probs.dtype)
+        if wts.shape[0] not in (1, batch):
+            raise ValueError(f"token groups given for {wts.shape[0]} prompts, batch is {batch}")
+        p = probs if self.keep_grad else probs.detach()
+        p = p.view(batch, heads, hw, seq_len)
+        maps = torch.einsum("bhqt,btg->bghq", p, wts.expand(batch, -1, -1))  # (B, G, heads, HW)
+        h, w = layer.resolution
+        if h * w != hw:
+            # Resolution from the actual query count when the input size differs from default.
+            h = w = int(round(hw**0.5))
+            if h * w != hw:
+                raise HookError(f"cannot infer the map shape of {layer.name} from {hw} queries")
+        self.maps[layer.name] = resize_maps(maps.reshape(batch, -1, heads, h, w), self.map_size)
+
+    def stacked(self) -> torch.Tensor:
+        """All recorded layers' maps concatenated over heads: (B, G, C, S, S)."""
+        missing = [la.name for la in self.layers if la.name not in self.maps]
+        if missing:
+            raise RuntimeError(f"no maps recorded yet for {missing[:3]}: run a forward first")
+        return torch.cat([self.maps[la.name] for la in self.layers], dim=2)

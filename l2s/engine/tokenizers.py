@@ -1,0 +1,53 @@
+"""Tokenizers built locally from word lists, so no model or test needs a hub download."""
+
+from __future__ import annotations
+
+import string
+from collections.abc import Iterable
+
+from transformers import CLIPTokenizer
+
+BOS = "<|startoftext|>"
+EOS = "<|endoftext|>"
+
+# Characters every built tokenizer can fall back to, so any ASCII prompt tokenises
+# (unknown words become character pieces instead of <unk>).
+_FALLBACK_CHARS = string.ascii_lowercase + string.digits + "'-,.!?&/()"
+
+
+def build_clip_tokenizer(
+    words: Iterable[str], *, model_max_length: int = 77, vocab_size: int | None = None
+) -> CLIPTokenizer:
+    """A real CLIP BPE tokenizer whose merges spell each given word as one token.
+
+    Each word becomes a single ``word</w>`` token (so a word-level model, such as the toy
+    text encoder, sees one embedding per word); other words fall back to characters.
+    ``vocab_size`` (e.g. 49408 for the SD text encoders) only checks that the ids fit.
+    """
+    vocab: dict[str, int] = {BOS: 0, EOS: 1}
+    merges: list[tuple[str, str]] = []
+
+    def add(piece: str) -> None:
+        if piece not in vocab:
+            vocab[piece] = len(vocab)
+
+    for ch in _FALLBACK_CHARS:
+        add(ch)
+        add(ch + "</w>")
+    for word in sorted({w.lower() for w in words}):
+        if not word or any(c not in _FALLBACK_CHARS for c in word):
+            raise ValueError(f"cannot build a token for {word!r}: only {_FALLBACK_CHARS!r} allowed")
+        if word + "</w>" in vocab:
+            continue
+        # Left-to-right merge chain: w,o -> wo; wo,r -> wor; wor,d</w> -> word</w>.
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(pieces) > 1:
+            merged = pieces[0] + pieces[1]
+            if (pieces[0], pieces[1]) not in merges:
+                merges.append((pieces[0], pieces[1]))
+            add(merged)
+            pieces = [merged] + pieces[2:]
+    if vocab_size is not None and len(vocab) > vocab_size:
+        raise ValueError(f"{len(vocab)} tokens do not fit a vocabulary of {vocab_size}")
+    return CLIPTokenizer(vocab=vocab, merges=merges,
+                         model_max_length=model_max_length)
