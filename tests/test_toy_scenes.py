@@ -177,8 +177,12 @@ def test_requested_categories_and_counts():
 def test_layout_scene_keeps_square_boxes():
     scene = layout_scene([("ring", (2, 3, 12, 13)), ("cross", (20, 18, 29, 27))], 32)
     assert [o.box for o in scene.objects] == [(2, 3, 12, 13), (20, 18, 29, 27)]
-    assert scene.relations() == [("ring", "left of", "cross"), ("ring", "above", "cross"),
-                                 ("cross", "right of", "ring"), ("cross", "below", "ring")]
+    assert scene.relations() == [
+        ("ring", "left of", "cross"),
+        ("ring", "above", "cross"),
+        ("cross", "right of", "ring"),
+        ("cross", "below", "ring"),
+    ]
     with pytest.raises(ValueError, match="not inside"):
         layout_scene([("ring", (25, 3, 35, 13))], 32)
 
@@ -200,16 +204,19 @@ def test_caption_policy():
 
 
 def test_caption_forms():
-    scene = layout_scene([("circle", (2, 2, 10, 10)), ("square", (20, 2, 28, 10)),
-                          ("ring", (2, 20, 10, 28))], 32)
+    scene = layout_scene(
+        [("circle", (2, 2, 10, 10)), ("square", (20, 2, 28, 10)), ("ring", (2, 20, 10, 28))], 32
+    )
     texts = {caption(scene, np.random.default_rng(s), relation_rate=1.0) for s in range(200)}
     assert "a circle left of a square and a ring" in texts
     assert "a square to the right of a circle and a ring" in texts
     lists = {caption(scene, np.random.default_rng(s), relation_rate=0.0) for s in range(50)}
     assert "a circle, a square and a ring" in lists and len(lists) == 6
     pair = layout_scene([("circle", (2, 2, 10, 10)), ("square", (20, 2, 28, 10))], 32)
-    assert caption(pair, np.random.default_rng(0), 0.0) in ("a circle and a square",
-                                                            "a square and a circle")
+    assert caption(pair, np.random.default_rng(0), 0.0) in (
+        "a circle and a square",
+        "a square and a circle",
+    )
 
 
 def test_vocabulary_covers_prompts():

@@ -134,7 +134,7 @@ def load_sd(repo: str, *, name: str, device: torch.device, dtype: torch.dtype,
         missing = [c for c in SD_COMPONENTS if not (local / c).is_dir()]
         if missing:
             raise BackboneError(f"{local} is not a diffusers Stable Diffusion folder: missing "
-                                f"{', '.join(missing)}/ (expected {', '.join(SD_COMPONENTS)})")
+                                f"{', '.join(m + '/' for m in missing)} (expected {', '.join(SD_COMPONENTS)})")
     try:
         unet = UNet2DConditionModel.from_pretrained(src, subfolder="unet", torch_dtype=dtype)
         # The VAE stays fp32 beside an fp16 UNet: SD VAEs overflow to inf/NaN in fp16 decoding.

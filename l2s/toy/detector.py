@@ -14,6 +14,7 @@ Failure modes, by design of the toy world (scenes hold each category at most onc
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -109,7 +110,7 @@ def _shape_score(name: str, mask: np.ndarray) -> float:
 
 
 def detect(
-    image: np.ndarray, categories: tuple[str, ...] | None = None, min_area: int | None = None
+    image: np.ndarray, categories: Sequence[str] | None = None, min_area: int | None = None
 ) -> dict[str, Detection]:
     """Detect each category's largest colour component in an (H, W, 3) image.
 

@@ -173,12 +173,11 @@ def render_scene(objects: Sequence[SceneObject], size: int) -> np.ndarray:
     """(size, size, 3) uint8 image of each object's shape filling its box, on black."""
     image = np.zeros((size, size, 3), np.uint8)
     for obj in objects:
-        x1, y1, x2, y2 = obj.box
+        x1, y1, x2, y2 = (int(v) for v in obj.box)
         if not (0 <= x1 < x2 <= size and 0 <= y1 < y2 <= size):
             raise ValueError(f"box {obj.box} of the {obj.category} is not inside a {size} px image")
-        image[y1:y2, x1:x2][shape_mask(obj.category, x2 - x1, y2 - y1)] = category(
-            obj.category
-        ).color
+        colour = category(obj.category).color
+        image[y1:y2, x1:x2][shape_mask(obj.category, x2 - x1, y2 - y1)] = colour
     return image
 
 
@@ -191,8 +190,9 @@ def layout_scene(specs: Sequence[tuple[str, tuple[int, int, int, int]]], size: i
     names = [category(name).name for name, _ in specs]
     if len(set(names)) != len(names):
         raise ValueError(f"toy scenes name objects by shape, so categories must differ: {names}")
-    image = render_scene([SceneObject(n, tuple(b)) for n, b in specs], size)
-    objects = tuple(SceneObject(n, _tight_box(n, tuple(b))) for n, b in specs)
+    boxes = [tuple(int(v) for v in box) for _, box in specs]
+    image = render_scene([SceneObject(n, b) for n, b in zip(names, boxes, strict=True)], size)
+    objects = tuple(SceneObject(n, _tight_box(n, b)) for n, b in zip(names, boxes, strict=True))
     return Scene(image, objects)
 
 

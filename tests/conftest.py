@@ -1,0 +1,17 @@
+"""Shared set-up: no hub access anywhere, and every cache in a temp folder."""
+
+import os
+import tempfile
+
+# Set before anything imports huggingface_hub, which reads these once at import time.
+_home = tempfile.mkdtemp(prefix="l2s-test-hf-")
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_HOME"] = _home
+os.environ["HF_HUB_CACHE"] = os.path.join(_home, "hub")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _l2s_cache(monkeypatch, tmp_path_factory):
+    monkeypatch.setenv("L2S_CACHE_DIR", str(tmp_path_factory.mktemp("l2s_cache")))

@@ -1,0 +1,36 @@
+"""The CLI through typer's runner: help, version, models and doctor."""
+
+import json
+
+from typer.testing import CliRunner
+
+from l2s import __version__
+from l2s.cli import app
+
+runner = CliRunner()
+
+
+def test_help_and_version():
+    r = runner.invoke(app, ["--help"])
+    assert r.exit_code == 0 and "models" in r.output and "doctor" in r.output
+    r = runner.invoke(app, ["--version"])
+    assert r.exit_code == 0 and __version__ in r.output
+
+
+def test_models_json_lists_presets_with_availability():
+    r = runner.invoke(app, ["models", "--json"])
+    assert r.exit_code == 0
+    rows = {m["name"]: m for m in json.loads(r.stdout)}
+    assert {"toy", "sd1.4", "sd2.1"} <= set(rows)
+    assert rows["sd2.1"]["available"] is False  # offline, empty HF cache
+    assert rows["sd2.1"]["repo_id"] == "stabilityai/stable-diffusion-2-1"
+    assert "classifier" in rows["toy"]
+
+
+def test_doctor_json_reports_versions_and_offline_mode():
+    r = runner.invoke(app, ["doctor", "--json"])
+    assert r.exit_code == 0
+    rep = json.loads(r.stdout)
+    assert rep["hf_offline"] is True
+    assert rep["packages"]["diffusers"]["installed"].startswith("0.42")
+    assert set(rep["models"]) >= {"toy", "sd2.1"}
