@@ -148,7 +148,8 @@ def canonical_relation(phrase: str) -> str:
     match = _RELATION_RE.fullmatch(" ".join(phrase.split()))
     if match is None:
         raise ValueError(
-            f"unknown spatial relation {phrase!r}: use one of {ALL_RELATIONS} or a phrasing such as "
+            f"unknown spatial relation {phrase!r}: use one of {ALL_RELATIONS} or a phrasing such "
+            "as "
             "'to the left of', 'on the right of', 'on the top of', 'under', 'near', 'on side of'"
         )
     return _RELATION_GROUPS[match.lastgroup][1]
@@ -296,7 +297,8 @@ def geneval_relations(box_a: Box, box_b: Box) -> set[str]:
     offset = ((ax1 + ax2) / 2 - (bx1 + bx2) / 2, (ay1 + ay2) / 2 - (by1 + by2) / 2)  # c_A - c_B
     sizes = ((ax2 - ax1) + (bx2 - bx1), (ay2 - ay1) + (by2 - by1))  # d_A + d_B
     revised = tuple(
-        math.copysign(max(abs(o) - GENEVAL_MARGIN * s, 0.0), o) for o, s in zip(offset, sizes)
+        math.copysign(max(abs(o) - GENEVAL_MARGIN * s, 0.0), o)
+        for o, s in zip(offset, sizes, strict=True)
     )
     # The 1e-3 test is absolute, as in GenEval: it assumes pixel, not normalised, coordinates.
     if all(abs(r) < 1e-3 for r in revised):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from l2s import __version__
-from l2s.cli import doctor, models
+from l2s.cli import bench, doctor, models, steer
 
 app = typer.Typer(
     name="l2s",
@@ -31,6 +31,8 @@ def _root(
     """Learn-to-Steer command line."""
 
 
+app.command("steer")(steer.steer)
+app.command("bench")(bench.bench)
 app.command("models")(models.models)
 app.command("doctor")(doctor.doctor)
 

@@ -33,3 +33,12 @@ def user_errors(*kinds: type[Exception]) -> Callable:
         return wrapper
 
     return deco
+
+
+def status(message: str, quiet: bool = False):
+    """A spinner on stderr, or nothing in --json mode or off a terminal."""
+    from contextlib import nullcontext
+
+    if quiet or not console.is_terminal:
+        return nullcontext()
+    return console.status(message)

@@ -35,6 +35,8 @@ class Denoiser(ABC):
     prediction_type: str  # what the network predicts: "epsilon", "v_prediction" or "sample"
     device: torch.device
     dtype: torch.dtype
+    # Object words a closed-vocabulary model (the toy) can draw; None: open vocabulary.
+    known_objects: tuple[str, ...] | None = None
 
     @property
     @abstractmethod

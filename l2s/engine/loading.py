@@ -95,8 +95,10 @@ def load_backbone(
             unet, text_encoder, tokenizer, scheduler = load_toy_components(DEFAULT_WEIGHTS_DIR)
         except OSError as e:  # missing or corrupt weights: the message names the rebuild
             raise BackboneError(str(e)) from e
+        from l2s.toy.scenes import CATEGORY_NAMES
+
         return UNetDenoiser(unet.to(dev, dt), text_encoder.to(dev), tokenizer, scheduler,
-                            name="toy", image_size=image_size)
+                            name="toy", image_size=image_size, known_objects=CATEGORY_NAMES)
     if random_weights:
         if preset is None or not preset.configs:
             raise BackboneError(f"--random-weights needs a preset with a built-in architecture: "
@@ -134,7 +136,8 @@ def load_sd(repo: str, *, name: str, device: torch.device, dtype: torch.dtype,
         missing = [c for c in SD_COMPONENTS if not (local / c).is_dir()]
         if missing:
             raise BackboneError(f"{local} is not a diffusers Stable Diffusion folder: missing "
-                                f"{', '.join(m + '/' for m in missing)} (expected {', '.join(SD_COMPONENTS)})")
+                                f"{', '.join(m + '/' for m in missing)} "
+                                f"(expected {', '.join(SD_COMPONENTS)})")
     try:
         unet = UNet2DConditionModel.from_pretrained(src, subfolder="unet", torch_dtype=dtype)
         # The VAE stays fp32 beside an fp16 UNet: SD VAEs overflow to inf/NaN in fp16 decoding.

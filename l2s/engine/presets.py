@@ -42,6 +42,8 @@ class Preset:
     repo_id: str | None  # hub id (None: shipped inside the package)
     description: str  # one line for `l2s models`
     image_size: int  # default generation size in pixels
+    steps: int  # default DDIM steps
+    guidance: float  # default classifier-free guidance scale
     # Exact architecture configs for --random-weights: component -> config kwargs.
     configs: dict = field(default_factory=dict, compare=False, repr=False)
 
@@ -50,10 +52,10 @@ PRESETS: dict[str, Preset] = {
     p.name: p
     for p in (
         Preset("toy", "toy", None, "tiny pixel-space shapes model shipped with l2s (offline)",
-               32),
+               32, 20, 3.0),
         Preset(
             "sd1.4", "sd", "CompVis/stable-diffusion-v1-4",
-            "Stable Diffusion 1.4 (CLIP ViT-L/14, epsilon prediction, 512 px)", 512,
+            "Stable Diffusion 1.4 (CLIP ViT-L/14, epsilon prediction, 512 px)", 512, 50, 7.5,
             {
                 "unet": {**_SD_UNET, "sample_size": 64, "cross_attention_dim": 768,
                          "attention_head_dim": 8},
@@ -66,7 +68,7 @@ PRESETS: dict[str, Preset] = {
         ),
         Preset(
             "sd2.1", "sd", "stabilityai/stable-diffusion-2-1",
-            "Stable Diffusion 2.1 (OpenCLIP ViT-H, v-prediction, 768 px)", 768,
+            "Stable Diffusion 2.1 (OpenCLIP ViT-H, v-prediction, 768 px)", 768, 50, 7.5,
             {
                 # diffusers' "attention_head_dim" here is really the head count per block.
                 "unet": {**_SD_UNET, "sample_size": 96, "cross_attention_dim": 1024,
@@ -84,5 +86,9 @@ PRESETS: dict[str, Preset] = {
 }
 
 
-def preset_names() -> list[str]:
-    return list(PRESETS)
+def generation_defaults(model: str, steps: int | None = None, guidance: float | None = None
+                        ) -> tuple[int, float]:
+    """Steps and guidance: the ones given, else the preset's, else SD's 50 and 7.5."""
+    p = PRESETS.get(model)
+    return (steps or (p.steps if p else 50),
+            guidance if guidance is not None else (p.guidance if p else 7.5))

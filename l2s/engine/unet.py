@@ -83,10 +83,12 @@ class UNetDenoiser(Denoiser):
         name: str,
         image_size: int | tuple[int, int] | None = None,
         fingerprint: str | None = None,
+        known_objects: tuple[str, ...] | None = None,
     ) -> None:
         self.unet, self.text_encoder, self._tokenizer, self.vae = unet, text_encoder, tokenizer, vae
         self.scheduler = scheduler
         self.name = name
+        self.known_objects = known_objects
         self.vae_scale = 1 if vae is None else 2 ** (len(vae.config.block_out_channels) - 1)
         if image_size is None:
             image_size = unet.config.sample_size * self.vae_scale

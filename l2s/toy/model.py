@@ -47,10 +47,12 @@ class ToyModelConfig:
     text_layers: int = 2  # transformer layers in the text encoder
     text_heads: int = 4  # attention heads in the text encoder
     text_mlp: int = 256  # text encoder MLP width
-    max_tokens: int = 20  # token positions incl. BOS/EOS; longer prompts are truncated
+    # Token positions incl. BOS/EOS: the longest training caption (a relation plus three more
+    # objects, with commas) is 24 tokens; longer prompts are truncated.
+    max_tokens: int = 24
     train_timesteps: int = 1000  # discrete noise levels of the schedule
     beta_schedule: str = "squaredcos_cap_v2"  # cosine schedule, suited to 32x32 images
-    prediction_type: str = "sample"  # what the UNet predicts: "sample" (x0), "v_prediction", "epsilon"
+    prediction_type: str = "sample"  # UNet output: "sample" (x0), "v_prediction" or "epsilon"
     timestep_spacing: str = "trailing"  # DDIM step spacing; trailing starts sampling at t = T-1
 
 

@@ -1,0 +1,56 @@
+"""`l2s bench`: score methods on a prompt suite with the same seeds, resumably."""
+
+from __future__ import annotations
+
+import typer
+from rich.progress import Progress
+from rich.table import Table
+
+from l2s.bench import BenchConfig, BenchError, run_bench
+from l2s.cli.output import console, emit_json, user_errors
+from l2s.engine.backbone import BackboneError
+
+
+@user_errors(BackboneError, BenchError)
+def bench(
+    suite: str = typer.Option("shapes", "--suite", help="Prompt suite: shapes (toy world)."),
+    model: str = typer.Option("toy", "--model", "-m", help="Preset, hub id or local folder."),
+    method: list[str] = typer.Option(["plain"], "--method",
+                                     help="Method to score; repeat to compare (plain)."),
+    prompts: int = typer.Option(200, "--prompts", help="Number of prompts."),
+    images: int = typer.Option(1, "--images", help="Images per prompt."),
+    seed: int = typer.Option(0, "--seed", help="Chooses the prompts and the image seeds."),
+    steps: int = typer.Option(None, "--steps", help="DDIM steps (default: the model's)."),
+    guidance: float = typer.Option(None, "--guidance", help="CFG scale (default: the model's)."),
+    batch_size: int = typer.Option(100, "--batch-size", help="Images generated together."),
+    out: str = typer.Option(None, "--out", "-o",
+                            help="Results folder (default: out/bench-SUITE-MODEL); an "
+                                 "interrupted run there resumes."),
+    json_out: bool = typer.Option(False, "--json", help="Print the summary JSON on stdout."),
+) -> None:
+    """Generate and score a benchmark suite; rerunning with the same --out resumes."""
+    cfg = BenchConfig(suite=suite, model=model, methods=tuple(method), prompts=prompts,
+                      images=images, seed=seed, steps=steps, guidance=guidance,
+                      batch_size=batch_size,
+                      out=out or f"out/bench-{suite}-{model.replace('/', '_')}")
+    with Progress(console=console, disable=json_out, transient=True) as progress:
+        tasks: dict[str, int] = {}
+
+        def on_batch(ev: dict) -> None:
+            if ev["method"] not in tasks:
+                tasks[ev["method"]] = progress.add_task(ev["method"], total=ev["total"])
+            progress.update(tasks[ev["method"]], completed=ev["done"])
+
+        res = run_bench(cfg, callback=on_batch)
+    if json_out:
+        emit_json(res.to_json())
+        return
+    table = Table(title=f"{suite} on {model}: {prompts} prompts x {images} images")
+    for col in ("method", "images", "both present", "position acc.", "fused", "seconds"):
+        table.add_column(col)
+    for name, m in res.methods.items():
+        table.add_row(name, str(m["n_images"]), f"{m['both_present']:.3f}",
+                      f"{m['position_accuracy']:.3f}", f"{m['fused']:.3f}",
+                      f"{res.seconds.get(name, 0):.1f}")
+    console.print(table)
+    console.print(f"per-image results: {res.out}/results.jsonl; samples: {res.out}/contact_*.png")

@@ -1,0 +1,550 @@
+"""Training the toy text-to-image model on synthetic shape scenes, and scoring it.
+
+Recipe (chosen by short CPU experiments; see ``TrainConfig`` for every knob):
+x0 ("sample") prediction on a cosine schedule whose last step is pure noise, sampled with
+trailing DDIM steps, so flat colours on black come out clean; caption dropout for
+classifier-free guidance; AdamW with warmup; EMA weights with warmup; the text encoder trains
+jointly with the UNet. Captions rarely state relations (``l2s.toy.scenes``), so the model learns
+the objects well and their placement poorly, which is the weakness Learn-to-Steer fixes.
+
+``train_toy(config, callback)`` is the library entry point; ``python -m l2s.toy.train`` is a thin
+CLI over it. Training is seeded and resumable: a checkpoint holds the weights, the EMA weights,
+the optimizer, the step and every random state, so a resumed run continues bit for bit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from l2s.toy.model import (
+    ToyModelConfig,
+    build_toy_components,
+    load_toy_components,
+    save_toy,
+)
+
+# A progress callback sees {"event": "step" | "eval" | "checkpoint" | "export", ...}.
+TrainCallback = Callable[[dict], None]
+
+WEIGHTINGS = ("uniform", "min_snr", "clamped_snr")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a toy training run depends on; written to OUT/config.json."""
+
+    out: str  # run folder: checkpoint/, eval/, best/ (best EMA model), model/ (final export)
+    steps: int = 20000  # optimizer steps to reach (a resumed run continues up to this)
+    batch: int = 48  # scenes per step
+    seed: int = 0  # seeds the weights, the scenes and the noise
+    lr: float = 1e-3  # peak AdamW learning rate
+    warmup: int = 300  # steps of linear learning-rate warmup
+    weight_decay: float = 0.01  # AdamW weight decay
+    grad_clip: float = 1.0  # max global gradient norm
+    weighting: str = "uniform"  # loss weighting over noise levels: one of WEIGHTINGS
+    snr_gamma: float = 5.0  # SNR cap for the min_snr / clamped_snr weightings
+    ema_decay: float = 0.999  # EMA decay once warmed up; warmup uses min(decay, (1+n)/(10+n))
+    cond_drop: float = 0.1  # share of captions replaced by "" (the unconditional branch of CFG)
+    relation_rate: float = 0.15  # share of captions that state a relation (scenes.scene_batch)
+    checkpoint_every: int = 250  # steps between checkpoints
+    eval_every: int = 1000  # steps between evaluations of the EMA model (0: never)
+    eval_prompts: int = 64  # two-object prompts per evaluation
+    eval_steps: int = 20  # DDIM steps when evaluating
+    eval_guidance: float = 3.0  # classifier-free guidance scale when evaluating
+    export: str | None = None  # also copy the best EMA model here (e.g. l2s/toy/weights)
+    threads: int = 2  # torch CPU threads
+    model: ToyModelConfig = field(default_factory=ToyModelConfig)  # the architecture
+
+
+@dataclass(frozen=True)
+class ToyEval:
+    """Detector scores of one batch of two-object generations (GenEval-style)."""
+
+    n: int  # prompts generated
+    both_present: float  # share of images where both requested shapes are detected
+    position_accuracy: float  # share where, in addition, GenEval's rule finds the relation
+    clean: float  # share with both present, not touching and not oversized blobs
+    seconds: float  # wall time of generation + detection
+    grid: str | None = None  # PNG of the generated images, when saved
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What a training run produced."""
+
+    step: int  # last step trained
+    model_dir: str  # final EMA export
+    best_dir: str | None  # best-evaluated EMA export, if any evaluation ran
+    best: ToyEval | None  # its scores
+
+
+# --- the loss --------------------------------------------------------------------------------
+
+
+def snr(alphas_cumprod: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Signal-to-noise ratio alpha_bar / (1 - alpha_bar) at timesteps t, (B,)."""
+    a = alphas_cumprod[t]
+    return a / (1 - a)
+
+
+def prediction_target(
+    prediction_type: str, x0: torch.Tensor, noise: torch.Tensor, alpha: torch.Tensor
+) -> torch.Tensor:
+    """What the UNet should output for x_t = sqrt(a) x0 + sqrt(1-a) noise; alpha (B, 1, 1, 1)."""
+    if prediction_type == "sample":
+        return x0
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "v_prediction":  # Salimans & Ho, 2022
+        return alpha.sqrt() * noise - (1 - alpha).sqrt() * x0
+    raise ValueError(f"unknown prediction_type {prediction_type!r}")
+
+
+def loss_weights(weighting: str, prediction_type: str, s: torch.Tensor, gamma: float
+                 ) -> torch.Tensor:
+    """Per-sample loss weights (B,) for the prediction space, from SNRs s (B,).
+
+    The x0-space weight w(s) becomes w(s) / c(s) in the prediction's space, where the plain
+    prediction loss equals c(s) times the x0 loss: c = 1 (x0), s (epsilon), s + 1 (v).
+    ``min_snr`` is Min-SNR-gamma (Hang et al., 2023): w = min(s, gamma).
+    ``clamped_snr`` also keeps the noisiest steps, where layout is decided: w = clamp(s, 1, gamma).
+    """
+    if weighting == "uniform":
+        return torch.ones_like(s)
+    c = {"sample": torch.ones_like(s), "epsilon": s, "v_prediction": s + 1}[prediction_type]
+    if weighting == "min_snr":
+        w = s.clamp(max=gamma)
+    elif weighting == "clamped_snr":
+        w = s.clamp(min=1.0, max=gamma)
+    else:
+        raise ValueError(f"unknown weighting {weighting!r}: expected one of "
+                         f"{', '.join(WEIGHTINGS)}")
+    return w / c.clamp(min=1e-8)
+
+
+def diffusion_loss(unet, text_emb, images, t, noise, scheduler, weighting, gamma):
+    """Weighted denoising loss for images (B, 3, H, W) in [-1, 1] at timesteps t (B,)."""
+    alphas = scheduler.alphas_cumprod.to(images.dtype)
+    a = alphas[t].view(-1, 1, 1, 1)  # (B, 1, 1, 1)
+    x_t = a.sqrt() * images + (1 - a).sqrt() * noise
+    pred = unet(x_t, t, encoder_hidden_states=text_emb).sample  # (B, 3, H, W)
+    kind = scheduler.config.prediction_type
+    target = prediction_target(kind, images, noise, a)
+    per_sample = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))  # (B,)
+    w = loss_weights(weighting, kind, snr(scheduler.alphas_cumprod, t).float(), gamma)
+    return (w * per_sample).mean()
+
+
+# --- data --------------------------------------------------------------------------------------
+
+
+class CaptionIds:
+    """Token ids for captions, cached (captions repeat a lot and tokenizing is slow)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self._cache = tokenizer, {}
+
+    def __call__(self, captions: list[str]) -> torch.Tensor:
+        missing = [c for c in dict.fromkeys(captions) if c not in self._cache]
+        if missing:
+            tok = self.tokenizer
+            ids = tok(missing, padding="max_length", max_length=tok.model_max_length,
+                      truncation=True, return_tensors="pt").input_ids
+            self._cache.update(zip(missing, ids, strict=True))
+        return torch.stack([self._cache[c] for c in captions])  # (B, T)
+
+
+def training_batch(rng: np.random.Generator, gen: torch.Generator, cfg: TrainConfig):
+    """(images (B, 3, H, W) in [-1, 1], captions with ~cond_drop of them emptied)."""
+    from l2s.toy.scenes import scene_batch
+
+    images, captions, _ = scene_batch(rng, cfg.batch, cfg.model.image_size, cfg.relation_rate)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+    drop = torch.rand(cfg.batch, generator=gen) < cfg.cond_drop
+    captions = ["" if d else c for c, d in zip(captions, drop.tolist(), strict=True)]
+    return x.contiguous(), captions
+
+
+# --- evaluation ------------------------------------------------------------------------------
+
+
+def two_object_prompts(n: int, seed: int = 0) -> list[tuple[str, str, str, str]]:
+    """n prompts "a A REL a B" over distinct shape pairs: (prompt, A, relation, B), seeded.
+
+    Cycles through all ordered pairs x relations in a shuffled order, so 120 prompts cover
+    each (A, B, relation) once.
+    """
+    from l2s.toy.scenes import CAPTION_PHRASES, CATEGORY_NAMES
+
+    combos = [(a, rel, b) for a in CATEGORY_NAMES for b in CATEGORY_NAMES if a != b
+              for rel in CAPTION_PHRASES]
+    rng = np.random.default_rng(seed)
+    out = []
+    while len(out) < n:
+        for i in rng.permutation(len(combos)):
+            a, rel, b = combos[i]
+            phrases = CAPTION_PHRASES[rel]
+            phrase = phrases[int(rng.integers(len(phrases)))]
+            out.append((f"a {a} {phrase} a {b}", a, rel, b))
+    return out[:n]
+
+
+def save_grid(images: np.ndarray, path: Path, columns: int = 16) -> Path:
+    """Tile (N, H, W, 3) images in [0, 1] into one PNG, 1 px grey gutters."""
+    n, h, w, _ = images.shape
+    rows = -(-n // columns)
+    grid = np.full((rows * (h + 1) + 1, columns * (w + 1) + 1, 3), 64, np.uint8)
+    for i, im in enumerate(images):
+        r, c = divmod(i, columns)
+        grid[1 + r * (h + 1): 1 + r * (h + 1) + h, 1 + c * (w + 1): 1 + c * (w + 1) + w] = (
+            np.clip(im * 255 + 0.5, 0, 255).astype(np.uint8))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(grid).resize((grid.shape[1] * 2, grid.shape[0] * 2), Image.NEAREST).save(path)
+    return path
+
+
+@torch.no_grad()
+def evaluate_toy(unet, text_encoder, tokenizer, scheduler, *, prompts: int = 200,
+                 steps: int = 20, guidance: float = 3.0, seed: int = 0, batch: int = 100,
+                 grid: str | Path | None = None) -> ToyEval:
+    """Generate two-object prompts with guided DDIM and score them with the toy detector.
+
+    Position accuracy follows GenEval: an image counts when both objects are detected and
+    GenEval's relative-position rule finds the requested relation.
+    """
+    from l2s.engine.sampling import sample
+    from l2s.engine.unet import UNetDenoiser
+    from l2s.relations import geneval_relations
+    from l2s.toy.detector import detect, objects_touch, oversized
+
+    start = time.perf_counter()
+    denoiser = UNetDenoiser(unet, text_encoder, tokenizer, scheduler, name="toy")
+    items = two_object_prompts(prompts, seed)
+    gen = torch.Generator().manual_seed(seed)
+    chunks = []
+    for i in range(0, len(items), batch):
+        chunk = [p for p, *_ in items[i:i + batch]]
+        chunks.append(sample(denoiser, chunk, steps=steps, guidance=guidance,
+                             generator=gen).float().cpu().numpy())
+    images = np.concatenate(chunks)  # (N, H, W, 3) in [0, 1]
+    both = correct = clean = 0
+    size = images.shape[1]
+    for im, (_, a, rel, b) in zip(images, items, strict=True):
+        found = detect(im, categories=(a, b))
+        if a in found and b in found:
+            both += 1
+            correct += rel in geneval_relations(found[a].box, found[b].box)
+            clean += not (objects_touch(found[a], found[b]) or oversized(found[a], size)
+                          or oversized(found[b], size))
+    path = save_grid(images, Path(grid)) if grid is not None else None
+    n = len(items)
+    return ToyEval(n, both / n, correct / n, clean / n, time.perf_counter() - start,
+                   None if path is None else str(path))
+
+
+# --- checkpoints -----------------------------------------------------------------------------
+
+
+def _state_tensors(unet, text_encoder) -> dict[str, torch.Tensor]:
+    out = {f"unet.{k}": v for k, v in unet.state_dict().items()}
+    out.update({f"text_encoder.{k}": v for k, v in text_encoder.state_dict().items()})
+    return {k: v.detach().contiguous().clone() for k, v in out.items()}
+
+
+def _load_state_tensors(unet, text_encoder, tensors: dict[str, torch.Tensor]) -> None:
+    for prefix, module in (("unet.", unet), ("text_encoder.", text_encoder)):
+        part = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        module.load_state_dict(part, strict=True)
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    """Swap a freshly written folder into place, never leaving `final` half-written."""
+    old = final.with_name(final.name + ".old")
+    if old.exists():
+        shutil.rmtree(old)
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def save_checkpoint(path: Path, step, unet, text_encoder, ema_unet, ema_text, optimizer,
+                    rng: np.random.Generator, gen: torch.Generator, cfg: TrainConfig) -> None:
+    """Write model, EMA, optimizer, step and random states to `path` (a folder)."""
+    tmp = path.with_name(path.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    save_file(_state_tensors(unet, text_encoder), tmp / "model.safetensors")
+    save_file(_state_tensors(ema_unet, ema_text), tmp / "ema.safetensors")
+    save_file({"torch_generator": gen.get_state()}, tmp / "rng.safetensors")
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    state = {"step": step, "numpy_rng": rng.bit_generator.state,
+             "config": dataclasses.asdict(cfg)}
+    (tmp / "state.json").write_text(json.dumps(state, indent=1))
+    _replace_dir(tmp, path)
+
+
+def load_checkpoint(path: Path, unet, text_encoder, ema_unet, ema_text, optimizer,
+                    rng: np.random.Generator, gen: torch.Generator) -> int:
+    """Restore everything `save_checkpoint` wrote; returns the step."""
+    for name in ("model.safetensors", "ema.safetensors", "rng.safetensors", "optimizer.pt",
+                 "state.json"):
+        if not (path / name).is_file():
+            raise FileNotFoundError(f"checkpoint file {path / name} is missing; start afresh "
+                                    "without --resume (or point --out at a complete run)")
+    _load_state_tensors(unet, text_encoder, load_file(path / "model.safetensors"))
+    _load_state_tensors(ema_unet, ema_text, load_file(path / "ema.safetensors"))
+    gen.set_state(load_file(path / "rng.safetensors")["torch_generator"])
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    state = json.loads((path / "state.json").read_text())
+    rng.bit_generator.state = state["numpy_rng"]
+    return int(state["step"])
+
+
+# --- training --------------------------------------------------------------------------------
+
+
+def _ema_decay(cfg: TrainConfig, step: int) -> float:
+    # Warmup: early EMA tracks the fast-moving weights, later it averages over ~1/(1-decay) steps.
+    return min(cfg.ema_decay, (1 + step) / (10 + step))
+
+
+def _lr(cfg: TrainConfig, step: int) -> float:
+    return cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
+
+
+def _export(tmp_parent: Path, final: Path, ema_unet, ema_text, tokenizer, scheduler) -> None:
+    final = Path(final)
+    tmp = final.with_name(final.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    save_toy(tmp, ema_unet, ema_text, tokenizer, scheduler)
+    _replace_dir(tmp, final)
+
+
+class ToyTrainer:
+    """One training run's state: model, EMA copy, optimizer, random streams and step count."""
+
+    def __init__(self, cfg: TrainConfig):
+        import copy
+
+        if cfg.weighting not in WEIGHTINGS:
+            raise ValueError(f"unknown weighting {cfg.weighting!r}: expected one of "
+                             f"{', '.join(WEIGHTINGS)}")
+        self.cfg = cfg
+        self.unet, self.text_encoder, self.tokenizer, self.scheduler = build_toy_components(
+            cfg.model, cfg.seed)
+        self.ema_unet = copy.deepcopy(self.unet).requires_grad_(False)
+        self.ema_text = copy.deepcopy(self.text_encoder).requires_grad_(False)
+        self.params = [p for m in (self.unet, self.text_encoder) for p in m.parameters()]
+        self.ema_params = [p for m in (self.ema_unet, self.ema_text) for p in m.parameters()]
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.rng = np.random.default_rng(cfg.seed)  # scenes
+        self.gen = torch.Generator().manual_seed(cfg.seed + 1)  # noise, timesteps, dropout
+        self.ids = CaptionIds(self.tokenizer)
+        self.step = 0
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return Path(self.cfg.out) / "checkpoint"
+
+    def save(self) -> None:
+        save_checkpoint(self.checkpoint_dir, self.step, self.unet, self.text_encoder,
+                        self.ema_unet, self.ema_text, self.optimizer, self.rng, self.gen, self.cfg)
+
+    def resume(self) -> bool:
+        """Load the run's checkpoint if there is one; whether it did."""
+        if not (self.checkpoint_dir / "state.json").is_file():
+            return False
+        self.step = load_checkpoint(self.checkpoint_dir, self.unet, self.text_encoder,
+                                    self.ema_unet, self.ema_text, self.optimizer, self.rng,
+                                    self.gen)
+        return True
+
+    def train_step(self) -> float:
+        """One optimizer step on a fresh batch; returns the loss."""
+        cfg = self.cfg
+        self.unet.train()
+        self.text_encoder.train()
+        images, captions = training_batch(self.rng, self.gen, cfg)
+        t = torch.randint(0, self.scheduler.config.num_train_timesteps, (cfg.batch,),
+                          generator=self.gen)
+        noise = torch.randn(images.shape, generator=self.gen)
+        for g in self.optimizer.param_groups:
+            g["lr"] = _lr(cfg, self.step)
+        text_emb = self.text_encoder(self.ids(captions))[0]  # (B, T, D)
+        loss = diffusion_loss(self.unet, text_emb, images, t, noise, self.scheduler,
+                              cfg.weighting, cfg.snr_gamma)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
+        self.optimizer.step()
+        with torch.no_grad():
+            torch._foreach_lerp_(self.ema_params, [p.detach() for p in self.params],
+                                 1 - _ema_decay(cfg, self.step))
+        self.step += 1
+        return float(loss)
+
+    def evaluate(self, prompts: int | None = None, grid: Path | None = None) -> ToyEval:
+        cfg = self.cfg
+        result = evaluate_toy(self.ema_unet, self.ema_text, self.tokenizer, self.scheduler,
+                              prompts=prompts or cfg.eval_prompts, steps=cfg.eval_steps,
+                              guidance=cfg.eval_guidance, seed=cfg.seed, grid=grid)
+        self.ema_unet.requires_grad_(False)
+        return result
+
+    def export(self, directory: Path) -> None:
+        _export(Path(self.cfg.out), directory, self.ema_unet, self.ema_text, self.tokenizer,
+                self.scheduler)
+
+
+def _eval_score(e: ToyEval) -> float:
+    # Both objects present is what the shipped model must get right; clean layouts break ties.
+    return e.both_present + 0.1 * e.clean
+
+
+def train_toy(cfg: TrainConfig, resume: bool = False, callback: TrainCallback | None = None
+              ) -> TrainResult:
+    """Train (or continue) a toy model as `cfg` says; returns where the weights went."""
+    torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    report = callback or (lambda event: None)
+    trainer = ToyTrainer(cfg)
+    if resume and trainer.resume():
+        report({"event": "resume", "step": trainer.step})
+    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+    best_file = out / "best.json"
+    best = json.loads(best_file.read_text()) if best_file.is_file() else None
+    best_eval = ToyEval(**best["eval"]) if best else None
+    losses, tick = [], time.perf_counter()
+    while trainer.step < cfg.steps:
+        losses.append(trainer.train_step())
+        step = trainer.step
+        if step % 50 == 0 or step == cfg.steps:
+            now = time.perf_counter()
+            report({"event": "step", "step": step, "loss": float(np.mean(losses)),
+                    "lr": _lr(cfg, step - 1), "sec_per_step": (now - tick) / len(losses)})
+            losses, tick = [], now
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            trainer.save()
+            report({"event": "checkpoint", "step": step, "path": str(trainer.checkpoint_dir)})
+        if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
+            result = trainer.evaluate(grid=out / "eval" / f"step{step:06d}.png")
+            improved = best_eval is None or _eval_score(result) > _eval_score(best_eval)
+            report({"event": "eval", "step": step, "improved": improved,
+                     **dataclasses.asdict(result)})
+            if improved:
+                best_eval = result
+                trainer.export(out / "best")
+                if cfg.export:
+                    trainer.export(Path(cfg.export))
+                best_file.write_text(json.dumps({"step": step,
+                                                 "eval": dataclasses.asdict(result)}, indent=1))
+                report({"event": "export", "step": step, "path": cfg.export or str(out / "best")})
+            tick = time.perf_counter()  # evaluation time is not training time
+    trainer.export(out / "model")
+    return TrainResult(trainer.step, str(out / "model"),
+                       str(out / "best") if best_eval else None, best_eval)
+
+
+# --- command line ----------------------------------------------------------------------------
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    d = TrainConfig(out="")
+    p = argparse.ArgumentParser(prog="python -m l2s.toy.train", description=__doc__.split("\n")[0])
+    p.add_argument("--out", help="run folder (checkpoints, evaluation grids, exports)")
+    p.add_argument("--steps", type=int, default=d.steps)
+    p.add_argument("--batch", type=int, default=d.batch)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--warmup", type=int, default=d.warmup)
+    p.add_argument("--weighting", choices=WEIGHTINGS, default=d.weighting)
+    p.add_argument("--prediction", choices=("sample", "v_prediction", "epsilon"),
+                   default=d.model.prediction_type, help="what the UNet predicts")
+    p.add_argument("--channels", default=",".join(map(str, d.model.unet_channels)),
+                   help="UNet widths per level, comma separated")
+    p.add_argument("--ema-decay", type=float, default=d.ema_decay)
+    p.add_argument("--eval-every", type=int, default=d.eval_every)
+    p.add_argument("--eval-prompts", type=int, default=d.eval_prompts)
+    p.add_argument("--eval-steps", type=int, default=d.eval_steps)
+    p.add_argument("--guidance", type=float, default=d.eval_guidance)
+    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
+    p.add_argument("--export", default=None,
+                   help="also write the best EMA model here, e.g. l2s/toy/weights")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
+    p.add_argument("--evaluate", metavar="MODEL_DIR", default=None,
+                   help="only score a saved model (e.g. l2s/toy/weights) and exit")
+    p.add_argument("--grid", default=None, help="with --evaluate: save the images as this PNG")
+    args = p.parse_args(argv)
+    if args.evaluate is None and not args.out:
+        p.error("--out is required unless --evaluate is given")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parse(argv)
+    if args.evaluate is not None:
+        torch.set_num_threads(TrainConfig(out="").threads)
+        result = evaluate_toy(*load_toy_components(args.evaluate), prompts=args.eval_prompts,
+                              steps=args.eval_steps, guidance=args.guidance, seed=args.seed,
+                              grid=args.grid)
+        print(json.dumps(dataclasses.asdict(result)))
+        return
+    saved = Path(args.out) / "config.json"
+    if args.resume and saved.is_file():
+        # A resumed run keeps its recorded recipe; only the target step and export may change.
+        cfg = config_from_dict(json.loads(saved.read_text()))
+        cfg = dataclasses.replace(cfg, steps=args.steps, export=args.export or cfg.export)
+    else:
+        cfg = _config_from_args(args)
+
+    def progress(event: dict) -> None:
+        kind = event.pop("event")
+        body = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                        for k, v in event.items())
+        print(f"[{time.strftime('%H:%M:%S')}] {kind} {body}", file=sys.stderr, flush=True)
+
+    result = train_toy(cfg, resume=args.resume, callback=progress)
+    print(json.dumps(dataclasses.asdict(result)))
+
+
+def config_from_dict(d: dict) -> TrainConfig:
+    """A TrainConfig from its asdict() form (as in OUT/config.json)."""
+    model = dict(d.get("model", {}))
+    if "unet_channels" in model:
+        model["unet_channels"] = tuple(model["unet_channels"])
+    return TrainConfig(**{**d, "model": ToyModelConfig(**model)})
+
+
+def _config_from_args(args: argparse.Namespace) -> TrainConfig:
+    model = dataclasses.replace(
+        ToyModelConfig(), prediction_type=args.prediction,
+        unet_channels=tuple(int(c) for c in args.channels.split(",")))
+    return TrainConfig(out=args.out, steps=args.steps, batch=args.batch, seed=args.seed,
+                      lr=args.lr, warmup=args.warmup, weighting=args.weighting,
+                      ema_decay=args.ema_decay, eval_every=args.eval_every,
+                      eval_prompts=args.eval_prompts, eval_steps=args.eval_steps,
+                      eval_guidance=args.guidance, checkpoint_every=args.checkpoint_every,
+                      export=args.export, model=model)
+
+
+if __name__ == "__main__":
+    main()
