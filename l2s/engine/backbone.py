@@ -71,9 +71,16 @@ class Denoiser(ABC):
         """The network's noise estimate epsilon (B, C, h, w), whatever it predicts natively."""
 
     @abstractmethod
-    def step(self, eps: torch.Tensor, t: int, t_next: int | None, latents: torch.Tensor
+    def step(self, eps: torch.Tensor, t: int | None, t_next: int | None, latents: torch.Tensor
              ) -> torch.Tensor:
-        """One deterministic scheduler step from t to t_next (None: to the clean sample)."""
+        """One deterministic scheduler move from t to t_next; None is the clean end.
+
+        Runs in either direction: inversion calls it with t_next noisier than t.
+        """
+
+    @abstractmethod
+    def alpha(self, t: int | None) -> float:
+        """alpha_bar (signal fraction) at timestep t; None is the clean end of the schedule."""
 
     @abstractmethod
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

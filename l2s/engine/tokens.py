@@ -68,3 +68,14 @@ def triplet_tokens(tokenizer, prompt: str, triplet: Triplet
     """Subject and object tokens of a parsed triplet, at the occurrences it refers to."""
     return (phrase_tokens(tokenizer, prompt, triplet.subject, triplet.subject_span),
             phrase_tokens(tokenizer, prompt, triplet.object, triplet.object_span))
+
+
+def pair_tokens(tokenizer, prompt: str, subject: str, obj: str
+                ) -> tuple[PhraseTokens, PhraseTokens]:
+    """Subject tokens at its first occurrence, object tokens at its first one after that."""
+    s_span = find_phrase(prompt, subject)
+    rest = prompt[s_span[1]:]
+    o_local = find_phrase(rest, obj)
+    o_span = (o_local[0] + s_span[1], o_local[1] + s_span[1])
+    return (phrase_tokens(tokenizer, prompt, subject, s_span),
+            phrase_tokens(tokenizer, prompt, obj, o_span))

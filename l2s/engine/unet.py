@@ -147,7 +147,6 @@ class UNetDenoiser(Denoiser):
         return [int(t) for t in self.scheduler.timesteps]
 
     def alpha(self, t: int | None) -> float:
-        """alpha_bar at timestep t; None (past the last step) is the scheduler's final alpha."""
         return self._final_alpha if t is None or t < 0 else float(self._alphas[t])
 
     def predict_noise(self, latents: torch.Tensor, t: int, text_emb: torch.Tensor
@@ -155,7 +154,7 @@ class UNetDenoiser(Denoiser):
         out = self.unet(latents.to(self.dtype), t, encoder_hidden_states=text_emb).sample
         return to_epsilon(out.float(), latents.float(), self.alpha(t), self.prediction_type)
 
-    def step(self, eps: torch.Tensor, t: int, t_next: int | None, latents: torch.Tensor
+    def step(self, eps: torch.Tensor, t: int | None, t_next: int | None, latents: torch.Tensor
              ) -> torch.Tensor:
         x = ddim_step(latents.float(), eps.float(), self.alpha(t), self.alpha(t_next))
         return x.to(self.dtype)

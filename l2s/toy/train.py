@@ -66,7 +66,9 @@ class TrainConfig:
     eval_steps: int = 20  # DDIM steps when evaluating
     eval_guidance: float = 3.0  # classifier-free guidance scale when evaluating
     export: str | None = None  # also copy the best EMA model here (e.g. l2s/toy/weights)
-    threads: int = 2  # torch CPU threads
+    # torch CPU threads: 1, as on a CPU shared with other jobs two threads spin in OpenMP
+    # barriers and measured 4x slower per step than one.
+    threads: int = 1
     model: ToyModelConfig = field(default_factory=ToyModelConfig)  # the architecture
 
 
@@ -399,7 +401,7 @@ class ToyTrainer:
             torch._foreach_lerp_(self.ema_params, [p.detach() for p in self.params],
                                  1 - _ema_decay(cfg, self.step))
         self.step += 1
-        return float(loss)
+        return loss.item()
 
     def evaluate(self, prompts: int | None = None, grid: Path | None = None) -> ToyEval:
         cfg = self.cfg

@@ -1,0 +1,232 @@
+"""The `l2s invert` job: samples -> inverted latents -> dual-prompt attention maps in the cache."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from l2s.cache import AttentionCache, content_key, image_hash
+from l2s.engine.backbone import Denoiser
+from l2s.engine.tokens import TokenAlignmentError, pair_tokens
+from l2s.inversion import (InversionConfig, ddim_invert, noised_latents, psnr, reconstruct,
+                           record_maps)
+from l2s.relations import RELATIONS, Triplet, format_prompt
+
+
+@dataclass(frozen=True)
+class InvertConfig:
+    """One `l2s invert` run; `settings()` is written next to the cache's manifest."""
+
+    data: tuple[str, ...] = ("shapes",)  # sources: gqa, folder, shapes, generated
+    model: str = "toy"  # backbone preset, hub id or folder
+    cache_dir: str | None = None  # cache root (None: $L2S_CACHE_DIR or ~/.cache/l2s)
+    limit: int | None = None  # stop after this many source samples (per source)
+    negatives: int = 1  # wrong-relation prompts per sample
+    seed: int = 0  # source sampling and negative relations
+    batch_size: int = 16  # images inverted together
+    shard: tuple[int, int] = (0, 1)  # (index, count): this process takes samples i % count
+    inversion: InversionConfig = field(default_factory=InversionConfig)
+    gqa_root: str | None = None  # GQA folder (images/, *_sceneGraphs.json)
+    folder: str | None = None  # folder source with annotations.jsonl
+    per_relation: tuple[int, int, int] | None = None  # train/val/test per relation (None: default)
+
+
+@dataclass
+class InvertResult:
+    """What a run did: counts of written/skipped/dropped work, and the cache's stats."""
+
+    written: int = 0
+    skipped: int = 0  # map entries already cached
+    inverted: int = 0  # images inverted (latents not cached yet)
+    dropped: Counter = field(default_factory=Counter)  # reason -> count
+    sources: dict = field(default_factory=dict)  # per-source kept/dropped reports
+    corrupt_rebuilt: int = 0
+    stats: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "dropped": dict(self.dropped)}
+
+
+def sample_prompts(triplet: Triplet, negatives: int, rng: random.Random
+                   ) -> list[tuple[str, str, str]]:
+    """(prompt, prompt relation, polarity): the true caption, then captions whose relation is
+    drawn uniformly from the other relations (distinct while there are enough)."""
+    others = [r for r in RELATIONS if r != triplet.relation]
+    picks: list[str] = []
+    while len(picks) < negatives:
+        pool = [r for r in others if r not in picks] or others
+        picks.append(rng.choice(pool))
+    out = [(format_prompt([triplet], style="plain"), triplet.relation, "pos")]
+    for r in picks:
+        t = Triplet(triplet.subject, r, triplet.object)
+        out.append((format_prompt([t], style="plain"), r, "neg"))
+    return out
+
+
+def resolve_shard(shard: tuple[int, int] | None) -> tuple[int, int]:
+    """The explicit shard, else the one `accelerate launch` / torchrun set, else (0, 1)."""
+    if shard is not None and shard != (0, 1):
+        return shard
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        return int(os.environ.get("RANK", "0")), world
+    return (0, 1)
+
+
+def _prepare_image(img: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
+    """(H, W, 3) uint8 -> (1, h, w, 3) float in [0, 1] at the backbone's size."""
+    from PIL import Image
+
+    if img.shape[:2] != size:
+        img = np.asarray(Image.fromarray(img).resize((size[1], size[0]), Image.BILINEAR))
+    return torch.from_numpy(img.copy()).float().div(255).unsqueeze(0)
+
+
+def run_invert(cfg: InvertConfig, denoiser: Denoiser | None = None,
+               callback: Callable[[dict], None] | None = None) -> InvertResult:
+    """Fill the cache for every sample of the sources; skips what exists, so it resumes."""
+    import time
+
+    from l2s.sources import SourceOptions, SourceReport, iter_samples
+
+    t_start = time.perf_counter()
+    if denoiser is None:
+        from l2s.engine.loading import load_backbone
+
+        denoiser = load_backbone(cfg.model)
+    cache = AttentionCache(cfg.cache_dir, denoiser.fingerprint)
+    inv = cfg.inversion
+    shard_index, shard_count = resolve_shard(cfg.shard)
+    layers = denoiser.cross_attention_layers()
+    ts = denoiser.timesteps(inv.steps)
+    common_meta = {
+        "model": denoiser.name, "fingerprint": denoiser.fingerprint,
+        "inversion": asdict(inv), "timesteps": [ts[s] for s in inv.record_steps],
+        "layers": [la.name for la in layers], "heads": [la.heads for la in layers],
+        "map_size": inv.map_size,
+    }
+    (cache.dir / "settings.json").write_text(json.dumps(common_meta, indent=2))
+    result = InvertResult()
+    opts_kwargs = {"gqa_root": cfg.gqa_root, "folder": cfg.folder, "seed": cfg.seed}
+    if cfg.per_relation is not None:
+        opts_kwargs["per_relation"] = cfg.per_relation
+    options = SourceOptions(**opts_kwargs)
+
+    for source in cfg.data:
+        report = SourceReport()
+        batch: list = []
+        seen = 0
+        for i, sample in enumerate(iter_samples(source, options, report, denoiser=denoiser)):
+            if cfg.limit is not None and i >= cfg.limit:
+                break
+            seen += 1
+            if i % shard_count != shard_index:
+                continue
+            batch.append(sample)
+            if len(batch) == cfg.batch_size:
+                _process(batch, denoiser, cache, cfg, common_meta, result)
+                batch = []
+                if callback:
+                    callback({"source": source, "done": seen, **_counts(result)})
+        if batch:
+            _process(batch, denoiser, cache, cfg, common_meta, result)
+        if callback:
+            callback({"source": source, "done": seen, "final": True, **_counts(result)})
+        result.sources[source] = report.to_dict()
+    result.corrupt_rebuilt = len(cache.corrupt)
+    result.stats = cache.stats()
+    result.seconds = time.perf_counter() - t_start
+    return result
+
+
+def _counts(r: InvertResult) -> dict:
+    return {"written": r.written, "skipped": r.skipped, "dropped": sum(r.dropped.values())}
+
+
+def _process(samples: list, denoiser: Denoiser, cache: AttentionCache, cfg: InvertConfig,
+             common_meta: dict, result: InvertResult) -> None:
+    """Invert (or load) a batch of samples' latents, then record and store missing entries."""
+    from l2s.sources import SourceError
+
+    inv = cfg.inversion
+    items = []  # (sample, image tensor, hash, prompts, keys)
+    for s in samples:
+        try:
+            img = _prepare_image(s.load_image(), denoiser.image_size)
+        except SourceError:
+            result.dropped["unreadable image"] += 1
+            continue
+        h = image_hash((img * 255).round().to(torch.uint8).numpy())
+        rng = random.Random(f"{cfg.seed}:{s.source_id}")
+        triplet = Triplet(s.subject, s.relation, s.object)
+        prompts = sample_prompts(triplet, cfg.negatives, rng)
+        keys = [content_key(denoiser.fingerprint, h, p, s.subject, s.object,
+                            inv.latent_settings(), list(inv.record_steps), inv.map_size)
+                for p, _, _ in prompts]
+        missing = [k for k in keys if not cache.has(k)]
+        result.skipped += len(keys) - len(missing)
+        if missing:
+            items.append((s, img, h, prompts, keys))
+    if not items:
+        return
+    # 1. Latent trajectories: cached, else inverted together in one batch.
+    lat_keys = [content_key(denoiser.fingerprint, h, p[0][0], inv.latent_settings())
+                for _, _, h, p, _ in items]
+    trajs: list = [cache.get_latents(k) for k in lat_keys]
+    todo = [i for i, t in enumerate(trajs) if t is None]
+    if todo:
+        x0 = denoiser.encode_image(torch.cat([items[i][1] for i in todo]))
+        cond = denoiser.encode_prompt([items[i][3][0][0] for i in todo])
+        if inv.method == "ddim":
+            traj = ddim_invert(denoiser, x0, cond, inv.steps, inv.fixed_point)
+            rec = denoiser.decode(reconstruct(denoiser, traj[0], cond, inv.steps))
+            quality = psnr(rec.cpu(), torch.cat([items[i][1] for i in todo])).tolist()
+        else:
+            gen = torch.Generator().manual_seed(cfg.seed)
+            traj = noised_latents(denoiser, x0, inv.steps, gen)
+            quality = [None] * len(todo)
+        for j, i in enumerate(todo):
+            lat = traj[:, j].to(torch.float16)
+            cache.put_latents(lat_keys[i], lat, {"psnr": quality[j]})
+            trajs[i] = (lat, {"psnr": quality[j]})
+        result.inverted += len(todo)
+    # 2. Maps under every prompt of every image whose reconstruction is good enough.
+    prompts, groups, lat_list, metas = [], [], [], []
+    for (s, _, h, ps, keys), (lat, lmeta) in zip(items, trajs, strict=True):
+        q = lmeta.get("psnr")
+        if q is not None and q < inv.min_psnr:
+            result.dropped["low reconstruction PSNR"] += len(keys)
+            continue
+        for (prompt, prel, pol), key in zip(ps, keys, strict=True):
+            if cache.has(key):
+                continue
+            try:
+                st, ot = pair_tokens(denoiser.tokenizer, prompt, s.subject, s.object)
+            except TokenAlignmentError:
+                result.dropped["prompt does not fit the tokenizer"] += 1
+                continue
+            prompts.append(prompt)
+            groups.append([list(st.indices), list(ot.indices)])
+            lat_list.append(lat)
+            metas.append((key, {
+                **common_meta, "source": s.source, "source_id": s.source_id, "split": s.split,
+                "relation": s.relation, "prompt": prompt, "prompt_relation": prel,
+                "polarity": pol, "subject": s.subject, "object": s.object, "image_hash": h,
+                "psnr": q, "subject_box": list(s.subject_box),
+                "object_box": list(s.object_box)}))
+    if not prompts:
+        return
+    latents = torch.stack(lat_list, dim=1).to(denoiser.device, denoiser.dtype)
+    maps = record_maps(denoiser, latents, prompts, groups, inv.record_steps, inv.steps,
+                       inv.map_size)
+    for (key, meta), m in zip(metas, maps, strict=True):
+        cache.put(key, m, meta)
+        result.written += 1

