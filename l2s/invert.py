@@ -15,8 +15,14 @@ import torch
 from l2s.cache import AttentionCache, content_key, image_hash
 from l2s.engine.backbone import Denoiser
 from l2s.engine.tokens import TokenAlignmentError, pair_tokens
-from l2s.inversion import (InversionConfig, ddim_invert, noised_latents, psnr, reconstruct,
-                           record_maps)
+from l2s.inversion import (
+    InversionConfig,
+    ddim_invert,
+    noised_latents,
+    psnr,
+    reconstruct,
+    record_maps,
+)
 from l2s.relations import RELATIONS, Triplet, format_prompt
 
 

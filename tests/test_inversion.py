@@ -6,8 +6,14 @@ import pytest
 import torch
 
 from l2s.engine.tiny import tiny_sd
-from l2s.inversion import (InversionConfig, ddim_invert, noised_latents, psnr, reconstruct,
-                           record_maps)
+from l2s.inversion import (
+    InversionConfig,
+    ddim_invert,
+    noised_latents,
+    psnr,
+    reconstruct,
+    record_maps,
+)
 
 
 class Analytic:
