@@ -1,0 +1,376 @@
+"""The relation classifier: subject/object cross-attention maps + timestep -> relation logits.
+
+Learn-to-Steer (Yiflach et al., WACV 2026, sec. 3) reads the spatial relation between two
+objects from a diffusion model's own attention maps; at generation time the classifier's
+cross-entropy is the steering loss, so it runs, and is differentiated through, on every steering
+iteration. This module owns the network, its checkpoint format (safetensors weights + a JSON
+card) and where a backbone's default classifier lives. It does no I/O except save/load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from l2s.relations import RELATIONS
+
+CARD_FORMAT = "l2s-relation-classifier/1"  # bump when the card or weight layout changes
+WEIGHTS_FILE = "model.safetensors"
+CARD_FILE = "card.json"
+TOKEN_MODES = ("map", "layer")
+
+
+class ClassifierError(RuntimeError):
+    """A classifier checkpoint cannot be used as asked; the message says what to do."""
+
+
+class ClassifierMismatchError(ClassifierError):
+    """The classifier was trained on another backbone's attention maps."""
+
+
+@dataclass(frozen=True)
+class ClassifierConfig:
+    """Sizes of a RelationClassifier; written into its card as ``architecture``."""
+
+    n_maps: int = 128  # C: maps per object = recorded layers x heads (SD1.4 128, SD2.1 195)
+    map_size: int = 16  # S: side of every (resized, sum-1) attention map
+    relations: tuple[str, ...] = RELATIONS  # class names, in logit order
+    # Heads of each recorded layer, in the order the C maps are stacked; needed by
+    # tokens="layer" (sum must be n_maps), informative otherwise. None: unknown.
+    heads_per_layer: tuple[int, ...] | None = None
+    tokens: str = "map"  # "map": one token per map (reference); "layer": heads averaged per layer
+    d_model: int = 256  # token width of the per-object extractor
+    depth: int = 2  # Transformer encoder layers of the extractor
+    n_heads: int = 4  # attention heads of those encoder layers
+    mlp_ratio: int = 4  # encoder feed-forward width = mlp_ratio x d_model
+    head_hidden: int = 256  # hidden width of the relation head MLP
+    dropout: float = 0.1  # in the encoder and the relation head (training only)
+
+    def __post_init__(self) -> None:
+        if self.tokens not in TOKEN_MODES:
+            raise ValueError(f"tokens must be one of {TOKEN_MODES}, got {self.tokens!r}")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
+        if not self.relations:
+            raise ValueError("a classifier needs at least one relation class")
+        if self.heads_per_layer is not None and sum(self.heads_per_layer) != self.n_maps:
+            raise ValueError(f"heads_per_layer {self.heads_per_layer} sums to "
+                             f"{sum(self.heads_per_layer)}, not n_maps {self.n_maps}")
+        if self.tokens == "layer" and self.heads_per_layer is None:
+            raise ValueError('tokens="layer" needs heads_per_layer')
+
+    @property
+    def n_tokens(self) -> int:
+        """Tokens per object the encoder sees."""
+        return len(self.heads_per_layer) if self.tokens == "layer" else self.n_maps
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> ClassifierConfig:
+        """Inverse of to_dict; unknown keys are an error (a newer card format)."""
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown architecture fields {sorted(unknown)}")
+        kw = dict(d)
+        for k in ("relations", "heads_per_layer"):
+            if kw.get(k) is not None:
+                kw[k] = tuple(kw[k])
+        return cls(**kw)
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding (B, dim) of timesteps (B,) (DDPM / "Attention is all you need")."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]  # (B, half)
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    return nn.functional.pad(emb, (0, dim - 2 * half))
+
+
+def map_moments(maps: torch.Tensor, size: int) -> torch.Tensor:
+    """Centre and spread (N, 4) = (mean x, mean y, std x, std y) of maps (N, S*S) of mass > 0,
+    with coordinates in [-1, 1] (x to the right, y down)."""
+    p = maps.clamp_min(0).reshape(-1, size, size)
+    p = p / p.sum(dim=(1, 2), keepdim=True).clamp_min(1e-8)
+    coords = torch.linspace(-1, 1, size, device=maps.device, dtype=maps.dtype)
+    px, py = p.sum(dim=1), p.sum(dim=2)  # marginals over x (N, S) and over y (N, S)
+    mx, my = px @ coords, py @ coords
+    sx = (px @ coords**2 - mx**2).clamp_min(1e-8).sqrt()
+    sy = (py @ coords**2 - my**2).clamp_min(1e-8).sqrt()
+    return torch.stack([mx, my, sx, sy], dim=-1)
+
+
+class RelationClassifier(nn.Module):
+    """Maps (B, 2, C, S, S) + timesteps (B,) -> relation logits (B, K) (L2S sec. 3).
+
+    One extractor, shared by subject and object: each map (or each layer's head-averaged map)
+    becomes a token (linear on its S*S values) plus a learned embedding of its index and the
+    timestep embedding; a Transformer encoder mixes the tokens; attention pooling weighs them
+    into one pooled feature and one pooled map (a convex mix of the input maps). The relation
+    head reads both objects' pooled features, pooled maps and the maps' centres and spreads.
+    """
+
+    def __init__(self, config: ClassifierConfig) -> None:
+        super().__init__()
+        self.config = cfg = config
+        d, area = cfg.d_model, cfg.map_size**2
+        if cfg.tokens == "layer":
+            # (L, C) averaging matrix: row l holds 1/heads on layer l's maps.
+            rows = []
+            for i, h in enumerate(cfg.heads_per_layer):
+                start = sum(cfg.heads_per_layer[:i])
+                rows.append(torch.zeros(cfg.n_maps).index_fill_(0, torch.arange(start, start + h),
+                                                                 1.0 / h))
+            self.register_buffer("layer_mean", torch.stack(rows), persistent=False)
+        self.embed = nn.Linear(area, d)
+        self.index_embedding = nn.Parameter(torch.randn(cfg.n_tokens, d) * 0.02)
+        self.time_mlp = nn.Sequential(nn.Linear(d, d), nn.SiLU(), nn.Linear(d, d))
+        layer = nn.TransformerEncoderLayer(d, cfg.n_heads, cfg.mlp_ratio * d, cfg.dropout,
+                                           activation="gelu", batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, cfg.depth, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(d)
+        self.pool_score = nn.Linear(d, 1)
+        self.pool_value = nn.Linear(d, d)
+        head_in = 2 * (d + area + 4)
+        self.head = nn.Sequential(
+            nn.LayerNorm(head_in), nn.Linear(head_in, cfg.head_hidden), nn.GELU(),
+            nn.Dropout(cfg.dropout), nn.Linear(cfg.head_hidden, cfg.head_hidden), nn.GELU(),
+            nn.Linear(cfg.head_hidden, len(cfg.relations)))
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, maps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        cfg = self.config
+        if maps.ndim != 5 or maps.shape[1:] != (2, cfg.n_maps, cfg.map_size, cfg.map_size):
+            raise ValueError(f"maps must be (B, 2, {cfg.n_maps}, {cfg.map_size}, "
+                             f"{cfg.map_size}), got {tuple(maps.shape)}")
+        b, area = maps.shape[0], cfg.map_size**2
+        # Maps sum to 1; scaled by S*S their mean value is 1, a scale the linear layers like.
+        x = maps.to(self.embed.weight.dtype).flatten(3) * area  # (B, 2, C, S*S)
+        if cfg.tokens == "layer":
+            x = torch.einsum("lc,bocp->bolp", self.layer_mean, x)  # (B, 2, L, S*S)
+        x = x.reshape(2 * b, cfg.n_tokens, area)  # subject and object through one extractor
+        temb = self.time_mlp(timestep_embedding(t.to(maps.device).reshape(b), cfg.d_model))
+        temb = temb.repeat_interleave(2, dim=0)  # (2B, d): rows follow (b, object) order
+        tok = self.embed(x) + self.index_embedding + temb[:, None]  # (2B, N, d)
+        tok = self.norm(self.encoder(tok))
+        w = self.pool_score(tok).squeeze(-1).softmax(-1)  # (2B, N) pooling weights
+        feat = torch.einsum("bn,bnd->bd", w, self.pool_value(tok))  # (2B, d)
+        pooled = torch.einsum("bn,bnp->bp", w, x)  # (2B, S*S), mean value 1
+        moments = map_moments(pooled, cfg.map_size)  # (2B, 4)
+        z = torch.cat([feat, pooled, moments], dim=-1).reshape(b, -1)  # [subject, object]
+        return self.head(z)  # (B, K)
+
+
+# ---------------------------------------------------------------------------------------------
+# Timesteps
+
+
+def nearest_trained_timestep(card_or_list: Mapping | Sequence[int], t: int) -> int:
+    """The trained timestep the classifier is fed at sampling timestep ``t`` (L2S sec. 4: "the
+    current step rounded up to the next trained timestep").
+
+    Sampling runs from large t (noisy) to small t, so "the next trained step" is the largest
+    trained timestep <= t: at t = 981 with trained [881, 781, ...] the classifier gets 881, at
+    881 it gets 881, at 861 it gets 781. Past the last trained timestep (t below all of them)
+    the smallest trained timestep is used.
+    """
+    trained = card_or_list.get("timesteps") if isinstance(card_or_list, Mapping) else card_or_list
+    if not trained:
+        raise ValueError("no trained timesteps: the card lists none")
+    at_or_after = [int(s) for s in trained if int(s) <= t]
+    return max(at_or_after) if at_or_after else min(int(s) for s in trained)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: model.safetensors + card.json
+
+
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def save_classifier(model: RelationClassifier, card: dict, out_dir: str | Path) -> Path:
+    """Write ``model.safetensors`` and ``card.json`` into out_dir; returns the card's path.
+
+    The card's ``format``, ``architecture``, ``classes``, ``map_size`` and ``weights_sha256``
+    come from the model itself, so they cannot disagree with the weights.
+    """
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = model.config
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    weights = out / WEIGHTS_FILE
+    _atomic_write(weights, lambda tmp: save_file(
+        state, tmp, metadata={"format": CARD_FORMAT, "architecture": json.dumps(cfg.to_dict())}))
+    full = {"format": CARD_FORMAT, **card, "architecture": cfg.to_dict(),
+            "classes": list(cfg.relations), "map_size": cfg.map_size, "weights": WEIGHTS_FILE,
+            "weights_sha256": _sha256(weights)}
+    path = out / CARD_FILE
+    _atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(full, indent=2) + "\n"))
+    return path
+
+
+def read_card(path: str | Path) -> tuple[Path, dict]:
+    """(card path, card) from a card.json or the folder holding it."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        p = p / CARD_FILE
+    if not p.is_file():
+        raise ClassifierError(f"no classifier card at {p}: pass a card.json written by "
+                              "`l2s train`, or the folder holding it")
+    try:
+        card = json.loads(p.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ClassifierError(f"classifier card {p} is not readable JSON ({e}): retrain with "
+                              "`l2s train`") from e
+    if not isinstance(card, dict) or card.get("format") != CARD_FORMAT:
+        got = card.get("format") if isinstance(card, dict) else type(card).__name__
+        raise ClassifierError(f"{p} is not an l2s classifier card (format {got!r}, expected "
+                              f"{CARD_FORMAT!r}): retrain with `l2s train`")
+    return p, card
+
+
+def check_backbone(card: Mapping, denoiser, card_path: str | Path = "") -> None:
+    """Raise ClassifierMismatchError unless the card was trained on this denoiser's maps."""
+    bb = card.get("backbone") or {}
+    mine = [{"name": la.name, "heads": la.heads} for la in denoiser.cross_attention_layers()]
+    same_fp = bb.get("fingerprint") == denoiser.fingerprint
+    same_layers = bb.get("layers") == mine
+    if same_fp and same_layers:
+        return
+    why = "" if not same_fp else " (same fingerprint, but its recorded layer list differs)"
+    raise ClassifierMismatchError(
+        f"classifier {card_path} belongs to backbone {bb.get('name')} ({bb.get('fingerprint')}), "
+        f"not {denoiser.name} ({denoiser.fingerprint}){why}: train one with "
+        f"`l2s train --model {denoiser.name}`")
+
+
+def load_classifier(path: str | Path, denoiser=None, device: str | torch.device | None = None
+                    ) -> tuple[RelationClassifier, dict]:
+    """(model in eval mode, card) from a card.json or its folder; safetensors only.
+
+    With ``denoiser``, the card must name that backbone's fingerprint and layer list, and the
+    model goes to the denoiser's device unless ``device`` says otherwise (float32 always).
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    card_path, card = read_card(path)
+    if denoiser is not None:
+        check_backbone(card, denoiser, card_path)
+    try:
+        cfg = ClassifierConfig.from_dict(card["architecture"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ClassifierError(f"card {card_path} has no usable architecture ({e}): retrain with "
+                              "`l2s train`") from e
+    weights = card_path.parent / card.get("weights", WEIGHTS_FILE)
+    if not weights.is_file():
+        raise ClassifierError(f"card {card_path} does not match its weights: {weights} is "
+                              "missing; copy the whole classifier folder")
+    expected_sha = card.get("weights_sha256")
+    if expected_sha and _sha256(weights) != expected_sha:
+        raise ClassifierError(f"card {card_path} does not match its weights: {weights.name} "
+                              "was replaced after the card was written (sha256 differs); "
+                              "keep each card with the weights it was written with")
+    try:
+        state = load_file(weights)
+    except (SafetensorError, OSError) as e:
+        raise ClassifierError(f"card {card_path} does not match its weights: {weights} is not "
+                              f"a readable safetensors file ({e})") from e
+    model = RelationClassifier(cfg)
+    problems = _state_problems(model.state_dict(), state)
+    if problems:
+        raise ClassifierError(f"card {card_path} does not match its weights: "
+                              f"{'; '.join(problems)}")
+    model.load_state_dict(state)
+    if device is None and denoiser is not None:
+        device = denoiser.device
+    return model.to(device or "cpu").eval(), card
+
+
+def _state_problems(expected: Mapping[str, torch.Tensor], got: Mapping[str, torch.Tensor]
+                    ) -> list[str]:
+    missing = sorted(set(expected) - set(got))
+    unexpected = sorted(set(got) - set(expected))
+    problems = []
+    if missing:
+        problems.append(f"missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    if unexpected:
+        problems.append(f"unexpected tensors {unexpected[:5]}"
+                        f"{' ...' if len(unexpected) > 5 else ''}")
+    for k in sorted(set(expected) & set(got)):
+        if expected[k].shape != got[k].shape:
+            problems.append(f"{k} is {tuple(got[k].shape)} in the weights but "
+                            f"{tuple(expected[k].shape)} by the card's architecture")
+    return problems
+
+
+# ---------------------------------------------------------------------------------------------
+# Where classifiers live
+
+PACKAGE_CLASSIFIERS = Path(__file__).parent / "classifiers"  # shipped cards (e.g. the toy's)
+
+
+def safe_model_name(model_name: str) -> str:
+    """A folder name for a preset, hub id or path ("stabilityai/sd-2-1" -> "stabilityai_sd-2-1")."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", model_name).strip("_.") or "model"
+
+
+def trained_classifier_dir(model_name: str) -> Path:
+    """Where `l2s train` writes a backbone's classifier by default."""
+    from l2s.cache import default_cache_dir
+
+    return default_cache_dir() / "classifiers" / safe_model_name(model_name)
+
+
+def default_classifier(model_name: str, fingerprint: str | None = None) -> Path | None:
+    """The card of a backbone's default classifier: shipped in the package
+    (``l2s/classifiers/<name>/card.json``), else the one `l2s train` wrote
+    (``<cache>/classifiers/<name>/card.json``); None if neither exists. With ``fingerprint``,
+    a card trained on another fingerprint is passed over."""
+    for folder in (PACKAGE_CLASSIFIERS / safe_model_name(model_name),
+                   trained_classifier_dir(model_name)):
+        card = folder / CARD_FILE
+        if not card.is_file():
+            continue
+        if fingerprint is not None:
+            try:
+                fp = json.loads(card.read_text()).get("backbone", {}).get("fingerprint")
+            except (OSError, json.JSONDecodeError, AttributeError):
+                continue
+            if fp != fingerprint:
+                continue
+        return card
+    return None

@@ -1,0 +1,129 @@
+"""`l2s invert`: fill the attention cache with dual-prompt maps of inverted images."""
+
+from __future__ import annotations
+
+import typer
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from l2s.cache import AttentionCache, CacheError
+from l2s.cli.output import console, emit_json, user_errors
+from l2s.engine.backbone import BackboneError
+from l2s.inversion import InversionConfig
+from l2s.invert import InvertConfig, run_invert
+
+
+def _ints(text: str, name: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise typer.BadParameter(f"{name} takes comma-separated integers, got {text!r}") from None
+
+
+def _stats_table(stats: dict) -> Table:
+    t = Table(title=f"cache {stats['dir']}")
+    t.add_column("what")
+    t.add_column("count")
+    t.add_row("entries (image x prompt)", str(stats["entries"]))
+    t.add_row("images", str(stats["images"]))
+    for group in ("by_source", "by_relation", "by_polarity", "by_split"):
+        for k, v in sorted(stats[group].items(), key=lambda kv: str(kv[0])):
+            t.add_row(f"{group[3:]}: {k}", str(v))
+    t.add_row("disk", f"{stats['bytes'] / 2**20:.1f} MiB")
+    return t
+
+
+def _errors():
+    from l2s.sources import SourceError
+
+    return (BackboneError, CacheError, SourceError)
+
+
+@user_errors(*_errors())
+def invert(
+    data: list[str] = typer.Option(["shapes"], "--data",
+                                   help="Source, repeatable: gqa, folder, shapes, generated."),
+    model: str = typer.Option("toy", "--model", "-m", help="Preset, hub id or local folder."),
+    cache_dir: str = typer.Option(None, "--cache-dir",
+                                  help="Cache root (default: $L2S_CACHE_DIR or ~/.cache/l2s)."),
+    gqa_root: str = typer.Option(None, "--gqa-root",
+                                 help="GQA folder with images/ and *_sceneGraphs.json."),
+    folder: str = typer.Option(None, "--folder", help="Folder with images + annotations.jsonl."),
+    limit: int = typer.Option(None, "--limit", help="Stop after N samples per source."),
+    negatives: int = typer.Option(1, "--negatives", min=0,
+                                  help="Wrong-relation captions recorded per image."),
+    timesteps: str = typer.Option("5,10,15,20,25,49", "--timesteps",
+                                  help="Step indices (0 = noisiest) at which maps are recorded."),
+    steps: int = typer.Option(50, "--steps", help="DDIM schedule length for inversion."),
+    inversion: str = typer.Option("ddim", "--inversion",
+                                  help="ddim (inversion + reconstruction PSNR) or noise "
+                                       "(forward-noised image: fast bulk data)."),
+    fixed_point: int = typer.Option(2, "--fixed-point",
+                                    help="Fixed-point refinements per DDIM inversion step."),
+    min_psnr: float = typer.Option(20.0, "--min-psnr",
+                                   help="Drop images reconstructing worse than this (dB)."),
+    per_relation: str = typer.Option(None, "--per-relation",
+                                     help="train,val,test samples per relation."),
+    batch_size: int = typer.Option(16, "--batch-size", help="Images inverted together."),
+    shard: str = typer.Option(None, "--shard",
+                              help="i/n: take every n-th sample from i (accelerate launch "
+                                   "sets this per process)."),
+    seed: int = typer.Option(0, "--seed", help="Sampling and negative-relation seed."),
+    stats: bool = typer.Option(False, "--stats", help="Only show what the cache holds."),
+    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
+) -> None:
+    """Invert images into the backbone and record subject/object attention maps under the
+    true caption and wrong-relation captions (all labelled with the true relation).
+
+    Re-running skips cached entries, so an interrupted run resumes with nothing lost.
+    """
+    from l2s.engine.loading import load_backbone
+
+    den = load_backbone(model)
+    if stats:
+        s = AttentionCache(cache_dir, den.fingerprint).stats()
+        emit_json(s) if json_out else console.print(_stats_table(s))
+        return
+    shard_t = (0, 1)
+    if shard:
+        try:
+            i, n = (int(x) for x in shard.split("/"))
+            assert 0 <= i < n
+        except (ValueError, AssertionError):
+            raise typer.BadParameter(f"--shard takes i/n with 0 <= i < n, got {shard!r}") \
+                from None
+        shard_t = (i, n)
+    try:
+        inv = InversionConfig(method=inversion, steps=steps, fixed_point=fixed_point,
+                              record_steps=_ints(timesteps, "--timesteps"), min_psnr=min_psnr)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+    cfg = InvertConfig(
+        data=tuple(data), model=model, cache_dir=cache_dir, limit=limit, negatives=negatives,
+        seed=seed, batch_size=batch_size, shard=shard_t, gqa_root=gqa_root, folder=folder,
+        per_relation=_ints(per_relation, "--per-relation") if per_relation else None,
+        inversion=inv)
+    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}"),
+               TextColumn("written {task.fields[written]} skipped {task.fields[skipped]} "
+                          "dropped {task.fields[dropped]}"), TimeElapsedColumn())
+    with Progress(*columns, console=console, disable=json_out) as progress:
+        tasks: dict[str, int] = {}
+
+        def on_batch(ev: dict) -> None:
+            src = ev["source"]
+            if src not in tasks:
+                tasks[src] = progress.add_task(src, total=None, written=0, skipped=0,
+                                               dropped=0)
+            progress.update(tasks[src], completed=ev["done"], written=ev["written"],
+                            skipped=ev["skipped"], dropped=ev["dropped"])
+
+        res = run_invert(cfg, den, callback=on_batch)
+    if json_out:
+        emit_json(res.to_json())
+        return
+    console.print(f"wrote {res.written} entries, {res.skipped} already cached, "
+                  f"{res.inverted} images inverted, dropped {dict(res.dropped) or 'none'}, "
+                  f"{res.corrupt_rebuilt} corrupt entries rebuilt, {res.seconds:.1f} s")
+    for src, rep in res.sources.items():
+        console.print(f"{src}: kept {rep.get('kept')}, dropped {rep.get('dropped')}")
+    console.print(_stats_table(res.stats))

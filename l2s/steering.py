@@ -1,0 +1,289 @@
+"""The steering loop: gradient steps on the noisy latent from a loss on attention maps.
+
+Learn-to-Steer (Yiflach et al., WACV 2026), section 4 of docs/method: at each steered step,
+forward the denoiser on the conditional branch with the latent requiring grad, read the
+subject/object maps, take the loss against the wanted relation, step the latent, stop early
+once the loss is under a threshold; then take the normal guided step.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from l2s.engine.backbone import Denoiser
+from l2s.engine.hooks import AttentionRecorder
+from l2s.engine.sampling import guided_noise
+from l2s.engine.tokens import triplet_tokens
+from l2s.relations import RELATIONS, Triplet
+
+OPTIMIZERS = ("sgd", "adam")
+
+
+@dataclass(frozen=True)
+class SteerSettings:
+    """How hard and how long to steer."""
+
+    steps: int = 50  # DDIM steps of the whole generation
+    guidance: float = 7.5  # classifier-free guidance of the normal step
+    steer_until: float = 0.5  # steer steps [0, this): a fraction (< 1) or a step count (>= 1)
+    iterations: int = 16  # max gradient iterations per steered step
+    step_size: float = 5.0  # latent update size (SGD: alpha; Adam: learning rate)
+    optimizer: str = "sgd"  # "sgd" (z -= alpha grad) or "adam" (state per steered step)
+    threshold_start: float = 1e-5  # early-exit loss at step 0 ...
+    threshold_end: float = 7e-5  # ... rising linearly to this from step 3 on
+    threshold_ramp: int = 3  # steps over which the threshold rises
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {self.optimizer!r}: use sgd or adam")
+        if self.steer_until <= 0 or self.iterations < 0:
+            raise ValueError("--steer-until must be > 0 and --iterations >= 0")
+
+    def steered_steps(self) -> int:
+        n = self.steer_until * self.steps if self.steer_until < 1 else self.steer_until
+        return min(self.steps, int(math.ceil(n)))
+
+    def threshold(self, step: int) -> float:
+        f = min(step / self.threshold_ramp, 1.0) if self.threshold_ramp else 1.0
+        return self.threshold_start + f * (self.threshold_end - self.threshold_start)
+
+
+class RelationLoss:
+    """A loss on (B, 2, C, S, S) subject/object maps against wanted relations, per image."""
+
+    name = "loss"
+
+    def __call__(self, maps: torch.Tensor, t: int, relations: Sequence[str]
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss (B,), p_target (B,)): the loss and how sure it is the relation holds."""
+        raise NotImplementedError
+
+
+class ClassifierLoss(RelationLoss):
+    """Cross-entropy of the learned relation classifier (the L2S loss)."""
+
+    name = "l2s"
+
+    def __init__(self, model: torch.nn.Module, classes: Sequence[str],
+                 timestep_fn: Callable[[int], int]) -> None:
+        self.model, self.classes, self.timestep_fn = model, list(classes), timestep_fn
+
+    def __call__(self, maps, t, relations):
+        target = torch.tensor([self.classes.index(r) for r in relations], device=maps.device)
+        tt = torch.full((maps.shape[0],), self.timestep_fn(t), device=maps.device)
+        logits = self.model(maps.float(), tt).float()
+        loss = torch.nn.functional.cross_entropy(logits, target, reduction="none")
+        p = logits.softmax(-1).gather(1, target[:, None])[:, 0]
+        return loss, p.detach()
+
+
+class CentroidLoss(RelationLoss):
+    """Hand-crafted baseline: push the attention centroids apart in the wanted direction.
+
+    loss = relu(margin - signed centroid offset along the relation's axis), in map widths.
+    """
+
+    name = "centroid"
+
+    def __init__(self, margin: float = 0.25) -> None:
+        self.margin = margin
+
+    def __call__(self, maps, t, relations):
+        m = maps.float().mean(2)  # (B, 2, S, S): average over layers and heads
+        m = m / m.sum((-2, -1), keepdim=True).clamp_min(1e-12)
+        s = m.shape[-1]
+        coords = (torch.arange(s, device=m.device, dtype=torch.float32) + 0.5) / s
+        cx = (m.sum(-2) * coords).sum(-1)  # (B, 2)
+        cy = (m.sum(-1) * coords).sum(-1)
+        sign = {"left of": (cx, 1), "right of": (cx, -1), "above": (cy, 1), "below": (cy, -1)}
+        gaps = torch.stack([sign[r][1] * (sign[r][0][b, 1] - sign[r][0][b, 0])
+                            for b, r in enumerate(relations)])  # > 0 when the relation holds
+        loss = torch.relu(self.margin - gaps)
+        return loss, (gaps > 0).float()
+
+
+@dataclass
+class StepRecord:
+    """What one steered denoising step did (times in ms, losses averaged over images)."""
+
+    step: int
+    iterations: int = 0
+    loss_before: float | None = None
+    loss_after: float | None = None
+    p_target: float | None = None
+    forward_ms: float = 0.0
+    backward_ms: float = 0.0
+    update_ms: float = 0.0
+
+    def to_json(self) -> dict:
+        return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
+
+
+@dataclass
+class SteerStats:
+    """Per-step records plus counters the report needs."""
+
+    steps: list[StepRecord] = field(default_factory=list)
+    skipped_updates: int = 0  # NaN/inf gradients skipped
+    warnings: list[str] = field(default_factory=list)
+
+
+class _Timer:
+    """Wall time of a region: CUDA events on a GPU (read after a sync), perf_counter on CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.events: list = []
+
+    def start(self):
+        if self.cuda:
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            return e
+        return time.perf_counter()
+
+    def stop(self, begin) -> Callable[[], float]:
+        if self.cuda:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            return lambda: begin.elapsed_time(end)
+        ms = (time.perf_counter() - begin) * 1000
+        return lambda: ms
+
+
+def object_groups(denoiser: Denoiser, prompt: str, triplets: Sequence[Triplet]
+                  ) -> tuple[list[list[int]], list[tuple[int, int]]]:
+    """Token groups of the distinct objects, and (subject, object) group indices per triplet."""
+    groups: list[list[int]] = []
+    index: dict[tuple[int, ...], int] = {}
+    pairs = []
+    for t in triplets:
+        ids = []
+        for pt in triplet_tokens(denoiser.tokenizer, prompt, t):
+            if pt.indices not in index:
+                index[pt.indices] = len(groups)
+                groups.append(list(pt.indices))
+            ids.append(index[pt.indices])
+        pairs.append((ids[0], ids[1]))
+    return groups, pairs
+
+
+def steer_latents(
+    denoiser: Denoiser,
+    prompts: Sequence[str],
+    triplets: Sequence[Sequence[Triplet]],
+    loss_fn: RelationLoss,
+    settings: SteerSettings,
+    latents: torch.Tensor,
+    on_step: Callable[[StepRecord], None] | None = None,
+) -> tuple[torch.Tensor, SteerStats]:
+    """Generate from ``latents`` (B, C, h, w), steering image b towards ``triplets[b]``.
+
+    Images whose triplet list is empty are generated plainly; if no image has one, no
+    gradient is ever taken. Multiple relations of one image are optimised round robin: the
+    i-th iteration uses triplet i mod n (never a summed loss). Returns clean images
+    (B, H, W, 3) in [0, 1] and the per-step statistics.
+    """
+    stats = SteerStats()
+    b = len(prompts)
+    cond = denoiser.encode_prompt(list(prompts))
+    uncond = denoiser.encode_prompt([""] * b)
+    ts = denoiser.timesteps(settings.steps)
+    x = latents
+    steerable = [[t for t in tl if t.relation in RELATIONS] for tl in triplets]
+    active = [i for i in range(b) if steerable[i]]
+    steer_n = settings.steered_steps() if active and settings.iterations else 0
+    per_image = [object_groups(denoiser, prompts[i], steerable[i]) if steerable[i] else ([[0]],
+                 []) for i in range(b)]
+    # The recorder needs the same number of groups per image: pad with a repeated group.
+    g_max = max(len(g) for g, _ in per_image)
+    groups = [g + [g[0]] * (g_max - len(g)) for g, _ in per_image]
+    pairs = [p for _, p in per_image]
+    layers = denoiser.cross_attention_layers()
+    timer = _Timer(denoiser.device)
+    with AttentionRecorder(denoiser.attention_model, layers, groups, keep_grad=True) as rec:
+        for i, t in enumerate(ts):
+            t_next = ts[i + 1] if i + 1 < len(ts) else None
+            if i < steer_n:
+                rec.enabled = True
+                x = _steer_step(denoiser, rec, x, t, i, cond, active, groups, pairs,
+                                steerable, loss_fn, settings, stats, timer)
+                if on_step:
+                    on_step(stats.steps[-1])
+            rec.enabled = False  # the normal guided step runs on the fast path
+            with torch.no_grad():
+                eps = guided_noise(denoiser, x, t, cond, uncond, settings.guidance)
+                x = denoiser.step(eps, t, t_next, x)
+    with torch.no_grad():
+        return denoiser.decode(x), stats
+
+
+def _steer_step(denoiser, rec, x, t, step, cond, active, groups, pairs, steerable, loss_fn,
+                settings, stats, timer) -> torch.Tensor:
+    """Up to `iterations` latent updates at one denoising step (images in `active` only)."""
+    record = StepRecord(step)
+    threshold = settings.threshold(step)
+    idx = torch.tensor(active, device=x.device)
+    z = x[idx].detach().clone().requires_grad_(True)  # one leaf, updated in place
+    c = cond[idx]
+    rec.set_tokens([groups[i] for i in active])
+    adam = torch.optim.Adam([z], lr=settings.step_size) if settings.optimizer == "adam" else None
+    timings = []
+    for it in range(settings.iterations):
+        pick = [pairs[i][it % len(pairs[i])] for i in active]  # round robin over triplets
+        rels = [steerable[i][it % len(steerable[i])].relation for i in active]
+        t0 = timer.start()
+        with torch.enable_grad():
+            denoiser.predict_noise(z, t, c)
+            maps = rec.stacked()  # (A, G, C, S, S)
+            sel = torch.stack([maps[a, list(p)] for a, p in enumerate(pick)])  # (A, 2, C, S, S)
+            loss, p = loss_fn(sel, t, rels)  # (A,), (A,)
+        fwd = timer.stop(t0)
+        if record.loss_before is None:
+            record.loss_before = loss.mean().item()
+        record.loss_after, record.p_target = loss.mean().item(), p.mean().item()
+        todo = loss.detach() > threshold
+        if not bool(todo.any()):  # every image's classifier agrees: stop iterating
+            timings.append((fwd, None, None))
+            break
+        t1 = timer.start()
+        (grad,) = torch.autograd.grad((loss * todo).sum(), z)
+        bwd = timer.stop(t1)
+        t2 = timer.start()
+        with torch.no_grad():
+            if torch.isfinite(grad).all():
+                grad = grad * todo.view(-1, *[1] * (z.ndim - 1)).to(grad.dtype)
+                if adam is not None:
+                    z.grad = grad
+                    adam.step()
+                else:
+                    z.sub_(settings.step_size * grad)
+                record.iterations += 1
+            else:
+                stats.skipped_updates += 1
+                if not stats.warnings:
+                    stats.warnings.append("non-finite gradient: update skipped (counted in "
+                                          "skipped_updates)")
+        timings.append((fwd, bwd, timer.stop(t2)))
+    if denoiser.device.type == "cuda":
+        torch.cuda.synchronize()  # CUDA events are read only after the work finished
+    record.forward_ms = sum(f() for f, _, _ in timings)
+    record.backward_ms = sum(b() for _, b, _ in timings if b is not None)
+    record.update_ms = sum(u() for _, _, u in timings if u is not None)
+    stats.steps.append(record)
+    x = x.detach().clone()
+    x[idx] = z.detach().to(x.dtype)
+    return x
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak GPU memory allocated, or the process's peak resident set size on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

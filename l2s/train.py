@@ -1,0 +1,446 @@
+"""The `l2s train` job: cached attention maps -> a relation classifier, its card and metrics.
+
+Recipe of L2S (Yiflach et al., WACV 2026, sec. 3): cross-entropy, AdamW (weight decay 0.05),
+batch 64, reduce-on-plateau (factor 0.5, patience 5), early stopping (patience 10) restoring the
+best validation checkpoint. Images, not samples, are split, so an image's true-caption and
+wrong-caption recordings always fall on the same side.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from l2s.classifier import (
+    TOKEN_MODES,
+    ClassifierConfig,
+    RelationClassifier,
+    save_classifier,
+    trained_classifier_dir,
+)
+from l2s.relations import RELATIONS
+
+SPLITS = ("train", "val", "test")
+SPLIT_MODES = ("hash", "recorded")
+# Metadata every map entry must carry for training (written by `l2s invert`).
+REQUIRED_META = ("relation", "polarity", "image_hash", "timesteps", "layers", "heads")
+SD_LR = 1e-4  # L2S's learning rate for SD backbones
+TOY_LR = 1e-3  # the toy's data set is small and clean: a larger step converges in minutes
+
+
+class TrainError(ValueError):
+    """Training cannot run on this data or with these settings; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One `l2s train` run; written, resolved, into the classifier card as ``training``."""
+
+    model: str = "toy"  # backbone preset, hub id or folder whose cached maps are used
+    data: tuple[str, ...] = ()  # sources to train on (gqa, shapes, ...); () = every source
+    cache_dir: str | None = None  # cache root (None: $L2S_CACHE_DIR or ~/.cache/l2s)
+    out: str | None = None  # classifier folder (None: <cache root>/classifiers/<model>)
+    positive_only: bool = False  # drop wrong-caption samples from train/val (leakage ablation)
+    split: str = "hash"  # "hash": by a seeded hash of image_hash; "recorded": entries' split
+    val_fraction: float = 0.15  # share of images for validation (split="hash")
+    test_fraction: float = 0.15  # share of images for test (split="hash")
+    epochs: int = 100  # most epochs; early stopping usually ends sooner
+    batch_size: int = 64
+    lr: float | None = None  # AdamW learning rate (None: 1e-4, or 1e-3 for the toy)
+    weight_decay: float = 0.05
+    plateau_factor: float = 0.5  # ReduceLROnPlateau factor on the validation loss
+    plateau_patience: int = 5  # epochs without improvement before the LR drops
+    early_stop_patience: int = 10  # epochs without improvement before training stops
+    d_model: int = 256  # classifier token width (ClassifierConfig.d_model)
+    depth: int = 2  # classifier encoder layers
+    tokens: str = "map"  # "map" (one token per map) or "layer" (heads averaged per layer)
+    dropout: float = 0.1
+    seed: int = 0  # initialisation, batch order and the hash split
+    device: str | None = None  # None: CUDA when present, else CPU
+
+    def __post_init__(self) -> None:
+        if self.split not in SPLIT_MODES:
+            raise TrainError(f"unknown split {self.split!r}: use one of {SPLIT_MODES}")
+        if self.tokens not in TOKEN_MODES:
+            raise TrainError(f"unknown tokens {self.tokens!r}: use one of {TOKEN_MODES}")
+        if not (0 < self.val_fraction < 1 and 0 < self.test_fraction < 1
+                and self.val_fraction + self.test_fraction < 1):
+            raise TrainError(f"val and test fractions ({self.val_fraction}, "
+                             f"{self.test_fraction}) must each be in (0, 1) and sum under 1")
+        for name in ("epochs", "batch_size", "d_model", "depth"):
+            if getattr(self, name) < 1:
+                raise TrainError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.lr is not None and self.lr <= 0:
+            raise TrainError(f"lr must be positive, got {self.lr}")
+
+    def resolved_lr(self) -> float:
+        return self.lr if self.lr is not None else (TOY_LR if self.model == "toy" else SD_LR)
+
+
+@dataclass
+class TrainResult:
+    """What a run produced: the card (with metrics) and where it was written."""
+
+    card_path: Path
+    card: dict
+    history: list[dict] = field(default_factory=list)  # one record per epoch
+    seconds: float = 0.0
+
+    @property
+    def metrics(self) -> dict:
+        return self.card["metrics"]
+
+    def to_json(self) -> dict:
+        return {"card": str(self.card_path), "metrics": self.metrics,
+                "data": self.card["data"], "training": self.card["training"],
+                "seconds": self.seconds}
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+
+@dataclass
+class MapData:
+    """Every training sample in memory: one per (entry, recorded timestep)."""
+
+    maps: torch.Tensor  # (N, 2, C, S, S) float16
+    t: torch.Tensor  # (N,) long: diffusion timestep of each sample
+    y: torch.Tensor  # (N,) long: index of the true relation
+    neg: torch.Tensor  # (N,) bool: recorded under a wrong-relation caption
+    prompt_y: torch.Tensor  # (N,) long: index of the caption's relation
+    image: list[str]  # (N,) image_hash of each sample
+    split: list[str]  # (N,) split recorded by the source ("" if none)
+    source: list[str]  # (N,) source of each sample
+    timesteps: list[int]  # the recorded timesteps, in recording order
+    layers: list[dict]  # [{"name", "heads"}] of the recorded layers
+    entries: Counter  # (source, split, polarity) -> entries
+    cache_dir: str  # the cache folder of this backbone they were read from
+
+
+def _fail_empty(root: Path, name: str, fingerprint: str, model: str) -> TrainError:
+    others = []
+    for settings in sorted(root.glob("*/settings.json")):
+        try:
+            s = json.loads(settings.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if settings.parent.name != fingerprint:
+            others.append(f"{s.get('model')} ({settings.parent.name})")
+    hint = (f"; the cache holds maps of {', '.join(others)} (a different model, weights or "
+            "dtype gives a different fingerprint)" if others else "")
+    return TrainError(f"no cached maps for {name} ({fingerprint}) in {root}: run "
+                      f"`l2s invert --model {model}` first{hint}")
+
+
+def load_maps(cache_dir: str | Path | None, fingerprint: str, *, name: str, model: str,
+              layers: Sequence[dict] | None = None, sources: Sequence[str] = ()) -> MapData:
+    """Read every cache entry of a backbone (optionally only some sources) into memory.
+
+    Everything is held as float16: T x 2 x C x S x S x 2 bytes per entry (SD2.1, 6 timesteps:
+    1.2 MB; 20k entries: ~24 GB), which keeps the epochs free of disk reads.
+    """
+    from l2s.cache import AttentionCache, default_cache_dir
+
+    root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    if not root.is_dir():
+        raise TrainError(f"cache folder {root} does not exist: run `l2s invert --model {model}` "
+                         "first, or pass the --cache-dir it wrote")
+    if not (root / fingerprint / "manifest.jsonl").exists():
+        if any(root.iterdir()) and not any(root.glob("*/manifest.jsonl")):
+            raise TrainError(f"{root} is not an l2s attention cache (no <fingerprint>/"
+                             "manifest.jsonl inside): pass the --cache-dir `l2s invert` wrote")
+        raise _fail_empty(root, name, fingerprint, model)
+    cache = AttentionCache(root, fingerprint)
+    rows = cache.manifest()
+    if sources:
+        have = Counter(r.get("source") for r in rows)
+        rows = [r for r in rows if r.get("source") in sources]
+        if not rows:
+            raise TrainError(f"no cached maps of source(s) {', '.join(sources)} for {name} in "
+                             f"{cache.dir}: it holds {dict(have)}; run `l2s invert --model "
+                             f"{model} --data {sources[0]}` or choose --data among those")
+    if not rows:
+        raise _fail_empty(root, name, fingerprint, model)
+
+    buf: torch.Tensor | None = None
+    ts_list: list[int] = []
+    t, y, neg, prompt_y, image, split, source = [], [], [], [], [], [], []
+    layer_list: list[dict] | None = None
+    shapes: Counter = Counter()
+    entries: Counter = Counter()
+    n = 0
+    for row in rows:
+        e = cache.get(row["key"])
+        if e is None:
+            continue
+        meta = e.meta
+        missing = [k for k in REQUIRED_META if k not in meta]
+        if missing:
+            raise TrainError(f"cache entry {e.key} in {cache.dir} lacks {missing}: it was not "
+                             "written by `l2s invert` (or by an older version); delete it or "
+                             f"rebuild with `l2s invert --model {model}`")
+        for k in ("relation", "prompt_relation"):
+            if meta.get(k, meta["relation"]) not in RELATIONS:
+                raise TrainError(f"cache entry {e.key} has {k} {meta[k]!r}, which the "
+                                 f"classifier cannot learn (classes: {', '.join(RELATIONS)}): "
+                                 "remove that source's non-directional samples")
+        shape = tuple(e.maps.shape)
+        entry_layers = [{"name": a, "heads": h} for a, h in zip(meta["layers"], meta["heads"],
+                                                                  strict=True)]
+        shapes[(shape, tuple(meta["timesteps"]), json.dumps(entry_layers))] += 1
+        if buf is None:
+            buf = torch.empty((len(rows),) + shape, dtype=torch.float16)
+            ts_list, layer_list = [int(s) for s in meta["timesteps"]], entry_layers
+        if len(shapes) > 1:
+            continue  # keep counting variants, to report them all at once
+        buf[n] = e.maps
+        n += 1
+        polarity = meta["polarity"]
+        k = shape[0]
+        t.extend(ts_list)
+        y.extend([RELATIONS.index(meta["relation"])] * k)
+        neg.extend([polarity == "neg"] * k)
+        prompt_y.extend([RELATIONS.index(meta.get("prompt_relation", meta["relation"]))] * k)
+        image.extend([meta["image_hash"]] * k)
+        split.extend([meta.get("split") or ""] * k)
+        source.extend([meta.get("source") or "?"] * k)
+        entries[(meta.get("source") or "?", meta.get("split") or "", polarity)] += 1
+    if len(shapes) > 1:
+        lines = "; ".join(f"{n_} entries of shape {s} at timesteps {list(ts)} over "
+                          f"{len(json.loads(la))} layers"
+                          for (s, ts, la), n_ in shapes.most_common())
+        raise TrainError(f"cache entries for {name} disagree: {lines}. They were recorded with "
+                         "different settings (--timesteps, map size, layers): train on one "
+                         "setting with --data, or rebuild the cache with one setting")
+    if buf is None or n == 0:
+        raise TrainError(f"every cached entry for {name} in {cache.dir} was unreadable and has "
+                         f"been deleted ({len(cache.corrupt)}): rebuild them with "
+                         f"`l2s invert --model {model}`")
+    if layers is not None and layer_list != list(layers):
+        raise TrainError(f"the cached maps of {name} were recorded over layers "
+                         f"{[la['name'] for la in layer_list][:4]}... but the backbone has "
+                         f"{[la['name'] for la in layers][:4]}...: rebuild the cache with "
+                         f"`l2s invert --model {model}`")
+    c = buf.shape[3]
+    if sum(la["heads"] for la in layer_list) != c:
+        raise TrainError(f"cached maps hold {c} maps per object but their layers list "
+                         f"{sum(la['heads'] for la in layer_list)} heads: rebuild the cache")
+    maps = buf[:n].flatten(0, 1)  # (E, T, 2, C, S, S) -> (E*T, 2, C, S, S), no copy
+    return MapData(maps, torch.tensor(t), torch.tensor(y), torch.tensor(neg),
+                   torch.tensor(prompt_y), image, split, source, ts_list, layer_list, entries,
+                   str(cache.dir))
+
+
+def hash_split(image: str, seed: int, val_fraction: float, test_fraction: float) -> str:
+    """The split of one image: a seeded hash of its image_hash, so adding images never moves
+    the ones already split."""
+    u = int(hashlib.sha256(f"{seed}:{image}".encode()).hexdigest()[:15], 16) / 16**15
+    return "test" if u < test_fraction else "val" if u < test_fraction + val_fraction else "train"
+
+
+def split_images(data: MapData, cfg: TrainConfig) -> dict[str, torch.Tensor]:
+    """Sample indices of each split; every image's samples land in exactly one split."""
+    of_image: dict[str, str] = {}
+    for img, rec in zip(data.image, data.split, strict=True):
+        if cfg.split == "hash":
+            if img not in of_image:
+                of_image[img] = hash_split(img, cfg.seed, cfg.val_fraction, cfg.test_fraction)
+        else:
+            if rec not in SPLITS:
+                raise TrainError(f"a cached sample has recorded split {rec!r}: use --split hash")
+            if of_image.setdefault(img, rec) != rec:
+                raise TrainError(f"image {img} is recorded in both {of_image[img]} and {rec}: "
+                                 "use --split hash, which splits by image")
+    which = torch.tensor([SPLITS.index(of_image[img]) for img in data.image])
+    out = {s: torch.nonzero(which == i).flatten() for i, s in enumerate(SPLITS)}
+    images = Counter(of_image.values())
+    empty = [s for s in SPLITS if images[s] == 0]
+    if empty:
+        raise TrainError(f"too few images for a {'/'.join(SPLITS)} split: {len(of_image)} "
+                         f"images gave {dict(images)} and none for {', '.join(empty)}; invert "
+                         "more images (`l2s invert --limit ...`) or raise --val-fraction / "
+                         "--test-fraction")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics
+
+
+def relation_metrics(pred: torch.Tensor, data: MapData, idx: torch.Tensor) -> dict:
+    """Test metrics with the leakage diagnostic (L2S sec. 2): accuracy on true-caption and on
+    wrong-caption samples, how often a wrong caption's relation was predicted, confusion
+    matrices (rows: true relation, columns: predicted) and accuracy per timestep."""
+    k = len(RELATIONS)
+    y, neg, py, t = data.y[idx], data.neg[idx], data.prompt_y[idx], data.t[idx]
+    ok = pred == y
+
+    def acc(mask: torch.Tensor) -> float | None:
+        return round(ok[mask].float().mean().item(), 4) if mask.any() else None
+
+    def confusion(mask: torch.Tensor) -> list[list[int]]:
+        cm = torch.zeros(k, k, dtype=torch.long)
+        cm.index_put_((y[mask], pred[mask]), torch.ones_like(y[mask]), accumulate=True)
+        return cm.tolist()
+
+    every = torch.ones_like(neg)
+    follows = (pred[neg] == py[neg]).float().mean().item() if neg.any() else None
+    return {
+        "test_accuracy": acc(every),
+        "test_accuracy_true_caption": acc(~neg),
+        "test_accuracy_wrong_caption": acc(neg),
+        # Share of wrong-caption samples classified as the caption's (wrong) relation: near 0
+        # when the classifier reads geometry, high when it reads the relation word.
+        "test_wrong_caption_predicts_caption": None if follows is None else round(follows, 4),
+        "test_samples": {"true_caption": int((~neg).sum()), "wrong_caption": int(neg.sum())},
+        "confusion": confusion(every),
+        "confusion_true_caption": confusion(~neg),
+        "confusion_wrong_caption": confusion(neg),
+        "confusion_axes": "rows: true relation, columns: predicted; order = classes",
+        "test_accuracy_by_timestep": {str(int(s)): acc(t == s) for s in t.unique().tolist()},
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+
+
+def _batches(data: MapData, idx: torch.Tensor, size: int, device: torch.device):
+    for b in idx.split(size):
+        yield (data.maps[b].to(device, torch.float32), data.t[b].to(device),
+               data.y[b].to(device))
+
+
+@torch.no_grad()
+def _evaluate(model: RelationClassifier, data: MapData, idx: torch.Tensor, size: int,
+              device: torch.device) -> tuple[float, torch.Tensor]:
+    """(mean cross-entropy, predictions on the CPU) over the samples idx."""
+    model.eval()
+    loss, preds = 0.0, []
+    for x, t, y in _batches(data, idx, size, device):
+        logits = model(x, t)
+        loss += F.cross_entropy(logits, y, reduction="sum").item()
+        preds.append(logits.argmax(-1).cpu())
+    return loss / max(len(idx), 1), torch.cat(preds) if preds else torch.empty(0, dtype=torch.long)
+
+
+def _counts(data: MapData, parts: dict[str, torch.Tensor]) -> dict:
+    by_source: dict = {}
+    for (src, split, pol), n in sorted(data.entries.items()):
+        by_source.setdefault(src, {}).setdefault(split or "-", {})[pol] = n
+    return {
+        "entries": by_source,  # source -> recorded split -> polarity -> entries
+        "samples": {s: int(len(i)) for s, i in parts.items()},  # after the split (and filter)
+        "images": {s: len({data.image[j] for j in i.tolist()}) for s, i in parts.items()},
+        "samples_per_class": {s: {r: int((data.y[i] == c).sum()) for c, r in enumerate(RELATIONS)}
+                              for s, i in parts.items()},
+    }
+
+
+def run_train(cfg: TrainConfig, denoiser=None, callback: Callable[[dict], None] | None = None
+              ) -> TrainResult:
+    """Train a relation classifier on the cached maps of cfg.model and write it with its card.
+
+    ``callback`` gets one dict per epoch: epoch, epochs, train_loss, val_loss, val_acc, lr, best.
+    """
+    from l2s.engine.loading import load_backbone, resolve_device
+
+    start = time.perf_counter()
+    if denoiser is None:
+        denoiser = load_backbone(cfg.model)
+    layers = [{"name": la.name, "heads": la.heads} for la in denoiser.cross_attention_layers()]
+    backbone = {"name": denoiser.name, "fingerprint": denoiser.fingerprint, "layers": layers}
+    data = load_maps(cfg.cache_dir, denoiser.fingerprint, name=denoiser.name, model=cfg.model,
+                     layers=layers, sources=cfg.data)
+    parts = split_images(data, cfg)
+    if cfg.positive_only:
+        parts["train"] = parts["train"][~data.neg[parts["train"]]]
+        parts["val"] = parts["val"][~data.neg[parts["val"]]]
+    only = "true-caption samples only, " if cfg.positive_only else ""
+    for s in ("train", "val"):
+        if len(parts[s]) == 0:
+            raise TrainError(f"no {s} samples left ({only}{len(data.image)} samples in all): "
+                             "invert more images")
+    have = torch.bincount(data.y[parts["train"]], minlength=len(RELATIONS))
+    absent = [r for r, n in zip(RELATIONS, have.tolist(), strict=True) if n == 0]
+    if absent:
+        raise TrainError(f"no training samples of class {', '.join(repr(a) for a in absent)} "
+                         f"(per class: {dict(zip(RELATIONS, have.tolist(), strict=True))}): "
+                         "invert images showing every relation (`l2s invert --model "
+                         f"{cfg.model}`), or add a source that has them with --data")
+
+    device = resolve_device(cfg.device)
+    lr = cfg.resolved_lr()
+    arch = ClassifierConfig(
+        n_maps=data.maps.shape[2], map_size=data.maps.shape[-1], relations=RELATIONS,
+        heads_per_layer=tuple(la["heads"] for la in data.layers), tokens=cfg.tokens,
+        d_model=cfg.d_model, depth=cfg.depth, n_heads=4 if cfg.d_model % 4 == 0 else 1,
+        head_hidden=cfg.d_model, dropout=cfg.dropout)
+    torch.manual_seed(cfg.seed)
+    model = RelationClassifier(arch).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=cfg.weight_decay)
+    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        opt, mode="min", factor=cfg.plateau_factor, patience=cfg.plateau_patience)
+    order = torch.Generator().manual_seed(cfg.seed)
+
+    history: list[dict] = []
+    best_loss, best_epoch, best_state = float("inf"), 0, None
+    for epoch in range(1, cfg.epochs + 1):
+        model.train()
+        total, seen = 0.0, 0
+        perm = parts["train"][torch.randperm(len(parts["train"]), generator=order)]
+        for x, t, y in _batches(data, perm, cfg.batch_size, device):
+            loss = F.cross_entropy(model(x, t), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(y)
+            seen += len(y)
+        val_loss, val_pred = _evaluate(model, data, parts["val"], cfg.batch_size, device)
+        val_acc = (val_pred == data.y[parts["val"]]).float().mean().item()
+        plateau.step(val_loss)
+        improved = val_loss < best_loss - 1e-6
+        if improved:
+            best_loss, best_epoch = val_loss, epoch
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        record = {"epoch": epoch, "epochs": cfg.epochs, "train_loss": total / seen,
+                  "val_loss": val_loss, "val_acc": val_acc, "lr": opt.param_groups[0]["lr"],
+                  "best": improved}
+        history.append(record)
+        if callback:
+            callback(record)
+        if epoch - best_epoch >= cfg.early_stop_patience:
+            break
+    if best_state is None:
+        raise TrainError(f"training diverged (validation loss {history[-1]['val_loss']}): "
+                         f"lower --lr (was {lr})")
+    model.load_state_dict(best_state)
+
+    _, test_pred = _evaluate(model, data, parts["test"], cfg.batch_size, device)
+    metrics = relation_metrics(test_pred, data, parts["test"])
+    metrics.update(best_epoch=best_epoch, val_loss=round(best_loss, 5),
+                   val_accuracy=round(history[best_epoch - 1]["val_acc"], 4))
+    out = Path(cfg.out).expanduser() if cfg.out else trained_classifier_dir(denoiser.name)
+    resolved = replace(cfg, lr=lr, device=str(device), out=str(out))
+    seconds = time.perf_counter() - start
+    card = {
+        "backbone": {**backbone, "model": cfg.model},
+        "timesteps": sorted(set(data.timesteps), reverse=True),
+        "data": {"cache_dir": data.cache_dir, **_counts(data, parts)},
+        "metrics": metrics,
+        "training": {**asdict(resolved), "epochs_run": len(history), "seconds": round(seconds, 1),
+                     "parameters": model.num_parameters()},
+        "history": history,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    card_path = save_classifier(model.cpu(), card, out)
+    return TrainResult(card_path, json.loads(card_path.read_text()), history, seconds)

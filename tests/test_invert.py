@@ -1,0 +1,147 @@
+"""The invert job on tiny offline components: dual prompts, resume, corruption, shards."""
+
+import multiprocessing as mp
+import random
+from collections import Counter
+
+import pytest
+from typer.testing import CliRunner
+
+from l2s.cache import AttentionCache
+from l2s.cli import app
+from l2s.engine import loading
+from l2s.engine.tiny import tiny_sd
+from l2s.inversion import InversionConfig
+from l2s.invert import InvertConfig, run_invert, sample_prompts
+from l2s.relations import RELATIONS, Triplet
+
+FAST = InversionConfig(method="noise", steps=10, record_steps=(2, 5, 9))
+
+
+@pytest.fixture(scope="module")
+def den():
+    return tiny_sd()
+
+
+def _cfg(tmp_path, **kw):
+    base = {"data": ("shapes",), "cache_dir": str(tmp_path), "limit": 6, "batch_size": 4,
+            "per_relation": (2, 1, 1), "inversion": FAST}
+    return InvertConfig(**{**base, **kw})
+
+
+def test_negatives_are_uniform_over_the_other_relations():
+    rng = random.Random(0)
+    t = Triplet("circle", "above", "square")
+    counts = Counter()
+    for _ in range(3000):
+        (pos, rel, pol), (neg, nrel, npol) = sample_prompts(t, 1, rng)
+        assert (rel, pol, npol) == ("above", "pos", "neg") and nrel != "above"
+        counts[nrel] += 1
+    assert set(counts) == set(RELATIONS) - {"above"}
+    assert all(900 < c < 1100 for c in counts.values())
+    three = sample_prompts(t, 3, rng)
+    assert sorted(r for _, r, _ in three[1:]) == sorted(set(RELATIONS) - {"above"})
+
+
+def test_entries_are_dual_and_labelled_with_the_true_relation(tmp_path, den):
+    res = run_invert(_cfg(tmp_path, negatives=2), den)
+    assert res.written == 6 * 3 and res.skipped == 0
+    entries = list(AttentionCache(tmp_path, den.fingerprint).entries())
+    c = sum(la.heads for la in den.cross_attention_layers())
+    by_image = {}
+    for e in entries:
+        assert e.maps.shape == (3, 2, c, 16, 16)
+        assert e.meta["relation"] in RELATIONS
+        assert (e.meta["polarity"] == "pos") == (e.meta["prompt_relation"] == e.meta["relation"])
+        by_image.setdefault(e.meta["image_hash"], []).append(e.meta)
+    for metas in by_image.values():
+        assert len({m["relation"] for m in metas}) == 1  # every prompt: the image's label
+        assert sorted(m["polarity"] for m in metas) == ["neg", "neg", "pos"]
+    assert res.stats["by_polarity"] == {"pos": 6, "neg": 12}
+
+
+def test_rerun_skips_and_an_interrupted_run_resumes(tmp_path, den, monkeypatch):
+    cfg = _cfg(tmp_path)
+    real_put = AttentionCache.put
+    written = []
+
+    def flaky_put(self, key, maps, meta):
+        if len(written) == 5:
+            raise KeyboardInterrupt  # the user pressed Ctrl-C mid-run
+        written.append(key)
+        real_put(self, key, maps, meta)
+
+    monkeypatch.setattr(AttentionCache, "put", flaky_put)
+    with pytest.raises(KeyboardInterrupt):
+        run_invert(cfg, den)
+    monkeypatch.setattr(AttentionCache, "put", real_put)
+    res = run_invert(cfg, den)
+    assert (res.skipped, res.written) == (5, 7)
+    again = run_invert(cfg, den)
+    assert (again.skipped, again.written, again.inverted) == (12, 0, 0)
+
+
+def test_corrupt_entry_is_rebuilt(tmp_path, den):
+    cfg = _cfg(tmp_path, limit=2)
+    run_invert(cfg, den)
+    cache = AttentionCache(tmp_path, den.fingerprint)
+    row = cache.manifest()[0]
+    cache.map_path(row["key"]).write_bytes(b"not a safetensors file")
+    # `has` sees a file; loading it finds the damage, deletes it, and the job rebuilds it.
+    assert cache.get(row["key"]) is None
+    res = run_invert(cfg, den)
+    assert res.written == 1 and cache.get(row["key"]) is not None
+
+
+def test_ddim_inversion_drops_badly_reconstructed_images(tmp_path, den):
+    inv = InversionConfig(method="ddim", steps=6, fixed_point=1, record_steps=(1, 5),
+                          min_psnr=1000.0)
+    res = run_invert(_cfg(tmp_path, limit=2, inversion=inv), den)
+    assert res.written == 0 and res.dropped["low reconstruction PSNR"] == 4
+    keep = InversionConfig(method="ddim", steps=6, fixed_point=1, record_steps=(1, 5),
+                           min_psnr=-1000.0)
+    res = run_invert(_cfg(tmp_path, limit=2, inversion=keep), den)
+    assert res.written == 4 and res.inverted == 0  # latents were cached by the first run
+    psnrs = {r["psnr"] for r in AttentionCache(tmp_path, den.fingerprint).manifest()}
+    assert all(isinstance(p, float) for p in psnrs)
+
+
+def _shard_worker(root, index):
+    run_invert(_cfg_for(root, shard=(index, 2)), tiny_sd())
+
+
+def _cfg_for(root, **kw):
+    return InvertConfig(data=("shapes",), cache_dir=root, limit=8, batch_size=3,
+                        per_relation=(2, 1, 1), inversion=FAST, **kw)
+
+
+def test_two_processes_share_the_work_and_the_cache(tmp_path, den):
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_shard_worker, args=(str(tmp_path), i)) for i in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(300)
+        assert p.exitcode == 0
+    rows = AttentionCache(tmp_path, den.fingerprint).manifest()
+    assert len(rows) == 16 and len({r["source_id"] for r in rows}) == 8
+    single = run_invert(_cfg_for(str(tmp_path)), den)  # the unsharded run finds all done
+    assert (single.written, single.skipped) == (0, 16)
+
+
+def test_cli_invert_and_stats(tmp_path, den, monkeypatch):
+    monkeypatch.setattr(loading, "load_backbone", lambda *a, **k: den)
+    runner = CliRunner()
+    args = ["invert", "--data", "shapes", "--cache-dir", str(tmp_path), "--limit", "2",
+            "--per-relation", "2,1,1", "--inversion", "noise", "--steps", "10",
+            "--timesteps", "2,9", "--json"]
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["invert", "--stats", "--cache-dir", str(tmp_path), "--json"])
+    assert r.exit_code == 0 and '"entries": 4' in r.stdout
+    r = runner.invoke(app, args[:-1] + ["--timesteps", "2,99"])
+    assert r.exit_code == 2 and "0..9" in r.output
+    (tmp_path / "gqa").mkdir()
+    r = runner.invoke(app, ["invert", "--data", "gqa", "--gqa-root", str(tmp_path / "gqa"),
+                            "--cache-dir", str(tmp_path)])
+    assert r.exit_code == 2 and "sceneGraphs.json" in r.output and "Traceback" not in r.output
