@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from l2s.engine.backbone import Denoiser
-from l2s.engine.sampling import sample
+from l2s.engine.presets import generation_defaults
 from l2s.relations import RELATIONS, Triplet, format_prompt, geneval_relations
 
 SUITES = ("shapes",)
@@ -36,6 +36,10 @@ class BenchConfig:
     seed: int = 0  # picks the prompt set and every image's noise seed
     steps: int | None = None  # sampling steps (None: the model's default)
     guidance: float | None = None  # classifier-free guidance scale (None: the model's default)
+    classifier: str | None = None  # l2s: classifier card (None: the model's default)
+    steer_until: float = 0.5  # steered methods: fraction (< 1) or count of steered steps
+    iterations: int = 16  # steered methods: max gradient iterations per step
+    step_size: float | None = None  # steered methods: latent step (None: the model's)
     batch_size: int = 100  # images generated in one batch
     out: str = "out/bench"  # folder for config.json, results.jsonl, images and contact sheets
 
@@ -102,19 +106,34 @@ def summarise(records: list[dict]) -> dict:
     }
 
 
-# A method turns (denoiser, prompts, triplets, seeds, steps, guidance) into images (B, H, W, 3).
-Method = Callable[..., torch.Tensor]
+# A method factory gets (denoiser, config) once and returns the batch generator
+# (prompts, triplets, seeds) -> images (B, H, W, 3) in [0, 1].
+MethodFactory = Callable[[Denoiser, "BenchConfig"], Callable[..., torch.Tensor]]
 
 
-def plain_method(denoiser: Denoiser, prompts: list[str], triplets: list[Triplet],
-                 seeds: list[int], steps: int, guidance: float) -> torch.Tensor:
-    """Unsteered guided DDIM, each image from its own seeded noise."""
-    latents = torch.cat([denoiser.prepare_latents(1, torch.Generator().manual_seed(s))
-                         for s in seeds])
-    return sample(denoiser, prompts, steps=steps, guidance=guidance, latents=latents)
+def _steer_method(name: str) -> MethodFactory:
+    def factory(denoiser: Denoiser, cfg: BenchConfig):
+        from l2s.steer import build_loss, default_step_size, generate, seeded_latents
+        from l2s.steering import SteerSettings
+
+        loss, _ = build_loss(name, denoiser, cfg.model, cfg.classifier)
+        steps, guidance = generation_defaults(cfg.model, cfg.steps, cfg.guidance)
+        settings = SteerSettings(
+            steps=steps, guidance=guidance, steer_until=cfg.steer_until,
+            iterations=cfg.iterations,
+            step_size=cfg.step_size if cfg.step_size is not None else default_step_size(cfg.model))
+
+        def run(prompts, triplets, seeds):
+            images, _ = generate(denoiser, prompts, [[t] for t in triplets],
+                                 seeded_latents(denoiser, seeds), settings, loss)
+            return images
+
+        return run
+
+    return factory
 
 
-METHODS: dict[str, Method] = {"plain": plain_method}
+METHODS: dict[str, MethodFactory] = {m: _steer_method(m) for m in ("plain", "l2s", "centroid")}
 
 
 @dataclass
@@ -219,9 +238,6 @@ def run_bench(cfg: BenchConfig, denoiser: Denoiser | None = None,
         from l2s.engine.loading import load_backbone
 
         denoiser = load_backbone(cfg.model)
-    from l2s.engine.presets import generation_defaults
-
-    steps, guidance = generation_defaults(cfg.model, cfg.steps, cfg.guidance)
     prompts = shapes_prompts(cfg.prompts, cfg.seed)
     jobs = [(p, k) for p in prompts for k in range(cfg.images)]
     results_path = out / "results.jsonl"
@@ -233,12 +249,12 @@ def run_bench(cfg: BenchConfig, denoiser: Denoiser | None = None,
         todo = [(p, k) for p, k in jobs if (p.index, k) not in done]
         img_dir = out / "images" / method
         img_dir.mkdir(parents=True, exist_ok=True)
+        generator = METHODS[method](denoiser, cfg) if todo else None
         t0 = time.perf_counter()
         for start in range(0, len(todo), cfg.batch_size):
             batch = todo[start:start + cfg.batch_size]
             seeds = [image_seed(cfg.seed, p.index, k) for p, k in batch]
-            imgs = METHODS[method](denoiser, [p.prompt for p, _ in batch],
-                                   [p.triplet for p, _ in batch], seeds, steps, guidance)
+            imgs = generator([p.prompt for p, _ in batch], [p.triplet for p, _ in batch], seeds)
             arr = (imgs.float().cpu().numpy() * 255).round().astype(np.uint8)
             new = []
             for (p, k), s, img in zip(batch, seeds, arr, strict=True):

@@ -1,4 +1,4 @@
-"""Generate images for a prompt, steering its spatial relations when a classifier exists."""
+"""The `l2s steer` job: parse, pick the loss, generate (steered or plain), time, report."""
 
 from __future__ import annotations
 
@@ -11,36 +11,28 @@ import numpy as np
 import torch
 
 from l2s.engine.backbone import Denoiser
-from l2s.engine.loading import load_backbone
-from l2s.engine.presets import generation_defaults
+from l2s.engine.presets import PRESETS, generation_defaults
 from l2s.engine.sampling import sample
 from l2s.relations import Triplet, parse
+from l2s.steering import (
+    CentroidLoss,
+    ClassifierLoss,
+    RelationLoss,
+    SteerSettings,
+    SteerStats,
+    peak_memory_mb,
+    steer_latents,
+)
+
+STEER_METHODS = ("l2s", "centroid", "plain")
 
 
 class PromptError(ValueError):
     """The prompt asks for something this backbone cannot draw or read."""
 
 
-@dataclass(frozen=True)
-class SteerConfig:
-    """Settings of one `l2s steer` run; written into its report."""
-
-    prompt: str  # the text prompt, relations included ("a circle to the left of a square")
-    model: str = "toy"  # backbone preset, hub id or local folder
-    num_images: int = 1  # images generated in one batch, seeds seed..seed+n-1
-    seed: int = 0  # noise seed of the first image
-    steps: int | None = None  # DDIM steps (None: the model's default)
-    guidance: float | None = None  # classifier-free guidance (None: the model's default)
-    out: str | None = None  # folder for PNGs and report.json (None: write nothing)
-
-
-@dataclass
-class SteerResult:
-    """Images (N, H, W, 3) uint8 and the JSON report of the run."""
-
-    images: np.ndarray
-    report: dict
-    paths: list[Path] = field(default_factory=list)
+class SteerError(RuntimeError):
+    """Steering cannot run as asked (no classifier, out of memory, ...); says what to do."""
 
 
 def check_prompt(denoiser: Denoiser, triplets: list[Triplet]) -> None:
@@ -56,49 +48,160 @@ def check_prompt(denoiser: Denoiser, triplets: list[Triplet]) -> None:
                     "vocabulary")
 
 
-def steer(config: SteerConfig, denoiser: Denoiser | None = None) -> SteerResult:
-    """Run `l2s steer`: parse relations, generate, write images and a report.
+def build_loss(method: str, denoiser: Denoiser, model: str, classifier: str | None = None
+               ) -> tuple[RelationLoss | None, str | None]:
+    """(loss, classifier card path) for a method; plain has no loss."""
+    if method not in STEER_METHODS:
+        raise SteerError(f"unknown method {method!r}: use one of {', '.join(STEER_METHODS)}")
+    if method == "plain":
+        return None, None
+    if method == "centroid":
+        return CentroidLoss(), None
+    from l2s.classifier import default_classifier, load_classifier, nearest_trained_timestep
 
-    Until a relation classifier is installed for the backbone, images are generated plainly
-    and the report's ``notice`` says so.
-    """
+    path = classifier or default_classifier(model, denoiser.fingerprint)
+    if path is None:
+        raise SteerError(
+            f"no relation classifier for {model!r}: build one with `l2s invert --model {model}` "
+            f"then `l2s train --model {model}`, or pass --classifier PATH "
+            "(--method centroid steers with a hand-made loss instead)")
+    net, card = load_classifier(path, denoiser)
+    trained = card["timesteps"]
+    return ClassifierLoss(net, card["classes"], lambda t: nearest_trained_timestep(trained, t)), \
+        str(path)
+
+
+def default_step_size(model: str) -> float:
+    p = PRESETS.get(model)
+    return p.step_size if p else 5.0
+
+
+def seeded_latents(denoiser: Denoiser, seeds: list[int]) -> torch.Tensor:
+    """One latent per seed, each from its own generator (independent of the batch size)."""
+    return torch.cat([denoiser.prepare_latents(1, torch.Generator().manual_seed(s))
+                      for s in seeds])
+
+
+def generate(denoiser: Denoiser, prompts: list[str], triplets: list[list[Triplet]],
+             latents: torch.Tensor, settings: SteerSettings, loss: RelationLoss | None,
+             on_step=None) -> tuple[torch.Tensor, SteerStats]:
+    """Images (B, H, W, 3) in [0, 1]: steered with ``loss``, or plain when it is None or no
+    prompt has a steerable relation (then no gradient is taken and no overhead is paid)."""
+    if loss is None or not any(triplets):
+        imgs = sample(denoiser, prompts, steps=settings.steps, guidance=settings.guidance,
+                      latents=latents)
+        return imgs, SteerStats()
+    try:
+        return steer_latents(denoiser, prompts, triplets, loss, settings, latents, on_step)
+    except torch.OutOfMemoryError as e:
+        raise SteerError("out of GPU memory while steering: lower --num-images, steer fewer "
+                         "steps (--steer-until) or use a smaller --image-size") from e
+
+
+@dataclass(frozen=True)
+class SteerConfig:
+    """Settings of one `l2s steer` run; written into its report."""
+
+    prompt: str  # the text prompt, relations included ("a circle to the left of a square")
+    model: str = "toy"  # backbone preset, hub id or local folder
+    method: str = "l2s"  # l2s (learned loss), centroid (hand-made baseline) or plain
+    classifier: str | None = None  # classifier card (None: the model's default)
+    num_images: int = 1  # images generated in one batch, seeds seed..seed+n-1
+    seed: int = 0  # noise seed of the first image
+    steps: int | None = None  # DDIM steps (None: the model's default)
+    guidance: float | None = None  # classifier-free guidance (None: the model's default)
+    steer_until: float = 0.5  # steer steps before this fraction (< 1) or step count (>= 1)
+    iterations: int = 16  # max gradient iterations per steered step
+    step_size: float | None = None  # latent step (None: the model's default)
+    optimizer: str = "sgd"  # sgd or adam
+    compare_plain: bool = False  # also time the same seeds without steering
+    out: str | None = None  # folder for PNGs and report.json (None: write nothing)
+
+
+@dataclass
+class SteerResult:
+    """Images (N, H, W, 3) uint8, the JSON report, and the files written."""
+
+    images: np.ndarray
+    report: dict
+    out: Path | None = None
+    paths: list[Path] = field(default_factory=list)
+
+
+def unique_dir(path: str | Path) -> Path:
+    """`path` if it does not exist yet, else the first free `path-1`, `path-2`, ..."""
+    p, n = Path(path), 1
+    while p.exists() and (not p.is_dir() or any(p.iterdir())):
+        p, n = Path(f"{path}-{n}"), n + 1
+    return p
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    return (images.float().cpu().numpy() * 255).round().astype(np.uint8)
+
+
+def steer(config: SteerConfig, denoiser: Denoiser | None = None, on_step=None) -> SteerResult:
+    """Run `l2s steer`: generate ``num_images`` images for the prompt and report per step."""
     triplets = parse(config.prompt)
     if denoiser is None:
+        from l2s.engine.loading import load_backbone
+
         denoiser = load_backbone(config.model)
     check_prompt(denoiser, triplets)
     steps, guidance = generation_defaults(config.model, config.steps, config.guidance)
+    step_size = config.step_size if config.step_size is not None else \
+        default_step_size(config.model)
+    settings = SteerSettings(steps=steps, guidance=guidance, steer_until=config.steer_until,
+                             iterations=config.iterations, step_size=step_size,
+                             optimizer=config.optimizer)
     steerable = [t for t in triplets if t.steerable]
-    notice = (f"no relation classifier is installed for {config.model!r} yet: generated "
-              "without steering" if steerable else
-              "no steerable relation in the prompt: plain generation")
+    method = config.method if steerable else "plain"
+    loss, card = build_loss(method, denoiser, config.model, config.classifier)
+    notice = None if steerable else "no steerable relation in the prompt: plain generation"
     seeds = [config.seed + i for i in range(config.num_images)]
-    latents = torch.cat([denoiser.prepare_latents(1, torch.Generator().manual_seed(s))
-                         for s in seeds])
+    latents = seeded_latents(denoiser, seeds)
+    prompts = [config.prompt] * len(seeds)
     t0 = time.perf_counter()
-    images = sample(denoiser, [config.prompt] * config.num_images, steps=steps,
-                    guidance=guidance, latents=latents)
+    images, stats = generate(denoiser, prompts, [steerable] * len(seeds), latents, settings,
+                             loss, on_step)
+    if denoiser.device.type == "cuda":
+        torch.cuda.synchronize()
     total = time.perf_counter() - t0
-    arr = (images.float().cpu().numpy() * 255).round().astype(np.uint8)
     report = {
         "prompt": config.prompt,
         "triplets": [{"subject": t.subject, "relation": t.relation, "object": t.object,
                       "steerable": t.steerable} for t in triplets],
-        "settings": {**asdict(config), "steps": steps, "guidance": guidance},
+        "method": method,
+        "classifier": card,
+        "settings": {**asdict(config), **asdict(settings)},
         "seeds": seeds,
-        "method": "plain",
         "notice": notice,
-        "steps": [],
+        "steps": [r.to_json() for r in stats.steps],
+        "skipped_updates": stats.skipped_updates,
+        "warnings": stats.warnings,
         "total_s": round(total, 4),
+        "peak_memory_mb": round(peak_memory_mb(denoiser.device), 1),
     }
-    paths = []
+    if config.compare_plain:
+        t1 = time.perf_counter()
+        generate(denoiser, prompts, [[]] * len(seeds), latents, settings, None)
+        if denoiser.device.type == "cuda":
+            torch.cuda.synchronize()
+        report["plain_s"] = round(time.perf_counter() - t1, 4)
+        report["overhead"] = round(total / max(report["plain_s"], 1e-9), 3)
+    arr = to_uint8(images)
+    result = SteerResult(arr, report)
     if config.out:
         from PIL import Image
 
-        out = Path(config.out)
+        out = unique_dir(config.out)
         out.mkdir(parents=True, exist_ok=True)
         for s, img in zip(seeds, arr, strict=True):
-            paths.append(out / f"image_{s:04d}.png")
-            Image.fromarray(img).save(paths[-1])
-        report["images"] = [str(p) for p in paths]
+            result.paths.append(out / f"image_{s:04d}.png")
+            Image.fromarray(img).save(result.paths[-1])
+        report["images"] = [str(p) for p in result.paths]
+        report["out"] = str(out)
         (out / "report.json").write_text(json.dumps(report, indent=2))
-    return SteerResult(arr, report, paths)
+        result.out = out
+    return result
+

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from l2s import __version__
 from l2s.classifier import (
     TOKEN_MODES,
     ClassifierConfig,
@@ -34,6 +35,8 @@ SPLIT_MODES = ("hash", "recorded")
 REQUIRED_META = ("relation", "polarity", "image_hash", "timesteps", "layers", "heads")
 SD_LR = 1e-4  # L2S's learning rate for SD backbones
 TOY_LR = 1e-3  # the toy's data set is small and clean: a larger step converges in minutes
+REFERENCE_SIZE = (256, 2)  # (d_model, depth): ~2M parameters at SD's 128-195 maps, as in L2S
+TOY_SIZE = (64, 1)  # ~130k parameters: enough for the toy's clean shapes, fast on a CPU
 
 
 class TrainError(ValueError):
@@ -59,8 +62,8 @@ class TrainConfig:
     plateau_factor: float = 0.5  # ReduceLROnPlateau factor on the validation loss
     plateau_patience: int = 5  # epochs without improvement before the LR drops
     early_stop_patience: int = 10  # epochs without improvement before training stops
-    d_model: int = 256  # classifier token width (ClassifierConfig.d_model)
-    depth: int = 2  # classifier encoder layers
+    d_model: int | None = None  # classifier token width (None: 256, or 64 for the toy)
+    depth: int | None = None  # classifier encoder layers (None: 2, or 1 for the toy)
     tokens: str = "map"  # "map" (one token per map) or "layer" (heads averaged per layer)
     dropout: float = 0.1
     seed: int = 0  # initialisation, batch order and the hash split
@@ -76,13 +79,18 @@ class TrainConfig:
             raise TrainError(f"val and test fractions ({self.val_fraction}, "
                              f"{self.test_fraction}) must each be in (0, 1) and sum under 1")
         for name in ("epochs", "batch_size", "d_model", "depth"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise TrainError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.lr is not None and self.lr <= 0:
             raise TrainError(f"lr must be positive, got {self.lr}")
 
     def resolved_lr(self) -> float:
         return self.lr if self.lr is not None else (TOY_LR if self.model == "toy" else SD_LR)
+
+    def resolved_size(self) -> tuple[int, int]:
+        """(d_model, depth) of the classifier."""
+        d, depth = TOY_SIZE if self.model == "toy" else REFERENCE_SIZE
+        return self.d_model or d, self.depth or depth
 
 
 @dataclass
@@ -122,7 +130,6 @@ class MapData:
     source: list[str]  # (N,) source of each sample
     timesteps: list[int]  # the recorded timesteps, in recording order
     layers: list[dict]  # [{"name", "heads"}] of the recorded layers
-    entries: Counter  # (source, split, polarity) -> entries
     cache_dir: str  # the cache folder of this backbone they were read from
 
 
@@ -141,6 +148,14 @@ def _fail_empty(root: Path, name: str, fingerprint: str, model: str) -> TrainErr
                       f"`l2s invert --model {model}` first{hint}")
 
 
+def _looks_like_cache(root: Path) -> bool:
+    """Empty, or holding a folder `l2s invert` or `l2s train` wrote."""
+    children = [c for c in root.iterdir() if not c.name.startswith(".")]
+    return not children or any(
+        c.name == "classifiers" or (c / "manifest.jsonl").exists() or (c / "settings.json").exists()
+        for c in children)
+
+
 def load_maps(cache_dir: str | Path | None, fingerprint: str, *, name: str, model: str,
               layers: Sequence[dict] | None = None, sources: Sequence[str] = ()) -> MapData:
     """Read every cache entry of a backbone (optionally only some sources) into memory.
@@ -155,7 +170,7 @@ def load_maps(cache_dir: str | Path | None, fingerprint: str, *, name: str, mode
         raise TrainError(f"cache folder {root} does not exist: run `l2s invert --model {model}` "
                          "first, or pass the --cache-dir it wrote")
     if not (root / fingerprint / "manifest.jsonl").exists():
-        if any(root.iterdir()) and not any(root.glob("*/manifest.jsonl")):
+        if not _looks_like_cache(root):
             raise TrainError(f"{root} is not an l2s attention cache (no <fingerprint>/"
                              "manifest.jsonl inside): pass the --cache-dir `l2s invert` wrote")
         raise _fail_empty(root, name, fingerprint, model)
@@ -176,7 +191,6 @@ def load_maps(cache_dir: str | Path | None, fingerprint: str, *, name: str, mode
     t, y, neg, prompt_y, image, split, source = [], [], [], [], [], [], []
     layer_list: list[dict] | None = None
     shapes: Counter = Counter()
-    entries: Counter = Counter()
     n = 0
     for row in rows:
         e = cache.get(row["key"])
@@ -193,6 +207,9 @@ def load_maps(cache_dir: str | Path | None, fingerprint: str, *, name: str, mode
                 raise TrainError(f"cache entry {e.key} has {k} {meta[k]!r}, which the "
                                  f"classifier cannot learn (classes: {', '.join(RELATIONS)}): "
                                  "remove that source's non-directional samples")
+        if meta["polarity"] not in ("pos", "neg"):
+            raise TrainError(f"cache entry {e.key} has polarity {meta['polarity']!r}, not pos "
+                             f"or neg: rebuild it with `l2s invert --model {model}`")
         shape = tuple(e.maps.shape)
         entry_layers = [{"name": a, "heads": h} for a, h in zip(meta["layers"], meta["heads"],
                                                                   strict=True)]
@@ -213,7 +230,6 @@ def load_maps(cache_dir: str | Path | None, fingerprint: str, *, name: str, mode
         image.extend([meta["image_hash"]] * k)
         split.extend([meta.get("split") or ""] * k)
         source.extend([meta.get("source") or "?"] * k)
-        entries[(meta.get("source") or "?", meta.get("split") or "", polarity)] += 1
     if len(shapes) > 1:
         lines = "; ".join(f"{n_} entries of shape {s} at timesteps {list(ts)} over "
                           f"{len(json.loads(la))} layers"
@@ -236,7 +252,7 @@ def load_maps(cache_dir: str | Path | None, fingerprint: str, *, name: str, mode
                          f"{sum(la['heads'] for la in layer_list)} heads: rebuild the cache")
     maps = buf[:n].flatten(0, 1)  # (E, T, 2, C, S, S) -> (E*T, 2, C, S, S), no copy
     return MapData(maps, torch.tensor(t), torch.tensor(y), torch.tensor(neg),
-                   torch.tensor(prompt_y), image, split, source, ts_list, layer_list, entries,
+                   torch.tensor(prompt_y), image, split, source, ts_list, layer_list,
                    str(cache.dir))
 
 
@@ -334,11 +350,15 @@ def _evaluate(model: RelationClassifier, data: MapData, idx: torch.Tensor, size:
 
 
 def _counts(data: MapData, parts: dict[str, torch.Tensor]) -> dict:
+    """What the run used, after the image split (and the positive-only filter)."""
+    per_entry = len(data.timesteps)  # samples per cache entry
     by_source: dict = {}
-    for (src, split, pol), n in sorted(data.entries.items()):
-        by_source.setdefault(src, {}).setdefault(split or "-", {})[pol] = n
+    for s, idx in parts.items():
+        used = Counter((data.source[j], "neg" if data.neg[j] else "pos") for j in idx.tolist())
+        for (src, pol), n in sorted(used.items()):
+            by_source.setdefault(src, {}).setdefault(s, {})[pol] = n // per_entry
     return {
-        "entries": by_source,  # source -> recorded split -> polarity -> entries
+        "entries": by_source,  # source -> split -> polarity -> cache entries
         "samples": {s: int(len(i)) for s, i in parts.items()},  # after the split (and filter)
         "images": {s: len({data.image[j] for j in i.tolist()}) for s, i in parts.items()},
         "samples_per_class": {s: {r: int((data.y[i] == c).sum()) for c, r in enumerate(RELATIONS)}
@@ -352,10 +372,10 @@ def run_train(cfg: TrainConfig, denoiser=None, callback: Callable[[dict], None] 
 
     ``callback`` gets one dict per epoch: epoch, epochs, train_loss, val_loss, val_acc, lr, best.
     """
-    from l2s.engine.loading import load_backbone, resolve_device
-
     start = time.perf_counter()
     if denoiser is None:
+        from l2s.engine.loading import load_backbone
+
         denoiser = load_backbone(cfg.model)
     layers = [{"name": la.name, "heads": la.heads} for la in denoiser.cross_attention_layers()]
     backbone = {"name": denoiser.name, "fingerprint": denoiser.fingerprint, "layers": layers}
@@ -378,13 +398,14 @@ def run_train(cfg: TrainConfig, denoiser=None, callback: Callable[[dict], None] 
                          "invert images showing every relation (`l2s invert --model "
                          f"{cfg.model}`), or add a source that has them with --data")
 
-    device = resolve_device(cfg.device)
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     lr = cfg.resolved_lr()
+    d_model, depth = cfg.resolved_size()
     arch = ClassifierConfig(
         n_maps=data.maps.shape[2], map_size=data.maps.shape[-1], relations=RELATIONS,
         heads_per_layer=tuple(la["heads"] for la in data.layers), tokens=cfg.tokens,
-        d_model=cfg.d_model, depth=cfg.depth, n_heads=4 if cfg.d_model % 4 == 0 else 1,
-        head_hidden=cfg.d_model, dropout=cfg.dropout)
+        d_model=d_model, depth=depth, n_heads=4 if d_model % 4 == 0 else 1,
+        head_hidden=d_model, dropout=cfg.dropout)
     torch.manual_seed(cfg.seed)
     model = RelationClassifier(arch).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=cfg.weight_decay)
@@ -430,7 +451,8 @@ def run_train(cfg: TrainConfig, denoiser=None, callback: Callable[[dict], None] 
     metrics.update(best_epoch=best_epoch, val_loss=round(best_loss, 5),
                    val_accuracy=round(history[best_epoch - 1]["val_acc"], 4))
     out = Path(cfg.out).expanduser() if cfg.out else trained_classifier_dir(denoiser.name)
-    resolved = replace(cfg, lr=lr, device=str(device), out=str(out))
+    resolved = replace(cfg, lr=lr, d_model=d_model, depth=depth, device=str(device),
+                       out=str(out))
     seconds = time.perf_counter() - start
     card = {
         "backbone": {**backbone, "model": cfg.model},
@@ -441,6 +463,7 @@ def run_train(cfg: TrainConfig, denoiser=None, callback: Callable[[dict], None] 
                      "parameters": model.num_parameters()},
         "history": history,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "l2s_version": __version__,
     }
     card_path = save_classifier(model.cpu(), card, out)
     return TrainResult(card_path, json.loads(card_path.read_text()), history, seconds)

@@ -22,7 +22,7 @@ _OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "be
 def _oracle(flip=False):
     calls = []
 
-    def method(denoiser, prompts, triplets, seeds, steps, guidance):
+    def method(prompts, triplets, seeds):
         calls.append(list(seeds))
         imgs = []
         for t in triplets:
@@ -30,7 +30,7 @@ def _oracle(flip=False):
             imgs.append(layout_scene([(t.subject, a), (t.object, b)], 32).image)
         return torch.from_numpy(np.stack(imgs)).float() / 255
 
-    return method, calls
+    return (lambda denoiser, cfg: method), calls
 
 
 def test_layouts_mean_what_they_say():
@@ -90,5 +90,5 @@ def test_resume_with_other_settings_is_refused(monkeypatch, tmp_path):
 def test_unknown_suite_and_method(tmp_path):
     with pytest.raises(BenchError, match="unknown suite"):
         run_bench(BenchConfig(suite="coco", out=str(tmp_path)), denoiser=object())
-    with pytest.raises(BenchError, match="available methods are plain"):
+    with pytest.raises(BenchError, match="available methods are plain, l2s, centroid"):
         run_bench(BenchConfig(methods=("magic",), out=str(tmp_path)), denoiser=object())

@@ -1,4 +1,4 @@
-"""`l2s steer` before a classifier exists: plain generation, report, clean errors."""
+"""The `l2s steer` job and CLI on tiny offline components: report format, errors, outputs."""
 
 import json
 
@@ -8,9 +8,11 @@ from typer.testing import CliRunner
 from l2s.cli import app
 from l2s.engine import loading
 from l2s.engine.tiny import tiny_sd
-from l2s.steer import PromptError, SteerConfig, check_prompt, steer
+from l2s.steer import PromptError, SteerConfig, SteerError, check_prompt, steer, unique_dir
 
 runner = CliRunner()
+STEP_KEYS = {"step", "iterations", "loss_before", "loss_after", "p_target", "forward_ms",
+             "backward_ms", "update_ms"}
 
 
 @pytest.fixture
@@ -20,36 +22,62 @@ def tiny(monkeypatch):
     return den
 
 
-def test_library_writes_images_and_report(tmp_path, tiny):
-    res = steer(SteerConfig("a dog left of a cat", num_images=2, steps=2, out=str(tmp_path)),
-                denoiser=tiny)
+def _cfg(tmp_path, **kw):
+    base = {"prompt": "a dog left of a cat", "method": "centroid", "steps": 4,
+            "steer_until": 2, "iterations": 2, "step_size": 100.0, "out": str(tmp_path / "o")}
+    return SteerConfig(**{**base, **kw})
+
+
+def test_report_format_and_files(tmp_path, tiny):
+    res = steer(_cfg(tmp_path, num_images=2, compare_plain=True), denoiser=tiny)
     assert res.images.shape == (2, 32, 32, 3)
-    rep = json.loads((tmp_path / "report.json").read_text())
+    rep = json.loads((res.out / "report.json").read_text())
     assert rep["triplets"] == [{"subject": "dog", "relation": "left of", "object": "cat",
                                 "steerable": True}]
-    assert rep["seeds"] == [0, 1] and "without steering" in rep["notice"]
+    assert rep["seeds"] == [0, 1] and rep["method"] == "centroid"
+    assert [s["step"] for s in rep["steps"]] == [0, 1]
+    assert all(set(s) == STEP_KEYS for s in rep["steps"])
+    assert rep["total_s"] > 0 and rep["plain_s"] > 0
+    assert rep["overhead"] == pytest.approx(rep["total_s"] / rep["plain_s"], rel=1e-2)
+    assert rep["peak_memory_mb"] > 0 and rep["skipped_updates"] == 0
     assert all(p.exists() for p in res.paths)
+
+
+def test_used_output_folder_gets_a_new_numbered_one(tmp_path, tiny):
+    first = steer(_cfg(tmp_path), denoiser=tiny).out
+    second = steer(_cfg(tmp_path), denoiser=tiny).out
+    assert first != second and second.name == "o-1"
+    assert (first / "report.json").exists() and (second / "report.json").exists()
+    assert unique_dir(tmp_path / "fresh") == tmp_path / "fresh"
+
+
+def test_no_relation_is_plain_and_says_so(tmp_path, tiny):
+    rep = steer(_cfg(tmp_path, prompt="a dog and a cat"), denoiser=tiny).report
+    assert rep["method"] == "plain" and rep["steps"] == [] and "plain" in rep["notice"]
+
+
+def test_l2s_without_a_classifier_says_how_to_train_one(tmp_path, tiny):
+    with pytest.raises(SteerError, match="l2s invert --model toy.*l2s train --model toy"):
+        steer(_cfg(tmp_path, method="l2s"), denoiser=tiny)
 
 
 def test_closed_vocabulary_names_known_objects(tiny):
     from l2s.relations import parse
 
     tiny.known_objects = ("circle", "square")
-    try:
-        with pytest.raises(PromptError, match="known objects are circle, square.*sd2.1"):
-            check_prompt(tiny, parse("a dog left of a square"))
-    finally:
-        tiny.known_objects = None
+    with pytest.raises(PromptError, match="known objects are circle, square.*sd2.1"):
+        check_prompt(tiny, parse("a dog left of a square"))
 
 
-def test_cli_json_and_show_tokens(tmp_path, tiny):
-    r = runner.invoke(app, ["steer", "a teddy bear above a cup", "--steps", "2", "--out",
-                            str(tmp_path), "--json"])
+def test_cli_json_timing_table_and_show_tokens(tmp_path, tiny):
+    base = ["steer", "a teddy bear above a cup", "--method", "centroid", "--steps", "3",
+            "--steer-until", "1", "--iterations", "2", "--out", str(tmp_path / "c")]
+    r = runner.invoke(app, base + ["--json"])
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["triplets"][0]["object"] == "cup"
-    r = runner.invoke(app, ["steer", "a teddy bear above a cup", "--steps", "2", "--out",
-                            str(tmp_path), "--show-tokens"])
-    assert r.exit_code == 0 and "[2, 3]" in r.output
+    r = runner.invoke(app, base + ["--show-tokens", "--compare-plain"])
+    assert r.exit_code == 0, r.output
+    assert "[2, 3]" in r.output and "steering, centroid" in r.output and "overhead" in r.output
 
 
 def test_cli_user_errors_are_one_line(tmp_path):
@@ -57,3 +85,5 @@ def test_cli_user_errors_are_one_line(tmp_path):
                             str(tmp_path)])
     assert r.exit_code == 2
     assert "unknown model 'nosuch'" in r.output and "Traceback" not in r.output
+    r = runner.invoke(app, ["steer", "a dog left of a cat", "--optimizer", "lbfgs"])
+    assert r.exit_code == 2 and "sgd, adam" in r.output

@@ -11,17 +11,32 @@ from l2s.cli.output import console, emit_json, user_errors
 from l2s.engine.backbone import BackboneError
 
 
-@user_errors(BackboneError, BenchError)
+def _errors():
+    from l2s.classifier import ClassifierError
+    from l2s.steer import SteerError
+
+    return (BackboneError, BenchError, SteerError, ClassifierError)
+
+
+@user_errors(*_errors())
 def bench(
     suite: str = typer.Option("shapes", "--suite", help="Prompt suite: shapes (toy world)."),
     model: str = typer.Option("toy", "--model", "-m", help="Preset, hub id or local folder."),
     method: list[str] = typer.Option(["plain"], "--method",
-                                     help="Method to score; repeat to compare (plain)."),
+                                     help="Method to score, repeat to compare on the same "
+                                          "seeds: plain, l2s, centroid."),
     prompts: int = typer.Option(200, "--prompts", help="Number of prompts."),
     images: int = typer.Option(1, "--images", help="Images per prompt."),
     seed: int = typer.Option(0, "--seed", help="Chooses the prompts and the image seeds."),
     steps: int = typer.Option(None, "--steps", help="DDIM steps (default: the model's)."),
     guidance: float = typer.Option(None, "--guidance", help="CFG scale (default: the model's)."),
+    classifier: str = typer.Option(None, "--classifier",
+                                   help="l2s: classifier card.json (default: the model's)."),
+    steer_until: float = typer.Option(0.5, "--steer-until",
+                                      help="Steered methods: fraction (< 1) or count of steps."),
+    iterations: int = typer.Option(16, "--iterations", help="Max gradient iterations per step."),
+    step_size: float = typer.Option(None, "--step-size",
+                                    help="Latent step size (default: the model's)."),
     batch_size: int = typer.Option(100, "--batch-size", help="Images generated together."),
     out: str = typer.Option(None, "--out", "-o",
                             help="Results folder (default: out/bench-SUITE-MODEL); an "
@@ -31,7 +46,8 @@ def bench(
     """Generate and score a benchmark suite; rerunning with the same --out resumes."""
     cfg = BenchConfig(suite=suite, model=model, methods=tuple(method), prompts=prompts,
                       images=images, seed=seed, steps=steps, guidance=guidance,
-                      batch_size=batch_size,
+                      classifier=classifier, steer_until=steer_until, iterations=iterations,
+                      step_size=step_size, batch_size=batch_size,
                       out=out or f"out/bench-{suite}-{model.replace('/', '_')}")
     with Progress(console=console, disable=json_out, transient=True) as progress:
         tasks: dict[str, int] = {}

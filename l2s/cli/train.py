@@ -61,8 +61,10 @@ def train(
     epochs: int = typer.Option(100, "--epochs", help="Most epochs (early stopping ends sooner)."),
     lr: float = typer.Option(None, "--lr", help="AdamW learning rate (default 1e-4; toy 1e-3)."),
     batch_size: int = typer.Option(64, "--batch-size", help="Samples per step."),
-    d_model: int = typer.Option(256, "--d-model", help="Classifier width."),
-    depth: int = typer.Option(2, "--depth", help="Classifier encoder layers."),
+    d_model: int = typer.Option(None, "--d-model",
+                                help="Classifier width (default 256, ~2M parameters; toy 64)."),
+    depth: int = typer.Option(None, "--depth",
+                              help="Classifier encoder layers (default 2; toy 1)."),
     tokens: str = typer.Option("map", "--tokens",
                                help="map (one token per head map) or layer (heads averaged "
                                     "per layer: ~10x cheaper)."),

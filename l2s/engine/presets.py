@@ -44,6 +44,7 @@ class Preset:
     image_size: int  # default generation size in pixels
     steps: int  # default DDIM steps
     guidance: float  # default classifier-free guidance scale
+    step_size: float  # default steering step size (method.md: 7.5 for SD1.4, 5 for SD2.1)
     # Exact architecture configs for --random-weights: component -> config kwargs.
     configs: dict = field(default_factory=dict, compare=False, repr=False)
 
@@ -52,10 +53,10 @@ PRESETS: dict[str, Preset] = {
     p.name: p
     for p in (
         Preset("toy", "toy", None, "tiny pixel-space shapes model shipped with l2s (offline)",
-               32, 20, 3.0),
+               32, 20, 3.0, 5.0),
         Preset(
             "sd1.4", "sd", "CompVis/stable-diffusion-v1-4",
-            "Stable Diffusion 1.4 (CLIP ViT-L/14, epsilon prediction, 512 px)", 512, 50, 7.5,
+            "Stable Diffusion 1.4 (CLIP ViT-L/14, epsilon prediction, 512 px)", 512, 50, 7.5, 7.5,
             {
                 "unet": {**_SD_UNET, "sample_size": 64, "cross_attention_dim": 768,
                          "attention_head_dim": 8},
@@ -68,7 +69,7 @@ PRESETS: dict[str, Preset] = {
         ),
         Preset(
             "sd2.1", "sd", "stabilityai/stable-diffusion-2-1",
-            "Stable Diffusion 2.1 (OpenCLIP ViT-H, v-prediction, 768 px)", 768, 50, 7.5,
+            "Stable Diffusion 2.1 (OpenCLIP ViT-H, v-prediction, 768 px)", 768, 50, 7.5, 5.0,
             {
                 # diffusers' "attention_head_dim" here is really the head count per block.
                 "unet": {**_SD_UNET, "sample_size": 96, "cross_attention_dim": 1024,

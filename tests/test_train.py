@@ -1,0 +1,238 @@
+"""Classifier training on small synthetic caches: splits, recipe, leakage report, errors, CLI."""
+
+import json
+
+import pytest
+import torch
+import typer
+from typer.testing import CliRunner
+
+from l2s.cache import AttentionCache, content_key
+from l2s.classifier import load_classifier, trained_classifier_dir
+from l2s.engine.backbone import CrossAttnLayer
+from l2s.relations import RELATIONS
+from l2s.train import TrainConfig, TrainError, hash_split, load_maps, run_train, split_images
+
+LAYERS = (("down.attn2", 2), ("up.attn2", 3))  # C = 5 maps per object
+OFFSETS = {"left of": (-1, 0), "right of": (1, 0), "above": (0, -1), "below": (0, 1)}  # y down
+FP = "fp-synthetic"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny models: extra threads only add start-up cost, and stall on a busy machine.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+class FakeBackbone:
+    """What training reads of a denoiser: name, fingerprint and recorded layers."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, name="synthetic", fingerprint=FP, layers=LAYERS):
+        self.name, self.fingerprint, self.layers = name, fingerprint, layers
+
+    def cross_attention_layers(self):
+        return [CrossAttnLayer(n, h, (8, 8)) for n, h in self.layers]
+
+
+def _blob(centre, size, g):
+    ys, xs = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    m = torch.exp(-((xs - centre[0]) ** 2 + (ys - centre[1]) ** 2) / 2.0)
+    m = m + 0.05 * torch.rand(size, size, generator=g)
+    return m / m.sum()
+
+
+def make_cache(root, n_images=48, size=8, timesteps=(801, 401), relations=RELATIONS,
+               negatives=True, source="shapes", seed=0):
+    """Subject and object blobs placed by the true relation; each image is recorded under its
+    true caption and one wrong caption with the SAME geometry, both labelled with the truth."""
+    cache = AttentionCache(root, FP)
+    g = torch.Generator().manual_seed(seed)
+    c = sum(h for _, h in LAYERS)
+    for i in range(n_images):
+        rel = relations[i % len(relations)]
+        centre = size / 2 - 0.5 + (torch.rand(2, generator=g) - 0.5) * 2
+        gap = size * 0.35 * (0.8 + 0.4 * torch.rand(1, generator=g).item())
+        d = torch.tensor(OFFSETS[rel], dtype=torch.float) * gap / 2
+        others = [r for r in RELATIONS if r != rel]
+        prompts = [("pos", rel)] + ([("neg", others[i % 3])] if negatives else [])
+        for polarity, prompt_rel in prompts:
+            maps = torch.stack([torch.stack([torch.stack([_blob(p, size, g) for _ in range(c)])
+                                             for p in (centre + d, centre - d)])
+                                for _ in timesteps])  # (T, 2, C, S, S)
+            cache.put(content_key(FP, seed, i, polarity, timesteps), maps, {
+                "relation": rel, "prompt_relation": prompt_rel, "polarity": polarity,
+                "image_hash": f"img{seed}-{i}", "source": source, "source_id": str(i),
+                "split": ("train", "train", "val", "test")[i % 4],
+                "timesteps": list(timesteps), "layers": [n for n, _ in LAYERS],
+                "heads": [h for _, h in LAYERS], "map_size": size, "fingerprint": FP,
+                "model": "synthetic"})
+    return cache
+
+
+def _cfg(tmp_path, **kw):
+    base = dict(model="synthetic", cache_dir=str(tmp_path / "cache"), out=str(tmp_path / "out"),
+                epochs=6, batch_size=32, lr=3e-3, d_model=32, depth=1, device="cpu")
+    return TrainConfig(**{**base, **kw})
+
+
+def test_split_is_by_image_and_stable(tmp_path):
+    make_cache(tmp_path / "cache", n_images=40)
+    data = load_maps(tmp_path / "cache", FP, name="synthetic", model="synthetic")
+    assert data.maps.shape == (40 * 2 * 2, 2, 5, 8, 8) and data.maps.dtype == torch.float16
+    parts = split_images(data, _cfg(tmp_path))
+    side = {}
+    for s, idx in parts.items():
+        for j in idx.tolist():
+            assert side.setdefault(data.image[j], s) == s  # never on two sides
+    assert sum(len(i) for i in parts.values()) == len(data.image)
+    # Each image's true- and wrong-caption samples all sit on its side.
+    for idx in parts.values():
+        negs = {data.image[j] for j in idx.tolist() if data.neg[j]}
+        poss = {data.image[j] for j in idx.tolist() if not data.neg[j]}
+        assert negs == poss
+    # A hash of the image alone: more data never moves an image; the seed reshuffles.
+    assert all(hash_split(img, 0, 0.15, 0.15) == s for img, s in side.items())
+    assert any(hash_split(img, 1, 0.15, 0.15) != s for img, s in side.items())
+    recorded = split_images(data, _cfg(tmp_path, split="recorded"))
+    assert {data.split[j] for j in recorded["val"].tolist()} == {"val"}
+
+
+def test_end_to_end_learns_geometry_not_words(tmp_path):
+    make_cache(tmp_path / "cache", n_images=48)
+    events = []
+    res = run_train(_cfg(tmp_path), FakeBackbone(), callback=events.append)
+    assert [e["epoch"] for e in events] == list(range(1, len(events) + 1))
+    assert set(events[0]) >= {"epoch", "train_loss", "val_loss", "val_acc", "lr"}
+    m = res.metrics
+    assert m["test_accuracy_true_caption"] >= 0.9 and m["test_accuracy_wrong_caption"] >= 0.9
+    assert m["test_wrong_caption_predicts_caption"] <= 0.1
+    assert sum(map(sum, m["confusion"])) == sum(m["test_samples"].values())
+    card = json.loads(res.card_path.read_text())
+    assert card["backbone"] == {"name": "synthetic", "fingerprint": FP, "model": "synthetic",
+                                "layers": [{"name": "down.attn2", "heads": 2},
+                                           {"name": "up.attn2", "heads": 3}]}
+    assert card["timesteps"] == [801, 401] and card["map_size"] == 8
+    assert card["data"]["entries"]["shapes"]["train"] == {"neg": 24, "pos": 24}
+    assert card["training"]["lr"] == 3e-3 and card["training"]["epochs_run"] == len(events)
+    assert "test_accuracy_wrong_caption" in card["metrics"]
+    model, _ = load_classifier(res.card_path, denoiser=FakeBackbone())
+    x = torch.stack([torch.zeros(2, 5, 8, 8)])
+    x[0, 0, :, 4, 1] = 1  # subject at the left
+    x[0, 1, :, 4, 6] = 1  # object at the right
+    assert RELATIONS[model(x, torch.tensor([801])).argmax().item()] == "left of"
+    assert json.dumps(res.to_json())  # JSON-ready
+
+
+def test_positive_only_drops_wrong_captions_but_still_reports_them(tmp_path):
+    make_cache(tmp_path / "cache", n_images=32)
+    res = run_train(_cfg(tmp_path, positive_only=True, epochs=1), FakeBackbone())
+    samples = res.card["data"]["samples"]
+    data = load_maps(tmp_path / "cache", FP, name="synthetic", model="synthetic")
+    parts = split_images(data, _cfg(tmp_path))
+    assert samples["train"] == int((~data.neg[parts["train"]]).sum())
+    assert samples["test"] == len(parts["test"])  # the test keeps both captions
+    assert res.metrics["test_samples"]["wrong_caption"] > 0
+    assert res.metrics["test_accuracy_wrong_caption"] is not None
+
+
+def test_empty_cache_says_to_invert_first(tmp_path):
+    (tmp_path / "cache").mkdir()
+    with pytest.raises(TrainError, match=r"no cached maps for synthetic \(fp-synthetic\) in .*: "
+                                         r"run `l2s invert --model synthetic` first"):
+        run_train(_cfg(tmp_path), FakeBackbone())
+    AttentionCache(tmp_path / "cache", "other-fp")
+    (tmp_path / "cache" / "other-fp" / "settings.json").write_text('{"model": "synthetic"}')
+    with pytest.raises(TrainError, match=r"the cache holds maps of synthetic \(other-fp\)"):
+        run_train(_cfg(tmp_path), FakeBackbone())
+    with pytest.raises(TrainError, match="does not exist"):
+        run_train(_cfg(tmp_path, cache_dir=str(tmp_path / "nowhere")), FakeBackbone())
+
+
+def test_foreign_folder_and_unknown_source(tmp_path):
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "models--x").mkdir()
+    (tmp_path / "cache" / "models--x" / "blob").write_text("not ours")
+    with pytest.raises(TrainError, match="is not an l2s attention cache"):
+        run_train(_cfg(tmp_path), FakeBackbone())
+    make_cache(tmp_path / "cache", n_images=8)
+    with pytest.raises(TrainError, match=r"no cached maps of source\(s\) gqa .*'shapes': 16"):
+        run_train(_cfg(tmp_path, data=("gqa",)), FakeBackbone())
+
+
+def test_class_without_samples(tmp_path):
+    make_cache(tmp_path / "cache", n_images=30, relations=RELATIONS[:3])
+    with pytest.raises(TrainError, match="no training samples of class 'below'"):
+        run_train(_cfg(tmp_path), FakeBackbone())
+
+
+def test_too_few_images_for_a_split(tmp_path):
+    make_cache(tmp_path / "cache", n_images=2)
+    with pytest.raises(TrainError, match="too few images for a train/val/test split"):
+        run_train(_cfg(tmp_path), FakeBackbone())
+
+
+def test_entries_with_inconsistent_shapes(tmp_path):
+    make_cache(tmp_path / "cache", n_images=4)
+    make_cache(tmp_path / "cache", n_images=4, timesteps=(901, 501, 101), seed=1)
+    with pytest.raises(TrainError, match="disagree: 8 entries of shape .* 8 entries of shape"):
+        run_train(_cfg(tmp_path), FakeBackbone())
+    make_cache(tmp_path / "one", n_images=4)
+    with pytest.raises(TrainError, match="recorded over layers"):
+        run_train(_cfg(tmp_path, cache_dir=str(tmp_path / "one")),
+                  FakeBackbone(layers=(("other", 5),)))
+
+
+def test_bad_settings():
+    with pytest.raises(TrainError, match="must each be in"):
+        TrainConfig(val_fraction=0.6, test_fraction=0.5)
+    with pytest.raises(TrainError, match="unknown split"):
+        TrainConfig(split="random")
+    assert TrainConfig(model="toy").resolved_lr() == 1e-3
+    assert TrainConfig(model="sd2.1").resolved_lr() == 1e-4
+    assert TrainConfig(model="toy").resolved_size() == (64, 1)
+    assert TrainConfig(model="sd2.1").resolved_size() == (256, 2)
+    assert TrainConfig(model="sd2.1", d_model=128).resolved_size() == (128, 2)
+
+
+def _cli(monkeypatch):
+    from l2s.cli.train import train
+    from l2s.engine import loading
+
+    monkeypatch.setattr(loading, "load_backbone", lambda model, **kw: FakeBackbone(name=model))
+    app = typer.Typer()
+    app.command("train")(train)
+    return app
+
+
+def test_cli_json(tmp_path, monkeypatch):
+    app = _cli(monkeypatch)
+    make_cache(tmp_path / "cache", n_images=24)
+    r = CliRunner().invoke(app, ["--model", "synthetic", "--cache-dir", str(tmp_path / "cache"),
+                                 "--epochs", "2", "--lr", "3e-3", "--batch-size", "32",
+                                 "--d-model", "32", "--depth", "1", "--device", "cpu", "--json"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert set(out["metrics"]) >= {"test_accuracy_true_caption", "test_accuracy_wrong_caption",
+                                   "confusion"}
+    # Written where `l2s steer` looks by default.
+    assert out["card"] == str(trained_classifier_dir("synthetic") / "card.json")
+
+
+def test_cli_table_and_errors(tmp_path, monkeypatch):
+    app = _cli(monkeypatch)
+    make_cache(tmp_path / "cache", n_images=24)
+    r = CliRunner().invoke(app, ["--cache-dir", str(tmp_path / "cache"), "--model", "synthetic",
+                                 "--epochs", "1", "--d-model", "32", "--depth", "1",
+                                 "--out", str(tmp_path / "clf"), "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    assert "wrong caption" in r.output and "classifier card:" in r.output
+    assert (tmp_path / "clf" / "model.safetensors").exists()
+    r = CliRunner().invoke(app, ["--cache-dir", str(tmp_path / "empty"), "--model", "synthetic"])
+    assert r.exit_code == 2 and "does not exist" in r.output and "Traceback" not in r.output
+    r = CliRunner().invoke(app, ["--model", "synthetic", "--split", "random"])
+    assert r.exit_code == 2 and "unknown split" in r.output
