@@ -153,7 +153,8 @@ class RelationClassifier(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, maps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def forward(self, maps: torch.Tensor, t: torch.Tensor | int) -> torch.Tensor:
+        """Logits (B, K) for maps (B, 2, C, S, S) at timesteps t, (B,) or one for all."""
         cfg = self.config
         if maps.ndim != 5 or maps.shape[1:] != (2, cfg.n_maps, cfg.map_size, cfg.map_size):
             raise ValueError(f"maps must be (B, 2, {cfg.n_maps}, {cfg.map_size}, "
@@ -164,7 +165,8 @@ class RelationClassifier(nn.Module):
         if cfg.tokens == "layer":
             x = torch.einsum("lc,bocp->bolp", self.layer_mean, x)  # (B, 2, L, S*S)
         x = x.reshape(2 * b, cfg.n_tokens, area)  # subject and object through one extractor
-        temb = self.time_mlp(timestep_embedding(t.to(maps.device).reshape(b), cfg.d_model))
+        t = torch.as_tensor(t, device=maps.device).reshape(-1).expand(b)  # an int is fine too
+        temb = self.time_mlp(timestep_embedding(t, cfg.d_model))
         temb = temb.repeat_interleave(2, dim=0)  # (2B, d): rows follow (b, object) order
         tok = self.embed(x) + self.index_embedding + temb[:, None]  # (2B, N, d)
         tok = self.norm(self.encoder(tok))

@@ -174,6 +174,45 @@ def object_groups(denoiser: Denoiser, prompt: str, triplets: Sequence[Triplet]
     return groups, pairs
 
 
+class Steerer:
+    """Steering state for one batch: prompts, their triplets and token groups, the loss.
+
+    ``update(x, t, step)`` runs one steered denoising step's latent updates; the sampling loop
+    (``steer_latents``) and the diffusers-pipeline callback (``l2s.pipeline``) both call it.
+    """
+
+    def __init__(self, denoiser: Denoiser, prompts: Sequence[str],
+                 triplets: Sequence[Sequence[Triplet]], loss_fn: RelationLoss,
+                 settings: SteerSettings) -> None:
+        self.denoiser, self.loss_fn, self.settings = denoiser, loss_fn, settings
+        self.stats = SteerStats()
+        self.cond = denoiser.encode_prompt(list(prompts))
+        self.steerable = [[t for t in tl if t.relation in RELATIONS] for tl in triplets]
+        self.active = [i for i, tl in enumerate(self.steerable) if tl]
+        per_image = [object_groups(denoiser, p, tl) if tl else ([[0]], [])
+                     for p, tl in zip(prompts, self.steerable, strict=True)]
+        # The recorder needs the same number of groups per image: pad with a repeated group.
+        g_max = max(len(g) for g, _ in per_image)
+        self.groups = [g + [g[0]] * (g_max - len(g)) for g, _ in per_image]
+        self.pairs = [p for _, p in per_image]
+        self.layers = denoiser.cross_attention_layers()
+        self.timer = _Timer(denoiser.device)
+
+    @property
+    def steered_steps(self) -> int:
+        """How many leading steps are steered (0 when no image has a relation)."""
+        return self.settings.steered_steps() if self.active and self.settings.iterations else 0
+
+    def recorder(self) -> AttentionRecorder:
+        return AttentionRecorder(self.denoiser.attention_model, self.layers, self.groups,
+                                 keep_grad=True)
+
+    def update(self, rec: AttentionRecorder, x: torch.Tensor, t: int, step: int
+               ) -> torch.Tensor:
+        """Up to `iterations` latent updates of the active images at one denoising step."""
+        return _steer_step(self, rec, x, t, step)
+
+
 def steer_latents(
     denoiser: Denoiser,
     prompts: Sequence[str],
@@ -190,60 +229,46 @@ def steer_latents(
     i-th iteration uses triplet i mod n (never a summed loss). Returns clean images
     (B, H, W, 3) in [0, 1] and the per-step statistics.
     """
-    stats = SteerStats()
-    b = len(prompts)
-    cond = denoiser.encode_prompt(list(prompts))
-    uncond = denoiser.encode_prompt([""] * b)
+    st = Steerer(denoiser, prompts, triplets, loss_fn, settings)
+    uncond = denoiser.encode_prompt([""] * len(prompts))
     ts = denoiser.timesteps(settings.steps)
     x = latents
-    steerable = [[t for t in tl if t.relation in RELATIONS] for tl in triplets]
-    active = [i for i in range(b) if steerable[i]]
-    steer_n = settings.steered_steps() if active and settings.iterations else 0
-    per_image = [object_groups(denoiser, prompts[i], steerable[i]) if steerable[i] else ([[0]],
-                 []) for i in range(b)]
-    # The recorder needs the same number of groups per image: pad with a repeated group.
-    g_max = max(len(g) for g, _ in per_image)
-    groups = [g + [g[0]] * (g_max - len(g)) for g, _ in per_image]
-    pairs = [p for _, p in per_image]
-    layers = denoiser.cross_attention_layers()
-    timer = _Timer(denoiser.device)
-    with AttentionRecorder(denoiser.attention_model, layers, groups, keep_grad=True) as rec:
+    with st.recorder() as rec:
         for i, t in enumerate(ts):
             t_next = ts[i + 1] if i + 1 < len(ts) else None
-            if i < steer_n:
+            if i < st.steered_steps:
                 rec.enabled = True
-                x = _steer_step(denoiser, rec, x, t, i, cond, active, groups, pairs,
-                                steerable, loss_fn, settings, stats, timer)
+                x = st.update(rec, x, t, i)
                 if on_step:
-                    on_step(stats.steps[-1])
+                    on_step(st.stats.steps[-1])
             rec.enabled = False  # the normal guided step runs on the fast path
             with torch.no_grad():
-                eps = guided_noise(denoiser, x, t, cond, uncond, settings.guidance)
+                eps = guided_noise(denoiser, x, t, st.cond, uncond, settings.guidance)
                 x = denoiser.step(eps, t, t_next, x)
     with torch.no_grad():
-        return denoiser.decode(x), stats
+        return denoiser.decode(x), st.stats
 
 
-def _steer_step(denoiser, rec, x, t, step, cond, active, groups, pairs, steerable, loss_fn,
-                settings, stats, timer) -> torch.Tensor:
-    """Up to `iterations` latent updates at one denoising step (images in `active` only)."""
+def _steer_step(st: Steerer, rec: AttentionRecorder, x: torch.Tensor, t: int, step: int
+                ) -> torch.Tensor:
+    settings, stats, timer, active = st.settings, st.stats, st.timer, st.active
     record = StepRecord(step)
     threshold = settings.threshold(step)
     idx = torch.tensor(active, device=x.device)
     z = x[idx].detach().clone().requires_grad_(True)  # one leaf, updated in place
-    c = cond[idx]
-    rec.set_tokens([groups[i] for i in active])
+    c = st.cond[idx]
+    rec.set_tokens([st.groups[i] for i in active])
     adam = torch.optim.Adam([z], lr=settings.step_size) if settings.optimizer == "adam" else None
     timings = []
     for it in range(settings.iterations):
-        pick = [pairs[i][it % len(pairs[i])] for i in active]  # round robin over triplets
-        rels = [steerable[i][it % len(steerable[i])].relation for i in active]
+        pick = [st.pairs[i][it % len(st.pairs[i])] for i in active]  # round robin
+        rels = [st.steerable[i][it % len(st.steerable[i])].relation for i in active]
         t0 = timer.start()
         with torch.enable_grad():
-            denoiser.predict_noise(z, t, c)
+            st.denoiser.predict_noise(z, t, c)
             maps = rec.stacked()  # (A, G, C, S, S)
             sel = torch.stack([maps[a, list(p)] for a, p in enumerate(pick)])  # (A, 2, C, S, S)
-            loss, p = loss_fn(sel, t, rels)  # (A,), (A,)
+            loss, p = st.loss_fn(sel, t, rels)  # (A,), (A,)
         fwd = timer.stop(t0)
         if record.loss_before is None:
             record.loss_before = loss.mean().item()
@@ -253,7 +278,8 @@ def _steer_step(denoiser, rec, x, t, step, cond, active, groups, pairs, steerabl
             timings.append((fwd, None, None))
             break
         t1 = timer.start()
-        (grad,) = torch.autograd.grad((loss * todo).sum(), z)
+        with torch.enable_grad():  # pipelines call back under no_grad
+            (grad,) = torch.autograd.grad((loss * todo).sum(), z)
         bwd = timer.stop(t1)
         t2 = timer.start()
         with torch.no_grad():
@@ -271,7 +297,7 @@ def _steer_step(denoiser, rec, x, t, step, cond, active, groups, pairs, steerabl
                     stats.warnings.append("non-finite gradient: update skipped (counted in "
                                           "skipped_updates)")
         timings.append((fwd, bwd, timer.stop(t2)))
-    if denoiser.device.type == "cuda":
+    if st.denoiser.device.type == "cuda":
         torch.cuda.synchronize()  # CUDA events are read only after the work finished
     record.forward_ms = sum(f() for f, _, _ in timings)
     record.backward_ms = sum(b() for _, b, _ in timings if b is not None)

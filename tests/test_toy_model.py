@@ -20,12 +20,22 @@ from l2s.toy.train import (
     ToyTrainer,
     TrainConfig,
     loss_weights,
+    main,
     train_toy,
     two_object_prompts,
 )
 
 TINY = ToyModelConfig(unet_channels=(16, 32, 32), attention_heads=2, text_width=32,
                       text_layers=1, text_heads=2, text_mlp=64)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Two threads on a busy 2-core CPU spin in OpenMP barriers: one is several times faster.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -147,6 +157,16 @@ def test_train_toy_reports_and_exports(tmp_path):
     assert {e["event"] for e in events} >= {"step", "checkpoint"}
     unet, *_ = load_toy_components(result.model_dir)
     assert unet.config.block_out_channels == list(TINY.unet_channels)
+
+
+def test_cli_trains_then_resumes(tmp_path, capsys):
+    run = str(tmp_path / "run")
+    main(["--out", run, "--steps", "1", "--batch", "2", "--eval-every", "0"])
+    main(["--out", run, "--steps", "2", "--resume"])
+    out = capsys.readouterr()
+    assert '"step": 2' in out.out.splitlines()[-1]
+    assert "resume step=1" in out.err
+    load_toy_components(tmp_path / "run" / "model")
 
 
 @pytest.mark.skipif(not (DEFAULT_WEIGHTS_DIR / "unet" / "config.json").is_file(),

@@ -117,7 +117,9 @@ def test_end_to_end_learns_geometry_not_words(tmp_path):
                                 "layers": [{"name": "down.attn2", "heads": 2},
                                            {"name": "up.attn2", "heads": 3}]}
     assert card["timesteps"] == [801, 401] and card["map_size"] == 8
-    assert card["data"]["entries"]["shapes"]["train"] == {"neg": 24, "pos": 24}
+    entries = card["data"]["entries"]["shapes"]  # split -> polarity -> entries used
+    assert sum(e["pos"] for e in entries.values()) == sum(e["neg"] for e in entries.values()) == 48
+    assert entries["train"]["pos"] == card["data"]["images"]["train"]
     assert card["training"]["lr"] == 3e-3 and card["training"]["epochs_run"] == len(events)
     assert "test_accuracy_wrong_caption" in card["metrics"]
     model, _ = load_classifier(res.card_path, denoiser=FakeBackbone())
@@ -138,6 +140,7 @@ def test_positive_only_drops_wrong_captions_but_still_reports_them(tmp_path):
     assert samples["test"] == len(parts["test"])  # the test keeps both captions
     assert res.metrics["test_samples"]["wrong_caption"] > 0
     assert res.metrics["test_accuracy_wrong_caption"] is not None
+    assert "neg" not in res.card["data"]["entries"]["shapes"]["train"]
 
 
 def test_empty_cache_says_to_invert_first(tmp_path):

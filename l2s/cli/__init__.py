@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from l2s import __version__
-from l2s.cli import bench, doctor, invert, models, steer
+from l2s.cli import bench, doctor, invert, models, steer, train
 
 app = typer.Typer(
     name="l2s",
@@ -33,6 +33,7 @@ def _root(
 
 app.command("steer")(steer.steer)
 app.command("invert")(invert.invert)
+app.command("train")(train.train)
 app.command("bench")(bench.bench)
 app.command("models")(models.models)
 app.command("doctor")(doctor.doctor)

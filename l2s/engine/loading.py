@@ -184,6 +184,13 @@ def build_random_sd(preset: Preset, *, device: torch.device, dtype: torch.dtype,
                         fingerprint=f"{preset.name}-random-{seed}")
 
 
+def _classifier_card(model: str) -> str | None:
+    from l2s.classifier import default_classifier
+
+    card = default_classifier(model)
+    return str(card) if card else None
+
+
 def describe_models() -> list[dict]:
     """One record per preset: what it is, whether it loads offline, its default classifier."""
     return [
@@ -195,7 +202,7 @@ def describe_models() -> list[dict]:
             "image_size": p.image_size,
             "available": is_available_locally(p.name),
             "random_weights": bool(p.configs),
-            "classifier": None,  # filled in once classifiers are registered (l2s train)
+            "classifier": _classifier_card(p.name),
         }
         for p in PRESETS.values()
     ]

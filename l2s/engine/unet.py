@@ -27,7 +27,8 @@ def config_fingerprint(name: str, *modules: nn.Module | None) -> str:
         # A few values of every parameter tensor: cheap, yet changes when weights change.
         for pname, p in m.named_parameters():
             h.update(pname.encode())
-            h.update(p.detach().flatten()[:8].float().cpu().numpy().tobytes())
+            # Rounded to fp16 so a model loaded in fp16 or fp32 gets the same fingerprint.
+            h.update(p.detach().flatten()[:8].half().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
 
 

@@ -20,7 +20,8 @@ from l2s.engine.tokenizers import build_clip_tokenizer
 
 # Where the committed weights live, and how to rebuild them when they are missing.
 DEFAULT_WEIGHTS_DIR = Path(__file__).parent / "weights"
-REBUILD_COMMAND = "make toy-model  (or: python -m l2s.toy.train --out l2s/toy/weights)"
+REBUILD_COMMAND = ("make toy-model` (or `python -m l2s.toy.train --out runs/toy --resume "
+                   "--export l2s/toy/weights")
 
 # The files ``load_toy_components`` needs; each is named in the error when absent.
 _REQUIRED_FILES = (

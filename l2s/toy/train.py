@@ -60,8 +60,8 @@ class TrainConfig:
     ema_decay: float = 0.999  # EMA decay once warmed up; warmup uses min(decay, (1+n)/(10+n))
     cond_drop: float = 0.1  # share of captions replaced by "" (the unconditional branch of CFG)
     relation_rate: float = 0.15  # share of captions that state a relation (scenes.scene_batch)
-    checkpoint_every: int = 250  # steps between checkpoints
-    eval_every: int = 1000  # steps between evaluations of the EMA model (0: never)
+    checkpoint_every: int = 100  # steps between checkpoints (~5 min on a busy 2-core CPU)
+    eval_every: int = 500  # steps between evaluations of the EMA model (0: never)
     eval_prompts: int = 64  # two-object prompts per evaluation
     eval_steps: int = 20  # DDIM steps when evaluating
     eval_guidance: float = 3.0  # classifier-free guidance scale when evaluating
@@ -331,7 +331,8 @@ def _lr(cfg: TrainConfig, step: int) -> float:
     return cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
 
 
-def _export(tmp_parent: Path, final: Path, ema_unet, ema_text, tokenizer, scheduler) -> None:
+def _export(final: Path, ema_unet, ema_text, tokenizer, scheduler) -> None:
+    """save_toy into a fresh folder, then swap it in (a reader never sees half a model)."""
     final = Path(final)
     tmp = final.with_name(final.name + ".tmp")
     if tmp.exists():
@@ -405,14 +406,12 @@ class ToyTrainer:
 
     def evaluate(self, prompts: int | None = None, grid: Path | None = None) -> ToyEval:
         cfg = self.cfg
-        result = evaluate_toy(self.ema_unet, self.ema_text, self.tokenizer, self.scheduler,
-                              prompts=prompts or cfg.eval_prompts, steps=cfg.eval_steps,
-                              guidance=cfg.eval_guidance, seed=cfg.seed, grid=grid)
-        self.ema_unet.requires_grad_(False)
-        return result
+        return evaluate_toy(self.ema_unet, self.ema_text, self.tokenizer, self.scheduler,
+                            prompts=prompts or cfg.eval_prompts, steps=cfg.eval_steps,
+                            guidance=cfg.eval_guidance, seed=cfg.seed, grid=grid)
 
     def export(self, directory: Path) -> None:
-        _export(Path(self.cfg.out), directory, self.ema_unet, self.ema_text, self.tokenizer,
+        _export(directory, self.ema_unet, self.ema_text, self.tokenizer,
                 self.scheduler)
 
 
@@ -469,11 +468,19 @@ def train_toy(cfg: TrainConfig, resume: bool = False, callback: TrainCallback | 
 # --- command line ----------------------------------------------------------------------------
 
 
+# Options that may change when a run resumes: they steer when to stop, score and save,
+# not what is learned. (The CLI flag is --guidance for eval_guidance.)
+_RUN_OPTIONS = ("steps", "eval_every", "eval_prompts", "eval_steps", "eval_guidance",
+                "checkpoint_every", "export")
+
+
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     d = TrainConfig(out="")
     p = argparse.ArgumentParser(prog="python -m l2s.toy.train", description=__doc__.split("\n")[0])
     p.add_argument("--out", help="run folder (checkpoints, evaluation grids, exports)")
-    p.add_argument("--steps", type=int, default=d.steps)
+    p.add_argument("--resume", action="store_true",
+                   help="continue from OUT/checkpoint with OUT/config.json's recipe")
+    p.add_argument("--steps", type=int, help=f"train up to this step (default {d.steps})")
     p.add_argument("--batch", type=int, default=d.batch)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--lr", type=float, default=d.lr)
@@ -484,48 +491,21 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--channels", default=",".join(map(str, d.model.unet_channels)),
                    help="UNet widths per level, comma separated")
     p.add_argument("--ema-decay", type=float, default=d.ema_decay)
-    p.add_argument("--eval-every", type=int, default=d.eval_every)
-    p.add_argument("--eval-prompts", type=int, default=d.eval_prompts)
-    p.add_argument("--eval-steps", type=int, default=d.eval_steps)
-    p.add_argument("--guidance", type=float, default=d.eval_guidance)
-    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
-    p.add_argument("--export", default=None,
-                   help="also write the best EMA model here, e.g. l2s/toy/weights")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
-    p.add_argument("--evaluate", metavar="MODEL_DIR", default=None,
+    p.add_argument("--eval-every", type=int, help=f"default {d.eval_every}; 0 = never")
+    p.add_argument("--eval-prompts", type=int,
+                   help=f"default {d.eval_prompts} when training, 200 with --evaluate")
+    p.add_argument("--eval-steps", type=int, help=f"DDIM steps (default {d.eval_steps})")
+    p.add_argument("--guidance", dest="eval_guidance", type=float,
+                   help=f"CFG scale when evaluating (default {d.eval_guidance})")
+    p.add_argument("--checkpoint-every", type=int, help=f"default {d.checkpoint_every}")
+    p.add_argument("--export", help="also write the best EMA model here, e.g. l2s/toy/weights")
+    p.add_argument("--evaluate", metavar="MODEL_DIR",
                    help="only score a saved model (e.g. l2s/toy/weights) and exit")
-    p.add_argument("--grid", default=None, help="with --evaluate: save the images as this PNG")
+    p.add_argument("--grid", help="with --evaluate: save the generated images as this PNG")
     args = p.parse_args(argv)
     if args.evaluate is None and not args.out:
         p.error("--out is required unless --evaluate is given")
     return args
-
-
-def main(argv: list[str] | None = None) -> None:
-    args = _parse(argv)
-    if args.evaluate is not None:
-        torch.set_num_threads(TrainConfig(out="").threads)
-        result = evaluate_toy(*load_toy_components(args.evaluate), prompts=args.eval_prompts,
-                              steps=args.eval_steps, guidance=args.guidance, seed=args.seed,
-                              grid=args.grid)
-        print(json.dumps(dataclasses.asdict(result)))
-        return
-    saved = Path(args.out) / "config.json"
-    if args.resume and saved.is_file():
-        # A resumed run keeps its recorded recipe; only the target step and export may change.
-        cfg = config_from_dict(json.loads(saved.read_text()))
-        cfg = dataclasses.replace(cfg, steps=args.steps, export=args.export or cfg.export)
-    else:
-        cfg = _config_from_args(args)
-
-    def progress(event: dict) -> None:
-        kind = event.pop("event")
-        body = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                        for k, v in event.items())
-        print(f"[{time.strftime('%H:%M:%S')}] {kind} {body}", file=sys.stderr, flush=True)
-
-    result = train_toy(cfg, resume=args.resume, callback=progress)
-    print(json.dumps(dataclasses.asdict(result)))
 
 
 def config_from_dict(d: dict) -> TrainConfig:
@@ -540,12 +520,40 @@ def _config_from_args(args: argparse.Namespace) -> TrainConfig:
     model = dataclasses.replace(
         ToyModelConfig(), prediction_type=args.prediction,
         unet_channels=tuple(int(c) for c in args.channels.split(",")))
-    return TrainConfig(out=args.out, steps=args.steps, batch=args.batch, seed=args.seed,
-                      lr=args.lr, warmup=args.warmup, weighting=args.weighting,
-                      ema_decay=args.ema_decay, eval_every=args.eval_every,
-                      eval_prompts=args.eval_prompts, eval_steps=args.eval_steps,
-                      eval_guidance=args.guidance, checkpoint_every=args.checkpoint_every,
-                      export=args.export, model=model)
+    return TrainConfig(out=args.out, batch=args.batch, seed=args.seed, lr=args.lr,
+                       warmup=args.warmup, weighting=args.weighting, ema_decay=args.ema_decay,
+                       model=model)
+
+
+def _print_progress(event: dict) -> None:
+    event = dict(event)
+    kind = event.pop("event")
+    body = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                    for k, v in event.items())
+    print(f"[{time.strftime('%H:%M:%S')}] {kind} {body}", file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parse(argv)
+    overrides = {k: getattr(args, k) for k in _RUN_OPTIONS if getattr(args, k) is not None}
+    if args.evaluate is not None:
+        d = TrainConfig(out="")
+        torch.set_num_threads(d.threads)
+        result = evaluate_toy(*load_toy_components(args.evaluate),
+                              prompts=overrides.get("eval_prompts", 200),
+                              steps=overrides.get("eval_steps", d.eval_steps),
+                              guidance=overrides.get("eval_guidance", d.eval_guidance),
+                              seed=args.seed, grid=args.grid)
+        print(json.dumps(dataclasses.asdict(result)))
+        return
+    saved = Path(args.out) / "config.json"
+    if args.resume and saved.is_file():
+        cfg = config_from_dict(json.loads(saved.read_text()))
+    else:
+        cfg = _config_from_args(args)
+    cfg = dataclasses.replace(cfg, **overrides)
+    result = train_toy(cfg, resume=args.resume, callback=_print_progress)
+    print(json.dumps(dataclasses.asdict(result)))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,61 @@
+"""Steer a stock diffusers Stable Diffusion pipeline through `callback_on_step_end`."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from l2s.engine.backbone import BackboneError
+from l2s.engine.unet import UNetDenoiser
+from l2s.relations import parse
+from l2s.steering import RelationLoss, Steerer, SteerSettings
+
+
+class PipelineSteerer:
+    """A `callback_on_step_end` that steers the latents a pipeline hands it.
+
+    diffusers calls it after step i with the latents for step i + 1, so steering starts at
+    step 1 (the initial noise is never seen) and runs while i + 1 < the steered-step count.
+    Use it with ``callback_on_step_end_tensor_inputs=["latents"]``; the pipeline's
+    scheduler must be a DDIM-type one (``DDIMScheduler``) whose latents are unscaled.
+    """
+
+    def __init__(self, pipe, prompts: Sequence[str], loss: RelationLoss,
+                 settings: SteerSettings, name: str = "pipeline") -> None:
+        if getattr(pipe.scheduler, "init_noise_sigma", 1.0) != 1.0:
+            raise BackboneError(f"{type(pipe.scheduler).__name__} scales its latents; steer with "
+                                "pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)")
+        self.denoiser = UNetDenoiser(pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.scheduler,
+                                     pipe.vae, name=name)
+        self.steerer = Steerer(self.denoiser, list(prompts), [parse(p) for p in prompts], loss,
+                               settings)
+
+    @property
+    def stats(self):
+        return self.steerer.stats
+
+    def __call__(self, pipe, i: int, t, callback_kwargs: dict) -> dict:
+        ts = pipe.scheduler.timesteps
+        step = i + 1
+        if step >= min(self.steerer.steered_steps, len(ts)):
+            return callback_kwargs
+        with self.steerer.recorder() as rec:
+            callback_kwargs["latents"] = self.steerer.update(rec, callback_kwargs["latents"],
+                                                             int(ts[step]), step)
+        return callback_kwargs
+
+
+def steering_callback(pipe, prompt: str | Sequence[str], *, method: str = "l2s",
+                      classifier: str | None = None, num_images_per_prompt: int = 1,
+                      settings: SteerSettings | None = None, model: str = "pipeline"
+                      ) -> PipelineSteerer:
+    """Build the callback for ``pipe(prompt, ...)``: the l2s classifier loss (``classifier``
+    card, or the registered default of ``model``) or the ``centroid`` baseline."""
+    from l2s.steer import build_loss
+
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
+    steerer = PipelineSteerer(pipe, prompts, loss=None, settings=settings or SteerSettings(),
+                              name=model)
+    loss, _ = build_loss(method, steerer.denoiser, model, classifier)
+    steerer.steerer.loss_fn = loss
+    return steerer
