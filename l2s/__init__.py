@@ -1,3 +1,30 @@
-"""l2s: Learn-to-Steer spatial relations in text-to-image diffusion models (WACV 2026)."""
+"""l2s: Learn-to-Steer spatial relations in text-to-image diffusion models (WACV 2026).
+
+The Python API mirrors the CLI; each job takes a frozen config and returns a result object:
+
+    from l2s import steer, SteerConfig
+    result = steer(SteerConfig("a circle to the left of a square", num_images=4))
+"""
 
 __version__ = "0.1.0"
+
+# name -> (module, attribute); imported on first use so `import l2s` stays light.
+_API = {
+    "steer": ("l2s.steer", "steer"), "SteerConfig": ("l2s.steer", "SteerConfig"),
+    "invert": ("l2s.invert", "run_invert"), "InvertConfig": ("l2s.invert", "InvertConfig"),
+    "train": ("l2s.train", "run_train"), "TrainConfig": ("l2s.train", "TrainConfig"),
+    "bench": ("l2s.bench", "run_bench"), "BenchConfig": ("l2s.bench", "BenchConfig"),
+    "load_backbone": ("l2s.engine.loading", "load_backbone"),
+    "parse": ("l2s.relations", "parse"),
+    "steering_callback": ("l2s.pipeline", "steering_callback"),
+}
+__all__ = sorted(_API)
+
+
+def __getattr__(name: str):
+    if name in _API:
+        import importlib
+
+        module, attr = _API[name]
+        return getattr(importlib.import_module(module), attr)
+    raise AttributeError(f"module 'l2s' has no attribute {name!r}")
