@@ -21,7 +21,7 @@ lint:
 	$(BIN)/ruff check l2s tests examples
 
 demo:  ## the main job on the embedded default: the toy model, offline
-	$(BIN)/l2s steer "a circle to the left of a square" --out out/demo
+	$(BIN)/l2s steer "a circle to the left of a square" --num-images 4 --out out/demo
 
 toy-model:  ## retrain the shipped toy model (hours on a CPU; resumable)
 	$(BIN)/python -m l2s.toy.train --out runs/toy --resume

@@ -97,7 +97,8 @@ def load_backbone(
             raise BackboneError(str(e)) from e
         from l2s.toy.scenes import CATEGORY_NAMES
 
-        return UNetDenoiser(unet.to(dev, dt), text_encoder.to(dev), tokenizer, scheduler,
+        unet = unet.to(dev) if dt == unet.dtype else unet.to(dev, dt)
+        return UNetDenoiser(unet, text_encoder.to(dev), tokenizer, scheduler,
                             name="toy", image_size=image_size, known_objects=CATEGORY_NAMES)
     if random_weights:
         if preset is None or not preset.configs:
@@ -148,7 +149,9 @@ def load_sd(repo: str, *, name: str, device: torch.device, dtype: torch.dtype,
         scheduler = DDIMScheduler.from_pretrained(src, subfolder="scheduler")
     except (OSError, ValueError) as e:
         where = local if local.is_dir() else f"the HF cache ({hf_cache_dir()})"
-        how = ("set HF_HUB_OFFLINE=0 to download it" if hf_offline() else
+        how = ("HF_HUB_OFFLINE=1 is set, so nothing was downloaded: unset it to download, or "
+               f"copy a cache that has it (`hf download {repo}` on a connected machine)"
+               if hf_offline() else
                f"download it first with `hf download {repo}` on a machine with internet access, "
                "or pass --model PATH to a local diffusers folder")
         raise BackboneError(f"could not load {repo!r} from {where}: {how} "
