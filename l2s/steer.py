@@ -84,7 +84,7 @@ def seeded_latents(denoiser: Denoiser, seeds: list[int]) -> torch.Tensor:
 
 def generate(denoiser: Denoiser, prompts: list[str], triplets: list[list[Triplet]],
              latents: torch.Tensor, settings: SteerSettings, loss: RelationLoss | None,
-             on_step=None) -> tuple[torch.Tensor, SteerStats]:
+             on_step=None, keep_maps: bool = False) -> tuple[torch.Tensor, SteerStats]:
     """Images (B, H, W, 3) in [0, 1]: steered with ``loss``, or plain when it is None or no
     prompt has a steerable relation (then no gradient is taken and no overhead is paid)."""
     if loss is None or not any(triplets):
@@ -92,10 +92,11 @@ def generate(denoiser: Denoiser, prompts: list[str], triplets: list[list[Triplet
                       latents=latents)
         return imgs, SteerStats()
     try:
-        return steer_latents(denoiser, prompts, triplets, loss, settings, latents, on_step)
+        return steer_latents(denoiser, prompts, triplets, loss, settings, latents, on_step,
+                             keep_maps)
     except torch.OutOfMemoryError as e:
-        raise SteerError("out of GPU memory while steering: lower --num-images, steer fewer "
-                         "steps (--steer-until) or use a smaller --image-size") from e
+        raise SteerError("out of GPU memory while steering: lower --num-images (images are "
+                         "steered in one batch) or steer fewer steps (--steer-until)") from e
 
 
 @dataclass(frozen=True)
@@ -115,6 +116,7 @@ class SteerConfig:
     step_size: float | None = None  # latent step (None: the model's default)
     optimizer: str = "sgd"  # sgd or adam
     compare_plain: bool = False  # also time the same seeds without steering
+    save_attention: bool = False  # write attention_<seed>.png: maps before/after, loss curves
     out: str | None = None  # folder for PNGs and report.json (None: write nothing)
 
 
@@ -163,7 +165,7 @@ def steer(config: SteerConfig, denoiser: Denoiser | None = None, on_step=None) -
     prompts = [config.prompt] * len(seeds)
     t0 = time.perf_counter()
     images, stats = generate(denoiser, prompts, [steerable] * len(seeds), latents, settings,
-                             loss, on_step)
+                             loss, on_step, keep_maps=config.save_attention)
     if denoiser.device.type == "cuda":
         torch.cuda.synchronize()
     total = time.perf_counter() - t0
@@ -200,6 +202,14 @@ def steer(config: SteerConfig, denoiser: Denoiser | None = None, on_step=None) -
             result.paths.append(out / f"image_{s:04d}.png")
             Image.fromarray(img).save(result.paths[-1])
         report["images"] = [str(p) for p in result.paths]
+        if config.save_attention and stats.attention:
+            from l2s.plots import attention_figure
+
+            first = steerable[0]
+            report["attention_figures"] = [str(attention_figure(
+                arr[b], [(s, before[b], after[b]) for s, before, after in stats.attention],
+                report["steps"], (first.subject, first.object), out / f"attention_{seed:04d}.png"))
+                for b, seed in enumerate(seeds)]
         report["out"] = str(out)
         (out / "report.json").write_text(json.dumps(report, indent=2))
         result.out = out

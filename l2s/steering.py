@@ -132,6 +132,8 @@ class SteerStats:
     steps: list[StepRecord] = field(default_factory=list)
     skipped_updates: int = 0  # NaN/inf gradients skipped
     warnings: list[str] = field(default_factory=list)
+    # With keep_maps: (step, maps before, maps after), each (A, 2, S, S) averaged over C.
+    attention: list[tuple[int, torch.Tensor, torch.Tensor]] = field(default_factory=list)
 
 
 class _Timer:
@@ -183,8 +185,9 @@ class Steerer:
 
     def __init__(self, denoiser: Denoiser, prompts: Sequence[str],
                  triplets: Sequence[Sequence[Triplet]], loss_fn: RelationLoss,
-                 settings: SteerSettings) -> None:
+                 settings: SteerSettings, keep_maps: bool = False) -> None:
         self.denoiser, self.loss_fn, self.settings = denoiser, loss_fn, settings
+        self.keep_maps = keep_maps  # keep each steered step's maps before/after (for plots)
         self.stats = SteerStats()
         self.cond = denoiser.encode_prompt(list(prompts))
         self.steerable = [[t for t in tl if t.relation in RELATIONS] for tl in triplets]
@@ -221,6 +224,7 @@ def steer_latents(
     settings: SteerSettings,
     latents: torch.Tensor,
     on_step: Callable[[StepRecord], None] | None = None,
+    keep_maps: bool = False,
 ) -> tuple[torch.Tensor, SteerStats]:
     """Generate from ``latents`` (B, C, h, w), steering image b towards ``triplets[b]``.
 
@@ -229,7 +233,7 @@ def steer_latents(
     i-th iteration uses triplet i mod n (never a summed loss). Returns clean images
     (B, H, W, 3) in [0, 1] and the per-step statistics.
     """
-    st = Steerer(denoiser, prompts, triplets, loss_fn, settings)
+    st = Steerer(denoiser, prompts, triplets, loss_fn, settings, keep_maps)
     uncond = denoiser.encode_prompt([""] * len(prompts))
     ts = denoiser.timesteps(settings.steps)
     x = latents
@@ -272,7 +276,9 @@ def _steer_step(st: Steerer, rec: AttentionRecorder, x: torch.Tensor, t: int, st
         fwd = timer.stop(t0)
         if record.loss_before is None:
             record.loss_before = loss.mean().item()
+            before = sel.detach().float().mean(2).cpu() if st.keep_maps else None
         record.loss_after, record.p_target = loss.mean().item(), p.mean().item()
+        after = sel.detach().float().mean(2).cpu() if st.keep_maps else None
         todo = loss.detach() > threshold
         if not bool(todo.any()):  # every image's classifier agrees: stop iterating
             timings.append((fwd, None, None))
@@ -303,6 +309,8 @@ def _steer_step(st: Steerer, rec: AttentionRecorder, x: torch.Tensor, t: int, st
     record.backward_ms = sum(b() for _, b, _ in timings if b is not None)
     record.update_ms = sum(u() for _, _, u in timings if u is not None)
     stats.steps.append(record)
+    if st.keep_maps and settings.iterations:
+        stats.attention.append((step, before, after))
     x = x.detach().clone()
     x[idx] = z.detach().to(x.dtype)
     return x

@@ -43,6 +43,16 @@ def test_report_format_and_files(tmp_path, tiny):
     assert all(p.exists() for p in res.paths)
 
 
+def test_save_attention_writes_a_figure_per_image(tmp_path, tiny):
+    from PIL import Image
+
+    res = steer(_cfg(tmp_path, num_images=2, save_attention=True), denoiser=tiny)
+    figs = res.report["attention_figures"]
+    assert len(figs) == 2
+    w, h = Image.open(figs[0]).size
+    assert w > 4 * 100 and h > 2 * 100  # four overlay columns, two steered steps + curves
+
+
 def test_used_output_folder_gets_a_new_numbered_one(tmp_path, tiny):
     first = steer(_cfg(tmp_path), denoiser=tiny).out
     second = steer(_cfg(tmp_path), denoiser=tiny).out

@@ -66,6 +66,9 @@ def steer(
     optimizer: str = typer.Option("sgd", "--optimizer", help="sgd or adam."),
     compare_plain: bool = typer.Option(False, "--compare-plain",
                                        help="Also time plain generation of the same seeds."),
+    save_attention: bool = typer.Option(False, "--save-attention",
+                                        help="Also write attention_<seed>.png: subject/object "
+                                             "maps before/after steering, loss curves."),
     out: str = typer.Option("out/steer", "--out", "-o",
                             help="Folder for PNGs + report.json (a used one gets a -N suffix)."),
     show_tokens: bool = typer.Option(False, "--show-tokens",
@@ -82,7 +85,8 @@ def steer(
         cfg = SteerConfig(prompt=prompt, model=model, method=method, classifier=classifier,
                           num_images=num_images, seed=seed, steps=steps, guidance=guidance,
                           steer_until=steer_until, iterations=iterations, step_size=step_size,
-                          optimizer=optimizer, compare_plain=compare_plain, out=out)
+                          optimizer=optimizer, compare_plain=compare_plain,
+                          save_attention=save_attention, out=out)
         with status(f"loading {model}", json_out):
             den = load_backbone(model)
         if show_tokens:
