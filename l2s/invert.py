@@ -153,6 +153,12 @@ def run_invert(cfg: InvertConfig, denoiser: Denoiser | None = None,
     return result
 
 
+def _seed_of(seed: int, source_id: str) -> int:
+    import hashlib
+
+    return int.from_bytes(hashlib.sha256(f"{seed}:{source_id}".encode()).digest()[:8], "big")
+
+
 def _counts(r: InvertResult) -> dict:
     return {"written": r.written, "skipped": r.skipped, "dropped": sum(r.dropped.values())}
 
@@ -186,7 +192,8 @@ def _process(samples: list, denoiser: Denoiser, cache: AttentionCache, cfg: Inve
     # 1. Latent trajectories: cached, else inverted together in one batch.
     lat_keys = [content_key(denoiser.fingerprint, h, p[0][0], inv.latent_settings())
                 for _, _, h, p, _ in items]
-    trajs: list = [cache.get_latents(k) for k in lat_keys]
+    # Noised latents cost nothing to redo (seeded), so only DDIM trajectories are cached.
+    trajs: list = [cache.get_latents(k) if inv.method == "ddim" else None for k in lat_keys]
     todo = [i for i, t in enumerate(trajs) if t is None]
     if todo:
         x0 = denoiser.encode_image(torch.cat([items[i][1] for i in todo]))
@@ -195,13 +202,16 @@ def _process(samples: list, denoiser: Denoiser, cache: AttentionCache, cfg: Inve
             traj = ddim_invert(denoiser, x0, cond, inv.steps, inv.fixed_point)
             rec = denoiser.decode(reconstruct(denoiser, traj[0], cond, inv.steps))
             quality = psnr(rec.cpu(), torch.cat([items[i][1] for i in todo])).tolist()
-        else:
-            gen = torch.Generator().manual_seed(cfg.seed)
-            traj = noised_latents(denoiser, x0, inv.steps, gen)
+        else:  # each image's noise from its own seed, whatever the batch
+            traj = torch.cat([noised_latents(denoiser, x0[j:j + 1], inv.steps,
+                                             torch.Generator().manual_seed(
+                                                 _seed_of(cfg.seed, items[i][0].source_id)))
+                              for j, i in enumerate(todo)], dim=1)
             quality = [None] * len(todo)
         for j, i in enumerate(todo):
             lat = traj[:, j].to(torch.float16)
-            cache.put_latents(lat_keys[i], lat, {"psnr": quality[j]})
+            if inv.method == "ddim":
+                cache.put_latents(lat_keys[i], lat, {"psnr": quality[j]})
             trajs[i] = (lat, {"psnr": quality[j]})
         result.inverted += len(todo)
     # 2. Maps under every prompt of every image whose reconstruction is good enough.
