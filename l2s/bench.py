@@ -14,7 +14,6 @@ import numpy as np
 import torch
 
 from l2s.engine.backbone import Denoiser
-from l2s.engine.presets import generation_defaults
 from l2s.relations import RELATIONS, Triplet, format_prompt, geneval_relations
 
 SUITES = ("shapes",)
@@ -40,6 +39,7 @@ class BenchConfig:
     steer_until: float = 0.5  # steered methods: fraction (< 1) or count of steered steps
     iterations: int = 16  # steered methods: max gradient iterations per step
     step_size: float | None = None  # steered methods: latent step (None: the model's)
+    loss_threshold: float | None = None  # steered methods: early exit (None: the model's)
     batch_size: int = 100  # images generated in one batch
     out: str = "out/bench"  # folder for config.json, results.jsonl, images and contact sheets
 
@@ -113,15 +113,12 @@ MethodFactory = Callable[[Denoiser, "BenchConfig"], Callable[..., torch.Tensor]]
 
 def _steer_method(name: str) -> MethodFactory:
     def factory(denoiser: Denoiser, cfg: BenchConfig):
-        from l2s.steer import build_loss, default_step_size, generate, seeded_latents
-        from l2s.steering import SteerSettings
+        from l2s.steer import build_loss, generate, seeded_latents, steer_settings
 
         loss, _ = build_loss(name, denoiser, cfg.model, cfg.classifier)
-        steps, guidance = generation_defaults(cfg.model, cfg.steps, cfg.guidance)
-        settings = SteerSettings(
-            steps=steps, guidance=guidance, steer_until=cfg.steer_until,
-            iterations=cfg.iterations,
-            step_size=cfg.step_size if cfg.step_size is not None else default_step_size(cfg.model))
+        settings = steer_settings(cfg.model, steps=cfg.steps, guidance=cfg.guidance,
+                                  steer_until=cfg.steer_until, iterations=cfg.iterations,
+                                  step_size=cfg.step_size, loss_threshold=cfg.loss_threshold)
 
         def run(prompts, triplets, seeds):
             images, _ = generate(denoiser, prompts, [[t] for t in triplets],

@@ -71,9 +71,22 @@ def build_loss(method: str, denoiser: Denoiser, model: str, classifier: str | No
         str(path)
 
 
-def default_step_size(model: str) -> float:
-    p = PRESETS.get(model)
-    return p.step_size if p else 5.0
+def steer_settings(model: str, *, steps: int | None = None, guidance: float | None = None,
+                   steer_until: float = 0.5, iterations: int = 16,
+                   step_size: float | None = None, optimizer: str = "sgd",
+                   loss_threshold: float | None = None) -> SteerSettings:
+    """SteerSettings from user values, falling back to the model preset's defaults."""
+    preset = PRESETS.get(model)
+    steps, guidance = generation_defaults(model, steps, guidance)
+    if step_size is None:
+        step_size = preset.step_size if preset else 5.0
+    if loss_threshold is None and preset is not None:
+        loss_threshold = preset.loss_threshold
+    thresholds = {} if loss_threshold is None else {"threshold_start": loss_threshold,
+                                                    "threshold_end": loss_threshold}
+    return SteerSettings(steps=steps, guidance=guidance, steer_until=steer_until,
+                         iterations=iterations, step_size=step_size, optimizer=optimizer,
+                         **thresholds)
 
 
 def seeded_latents(denoiser: Denoiser, seeds: list[int]) -> torch.Tensor:
@@ -115,6 +128,7 @@ class SteerConfig:
     iterations: int = 16  # max gradient iterations per steered step
     step_size: float | None = None  # latent step (None: the model's default)
     optimizer: str = "sgd"  # sgd or adam
+    loss_threshold: float | None = None  # early exit below this loss (None: the model's)
     compare_plain: bool = False  # also time the same seeds without steering
     save_attention: bool = False  # write attention_<seed>.png: maps before/after, loss curves
     out: str | None = None  # folder for PNGs and report.json (None: write nothing)
@@ -150,12 +164,10 @@ def steer(config: SteerConfig, denoiser: Denoiser | None = None, on_step=None) -
 
         denoiser = load_backbone(config.model)
     check_prompt(denoiser, triplets)
-    steps, guidance = generation_defaults(config.model, config.steps, config.guidance)
-    step_size = config.step_size if config.step_size is not None else \
-        default_step_size(config.model)
-    settings = SteerSettings(steps=steps, guidance=guidance, steer_until=config.steer_until,
-                             iterations=config.iterations, step_size=step_size,
-                             optimizer=config.optimizer)
+    settings = steer_settings(config.model, steps=config.steps, guidance=config.guidance,
+                              steer_until=config.steer_until, iterations=config.iterations,
+                              step_size=config.step_size, optimizer=config.optimizer,
+                              loss_threshold=config.loss_threshold)
     steerable = [t for t in triplets if t.steerable]
     method = config.method if steerable else "plain"
     loss, card = build_loss(method, denoiser, config.model, config.classifier)

@@ -35,6 +35,9 @@ def bench(
     steer_until: float = typer.Option(0.5, "--steer-until",
                                       help="Steered methods: fraction (< 1) or count of steps."),
     iterations: int = typer.Option(16, "--iterations", help="Max gradient iterations per step."),
+    loss_threshold: float = typer.Option(None, "--loss-threshold",
+                                         help="Stop iterating below this loss (default: the "
+                                              "model's; SD: 1e-5 rising to 7e-5)."),
     step_size: float = typer.Option(None, "--step-size",
                                     help="Latent step size (default: the model's)."),
     batch_size: int = typer.Option(100, "--batch-size", help="Images generated together."),
@@ -47,7 +50,8 @@ def bench(
     cfg = BenchConfig(suite=suite, model=model, methods=tuple(method), prompts=prompts,
                       images=images, seed=seed, steps=steps, guidance=guidance,
                       classifier=classifier, steer_until=steer_until, iterations=iterations,
-                      step_size=step_size, batch_size=batch_size,
+                      step_size=step_size, loss_threshold=loss_threshold,
+                      batch_size=batch_size,
                       out=out or f"out/bench-{suite}-{model.replace('/', '_')}")
     with Progress(console=console, disable=json_out, transient=True) as progress:
         tasks: dict[str, int] = {}

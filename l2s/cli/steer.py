@@ -61,6 +61,9 @@ def steer(
                                            "this step count (>= 1)."),
     iterations: int = typer.Option(16, "--iterations", min=0,
                                    help="Max gradient iterations per steered step."),
+    loss_threshold: float = typer.Option(None, "--loss-threshold",
+                                         help="Stop iterating below this loss (default: the "
+                                              "model's; SD: 1e-5 rising to 7e-5)."),
     step_size: float = typer.Option(None, "--step-size",
                                     help="Latent step size (default: the model's)."),
     optimizer: str = typer.Option("sgd", "--optimizer", help="sgd or adam."),
@@ -85,7 +88,8 @@ def steer(
         cfg = SteerConfig(prompt=prompt, model=model, method=method, classifier=classifier,
                           num_images=num_images, seed=seed, steps=steps, guidance=guidance,
                           steer_until=steer_until, iterations=iterations, step_size=step_size,
-                          optimizer=optimizer, compare_plain=compare_plain,
+                          loss_threshold=loss_threshold, optimizer=optimizer,
+                          compare_plain=compare_plain,
                           save_attention=save_attention, out=out)
         with status(f"loading {model}", json_out):
             den = load_backbone(model)

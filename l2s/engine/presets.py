@@ -45,6 +45,8 @@ class Preset:
     steps: int  # default DDIM steps
     guidance: float  # default classifier-free guidance scale
     step_size: float  # default steering step size (method.md: 7.5 for SD1.4, 5 for SD2.1)
+    # Early-exit loss: None = method.md's schedule (1e-5 rising to 7e-5); a number = fixed.
+    loss_threshold: float | None = None
     # Exact architecture configs for --random-weights: component -> config kwargs.
     configs: dict = field(default_factory=dict, compare=False, repr=False)
 
@@ -53,7 +55,9 @@ PRESETS: dict[str, Preset] = {
     p.name: p
     for p in (
         Preset("toy", "toy", None, "tiny pixel-space shapes model shipped with l2s (offline)",
-               32, 20, 3.0, 5.0),
+               32, 20, 3.0, 5.0,
+               # The toy stops once its classifier agrees: p(target) >= 0.9.
+               loss_threshold=0.105),
         Preset(
             "sd1.4", "sd", "CompVis/stable-diffusion-v1-4",
             "Stable Diffusion 1.4 (CLIP ViT-L/14, epsilon prediction, 512 px)", 512, 50, 7.5, 7.5,
