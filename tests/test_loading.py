@@ -35,7 +35,7 @@ def test_bad_model_values_get_one_line_errors(tmp_path):
     with pytest.raises(BackboneError, match="no folder"):
         load_backbone("./nowhere", device="cpu")
     (tmp_path / "unet").mkdir()
-    with pytest.raises(BackboneError, match="missing vae/, text_encoder/"):
+    with pytest.raises(BackboneError, match="missing text_encoder/, tokenizer/"):
         load_backbone(str(tmp_path), device="cpu")
     with pytest.raises(BackboneError, match="random-weights"):
         load_backbone("toy", random_weights=True)

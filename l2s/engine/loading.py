@@ -133,8 +133,11 @@ def load_sd(repo: str, *, name: str, device: torch.device, dtype: torch.dtype,
     _check_model_arg(repo)
     local = Path(repo).expanduser()
     src = str(local) if local.is_dir() else repo
+    # A local folder without vae/ is a pixel-space model (as the toy is saved).
+    pixel_space = local.is_dir() and not (local / "vae").exists()
     if local.is_dir():
-        missing = [c for c in SD_COMPONENTS if not (local / c).is_dir()]
+        missing = [c for c in SD_COMPONENTS if not (local / c).is_dir()
+                   and not (c == "vae" and pixel_space)]
         if missing:
             raise BackboneError(f"{local} is not a diffusers Stable Diffusion folder: missing "
                                 f"{', '.join(m + '/' for m in missing)} "
@@ -142,7 +145,8 @@ def load_sd(repo: str, *, name: str, device: torch.device, dtype: torch.dtype,
     try:
         unet = UNet2DConditionModel.from_pretrained(src, subfolder="unet", torch_dtype=dtype)
         # The VAE stays fp32 beside an fp16 UNet: SD VAEs overflow to inf/NaN in fp16 decoding.
-        vae = AutoencoderKL.from_pretrained(src, subfolder="vae", torch_dtype=torch.float32)
+        vae = None if pixel_space else AutoencoderKL.from_pretrained(
+            src, subfolder="vae", torch_dtype=torch.float32)
         text_encoder = CLIPTextModel.from_pretrained(src, subfolder="text_encoder",
                                                      torch_dtype=dtype)
         tokenizer = CLIPTokenizer.from_pretrained(src, subfolder="tokenizer")
@@ -156,11 +160,9 @@ def load_sd(repo: str, *, name: str, device: torch.device, dtype: torch.dtype,
                "or pass --model PATH to a local diffusers folder")
         raise BackboneError(f"could not load {repo!r} from {where}: {how} "
                             f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
-    # Hand-saved configs sometimes lack steps_offset; the hub SD releases all use 1.
-    scheduler = DDIMScheduler.from_config(scheduler.config, clip_sample=False,
-                                          set_alpha_to_one=False)
     return UNetDenoiser(unet.to(device), text_encoder.to(device), tokenizer, scheduler,
-                        vae.to(device), name=name, image_size=image_size)
+                        vae.to(device) if vae is not None else None, name=name,
+                        image_size=image_size)
 
 
 def build_random_sd(preset: Preset, *, device: torch.device, dtype: torch.dtype,

@@ -61,7 +61,7 @@ PRESETS: dict[str, Preset] = {
         Preset(
             "sd1.4", "sd", "CompVis/stable-diffusion-v1-4",
             "Stable Diffusion 1.4 (CLIP ViT-L/14, epsilon prediction, 512 px)", 512, 50, 7.5, 7.5,
-            {
+            configs={
                 "unet": {**_SD_UNET, "sample_size": 64, "cross_attention_dim": 768,
                          "attention_head_dim": 8},
                 "vae": {**_SD_VAE, "sample_size": 512},
@@ -74,7 +74,7 @@ PRESETS: dict[str, Preset] = {
         Preset(
             "sd2.1", "sd", "stabilityai/stable-diffusion-2-1",
             "Stable Diffusion 2.1 (OpenCLIP ViT-H, v-prediction, 768 px)", 768, 50, 7.5, 5.0,
-            {
+            configs={
                 # diffusers' "attention_head_dim" here is really the head count per block.
                 "unet": {**_SD_UNET, "sample_size": 96, "cross_attention_dim": 1024,
                          "attention_head_dim": [5, 10, 20, 20], "use_linear_projection": True,

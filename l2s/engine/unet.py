@@ -14,9 +14,13 @@ from l2s.engine.backbone import BackboneError, CrossAttnLayer, Denoiser
 from l2s.engine.sampling import ddim_step, to_epsilon
 
 
-def config_fingerprint(name: str, *modules: nn.Module | None) -> str:
-    """A short stable hash of a model's identity: its name, configs and a weight sample."""
-    h = hashlib.sha256(name.encode())
+def config_fingerprint(*modules: nn.Module | None) -> str:
+    """A short stable hash of a model's identity: its configs and a sample of its weights.
+
+    The name it was loaded by is left out on purpose: the same weights reached as a preset,
+    a hub id or a folder share caches and classifiers.
+    """
+    h = hashlib.sha256(b"l2s-backbone")
     for m in modules:
         if m is None:
             continue
@@ -105,7 +109,7 @@ class UNetDenoiser(Denoiser):
         self.prediction_type = scheduler.config.prediction_type
         self.device = unet.device
         self.dtype = unet.dtype
-        self.fingerprint = fingerprint or config_fingerprint(name, unet, text_encoder, vae)
+        self.fingerprint = fingerprint or config_fingerprint(unet, text_encoder, vae)
         for m in (unet, text_encoder, vae):
             if m is not None:
                 m.requires_grad_(False).eval()
