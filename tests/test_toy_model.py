@@ -190,3 +190,24 @@ def test_attention_supervision_adds_to_the_loss_and_trains(tmp_path):
     assert np.isfinite(ls) and ls > lp
     for p in supervised.params:
         assert p.grad is None or torch.isfinite(p.grad).all()
+
+
+@pytest.mark.skipif(not (DEFAULT_WEIGHTS_DIR / "unet").is_dir(), reason="no committed weights")
+def test_toy_backbone_runs_two_steps_with_attention_capture():
+    from l2s.engine.hooks import AttentionRecorder
+    from l2s.engine.loading import load_backbone
+    from l2s.engine.sampling import sample
+    from l2s.engine.tokens import pair_tokens
+
+    den = load_backbone("toy", device="cpu")
+    prompt = "a circle to the left of a square"
+    subj, obj = pair_tokens(den.tokenizer, prompt, "circle", "square")
+    with AttentionRecorder(den.attention_model, den.cross_attention_layers(),
+                           [list(subj.indices), list(obj.indices)]) as rec:
+        images = sample(den, [prompt], steps=2, guidance=3.0,
+                        generator=torch.Generator().manual_seed(0))
+        maps = rec.stacked()
+    assert images.shape == (1, 32, 32, 3)
+    c = sum(la.heads for la in den.cross_attention_layers())
+    assert {la.resolution for la in den.cross_attention_layers()} == {(16, 16), (8, 8)}
+    assert maps.shape == (2, 2, c, 16, 16)  # the last forward: the CFG batch of 2
