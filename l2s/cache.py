@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 
@@ -121,24 +121,29 @@ class AttentionCache:
         finally:
             os.close(fd)
 
-    def get(self, key: str) -> Entry | None:
-        """The entry, or None if absent; a corrupt entry is deleted, recorded and None."""
-        path = self.map_path(key)
+    def _read(self, path: Path, name: str, key: str) -> tuple[torch.Tensor, dict] | None:
+        """(tensor, metadata) of a cache file; None if absent. A file that fails to load or
+        whose tensor disagrees with its recorded shape is deleted and its key recorded."""
         if not path.exists():
             return None
         try:
-            maps = load_file(path)["maps"]
-            from safetensors import safe_open
-
+            tensor = load_file(path)[name]
             with safe_open(path, "pt") as f:
                 meta = json.loads(f.metadata()["l2s"])
-            if list(maps.shape) != meta["shape"] or meta["key"] != key:
-                raise ValueError(f"shape {list(maps.shape)} != recorded {meta['shape']}")
-        except (SafetensorError, OSError, ValueError, KeyError, json.JSONDecodeError):
+            if list(tensor.shape) != meta["shape"] or meta.get("key", key) != key:
+                raise ValueError(f"shape {list(tensor.shape)} != recorded {meta['shape']} "
+                                 "or the file belongs to another key")
+        except (SafetensorError, OSError, ValueError, KeyError, TypeError,
+                json.JSONDecodeError):
             path.unlink(missing_ok=True)
             self.corrupt.append(key)
             return None
-        return Entry(key, maps, meta)
+        return tensor, meta
+
+    def get(self, key: str) -> Entry | None:
+        """The entry, or None if absent; a corrupt entry is deleted, recorded and None."""
+        got = self._read(self.map_path(key), "maps", key)
+        return None if got is None else Entry(key, *got)
 
     def manifest(self) -> list[dict]:
         """Manifest records of entries whose files exist (last line per key wins)."""
@@ -164,25 +169,11 @@ class AttentionCache:
     def put_latents(self, key: str, latents: torch.Tensor, meta: dict) -> None:
         """Inverted latents (T, C, h, w) of one image at the recorded timesteps."""
         _atomic_save({"latents": latents.detach().float().cpu()}, self.latent_path(key),
-                     {**meta, "shape": list(latents.shape)})
+                     {**meta, "key": key, "shape": list(latents.shape)})
 
     def get_latents(self, key: str) -> tuple[torch.Tensor, dict] | None:
-        path = self.latent_path(key)
-        if not path.exists():
-            return None
-        try:
-            from safetensors import safe_open
-
-            lat = load_file(path)["latents"]
-            with safe_open(path, "pt") as f:
-                meta = json.loads(f.metadata()["l2s"])
-            if list(lat.shape) != meta["shape"]:
-                raise ValueError("shape mismatch")
-        except (SafetensorError, OSError, ValueError, KeyError, json.JSONDecodeError):
-            path.unlink(missing_ok=True)
-            self.corrupt.append(key)
-            return None
-        return lat, meta
+        """(latents, metadata) of an image, or None if absent or corrupt (then deleted)."""
+        return self._read(self.latent_path(key), "latents", key)
 
     # --- stats ---------------------------------------------------------------------------
     def stats(self) -> dict:
