@@ -167,8 +167,8 @@ class AttentionCache:
 
     # --- latents -------------------------------------------------------------------------
     def put_latents(self, key: str, latents: torch.Tensor, meta: dict) -> None:
-        """Inverted latents (T, C, h, w) of one image at the recorded timesteps."""
-        _atomic_save({"latents": latents.detach().float().cpu()}, self.latent_path(key),
+        """One image's inverted DDIM trajectory (steps, C, h, w), stored as fp16."""
+        _atomic_save({"latents": latents.detach().to(torch.float16).cpu()}, self.latent_path(key),
                      {**meta, "key": key, "shape": list(latents.shape)})
 
     def get_latents(self, key: str) -> tuple[torch.Tensor, dict] | None:
