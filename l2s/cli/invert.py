@@ -82,7 +82,10 @@ def invert(
     den = load_backbone(model)
     if stats:
         s = AttentionCache(cache_dir, den.fingerprint).stats()
-        emit_json(s) if json_out else console.print(_stats_table(s))
+        if json_out:
+            emit_json(s)
+        else:
+            console.print(_stats_table(s))
         return
     shard_t = (0, 1)
     if shard:
