@@ -12,8 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image, ImageDraw
 
 from l2s.engine.backbone import Denoiser
+from l2s.engine.sampling import to_uint8
 from l2s.relations import RELATIONS, Triplet, format_prompt, geneval_relations
 
 SUITES = ("shapes",)
@@ -150,13 +152,14 @@ def _read_records(path: Path) -> list[dict]:
     """Finished records; lines cut by an interrupted run are dropped (and so redone)."""
     if not path.exists():
         return []
+    text = path.read_text()
     records, bad = [], 0
-    for line in path.read_text().splitlines():
+    for line in text.splitlines():
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError:
             bad += 1
-    if bad or not path.read_text().endswith("\n"):
+    if bad or not text.endswith("\n"):
         tmp = path.with_suffix(".tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
         tmp.replace(path)
@@ -190,8 +193,6 @@ def contact_sheet(images: list[np.ndarray], records: list[dict], triplets: list[
                   path: Path, columns: int = 10, scale: int = 4) -> None:
     """A PNG grid of images with the subject (white) and object (grey) boxes; green frame if
     the relation holds, red if not."""
-    from PIL import Image, ImageDraw
-
     if not images:
         return
     h, w = images[0].shape[:2]
@@ -252,11 +253,8 @@ def run_bench(cfg: BenchConfig, denoiser: Denoiser | None = None,
             batch = todo[start:start + cfg.batch_size]
             seeds = [image_seed(cfg.seed, p.index, k) for p, k in batch]
             imgs = generator([p.prompt for p, _ in batch], [p.triplet for p, _ in batch], seeds)
-            arr = (imgs.float().cpu().numpy() * 255).round().astype(np.uint8)
             new = []
-            for (p, k), s, img in zip(batch, seeds, arr, strict=True):
-                from PIL import Image
-
+            for (p, k), s, img in zip(batch, seeds, to_uint8(imgs), strict=True):
                 Image.fromarray(img).save(img_dir / f"{p.index:04d}_{k:03d}.png")
                 rec = {"method": method, "prompt_index": p.index, "image_index": k,
                        "prompt": p.prompt, "subject": p.triplet.subject,
@@ -275,8 +273,6 @@ def run_bench(cfg: BenchConfig, denoiser: Denoiser | None = None,
 
 
 def _sheet(out: Path, method: str, records: list[dict], triplets: dict[int, Triplet]) -> None:
-    from PIL import Image
-
     imgs = [np.asarray(Image.open(out / "images" / method /
                                   f"{r['prompt_index']:04d}_{r['image_index']:03d}.png"))
             for r in records]

@@ -12,7 +12,7 @@ import torch
 
 from l2s.engine.backbone import Denoiser
 from l2s.engine.presets import PRESETS, generation_defaults
-from l2s.engine.sampling import sample
+from l2s.engine.sampling import sample, to_uint8
 from l2s.relations import Triplet, parse
 from l2s.steering import (
     CentroidLoss,
@@ -150,10 +150,6 @@ def unique_dir(path: str | Path) -> Path:
     while p.exists() and (not p.is_dir() or any(p.iterdir())):
         p, n = Path(f"{path}-{n}"), n + 1
     return p
-
-
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    return (images.float().cpu().numpy() * 255).round().astype(np.uint8)
 
 
 def steer(config: SteerConfig, denoiser: Denoiser | None = None, on_step=None) -> SteerResult:

@@ -15,3 +15,15 @@ import pytest  # noqa: E402
 @pytest.fixture(autouse=True)
 def _l2s_cache(monkeypatch, tmp_path_factory):
     monkeypatch.setenv("L2S_CACHE_DIR", str(tmp_path_factory.mktemp("l2s_cache")))
+
+
+@pytest.fixture
+def one_thread():
+    """Run a test with one torch thread: tiny models only pay start-up for more, and two
+    threads stall in OpenMP barriers on a busy machine."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -23,13 +23,7 @@ from l2s.relations import RELATIONS
 SMALL = dict(n_maps=5, map_size=8, heads_per_layer=(2, 3), d_model=32, depth=1, head_hidden=32)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models: extra threads only add start-up cost, and stall on a busy machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _maps(b=3, c=5, s=8, seed=0):

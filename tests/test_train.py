@@ -18,13 +18,7 @@ OFFSETS = {"left of": (-1, 0), "right of": (1, 0), "above": (0, -1), "below": (0
 FP = "fp-synthetic"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models: extra threads only add start-up cost, and stall on a busy machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class FakeBackbone:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
 from l2s.engine.backbone import Denoiser
@@ -54,6 +55,11 @@ def guided_noise(
     eps = denoiser.predict_noise(torch.cat([latents, latents]), t, torch.cat([uncond, cond]))
     eps_u, eps_c = eps.chunk(2)
     return eps_u + guidance * (eps_c - eps_u)
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """Images (B, H, W, 3) in [0, 1] -> uint8 arrays for PNGs and the detector."""
+    return (images.float().cpu().numpy() * 255).round().astype(np.uint8)
 
 
 # A step callback sees {"step", "t", "t_next", "latents", "cond", "uncond"} before the guided
