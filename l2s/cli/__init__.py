@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from l2s import __version__
-from l2s.cli import bench, doctor, invert, models, steer, train
+from l2s.cli import bench, doctor, invert, models, speed, steer, train
 
 app = typer.Typer(
     name="l2s",
@@ -35,6 +35,7 @@ app.command("steer")(steer.steer)
 app.command("invert")(invert.invert)
 app.command("train")(train.train)
 app.command("bench")(bench.bench)
+app.command("speed")(speed.speed)
 app.command("models")(models.models)
 app.command("doctor")(doctor.doctor)
 

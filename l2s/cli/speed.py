@@ -1,0 +1,92 @@
+"""`l2s speed`: plain vs steered, ours vs a reference-style loop, measured in one run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from l2s.cli.output import console, emit_json, user_errors
+from l2s.engine.backbone import BackboneError
+from l2s.speed import SpeedConfig, run_speed
+
+
+def _errors():
+    from l2s.classifier import ClassifierError
+    from l2s.steer import SteerError
+
+    return (BackboneError, SteerError, ClassifierError, ValueError)
+
+
+@user_errors(*_errors())
+def speed(
+    model: str = typer.Option("toy", "--model", "-m", help="Preset, hub id or local folder."),
+    prompt: str = typer.Option(None, "--prompt", help="Two-object prompt with a relation "
+                                                      "(default: one the model knows)."),
+    random_weights: bool = typer.Option(False, "--random-weights",
+                                        help="SD presets: exact architecture with random "
+                                             "weights (no download; timing is the same)."),
+    image_size: int = typer.Option(None, "--image-size", help="Pixels (default: the model's)."),
+    device: str = typer.Option(None, "--device", help="cuda, cpu, ... (default: CUDA if any)."),
+    dtype: str = typer.Option(None, "--dtype", help="float16, bfloat16 or float32 (default: "
+                                                    "float16 on CUDA, float32 on CPU)."),
+    steps: int = typer.Option(None, "--steps", help="DDIM steps (default: the model's)."),
+    steer_until: float = typer.Option(0.5, "--steer-until",
+                                      help="Steered steps: fraction (< 1) or count."),
+    iterations: int = typer.Option(16, "--iterations",
+                                   help="Iterations per steered step in the worst case."),
+    repeats: int = typer.Option(5, "--repeats", help="Timed repetitions of each unit."),
+    end_to_end: bool = typer.Option(True, "--end-to-end/--units-only",
+                                    help="Also time whole generations (plain, worst case, "
+                                         "one iteration per steered step)."),
+    classifier: str = typer.Option(None, "--classifier", help="Classifier card.json (default: "
+                                   "the model's; a random one of the same shape if none)."),
+    out: str = typer.Option(None, "--out", "-o", help="Also write the report JSON here."),
+    json_out: bool = typer.Option(False, "--json", help="Print the report JSON on stdout."),
+) -> None:
+    """Time a plain guided step, one steering iteration (ours and reference-style: explicit
+    attention everywhere, every token's maps kept) and whole generations, side by side.
+
+    Ratios come from the same run, so they hold on the machine that ran it; on a GPU the
+    times are CUDA-synchronised.
+    """
+    cfg = SpeedConfig(model=model, prompt=prompt, random_weights=random_weights,
+                      image_size=image_size, device=device, dtype=dtype, steps=steps,
+                      steer_until=steer_until, iterations=iterations, repeats=repeats,
+                      end_to_end=end_to_end, classifier=classifier)
+
+    def on_unit(name: str, res: dict) -> None:
+        if not json_out:
+            value = f"{res['ms']:.1f} ms" if "ms" in res else f"{res['seconds']:.2f} s"
+            console.print(f"  {name}: {value}")
+
+    report = run_speed(cfg, on_unit=on_unit)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(report, indent=2))
+    if json_out:
+        emit_json(report)
+        return
+    table = Table(title=f"{report['model']} on {report['device']} ({report['dtype']}, "
+                        f"{report['image_size'][0]}x{report['image_size'][1]} px)")
+    for col in ("unit", "median ms", "forward", "backward", "peak MB"):
+        table.add_column(col)
+    for name, u in report["units"].items():
+        table.add_row(name, f"{u['ms']:.1f}", f"{u.get('forward_ms', 0):.1f}",
+                      f"{u.get('backward_ms', 0):.1f}", f"{u['peak_mb']:.0f}")
+    console.print(table)
+    r = report["ratios"]
+    console.print(f"iteration / plain step: x{r['ours_iteration_vs_plain_step']}; "
+                  f"reference-style / ours: x{r['reference_vs_ours_iteration']} time"
+                  + (f", x{r['reference_vs_ours_peak_memory']} peak memory"
+                     if r["reference_vs_ours_peak_memory"] else ""))
+    if "end_to_end" in report:
+        e = report["end_to_end"]
+        console.print(f"end to end: plain {e['plain']['seconds']:.2f} s; worst case "
+                      f"({report['steered_steps']} steps x {report['iterations']} iterations) "
+                      f"{e['steered_worst_case']['seconds']:.2f} s "
+                      f"(x{e['ratios']['steered_worst_case']}); one iteration per step "
+                      f"{e['steered_one_iteration']['seconds']:.2f} s "
+                      f"(x{e['ratios']['steered_one_iteration']})")

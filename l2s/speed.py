@@ -1,0 +1,245 @@
+"""Speed benchmark: plain vs steered, and our steering iteration vs a reference-style one.
+
+Everything is measured side by side in one run on one backbone, batch 1, after a warm-up:
+
+* ``plain_step``: one classifier-free guided DDIM step (two branches, no gradient);
+* ``ours_iteration``: one steering iteration as ``l2s steer`` runs it (conditional forward with
+  the latent requiring grad, maps of the two objects' tokens in the recorded layers only, every
+  other attention layer on PyTorch's fused SDPA kernel; loss; gradient to the latent; update);
+* ``reference_iteration``: the same iteration done the common attention-store way: explicit
+  softmax attention in every layer (self-attention too) and every token's map of every
+  cross-attention layer kept in the graph, the loss then reading the two objects from it;
+* end to end: a plain generation, and steered generations at the worst case (every steered
+  step runs all ``iterations``, the early exit disabled) and at one iteration per steered step.
+
+Ratios (steered / plain, reference / ours) and peak memory come out of the same run, so they do
+not depend on which machine ran it. Times use CUDA events on a GPU and perf_counter on a CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+from dataclasses import asdict, dataclass, replace
+
+import torch
+
+from l2s.engine.backbone import Denoiser
+from l2s.engine.sampling import guided_noise, sample
+from l2s.relations import parse
+from l2s.steering import RelationLoss, Steerer, peak_memory_mb, steer_latents
+
+
+@dataclass(frozen=True)
+class SpeedConfig:
+    """One `l2s speed` run."""
+
+    model: str = "toy"  # preset, hub id or folder
+    prompt: str | None = None  # None: a two-object prompt the model knows
+    random_weights: bool = False  # SD presets: exact architecture, random weights (no download)
+    image_size: int | None = None  # pixels (None: the model's default)
+    device: str | None = None  # None: CUDA if available
+    dtype: str | None = None  # None: fp16 on CUDA, fp32 on CPU
+    steps: int | None = None  # DDIM steps (None: the model's default)
+    steer_until: float = 0.5  # steered steps: fraction (< 1) or count
+    iterations: int = 16  # worst case: iterations on every steered step
+    repeats: int = 5  # timed repetitions of each unit, after one warm-up
+    end_to_end: bool = True  # also time whole generations (plain, worst case, 1 iteration)
+    classifier: str | None = None  # None: the model's classifier, else a random one (timing)
+
+
+def timing_loss(denoiser: Denoiser, model: str, classifier: str | None) -> tuple[RelationLoss, str]:
+    """The model's trained classifier loss, or a randomly initialised one of the same shape.
+
+    A random classifier costs exactly what a trained one costs; the benchmark never reads its
+    answers, it only disables the early exit.
+    """
+    from l2s.classifier import ClassifierConfig, RelationClassifier
+    from l2s.steer import SteerError, build_loss
+    from l2s.steering import ClassifierLoss
+
+    try:
+        loss, card = build_loss("l2s", denoiser, model, classifier)
+        return loss, str(card)
+    except SteerError:
+        if classifier is not None:
+            raise
+    layers = denoiser.cross_attention_layers()
+    cfg = ClassifierConfig(n_maps=sum(la.heads for la in layers),
+                           heads_per_layer=tuple(la.heads for la in layers))
+    net = RelationClassifier(cfg).to(denoiser.device).eval().requires_grad_(False)
+    return ClassifierLoss(net, cfg.relations, lambda t: t), "random (timing only)"
+
+
+@contextlib.contextmanager
+def explicit_attention(model: torch.nn.Module):
+    """Every attention layer on diffusers' explicit-softmax AttnProcessor (no fused kernel)."""
+    from diffusers.models.attention_processor import AttnProcessor
+
+    originals = dict(model.attn_processors)
+    model.set_attn_processor({k: AttnProcessor() for k in originals})
+    try:
+        yield
+    finally:
+        model.set_attn_processor(dict(originals))
+
+
+class _Clock:
+    """Median wall time of a callable over repeats, with the device synchronised."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def reset_peak(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def measure(self, fn, repeats: int) -> dict:
+        """{"ms": median, "all_ms": [...], "peak_mb": peak memory during the timed runs}."""
+        fn()  # warm-up (kernel selection, allocator)
+        self.sync()
+        self.reset_peak()
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            self.sync()
+            times.append((time.perf_counter() - t0) * 1000)
+        return {"ms": round(statistics.median(times), 3),
+                "all_ms": [round(t, 3) for t in times],
+                "peak_mb": round(peak_memory_mb(self.device), 1)}
+
+
+def _default_prompt(denoiser: Denoiser) -> str:
+    objs = denoiser.known_objects
+    if objs:
+        return f"a {objs[0]} to the left of a {objs[1]}"
+    return "a dog to the right of a teddy bear"
+
+
+def run_speed(config: SpeedConfig, denoiser: Denoiser | None = None, on_unit=None) -> dict:
+    """Measure the units and the end-to-end generations; return the report (JSON-ready)."""
+    from l2s.engine.loading import load_backbone
+    from l2s.steer import steer_settings
+
+    if config.repeats < 1 or config.iterations < 1:
+        raise ValueError("--repeats and --iterations must be at least 1")
+    if denoiser is None:
+        denoiser = load_backbone(config.model, device=config.device, dtype=config.dtype,
+                                 random_weights=config.random_weights,
+                                 image_size=config.image_size)
+    prompt = config.prompt or _default_prompt(denoiser)
+    triplets = parse(prompt)
+    if not triplets:
+        raise ValueError(f"the prompt {prompt!r} states no spatial relation: nothing to steer")
+    loss, loss_source = timing_loss(denoiser, config.model, config.classifier)
+    base = steer_settings(config.model, steps=config.steps, steer_until=config.steer_until,
+                          iterations=config.iterations)
+    # threshold < 0: a cross-entropy is never below it, so no early exit (worst case).
+    worst = replace(base, threshold_start=-1.0, threshold_end=-1.0)
+    one_iter = replace(worst, iterations=1)
+    clock = _Clock(denoiser.device)
+    gen = torch.Generator().manual_seed(0)
+    x = denoiser.prepare_latents(1, gen)
+    t = denoiser.timesteps(base.steps)[0]
+    cond = denoiser.encode_prompt([prompt])
+    uncond = denoiser.encode_prompt([""])
+    units: dict[str, dict] = {}
+
+    def note(name: str, res: dict) -> None:
+        units[name] = res
+        if on_unit:
+            on_unit(name, res)
+
+    with torch.no_grad():
+        note("plain_step", clock.measure(
+            lambda: denoiser.step(guided_noise(denoiser, x, t, cond, uncond, base.guidance),
+                                  t, None, x), config.repeats))
+
+    def iteration(reference: bool):
+        st = Steerer(denoiser, [prompt], [triplets], loss, one_iter)
+        if reference:  # every token's maps, after the objects' groups (pairs stay valid)
+            seq = cond.shape[1]
+            st.groups = [g + [[i] for i in range(seq)] for g in st.groups]
+        ctx = explicit_attention(denoiser.attention_model) if reference else \
+            contextlib.nullcontext()
+        with ctx, st.recorder() as rec:
+            res = clock.measure(lambda: st.update(rec, x, t, 0), config.repeats)
+        recs = st.stats.steps[1:]  # without the warm-up
+        for k in ("forward_ms", "backward_ms", "update_ms"):
+            res[k] = round(statistics.median(getattr(r, k) for r in recs), 3)
+        return res
+
+    note("ours_iteration", iteration(reference=False))
+    note("reference_iteration", iteration(reference=True))
+
+    report: dict = {
+        "model": denoiser.name, "device": _device_name(denoiser.device),
+        "dtype": str(next(denoiser.attention_model.parameters()).dtype).replace("torch.", ""),
+        "image_size": list(denoiser.image_size), "prompt": prompt, "loss": loss_source,
+        "steps": base.steps, "steered_steps": worst.steered_steps(),
+        "iterations": config.iterations, "repeats": config.repeats,
+        "config": asdict(config), "units": units,
+    }
+    plain_ms, ours_ms = units["plain_step"]["ms"], units["ours_iteration"]["ms"]
+    ref_ms = units["reference_iteration"]["ms"]
+    n_it = worst.steered_steps() * config.iterations
+    report["ratios"] = {
+        "ours_iteration_vs_plain_step": round(ours_ms / plain_ms, 3),
+        "reference_vs_ours_iteration": round(ref_ms / ours_ms, 3),
+        # CPU peak memory is the process's lifetime maximum: only a GPU gives a ratio.
+        "reference_vs_ours_peak_memory": round(units["reference_iteration"]["peak_mb"]
+                                               / units["ours_iteration"]["peak_mb"], 3)
+        if denoiser.device.type == "cuda" else None,
+        # From the unit times: plain generation + n_it extra iterations.
+        "estimated_worst_case_vs_plain": {
+            "ours": round(1 + n_it * ours_ms / (base.steps * plain_ms), 2),
+            "reference": round(1 + n_it * ref_ms / (base.steps * plain_ms), 2)},
+    }
+    if config.end_to_end:
+        report["end_to_end"] = _end_to_end(denoiser, prompt, triplets, loss, base, worst,
+                                           one_iter, clock, on_unit)
+    return report
+
+
+def _end_to_end(denoiser, prompt, triplets, loss, base, worst, one_iter, clock, on_unit
+                ) -> dict:
+    """Whole generations of one image, each timed once after the unit warm-ups."""
+    x = denoiser.prepare_latents(1, torch.Generator().manual_seed(1))
+    out = {}
+
+    def timed(name: str, fn) -> None:
+        clock.sync()
+        clock.reset_peak()
+        t0 = time.perf_counter()
+        result = fn()
+        clock.sync()
+        res = {"seconds": round(time.perf_counter() - t0, 3),
+               "peak_mb": round(peak_memory_mb(denoiser.device), 1)}
+        if isinstance(result, tuple):  # steered: how many gradient iterations actually ran
+            res["iterations_run"] = sum(r.iterations for r in result[1].steps)
+        out[name] = res
+        if on_unit:
+            on_unit(name, res)
+
+    timed("plain", lambda: sample(denoiser, [prompt], steps=base.steps,
+                                  guidance=base.guidance, latents=x))
+    for name, s in (("steered_worst_case", worst), ("steered_one_iteration", one_iter)):
+        timed(name, lambda s=s: steer_latents(denoiser, [prompt], [triplets], loss, s, x))
+    p = out["plain"]["seconds"]
+    out["ratios"] = {k: round(out[k]["seconds"] / p, 2)
+                     for k in ("steered_worst_case", "steered_one_iteration")}
+    return out
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"

@@ -1,0 +1,72 @@
+"""The speed benchmark on tiny offline components: units, worst case, reference-style path."""
+
+import json
+
+import pytest
+from diffusers.models.attention_processor import AttnProcessor
+
+from l2s.engine.tiny import tiny_sd
+from l2s.speed import SpeedConfig, explicit_attention, run_speed
+
+
+@pytest.fixture(scope="module")
+def den():
+    return tiny_sd()
+
+
+def test_units_and_end_to_end_on_tiny_sd(den, one_thread):
+    cfg = SpeedConfig(model="tiny", steps=4, steer_until=2, iterations=3, repeats=2)
+    seen = []
+    rep = run_speed(cfg, denoiser=den, on_unit=lambda name, res: seen.append(name))
+    assert seen == ["plain_step", "ours_iteration", "reference_iteration", "plain",
+                    "steered_worst_case", "steered_one_iteration"]
+    assert rep["loss"] == "random (timing only)"  # no classifier for this backbone
+    for name in ("plain_step", "ours_iteration", "reference_iteration"):
+        u = rep["units"][name]
+        assert u["ms"] > 0 and len(u["all_ms"]) == 2
+    for name in ("ours_iteration", "reference_iteration"):
+        assert rep["units"][name]["forward_ms"] > 0 and rep["units"][name]["backward_ms"] > 0
+    e2e = rep["end_to_end"]
+    # The early exit is off: every steered step runs every iteration.
+    assert e2e["steered_worst_case"]["iterations_run"] == 2 * 3
+    assert e2e["steered_one_iteration"]["iterations_run"] == 2
+    assert rep["ratios"]["reference_vs_ours_peak_memory"] is None  # CPU: no peak to compare
+    json.dumps(rep)  # the report is JSON as it stands
+
+
+def test_explicit_attention_covers_every_layer_and_restores(den):
+    model = den.attention_model
+    before = dict(model.attn_processors)
+    with explicit_attention(model):
+        assert all(isinstance(p, AttnProcessor) for p in model.attn_processors.values())
+    assert {k: type(v) for k, v in model.attn_processors.items()} == \
+        {k: type(v) for k, v in before.items()}
+
+
+def test_prompt_without_relation_is_refused(den):
+    with pytest.raises(ValueError, match="no spatial relation"):
+        run_speed(SpeedConfig(model="tiny", prompt="a dog", repeats=1), denoiser=den)
+
+
+def test_cli_speed_on_the_toy_writes_the_report(tmp_path, one_thread):
+    from typer.testing import CliRunner
+
+    from l2s.cli import app
+
+    out = tmp_path / "speed.json"
+    r = CliRunner().invoke(app, ["speed", "--steps", "4", "--repeats", "1", "--units-only",
+                                 "--out", str(out), "--json"])
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.stdout)
+    assert rep == json.loads(out.read_text())
+    assert rep["loss"].endswith("card.json")  # the toy's shipped classifier
+    assert "end_to_end" not in rep and rep["ratios"]["ours_iteration_vs_plain_step"] > 0
+
+
+def test_cli_speed_refuses_random_weights_for_the_toy():
+    from typer.testing import CliRunner
+
+    from l2s.cli import app
+
+    r = CliRunner().invoke(app, ["speed", "--random-weights"])
+    assert r.exit_code == 2 and "--random-weights applies to the SD presets" in r.output
