@@ -31,6 +31,13 @@ from l2s.relations import RELATIONS
 
 SPLITS = ("train", "val", "test")
 SPLIT_MODES = ("hash", "recorded")
+# Label-preserving symmetries of a (subject, object) map pair: "mirror" = left-right flip and
+# subject/object swap (plausible for photos); "all" adds the up-down flip; "none" = off.
+AUGMENT_MODES = ("none", "mirror", "all")
+# What each symmetry does to a relation (relations missing here are unchanged).
+_H_FLIP = {"left of": "right of", "right of": "left of"}
+_V_FLIP = {"above": "below", "below": "above"}
+_SWAP = {**_H_FLIP, **_V_FLIP}
 # Metadata every map entry must carry for training (written by `l2s invert`).
 REQUIRED_META = ("relation", "polarity", "image_hash", "timesteps", "layers", "heads")
 SD_LR = 1e-4  # L2S's learning rate for SD backbones
@@ -68,10 +75,13 @@ class TrainConfig:
     dropout: float = 0.1
     seed: int = 0  # initialisation, batch order and the hash split
     device: str | None = None  # None: CUDA when present, else CPU
+    augment: str = "mirror"  # random symmetries of training batches: none, mirror or all
 
     def __post_init__(self) -> None:
         if self.split not in SPLIT_MODES:
             raise TrainError(f"unknown split {self.split!r}: use one of {SPLIT_MODES}")
+        if self.augment not in AUGMENT_MODES:
+            raise TrainError(f"unknown augment {self.augment!r}: use one of {AUGMENT_MODES}")
         if self.tokens not in TOKEN_MODES:
             raise TrainError(f"unknown tokens {self.tokens!r}: use one of {TOKEN_MODES}")
         if not (0 < self.val_fraction < 1 and 0 < self.test_fraction < 1
@@ -336,6 +346,31 @@ def _batches(data: MapData, idx: torch.Tensor, size: int, device: torch.device):
                data.y[b].to(device))
 
 
+def augment_batch(x: torch.Tensor, y: torch.Tensor, mode: str, classes: Sequence[str],
+                  generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Apply each symmetry of ``mode`` to a random half of the batch, relabelling exactly.
+
+    x: (B, 2, C, S, S) subject/object maps, y: (B,) indices into ``classes``. A left-right
+    flip turns "left of" into "right of", an up-down flip "above" into "below", and swapping
+    subject and object inverts the relation; GenEval's rule is exactly symmetric under all
+    three, so the labels stay true while the classifier sees new layouts.
+    """
+    if mode == "none":
+        return x, y
+    ops = [(lambda m: m.flip(-1), _H_FLIP), (lambda m: m.flip(1), _SWAP)]
+    if mode == "all":
+        ops.append((lambda m: m.flip(-2), _V_FLIP))
+    for op, relabel in ops:
+        pick = torch.rand(len(y), generator=generator) < 0.5
+        if not pick.any():
+            continue
+        table = torch.tensor([classes.index(relabel.get(c, c)) for c in classes])
+        pick = pick.to(x.device)
+        x = torch.where(pick.view(-1, 1, 1, 1, 1), op(x), x)
+        y = torch.where(pick, table.to(y.device)[y], y)
+    return x, y
+
+
 @torch.no_grad()
 def _evaluate(model: RelationClassifier, data: MapData, idx: torch.Tensor, size: int,
               device: torch.device) -> tuple[float, torch.Tensor]:
@@ -420,6 +455,7 @@ def run_train(cfg: TrainConfig, denoiser=None, callback: Callable[[dict], None] 
         total, seen = 0.0, 0
         perm = parts["train"][torch.randperm(len(parts["train"]), generator=order)]
         for x, t, y in _batches(data, perm, cfg.batch_size, device):
+            x, y = augment_batch(x, y, cfg.augment, RELATIONS, order)
             loss = F.cross_entropy(model(x, t), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()

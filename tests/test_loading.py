@@ -59,3 +59,19 @@ def test_preset_architectures_have_the_published_attention_layout(preset, size, 
     assert {la.resolution[0] for la in layers} == levels - {latent // 8} | {latent // 8}
     assert PRESETS[preset].configs["scheduler"]["prediction_type"] == (
         "v_prediction" if preset == "sd2.1" else "epsilon")
+
+
+def test_fingerprint_ignores_library_version_and_load_dtype_but_not_weights():
+    from l2s.engine.tiny import tiny_sd_components
+    from l2s.engine.unet import config_fingerprint
+
+    unet, vae, te, _, _ = tiny_sd_components()
+    fp = config_fingerprint(unet, te, vae)
+    # Another transformers version (it stamps its version and dtype into the config) and an
+    # fp16 UNet (what a GPU loads) name the same model: the toy classifier must match there.
+    te.config.transformers_version = "0.0.1"
+    te.config.dtype = "float16"
+    assert config_fingerprint(unet.half(), te, vae) == fp
+    with torch.no_grad():
+        next(unet.parameters()).flatten()[0] += 1.0
+    assert config_fingerprint(unet, te, vae) != fp

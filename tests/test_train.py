@@ -189,6 +189,8 @@ def test_bad_settings():
         TrainConfig(val_fraction=0.6, test_fraction=0.5)
     with pytest.raises(TrainError, match="unknown split"):
         TrainConfig(split="random")
+    with pytest.raises(TrainError, match="unknown augment"):
+        TrainConfig(augment="rotate")
     assert TrainConfig(model="toy").resolved_lr() == 1e-3
     assert TrainConfig(model="sd2.1").resolved_lr() == 1e-4
     assert TrainConfig(model="toy").resolved_size() == (64, 1)
@@ -233,3 +235,54 @@ def test_cli_table_and_errors(tmp_path, monkeypatch):
     assert r.exit_code == 2 and "does not exist" in r.output and "Traceback" not in r.output
     r = CliRunner().invoke(app, ["--model", "synthetic", "--split", "random"])
     assert r.exit_code == 2 and "unknown split" in r.output
+
+
+def _blob_pair(centres, size=16, heads=3):
+    """(B, 2, heads, S, S) Gaussian blobs at the given (subject, object) (x, y) centres."""
+    ax = torch.arange(size, dtype=torch.float32) + 0.5
+    out = []
+    for (sx, sy), (ox, oy) in centres:
+        pair = []
+        for cx, cy in ((sx, sy), (ox, oy)):
+            m = torch.exp(-((ax[None] - cx) ** 2 + (ax[:, None] - cy) ** 2) / 4.0)
+            pair.append((m / m.sum()).expand(heads, size, size))
+        out.append(torch.stack(pair))
+    return torch.stack(out)
+
+
+def _geometric_label(x):
+    """The relation the blobs' centroids show (x: (B, 2, C, S, S)), as RELATIONS indices."""
+    from l2s.relations import geneval_relations
+
+    s = x.shape[-1]
+    ax = torch.arange(s, dtype=torch.float32) + 0.5
+    m = x.mean(2)
+    cx = (m.sum(-2) * ax).sum(-1)
+    cy = (m.sum(-1) * ax).sum(-1)
+    labels = []
+    for b in range(len(x)):
+        boxes = [(cx[b, i] - 1, cy[b, i] - 1, cx[b, i] + 1, cy[b, i] + 1) for i in (0, 1)]
+        (rel,) = geneval_relations(*[tuple(map(float, bx)) for bx in boxes])
+        labels.append(RELATIONS.index(rel))
+    return torch.tensor(labels)
+
+
+@pytest.mark.parametrize("mode", ["mirror", "all"])
+def test_augmentation_keeps_labels_true_to_the_geometry(mode):
+    from l2s.train import augment_batch
+
+    gen = torch.Generator().manual_seed(0)
+    centres = [((3, 8), (12, 8)), ((12, 8), (3, 8)), ((8, 2), (8, 13)), ((8, 13), (8, 2))] * 16
+    x = _blob_pair(centres)
+    y = _geometric_label(x)
+    assert y[:4].tolist() == [RELATIONS.index(r) for r in ("left of", "right of", "above",
+                                                           "below")]
+    ax, ay = augment_batch(x, y, mode, RELATIONS, gen)
+    assert torch.equal(ay, _geometric_label(ax))
+    changed = (ax != x).flatten(1).any(1)
+    assert 0 < changed.float().mean() < 1  # a random part of the batch, not all or none
+    if mode == "mirror":  # no up-down flip: vertical relations change only by the swap
+        vertical = y >= 2
+        swapped = ~torch.isclose(ax[:, 0], x[:, 0]).flatten(1).all(1)
+        assert torch.equal(ay[vertical] != y[vertical], swapped[vertical])
+    assert torch.equal(augment_batch(x, y, "none", RELATIONS, gen)[0], x)

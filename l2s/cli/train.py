@@ -68,6 +68,10 @@ def train(
     tokens: str = typer.Option("map", "--tokens",
                                help="map (one token per head map) or layer (heads averaged "
                                     "per layer: ~10x cheaper)."),
+    augment: str = typer.Option("mirror", "--augment",
+                                help="Random label-preserving symmetries of training batches: "
+                                     "mirror (left-right flip, subject/object swap), all (also "
+                                     "up-down flip) or none."),
     seed: int = typer.Option(0, "--seed", help="Initialisation, batch order and split."),
     device: str = typer.Option(None, "--device", help="cuda, cpu, ... (default: CUDA if any)."),
     json_out: bool = typer.Option(False, "--json", help="Print the metrics JSON on stdout."),
@@ -81,7 +85,7 @@ def train(
                           positive_only=positive_only, split=split, val_fraction=val_fraction,
                           test_fraction=test_fraction, epochs=epochs, lr=lr,
                           batch_size=batch_size, d_model=d_model, depth=depth, tokens=tokens,
-                          seed=seed, device=device)
+                          seed=seed, device=device, augment=augment)
     except TrainError as e:
         raise typer.BadParameter(str(e)) from None
     with status(f"loading {model}", quiet=json_out):

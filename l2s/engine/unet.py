@@ -14,6 +14,10 @@ from l2s.engine.backbone import BackboneError, CrossAttnLayer, Denoiser
 from l2s.engine.sampling import ddim_step, to_epsilon
 
 
+def _incidental_config_key(key: str) -> bool:
+    return key.startswith("_") or key.endswith("_version") or key in ("dtype", "torch_dtype")
+
+
 def config_fingerprint(*modules: nn.Module | None) -> str:
     """A short stable hash of a model's identity: its configs and a sample of its weights.
 
@@ -26,7 +30,10 @@ def config_fingerprint(*modules: nn.Module | None) -> str:
             continue
         cfg = getattr(m, "config", None)
         cfg = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg or {})
-        cfg = {k: v for k, v in cfg.items() if not k.startswith("_")}  # drop version stamps
+        # Version stamps and the load dtype say how, not what, was loaded: transformers writes
+        # "transformers_version" and "dtype" into to_dict(), so they would split caches
+        # between machines with other library versions or a GPU (fp16).
+        cfg = {k: v for k, v in cfg.items() if not _incidental_config_key(k)}
         h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
         # A few values of every parameter tensor: cheap, yet changes when weights change.
         for pname, p in m.named_parameters():
