@@ -73,9 +73,18 @@ class ClassifierLoss(RelationLoss):
     def __init__(self, model: torch.nn.Module, classes: Sequence[str],
                  timestep_fn: Callable[[int], int]) -> None:
         self.model, self.classes, self.timestep_fn = model, list(classes), timestep_fn
+        self._targets: dict = {}
+
+    def _target(self, relations: tuple[str, ...], device: torch.device) -> torch.Tensor:
+        """Class indices on the device, made once per relation list (no copy per iteration)."""
+        key = (relations, device)
+        if key not in self._targets:
+            self._targets[key] = torch.tensor([self.classes.index(r) for r in relations],
+                                              device=device)
+        return self._targets[key]
 
     def __call__(self, maps, t, relations):
-        target = torch.tensor([self.classes.index(r) for r in relations], device=maps.device)
+        target = self._target(tuple(relations), maps.device)
         tt = torch.full((maps.shape[0],), self.timestep_fn(t), device=maps.device)
         logits = self.model(maps.float(), tt).float()
         loss = torch.nn.functional.cross_entropy(logits, target, reduction="none")
@@ -271,7 +280,9 @@ def _steer_step(st: Steerer, rec: AttentionRecorder, x: torch.Tensor, t: int, st
         with torch.enable_grad():
             st.denoiser.predict_noise(z, t, c)
             maps = rec.stacked()  # (A, G, C, S, S)
-            sel = torch.stack([maps[a, list(p)] for a, p in enumerate(pick)])  # (A, 2, C, S, S)
+            # Basic indexing only: a list index would be copied to the GPU (a sync) each time.
+            sel = torch.stack([torch.stack((maps[a, i], maps[a, j]))
+                               for a, (i, j) in enumerate(pick)])  # (A, 2, C, S, S)
             loss, p = st.loss_fn(sel, t, rels)  # (A,), (A,)
         fwd = timer.stop(t0)
         if record.loss_before is None:

@@ -138,9 +138,13 @@ class AttentionRecorder:
             return
         bh, hw, seq_len = probs.shape
         batch = bh // heads
-        if self._weights is None or self._weights.shape[1] != seq_len:
-            self._weights = token_weights(self._tokens, seq_len)
-        wts = self._weights.to(probs.device, probs.dtype)
+        w = self._weights
+        if w is None or w.shape[1] != seq_len or w.device != probs.device or \
+                w.dtype != probs.dtype:
+            # Built once per token set and kept on the device: a host-to-device copy in every
+            # layer would synchronise the GPU 16 times per forward.
+            w = self._weights = token_weights(self._tokens, seq_len).to(probs.device, probs.dtype)
+        wts = w
         if wts.shape[0] not in (1, batch):
             raise ValueError(f"token groups given for {wts.shape[0]} prompts, batch is {batch}")
         p = probs if self.keep_grad else probs.detach()
