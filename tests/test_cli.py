@@ -34,3 +34,16 @@ def test_doctor_json_reports_versions_and_offline_mode():
     assert rep["hf_offline"] is True
     assert rep["packages"]["diffusers"]["installed"].startswith("0.42")
     assert set(rep["models"]) >= {"toy", "sd2.1"}
+
+
+def test_threads_option_sets_torch_threads():
+    import torch
+
+    n = torch.get_num_threads()
+    try:
+        r = runner.invoke(app, ["--threads", "1", "models", "--json"])
+        assert r.exit_code == 0 and torch.get_num_threads() == 1
+        r = runner.invoke(app, ["--threads", "0", "models"])
+        assert r.exit_code == 2 and "--threads" in r.output
+    finally:
+        torch.set_num_threads(n)

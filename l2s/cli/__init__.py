@@ -27,8 +27,16 @@ def _version(value: bool) -> None:
 def _root(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
                                  help="Print the version and exit."),
+    threads: int = typer.Option(None, "--threads", min=1,
+                                help="CPU threads for torch (default: torch's choice). 1 is "
+                                     "often fastest for the toy or when other jobs share the "
+                                     "CPU."),
 ) -> None:
     """Learn-to-Steer command line."""
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
 
 
 app.command("steer")(steer.steer)
