@@ -138,13 +138,13 @@ class AttentionRecorder:
             return
         bh, hw, seq_len = probs.shape
         batch = bh // heads
-        w = self._weights
-        if w is None or w.shape[1] != seq_len or w.device != probs.device or \
-                w.dtype != probs.dtype:
+        wts = self._weights
+        if wts is None or wts.shape[1] != seq_len or wts.device != probs.device or \
+                wts.dtype != probs.dtype:
             # Built once per token set and kept on the device: a host-to-device copy in every
             # layer would synchronise the GPU 16 times per forward.
-            w = self._weights = token_weights(self._tokens, seq_len).to(probs.device, probs.dtype)
-        wts = w
+            wts = token_weights(self._tokens, seq_len).to(probs.device, probs.dtype)
+            self._weights = wts
         if wts.shape[0] not in (1, batch):
             raise ValueError(f"token groups given for {wts.shape[0]} prompts, batch is {batch}")
         p = probs if self.keep_grad else probs.detach()
