@@ -101,7 +101,7 @@ def run_invert(cfg: InvertConfig, denoiser: Denoiser | None = None,
     """Fill the cache for every sample of the sources; skips what exists, so it resumes."""
     import time
 
-    from l2s.sources import SourceOptions, SourceReport, iter_samples
+    from l2s.sources import SourceOptions, SourceReport, expected_samples, iter_samples
 
     t_start = time.perf_counter()
     if denoiser is None:
@@ -128,6 +128,7 @@ def run_invert(cfg: InvertConfig, denoiser: Denoiser | None = None,
 
     for source in cfg.data:
         report = SourceReport()
+        expected = expected_samples(source, options, cfg.limit)  # for progress bars' ETA
         batch: list = []
         seen = 0
         for i, sample in enumerate(iter_samples(source, options, report, denoiser=denoiser)):
@@ -141,11 +142,13 @@ def run_invert(cfg: InvertConfig, denoiser: Denoiser | None = None,
                 _process(batch, denoiser, cache, cfg, common_meta, result)
                 batch = []
                 if callback:
-                    callback({"source": source, "done": seen, **_counts(result)})
+                    callback({"source": source, "done": seen, "expected": expected,
+                              **_counts(result)})
         if batch:
             _process(batch, denoiser, cache, cfg, common_meta, result)
         if callback:
-            callback({"source": source, "done": seen, "final": True, **_counts(result)})
+            callback({"source": source, "done": seen, "expected": expected, "final": True,
+                      **_counts(result)})
         result.sources[source] = report.to_dict()
     result.corrupt_rebuilt = len(cache.corrupt)
     result.stats = cache.stats()

@@ -291,6 +291,16 @@ def per_relation(source: str, options: SourceOptions) -> tuple[int, int, int] | 
     return options.per_relation if options.per_relation is not None else PER_RELATION[source]
 
 
+def expected_samples(source: str, options: SourceOptions, limit: int | None = None
+                     ) -> int | None:
+    """At most how many samples `source` yields (None: unknown until read, e.g. folder)."""
+    counts = per_relation(source, options)
+    n = None if counts is None else sum(counts) * len(RELATIONS)
+    if limit is not None:
+        n = limit if n is None else min(n, limit)
+    return n
+
+
 def iter_samples(
     source: str, options: SourceOptions, report: SourceReport, denoiser=None
 ) -> Iterator[Sample]:

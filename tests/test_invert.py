@@ -145,3 +145,18 @@ def test_cli_invert_and_stats(tmp_path, den, monkeypatch):
     r = runner.invoke(app, ["invert", "--data", "gqa", "--gqa-root", str(tmp_path / "gqa"),
                             "--cache-dir", str(tmp_path)])
     assert r.exit_code == 2 and "sceneGraphs.json" in r.output and "Traceback" not in r.output
+
+
+def test_progress_events_carry_the_expected_total(tmp_path, den):
+    from l2s.sources import SourceOptions, expected_samples
+
+    events = []
+    run_invert(_cfg(tmp_path), den, callback=events.append)
+    final = events[-1]
+    assert final["final"] and final["expected"] == final["done"]  # shapes yields exactly that
+    assert all(ev["expected"] == final["expected"] for ev in events)
+    opts = SourceOptions(per_relation=(3, 1, 1))
+    assert expected_samples("shapes", opts) == 20
+    assert expected_samples("shapes", opts, limit=7) == 7
+    assert expected_samples("folder", SourceOptions()) is None  # unknown until read
+    assert expected_samples("folder", SourceOptions(), limit=5) == 5

@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import typer
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 from l2s.cache import AttentionCache, CacheError
@@ -108,15 +114,17 @@ def invert(
         inversion=inv)
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}"),
                TextColumn("written {task.fields[written]} skipped {task.fields[skipped]} "
-                          "dropped {task.fields[dropped]}"), TimeElapsedColumn())
+                          "dropped {task.fields[dropped]}"), TimeElapsedColumn(),
+               TimeRemainingColumn())
     with Progress(*columns, console=console, disable=json_out) as progress:
         tasks: dict[str, int] = {}
 
         def on_batch(ev: dict) -> None:
             src = ev["source"]
             if src not in tasks:
-                tasks[src] = progress.add_task(src, total=None, written=0, skipped=0,
-                                               dropped=0)
+                # "expected" is an upper bound (a source may run short): the ETA is too.
+                tasks[src] = progress.add_task(src, total=ev.get("expected"), written=0,
+                                               skipped=0, dropped=0)
             progress.update(tasks[src], completed=ev["done"], written=ev["written"],
                             skipped=ev["skipped"], dropped=ev["dropped"])
 
