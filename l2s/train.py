@@ -433,7 +433,9 @@ def run_train(cfg: TrainConfig, denoiser=None, callback: Callable[[dict], None] 
                          "invert images showing every relation (`l2s invert --model "
                          f"{cfg.model}`), or add a source that has them with --data")
 
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    from l2s.engine.loading import resolve_device
+
+    device = resolve_device(cfg.device)
     lr = cfg.resolved_lr()
     d_model, depth = cfg.resolved_size()
     arch = ClassifierConfig(

@@ -8,6 +8,9 @@ _home = tempfile.mkdtemp(prefix="l2s-test-hf-")
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_HOME"] = _home
 os.environ["HF_HUB_CACHE"] = os.path.join(_home, "hub")
+# The offline suite runs on the CPU on every machine (a GPU machine would otherwise default to
+# CUDA fp16, other numerics); tests marked gpu place their models on CUDA themselves.
+os.environ["L2S_DEVICE"] = "cpu"
 
 import pytest  # noqa: E402
 

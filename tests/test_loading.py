@@ -75,3 +75,14 @@ def test_fingerprint_ignores_library_version_and_load_dtype_but_not_weights():
     with torch.no_grad():
         next(unet.parameters()).flatten()[0] += 1.0
     assert config_fingerprint(unet, te, vae) != fp
+
+
+def test_device_comes_from_the_argument_then_l2s_device(monkeypatch):
+    from l2s.engine.loading import resolve_device
+
+    monkeypatch.setenv("L2S_DEVICE", "cpu")
+    assert resolve_device() == torch.device("cpu")
+    assert resolve_device("meta") == torch.device("meta")  # an explicit device wins
+    monkeypatch.delenv("L2S_DEVICE")
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolve_device().type == expected

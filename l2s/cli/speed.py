@@ -29,7 +29,8 @@ def speed(
                                         help="SD presets: exact architecture with random "
                                              "weights (no download; timing is the same)."),
     image_size: int = typer.Option(None, "--image-size", help="Pixels (default: the model's)."),
-    device: str = typer.Option(None, "--device", help="cuda, cpu, ... (default: CUDA if any)."),
+    device: str = typer.Option(None, "--device",
+                               help="cuda, cpu, ... (default: $L2S_DEVICE, else CUDA if any)."),
     dtype: str = typer.Option(None, "--dtype", help="float16, bfloat16 or float32 (default: "
                                                     "float16 on CUDA, float32 on CPU)."),
     steps: int = typer.Option(None, "--steps", help="DDIM steps (default: the model's)."),

@@ -73,7 +73,8 @@ def train(
                                      "mirror (left-right flip, subject/object swap), all (also "
                                      "up-down flip) or none."),
     seed: int = typer.Option(0, "--seed", help="Initialisation, batch order and split."),
-    device: str = typer.Option(None, "--device", help="cuda, cpu, ... (default: CUDA if any)."),
+    device: str = typer.Option(None, "--device",
+                               help="cuda, cpu, ... (default: $L2S_DEVICE, else CUDA if any)."),
     json_out: bool = typer.Option(False, "--json", help="Print the metrics JSON on stdout."),
 ) -> None:
     """Train the relation classifier of a backbone on the maps `l2s invert` cached, and write

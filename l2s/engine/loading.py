@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -22,7 +23,8 @@ _RANDOM_WEIGHTS_WORDS = (
 
 
 def resolve_device(device: str | None = None) -> torch.device:
-    """The requested device, else CUDA when present, else the CPU."""
+    """The requested device, else $L2S_DEVICE, else CUDA when present, else the CPU."""
+    device = device or os.environ.get("L2S_DEVICE")
     if device:
         return torch.device(device)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
