@@ -128,7 +128,8 @@ def run_invert(cfg: InvertConfig, denoiser: Denoiser | None = None,
 
     for source in cfg.data:
         report = SourceReport()
-        expected = expected_samples(source, options, cfg.limit)  # for progress bars' ETA
+        # "expected" (an upper bound on the samples) lets progress bars show an ETA.
+        event = {"source": source, "expected": expected_samples(source, options, cfg.limit)}
         batch: list = []
         seen = 0
         for i, sample in enumerate(iter_samples(source, options, report, denoiser=denoiser)):
@@ -142,13 +143,11 @@ def run_invert(cfg: InvertConfig, denoiser: Denoiser | None = None,
                 _process(batch, denoiser, cache, cfg, common_meta, result)
                 batch = []
                 if callback:
-                    callback({"source": source, "done": seen, "expected": expected,
-                              **_counts(result)})
+                    callback({**event, "done": seen, **_counts(result)})
         if batch:
             _process(batch, denoiser, cache, cfg, common_meta, result)
         if callback:
-            callback({"source": source, "done": seen, "expected": expected, "final": True,
-                      **_counts(result)})
+            callback({**event, "done": seen, "final": True, **_counts(result)})
         result.sources[source] = report.to_dict()
     result.corrupt_rebuilt = len(cache.corrupt)
     result.stats = cache.stats()
