@@ -22,7 +22,7 @@ import json
 import os
 import tempfile
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,17 +57,23 @@ def image_hash(array) -> str:
     return hashlib.sha256(str(a.shape).encode() + a.tobytes()).hexdigest()[:32]
 
 
-def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict) -> None:
+def atomic_write(path: Path, write: Callable[[str], object]) -> None:
+    """``write(tmp)`` into a temp file beside ``path``, then rename it into place: readers
+    and interrupted runs never see a half-written file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".safetensors")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
     os.close(fd)
     try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp,
-                  metadata={"l2s": json.dumps(metadata)})
+        write(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict) -> None:
+    atomic_write(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()},
+                                             tmp, metadata={"l2s": json.dumps(metadata)}))
 
 
 @dataclass(frozen=True)

@@ -12,9 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import re
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -22,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from l2s.cache import atomic_write
 from l2s.relations import RELATIONS
 
 CARD_FORMAT = "l2s-relation-classifier/1"  # bump when the card or weight layout changes
@@ -202,17 +201,6 @@ def nearest_trained_timestep(card_or_list: Mapping | Sequence[int], t: int) -> i
 # Checkpoints: model.safetensors + card.json
 
 
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -234,13 +222,13 @@ def save_classifier(model: RelationClassifier, card: dict, out_dir: str | Path) 
     cfg = model.config
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     weights = out / WEIGHTS_FILE
-    _atomic_write(weights, lambda tmp: save_file(
+    atomic_write(weights, lambda tmp: save_file(
         state, tmp, metadata={"format": CARD_FORMAT, "architecture": json.dumps(cfg.to_dict())}))
     full = {"format": CARD_FORMAT, **card, "architecture": cfg.to_dict(),
             "classes": list(cfg.relations), "map_size": cfg.map_size, "weights": WEIGHTS_FILE,
             "weights_sha256": _sha256(weights)}
     path = out / CARD_FILE
-    _atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(full, indent=2) + "\n"))
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(full, indent=2) + "\n"))
     return path
 
 
