@@ -15,7 +15,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from l2s.engine.backbone import Denoiser
-from l2s.engine.sampling import to_uint8
+from l2s.engine.sampling import seeded_latents, to_uint8
 from l2s.relations import RELATIONS, Triplet, format_prompt, geneval_relations
 
 SUITES = ("shapes",)
@@ -115,7 +115,7 @@ MethodFactory = Callable[[Denoiser, "BenchConfig"], Callable[..., torch.Tensor]]
 
 def _steer_method(name: str) -> MethodFactory:
     def factory(denoiser: Denoiser, cfg: BenchConfig):
-        from l2s.steer import build_loss, generate, seeded_latents, steer_settings
+        from l2s.steer import build_loss, generate, steer_settings
 
         loss, _ = build_loss(name, denoiser, cfg.model, cfg.classifier)
         settings = steer_settings(cfg.model, steps=cfg.steps, guidance=cfg.guidance,

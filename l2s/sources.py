@@ -74,10 +74,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from l2s.engine.presets import generation_defaults
-from l2s.engine.sampling import sample
+from l2s.engine.sampling import sample, seeded_latents, to_uint8
 from l2s.relations import RELATIONS, Triplet, canonical_relation, format_prompt, geneval_relations
 
 SOURCES = ("gqa", "folder", "shapes", "generated")
@@ -833,14 +832,9 @@ def _generated_samples(options: SourceOptions, counts, report: SourceReport, den
         if not batch:
             break
         prompts = [format_prompt([t], style="plain") for _, t in batch]
-        latents = torch.cat([
-            denoiser.prepare_latents(1, torch.Generator().manual_seed(seed * 10_000_019 + i))
-            for i, _ in batch
-        ])
-        images = sample(denoiser, prompts, steps=steps, guidance=guidance, latents=latents)
-        if isinstance(images, torch.Tensor):
-            images = images.detach().float().cpu().numpy()
-        images = (np.clip(np.asarray(images), 0.0, 1.0) * 255).round().astype(np.uint8)
+        latents = seeded_latents(denoiser, [seed * 10_000_019 + i for i, _ in batch])
+        images = to_uint8(sample(denoiser, prompts, steps=steps, guidance=guidance,
+                                 latents=latents))
         for (i, t), image in zip(batch, images, strict=True):
             reason, box_a, box_b = _verify(image, t)
             if reason is not None:

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, replace
 import torch
 
 from l2s.engine.backbone import Denoiser
-from l2s.engine.sampling import guided_noise, sample
+from l2s.engine.sampling import guided_noise, sample, seeded_latents
 from l2s.relations import parse
 from l2s.steering import RelationLoss, Steerer, peak_memory_mb, steer_latents
 
@@ -144,8 +144,7 @@ def run_speed(config: SpeedConfig, denoiser: Denoiser | None = None, on_unit=Non
     worst = replace(base, threshold_start=-1.0, threshold_end=-1.0)
     one_iter = replace(worst, iterations=1)
     clock = _Clock(denoiser.device)
-    gen = torch.Generator().manual_seed(0)
-    x = denoiser.prepare_latents(1, gen)
+    x = seeded_latents(denoiser, [0])
     t = denoiser.timesteps(base.steps)[0]
     cond = denoiser.encode_prompt([prompt])
     uncond = denoiser.encode_prompt([""])
@@ -210,7 +209,7 @@ def run_speed(config: SpeedConfig, denoiser: Denoiser | None = None, on_unit=Non
 def _end_to_end(denoiser, prompt, triplets, loss, base, worst, one_iter, clock, on_unit
                 ) -> dict:
     """Whole generations of one image, each timed once after the unit warm-ups."""
-    x = denoiser.prepare_latents(1, torch.Generator().manual_seed(1))
+    x = seeded_latents(denoiser, [1])
     out = {}
 
     def timed(name: str, fn) -> None:

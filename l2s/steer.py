@@ -12,7 +12,7 @@ import torch
 
 from l2s.engine.backbone import Denoiser
 from l2s.engine.presets import PRESETS, generation_defaults
-from l2s.engine.sampling import sample, to_uint8
+from l2s.engine.sampling import sample, seeded_latents, to_uint8
 from l2s.relations import Triplet, parse
 from l2s.steering import (
     CentroidLoss,
@@ -87,12 +87,6 @@ def steer_settings(model: str, *, steps: int | None = None, guidance: float | No
     return SteerSettings(steps=steps, guidance=guidance, steer_until=steer_until,
                          iterations=iterations, step_size=step_size, optimizer=optimizer,
                          **thresholds)
-
-
-def seeded_latents(denoiser: Denoiser, seeds: list[int]) -> torch.Tensor:
-    """One latent per seed, each from its own generator (independent of the batch size)."""
-    return torch.cat([denoiser.prepare_latents(1, torch.Generator().manual_seed(s))
-                      for s in seeds])
 
 
 def generate(denoiser: Denoiser, prompts: list[str], triplets: list[list[Triplet]],

@@ -57,6 +57,12 @@ def guided_noise(
     return eps_u + guidance * (eps_c - eps_u)
 
 
+def seeded_latents(denoiser: Denoiser, seeds: list[int]) -> torch.Tensor:
+    """One latent per seed, each from its own generator (independent of the batch size)."""
+    return torch.cat([denoiser.prepare_latents(1, torch.Generator().manual_seed(s))
+                      for s in seeds])
+
+
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """Images (B, H, W, 3) in [0, 1] -> uint8 arrays for PNGs and the detector."""
     return (images.float().cpu().numpy() * 255).round().astype(np.uint8)
