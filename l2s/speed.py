@@ -134,9 +134,10 @@ def run_speed(config: SpeedConfig, denoiser: Denoiser | None = None, on_unit=Non
                                  random_weights=config.random_weights,
                                  image_size=config.image_size)
     prompt = config.prompt or _default_prompt(denoiser)
-    triplets = parse(prompt)
+    triplets = [t for t in parse(prompt) if t.steerable]
     if not triplets:
-        raise ValueError(f"the prompt {prompt!r} states no spatial relation: nothing to steer")
+        raise ValueError(f"the prompt {prompt!r} states no steerable relation (left of, right "
+                         "of, above, below): nothing to steer")
     loss, loss_source = timing_loss(denoiser, config.model, config.classifier)
     base = steer_settings(config.model, steps=config.steps, steer_until=config.steer_until,
                           iterations=config.iterations)

@@ -20,7 +20,7 @@ from l2s.engine.backbone import Denoiser
 from l2s.engine.hooks import AttentionRecorder
 from l2s.engine.sampling import guided_noise
 from l2s.engine.tokens import triplet_tokens
-from l2s.relations import RELATIONS, Triplet
+from l2s.relations import Triplet
 
 OPTIMIZERS = ("sgd", "adam")
 
@@ -199,7 +199,7 @@ class Steerer:
         self.keep_maps = keep_maps  # keep each steered step's maps before/after (for plots)
         self.stats = SteerStats()
         self.cond = denoiser.encode_prompt(list(prompts))
-        self.steerable = [[t for t in tl if t.relation in RELATIONS] for tl in triplets]
+        self.steerable = [[t for t in tl if t.steerable] for tl in triplets]
         self.active = [i for i, tl in enumerate(self.steerable) if tl]
         per_image = [object_groups(denoiser, p, tl) if tl else ([[0]], [])
                      for p, tl in zip(prompts, self.steerable, strict=True)]

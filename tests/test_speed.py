@@ -44,8 +44,9 @@ def test_explicit_attention_covers_every_layer_and_restores(den):
 
 
 def test_prompt_without_relation_is_refused(den):
-    with pytest.raises(ValueError, match="no spatial relation"):
-        run_speed(SpeedConfig(model="tiny", prompt="a dog", repeats=1), denoiser=den)
+    for prompt in ("a dog", "a dog next to a cat"):  # no relation; one that is never steered
+        with pytest.raises(ValueError, match="no steerable relation"):
+            run_speed(SpeedConfig(model="tiny", prompt=prompt, repeats=1), denoiser=den)
 
 
 def test_cli_speed_on_the_toy_writes_the_report(tmp_path, one_thread):
