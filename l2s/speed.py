@@ -86,7 +86,7 @@ def explicit_attention(model: torch.nn.Module):
 
 
 class _Clock:
-    """Median wall time of a callable over repeats, with the device synchronised."""
+    """Wall time of callables with the device synchronised, and peak memory."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
@@ -99,20 +99,26 @@ class _Clock:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
 
+    def peak_mb(self) -> float:
+        return round(peak_memory_mb(self.device), 1)
+
+    def timed_call(self, fn) -> tuple[float, object]:
+        """(milliseconds, fn's result) of one call, from a synchronised start to its end."""
+        self.sync()
+        t0 = time.perf_counter()
+        result = fn()
+        self.sync()
+        return (time.perf_counter() - t0) * 1000, result
+
     def measure(self, fn, repeats: int) -> dict:
         """{"ms": median, "all_ms": [...], "peak_mb": peak memory during the timed runs}."""
         fn()  # warm-up (kernel selection, allocator)
         self.sync()
         self.reset_peak()
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            self.sync()
-            times.append((time.perf_counter() - t0) * 1000)
+        times = [self.timed_call(fn)[0] for _ in range(repeats)]
         return {"ms": round(statistics.median(times), 3),
                 "all_ms": [round(t, 3) for t in times],
-                "peak_mb": round(peak_memory_mb(self.device), 1)}
+                "peak_mb": self.peak_mb()}
 
 
 def _default_prompt(denoiser: Denoiser) -> str:
@@ -216,11 +222,8 @@ def _end_to_end(denoiser, prompt, triplets, loss, base, worst, one_iter, clock, 
     def timed(name: str, fn) -> None:
         clock.sync()
         clock.reset_peak()
-        t0 = time.perf_counter()
-        result = fn()
-        clock.sync()
-        res = {"seconds": round(time.perf_counter() - t0, 3),
-               "peak_mb": round(peak_memory_mb(denoiser.device), 1)}
+        ms, result = clock.timed_call(fn)
+        res = {"seconds": round(ms / 1000, 3), "peak_mb": clock.peak_mb()}
         if isinstance(result, tuple):  # steered: how many gradient iterations actually ran
             res["iterations_run"] = sum(r.iterations for r in result[1].steps)
         out[name] = res
