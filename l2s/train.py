@@ -8,6 +8,7 @@ wrong-caption recordings always fall on the same side.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import time
@@ -357,18 +358,24 @@ def augment_batch(x: torch.Tensor, y: torch.Tensor, mode: str, classes: Sequence
     """
     if mode == "none":
         return x, y
-    ops = [(lambda m: m.flip(-1), _H_FLIP), (lambda m: m.flip(1), _SWAP)]
-    if mode == "all":
-        ops.append((lambda m: m.flip(-2), _V_FLIP))
-    for op, relabel in ops:
+    for dim, table in _symmetries(mode, tuple(classes), y.device):
         pick = torch.rand(len(y), generator=generator) < 0.5
         if not pick.any():
             continue
-        table = torch.tensor([classes.index(relabel.get(c, c)) for c in classes])
         pick = pick.to(x.device)
-        x = torch.where(pick.view(-1, 1, 1, 1, 1), op(x), x)
-        y = torch.where(pick, table.to(y.device)[y], y)
+        x = torch.where(pick.view(-1, 1, 1, 1, 1), x.flip(dim), x)
+        y = torch.where(pick, table[y], y)
     return x, y
+
+
+@functools.lru_cache(maxsize=8)
+def _symmetries(mode: str, classes: tuple[str, ...], device: torch.device
+                ) -> list[tuple[int, torch.Tensor]]:
+    """(dim of (B, 2, C, S, S) to flip, class relabelling table on ``device``) per symmetry:
+    built once, not per batch."""
+    ops = [(-1, _H_FLIP), (1, _SWAP)] + ([(-2, _V_FLIP)] if mode == "all" else [])
+    return [(dim, torch.tensor([classes.index(relabel.get(c, c)) for c in classes],
+                               device=device)) for dim, relabel in ops]
 
 
 @torch.no_grad()
