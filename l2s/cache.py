@@ -11,8 +11,16 @@ timesteps, C = layers x heads -- and its metadata (relation, pos/neg, source, PS
 layer names) in the safetensors header, so the file alone is self-describing. Writes go to a
 temporary file in the same folder and are renamed into place, so a crash or a full disk never
 leaves a half-written entry; manifest lines are appended with one O_APPEND write each, which
-several processes can do at once. An entry that fails to load or has the wrong shape is
-deleted and reported, and the job that wanted it rebuilds it.
+several processes can do at once.
+
+The cache repairs itself. An entry is trusted only after its content checks out (safetensors
+header, recorded shape and key, finite values, and the sha256 of its tensor recorded at write
+time); one that fails is deleted and reported, and the job that wanted it rebuilds it. The
+manifest is an index, not the truth: entries on disk that it does not list (it was truncated,
+zeroed or deleted) are read back into it, lines of missing or broken entries, duplicates and
+garbage are dropped, and the file is rewritten. Processes sharing a cache claim the images
+they work on (``claims/<key>``), so two `l2s invert` runs split the work instead of both
+doing all of it.
 """
 
 from __future__ import annotations
@@ -20,7 +28,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 import tempfile
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -71,9 +81,18 @@ def atomic_write(path: Path, write: Callable[[str], object]) -> None:
         raise
 
 
+def tensor_sha256(t: torch.Tensor) -> str:
+    """sha256 of a tensor's bytes (as stored: contiguous, on the CPU)."""
+    return hashlib.sha256(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
+                          ).hexdigest()
+
+
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict) -> None:
     atomic_write(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()},
                                              tmp, metadata={"l2s": json.dumps(metadata)}))
+
+
+CLAIM_STALE_S = 6 * 3600  # a claim older than this from another machine is taken over
 
 
 @dataclass(frozen=True)
@@ -102,6 +121,8 @@ class AttentionCache:
                              "--cache-dir to a writable folder") from e
         self.manifest_path = self.dir / "manifest.jsonl"
         self.corrupt: list[str] = []  # keys found broken and deleted during this session
+        self._verified: set[str] = set()  # keys whose content checked out in this session
+        self._claims: set[str] = set()  # claims this object holds
 
     # --- paths ---------------------------------------------------------------------------
     def map_path(self, key: str) -> Path:
@@ -112,14 +133,23 @@ class AttentionCache:
 
     # --- maps ----------------------------------------------------------------------------
     def has(self, key: str) -> bool:
-        return self.map_path(key).exists()
+        """Whether a sound entry exists: its content is checked (once per session); a broken
+        one is deleted and recorded, so the caller rebuilds it."""
+        if key in self._verified:
+            return True
+        return self._read(self.map_path(key), "maps", key) is not None
 
     def put(self, key: str, maps: torch.Tensor, meta: dict) -> None:
         """Store an entry atomically, then list it in the manifest."""
         if maps.ndim != 5 or maps.shape[1] != 2:
             raise ValueError(f"maps must be (T, 2, C, S, S), got {tuple(maps.shape)}")
-        meta = {**meta, "key": key, "shape": list(maps.shape)}
-        _atomic_save({"maps": maps.detach().to(torch.float16).cpu()}, self.map_path(key), meta)
+        maps = maps.detach().to(torch.float16).cpu().contiguous()
+        meta = {**meta, "key": key, "shape": list(maps.shape), "sha256": tensor_sha256(maps)}
+        _atomic_save({"maps": maps}, self.map_path(key), meta)
+        self._verified.add(key)
+        self._append(meta)
+
+    def _append(self, meta: dict) -> None:
         line = (json.dumps({k: meta[k] for k in MANIFEST_FIELDS if k in meta}) + "\n").encode()
         fd = os.open(self.manifest_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         try:
@@ -128,22 +158,21 @@ class AttentionCache:
             os.close(fd)
 
     def _read(self, path: Path, name: str, key: str) -> tuple[torch.Tensor, dict] | None:
-        """(tensor, metadata) of a cache file; None if absent. A file that fails to load or
-        whose tensor disagrees with its recorded shape is deleted and its key recorded."""
+        """(tensor, metadata) of a cache file; None if absent. A file whose content does not
+        check out (see ``check_entry``) is deleted and its key recorded."""
         if not path.exists():
             return None
         try:
             tensor = load_file(path)[name]
             with safe_open(path, "pt") as f:
                 meta = json.loads(f.metadata()["l2s"])
-            if list(tensor.shape) != meta["shape"] or meta.get("key", key) != key:
-                raise ValueError(f"shape {list(tensor.shape)} != recorded {meta['shape']} "
-                                 "or the file belongs to another key")
-        except (SafetensorError, OSError, ValueError, KeyError, TypeError,
-                json.JSONDecodeError):
+            check_entry(tensor, meta, key)
+        except (SafetensorError, OSError, ValueError, KeyError, TypeError, AttributeError):
             path.unlink(missing_ok=True)
             self.corrupt.append(key)
+            self._verified.discard(key)
             return None
+        self._verified.add(key)
         return tensor, meta
 
     def get(self, key: str) -> Entry | None:
@@ -152,17 +181,88 @@ class AttentionCache:
         return None if got is None else Entry(key, *got)
 
     def manifest(self) -> list[dict]:
-        """Manifest records of entries whose files exist (last line per key wins)."""
-        if not self.manifest_path.exists():
-            return []
+        """Manifest records of the sound entries on disk, one per key (the last line wins).
+
+        Repairs as it reads: entries on disk that no line lists are read back in, lines of
+        missing entries, duplicates and unreadable lines are dropped, and then the file is
+        rewritten. Entries written meanwhile by another process are still on disk, so a
+        later call lists them again.
+        """
+        rows, dirty = self._manifest_lines()
+        on_disk = {p.stem for p in (self.dir / "maps").glob("*/*.safetensors")}
+        for key in sorted(on_disk - rows.keys()):
+            got = self._read(self.map_path(key), "maps", key)
+            if got is not None:
+                rows[key] = {k: got[1][k] for k in MANIFEST_FIELDS if k in got[1]}
+            dirty = True
+        for key in rows.keys() - on_disk:
+            del rows[key]
+            dirty = True
+        if dirty:
+            text = "".join(json.dumps(r) + "\n" for r in rows.values())
+            atomic_write(self.manifest_path, lambda tmp: Path(tmp).write_text(text))
+        return list(rows.values())
+
+    def _manifest_lines(self) -> tuple[dict[str, dict], bool]:
+        """(key -> record, whether the file needs rewriting) from the manifest as it is."""
+        try:
+            raw = self.manifest_path.read_bytes()
+        except FileNotFoundError:
+            return {}, False
         rows: dict[str, dict] = {}
-        for line in self.manifest_path.read_text().splitlines():
+        dirty = False
+        for line in raw.splitlines():
             try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
+                row = json.loads(line.decode("utf-8"))
+                key = row["key"]
+                if not isinstance(key, str):
+                    raise TypeError(key)
+            except (ValueError, KeyError, TypeError):  # garbage, zeroed or torn lines
+                dirty = True
                 continue
-            rows[row["key"]] = row
-        return [r for k, r in rows.items() if self.map_path(k).exists()]
+            dirty = dirty or key in rows
+            rows[key] = row
+        return rows, dirty
+
+    # --- which sources an invert run finished ---------------------------------------------
+    def begin_source(self, source: str) -> None:
+        """Mark ``source`` as being inverted (until ``end_source``): a killed run leaves the
+        mark, so `l2s train --data SOURCE` knows to resume it."""
+        (self.dir / f"inverting-{source}").write_text(f"{socket.gethostname()} {os.getpid()}\n")
+
+    def end_source(self, source: str) -> None:
+        (self.dir / f"inverting-{source}").unlink(missing_ok=True)
+
+    def sources_to_invert(self, sources) -> list[str]:
+        """Those of ``sources`` the cache holds no entry of, or whose last invert was cut off."""
+        have = {r.get("source") for r in self.manifest()}
+        return [s for s in sources
+                if s not in have or (self.dir / f"inverting-{s}").exists()]
+
+    # --- claims: processes sharing a cache split the work --------------------------------
+    def claim(self, key: str) -> bool:
+        """Take the work on ``key`` (an image's latent key) unless another live process has;
+        a claim left by a process that died is taken over."""
+        path = self.dir / "claims" / key
+        path.parent.mkdir(exist_ok=True)
+        for _ in range(2):
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                if not _stale(path):
+                    return False
+                path.unlink(missing_ok=True)
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(f"{socket.gethostname()} {os.getpid()}\n")
+            self._claims.add(key)
+            return True
+        return False
+
+    def release(self, key: str) -> None:
+        if key in self._claims:
+            (self.dir / "claims" / key).unlink(missing_ok=True)
+            self._claims.discard(key)
 
     def entries(self) -> Iterator[Entry]:
         """Every readable entry listed in the manifest (corrupt ones are dropped)."""
@@ -174,8 +274,10 @@ class AttentionCache:
     # --- latents -------------------------------------------------------------------------
     def put_latents(self, key: str, latents: torch.Tensor, meta: dict) -> None:
         """One image's inverted DDIM trajectory (steps, C, h, w), stored as fp16."""
-        _atomic_save({"latents": latents.detach().to(torch.float16).cpu()}, self.latent_path(key),
-                     {**meta, "key": key, "shape": list(latents.shape)})
+        latents = latents.detach().to(torch.float16).cpu().contiguous()
+        _atomic_save({"latents": latents}, self.latent_path(key),
+                     {**meta, "key": key, "shape": list(latents.shape),
+                      "sha256": tensor_sha256(latents)})
 
     def get_latents(self, key: str) -> tuple[torch.Tensor, dict] | None:
         """(latents, metadata) of an image, or None if absent or corrupt (then deleted)."""
@@ -197,6 +299,37 @@ class AttentionCache:
             "by_split": dict(Counter(r.get("split") for r in rows)),
             "bytes": size,
         }
+
+
+def check_entry(tensor: torch.Tensor, meta: dict, key: str) -> None:
+    """Raise ValueError unless a loaded entry is what was written: its recorded key and shape,
+    finite values, and (entries written since checksums were recorded) its sha256."""
+    if meta.get("key", key) != key:
+        raise ValueError(f"the file holds key {meta.get('key')}, not {key}")
+    if list(tensor.shape) != meta["shape"]:
+        raise ValueError(f"shape {list(tensor.shape)} != recorded {meta['shape']}")
+    if not bool(torch.isfinite(tensor).all()):
+        raise ValueError("non-finite values")
+    if "sha256" in meta and tensor_sha256(tensor) != meta["sha256"]:
+        raise ValueError("content differs from its recorded sha256")
+
+
+def _stale(claim: Path) -> bool:
+    """A claim whose process is gone (same machine), or too old (another machine)."""
+    try:
+        host, pid = claim.read_text().split()
+        age = time.time() - claim.stat().st_mtime
+    except (OSError, ValueError):
+        return True  # unreadable or half-written: nobody can own it
+    if host != socket.gethostname():
+        return age > CLAIM_STALE_S
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, ValueError):
+        return False
+    return False
 
 
 # What the manifest lists of each entry (enough to select and split without opening files).

@@ -241,8 +241,8 @@ def read_card(path: str | Path) -> tuple[Path, dict]:
         raise ClassifierError(f"no classifier card at {p}: pass a card.json written by "
                               "`l2s train`, or the folder holding it")
     try:
-        card = json.loads(p.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        card = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # ValueError: bad JSON, or bytes that are not UTF-8
         raise ClassifierError(f"classifier card {p} is not readable JSON ({e}): retrain with "
                               "`l2s train`") from e
     if not isinstance(card, dict) or card.get("format") != CARD_FORMAT:
@@ -285,7 +285,12 @@ def load_classifier(path: str | Path, denoiser=None, device: str | torch.device 
     except (KeyError, TypeError, ValueError) as e:
         raise ClassifierError(f"card {card_path} has no usable architecture ({e}): retrain with "
                               "`l2s train`") from e
-    weights = card_path.parent / card.get("weights", WEIGHTS_FILE)
+    folder = card_path.parent.resolve()
+    weights = (folder / str(card.get("weights", WEIGHTS_FILE))).resolve()
+    if not weights.is_relative_to(folder):
+        raise ClassifierError(f"card {card_path} names weights {card.get('weights')!r} outside "
+                              "its own folder: a card may only load the weights beside it; put "
+                              "model.safetensors next to card.json")
     if not weights.is_file():
         raise ClassifierError(f"card {card_path} does not match its weights: {weights} is "
                               "missing; copy the whole classifier folder")
@@ -346,21 +351,30 @@ def trained_classifier_dir(model_name: str) -> Path:
 
 
 def default_classifier(model_name: str, fingerprint: str | None = None) -> Path | None:
-    """The card of a backbone's default classifier: shipped in the package
-    (``l2s/classifiers/<name>/card.json``), else the one `l2s train` wrote
-    (``<cache>/classifiers/<name>/card.json``); None if neither exists. With ``fingerprint``,
-    a card trained on another fingerprint is passed over."""
-    for folder in (PACKAGE_CLASSIFIERS / safe_model_name(model_name),
-                   trained_classifier_dir(model_name)):
+    """The card of a backbone's default classifier: the one `l2s train` wrote
+    (``<cache>/classifiers/<name>/card.json``: the user's own wins), else the one shipped in
+    the package (``l2s/classifiers/<name>/card.json``); None if neither exists. With
+    ``fingerprint``, a card trained on another fingerprint (or unreadable) is passed over."""
+    for folder in (trained_classifier_dir(model_name),
+                   PACKAGE_CLASSIFIERS / safe_model_name(model_name)):
         card = folder / CARD_FILE
         if not card.is_file():
             continue
         if fingerprint is not None:
             try:
                 fp = json.loads(card.read_text()).get("backbone", {}).get("fingerprint")
-            except (OSError, json.JSONDecodeError, AttributeError):
+            except (OSError, ValueError, AttributeError):  # ValueError: bad JSON or UTF-8
                 continue
             if fp != fingerprint:
                 continue
         return card
     return None
+
+
+def card_origin(card_path: str | Path) -> str:
+    """'shipped' for a card that comes with l2s, else 'trained' (the user's)."""
+    try:
+        Path(card_path).resolve().relative_to(PACKAGE_CLASSIFIERS.resolve())
+    except ValueError:
+        return "trained"
+    return "shipped"

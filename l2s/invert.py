@@ -8,11 +8,13 @@ import random
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from itertools import islice
 
 import numpy as np
 import torch
 
 from l2s.cache import AttentionCache, content_key, image_hash
+from l2s.config import ConfigError, check_choice, check_number
 from l2s.engine.backbone import Denoiser
 from l2s.engine.tokens import TokenAlignmentError, pair_tokens
 from l2s.inversion import (
@@ -43,6 +45,19 @@ class InvertConfig:
     folder: str | None = None  # folder source with annotations.jsonl
     per_relation: tuple[int, int, int] | None = None  # train/val/test per relation (None: default)
 
+    def __post_init__(self) -> None:
+        from l2s.sources import SOURCES
+
+        for d in self.data:
+            check_choice("--data", d, SOURCES)
+        check_number("--limit", self.limit, 1)
+        check_number("--batch-size", self.batch_size, 1)
+        check_number("--negatives", self.negatives, 0)
+        if self.negatives > len(RELATIONS) - 1:
+            raise ConfigError(f"--negatives {self.negatives}: a caption has only "
+                              f"{len(RELATIONS) - 1} wrong relations, so at most "
+                              f"{len(RELATIONS) - 1} distinct negatives per image")
+
 
 @dataclass
 class InvertResult:
@@ -51,9 +66,11 @@ class InvertResult:
     written: int = 0
     skipped: int = 0  # map entries already cached
     inverted: int = 0  # images inverted (latents not cached yet)
-    dropped: Counter = field(default_factory=Counter)  # reason -> count
+    dropped: Counter = field(default_factory=Counter)  # reason -> map entries not written
+    unreadable: list = field(default_factory=list)  # image files that could not be read
     sources: dict = field(default_factory=dict)  # per-source kept/dropped reports
     corrupt_rebuilt: int = 0
+    left_to_others: int = 0  # entries another process sharing the cache was writing
     stats: dict = field(default_factory=dict)
     seconds: float = 0.0
 
@@ -127,14 +144,15 @@ def run_invert(cfg: InvertConfig, denoiser: Denoiser | None = None,
     options = SourceOptions(**opts_kwargs)
 
     for source in cfg.data:
+        cache.begin_source(source)
         report = SourceReport()
         # "expected" (an upper bound on the samples) lets progress bars show an ETA.
         event = {"source": source, "expected": expected_samples(source, options, cfg.limit)}
         batch: list = []
         seen = 0
-        for i, sample in enumerate(iter_samples(source, options, report, denoiser=denoiser)):
-            if cfg.limit is not None and i >= cfg.limit:
-                break
+        # islice stops before drawing sample limit + 1, so the source's counts match the run's
+        samples = islice(iter_samples(source, options, report, denoiser=denoiser), cfg.limit)
+        for i, sample in enumerate(samples):
             seen += 1
             if i % shard_count != shard_index:
                 continue
@@ -149,6 +167,7 @@ def run_invert(cfg: InvertConfig, denoiser: Denoiser | None = None,
         if callback:
             callback({**event, "done": seen, "final": True, **_counts(result)})
         result.sources[source] = report.to_dict()
+        cache.end_source(source)
     result.corrupt_rebuilt = len(cache.corrupt)
     result.stats = cache.stats()
     result.seconds = time.perf_counter() - t_start
@@ -167,16 +186,18 @@ def _counts(r: InvertResult) -> dict:
 
 def _process(samples: list, denoiser: Denoiser, cache: AttentionCache, cfg: InvertConfig,
              common_meta: dict, result: InvertResult) -> None:
-    """Invert (or load) a batch of samples' latents, then record and store missing entries."""
+    """Claim the samples whose entries are missing (or broken), then build those entries."""
     from l2s.sources import SourceError
 
     inv = cfg.inversion
     items = []  # (sample, image tensor, hash, prompts, keys)
+    lat_keys: list[str] = []  # each item's latent key, claimed by this process
     for s in samples:
         try:
             img = _prepare_image(s.load_image(), denoiser.image_size)
         except SourceError:
             result.dropped["unreadable image"] += 1
+            result.unreadable.append(s.image_path or s.source_id)
             continue
         h = image_hash((img * 255).round().to(torch.uint8).numpy())
         rng = random.Random(f"{cfg.seed}:{s.source_id}")
@@ -187,13 +208,28 @@ def _process(samples: list, denoiser: Denoiser, cache: AttentionCache, cfg: Inve
                 for p, _, _ in prompts]
         missing = [k for k in keys if not cache.has(k)]
         result.skipped += len(keys) - len(missing)
-        if missing:
-            items.append((s, img, h, prompts, keys))
+        if not missing:
+            continue
+        lat_key = content_key(denoiser.fingerprint, h, prompts[0][0], inv.latent_settings())
+        if not cache.claim(lat_key):  # another process sharing the cache is on this image
+            result.left_to_others += len(missing)
+            continue
+        items.append((s, img, h, prompts, keys))
+        lat_keys.append(lat_key)
+    try:
+        _work(items, lat_keys, denoiser, cache, cfg, common_meta, result)
+    finally:
+        for k in lat_keys:
+            cache.release(k)
+
+
+def _work(items: list, lat_keys: list[str], denoiser: Denoiser, cache: AttentionCache,
+          cfg: InvertConfig, common_meta: dict, result: InvertResult) -> None:
+    """Invert (or load) the claimed images' latents, record their maps and store them."""
     if not items:
         return
+    inv = cfg.inversion
     # 1. Latent trajectories: cached, else inverted together in one batch.
-    lat_keys = [content_key(denoiser.fingerprint, h, p[0][0], inv.latent_settings())
-                for _, _, h, p, _ in items]
     # Noised latents cost nothing to redo (seeded), so only DDIM trajectories are cached.
     trajs: list = [cache.get_latents(k) if inv.method == "ddim" else None for k in lat_keys]
     todo = [i for i, t in enumerate(trajs) if t is None]

@@ -10,11 +10,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from l2s.config import check_choice, check_generation, check_number, check_writable_dir
 from l2s.engine.backbone import Denoiser
 from l2s.engine.presets import PRESETS, generation_defaults
 from l2s.engine.sampling import sample, seeded_latents, to_uint8
 from l2s.relations import Triplet, parse
 from l2s.steering import (
+    OPTIMIZERS,
     CentroidLoss,
     ClassifierLoss,
     RelationLoss,
@@ -127,6 +129,47 @@ class SteerConfig:
     save_attention: bool = False  # write attention_<seed>.png: maps before/after, loss curves
     out: str | None = None  # folder for PNGs and report.json (None: write nothing)
 
+    def __post_init__(self) -> None:
+        if not self.prompt.strip():
+            raise PromptError('the prompt is empty: give one such as "a circle to the left of a '
+                              'square"')
+        check_choice("--method", self.method, STEER_METHODS)
+        check_choice("--optimizer", self.optimizer, OPTIMIZERS)
+        check_number("--num-images", self.num_images, 1)
+        check_generation(steps=self.steps, guidance=self.guidance, steer_until=self.steer_until,
+                         iterations=self.iterations, step_size=self.step_size,
+                         loss_threshold=self.loss_threshold)
+
+
+def prompt_warnings(triplets: list[Triplet]) -> list[str]:
+    """What the user should know about a prompt that parses but may not steer as meant."""
+    return [f"{t} names {t.subject!r} twice: both maps come from the same word, so the "
+            "relation may be met by a single object; use two different objects"
+            for t in triplets if t.subject == t.object]
+
+
+def relation_achieved(denoiser: Denoiser, images: np.ndarray, triplets: list[Triplet],
+                      stats: SteerStats, method: str = "l2s") -> dict | None:
+    """Whether the images show the prompt's relations: judged by the toy world's detector on
+    the toy model (GenEval's position rule), else by the steering loss's last p(target) (the
+    classifier's probability for l2s, the share of images whose attention centroids are in
+    order for centroid; mean over the images still steered at the last steered step). None
+    when there is nothing to judge by."""
+    if not triplets:
+        return None
+    from l2s.toy.scenes import CATEGORY_NAMES
+
+    if denoiser.known_objects is not None and set(denoiser.known_objects) <= set(CATEGORY_NAMES):
+        from l2s.bench import score_shapes  # a toy-world model: its detector can tell
+
+        per_image = [all(score_shapes(img, t)["correct"] for t in triplets) for img in images]
+        return {"by": "toy detector", "per_image": per_image, "count": sum(per_image),
+                "of": len(per_image)}
+    last = next((r.p_target for r in reversed(stats.steps) if r.p_target is not None), None)
+    by = {"l2s": "the classifier's final p(target)",
+          "centroid": "share of images whose attention centroids are in order"}.get(method)
+    return None if last is None or by is None else {"by": by, "p_target": round(last, 4)}
+
 
 @dataclass
 class SteerResult:
@@ -149,6 +192,8 @@ def unique_dir(path: str | Path) -> Path:
 def steer(config: SteerConfig, denoiser: Denoiser | None = None, on_step=None) -> SteerResult:
     """Run `l2s steer`: generate ``num_images`` images for the prompt and report per step."""
     triplets = parse(config.prompt)
+    if config.out:  # before any work: a run whose images cannot be saved is lost
+        check_writable_dir(config.out)
     if denoiser is None:
         from l2s.engine.loading import load_backbone
 
@@ -182,7 +227,7 @@ def steer(config: SteerConfig, denoiser: Denoiser | None = None, on_step=None) -
         "notice": notice,
         "steps": [r.to_json() for r in stats.steps],
         "skipped_updates": stats.skipped_updates,
-        "warnings": stats.warnings,
+        "warnings": prompt_warnings(triplets) + stats.warnings,
         "total_s": round(total, 4),
         "peak_memory_mb": round(peak_memory_mb(denoiser.device), 1),
     }
@@ -194,6 +239,7 @@ def steer(config: SteerConfig, denoiser: Denoiser | None = None, on_step=None) -
         report["plain_s"] = round(time.perf_counter() - t1, 4)
         report["overhead"] = round(total / max(report["plain_s"], 1e-9), 3)
     arr = to_uint8(images)
+    report["achieved"] = relation_achieved(denoiser, arr, steerable, stats, method)
     result = SteerResult(arr, report)
     if config.out:
         from PIL import Image

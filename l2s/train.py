@@ -28,6 +28,7 @@ from l2s.classifier import (
     save_classifier,
     trained_classifier_dir,
 )
+from l2s.config import check_choice, check_number, check_writable_dir
 from l2s.relations import RELATIONS
 
 SPLITS = ("train", "val", "test")
@@ -92,8 +93,11 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "d_model", "depth"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise TrainError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.lr is not None and self.lr <= 0:
-            raise TrainError(f"lr must be positive, got {self.lr}")
+        check_number("--lr", self.lr, 0, strict=True)
+        from l2s.sources import SOURCES
+
+        for d in self.data:
+            check_choice("--data", d, SOURCES)
 
     def resolved_lr(self) -> float:
         return self.lr if self.lr is not None else (TOY_LR if self.model == "toy" else SD_LR)
@@ -142,6 +146,7 @@ class MapData:
     timesteps: list[int]  # the recorded timesteps, in recording order
     layers: list[dict]  # [{"name", "heads"}] of the recorded layers
     cache_dir: str  # the cache folder of this backbone they were read from
+    corrupt: list[str] = field(default_factory=list)  # keys of broken entries deleted on reading
 
 
 def _fail_empty(root: Path, name: str, fingerprint: str, model: str) -> TrainError:
@@ -177,10 +182,13 @@ def load_maps(cache_dir: str | Path | None, fingerprint: str, *, name: str, mode
     from l2s.cache import AttentionCache, default_cache_dir
 
     root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    if root.exists() and not root.is_dir():
+        raise TrainError(f"cache folder {root} is a file, not a folder: pass the --cache-dir "
+                         "`l2s invert` wrote")
     if not root.is_dir():
         raise TrainError(f"cache folder {root} does not exist: run `l2s invert --model {model}` "
                          "first, or pass the --cache-dir it wrote")
-    if not (root / fingerprint / "manifest.jsonl").exists():
+    if not (root / fingerprint / "maps").is_dir():
         if not _looks_like_cache(root):
             raise TrainError(f"{root} is not an l2s attention cache (no <fingerprint>/"
                              "manifest.jsonl inside): pass the --cache-dir `l2s invert` wrote")
@@ -264,7 +272,7 @@ def load_maps(cache_dir: str | Path | None, fingerprint: str, *, name: str, mode
     maps = buf[:n].flatten(0, 1)  # (E, T, 2, C, S, S) -> (E*T, 2, C, S, S), no copy
     return MapData(maps, torch.tensor(t), torch.tensor(y), torch.tensor(neg),
                    torch.tensor(prompt_y), image, split, source, ts_list, layer_list,
-                   str(cache.dir))
+                   str(cache.dir), list(cache.corrupt))
 
 
 def hash_split(image: str, seed: int, val_fraction: float, test_fraction: float) -> str:
@@ -419,6 +427,8 @@ def run_train(cfg: TrainConfig, denoiser=None, callback: Callable[[dict], None] 
         from l2s.engine.loading import load_backbone
 
         denoiser = load_backbone(cfg.model)
+    out = Path(cfg.out).expanduser() if cfg.out else trained_classifier_dir(denoiser.name)
+    check_writable_dir(out)  # before reading maps and training: the result must be savable
     layers = [{"name": la.name, "heads": la.heads} for la in denoiser.cross_attention_layers()]
     backbone = {"name": denoiser.name, "fingerprint": denoiser.fingerprint, "layers": layers}
     data = load_maps(cfg.cache_dir, denoiser.fingerprint, name=denoiser.name, model=cfg.model,
@@ -495,14 +505,14 @@ def run_train(cfg: TrainConfig, denoiser=None, callback: Callable[[dict], None] 
     metrics = relation_metrics(test_pred, data, parts["test"])
     metrics.update(best_epoch=best_epoch, val_loss=round(best_loss, 5),
                    val_accuracy=round(history[best_epoch - 1]["val_acc"], 4))
-    out = Path(cfg.out).expanduser() if cfg.out else trained_classifier_dir(denoiser.name)
     resolved = replace(cfg, lr=lr, d_model=d_model, depth=depth, device=str(device),
                        out=str(out))
     seconds = time.perf_counter() - start
     card = {
         "backbone": {**backbone, "model": cfg.model},
         "timesteps": sorted(set(data.timesteps), reverse=True),
-        "data": {"cache_dir": data.cache_dir, **_counts(data, parts)},
+        "data": {"cache_dir": data.cache_dir, **_counts(data, parts),
+                 "corrupt_dropped": len(data.corrupt)},  # broken entries found and deleted
         "metrics": metrics,
         "training": {**asdict(resolved), "epochs_run": len(history), "seconds": round(seconds, 1),
                      "parameters": model.num_parameters()},

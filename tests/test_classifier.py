@@ -11,6 +11,7 @@ from l2s.classifier import (
     ClassifierError,
     ClassifierMismatchError,
     RelationClassifier,
+    card_origin,
     default_classifier,
     load_classifier,
     map_moments,
@@ -168,16 +169,21 @@ def test_nearest_trained_timestep_needs_timesteps():
         nearest_trained_timestep({"timesteps": []}, 10)
 
 
-def test_default_classifier_prefers_shipped_then_trained(tmp_path, monkeypatch):
+def test_default_classifier_prefers_the_users_trained_one(tmp_path, monkeypatch):
     monkeypatch.setattr(cls_mod, "PACKAGE_CLASSIFIERS", tmp_path / "shipped")
     assert default_classifier("sd2.1") is None
     model = RelationClassifier(ClassifierConfig(**SMALL))
-    trained = save_classifier(model, _card(), trained_classifier_dir("sd2.1"))
-    assert default_classifier("sd2.1") == trained
-    assert default_classifier("sd2.1", fingerprint="fp0") == trained
-    assert default_classifier("sd2.1", fingerprint="other") is None
     shipped = save_classifier(model, _card(), tmp_path / "shipped" / "sd2.1")
     assert default_classifier("sd2.1") == shipped
+    assert card_origin(shipped) == "shipped"
+    trained = save_classifier(model, _card(), trained_classifier_dir("sd2.1"))
+    assert default_classifier("sd2.1") == trained  # the user's own wins over the shipped one
+    assert card_origin(trained) == "trained"
+    assert default_classifier("sd2.1", fingerprint="fp0") == trained
+    # a card of another fingerprint, or of binary bytes, is passed over
+    assert default_classifier("sd2.1", fingerprint="other") is None
+    trained.write_bytes(bytes(range(256)))
+    assert default_classifier("sd2.1", fingerprint="fp0") == shipped
     hub = save_classifier(model, _card(), trained_classifier_dir("org/some-model"))
     assert hub.parent.name == "org_some-model"
     assert default_classifier("org/some-model") == hub

@@ -31,8 +31,16 @@ def _root(
                                 help="CPU threads for torch (default: torch's choice). 1 is "
                                      "often fastest for the toy or when other jobs share the "
                                      "CPU."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle",
+                                      help="Also load pickled .bin model weights from local "
+                                           "folders (they can run code: only for files you "
+                                           "trust). By default only safetensors load."),
 ) -> None:
     """Learn-to-Steer command line."""
+    if allow_pickle:
+        import os
+
+        os.environ["L2S_ALLOW_PICKLE"] = "1"  # read by l2s.engine.loading.allow_pickle
     if threads is not None:
         import torch
 

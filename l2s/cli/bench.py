@@ -7,7 +7,9 @@ from rich.progress import Progress
 from rich.table import Table
 
 from l2s.bench import BenchConfig, BenchError, run_bench
+from l2s.cli.options import config_option, resolved, write_resolved
 from l2s.cli.output import console, emit_json, user_errors
+from l2s.config import check_generation, check_number, check_writable_dir
 from l2s.engine.backbone import BackboneError
 
 
@@ -18,8 +20,17 @@ def _errors():
     return (BackboneError, BenchError, SteerError, ClassifierError)
 
 
+def check_bench_values(prompts: int, images: int, batch_size: int, **generation) -> None:
+    """The bench numbers, checked before anything is loaded or written."""
+    check_number("--prompts", prompts, 1)
+    check_number("--images", images, 1)
+    check_number("--batch-size", batch_size, 1)
+    check_generation(**generation)
+
+
 @user_errors(*_errors())
 def bench(
+    ctx: typer.Context,
     suite: str = typer.Option("shapes", "--suite", help="Prompt suite: shapes (toy world)."),
     model: str = typer.Option("toy", "--model", "-m", help="Preset, hub id or local folder."),
     method: list[str] = typer.Option(["plain"], "--method",
@@ -44,15 +55,21 @@ def bench(
     out: str = typer.Option(None, "--out", "-o",
                             help="Results folder (default: out/bench-SUITE-MODEL); an "
                                  "interrupted run there resumes."),
+    config: str = config_option(),
     json_out: bool = typer.Option(False, "--json", help="Print the summary JSON on stdout."),
 ) -> None:
     """Generate and score a benchmark suite; rerunning with the same --out resumes."""
+    check_bench_values(prompts, images, batch_size, steps=steps, guidance=guidance,
+                       steer_until=steer_until, iterations=iterations, step_size=step_size,
+                       loss_threshold=loss_threshold)
+    out = out or f"out/bench-{suite}-{model.replace('/', '_')}"
+    check_writable_dir(out)  # before generating: results that cannot be saved are lost
     cfg = BenchConfig(suite=suite, model=model, methods=tuple(method), prompts=prompts,
                       images=images, seed=seed, steps=steps, guidance=guidance,
                       classifier=classifier, steer_until=steer_until, iterations=iterations,
                       step_size=step_size, loss_threshold=loss_threshold,
                       batch_size=batch_size,
-                      out=out or f"out/bench-{suite}-{model.replace('/', '_')}")
+                      out=out)
     with Progress(console=console, disable=json_out, transient=True) as progress:
         tasks: dict[str, int] = {}
 
@@ -62,6 +79,7 @@ def bench(
             progress.update(tasks[ev["method"]], completed=ev["done"])
 
         res = run_bench(cfg, callback=on_batch)
+    write_resolved(ctx, out, {**resolved(ctx), "out": out})
     if json_out:
         emit_json(res.to_json())
         return

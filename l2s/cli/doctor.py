@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import sys
 from importlib import metadata
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from l2s.cli.output import console, emit_json
-from l2s.engine.loading import describe_models, hf_cache_dir, hf_offline
+from l2s.engine.backbone import BackboneError
+from l2s.engine.loading import describe_models, hf_cache_dir, hf_offline, resolve_device
 
 # The ranges pyproject.toml pins and the tests ran with.
 TESTED = {"torch": "2.4 - 2.14", "diffusers": "0.42.x", "transformers": "5.x",
@@ -28,12 +31,19 @@ def environment_report() -> dict:
             return None
 
     cuda = torch.cuda.is_available()
+    try:
+        selected, problem = str(resolve_device()), None
+    except BackboneError as e:
+        selected, problem = None, str(e)
     return {
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "torch": torch.__version__,
         "device": torch.cuda.get_device_name(0) if cuda else "cpu",
         "cuda": torch.version.cuda if cuda else None,
+        "l2s_device": os.environ.get("L2S_DEVICE"),  # the override, if set
+        "selected_device": selected,  # what l2s commands will run on
+        "device_problem": problem,  # why the override cannot be used
         "packages": {p: {"installed": version(p), "tested": r} for p, r in TESTED.items()},
         "hf_cache": str(hf_cache_dir()),
         "hf_offline": hf_offline(),
@@ -56,6 +66,9 @@ def doctor(
     t.add_row("python", f"{rep['python']} ({rep['platform']})")
     t.add_row("device", rep["device"] + (f" (CUDA {rep['cuda']})" if rep["cuda"] else
                                          " (no CUDA GPU: steering runs, slowly)"))
+    via = f" (L2S_DEVICE={rep['l2s_device']})" if rep["l2s_device"] else ""
+    t.add_row("l2s runs on", f"{rep['selected_device']}{via}" if rep["selected_device"] else
+              f"[red]{escape(rep['device_problem'])}[/]")
     for pkg, v in rep["packages"].items():
         t.add_row(pkg, f"{v['installed'] or '[red]missing[/]'}  (tested: {v['tested']})")
     t.add_row("HF cache", rep["hf_cache"])

@@ -13,6 +13,7 @@ from rich.progress import (
 from rich.table import Table
 
 from l2s.cache import AttentionCache, CacheError
+from l2s.cli.options import config_option, write_resolved
 from l2s.cli.output import console, emit_json, user_errors
 from l2s.engine.backbone import BackboneError
 from l2s.inversion import InversionConfig
@@ -45,8 +46,53 @@ def _errors():
     return (BackboneError, CacheError, SourceError)
 
 
+def progress_columns() -> tuple:
+    """The invert progress line (also shown when `l2s train` inverts what the cache lacks)."""
+    return (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}"),
+            TextColumn("written {task.fields[written]} skipped {task.fields[skipped]} "
+                       "dropped {task.fields[dropped]}"), TimeElapsedColumn(),
+            TimeRemainingColumn())
+
+
+def batch_progress(progress: Progress):
+    """A run_invert callback that keeps one bar per source on ``progress``."""
+    tasks: dict[str, int] = {}
+
+    def on_batch(ev: dict) -> None:
+        src = ev["source"]
+        if src not in tasks:
+            # "expected" is an upper bound (a source may run short): the ETA is too.
+            tasks[src] = progress.add_task(src, total=ev.get("expected"), written=0,
+                                           skipped=0, dropped=0)
+        progress.update(tasks[src], completed=ev["done"], written=ev["written"],
+                        skipped=ev["skipped"], dropped=ev["dropped"])
+
+    return on_batch
+
+
+def summary_lines(res) -> list[str]:
+    """What an invert run did, each count said once, unreadable files named."""
+    dropped = ", ".join(f"{k}: {v}" for k, v in sorted(res.dropped.items())) or "none"
+    lines = [f"wrote {res.written} entries, {res.skipped} already cached, {res.inverted} "
+             f"images inverted, {res.corrupt_rebuilt} corrupt entries rebuilt, "
+             f"{res.seconds:.1f} s; entries not written: {dropped}"]
+    if res.left_to_others:
+        lines.append(f"{res.left_to_others} entries were being written by another process "
+                     "sharing this cache (not waited for; rerun to check)")
+    if res.unreadable:
+        more = len(res.unreadable) - 5
+        lines.append("unreadable images: " + ", ".join(map(str, res.unreadable[:5]))
+                     + (f" and {more} more" if more > 0 else ""))
+    for src, rep in res.sources.items():
+        skipped = ", ".join(f"{k}: {v}" for k, v in rep.get("dropped", {}).items())
+        lines.append(f"source {src}: {rep.get('kept_total', 0)} samples"
+                     + (f"; candidates it skipped: {skipped}" if skipped else ""))
+    return lines
+
+
 @user_errors(*_errors())
 def invert(
+    ctx: typer.Context,
     data: list[str] = typer.Option(["shapes"], "--data",
                                    help="Source, repeatable: gqa, folder, shapes, generated."),
     model: str = typer.Option("toy", "--model", "-m", help="Preset, hub id or local folder."),
@@ -56,8 +102,8 @@ def invert(
                                  help="GQA folder with images/ and *_sceneGraphs.json."),
     folder: str = typer.Option(None, "--folder", help="Folder with images + annotations.jsonl."),
     limit: int = typer.Option(None, "--limit", help="Stop after N samples per source."),
-    negatives: int = typer.Option(1, "--negatives", min=0,
-                                  help="Wrong-relation captions recorded per image."),
+    negatives: int = typer.Option(1, "--negatives",
+                                  help="Wrong-relation captions recorded per image (0-3)."),
     timesteps: str = typer.Option("5,10,15,20,25,49", "--timesteps",
                                   help="Step indices (0 = noisiest) at which maps are recorded."),
     steps: int = typer.Option(50, "--steps", help="DDIM schedule length for inversion."),
@@ -76,17 +122,19 @@ def invert(
                                    "sets this per process)."),
     seed: int = typer.Option(0, "--seed", help="Sampling and negative-relation seed."),
     stats: bool = typer.Option(False, "--stats", help="Only show what the cache holds."),
+    config: str = config_option(),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
 ) -> None:
-    """Invert images into the backbone and record subject/object attention maps under the
-    true caption and wrong-relation captions (all labelled with the true relation).
+    """Invert images and cache their attention maps under true and wrong captions.
 
-    Re-running skips cached entries, so an interrupted run resumes with nothing lost.
+    Records subject/object maps under the true caption and wrong-relation captions (all
+    labelled with the true relation). Re-running skips cached entries, so an interrupted run
+    resumes with nothing lost; broken entries are found and rebuilt.
     """
     from l2s.engine.loading import load_backbone
 
-    den = load_backbone(model)
     if stats:
+        den = load_backbone(model)
         s = AttentionCache(cache_dir, den.fingerprint).stats()
         if json_out:
             emit_json(s)
@@ -112,29 +160,13 @@ def invert(
         seed=seed, batch_size=batch_size, shard=shard_t, gqa_root=gqa_root, folder=folder,
         per_relation=_ints(per_relation, "--per-relation") if per_relation else None,
         inversion=inv)
-    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}"),
-               TextColumn("written {task.fields[written]} skipped {task.fields[skipped]} "
-                          "dropped {task.fields[dropped]}"), TimeElapsedColumn(),
-               TimeRemainingColumn())
-    with Progress(*columns, console=console, disable=json_out) as progress:
-        tasks: dict[str, int] = {}
-
-        def on_batch(ev: dict) -> None:
-            src = ev["source"]
-            if src not in tasks:
-                # "expected" is an upper bound (a source may run short): the ETA is too.
-                tasks[src] = progress.add_task(src, total=ev.get("expected"), written=0,
-                                               skipped=0, dropped=0)
-            progress.update(tasks[src], completed=ev["done"], written=ev["written"],
-                            skipped=ev["skipped"], dropped=ev["dropped"])
-
-        res = run_invert(cfg, den, callback=on_batch)
+    den = load_backbone(model)
+    with Progress(*progress_columns(), console=console, disable=json_out) as progress:
+        res = run_invert(cfg, den, callback=batch_progress(progress))
+    write_resolved(ctx, res.stats["dir"])
     if json_out:
         emit_json(res.to_json())
         return
-    console.print(f"wrote {res.written} entries, {res.skipped} already cached, "
-                  f"{res.inverted} images inverted, dropped {dict(res.dropped) or 'none'}, "
-                  f"{res.corrupt_rebuilt} corrupt entries rebuilt, {res.seconds:.1f} s")
-    for src, rep in res.sources.items():
-        console.print(f"{src}: kept {rep.get('kept')}, dropped {rep.get('dropped')}")
+    for line in summary_lines(res):
+        console.print(line, highlight=False, soft_wrap=True)
     console.print(_stats_table(res.stats))

@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Callable
 from functools import wraps
 
 import typer
 from rich.console import Console
+from rich.markup import escape
+
+from l2s.config import ConfigError
 
 console = Console(stderr=True)  # progress, tables and logs
+if not console.is_terminal and "COLUMNS" not in os.environ:
+    # Off a terminal (logs, pipes, CI) rich would wrap at 80 columns, cutting the paths and
+    # ids people copy from tables; a wide page keeps each value on one line.
+    console.width = 200
 
 
 def emit_json(obj) -> None:
@@ -19,15 +27,17 @@ def emit_json(obj) -> None:
 
 
 def user_errors(*kinds: type[Exception]) -> Callable:
-    """Turn the listed library errors into a one-line message and exit code 2, no traceback."""
+    """Turn the listed library errors (and bad option values) into a one-line message and exit
+    code 2, no traceback."""
 
     def deco(fn):
         @wraps(fn)
         def wrapper(*args, **kwargs):
             try:
                 return fn(*args, **kwargs)
-            except kinds as e:
-                console.print(f"[bold red]error:[/] {e}", highlight=False)
+            except (ConfigError, *kinds) as e:
+                # escape: messages quote user input and examples with [brackets] in them
+                console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
                 raise typer.Exit(2) from None
 
         return wrapper

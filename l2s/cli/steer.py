@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import typer
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from l2s.cli.options import config_option, resolved, write_resolved
 from l2s.cli.output import console, emit_json, status, user_errors
+from l2s.config import check_writable_dir
 from l2s.engine.backbone import BackboneError
 from l2s.engine.tokens import TokenAlignmentError, triplet_tokens
-from l2s.steer import STEER_METHODS, PromptError, SteerConfig, SteerError
+from l2s.steer import PromptError, SteerConfig, SteerError
 from l2s.steer import steer as run_steer
-from l2s.steering import OPTIMIZERS
 
 
 def _errors():
@@ -44,22 +47,53 @@ def _timing_table(report: dict) -> Table:
     return table
 
 
+def _summary(rep: dict) -> list[str]:
+    """A few lines on what steering did: steps, iterations, loss and p(target), times."""
+    steps = rep["steps"]
+    if not steps:
+        return []
+    first, last = steps[0], steps[-1]
+    iters = sum(r["iterations"] for r in steps)
+    mean = {k: sum(r[k] for r in steps) / len(steps) for k in ("forward_ms", "backward_ms",
+                                                                "update_ms")}
+    return [f"steered {len(steps)} of {rep['settings']['steps']} steps, {iters} iterations; "
+            f"loss {first['loss_before']:.4g} -> {last['loss_after']:.4g}, p(target) "
+            f"{first['p_target']:.3f} -> {last['p_target']:.3f} (--table: every step)",
+            f"per steered step: forward {mean['forward_ms']:.1f} ms, backward "
+            f"{mean['backward_ms']:.1f} ms, update {mean['update_ms']:.1f} ms (means)"]
+
+
+def _achieved(rep: dict, paths: list) -> str | None:
+    a = rep.get("achieved")
+    if not a:
+        return None
+    if "per_image" in a:
+        names = ", ".join(f"{p.name if p else i}: {'yes' if ok else 'no'}"
+                          for i, (p, ok) in enumerate(zip(paths or [None] * a["of"],
+                                                          a["per_image"], strict=True)))
+        return f"relation achieved ({a['by']}): {a['count']} of {a['of']} images ({names})"
+    return f"relation achieved? {a['by']}: {a['p_target']:.3f}"
+
+
 def steer(
-    prompt: str = typer.Argument(..., help='e.g. "a circle to the left of a square"'),
+    ctx: typer.Context,
+    prompt: str = typer.Argument(..., metavar="PROMPT",
+                                 help='e.g. "a circle to the left of a square"'),
     model: str = typer.Option("toy", "--model", "-m",
                               help="Preset (toy, sd1.4, sd2.1), hub id or local folder."),
     method: str = typer.Option("l2s", "--method",
                                help="l2s (learned loss), centroid (hand-made loss) or plain."),
     classifier: str = typer.Option(None, "--classifier",
-                                   help="Classifier card.json (default: the model's)."),
-    num_images: int = typer.Option(1, "--num-images", "-n", min=1, help="Images, one batch."),
+                                   help="Classifier card.json (default: the one `l2s train` "
+                                        "wrote for the model, else the shipped one)."),
+    num_images: int = typer.Option(1, "--num-images", "-n", help="Images, one batch."),
     seed: int = typer.Option(0, "--seed", help="Seed of the first image (then +1 each)."),
     steps: int = typer.Option(None, "--steps", help="DDIM steps (default: the model's)."),
     guidance: float = typer.Option(None, "--guidance", help="CFG scale (default: the model's)."),
     steer_until: float = typer.Option(0.5, "--steer-until",
                                       help="Steer before this fraction of the steps (< 1) or "
                                            "this step count (>= 1)."),
-    iterations: int = typer.Option(16, "--iterations", min=0,
+    iterations: int = typer.Option(16, "--iterations",
                                    help="Max gradient iterations per steered step."),
     loss_threshold: float = typer.Option(None, "--loss-threshold",
                                          help="Stop iterating below this loss (default: the "
@@ -73,17 +107,28 @@ def steer(
                                         help="Also write attention_<seed>.png: subject/object "
                                              "maps before/after steering, loss curves."),
     out: str = typer.Option("out/steer", "--out", "-o",
-                            help="Folder for PNGs + report.json (a used one gets a -N suffix)."),
+                            help="Folder for PNGs, report.json and config.yaml (a used one "
+                                 "gets a -N suffix)."),
     show_tokens: bool = typer.Option(False, "--show-tokens",
                                      help="Show which tokens each object got."),
+    table: bool = typer.Option(False, "--table",
+                               help="Show every steered step (loss, p(target), times) instead "
+                                    "of the summary; --json always has them."),
+    config: str = config_option(),
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
 ) -> None:
-    """Generate images for PROMPT, steering its spatial relations (left of, right of, above,
-    below) with the backbone's relation classifier; prints per-step timings."""
+    """Generate images for PROMPT with its spatial relations steered into place.
+
+    Steers "left of", "right of", "above" and "below" with the backbone's relation classifier
+    (--method l2s), a hand-made loss (centroid) or not at all (plain), and says whether the
+    relation was achieved.
+    """
 
     @user_errors(*_errors())
     def body() -> None:
+        from l2s.classifier import card_origin
         from l2s.engine.loading import load_backbone
+        from l2s.steer import steer_settings
 
         cfg = SteerConfig(prompt=prompt, model=model, method=method, classifier=classifier,
                           num_images=num_images, seed=seed, steps=steps, guidance=guidance,
@@ -91,31 +136,47 @@ def steer(
                           loss_threshold=loss_threshold, optimizer=optimizer,
                           compare_plain=compare_plain,
                           save_attention=save_attention, out=out)
+        check_writable_dir(out)  # before loading and generating: nothing is lost
         with status(f"loading {model}", json_out):
             den = load_backbone(model)
         if show_tokens:
             console.print(_token_table(den, prompt))
-        with status("generating", json_out):
-            res = run_steer(cfg, den)
+        n = steer_settings(model, steps=steps, steer_until=steer_until).steered_steps()
+        columns = (TextColumn("steering"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("{task.fields[info]}"), TimeElapsedColumn())
+        with Progress(*columns, console=console, transient=True,
+                      disable=json_out or method == "plain") as progress:
+            task = progress.add_task("steer", total=n, info="")
+
+            def on_step(r) -> None:
+                info = "" if r.loss_after is None else \
+                    f"loss {r.loss_after:.3g}  p(target) {r.p_target:.3f}  {r.iterations} it"
+                progress.update(task, completed=r.step + 1, info=info)
+
+            res = run_steer(cfg, den, on_step=on_step)
         rep = res.report
+        if res.out:
+            rep["config"] = str(write_resolved(ctx, res.out, {**resolved(ctx), "out": out}))
         if json_out:
             emit_json(rep)
             return
         if rep["notice"]:
             console.print(f"[yellow]{rep['notice']}[/]")
-        if rep["steps"]:
+        if rep["classifier"]:
+            console.print(f"classifier: {rep['classifier']} ({card_origin(rep['classifier'])})",
+                          highlight=False, soft_wrap=True)
+        if rep["steps"] and table:
             console.print(_timing_table(rep))
+        for line in [] if table else _summary(rep):
+            console.print(line, highlight=False)
         for w in rep["warnings"]:
-            console.print(f"[yellow]warning:[/] {w}")
+            console.print(f"[yellow]warning:[/] {escape(w)}")
+        achieved = _achieved(rep, res.paths)
+        if achieved:
+            console.print(achieved, highlight=False)
         line = f"{len(res.paths)} image(s) in {res.out}, total {rep['total_s']:.2f} s"
         if "plain_s" in rep:
             line += f", plain {rep['plain_s']:.2f} s, overhead x{rep['overhead']:.2f}"
-        console.print(line + f", peak memory {rep['peak_memory_mb']:.0f} MB")
+        console.print(line + f", peak memory {rep['peak_memory_mb']:.0f} MB", soft_wrap=True)
 
-    if method not in STEER_METHODS:
-        raise typer.BadParameter(f"--method must be one of {', '.join(STEER_METHODS)}")
-    if optimizer not in OPTIMIZERS:
-        raise typer.BadParameter(f"--optimizer must be one of {', '.join(OPTIMIZERS)}")
-    if steer_until <= 0:
-        raise typer.BadParameter("--steer-until must be > 0")
     body()

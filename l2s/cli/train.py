@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from l2s.cache import CacheError
+from l2s.cache import AttentionCache, CacheError
 from l2s.classifier import ClassifierError
+from l2s.cli.invert import batch_progress, progress_columns, summary_lines
+from l2s.cli.options import config_option, write_resolved
 from l2s.cli.output import console, emit_json, status, user_errors
+from l2s.config import check_choice
 from l2s.engine.backbone import BackboneError
+from l2s.inversion import InversionConfig
+from l2s.invert import InvertConfig, run_invert
 from l2s.relations import RELATIONS
 from l2s.train import TrainConfig, TrainError, TrainResult, run_train
 
@@ -40,16 +47,41 @@ def diagnostic_tables(res: TrainResult) -> list[Table]:
     return [diag, conf]
 
 
-@user_errors(BackboneError, CacheError, ClassifierError, TrainError)
+INVERT_MODES = ("auto", "always", "never")
+
+
+def _errors():
+    from l2s.sources import SourceError
+
+    return (BackboneError, CacheError, ClassifierError, TrainError, SourceError)
+
+
+@user_errors(*_errors())
 def train(
+    ctx: typer.Context,
     model: str = typer.Option("toy", "--model", "-m", help="Preset, hub id or local folder."),
     data: list[str] = typer.Option([], "--data",
-                                   help="Source to train on, repeatable (default: all cached)."),
+                                   help="Source to train on, repeatable (default: all cached); "
+                                        "what the cache lacks of it is inverted first."),
+    invert: str = typer.Option("auto", "--invert",
+                               help="auto (invert the --data sources the cache has nothing of, "
+                                    "or whose invert was cut off), always (invert them, "
+                                    "skipping cached entries) or never."),
+    gqa_root: str = typer.Option(None, "--gqa-root",
+                                 help="Inverting gqa: folder with images/ and "
+                                      "*_sceneGraphs.json."),
+    folder: str = typer.Option(None, "--folder",
+                               help="Inverting folder: images + annotations.jsonl."),
+    limit: int = typer.Option(None, "--limit", help="Inverting: at most N samples per source."),
+    negatives: int = typer.Option(1, "--negatives",
+                                  help="Inverting: wrong-relation captions per image (0-3)."),
+    inversion: str = typer.Option("ddim", "--inversion",
+                                  help="Inverting: ddim or noise (see `l2s invert --help`)."),
     cache_dir: str = typer.Option(None, "--cache-dir",
                                   help="Cache root (default: $L2S_CACHE_DIR or ~/.cache/l2s)."),
     out: str = typer.Option(None, "--out", "-o",
                             help="Classifier folder (default: <cache>/classifiers/MODEL, "
-                                 "where `l2s steer` looks)."),
+                                 "where `l2s steer` looks first)."),
     positive_only: bool = typer.Option(False, "--positive-only",
                                        help="Train without wrong-caption samples (the leakage "
                                             "ablation); the test still reports both."),
@@ -75,10 +107,14 @@ def train(
     seed: int = typer.Option(0, "--seed", help="Initialisation, batch order and split."),
     device: str = typer.Option(None, "--device",
                                help="cuda, cpu, ... (default: $L2S_DEVICE, else CUDA if any)."),
+    config: str = config_option(),
     json_out: bool = typer.Option(False, "--json", help="Print the metrics JSON on stdout."),
 ) -> None:
-    """Train the relation classifier of a backbone on the maps `l2s invert` cached, and write
-    its weights and card (metrics, data counts, settings)."""
+    """Train a backbone's relation classifier on its cached attention maps.
+
+    Inverts first what the cache lacks of the --data sources (resumable, as `l2s invert`),
+    then writes the classifier's weights and card (metrics, data counts, settings).
+    """
     from l2s.engine.loading import load_backbone
 
     try:
@@ -89,29 +125,57 @@ def train(
                           seed=seed, device=device, augment=augment)
     except TrainError as e:
         raise typer.BadParameter(str(e)) from None
+    check_choice("--invert", invert, INVERT_MODES)
+    inv_cfg = None
+    if data and invert != "never":
+        inv_cfg = InvertConfig(data=tuple(data), model=model, cache_dir=cache_dir, limit=limit,
+                               negatives=negatives, seed=seed, gqa_root=gqa_root, folder=folder,
+                               inversion=InversionConfig(method=inversion))
     with status(f"loading {model}", quiet=json_out):
         den = load_backbone(model)
+    if inv_cfg is not None:
+        todo = list(data) if invert == "always" else \
+            AttentionCache(cache_dir, den.fingerprint).sources_to_invert(data)
+        if todo:
+            if not json_out:
+                console.print(f"inverting what the cache lacks of {', '.join(todo)} "
+                              "(resumable: rerun to continue)", highlight=False)
+            with Progress(*progress_columns(), console=console, disable=json_out) as progress:
+                inv_res = run_invert(replace(inv_cfg, data=tuple(todo)), den,
+                                     callback=batch_progress(progress))
+            if not json_out:
+                for line in summary_lines(inv_res):
+                    console.print(line, highlight=False, soft_wrap=True)
     columns = (TextColumn("{task.description}"), BarColumn(),
                TextColumn("train loss {task.fields[train_loss]:.3f}  val loss "
                           "{task.fields[val_loss]:.3f}  val acc {task.fields[val_acc]:.1%}  "
                           "lr {task.fields[lr]:.1e}"), TimeElapsedColumn())
     with Progress(*columns, console=console, disable=json_out) as progress:
-        task = progress.add_task("epoch 0", total=epochs, train_loss=float("nan"),
-                                 val_loss=float("nan"), val_acc=0.0, lr=cfg.resolved_lr())
+        task = None  # added at the first epoch: nothing is shown if loading the data fails
 
         def on_epoch(ev: dict) -> None:
+            nonlocal task
+            if task is None:
+                task = progress.add_task("epoch", total=epochs, train_loss=0.0, val_loss=0.0,
+                                         val_acc=0.0, lr=ev["lr"])
             progress.update(task, completed=ev["epoch"], description=f"epoch {ev['epoch']}",
                             train_loss=ev["train_loss"], val_loss=ev["val_loss"],
                             val_acc=ev["val_acc"], lr=ev["lr"])
 
         res = run_train(cfg, den, callback=on_epoch)
+    res.card["config"] = str(write_resolved(ctx, res.card_path.parent))
     if json_out:
         emit_json(res.to_json())
         return
     tr = res.card["training"]
+    corrupt = res.card["data"].get("corrupt_dropped", 0)
+    if corrupt:
+        console.print(f"[yellow]warning:[/] {corrupt} broken cache entries were deleted and "
+                      "left out (recorded in the card); `l2s invert` with the same options "
+                      "rebuilds them", highlight=False)
     console.print(f"trained {tr['epochs_run']} epochs in {res.seconds:.1f} s; best epoch "
                   f"{res.metrics['best_epoch']} (val acc {_pct(res.metrics['val_accuracy'])}); "
                   f"{tr['parameters']:,} parameters")
     for table in diagnostic_tables(res):
         console.print(table)
-    console.print(f"classifier card: {res.card_path}")
+    console.print(f"classifier card: {res.card_path}", highlight=False, soft_wrap=True)

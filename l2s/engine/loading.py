@@ -23,11 +23,46 @@ _RANDOM_WEIGHTS_WORDS = (
 
 
 def resolve_device(device: str | None = None) -> torch.device:
-    """The requested device, else $L2S_DEVICE, else CUDA when present, else the CPU."""
+    """The requested device, else $L2S_DEVICE, else CUDA when present, else the CPU; a device
+    this machine does not have is a BackboneError naming where the request came from."""
+    where = "--device" if device else "L2S_DEVICE"
     device = device or os.environ.get("L2S_DEVICE")
-    if device:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not device:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise BackboneError(f"{where}={device!r} is not a device: use cpu, cuda, cuda:N or mps"
+                            ) from None
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            build = (f"torch {torch.__version__} built with CUDA {torch.version.cuda}"
+                     if torch.version.cuda else f"torch {torch.__version__} is a CPU build")
+            raise BackboneError(f"{where}={device} but this machine has no usable CUDA GPU "
+                                f"({build}): use {where}=cpu, or unset it to pick "
+                                "automatically")
+        if dev.index is not None and dev.index >= n:
+            raise BackboneError(f"{where}={device} but there are only {n} CUDA device(s) "
+                                f"(cuda:0..cuda:{n - 1})")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise BackboneError(f"{where}={device} but MPS is not available here: use cpu")
+    return dev
+
+
+def allow_pickle() -> bool:
+    """Whether pickled (.bin) weights may be loaded: only when the user says so
+    (`l2s --allow-pickle ...` sets L2S_ALLOW_PICKLE=1)."""
+    return os.environ.get("L2S_ALLOW_PICKLE", "") not in ("", "0")
+
+
+def quiet_loading() -> None:
+    """No "Loading weights" progress bars from transformers / diffusers on our stderr."""
+    import diffusers
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.disable_progress_bar()
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
@@ -86,6 +121,7 @@ def load_backbone(
     """Load a backbone by preset name ("toy", "sd1.4", "sd2.1"), hub id or local folder."""
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
+    quiet_loading()
     preset = PRESETS.get(model)
     if preset is not None and preset.family == "toy":
         if random_weights:
@@ -112,8 +148,14 @@ def load_backbone(
 
 
 def _check_model_arg(model: str) -> None:
-    """Fail early, with the fix, on a --model that is neither a folder nor a hub id."""
-    if Path(model).expanduser().exists():
+    """Fail early, with the fix, on a --model that is neither a folder nor a hub id, and on a
+    hub id that is not cached while the hub cannot be reached (instead of retrying for ~25 s)."""
+    path = Path(model).expanduser()
+    if path.is_file():
+        raise BackboneError(f"--model {model} is a file: give a diffusers-layout folder (with "
+                            f"unet/, text_encoder/, ...), a hub id or a preset "
+                            f"({', '.join(PRESETS)})")
+    if path.exists():
         return
     if model.startswith((".", "/", "~")):
         raise BackboneError(f"no folder {model!r}: give a diffusers-layout folder, a hub id "
@@ -121,6 +163,28 @@ def _check_model_arg(model: str) -> None:
     if model.count("/") != 1:
         raise BackboneError(f"unknown model {model!r}: use a preset ({', '.join(PRESETS)}), "
                             "a hub id such as org/name, or a local diffusers folder")
+    if not is_available_locally(model) and (hf_offline() or not hub_reachable()):
+        why = ("HF_HUB_OFFLINE=1 is set" if hf_offline() else
+               "the Hugging Face hub cannot be reached from here")
+        raise BackboneError(f"{model} is not in the HF cache ({hf_cache_dir()}) and {why}: run "
+                            f"`hf download {model}` on a connected machine and copy the cache "
+                            "(or point HF_HOME at it), pass --model PATH to a local diffusers "
+                            "folder, or use --random-weights for speed work")
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to the hub endpoint opens within ``timeout`` seconds."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
 
 
 def load_sd(repo: str, *, name: str, device: torch.device, dtype: torch.dtype,
@@ -133,6 +197,8 @@ def load_sd(repo: str, *, name: str, device: torch.device, dtype: torch.dtype,
     from transformers import CLIPTextModel, CLIPTokenizer
 
     _check_model_arg(repo)
+    # Safetensors only, unless the user allowed pickles: a .bin file can run code when loaded.
+    safe = {"use_safetensors": None if allow_pickle() else True}
     local = Path(repo).expanduser()
     src = str(local) if local.is_dir() else repo
     # A local folder without vae/ is a pixel-space model (as the toy is saved).
@@ -145,17 +211,26 @@ def load_sd(repo: str, *, name: str, device: torch.device, dtype: torch.dtype,
                                 f"{', '.join(m + '/' for m in missing)} "
                                 f"(expected {', '.join(SD_COMPONENTS)})")
     try:
-        unet = UNet2DConditionModel.from_pretrained(src, subfolder="unet", torch_dtype=dtype)
+        unet = UNet2DConditionModel.from_pretrained(src, subfolder="unet", torch_dtype=dtype,
+                                                    **safe)
         # The VAE stays fp32 beside an fp16 UNet: SD VAEs overflow to inf/NaN in fp16 decoding.
         vae = None if pixel_space else AutoencoderKL.from_pretrained(
-            src, subfolder="vae", torch_dtype=torch.float32)
+            src, subfolder="vae", torch_dtype=torch.float32, **safe)
         text_encoder = CLIPTextModel.from_pretrained(src, subfolder="text_encoder",
-                                                     torch_dtype=dtype)
+                                                     torch_dtype=dtype, **safe)
         tokenizer = CLIPTokenizer.from_pretrained(src, subfolder="tokenizer")
         scheduler = DDIMScheduler.from_pretrained(src, subfolder="scheduler")
     except (OSError, ValueError) as e:
+        pickles = sorted(p.relative_to(local).as_posix() for p in local.glob("*/*.bin")) \
+            if local.is_dir() else []
+        if pickles and not allow_pickle():
+            raise BackboneError(f"{local} has pickled weights ({', '.join(pickles[:3])}) and no "
+                                ".safetensors: l2s loads safetensors only, since a pickle can "
+                                "run code when loaded. Convert them to safetensors, or, if you "
+                                "trust the files, run `l2s --allow-pickle ...`") from e
         where = local if local.is_dir() else f"the HF cache ({hf_cache_dir()})"
-        how = ("HF_HUB_OFFLINE=1 is set, so nothing was downloaded: unset it to download, or "
+        how = ("fix or replace the folder's files" if local.is_dir() else
+               "HF_HUB_OFFLINE=1 is set, so nothing was downloaded: unset it to download, or "
                f"copy a cache that has it (`hf download {repo}` on a connected machine)"
                if hf_offline() else
                f"download it first with `hf download {repo}` on a machine with internet access, "

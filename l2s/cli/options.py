@@ -1,0 +1,54 @@
+"""Options the job commands share: `--config FILE.yaml` and the resolved config they write.
+
+A config file fills the click context's ``default_map`` before the other options are parsed,
+so a flag given on the command line wins over the file, and the file over the built-in default.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from l2s.config import CONFIG_FILE, ConfigError, dump_yaml, load_yaml
+
+# Options that change what is shown, not what is computed: left out of the resolved config.
+_DISPLAY_ONLY = ("config", "json_out")
+
+
+def _load(ctx: typer.Context, param: typer.CallbackParam, value: str | None) -> str | None:
+    if not value:
+        return value
+    try:
+        data = load_yaml(value)
+    except ConfigError as e:
+        raise typer.BadParameter(str(e), ctx=ctx, param=param) from None
+    params = {p.name: p for p in ctx.command.params if p.name not in _DISPLAY_ONLY}
+    unknown = sorted(set(data) - set(params))
+    if unknown:
+        raise typer.BadParameter(f"{value} has unknown key(s) {', '.join(unknown)}: valid keys "
+                                 f"are {', '.join(sorted(params))}", ctx=ctx, param=param)
+    for name, v in data.items():
+        if getattr(params[name], "multiple", False) and not isinstance(v, list | tuple):
+            data[name] = [v]  # `data: shapes` for a repeatable option
+    ctx.default_map = {**(ctx.default_map or {}), **data}
+    return value
+
+
+def config_option():
+    """``--config FILE.yaml``: option values from a file; command-line flags override them."""
+    return typer.Option(None, "--config", is_eager=True, callback=_load,
+                        help="YAML file of option values, keys named like the options "
+                             "(num_images: 4); flags on the command line win. Each run writes "
+                             f"its resolved {CONFIG_FILE} beside its outputs.")
+
+
+def resolved(ctx: typer.Context) -> dict:
+    """Every option value of this run (file, flags and defaults merged), display-only ones
+    left out: what `--config` needs to repeat it."""
+    return {k: v for k, v in ctx.params.items() if k not in _DISPLAY_ONLY}
+
+
+def write_resolved(ctx: typer.Context, folder: str | Path, values: dict | None = None) -> Path:
+    """Write the run's resolved config as ``folder/config.yaml`` and return its path."""
+    return dump_yaml(values if values is not None else resolved(ctx), Path(folder) / CONFIG_FILE)

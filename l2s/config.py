@@ -1,0 +1,117 @@
+"""Run configs: checking option values, reading them from YAML, writing the resolved YAML.
+
+Every check names the option as the command line spells it (``--steps``), so the same message
+serves the CLI, a ``--config`` file and the Python API.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+CONFIG_FILE = "config.yaml"  # the resolved config every run writes beside its outputs
+
+
+class ConfigError(ValueError):
+    """An option value or a config file is unusable; the message says which and what works."""
+
+
+def check_number(name: str, value: float | None, low: float, *, strict: bool = False) -> None:
+    """``value`` is None, or a finite number >= ``low`` (> ``low`` when ``strict``)."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(f"{name} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number, got {value}")
+    if value < low or (strict and value == low):
+        raise ConfigError(f"{name} must be {'>' if strict else '>='} {low:g}, got {value:g}")
+
+
+def check_choice(name: str, value: str, choices) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+
+
+def check_generation(*, steps: int | None = None, guidance: float | None = None,
+                     steer_until: float | None = None, iterations: int | None = None,
+                     step_size: float | None = None, loss_threshold: float | None = None
+                     ) -> None:
+    """The sampling and steering numbers steer and bench share (None: the model's default)."""
+    check_number("--steps", steps, 1)
+    check_number("--guidance", guidance, 0)
+    check_number("--steer-until", steer_until, 0, strict=True)
+    check_number("--iterations", iterations, 0)
+    check_number("--step-size", step_size, 0, strict=True)
+    check_number("--loss-threshold", loss_threshold, 0)
+
+
+def check_writable_dir(path: str | Path, option: str = "--out") -> None:
+    """Fail before any work if ``path`` (or the folder it would be made in) cannot be written."""
+    p = Path(path).expanduser()
+    probe = p
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise ConfigError(f"{option} {path}: {probe} is a file, not a folder: pass another "
+                          f"{option}")
+    try:  # a real write: os.access says yes to root even on a read-only mount
+        fd, tmp = tempfile.mkstemp(dir=probe, prefix=".write-probe-")
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise ConfigError(f"{option} {path} cannot be written ({probe}: {e.strerror}): pass a "
+                          f"writable {option}") from None
+
+
+def load_yaml(path: str | Path) -> dict:
+    """The mapping in a YAML config file (``yaml.safe_load``); keys with dashes read as
+    underscores, so ``num-images`` and ``num_images`` are the same option."""
+    import yaml
+
+    p = Path(path).expanduser()
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {path} is a folder: pass the .yaml file") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not UTF-8 text: pass a YAML file") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: "
+                          f"{str(e).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"config file {path} must hold a mapping of option: value, got "
+                          f"{type(data).__name__}")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def dump_yaml(values: Mapping, path: str | Path) -> Path:
+    """Write ``values`` as YAML (atomically) so that ``--config path`` repeats the run."""
+    import yaml
+
+    from l2s.cache import atomic_write
+
+    p = Path(path)
+    text = yaml.safe_dump(_plain(values), sort_keys=False, allow_unicode=True)
+    atomic_write(p, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    return p
+
+
+def _plain(v):
+    """Tuples as lists, paths as strings: what safe_dump writes and safe_load reads back."""
+    if isinstance(v, Mapping):
+        return {str(k): _plain(x) for k, x in v.items()}
+    if isinstance(v, list | tuple):
+        return [_plain(x) for x in v]
+    if isinstance(v, Path):
+        return str(v)
+    return v

@@ -1,0 +1,302 @@
+"""Bad input, broken files and shared caches: one test per class of failure in
+docs/reliability.md. Each asserts the clean answer (exit 2, the option named, no traceback,
+nothing written) or the repair."""
+
+import json
+import os
+import re
+import sys
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from l2s.cache import AttentionCache
+from l2s.classifier import ClassifierError, load_classifier
+from l2s.cli import app
+from l2s.config import ConfigError, check_writable_dir
+from l2s.engine.backbone import BackboneError
+from l2s.engine.loading import load_backbone, resolve_device
+from l2s.steer import prompt_warnings
+
+runner = CliRunner()
+PROMPT = "a circle to the left of a square"
+
+
+def _clean_error(r, *needles: str) -> None:
+    assert r.exit_code == 2, r.output
+    assert "Traceback" not in r.output
+    text = re.sub(r"[│╭╮╰╯─\s]+", " ", r.output)  # typer's usage errors come boxed and wrapped
+    for n in needles:
+        assert n in text, r.output
+
+
+# --- 1. option values that used to give garbage with exit 0 --------------------------------
+@pytest.mark.parametrize(("args", "needle"), [
+    (["--step-size", "nan"], "--step-size must be a finite number"),
+    (["--step-size", "0"], "--step-size must be > 0"),
+    (["--loss-threshold", "nan"], "--loss-threshold must be a finite number"),
+    (["--steps", "-5"], "--steps must be >= 1"),
+    (["--steps", "0"], "--steps must be >= 1"),
+    (["--guidance", "-1"], "--guidance must be >= 0"),
+    (["--steer-until", "inf"], "--steer-until must be a finite number"),
+    (["--iterations", "-1"], "--iterations must be >= 0"),
+    (["--num-images", "0"], "--num-images must be >= 1"),
+    (["--optimizer", "rmsprop"], "--optimizer must be one of sgd, adam"),
+])
+def test_steer_refuses_bad_numbers_before_loading_anything(tmp_path, args, needle):
+    out = tmp_path / "never"
+    r = runner.invoke(app, ["steer", PROMPT, "--out", str(out), *args])
+    _clean_error(r, needle)
+    assert not out.exists()
+
+
+def test_empty_prompt_is_an_error_and_same_object_prompts_warn():
+    r = runner.invoke(app, ["steer", "  "])
+    _clean_error(r, "the prompt is empty")
+    from l2s.relations import parse
+
+    warn = prompt_warnings(parse("a circle to the left of a circle"))
+    assert len(warn) == 1 and "'circle' twice" in warn[0]
+    assert prompt_warnings(parse(PROMPT)) == []
+
+
+@pytest.mark.parametrize(("args", "needle"), [
+    (["--negatives", "99"], "at most 3 distinct negatives"),
+    (["--limit", "-1"], "--limit must be >= 1"),
+    (["--limit", "0"], "--limit must be >= 1"),
+    (["--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--data", "nosuch"], "--data must be one of gqa, folder, shapes, generated"),
+])
+def test_invert_refuses_bad_values(args, needle):
+    _clean_error(runner.invoke(app, ["invert", *args]), needle)
+
+
+def test_train_unknown_data_does_not_suggest_inverting_it():
+    r = runner.invoke(app, ["train", "--data", "nosuch"])
+    _clean_error(r, "--data must be one of")
+    assert "invert --data nosuch" not in r.output
+
+
+def test_bench_batch_size_zero_leaves_no_files(tmp_path):
+    out = tmp_path / "b"
+    r = runner.invoke(app, ["bench", "--batch-size", "0", "--out", str(out)])
+    _clean_error(r, "--batch-size must be >= 1")
+    assert not out.exists()
+
+
+# --- 2. environment ------------------------------------------------------------------------
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_device_variable_is_checked_and_doctor_honours_it(monkeypatch):
+    monkeypatch.setenv("L2S_DEVICE", "cuda")
+    with pytest.raises(BackboneError, match="no usable CUDA GPU"):
+        resolve_device()
+    rep = json.loads(runner.invoke(app, ["doctor", "--json"]).stdout)
+    assert rep["selected_device"] is None and "L2S_DEVICE=cuda" in rep["device_problem"]
+    monkeypatch.setenv("L2S_DEVICE", "nonsense")
+    with pytest.raises(BackboneError, match="not a device"):
+        resolve_device()
+    _clean_error(runner.invoke(app, ["steer", PROMPT]), "L2S_DEVICE='nonsense' is not a device")
+    monkeypatch.setenv("L2S_DEVICE", "cpu")
+    assert json.loads(runner.invoke(app, ["doctor", "--json"]).stdout)["selected_device"] == "cpu"
+
+
+# --- 3. outputs that cannot be written: found before the work ------------------------------
+def test_unwritable_out_is_found_before_generating(tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(ConfigError, match="is a file"):
+        check_writable_dir(blocker / "sub")
+    called = []
+    monkeypatch.setattr("l2s.engine.loading.load_backbone", lambda *a, **k: called.append(1))
+    _clean_error(runner.invoke(app, ["steer", PROMPT, "--out", str(blocker / "o")]), "is a file")
+    _clean_error(runner.invoke(app, ["bench", "--out", str(blocker / "o")]), "is a file")
+    assert called == []  # nothing was loaded, so nothing was generated and lost
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_read_only_out_is_found_before_generating(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        with pytest.raises(ConfigError, match="cannot be written"):
+            check_writable_dir(ro / "steer")
+    finally:
+        ro.chmod(0o700)
+
+
+# --- 4. files that are not what they claim -------------------------------------------------
+def test_binary_or_escaping_classifier_cards_are_clean_errors(tmp_path):
+    card = tmp_path / "c" / "card.json"
+    card.parent.mkdir()
+    card.write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(ClassifierError, match="not readable JSON"):
+        load_classifier(card)
+    from l2s.classifier import CARD_FORMAT
+
+    (tmp_path / "model.safetensors").write_bytes(b"x")
+    card.write_text(json.dumps({"format": CARD_FORMAT, "architecture": {},
+                                "weights": "../model.safetensors"}))
+    with pytest.raises(ClassifierError, match="outside its own folder"):
+        load_classifier(card)
+
+
+def test_pickled_weights_in_a_local_folder_need_allow_pickle(tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from l2s.engine.tiny import save_tiny_sd
+
+    folder = save_tiny_sd(tmp_path / "tiny")
+    st = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    torch.save(load_file(st), folder / "unet" / "diffusion_pytorch_model.bin")
+    st.unlink()
+    monkeypatch.delenv("L2S_ALLOW_PICKLE", raising=False)
+    with pytest.raises(BackboneError, match="--allow-pickle"):
+        load_backbone(str(folder), device="cpu")
+    monkeypatch.setenv("L2S_ALLOW_PICKLE", "1")
+    assert load_backbone(str(folder), device="cpu").image_size == (32, 32)
+
+
+def test_model_that_is_a_file_is_not_sent_to_the_hub(tmp_path):
+    f = tmp_path / "model.txt"
+    f.write_text("x")
+    with pytest.raises(BackboneError, match="is a file") as e:
+        load_backbone(str(f), device="cpu")
+    assert "hf download" not in str(e.value)
+
+
+def test_uncached_hub_model_offline_fails_fast_with_the_fix():
+    with pytest.raises(BackboneError, match="hf download org/model") as e:
+        load_backbone("org/model", device="cpu")
+    assert "HF_HUB_OFFLINE" in str(e.value)
+
+
+def test_error_messages_keep_their_brackets(tmp_path):
+    r = runner.invoke(app, ["steer", PROMPT, "--classifier", str(tmp_path / "[x0, y0]")])
+    _clean_error(r, "[x0, y0]")
+
+
+# --- 5. the cache repairs itself -----------------------------------------------------------
+def _cache(tmp_path, n=3) -> AttentionCache:
+    c = AttentionCache(tmp_path / "cache", "fp")
+    for i in range(n):
+        c.put(f"{i:02d}key", torch.full((2, 2, 3, 4, 4), float(i)),
+              {"source": "shapes", "relation": "above"})
+    return c
+
+
+def test_entries_are_verified_by_content(tmp_path):
+    c = _cache(tmp_path)
+    zeroed, flipped = c.map_path("00key"), c.map_path("01key")
+    zeroed.write_bytes(bytes(zeroed.stat().st_size))  # right size, all zero
+    raw = bytearray(flipped.read_bytes())
+    raw[-4:] = bytes(4)  # the header still parses, the values changed
+    flipped.write_bytes(bytes(raw))
+    fresh = AttentionCache(tmp_path / "cache", "fp")
+    assert not fresh.has("00key") and not fresh.has("01key") and fresh.has("02key")
+    assert sorted(fresh.corrupt) == ["00key", "01key"]
+    assert not zeroed.exists() and not flipped.exists()  # deleted, so invert rebuilds them
+
+
+@pytest.mark.parametrize("damage", ["truncate", "zero", "delete", "binary", "duplicate"])
+def test_manifest_is_rebuilt_from_the_entries(tmp_path, damage):
+    c = _cache(tmp_path)
+    m = c.manifest_path
+    if damage == "truncate":
+        m.write_bytes(m.read_bytes()[:30])
+    elif damage == "zero":
+        m.write_bytes(bytes(m.stat().st_size))
+    elif damage == "delete":
+        m.unlink()
+    elif damage == "binary":
+        m.write_bytes(bytes(range(256)))
+    else:  # a rebuilt entry appends its line again
+        c.put("01key", torch.ones(2, 2, 3, 4, 4), {"source": "shapes", "relation": "below"})
+    rows = AttentionCache(tmp_path / "cache", "fp").manifest()
+    assert sorted(r["key"] for r in rows) == ["00key", "01key", "02key"]
+    lines = m.read_text().splitlines()
+    assert len(lines) == 3 and len({json.loads(x)["key"] for x in lines}) == 3
+    if damage == "duplicate":
+        assert {json.loads(x)["key"]: json.loads(x)["relation"] for x in lines}["01key"] == "below"
+
+
+def test_claims_split_work_and_dead_claims_are_taken_over(tmp_path):
+    a = AttentionCache(tmp_path / "cache", "fp")
+    b = AttentionCache(tmp_path / "cache", "fp")
+    assert a.claim("img") and not b.claim("img")  # a live process holds it
+    a.release("img")
+    assert b.claim("img")
+    b.release("img")
+    dead = __import__("subprocess").Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    import socket
+
+    (a.dir / "claims" / "img").write_text(f"{socket.gethostname()} {dead.pid}\n")
+    assert a.claim("img")  # its owner is gone
+
+
+def test_invert_leaves_claimed_images_to_the_other_process(tmp_path, monkeypatch, one_thread):
+    from l2s.inversion import InversionConfig
+    from l2s.invert import InvertConfig, run_invert
+
+    den = load_backbone("toy")
+    cfg = InvertConfig(cache_dir=str(tmp_path / "c"), limit=2, batch_size=1,
+                       inversion=InversionConfig(method="noise"))
+    monkeypatch.setattr(AttentionCache, "claim", lambda self, key: False)  # all taken
+    res = run_invert(cfg, den)
+    assert res.written == 0 and res.left_to_others == 4
+    monkeypatch.undo()
+    res = run_invert(cfg, den)
+    assert res.written == 4 and res.left_to_others == 0
+    assert not list((tmp_path / "c" / den.fingerprint / "claims").iterdir())  # released
+
+
+# --- 6. YAML configs -----------------------------------------------------------------------
+def test_yaml_config_flags_win_and_the_written_config_repeats_the_run(tmp_path, one_thread):
+    import numpy as np
+    import yaml
+    from PIL import Image
+
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"prompt: {PROMPT}\nsteps: 4\nsteer-until: 2\niterations: 2\nseed: 3\n"
+                   f"out: {tmp_path / 'a'}\n")
+    r = runner.invoke(app, ["steer", "--config", str(cfg), "--seed", "5", "--json"])
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.stdout)
+    assert rep["seeds"] == [5] and rep["settings"]["steps"] == 4  # flag over file over default
+    written = yaml.safe_load((tmp_path / "a" / "config.yaml").read_text())
+    assert written["seed"] == 5 and written["steps"] == 4 and written["prompt"] == PROMPT
+    r = runner.invoke(app, ["steer", "--config", str(tmp_path / "a" / "config.yaml"), "--json"])
+    assert r.exit_code == 0, r.output
+    again = json.loads(r.stdout)
+    assert again["out"] == str(tmp_path / "a-1")  # a used folder is never overwritten
+    first, second = (np.asarray(Image.open(p)) for p in (rep["images"][0], again["images"][0]))
+    assert np.array_equal(first, second)
+
+
+def test_yaml_config_unknown_keys_and_bad_files_are_clean_errors(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("num_imgs: 2\n")
+    _clean_error(runner.invoke(app, ["steer", "--config", str(bad), PROMPT]),
+                 "unknown key(s) num_imgs", "num_images")
+    bad.write_text("- a list\n")
+    _clean_error(runner.invoke(app, ["invert", "--config", str(bad)]), "must hold a mapping")
+    bad.write_bytes(bytes(range(256)))
+    _clean_error(runner.invoke(app, ["train", "--config", str(bad)]), "not UTF-8")
+    _clean_error(runner.invoke(app, ["bench", "--config", str(tmp_path / "none.yaml")]),
+                 "does not exist")
+
+
+def test_invert_reads_a_config_and_writes_it_beside_the_cache(tmp_path, one_thread):
+    import yaml
+
+    cfg = tmp_path / "inv.yaml"
+    cfg.write_text(f"data: shapes\nlimit: 2\ninversion: noise\ncache_dir: {tmp_path / 'c'}\n")
+    r = runner.invoke(app, ["invert", "--config", str(cfg), "--json"])
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout)
+    assert res["written"] == 4
+    written = yaml.safe_load((tmp_path / "c" / res["stats"]["fingerprint"] / "config.yaml")
+                             .read_text())
+    assert written["data"] == ["shapes"] and written["limit"] == 2
