@@ -144,6 +144,9 @@ def run_speed(config: SpeedConfig, denoiser: Denoiser | None = None, on_unit=Non
     if not triplets:
         raise ValueError(f"the prompt {prompt!r} states no steerable relation (left of, right "
                          "of, above, below): nothing to steer")
+    from l2s.steer import check_prompt
+
+    check_prompt(denoiser, triplets)  # what steer refuses, speed refuses too
     loss, loss_source = timing_loss(denoiser, config.model, config.classifier)
     base = steer_settings(config.model, steps=config.steps, steer_until=config.steer_until,
                           iterations=config.iterations)

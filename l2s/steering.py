@@ -304,7 +304,10 @@ def _steer_step(st: Steerer, rec: AttentionRecorder, x: torch.Tensor, t: int, st
                 grad = grad * todo.view(-1, *[1] * (z.ndim - 1)).to(grad.dtype)
                 if adam is not None:
                     z.grad = grad
+                    before = z.detach().clone()
                     adam.step()
+                    # Adam's momentum would keep moving images that already stopped: hold them.
+                    z.copy_(torch.where(todo.view(-1, *[1] * (z.ndim - 1)), z, before))
                 else:
                     z.sub_(settings.step_size * grad)
                 record.iterations += 1

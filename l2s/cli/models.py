@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from l2s.cli.output import console, emit_json
@@ -20,13 +21,20 @@ def models(
     if json_out:
         emit_json(rows)
         return
+    from l2s.classifier import card_origin
+
     table = Table(title="l2s backbones")
     for col in ("name", "source", "available", "classifier", "description"):
-        table.add_column(col)
+        table.add_column(col, overflow="fold")  # fold, never "...": ids are copied from here
     for r in rows:
         table.add_row(r["name"], r["repo_id"] or "shipped with l2s",
                       "[green]yes[/]" if r["available"] else "[yellow]no[/]",
-                      r["classifier"] or "-", r["description"])
+                      card_origin(r["classifier"]) if r["classifier"] else "-",
+                      r["description"])
     console.print(table)
+    for r in rows:  # whole paths on their own lines, to copy
+        if r["classifier"]:
+            console.print(f"{r['name']}: steer uses {escape(r['classifier'])}", soft_wrap=True,
+                          highlight=False)
     console.print(f"HF cache: {hf_cache_dir()}  (models not available: `hf download REPO` "
                   "while online; SD presets also run with --random-weights for speed work)")

@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from l2s.cli.output import console, emit_json, user_errors
+from l2s.cli.output import console, emit_json, status, user_errors
 from l2s.engine.backbone import BackboneError
 from l2s.speed import SpeedConfig, run_speed
 
@@ -47,10 +47,10 @@ def speed(
     out: str = typer.Option(None, "--out", "-o", help="Also write the report JSON here."),
     json_out: bool = typer.Option(False, "--json", help="Print the report JSON on stdout."),
 ) -> None:
-    """Time a plain guided step, one steering iteration (ours and reference-style: explicit
-    attention everywhere, every token's maps kept) and whole generations, side by side.
+    """Time plain and steered steps, ours and reference-style, side by side.
 
-    Ratios come from the same run, so they hold on the machine that ran it; on a GPU the
+    Times a plain guided step, one steering iteration (ours and reference-style: explicit
+    attention everywhere, every token's maps kept) and whole generations. Ratios come from the same run, so they hold on the machine that ran it; on a GPU the
     times are CUDA-synchronised.
     """
     cfg = SpeedConfig(model=model, prompt=prompt, random_weights=random_weights,
@@ -58,12 +58,14 @@ def speed(
                       steer_until=steer_until, iterations=iterations, repeats=repeats,
                       end_to_end=end_to_end, classifier=classifier)
 
-    def on_unit(name: str, res: dict) -> None:
-        if not json_out:
-            value = f"{res['ms']:.1f} ms" if "ms" in res else f"{res['seconds']:.2f} s"
-            console.print(f"  {name}: {value}")
+    with status("timing", json_out) as spinner:
 
-    report = run_speed(cfg, on_unit=on_unit)
+        def on_unit(name: str, res: dict) -> None:  # progress only: the table has the numbers
+            if spinner is not None:
+                value = f"{res['ms']:.1f} ms" if "ms" in res else f"{res['seconds']:.2f} s"
+                spinner.update(f"timing (last: {name} {value})")
+
+        report = run_speed(cfg, on_unit=on_unit)
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(report, indent=2))

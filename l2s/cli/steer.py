@@ -168,7 +168,7 @@ def steer(
         if rep["steps"] and table:
             console.print(_timing_table(rep))
         for line in [] if table else _summary(rep):
-            console.print(line, highlight=False)
+            console.print(line, highlight=False, soft_wrap=True)
         for w in rep["warnings"]:
             console.print(f"[yellow]warning:[/] {escape(w)}")
         achieved = _achieved(rep, res.paths)
