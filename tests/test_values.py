@@ -8,7 +8,7 @@ import torch
 from l2s.engine.hooks import AttentionRecorder, resize_maps
 from l2s.engine.tiny import tiny_sd
 from l2s.relations import parse
-from l2s.steering import CentroidLoss, RelationLoss, Steerer, SteerSettings, steer_latents
+from l2s.steering import RelationLoss, Steerer, SteerSettings
 
 
 @pytest.fixture(scope="module")
@@ -230,5 +230,6 @@ def test_steered_toy_image_slice_is_pinned(one_thread):
     assert (row - expected).abs().max() <= 3, row.tolist()
 
 
-EXPECTED_ROW = [[255, 1, 0], [255, 0, 0], [2, 0, 0], [0, 0, 0], [5, 3, 123], [1, 0, 255], [0, 2, 255],
-                [4, 0, 251]]  # a red circle, then a blue square: left of it, as asked
+# a red circle, then a blue square: left of it, as asked
+EXPECTED_ROW = [[255, 1, 0], [255, 0, 0], [2, 0, 0], [0, 0, 0], [5, 3, 123], [1, 0, 255],
+                [0, 2, 255], [4, 0, 251]]

@@ -50,8 +50,9 @@ def speed(
     """Time plain and steered steps, ours and reference-style, side by side.
 
     Times a plain guided step, one steering iteration (ours and reference-style: explicit
-    attention everywhere, every token's maps kept) and whole generations. Ratios come from the same run, so they hold on the machine that ran it; on a GPU the
-    times are CUDA-synchronised.
+    attention everywhere, every token's maps kept) and whole generations. Ratios come from
+    the same run, so they hold on the machine that ran it; on a GPU the times are
+    CUDA-synchronised.
     """
     cfg = SpeedConfig(model=model, prompt=prompt, random_weights=random_weights,
                       image_size=image_size, device=device, dtype=dtype, steps=steps,
