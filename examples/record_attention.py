@@ -7,8 +7,8 @@ real model):  python examples/record_attention.py
 import torch
 
 from l2s.engine.hooks import AttentionRecorder
-from l2s.engine.tiny import tiny_sd
 from l2s.engine.tokens import triplet_tokens
+from l2s.families.tiny import tiny_sd
 from l2s.relations import parse
 
 den = tiny_sd()
@@ -20,9 +20,9 @@ print(f"{triplet}: subject tokens {subj.indices} {subj.pieces}, object tokens {o
 latents = den.prepare_latents(1, torch.Generator().manual_seed(0)).requires_grad_(True)
 cond = den.encode_prompt([prompt])
 layers = den.cross_attention_layers()
-with AttentionRecorder(den.attention_model, layers, [subj.indices, obj.indices],
+with AttentionRecorder(den, layers, [subj.indices, obj.indices],
                        keep_grad=True) as rec, torch.enable_grad():
-    den.predict_noise(latents, 500, cond)
+    den.predict(latents, 500, cond)
     maps = rec.stacked()  # (B=1, G=2, C=sum of heads, 16, 16)
     # A hand-made loss: the subject's horizontal centroid should sit left of the object's.
     xs = torch.linspace(0, 1, maps.shape[-1])

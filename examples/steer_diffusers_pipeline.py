@@ -28,7 +28,7 @@ if args.model:
     pipe = pipe.to("cuda" if torch.cuda.is_available() else "cpu")
     size, steps = None, 50
 else:
-    from l2s.engine.tiny import tiny_sd_components
+    from l2s.families.tiny import tiny_sd_components
 
     unet, vae, te, tok, sch = tiny_sd_components()
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet,

@@ -1,15 +1,19 @@
-"""Image -> noisy-latent trajectories (DDIM inversion or forward noising) and map recording."""
+"""Image -> noisy-latent trajectories (inversion or forward noising) and map recording.
+
+Everything goes through the Denoiser's schedule, so the same code inverts a DDPM family (DDIM
+inversion) and a rectified-flow family (Euler inversion), and noises either.
+"""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from l2s.engine.backbone import Denoiser
+from l2s.engine.backbone import Conditioning, Denoiser
 from l2s.engine.hooks import AttentionRecorder
+from l2s.engine.sampling import denoise
 
 INVERSION_METHODS = ("ddim", "noise")
 
@@ -18,7 +22,9 @@ INVERSION_METHODS = ("ddim", "noise")
 class InversionConfig:
     """How images become latents and when maps are recorded."""
 
-    method: str = "ddim"  # "ddim": DDIM inversion; "noise": forward-noise the image per step
+    # "ddim": invert the deterministic sampler (DDIM; Euler for flow families);
+    # "noise": forward-noise the image at each step (the schedule's add_noise).
+    method: str = "ddim"
     steps: int = 50  # length of the DDIM schedule the recorded steps index into
     fixed_point: int = 2  # refinement iterations per DDIM inversion step (0: plain inversion)
     record_steps: tuple[int, ...] = (5, 10, 15, 20, 25, 49)  # step indices (0 = noisiest)
@@ -41,49 +47,43 @@ class InversionConfig:
 
 
 @torch.no_grad()
-def ddim_invert(denoiser: Denoiser, x0: torch.Tensor, cond: torch.Tensor, steps: int,
-                fixed_point: int = 0) -> torch.Tensor:
-    """DDIM inversion: the latents (steps, B, C, h, w) at each sampling timestep, noisiest first.
+def ddim_invert(denoiser: Denoiser, x0: torch.Tensor, cond: Conditioning, steps: int,
+                fixed_point: int = 0, guidance: float = 1.0) -> torch.Tensor:
+    """Invert the sampler: the latents (steps, B, ...) at each sampling timestep, noisiest first.
 
     Step j inverts the sampler's move t_j -> t_{j+1} (t_steps = the clean end): it solves
-    x_j = ddim(x_{j+1}, eps(x_j, t_j)) by fixed-point iteration from eps(x_{j+1}, t_j), so the
-    same timesteps and alphas as sampling are used in reverse and nothing is off by one.
+    x_j = step(x_{j+1}, pred(x_j, t_j)) by fixed-point iteration from pred(x_{j+1}, t_j), so
+    the same timesteps as sampling are used in reverse and nothing is off by one. With a DDPM
+    schedule this is DDIM inversion; with a flow schedule, Euler inversion (Mokady et al. 2023;
+    fixed-point refinement as in Pan et al. 2023).
     """
     ts = denoiser.timesteps(steps)
     traj = [None] * steps
-    x = x0
+    x = x0.float()
     for j in reversed(range(steps)):
         t_from = ts[j + 1] if j + 1 < steps else None
         guess = x
         for _ in range(fixed_point + 1):
-            eps = denoiser.predict_noise(guess, ts[j], cond)
-            guess = denoiser.step(eps, t_from, ts[j], x)
+            pred = denoiser.predict(guess, ts[j], cond, guidance=guidance)
+            guess = denoiser.step(pred, t_from, ts[j], x)
         x = guess
         traj[j] = x
     return torch.stack(traj)
 
 
-@torch.no_grad()
-def reconstruct(denoiser: Denoiser, x_start: torch.Tensor, cond: torch.Tensor, steps: int
-                ) -> torch.Tensor:
-    """Unguided DDIM from the noisiest inverted latent back to a clean latent."""
-    ts = denoiser.timesteps(steps)
-    x = x_start
-    for i, t in enumerate(ts):
-        x = denoiser.step(denoiser.predict_noise(x, t, cond), t,
-                          ts[i + 1] if i + 1 < len(ts) else None, x)
-    return x
+def reconstruct(denoiser: Denoiser, x_start: torch.Tensor, cond: Conditioning, steps: int,
+                guidance: float = 1.0) -> torch.Tensor:
+    """The sampler (unguided by default) from the noisiest inverted latent to a clean one."""
+    return denoise(denoiser, x_start, cond, steps=steps, guidance=guidance)
 
 
 def noised_latents(denoiser: Denoiser, x0: torch.Tensor, steps: int,
                    generator: torch.Generator) -> torch.Tensor:
-    """Forward-process latents (steps, B, C, h, w): sqrt(a_t) x0 + sqrt(1 - a_t) eps per step."""
-    ts = denoiser.timesteps(steps)
+    """Forward-process latents (steps, B, ...): the schedule's add_noise at every step."""
     out = []
-    for t in ts:
+    for t in denoiser.timesteps(steps):
         eps = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
-        a = denoiser.alpha(t)
-        out.append(math.sqrt(a) * x0 + math.sqrt(1 - a) * eps)
+        out.append(denoiser.add_noise(x0, eps, t))
     return torch.stack(out)
 
 
@@ -99,16 +99,16 @@ def record_maps(denoiser: Denoiser, latents: torch.Tensor, prompts: Sequence[str
                 steps: int, map_size: int = 16) -> torch.Tensor:
     """Maps (P, T, 2, C, S, S) for P prompts, each over its own trajectory.
 
-    ``latents`` is (steps, P, C, h, w): prompt p reads trajectory p (repeat an image's
+    ``latents`` is (steps, P, ...): prompt p reads trajectory p (repeat an image's
     trajectory for each of its prompts). One batched forward per recorded step.
     """
     ts = denoiser.timesteps(steps)
     cond = denoiser.encode_prompt(list(prompts))
     layers = denoiser.cross_attention_layers()
     out = []
-    with AttentionRecorder(denoiser.attention_model, layers, [list(map(list, g)) for g in groups],
+    with AttentionRecorder(denoiser, layers, [list(map(list, g)) for g in groups],
                            map_size=map_size) as rec:
         for s in record_steps:
-            denoiser.predict_noise(latents[s], ts[s], cond)
+            denoiser.predict(latents[s], ts[s], cond)
             out.append(rec.stacked())  # (P, 2, C, S, S)
     return torch.stack(out, dim=1)

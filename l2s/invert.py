@@ -278,7 +278,7 @@ def _work(items: list, lat_keys: list[str], denoiser: Denoiser, cache: Attention
                 "object_box": list(s.object_box)}))
     if not prompts:
         return
-    latents = torch.stack(lat_list, dim=1).to(denoiser.device, denoiser.dtype)
+    latents = torch.stack(lat_list, dim=1).to(denoiser.device, torch.float32)
     maps = record_maps(denoiser, latents, prompts, groups, inv.record_steps, inv.steps,
                        inv.map_size)
     for (key, meta), m in zip(metas, maps, strict=True):

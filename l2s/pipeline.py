@@ -1,11 +1,15 @@
-"""Steer a stock diffusers Stable Diffusion pipeline through `callback_on_step_end`."""
+"""Steer a stock diffusers Stable Diffusion pipeline through `callback_on_step_end`.
+
+The pipeline's loop stands in for ``l2s.engine.sampling.denoise``: its callback hands the
+same step state to the same :class:`l2s.steering.Steerer` callback.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 from l2s.engine.backbone import BackboneError
-from l2s.engine.unet import UNetDenoiser
+from l2s.families.unet import UNetDenoiser
 from l2s.relations import parse
 from l2s.steering import RelationLoss, Steerer, SteerSettings
 
@@ -36,11 +40,12 @@ class PipelineSteerer:
     def __call__(self, pipe, i: int, t, callback_kwargs: dict) -> dict:
         ts = pipe.scheduler.timesteps
         step = i + 1
-        if step >= min(self.steerer.steered_steps, len(ts)):
+        if step >= len(ts):
             return callback_kwargs
-        with self.steerer.recorder() as rec:
-            callback_kwargs["latents"] = self.steerer.update(rec, callback_kwargs["latents"],
-                                                             int(ts[step]), step)
+        new = self.steerer({"step": step, "steps": len(ts), "t": int(ts[step]),
+                            "latents": callback_kwargs["latents"]})
+        if new is not None:
+            callback_kwargs["latents"] = new.to(callback_kwargs["latents"].dtype)
         return callback_kwargs
 
 

@@ -75,7 +75,7 @@ from pathlib import Path
 
 import numpy as np
 
-from l2s.engine.presets import generation_defaults
+from l2s.engine.registry import generation_defaults
 from l2s.engine.sampling import sample, seeded_latents, to_uint8
 from l2s.relations import RELATIONS, Triplet, canonical_relation, format_prompt, geneval_relations
 

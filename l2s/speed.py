@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, replace
 import torch
 
 from l2s.engine.backbone import Denoiser
-from l2s.engine.sampling import guided_noise, sample, seeded_latents
+from l2s.engine.sampling import guided_prediction, sample, seeded_latents
 from l2s.relations import parse
 from l2s.steering import RelationLoss, Steerer, peak_memory_mb, steer_latents
 
@@ -167,13 +167,13 @@ def run_speed(config: SpeedConfig, denoiser: Denoiser | None = None, on_unit=Non
 
     with torch.no_grad():
         note("plain_step", clock.measure(
-            lambda: denoiser.step(guided_noise(denoiser, x, t, cond, uncond, base.guidance),
+            lambda: denoiser.step(guided_prediction(denoiser, x, t, cond, uncond, base.guidance),
                                   t, None, x), config.repeats))
 
     def iteration(reference: bool):
         st = Steerer(denoiser, [prompt], [triplets], loss, one_iter)
         if reference:  # every token's maps, after the objects' groups (pairs stay valid)
-            seq = cond.shape[1]
+            seq = cond["states"].shape[1]
             st.groups = [g + [[i] for i in range(seq)] for g in st.groups]
         ctx = explicit_attention(denoiser.attention_model) if reference else \
             contextlib.nullcontext()

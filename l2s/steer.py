@@ -12,7 +12,7 @@ import torch
 
 from l2s.config import check_choice, check_generation, check_number, check_writable_dir
 from l2s.engine.backbone import Denoiser
-from l2s.engine.presets import PRESETS, generation_defaults
+from l2s.engine.registry import generation_defaults, get_preset
 from l2s.engine.sampling import sample, seeded_latents, to_uint8
 from l2s.relations import Triplet, parse
 from l2s.steering import (
@@ -78,7 +78,7 @@ def steer_settings(model: str, *, steps: int | None = None, guidance: float | No
                    step_size: float | None = None, optimizer: str = "sgd",
                    loss_threshold: float | None = None) -> SteerSettings:
     """SteerSettings from user values, falling back to the model preset's defaults."""
-    preset = PRESETS.get(model)
+    preset = get_preset(model)
     steps, guidance = generation_defaults(model, steps, guidance)
     if step_size is None:
         step_size = preset.step_size if preset else 5.0

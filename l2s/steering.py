@@ -3,7 +3,9 @@
 Learn-to-Steer (Yiflach et al., WACV 2026), section 4 of docs/method: at each steered step,
 forward the denoiser on the conditional branch with the latent requiring grad, read the
 subject/object maps, take the loss against the wanted relation, step the latent, stop early
-once the loss is under a threshold; then take the normal guided step.
+once the loss is under a threshold; then take the normal guided step. The :class:`Steerer`
+is a step callback of the one sampling loop (``l2s.engine.sampling.denoise``) and of a stock
+diffusers pipeline (``l2s.pipeline``); it never runs a denoising loop of its own.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch
 
 from l2s.engine.backbone import Denoiser
 from l2s.engine.hooks import AttentionRecorder
-from l2s.engine.sampling import guided_noise
+from l2s.engine.sampling import sample
 from l2s.engine.tokens import triplet_tokens
 from l2s.relations import Triplet
 
@@ -188,15 +190,18 @@ def object_groups(denoiser: Denoiser, prompt: str, triplets: Sequence[Triplet]
 class Steerer:
     """Steering state for one batch: prompts, their triplets and token groups, the loss.
 
-    ``update(x, t, step)`` runs one steered denoising step's latent updates; the sampling loop
-    (``steer_latents``) and the diffusers-pipeline callback (``l2s.pipeline``) both call it.
+    Called with the sampling loop's step state (``denoise(..., callback=steerer)``), it
+    steers the latents of the steered steps, recording attention only then, and leaves the
+    other steps alone. ``update(rec, x, t, step)`` is one steered step's latent updates.
     """
 
     def __init__(self, denoiser: Denoiser, prompts: Sequence[str],
                  triplets: Sequence[Sequence[Triplet]], loss_fn: RelationLoss,
-                 settings: SteerSettings, keep_maps: bool = False) -> None:
+                 settings: SteerSettings, keep_maps: bool = False,
+                 on_step: Callable[[StepRecord], None] | None = None) -> None:
         self.denoiser, self.loss_fn, self.settings = denoiser, loss_fn, settings
         self.keep_maps = keep_maps  # keep each steered step's maps before/after (for plots)
+        self.on_step = on_step  # called with each steered step's record
         self.stats = SteerStats()
         self.cond = denoiser.encode_prompt(list(prompts))
         self.steerable = [[t for t in tl if t.steerable] for tl in triplets]
@@ -216,8 +221,20 @@ class Steerer:
         return self.settings.steered_steps() if self.active and self.settings.iterations else 0
 
     def recorder(self) -> AttentionRecorder:
-        return AttentionRecorder(self.denoiser.attention_model, self.layers, self.groups,
-                                 keep_grad=True)
+        return AttentionRecorder(self.denoiser, self.layers, self.groups, keep_grad=True)
+
+    def __call__(self, state: dict) -> torch.Tensor | None:
+        """Step callback: steered latents on the first ``steered_steps`` steps, else None."""
+        step = state["step"]
+        if step >= self.steered_steps:
+            return None
+        # The recorder is open only here: the guided step after it, and every unsteered
+        # step, run all attention layers on the fused path.
+        with self.recorder() as rec:
+            x = self.update(rec, state["latents"], state["t"], step)
+        if self.on_step:
+            self.on_step(self.stats.steps[-1])
+        return x
 
     def update(self, rec: AttentionRecorder, x: torch.Tensor, t: int, step: int
                ) -> torch.Tensor:
@@ -242,24 +259,10 @@ def steer_latents(
     i-th iteration uses triplet i mod n (never a summed loss). Returns clean images
     (B, H, W, 3) in [0, 1] and the per-step statistics.
     """
-    st = Steerer(denoiser, prompts, triplets, loss_fn, settings, keep_maps)
-    uncond = denoiser.encode_prompt([""] * len(prompts))
-    ts = denoiser.timesteps(settings.steps)
-    x = latents
-    with st.recorder() as rec:
-        for i, t in enumerate(ts):
-            t_next = ts[i + 1] if i + 1 < len(ts) else None
-            if i < st.steered_steps:
-                rec.enabled = True
-                x = st.update(rec, x, t, i)
-                if on_step:
-                    on_step(st.stats.steps[-1])
-            rec.enabled = False  # the normal guided step runs on the fast path
-            with torch.no_grad():
-                eps = guided_noise(denoiser, x, t, st.cond, uncond, settings.guidance)
-                x = denoiser.step(eps, t, t_next, x)
-    with torch.no_grad():
-        return denoiser.decode(x), st.stats
+    st = Steerer(denoiser, prompts, triplets, loss_fn, settings, keep_maps, on_step)
+    images = sample(denoiser, list(prompts), steps=settings.steps, guidance=settings.guidance,
+                    latents=latents, callback=st, cond=st.cond)
+    return images, st.stats
 
 
 def _steer_step(st: Steerer, rec: AttentionRecorder, x: torch.Tensor, t: int, step: int
@@ -269,7 +272,7 @@ def _steer_step(st: Steerer, rec: AttentionRecorder, x: torch.Tensor, t: int, st
     threshold = settings.threshold(step)
     idx = torch.tensor(active, device=x.device)
     z = x[idx].detach().clone().requires_grad_(True)  # one leaf, updated in place
-    c = st.cond[idx]
+    c = st.cond.select(idx)
     rec.set_tokens([st.groups[i] for i in active])
     adam = torch.optim.Adam([z], lr=settings.step_size) if settings.optimizer == "adam" else None
     timings = []
@@ -278,7 +281,7 @@ def _steer_step(st: Steerer, rec: AttentionRecorder, x: torch.Tensor, t: int, st
         rels = [st.steerable[i][it % len(st.steerable[i])].relation for i in active]
         t0 = timer.start()
         with torch.enable_grad():
-            st.denoiser.predict_noise(z, t, c)
+            st.denoiser.predict(z, t, c, guidance=settings.guidance)
             maps = rec.stacked()  # (A, G, C, S, S)
             # Basic indexing only: a list index would be copied to the GPU (a sync) each time.
             sel = torch.stack([torch.stack((maps[a, i], maps[a, j]))

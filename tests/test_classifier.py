@@ -123,7 +123,7 @@ def test_not_a_card(tmp_path):
 
 
 def test_backbone_mismatch_names_both_backbones(tmp_path):
-    from l2s.engine.tiny import tiny_sd
+    from l2s.families.tiny import tiny_sd
 
     den = tiny_sd()
     layers = [{"name": la.name, "heads": la.heads} for la in den.cross_attention_layers()]

@@ -5,8 +5,9 @@ import torch
 
 from l2s.engine.backbone import BackboneError
 from l2s.engine.hooks import AttentionRecorder, HookError, resize_maps, token_weights
-from l2s.engine.sampling import ddim_step, sample, to_epsilon
-from l2s.engine.tiny import tiny_sd
+from l2s.engine.sampling import sample
+from l2s.engine.schedules import ddim_step, to_epsilon
+from l2s.families.tiny import tiny_sd
 
 
 @pytest.fixture(scope="module")
@@ -86,9 +87,9 @@ def _recorded_forward(den, keep_grad):
     x = den.prepare_latents(2, torch.Generator().manual_seed(0)).requires_grad_(keep_grad)
     emb = den.encode_prompt(["a dog left of a cat", "a teddy bear above a cup"])
     groups = [[[2], [5]], [[2, 3], [6]]]  # per prompt: subject tokens, object tokens
-    with AttentionRecorder(den.attention_model, layers, groups, keep_grad=keep_grad) as rec:
+    with AttentionRecorder(den, layers, groups, keep_grad=keep_grad) as rec:
         with torch.set_grad_enabled(keep_grad):
-            den.predict_noise(x, 500, emb)
+            den.predict(x, 500, emb)
             maps = rec.stacked()
     return x, maps
 
@@ -113,9 +114,10 @@ def test_unrecorded_layers_keep_their_processor_and_all_are_restored(den):
     before = {k: type(v) for k, v in den.attention_model.attn_processors.items()}
     recorded = den.cross_attention_layers()[:1]
     with pytest.raises(RuntimeError, match="boom"):
-        with AttentionRecorder(den.attention_model, recorded, [[1]]):
+        with AttentionRecorder(den, recorded, [[1]]):
             during = den.attention_model.attn_processors
-            assert type(during[f"{recorded[0].name}.processor"]).__name__ == "_RecordingProcessor"
+            name = type(during[f"{recorded[0].name}.processor"]).__name__
+            assert name == "_ExplicitCrossAttention"
             others = {k: type(v) for k, v in during.items()
                       if k != f"{recorded[0].name}.processor"}
             assert all(before[k] == t for k, t in others.items())
@@ -128,7 +130,7 @@ def test_missing_layer_names_diffusers_version(den):
 
     bogus = replace(den.cross_attention_layers()[0], name="down_blocks.9.attn2")
     with pytest.raises(HookError, match="diffusers"):
-        with AttentionRecorder(den.attention_model, [bogus], [[1]]):
+        with AttentionRecorder(den, [bogus], [[1]]):
             pass
 
 
@@ -136,7 +138,61 @@ def test_recording_matches_the_fast_path_output(den):
     x = den.prepare_latents(1, torch.Generator().manual_seed(3))
     emb = den.encode_prompt(["a dog left of a cat"])
     with torch.no_grad():
-        plain = den.predict_noise(x, 300, emb)
-        with AttentionRecorder(den.attention_model, den.cross_attention_layers(), [[2], [5]]):
-            recorded = den.predict_noise(x, 300, emb)
+        plain = den.predict(x, 300, emb)
+        with AttentionRecorder(den, den.cross_attention_layers(), [[2], [5]]):
+            recorded = den.predict(x, 300, emb)
     torch.testing.assert_close(recorded, plain, atol=1e-5, rtol=1e-4)
+
+
+class _CountingProcessor:
+    """A non-standard processor (as a LoRA / IP-Adapter one is): plain attention + a count."""
+
+    def __init__(self):
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        self.inner, self.calls = AttnProcessor2_0(), 0
+
+    def __call__(self, attn, hidden_states, *args, **kwargs):
+        self.calls += 1
+        return self.inner(attn, hidden_states, *args, **kwargs)
+
+
+def test_recording_wraps_a_custom_processor_and_keeps_it_working(den):
+    layer = den.cross_attention_layers()[0]
+    key = f"{layer.name}.processor"
+    x = den.prepare_latents(1, torch.Generator().manual_seed(3))
+    emb = den.encode_prompt(["a dog left of a cat"])
+    with torch.no_grad():
+        plain = den.predict(x, 300, emb)
+        with AttentionRecorder(den, [layer], [[2], [5]]) as rec:
+            den.predict(x, 300, emb)
+            explicit = rec.stacked()
+        custom = _CountingProcessor()
+        originals = dict(den.attention_model.attn_processors)
+        den.attention_model.set_attn_processor({**originals, key: custom})
+        try:
+            with AttentionRecorder(den, [layer], [[2], [5]]) as rec:
+                wrapped_out = den.predict(x, 300, emb)
+                wrapped = rec.stacked()
+            assert den.attention_model.attn_processors[key] is custom  # restored
+        finally:
+            den.attention_model.set_attn_processor(dict(originals))
+    assert custom.calls == 1  # it computed the recorded forward's output
+    torch.testing.assert_close(wrapped, explicit, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(wrapped_out, plain, atol=1e-5, rtol=1e-4)
+
+
+def test_added_kv_layers_are_refused_with_the_processor_named(den):
+    layer = den.cross_attention_layers()[0]
+    attn = den.attention_model.get_submodule(layer.name)
+    custom = _CountingProcessor()
+    originals = dict(den.attention_model.attn_processors)
+    den.attention_model.set_attn_processor({**originals, f"{layer.name}.processor": custom})
+    attn.add_k_proj = torch.nn.Identity()  # what added-KV (e.g. AttnAddedKV) layers carry
+    try:
+        with pytest.raises(HookError, match="_CountingProcessor"):
+            with torch.no_grad(), AttentionRecorder(den, [layer], [[1]]):
+                den.predict(den.prepare_latents(1, None), 300, den.encode_prompt(["a dog"]))
+    finally:
+        attn.add_k_proj = None
+        den.attention_model.set_attn_processor(dict(originals))

@@ -14,22 +14,22 @@ def test_random_weights_sd14_forward_with_recorded_maps():
     layers = den.cross_attention_layers()
     assert sum(la.heads for la in layers) == 128
     x = den.prepare_latents(1, torch.Generator().manual_seed(0))
-    with torch.no_grad(), AttentionRecorder(den.attention_model, layers, [[1], [2]]) as rec:
-        den.predict_noise(x, 500, den.encode_prompt(["a dog left of a cat"]))
+    with torch.no_grad(), AttentionRecorder(den, layers, [[1], [2]]) as rec:
+        den.predict(x, 500, den.encode_prompt(["a dog left of a cat"]))
     assert rec.stacked().shape == (1, 2, 128, 16, 16)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_fp16_unet_with_fp32_vae_decodes_finite_images():
-    from l2s.engine.tiny import tiny_sd_components
-    from l2s.engine.unet import UNetDenoiser
+    from l2s.families.tiny import tiny_sd_components
+    from l2s.families.unet import UNetDenoiser
 
     unet, vae, te, tok, sch = tiny_sd_components()
     den = UNetDenoiser(unet.cuda().half(), te.cuda(), tok, sch, vae.cuda(), name="tiny-gpu")
     x = den.prepare_latents(2, torch.Generator().manual_seed(0))
     assert x.dtype == torch.float16
-    eps = den.predict_noise(x, 500, den.encode_prompt(["a dog", "a cat"]))
+    eps = den.predict(x, 500, den.encode_prompt(["a dog", "a cat"]))
     assert eps.dtype == torch.float32 and torch.isfinite(eps).all()
     assert torch.isfinite(den.decode(x)).all()
 
@@ -37,8 +37,8 @@ def test_fp16_unet_with_fp32_vae_decodes_finite_images():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_steering_on_cuda_times_with_events_and_reports_peak_memory():
-    from l2s.engine.tiny import tiny_sd_components
-    from l2s.engine.unet import UNetDenoiser
+    from l2s.families.tiny import tiny_sd_components
+    from l2s.families.unet import UNetDenoiser
     from l2s.relations import parse
     from l2s.speed import SpeedConfig, run_speed
     from l2s.steering import CentroidLoss, SteerSettings, steer_latents

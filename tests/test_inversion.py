@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from l2s.engine.tiny import tiny_sd
+from l2s.families.tiny import tiny_sd
 from l2s.inversion import (
     InversionConfig,
     ddim_invert,
@@ -23,9 +23,9 @@ class Analytic:
         self.den = tiny_sd(prediction_type)
         self.fn = fn
         self.calls = []
-        self.den.predict_noise = self._predict
+        self.den.predict = self._predict
 
-    def _predict(self, x, t, cond):
+    def _predict(self, x, t, cond, guidance=None):
         self.calls.append(int(t))
         return self.fn(x, t)
 
@@ -75,7 +75,7 @@ def test_noised_latents_follow_the_forward_process():
     ts = a.den.timesteps(10)
     # Mean over pixels of sqrt(a) x0 + sqrt(1 - a) eps is about sqrt(a) (eps has mean 0).
     for k in (0, 9):
-        assert abs(lat[k].mean().item() - a.den.alpha(ts[k]) ** 0.5) < 0.1
+        assert abs(lat[k].mean().item() - a.den.schedule.alpha(ts[k]) ** 0.5) < 0.1
 
 
 def test_psnr_values():

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from l2s.cache import AttentionCache
 from l2s.cli import app
 from l2s.engine import loading
-from l2s.engine.tiny import tiny_sd
+from l2s.families.tiny import tiny_sd
 from l2s.inversion import InversionConfig
 from l2s.invert import InvertConfig, run_invert, sample_prompts
 from l2s.relations import RELATIONS, Triplet

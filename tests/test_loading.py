@@ -5,9 +5,9 @@ import torch
 
 from l2s.engine.backbone import BackboneError
 from l2s.engine.loading import load_backbone
-from l2s.engine.presets import PRESETS
-from l2s.engine.tiny import save_tiny_sd
-from l2s.engine.unet import unet_cross_attention_layers
+from l2s.engine.registry import presets
+from l2s.families.tiny import save_tiny_sd
+from l2s.families.unet import unet_cross_attention_layers
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
@@ -49,7 +49,7 @@ def test_preset_architectures_have_the_published_attention_layout(preset, size, 
     from diffusers import UNet2DConditionModel
 
     with torch.device("meta"):  # the real architecture, without allocating 3 GB
-        unet = UNet2DConditionModel(**PRESETS[preset].configs["unet"])
+        unet = UNet2DConditionModel(**presets()[preset].configs["unet"])
     latent = size // 8
     layers = unet_cross_attention_layers(unet, (latent, latent))
     assert len(layers) == 16
@@ -57,13 +57,13 @@ def test_preset_architectures_have_the_published_attention_layout(preset, size, 
     # SD's coarsest level (8x8 at 512 px) has no cross-attention in the down path but the
     # mid block runs there; the levels are derived from the size, not assumed.
     assert {la.resolution[0] for la in layers} == levels - {latent // 8} | {latent // 8}
-    assert PRESETS[preset].configs["scheduler"]["prediction_type"] == (
+    assert presets()[preset].configs["scheduler"]["prediction_type"] == (
         "v_prediction" if preset == "sd2.1" else "epsilon")
 
 
 def test_fingerprint_ignores_library_version_and_load_dtype_but_not_weights():
-    from l2s.engine.tiny import tiny_sd_components
-    from l2s.engine.unet import config_fingerprint
+    from l2s.engine.backbone import config_fingerprint
+    from l2s.families.tiny import tiny_sd_components
 
     unet, vae, te, _, _ = tiny_sd_components()
     fp = config_fingerprint(unet, te, vae)

@@ -5,7 +5,7 @@ import torch
 from diffusers import PNDMScheduler, StableDiffusionPipeline
 
 from l2s.engine.backbone import BackboneError
-from l2s.engine.tiny import tiny_sd_components
+from l2s.families.tiny import tiny_sd_components
 from l2s.pipeline import steering_callback
 from l2s.steering import SteerSettings
 

@@ -145,7 +145,7 @@ def test_binary_or_escaping_classifier_cards_are_clean_errors(tmp_path):
 def test_pickled_weights_in_a_local_folder_need_allow_pickle(tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
-    from l2s.engine.tiny import save_tiny_sd
+    from l2s.families.tiny import save_tiny_sd
 
     folder = save_tiny_sd(tmp_path / "tiny")
     st = folder / "unet" / "diffusion_pytorch_model.safetensors"

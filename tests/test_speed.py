@@ -5,7 +5,7 @@ import json
 import pytest
 from diffusers.models.attention_processor import AttnProcessor
 
-from l2s.engine.tiny import tiny_sd
+from l2s.families.tiny import tiny_sd
 from l2s.speed import SpeedConfig, explicit_attention, run_speed
 
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from l2s.engine.tiny import tiny_sd
+from l2s.families.tiny import tiny_sd
 from l2s.relations import parse
 from l2s.steering import CentroidLoss, SteerSettings, steer_latents
 

@@ -2,9 +2,9 @@
 
 import pytest
 
-from l2s.engine.tiny import TINY_WORDS
 from l2s.engine.tokenizers import build_clip_tokenizer
 from l2s.engine.tokens import TokenAlignmentError, find_phrase, phrase_tokens, triplet_tokens
+from l2s.families.tiny import TINY_WORDS
 from l2s.relations import parse
 
 

@@ -173,7 +173,7 @@ def test_cli_trains_then_resumes(tmp_path, capsys):
                     reason="no committed toy weights in l2s/toy/weights (make toy-model)")
 def test_committed_weights_sample():
     from l2s.engine.sampling import sample
-    from l2s.engine.unet import UNetDenoiser
+    from l2s.families.unet import UNetDenoiser
 
     denoiser = UNetDenoiser(*load_toy_components(), name="toy")
     images = sample(denoiser, ["a circle left of a square", "a ring above a cross"], steps=2,
@@ -202,7 +202,7 @@ def test_toy_backbone_runs_two_steps_with_attention_capture():
     den = load_backbone("toy", device="cpu")
     prompt = "a circle to the left of a square"
     subj, obj = pair_tokens(den.tokenizer, prompt, "circle", "square")
-    with AttentionRecorder(den.attention_model, den.cross_attention_layers(),
+    with AttentionRecorder(den, den.cross_attention_layers(),
                            [list(subj.indices), list(obj.indices)]) as rec:
         images = sample(den, [prompt], steps=2, guidance=3.0,
                         generator=torch.Generator().manual_seed(0))

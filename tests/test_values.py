@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from l2s.engine.hooks import AttentionRecorder, resize_maps
-from l2s.engine.tiny import tiny_sd
+from l2s.families.tiny import tiny_sd
 from l2s.relations import parse
 from l2s.steering import RelationLoss, Steerer, SteerSettings
 
@@ -35,8 +35,8 @@ def test_recorded_maps_equal_an_independent_softmax_of_q_k(den):
             name, (args[0] if args else kw["hidden_states"], kw["encoder_hidden_states"])),
         with_kwargs=True) for la in layers]
     try:
-        with torch.no_grad(), AttentionRecorder(den.attention_model, layers, groups) as rec:
-            den.predict_noise(x, 500, emb)
+        with torch.no_grad(), AttentionRecorder(den, layers, groups) as rec:
+            den.predict(x, 500, emb)
             got = rec.stacked()  # (B, G, C, S, S)
     finally:
         for h in handles:
@@ -86,8 +86,8 @@ def _one_step(den, loss, settings, x, prompts):
 def _gradient(den, st, loss, x, t):
     """d(sum of losses)/dx by hand: the same maps recorded through a fresh recorder."""
     z = x.clone().requires_grad_(True)
-    with AttentionRecorder(den.attention_model, st.layers, st.groups, keep_grad=True) as rec:
-        den.predict_noise(z, t, st.cond)
+    with AttentionRecorder(den, st.layers, st.groups, keep_grad=True) as rec:
+        den.predict(z, t, st.cond)
         maps = rec.stacked()
     sel = torch.stack([torch.stack((maps[b, i], maps[b, j]))
                        for b, (i, j) in enumerate(p[0] for p in st.pairs)])
@@ -168,8 +168,8 @@ def test_round_robin_picks_each_images_own_maps_with_mixed_triplet_counts(den):
     st, t, _ = _one_step(den, loss, settings, x, prompts)
     assert [rels for rels, _ in loss.calls] == [["above", "left of"], ["left of", "left of"],
                                                ["above", "left of"]]
-    with torch.no_grad(), AttentionRecorder(den.attention_model, st.layers, st.groups) as rec:
-        den.predict_noise(x, t, st.cond)
+    with torch.no_grad(), AttentionRecorder(den, st.layers, st.groups) as rec:
+        den.predict(x, t, st.cond)
         maps = rec.stacked()
     from l2s.engine.tokens import triplet_tokens
 
@@ -188,7 +188,7 @@ def test_round_robin_picks_each_images_own_maps_with_mixed_triplet_counts(den):
 def test_pipeline_callback_steers_every_image_of_a_prompt():
     from diffusers import StableDiffusionPipeline
 
-    from l2s.engine.tiny import tiny_sd_components
+    from l2s.families.tiny import tiny_sd_components
     from l2s.pipeline import steering_callback
 
     unet, vae, te, tok, sch = tiny_sd_components()

@@ -1,12 +1,23 @@
-"""The one denoiser interface every backbone adapter implements (toy, SD UNet, later Flux)."""
+"""The one denoiser interface every backbone family implements, and the values it exchanges.
+
+A backbone family (``l2s/families/``: the toy, Stable Diffusion, later Flux / SD3) adapts its
+networks to :class:`Denoiser`; sampling, steering, inversion, caching and benchmarks talk only
+to this interface, so none of them branches on the family. How to add a family:
+``docs/architecture.md``, "Adding a backbone family".
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+
+from l2s.engine.schedules import NoiseSchedule, Timestep
 
 
 class BackboneError(RuntimeError):
@@ -15,72 +26,125 @@ class BackboneError(RuntimeError):
 
 @dataclass(frozen=True)
 class CrossAttnLayer:
-    """One cross-attention layer the hooks can record."""
+    """One attention layer whose image-query x text-key maps the hooks can record."""
 
     name: str  # module path, e.g. "down_blocks.1.attentions.0.transformer_blocks.0.attn2"
     heads: int  # attention heads in this layer
-    resolution: tuple[int, int]  # (h, w) of its query grid at the backbone's image size
+    resolution: tuple[int, int]  # (h, w) of its image-query grid at the backbone's image size
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """The text conditioning of a batch: named tensors, as many as the family needs.
+
+    ``batched`` tensors are batch-first (B, ...) and follow the images when a batch is indexed
+    (:meth:`select`) or joined (:meth:`cat`, e.g. the CFG batch [uncond; cond]); ``shared``
+    ones are the same for every image (e.g. position ids). Every family has ``"states"``:
+    (B, T, D), the token states whose T tokens the recorded maps index; the other keys are
+    the family's business: SD uses only "states" (B, 77, D); a Flux family adds "pooled"
+    (CLIP, (B, 768)) and shared "text_ids" (T, 3); SD3 its joint states and pooled vector.
+    """
+
+    batched: dict[str, torch.Tensor]
+    shared: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        sizes = {k: v.shape[0] for k, v in self.batched.items()}
+        if not sizes or len(set(sizes.values())) != 1:
+            raise ValueError(f"conditioning needs batch-first tensors of one batch size, "
+                             f"got {sizes}")
+
+    def __len__(self) -> int:
+        return next(iter(self.batched.values())).shape[0]
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self.batched[key] if key in self.batched else self.shared[key]
+
+    def select(self, index) -> Conditioning:
+        """The conditioning of some images (an index tensor, list or slice)."""
+        return Conditioning({k: v[index] for k, v in self.batched.items()}, self.shared)
+
+    @staticmethod
+    def cat(parts: Sequence[Conditioning]) -> Conditioning:
+        """Batches joined in order (shared tensors from the first part)."""
+        keys = parts[0].batched.keys()
+        return Conditioning({k: torch.cat([p.batched[k] for p in parts]) for k in keys},
+                            parts[0].shared)
+
+
+# Receives one layer's attention probabilities (B, heads, Q, T): image queries x text keys,
+# softmax over the text tokens, still in the autograd graph when the forward has one.
+AttentionSink = Callable[[CrossAttnLayer, torch.Tensor], None]
+
+GUIDANCE_MODES = ("cfg", "embedded", "none")
 
 
 class Denoiser(ABC):
     """A text-conditioned denoiser seen through the operations l2s needs.
 
-    Inversion, steering and benchmarks talk only to this interface, so they never branch on
-    the model family. Every method works on batches; latents are (B, C, h, w).
+    A family implements the abstract members; the rest (timesteps, predict, step, add_noise,
+    prepare_latents) are shared and run through ``self.schedule``. Conventions:
+
+    * Latents are float32 between steps, (B, *latent_shape); ``predict`` casts them to the
+      model dtype only at the network input and returns float32.
+    * ``t`` is the family's model time, noisiest first from ``timesteps``: integer DDPM
+      timesteps for SD and the toy, sigma * 1000 for flow-matching models.
+    * ``predict`` returns what ``schedule.step`` consumes: epsilon (DDPM) or velocity (flow);
+      CFG mixes it linearly whichever it is.
     """
 
     name: str  # preset name, hub id or local path it was loaded from
     fingerprint: str  # model id + config/weights hash: keys caches and classifier cards
     image_size: tuple[int, int]  # (H, W) in pixels of generated images
-    prediction_type: str  # what the network predicts: "epsilon", "v_prediction" or "sample"
+    latent_shape: tuple[int, ...]  # one image's latent, without the batch: (C, h, w) for SD
+    schedule: NoiseSchedule  # time grid and deterministic moves (DDPM or rectified flow)
     device: torch.device
-    dtype: torch.dtype
+    dtype: torch.dtype  # the network's dtype (latents stay float32)
+    # How guidance reaches the network: "cfg" (a [uncond; cond] batch mixed by the scale),
+    # "embedded" (the scale is a network input, e.g. Flux-dev), "none" (e.g. Flux-schnell).
+    guidance_mode: str = "cfg"
     # Object words a closed-vocabulary model (the toy) can draw; None: open vocabulary.
     known_objects: tuple[str, ...] | None = None
 
+    # --- what a family implements ---------------------------------------------------------
     @property
     @abstractmethod
     def tokenizer(self):
-        """The prompt tokenizer (a transformers fast tokenizer with offset mappings)."""
+        """The tokenizer whose tokens the recorded maps refer to (a transformers fast
+        tokenizer with offset mappings; for multi-encoder models the one the attention
+        layers see, e.g. T5 for Flux)."""
 
     @property
     @abstractmethod
     def attention_model(self) -> nn.Module:
-        """The module whose attention processors the hooks replace (diffusers API)."""
+        """The module with diffusers' ``attn_processors`` / ``set_attn_processor`` API."""
 
     @abstractmethod
     def cross_attention_layers(self) -> list[CrossAttnLayer]:
-        """All cross-attention layers, in forward order, with heads and resolution."""
+        """All layers the hooks can record, in forward order, with heads and resolution."""
 
     @abstractmethod
-    def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
-        """Text embeddings (B, T, D) for the prompts; "" is the unconditional prompt."""
+    def capture_processor(self, layer: CrossAttnLayer, original, sink: AttentionSink):
+        """An attention processor for ``layer`` that gives ``sink`` the layer's probabilities
+        (B, heads, Q, T) and returns what ``original`` (the processor installed now) would.
 
-    @abstractmethod
-    def prepare_latents(self, batch: int, generator: torch.Generator | None) -> torch.Tensor:
-        """Initial Gaussian latents (B, C, h, w) for the backbone's image size."""
-
-    @abstractmethod
-    def timesteps(self, num_steps: int) -> list[int]:
-        """The sampling timesteps, noisiest first."""
-
-    @abstractmethod
-    def predict_noise(
-        self, latents: torch.Tensor, t: int, text_emb: torch.Tensor
-    ) -> torch.Tensor:
-        """The network's noise estimate epsilon (B, C, h, w), whatever it predicts natively."""
-
-    @abstractmethod
-    def step(self, eps: torch.Tensor, t: int | None, t_next: int | None, latents: torch.Tensor
-             ) -> torch.Tensor:
-        """One deterministic scheduler move from t to t_next; None is the clean end.
-
-        Runs in either direction: inversion calls it with t_next noisier than t.
+        Wrap ``original`` rather than replace it, so LoRA / IP-Adapter processors keep
+        working; raise :class:`l2s.engine.hooks.HookError` naming the processor if it cannot
+        be wrapped faithfully.
         """
 
     @abstractmethod
-    def alpha(self, t: int | None) -> float:
-        """alpha_bar (signal fraction) at timestep t; None is the clean end of the schedule."""
+    def encode_prompt(self, prompts: list[str]) -> Conditioning:
+        """Text conditioning for the prompts; "" is the unconditional prompt."""
+
+    @abstractmethod
+    def model_output(self, latents: torch.Tensor, t: Timestep, cond: Conditioning,
+                     guidance: float | None) -> torch.Tensor:
+        """The network's raw output for latents already in the model dtype.
+
+        ``guidance`` is the scale for ``guidance_mode == "embedded"`` families (None: use
+        the family's default, e.g. in inversion and map recording), always None otherwise.
+        """
 
     @abstractmethod
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -88,4 +152,67 @@ class Denoiser(ABC):
 
     @abstractmethod
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        """Clean latents (B, C, h, w) from images (B, H, W, 3) float in [0, 1]."""
+        """Clean float32 latents from images (B, H, W, 3) float in [0, 1]."""
+
+    # --- shared, through the schedule -----------------------------------------------------
+    def timesteps(self, num_steps: int) -> list[Timestep]:
+        """The sampling timesteps, noisiest first."""
+        return self.schedule.timesteps(num_steps)
+
+    def predict(self, latents: torch.Tensor, t: Timestep, cond: Conditioning,
+                guidance: float | None = None) -> torch.Tensor:
+        """The schedule's prediction (epsilon or velocity, float32) for one batch.
+
+        ``guidance`` reaches the network only for ``guidance_mode == "embedded"``.
+        """
+        g = guidance if self.guidance_mode == "embedded" else None
+        out = self.model_output(latents.to(self.dtype), t, cond, g)
+        return self.schedule.to_prediction(out.float(), latents.float(), t)
+
+    def step(self, pred: torch.Tensor, t: Timestep | None, t_next: Timestep | None,
+             latents: torch.Tensor) -> torch.Tensor:
+        """One deterministic move from t to t_next (None: the clean end), float32.
+
+        Runs in either direction: inversion calls it with t_next noisier than t.
+        """
+        return self.schedule.step(pred.float(), t, t_next, latents.float())
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: Timestep) -> torch.Tensor:
+        """A forward-process sample at t from clean latents and Gaussian noise."""
+        return self.schedule.add_noise(x0, noise, t)
+
+    def prepare_latents(self, batch: int, generator: torch.Generator | None) -> torch.Tensor:
+        """Initial Gaussian latents (B, *latent_shape), float32, drawn on the CPU (so a seed
+        gives the same noise on every device)."""
+        x = torch.randn((batch, *self.latent_shape), generator=generator, device="cpu",
+                        dtype=torch.float32)
+        return x.to(self.device)
+
+
+def _incidental_config_key(key: str) -> bool:
+    return key.startswith("_") or key.endswith("_version") or key in ("dtype", "torch_dtype")
+
+
+def config_fingerprint(*modules: nn.Module | None) -> str:
+    """A short stable hash of a model's identity: its configs and a sample of its weights.
+
+    The name it was loaded by is left out on purpose: the same weights reached as a preset,
+    a hub id or a folder share caches and classifiers.
+    """
+    h = hashlib.sha256(b"l2s-backbone")
+    for m in modules:
+        if m is None:
+            continue
+        cfg = getattr(m, "config", None)
+        cfg = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg or {})
+        # Version stamps and the load dtype say how, not what, was loaded: transformers writes
+        # "transformers_version" and "dtype" into to_dict(), so they would split caches
+        # between machines with other library versions or a GPU (fp16).
+        cfg = {k: v for k, v in cfg.items() if not _incidental_config_key(k)}
+        h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
+        # A few values of every parameter tensor: cheap, yet changes when weights change.
+        for pname, p in m.named_parameters():
+            h.update(pname.encode())
+            # Rounded to fp16 so a model loaded in fp16 or fp32 gets the same fingerprint.
+            h.update(p.detach().flatten()[:8].half().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]

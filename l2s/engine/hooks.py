@@ -1,15 +1,21 @@
-"""Cross-attention capture through diffusers attention processors, with optional gradients."""
+"""Attention-map capture through the family's attention processors, with optional gradients.
+
+The recorder owns what is common to every family: which layers and tokens, installing and
+restoring processors, averaging a phrase's tokens, resizing and renormalising. How a layer's
+probabilities are obtained is the family's: ``Denoiser.capture_processor`` wraps the layer's
+installed processor and hands (B, heads, Q, T) probabilities to the recorder's sink.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Protocol
 
 import diffusers
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from l2s.engine.backbone import CrossAttnLayer
+from l2s.engine.backbone import AttentionSink, CrossAttnLayer
 
 # Token groups: one list of token indices per recorded object ("teddy bear" -> [2, 3]), shared
 # by the whole batch, or one such list of groups per batch element.
@@ -17,7 +23,7 @@ TokenGroups = Sequence[Sequence[int]] | Sequence[Sequence[Sequence[int]]]
 
 
 class HookError(RuntimeError):
-    """The model does not have the attention layers the hooks expect."""
+    """The model does not have the attention layers (or processors) the hooks expect."""
 
 
 def token_weights(groups: TokenGroups, seq_len: int) -> torch.Tensor:
@@ -51,58 +57,33 @@ def resize_maps(maps: torch.Tensor, size: int) -> torch.Tensor:
     return x.reshape(*lead, size, size)
 
 
-class _RecordingProcessor:
-    """Explicit-softmax attention (as diffusers' AttnProcessor) that hands probs to a recorder."""
+class AttentionHost(Protocol):
+    """What the recorder needs of a backbone: a ``Denoiser``, or a bare network's attention
+    side while it trains (``l2s.families.unet.UNetAttention``)."""
 
-    def __init__(self, recorder: AttentionRecorder, layer: CrossAttnLayer) -> None:
-        self.recorder, self.layer = recorder, layer
+    attention_model: torch.nn.Module
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
-                 temb=None, *args, **kwargs):
-        residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        input_ndim = hidden_states.ndim
-        if input_ndim == 4:
-            b, c, h, w = hidden_states.shape
-            hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
-        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
-        batch, seq_len = context.shape[:2]
-        attention_mask = attn.prepare_attention_mask(attention_mask, seq_len, batch)
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-        query = attn.to_q(hidden_states)
-        if encoder_hidden_states is not None and attn.norm_cross:
-            context = attn.norm_encoder_hidden_states(context)
-        key, value = attn.to_k(context), attn.to_v(context)
-        query, key, value = (attn.head_to_batch_dim(x) for x in (query, key, value))
-        probs = attn.get_attention_scores(query, key, attention_mask)  # (B*heads, HW, T)
-        self.recorder._record(self.layer, probs, attn.heads)
-        hidden_states = attn.batch_to_head_dim(torch.bmm(probs, value))
-        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
-        if input_ndim == 4:
-            hidden_states = hidden_states.transpose(-1, -2).reshape(b, c, h, w)
-        if attn.residual_connection:
-            hidden_states = hidden_states + residual
-        return hidden_states / attn.rescale_output_factor
+    def capture_processor(self, layer: CrossAttnLayer, original, sink: AttentionSink): ...
 
 
 class AttentionRecorder:
     """Record per-layer, per-head softmax maps of chosen tokens while the context is open.
 
-    Only the chosen layers get the explicit-softmax processor; every other layer keeps its
-    original (fast SDPA) processor, and the originals come back on exit, also on exceptions.
-    After each forward, ``maps[layer_name]`` is (B, G, heads, S, S) for the G token groups,
-    resized to S = ``map_size`` and summing to 1 per map; ``stacked()`` gives (B, G, C, S, S)
-    with C = sum of heads over layers in forward order. With ``keep_grad`` the maps stay in
-    the autograd graph (steering); otherwise they are detached.
+    Only the chosen layers get the family's capture processor (which wraps the installed
+    one); every other layer keeps its processor (the fused SDPA path), and the originals come
+    back on exit, also on exceptions. Open it only around the forwards to record: steering
+    does so per steered step, so unsteered steps run every layer on the fused path. After
+    each forward, ``maps[layer_name]`` is (B, G, heads, S, S) for the G token groups, resized
+    to S = ``map_size`` and summing to 1 per map; ``stacked()`` gives (B, G, C, S, S) with
+    C = sum of heads over layers in forward order. With ``keep_grad`` the maps stay in the
+    autograd graph (steering); otherwise they are detached.
     """
 
-    def __init__(self, model: nn.Module, layers: Sequence[CrossAttnLayer], tokens: TokenGroups,
-                 *, map_size: int = 16, keep_grad: bool = False) -> None:
-        self.model, self.layers = model, list(layers)
+    def __init__(self, denoiser: AttentionHost, layers: Sequence[CrossAttnLayer],
+                 tokens: TokenGroups, *, map_size: int = 16, keep_grad: bool = False) -> None:
+        self.denoiser, self.layers = denoiser, list(layers)
+        self.model = denoiser.attention_model
         self.map_size, self.keep_grad = map_size, keep_grad
-        self.enabled = True  # set False to run forwards (e.g. the unconditional one) unrecorded
         self.maps: dict[str, torch.Tensor] = {}
         self._tokens = tokens
         self._weights: torch.Tensor | None = None
@@ -121,10 +102,11 @@ class AttentionRecorder:
                 f"attention layers {missing[:3]} not found in {type(self.model).__name__} "
                 f"(diffusers {diffusers.__version__}); l2s is tested with diffusers 0.42: "
                 "install a version in the range pyproject.toml pins")
-        self._originals = dict(procs)
         new = dict(procs)
         for la in self.layers:
-            new[f"{la.name}.processor"] = _RecordingProcessor(self, la)
+            key = f"{la.name}.processor"
+            new[key] = self.denoiser.capture_processor(la, procs[key], self._record)
+        self._originals = dict(procs)
         self.model.set_attn_processor(new)  # consumes the dict it is given
         return self
 
@@ -133,11 +115,8 @@ class AttentionRecorder:
             self.model.set_attn_processor(dict(self._originals))
             self._originals = None
 
-    def _record(self, layer: CrossAttnLayer, probs: torch.Tensor, heads: int) -> None:
-        if not self.enabled:
-            return
-        bh, hw, seq_len = probs.shape
-        batch = bh // heads
+    def _record(self, layer: CrossAttnLayer, probs: torch.Tensor) -> None:
+        batch, heads, hw, seq_len = probs.shape  # (B, heads, Q, T)
         wts = self._weights
         if wts is None or wts.shape[1] != seq_len or wts.device != probs.device or \
                 wts.dtype != probs.dtype:
@@ -148,7 +127,6 @@ class AttentionRecorder:
         if wts.shape[0] not in (1, batch):
             raise ValueError(f"token groups given for {wts.shape[0]} prompts, batch is {batch}")
         p = probs if self.keep_grad else probs.detach()
-        p = p.view(batch, heads, hw, seq_len)
         maps = torch.einsum("bhqt,btg->bghq", p, wts.expand(batch, -1, -1))  # (B, G, heads, HW)
         h, w = layer.resolution
         if h * w != hw:

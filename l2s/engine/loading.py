@@ -1,25 +1,20 @@
-"""Turn a --model value (preset, hub id or local folder) into a ready Denoiser."""
+"""Turn a --model value (preset, hub id or local folder) into a ready Denoiser.
+
+Which family loads it comes from the registry: a preset names its family; a hub id or folder
+goes to the family that claims its diffusers pipeline class (``model_index.json``), else to
+the fallback family. Device, dtype and HF-cache helpers shared by every family live here.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import torch
 
 from l2s.engine.backbone import BackboneError, Denoiser
-from l2s.engine.presets import PRESETS, Preset
-from l2s.engine.tokenizers import build_clip_tokenizer
-from l2s.engine.unet import UNetDenoiser
-
-SD_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-
-# Words the locally built tokenizer of --random-weights spells as single tokens: enough for
-# benchmark prompts; anything else falls back to characters (random weights read nothing).
-_RANDOM_WEIGHTS_WORDS = (
-    "a an the of to on in at and photo left right above below top bottom next near side "
-    "over under beneath dog cat person car bird teddy bear"
-).split()
+from l2s.engine.registry import LoadRequest, family_for_pipeline, get_family, presets
 
 
 def resolve_device(device: str | None = None) -> torch.device:
@@ -91,60 +86,39 @@ def hf_offline() -> bool:
     return bool(constants.HF_HUB_OFFLINE)
 
 
-def is_available_locally(model: str) -> bool:
-    """Whether `model` can load with no network: shipped, a local folder, or in the HF cache."""
-    preset = PRESETS.get(model)
-    if preset is not None and preset.family == "toy":
-        from l2s.toy.model import DEFAULT_WEIGHTS_DIR
-
-        return (DEFAULT_WEIGHTS_DIR / "unet").is_dir()
-    repo = preset.repo_id if preset else model
-    if Path(repo).expanduser().is_dir():
-        return True
+def _cached_file(repo: str, filename: str) -> str | None:
+    """A file of a hub repo in the local HF cache, or None (nothing is downloaded)."""
     from huggingface_hub import try_to_load_from_cache
 
     try:
-        hit = try_to_load_from_cache(repo, "model_index.json")
+        hit = try_to_load_from_cache(repo, filename)
     except Exception:  # not a valid repo id
-        return False
-    return isinstance(hit, str)
+        return None
+    return hit if isinstance(hit, str) else None
 
 
-def load_backbone(
-    model: str = "toy",
-    *,
-    device: str | None = None,
-    dtype: str | torch.dtype | None = None,
-    random_weights: bool = False,
-    image_size: int | None = None,
-) -> Denoiser:
-    """Load a backbone by preset name ("toy", "sd1.4", "sd2.1"), hub id or local folder."""
-    dev = resolve_device(device)
-    dt = resolve_dtype(dtype, dev)
-    quiet_loading()
-    preset = PRESETS.get(model)
-    if preset is not None and preset.family == "toy":
-        if random_weights:
-            raise BackboneError("--random-weights applies to the SD presets; the toy model "
-                                "ships its trained weights")
-        from l2s.toy.model import DEFAULT_WEIGHTS_DIR, load_toy_components
+def pipeline_class(source: str) -> str | None:
+    """The diffusers pipeline class a folder or cached hub repo declares, if any."""
+    local = Path(source).expanduser()
+    index = local / "model_index.json" if local.is_dir() else _cached_file(source,
+                                                                           "model_index.json")
+    if index is None or not Path(index).is_file():
+        return None
+    try:
+        return json.loads(Path(index).read_text()).get("_class_name")
+    except (OSError, ValueError):
+        return None
 
-        try:
-            unet, text_encoder, tokenizer, scheduler = load_toy_components(DEFAULT_WEIGHTS_DIR)
-        except OSError as e:  # missing or corrupt weights: the message names the rebuild
-            raise BackboneError(str(e)) from e
-        from l2s.toy.scenes import CATEGORY_NAMES
 
-        unet = unet.to(dev) if dt == unet.dtype else unet.to(dev, dt)
-        return UNetDenoiser(unet, text_encoder.to(dev), tokenizer, scheduler,
-                            name="toy", image_size=image_size, known_objects=CATEGORY_NAMES)
-    if random_weights:
-        if preset is None or not preset.configs:
-            raise BackboneError(f"--random-weights needs a preset with a built-in architecture: "
-                                f"{', '.join(n for n, p in PRESETS.items() if p.configs)}")
-        return build_random_sd(preset, device=dev, dtype=dt, image_size=image_size)
-    repo = preset.repo_id if preset is not None else model
-    return load_sd(repo, name=model, device=dev, dtype=dt, image_size=image_size)
+def is_available_locally(model: str) -> bool:
+    """Whether `model` can load with no network: shipped, a local folder, or in the HF cache."""
+    preset = presets().get(model)
+    if preset is not None and get_family(preset.family).available is not None:
+        return get_family(preset.family).available(preset)
+    repo = preset.repo_id if preset and preset.repo_id else model
+    if Path(repo).expanduser().is_dir():
+        return True
+    return _cached_file(repo, "model_index.json") is not None
 
 
 def _check_model_arg(model: str) -> None:
@@ -154,14 +128,14 @@ def _check_model_arg(model: str) -> None:
     if path.is_file():
         raise BackboneError(f"--model {model} is a file: give a diffusers-layout folder (with "
                             f"unet/, text_encoder/, ...), a hub id or a preset "
-                            f"({', '.join(PRESETS)})")
+                            f"({', '.join(presets())})")
     if path.exists():
         return
     if model.startswith((".", "/", "~")):
         raise BackboneError(f"no folder {model!r}: give a diffusers-layout folder, a hub id "
-                            f"or a preset ({', '.join(PRESETS)})")
+                            f"or a preset ({', '.join(presets())})")
     if model.count("/") != 1:
-        raise BackboneError(f"unknown model {model!r}: use a preset ({', '.join(PRESETS)}), "
+        raise BackboneError(f"unknown model {model!r}: use a preset ({', '.join(presets())}), "
                             "a hub id such as org/name, or a local diffusers folder")
     if not is_available_locally(model) and (hf_offline() or not hub_reachable()):
         why = ("HF_HUB_OFFLINE=1 is set" if hf_offline() else
@@ -187,83 +161,45 @@ def hub_reachable(timeout: float = 3.0) -> bool:
     return True
 
 
-def load_sd(repo: str, *, name: str, device: torch.device, dtype: torch.dtype,
-            image_size: int | None = None) -> UNetDenoiser:
-    """Load a Stable Diffusion 1.x/2.x folder or hub repo (diffusers layout) with from_pretrained.
-
-    Downloads go through the HF cache; with HF_HUB_OFFLINE=1 only cached files are used.
-    """
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
-
-    _check_model_arg(repo)
-    # Safetensors only, unless the user allowed pickles: a .bin file can run code when loaded.
-    safe = {"use_safetensors": None if allow_pickle() else True}
-    local = Path(repo).expanduser()
-    src = str(local) if local.is_dir() else repo
-    # A local folder without vae/ is a pixel-space model (as the toy is saved).
-    pixel_space = local.is_dir() and not (local / "vae").exists()
-    if local.is_dir():
-        missing = [c for c in SD_COMPONENTS if not (local / c).is_dir()
-                   and not (c == "vae" and pixel_space)]
-        if missing:
-            raise BackboneError(f"{local} is not a diffusers Stable Diffusion folder: missing "
-                                f"{', '.join(m + '/' for m in missing)} "
-                                f"(expected {', '.join(SD_COMPONENTS)})")
-    try:
-        unet = UNet2DConditionModel.from_pretrained(src, subfolder="unet", torch_dtype=dtype,
-                                                    **safe)
-        # The VAE stays fp32 beside an fp16 UNet: SD VAEs overflow to inf/NaN in fp16 decoding.
-        vae = None if pixel_space else AutoencoderKL.from_pretrained(
-            src, subfolder="vae", torch_dtype=torch.float32, **safe)
-        text_encoder = CLIPTextModel.from_pretrained(src, subfolder="text_encoder",
-                                                     torch_dtype=dtype, **safe)
-        tokenizer = CLIPTokenizer.from_pretrained(src, subfolder="tokenizer")
-        scheduler = DDIMScheduler.from_pretrained(src, subfolder="scheduler")
-    except (OSError, ValueError) as e:
-        pickles = sorted(p.relative_to(local).as_posix() for p in local.glob("*/*.bin")) \
-            if local.is_dir() else []
-        if pickles and not allow_pickle():
-            raise BackboneError(f"{local} has pickled weights ({', '.join(pickles[:3])}) and no "
-                                ".safetensors: l2s loads safetensors only, since a pickle can "
-                                "run code when loaded. Convert them to safetensors, or, if you "
-                                "trust the files, run `l2s --allow-pickle ...`") from e
-        where = local if local.is_dir() else f"the HF cache ({hf_cache_dir()})"
-        how = ("fix or replace the folder's files" if local.is_dir() else
-               "HF_HUB_OFFLINE=1 is set, so nothing was downloaded: unset it to download, or "
-               f"copy a cache that has it (`hf download {repo}` on a connected machine)"
-               if hf_offline() else
-               f"download it first with `hf download {repo}` on a machine with internet access, "
-               "or pass --model PATH to a local diffusers folder")
-        raise BackboneError(f"could not load {repo!r} from {where}: {how} "
-                            f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
-    return UNetDenoiser(unet.to(device), text_encoder.to(device), tokenizer, scheduler,
-                        vae.to(device) if vae is not None else None, name=name,
-                        image_size=image_size)
+def load_backbone(
+    model: str = "toy",
+    *,
+    device: str | None = None,
+    dtype: str | torch.dtype | None = None,
+    random_weights: bool = False,
+    image_size: int | None = None,
+) -> Denoiser:
+    """Load a backbone by preset name ("toy", "sd1.4", "sd2.1", ...), hub id or local folder."""
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    quiet_loading()
+    preset = presets().get(model)
+    if preset is None and random_weights:
+        raise BackboneError("--random-weights needs a preset with a built-in architecture: "
+                            + ", ".join(n for n, p in presets().items() if p.configs))
+    if (preset is None or preset.repo_id) and not random_weights:
+        _check_model_arg(preset.repo_id if preset else model)
+    if preset is not None:
+        family, source = get_family(preset.family), preset.repo_id or model
+    else:
+        family, source = family_for_pipeline(pipeline_class(model)), model
+    return family.load(LoadRequest(model=model, preset=preset, source=source, device=dev,
+                                   dtype=dt, image_size=image_size,
+                                   random_weights=random_weights))
 
 
-def build_random_sd(preset: Preset, *, device: torch.device, dtype: torch.dtype,
-                    image_size: int | None = None, seed: int = 0) -> UNetDenoiser:
-    """The exact architecture of an SD preset with random weights and a local tokenizer."""
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    cfg = preset.configs
-    tokenizer = build_clip_tokenizer(_RANDOM_WEIGHTS_WORDS,
-                                     vocab_size=cfg["text_encoder"]["vocab_size"])
-    torch.manual_seed(seed)
-    text_cfg = CLIPTextConfig(**{**cfg["text_encoder"], "eos_token_id": tokenizer.eos_token_id,
-                                 "bos_token_id": tokenizer.bos_token_id,
-                                 "pad_token_id": tokenizer.pad_token_id})
-    with torch.device(device):
-        unet = UNet2DConditionModel(**cfg["unet"]).to(dtype)
-        vae = AutoencoderKL(**cfg["vae"])
-        text_encoder = CLIPTextModel(text_cfg).to(dtype)
-    scheduler = DDIMScheduler(**cfg["scheduler"])
-    return UNetDenoiser(unet, text_encoder, tokenizer, scheduler, vae,
-                        name=f"{preset.name} (random weights)",
-                        image_size=image_size or preset.image_size,
-                        fingerprint=f"{preset.name}-random-{seed}")
+def hf_load_error(repo: str, local: Path | None, e: Exception) -> BackboneError:
+    """The one-line error for a hub model that could not be loaded: where l2s looked, and how
+    to get it (offline or online)."""
+    where = local if local is not None else f"the HF cache ({hf_cache_dir()})"
+    how = ("fix or replace the folder's files" if local is not None else
+           "HF_HUB_OFFLINE=1 is set, so nothing was downloaded: unset it to download, or "
+           f"copy a cache that has it (`hf download {repo}` on a connected machine)"
+           if hf_offline() else
+           f"download it first with `hf download {repo}` on a machine with internet access, "
+           "or pass --model PATH to a local diffusers folder")
+    return BackboneError(f"could not load {repo!r} from {where}: {how} "
+                         f"({type(e).__name__}: {str(e).splitlines()[0][:200]})")
 
 
 def _classifier_card(model: str) -> str | None:
@@ -286,5 +222,5 @@ def describe_models() -> list[dict]:
             "random_weights": bool(p.configs),
             "classifier": _classifier_card(p.name),
         }
-        for p in PRESETS.values()
+        for p in presets().values()
     ]

@@ -1,4 +1,9 @@
-"""DDIM arithmetic as pure functions, and the guided sampling loop over any Denoiser."""
+"""The one sampling loop over any Denoiser, guidance, and seeded latents / image helpers.
+
+Every generation in l2s (plain sampling, steering, DDIM / flow reconstruction, the benchmark)
+runs :func:`denoise`; observers and steering plug in through its per-step callback (as in
+k-diffusion's samplers), never through a second loop.
+"""
 
 from __future__ import annotations
 
@@ -7,70 +12,73 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from l2s.engine.backbone import Denoiser
-
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
-
-
-def to_epsilon(
-    output: torch.Tensor, x_t: torch.Tensor, alpha_t: float, prediction_type: str
-) -> torch.Tensor:
-    """Convert a network output to epsilon, given alpha_bar at its timestep.
-
-    x_t = sqrt(a) x0 + sqrt(1-a) eps;  v = sqrt(a) eps - sqrt(1-a) x0  (Salimans & Ho, 2022).
-    """
-    a = torch.as_tensor(alpha_t, dtype=torch.float32)
-    if prediction_type == "epsilon":
-        return output
-    if prediction_type == "v_prediction":
-        return a.sqrt() * output + (1 - a).sqrt() * x_t
-    if prediction_type == "sample":
-        return (x_t - a.sqrt() * output) / (1 - a).sqrt().clamp_min(1e-8)
-    raise ValueError(f"unknown prediction_type {prediction_type!r}: expected one of "
-                     f"{', '.join(PREDICTION_TYPES)}")
+from l2s.engine.backbone import Conditioning, Denoiser
+from l2s.engine.schedules import Timestep
 
 
-def ddim_step(x_t: torch.Tensor, eps: torch.Tensor, alpha_t: float, alpha_next: float
-              ) -> torch.Tensor:
-    """Deterministic DDIM (eta = 0) move from alpha_bar_t to alpha_bar_next (Song et al., 2021).
-
-    The same formula runs forwards (denoising) and backwards (inversion): only the order of
-    the alphas changes, which is why inversion here is exact for an exact eps.
-    """
-    x0 = (x_t - (1 - alpha_t) ** 0.5 * eps) / alpha_t**0.5
-    return alpha_next**0.5 * x0 + (1 - alpha_next) ** 0.5 * eps
+def uses_uncond(denoiser: Denoiser, guidance: float) -> bool:
+    """Whether guidance at this scale needs the unconditional branch (a CFG batch)."""
+    return denoiser.guidance_mode == "cfg" and guidance != 1.0
 
 
-def guided_noise(
+def guided_prediction(
     denoiser: Denoiser,
     latents: torch.Tensor,
-    t: int,
-    cond: torch.Tensor,
-    uncond: torch.Tensor,
+    t: Timestep,
+    cond: Conditioning,
+    uncond: Conditioning | None,
     guidance: float,
 ) -> torch.Tensor:
-    """Classifier-free guided epsilon; both branches in one batch (Ho & Salimans, 2022)."""
-    if guidance == 1.0:
-        return denoiser.predict_noise(latents, t, cond)
-    eps = denoiser.predict_noise(torch.cat([latents, latents]), t, torch.cat([uncond, cond]))
-    eps_u, eps_c = eps.chunk(2)
-    return eps_u + guidance * (eps_c - eps_u)
+    """The guided prediction at one step, float32.
+
+    CFG families run both branches in one batch and mix them (Ho & Salimans, 2022), which is
+    linear, so it holds for epsilon and velocity alike; "embedded" families get the scale as
+    a network input; "none" ignores it.
+    """
+    if not uses_uncond(denoiser, guidance):
+        return denoiser.predict(latents, t, cond, guidance=guidance)
+    pred = denoiser.predict(torch.cat([latents, latents]), t, Conditioning.cat([uncond, cond]))
+    pred_u, pred_c = pred.chunk(2)
+    return pred_u + guidance * (pred_c - pred_u)
 
 
-def seeded_latents(denoiser: Denoiser, seeds: list[int]) -> torch.Tensor:
-    """One latent per seed, each from its own generator (independent of the batch size)."""
-    return torch.cat([denoiser.prepare_latents(1, torch.Generator().manual_seed(s))
-                      for s in seeds])
-
-
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """Images (B, H, W, 3) in [0, 1] -> uint8 arrays for PNGs and the detector."""
-    return (images.float().cpu().numpy() * 255).round().astype(np.uint8)
-
-
-# A step callback sees {"step", "t", "t_next", "latents", "cond", "uncond"} before the guided
-# prediction of each step and may return replacement latents (how steering plugs in).
+# Called before each step's guided prediction with {"step", "steps", "t", "t_next",
+# "latents", "cond", "uncond", "guidance", "denoiser"}; returning a tensor replaces the
+# latents (how steering plugs in), None leaves them.
 StepCallback = Callable[[dict], "torch.Tensor | None"]
+
+
+@torch.no_grad()
+def denoise(
+    denoiser: Denoiser,
+    latents: torch.Tensor,
+    cond: Conditioning,
+    *,
+    steps: int,
+    guidance: float,
+    uncond: Conditioning | None = None,
+    callback: StepCallback | None = None,
+) -> torch.Tensor:
+    """Run the schedule from ``latents`` (noisiest) to clean float32 latents.
+
+    ``uncond`` is encoded from "" when CFG needs it and none is given. The callback runs
+    under ``no_grad``; a steering callback opens ``torch.enable_grad()`` itself.
+    """
+    if uses_uncond(denoiser, guidance) and uncond is None:
+        uncond = denoiser.encode_prompt([""] * len(cond))
+    ts = denoiser.timesteps(steps)
+    x = latents.float()
+    for i, t in enumerate(ts):
+        t_next = ts[i + 1] if i + 1 < len(ts) else None
+        if callback is not None:
+            new = callback({"step": i, "steps": len(ts), "t": t, "t_next": t_next,
+                            "latents": x, "cond": cond, "uncond": uncond,
+                            "guidance": guidance, "denoiser": denoiser})
+            if new is not None:
+                x = new.float()
+        pred = guided_prediction(denoiser, x, t, cond, uncond, guidance)
+        x = denoiser.step(pred, t, t_next, x)
+    return x
 
 
 @torch.no_grad()
@@ -83,19 +91,24 @@ def sample(
     generator: torch.Generator | None = None,
     latents: torch.Tensor | None = None,
     callback: StepCallback | None = None,
+    cond: Conditioning | None = None,
 ) -> torch.Tensor:
-    """Generate images (B, H, W, 3) in [0, 1] with guided DDIM; one image per prompt."""
-    cond = denoiser.encode_prompt(prompts)
-    uncond = denoiser.encode_prompt([""] * len(prompts))
+    """Generate images (B, H, W, 3) in [0, 1]; one image per prompt.
+
+    ``cond`` skips encoding the prompts when the caller already has their conditioning.
+    """
+    cond = denoiser.encode_prompt(prompts) if cond is None else cond
     x = denoiser.prepare_latents(len(prompts), generator) if latents is None else latents
-    ts = denoiser.timesteps(steps)
-    for i, t in enumerate(ts):
-        t_next = ts[i + 1] if i + 1 < len(ts) else None
-        if callback is not None:
-            new = callback({"step": i, "t": t, "t_next": t_next, "latents": x,
-                            "cond": cond, "uncond": uncond})
-            if new is not None:
-                x = new
-        eps = guided_noise(denoiser, x, t, cond, uncond, guidance)
-        x = denoiser.step(eps, t, t_next, x)
-    return denoiser.decode(x)
+    return denoiser.decode(denoise(denoiser, x, cond, steps=steps, guidance=guidance,
+                                   callback=callback))
+
+
+def seeded_latents(denoiser: Denoiser, seeds: list[int]) -> torch.Tensor:
+    """One latent per seed, each from its own generator (independent of the batch size)."""
+    return torch.cat([denoiser.prepare_latents(1, torch.Generator().manual_seed(s))
+                      for s in seeds])
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """Images (B, H, W, 3) in [0, 1] -> uint8 arrays for PNGs and the detector."""
+    return (images.float().cpu().numpy() * 255).round().astype(np.uint8)

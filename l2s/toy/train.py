@@ -249,7 +249,7 @@ def evaluate_toy(unet, text_encoder, tokenizer, scheduler, *, prompts: int = 200
     GenEval's relative-position rule finds the requested relation.
     """
     from l2s.engine.sampling import sample
-    from l2s.engine.unet import UNetDenoiser
+    from l2s.families.unet import UNetDenoiser
     from l2s.relations import geneval_relations
     from l2s.toy.detector import detect, objects_touch, oversized
 
@@ -414,12 +414,13 @@ class ToyTrainer:
         text_emb = self.text_encoder(self.ids(captions))[0]  # (B, T, D)
         if cfg.attention_weight > 0:
             from l2s.engine.hooks import AttentionRecorder
-            from l2s.engine.unet import unet_cross_attention_layers
+            from l2s.families.unet import UNetAttention, unet_cross_attention_layers
             from l2s.toy.supervision import attention_loss, object_targets
 
             groups, targets, valid = object_targets(self.tokenizer, captions, scenes)
             layers = unet_cross_attention_layers(self.unet, images.shape[-2:])
-            with AttentionRecorder(self.unet, layers, groups, keep_grad=True) as rec:
+            with AttentionRecorder(UNetAttention(self.unet), layers, groups,
+                                   keep_grad=True) as rec:
                 loss = diffusion_loss(self.unet, text_emb, images, t, noise, self.scheduler,
                                       cfg.weighting, cfg.snr_gamma)
                 loss = loss + cfg.attention_weight * attention_loss(rec.stacked(), targets,

@@ -8,9 +8,9 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from l2s.engine.presets import SD_SCHEDULER
 from l2s.engine.tokenizers import build_clip_tokenizer
-from l2s.engine.unet import UNetDenoiser
+from l2s.families.sd import SD_SCHEDULER
+from l2s.families.unet import UNetDenoiser
 
 TINY_WORDS = ("a an the of to and photo left right above below dog cat bird teddy bear "
               "hair drier cup bowl frog sneaker teapot").split()

@@ -1,0 +1,140 @@
+"""The backbone-family registry: which families exist, their presets, and who loads what.
+
+A family module (``l2s/families/<name>.py``) calls :func:`register_family` at import with its
+:class:`Family` (a loader returning a ``Denoiser``) and its :class:`Preset` list. The registry
+imports the built-in family modules named in ``BUILTIN_FAMILIES`` (and any module listed
+under the ``l2s.families`` entry-point group) on first use; nothing else in the core imports
+a family. See docs/architecture.md, "Adding a backbone family".
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from l2s.engine.backbone import BackboneError, Denoiser
+
+# Modules that register the families shipped with l2s, imported on first registry use.
+BUILTIN_FAMILIES = ("l2s.families.toy", "l2s.families.sd")
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A backbone users can name with ``--model``."""
+
+    name: str  # what users type
+    family: str  # the registered family that loads it
+    repo_id: str | None  # hub id (None: shipped inside the package)
+    description: str  # one line for `l2s models`
+    image_size: int  # default generation size in pixels
+    steps: int  # default sampling steps
+    guidance: float  # default guidance scale (CFG, or the embedded scale)
+    step_size: float  # default steering step size (method.md: 7.5 for SD1.4, 5 for SD2.1)
+    # Early-exit loss: None = method.md's schedule (1e-5 rising to 7e-5); a number = fixed.
+    loss_threshold: float | None = None
+    # Family-specific data, e.g. exact architecture configs for --random-weights.
+    configs: dict = field(default_factory=dict, compare=False, repr=False)
+
+
+@dataclass(frozen=True)
+class LoadRequest:
+    """What ``load_backbone`` asks a family's loader for."""
+
+    model: str  # what the user typed (preset, hub id or folder); becomes Denoiser.name
+    preset: Preset | None  # the preset, when ``model`` names one
+    source: str  # hub id or local folder to load from (a preset's repo_id, else ``model``)
+    device: torch.device
+    dtype: torch.dtype  # the network's dtype (fp16 on GPUs unless asked otherwise)
+    image_size: int | None  # pixels (None: the family's / preset's default)
+    random_weights: bool  # build the exact architecture with random weights (speed work)
+
+
+@dataclass(frozen=True)
+class Family:
+    """One backbone family: how to load it, and which hub ids / folders it claims."""
+
+    name: str  # what presets name in ``Preset.family``
+    load: Callable[[LoadRequest], Denoiser]  # builds the Denoiser; raises BackboneError
+    # diffusers pipeline classes (model_index.json "_class_name") this family loads.
+    pipelines: tuple[str, ...] = ()
+    # Loads hub ids and folders no family claims (e.g. folders without model_index.json).
+    fallback: bool = False
+    # Whether a preset of this family loads offline; None: its repo in the HF cache.
+    available: Callable[[Preset], bool] | None = None
+
+
+_FAMILIES: dict[str, Family] = {}
+_PRESETS: dict[str, Preset] = {}
+_discovered = False
+
+
+def register_family(family: Family, presets: Sequence[Preset] = ()) -> None:
+    """Add a family and its presets (a family module calls this once, at import)."""
+    _FAMILIES[family.name] = family
+    for p in presets:
+        if p.family != family.name:
+            raise ValueError(f"preset {p.name!r} names family {p.family!r}, not {family.name!r}")
+        _PRESETS[p.name] = p
+
+
+def _discover() -> None:
+    global _discovered
+    if _discovered:
+        return
+    _discovered = True
+    for module in BUILTIN_FAMILIES:
+        importlib.import_module(module)
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group="l2s.families"):
+        ep.load()
+
+
+def families() -> dict[str, Family]:
+    """Every registered family by name."""
+    _discover()
+    return dict(_FAMILIES)
+
+
+def presets() -> dict[str, Preset]:
+    """Every registered preset by name, in registration order."""
+    _discover()
+    return dict(_PRESETS)
+
+
+def get_preset(name: str) -> Preset | None:
+    """The preset called ``name``, or None for hub ids and folders."""
+    return presets().get(name)
+
+
+def get_family(name: str) -> Family:
+    fams = families()
+    if name not in fams:
+        raise BackboneError(f"unknown backbone family {name!r}: registered are "
+                            f"{', '.join(fams)}")
+    return fams[name]
+
+
+def family_for_pipeline(pipeline_class: str | None) -> Family:
+    """The family that loads a diffusers pipeline class, else the fallback family."""
+    fams = families().values()
+    for fam in fams:
+        if pipeline_class and pipeline_class in fam.pipelines:
+            return fam
+    for fam in fams:
+        if fam.fallback:
+            return fam
+    known = sorted(c for f in fams for c in f.pipelines)
+    raise BackboneError(f"no backbone family loads {pipeline_class!r}: known pipelines are "
+                        f"{', '.join(known)}")
+
+
+def generation_defaults(model: str, steps: int | None = None, guidance: float | None = None
+                        ) -> tuple[int, float]:
+    """Steps and guidance: the ones given, else the preset's, else SD's 50 and 7.5."""
+    p = get_preset(model)
+    return (steps or (p.steps if p else 50),
+            guidance if guidance is not None else (p.guidance if p else 7.5))

@@ -1,0 +1,174 @@
+"""The Stable Diffusion 1.x/2.x family: presets, exact architectures, loaders, registration.
+
+Loads any diffusers-layout SD folder or hub repo (``StableDiffusionPipeline``) and is the
+fallback for folders without ``model_index.json`` (a folder without ``vae/`` is a pixel-space
+UNet, as the toy is saved). ``--random-weights`` builds a preset's exact architecture from
+the configs below. The adapter is :class:`l2s.families.unet.UNetDenoiser`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from l2s.engine.backbone import BackboneError
+from l2s.engine.loading import allow_pickle, hf_load_error
+from l2s.engine.registry import Family, LoadRequest, Preset, register_family
+from l2s.engine.tokenizers import build_clip_tokenizer
+from l2s.families.unet import UNetDenoiser
+
+SD_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+# Shared by SD 1.x and 2.x (the CompVis/Stability releases' scheduler configs).
+SD_SCHEDULER = {
+    "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000, "clip_sample": False, "set_alpha_to_one": False,
+    "steps_offset": 1, "timestep_spacing": "leading",
+}
+_SD_UNET = {
+    "in_channels": 4, "out_channels": 4, "layers_per_block": 2, "act_fn": "silu",
+    "block_out_channels": [320, 640, 1280, 1280], "center_input_sample": False,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
+                         "CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D",
+                       "CrossAttnUpBlock2D"],
+    "downsample_padding": 1, "flip_sin_to_cos": True, "freq_shift": 0,
+    "mid_block_scale_factor": 1, "norm_eps": 1e-5, "norm_num_groups": 32,
+}
+_SD_VAE = {
+    "in_channels": 3, "out_channels": 3, "latent_channels": 4, "layers_per_block": 2,
+    "act_fn": "silu", "block_out_channels": [128, 256, 512, 512], "norm_num_groups": 32,
+    "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "scaling_factor": 0.18215,
+}
+_CLIP_TEXT = {
+    "vocab_size": 49408, "max_position_embeddings": 77, "layer_norm_eps": 1e-5,
+    "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1,
+    "attention_dropout": 0.0, "dropout": 0.0,
+}
+
+PRESETS = (
+    Preset(
+        "sd1.4", "sd", "CompVis/stable-diffusion-v1-4",
+        "Stable Diffusion 1.4 (CLIP ViT-L/14, epsilon prediction, 512 px)", 512, 50, 7.5, 7.5,
+        configs={
+            "unet": {**_SD_UNET, "sample_size": 64, "cross_attention_dim": 768,
+                     "attention_head_dim": 8},
+            "vae": {**_SD_VAE, "sample_size": 512},
+            "text_encoder": {**_CLIP_TEXT, "hidden_size": 768, "intermediate_size": 3072,
+                             "num_attention_heads": 12, "num_hidden_layers": 12,
+                             "hidden_act": "quick_gelu", "projection_dim": 768},
+            "scheduler": {**SD_SCHEDULER, "prediction_type": "epsilon"},
+        },
+    ),
+    Preset(
+        "sd2.1", "sd", "stabilityai/stable-diffusion-2-1",
+        "Stable Diffusion 2.1 (OpenCLIP ViT-H, v-prediction, 768 px)", 768, 50, 7.5, 5.0,
+        configs={
+            # diffusers' "attention_head_dim" here is really the head count per block.
+            "unet": {**_SD_UNET, "sample_size": 96, "cross_attention_dim": 1024,
+                     "attention_head_dim": [5, 10, 20, 20], "use_linear_projection": True,
+                     "upcast_attention": True},
+            "vae": {**_SD_VAE, "sample_size": 768},
+            # The SD2 text encoder keeps 23 of OpenCLIP's 24 layers (penultimate output).
+            "text_encoder": {**_CLIP_TEXT, "hidden_size": 1024, "intermediate_size": 4096,
+                             "num_attention_heads": 16, "num_hidden_layers": 23,
+                             "hidden_act": "gelu", "projection_dim": 512},
+            "scheduler": {**SD_SCHEDULER, "prediction_type": "v_prediction"},
+        },
+    ),
+)
+
+# Words the locally built tokenizer of --random-weights spells as single tokens: enough for
+# benchmark prompts; anything else falls back to characters (random weights read nothing).
+_RANDOM_WEIGHTS_WORDS = (
+    "a an the of to on in at and photo left right above below top bottom next near side "
+    "over under beneath dog cat person car bird teddy bear"
+).split()
+
+
+def load_sd(repo: str, *, name: str, device: torch.device, dtype: torch.dtype,
+            image_size: int | None = None) -> UNetDenoiser:
+    """Load a Stable Diffusion 1.x/2.x folder or hub repo (diffusers layout) with from_pretrained.
+
+    Downloads go through the HF cache; with HF_HUB_OFFLINE=1 only cached files are used.
+    """
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    # Safetensors only, unless the user allowed pickles: a .bin file can run code when loaded.
+    safe = {"use_safetensors": None if allow_pickle() else True}
+    local = Path(repo).expanduser()
+    src = str(local) if local.is_dir() else repo
+    # A local folder without vae/ is a pixel-space model (as the toy is saved).
+    pixel_space = local.is_dir() and not (local / "vae").exists()
+    if local.is_dir():
+        missing = [c for c in SD_COMPONENTS if not (local / c).is_dir()
+                   and not (c == "vae" and pixel_space)]
+        if missing:
+            raise BackboneError(f"{local} is not a diffusers Stable Diffusion folder: missing "
+                                f"{', '.join(m + '/' for m in missing)} "
+                                f"(expected {', '.join(SD_COMPONENTS)})")
+    try:
+        unet = UNet2DConditionModel.from_pretrained(src, subfolder="unet", torch_dtype=dtype,
+                                                    **safe)
+        # The VAE stays fp32 beside an fp16 UNet: SD VAEs overflow to inf/NaN in fp16 decoding.
+        vae = None if pixel_space else AutoencoderKL.from_pretrained(
+            src, subfolder="vae", torch_dtype=torch.float32, **safe)
+        text_encoder = CLIPTextModel.from_pretrained(src, subfolder="text_encoder",
+                                                     torch_dtype=dtype, **safe)
+        tokenizer = CLIPTokenizer.from_pretrained(src, subfolder="tokenizer")
+        scheduler = DDIMScheduler.from_pretrained(src, subfolder="scheduler")
+    except (OSError, ValueError) as e:
+        pickles = sorted(p.relative_to(local).as_posix() for p in local.glob("*/*.bin")) \
+            if local.is_dir() else []
+        if pickles and not allow_pickle():
+            raise BackboneError(f"{local} has pickled weights ({', '.join(pickles[:3])}) and no "
+                                ".safetensors: l2s loads safetensors only, since a pickle can "
+                                "run code when loaded. Convert them to safetensors, or, if you "
+                                "trust the files, run `l2s --allow-pickle ...`") from e
+        raise hf_load_error(repo, local if local.is_dir() else None, e) from e
+    return UNetDenoiser(unet.to(device), text_encoder.to(device), tokenizer, scheduler,
+                        vae.to(device) if vae is not None else None, name=name,
+                        image_size=image_size)
+
+
+def build_random_sd(preset: Preset, *, device: torch.device, dtype: torch.dtype,
+                    image_size: int | None = None, seed: int = 0) -> UNetDenoiser:
+    """The exact architecture of an SD preset with random weights and a local tokenizer."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    cfg = preset.configs
+    tokenizer = build_clip_tokenizer(_RANDOM_WEIGHTS_WORDS,
+                                     vocab_size=cfg["text_encoder"]["vocab_size"])
+    torch.manual_seed(seed)
+    text_cfg = CLIPTextConfig(**{**cfg["text_encoder"], "eos_token_id": tokenizer.eos_token_id,
+                                 "bos_token_id": tokenizer.bos_token_id,
+                                 "pad_token_id": tokenizer.pad_token_id})
+    with torch.device(device):
+        unet = UNet2DConditionModel(**cfg["unet"]).to(dtype)
+        vae = AutoencoderKL(**cfg["vae"])
+        text_encoder = CLIPTextModel(text_cfg).to(dtype)
+    scheduler = DDIMScheduler(**cfg["scheduler"])
+    return UNetDenoiser(unet, text_encoder, tokenizer, scheduler, vae,
+                        name=f"{preset.name} (random weights)",
+                        image_size=image_size or preset.image_size,
+                        fingerprint=f"{preset.name}-random-{seed}")
+
+
+def load(req: LoadRequest) -> UNetDenoiser:
+    """The family's loader: a preset (or its random-weights architecture), hub id or folder."""
+    if req.random_weights:
+        if req.preset is None or not req.preset.configs:
+            raise BackboneError("--random-weights needs a preset with a built-in architecture: "
+                                + ", ".join(p.name for p in PRESETS))
+        return build_random_sd(req.preset, device=req.device, dtype=req.dtype,
+                               image_size=req.image_size)
+    return load_sd(req.source, name=req.model, device=req.device, dtype=req.dtype,
+                   image_size=req.image_size)
+
+
+register_family(Family("sd", load, pipelines=("StableDiffusionPipeline",), fallback=True),
+                PRESETS)

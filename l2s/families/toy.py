@@ -1,0 +1,43 @@
+"""The toy family: the tiny pixel-space shapes model shipped with l2s, registered as "toy".
+
+Its networks, trainer and world live in ``l2s.toy``; this module only tells the registry how
+to load the shipped weights (a UNet, so the adapter is ``UNetDenoiser``).
+"""
+
+from __future__ import annotations
+
+from l2s.engine.backbone import BackboneError
+from l2s.engine.registry import Family, LoadRequest, Preset, register_family
+from l2s.families.unet import UNetDenoiser
+
+PRESET = Preset("toy", "toy", None, "tiny pixel-space shapes model shipped with l2s (offline)",
+                32, 20, 3.0, 5.0,
+                # The toy stops once its classifier agrees: p(target) >= 0.9.
+                loss_threshold=0.105)
+
+
+def available(preset: Preset) -> bool:
+    from l2s.toy.model import DEFAULT_WEIGHTS_DIR
+
+    return (DEFAULT_WEIGHTS_DIR / "unet").is_dir()
+
+
+def load(req: LoadRequest) -> UNetDenoiser:
+    """The shipped toy weights on the requested device and dtype."""
+    if req.random_weights:
+        raise BackboneError("--random-weights applies to the SD presets; the toy model "
+                            "ships its trained weights")
+    from l2s.toy.model import DEFAULT_WEIGHTS_DIR, load_toy_components
+    from l2s.toy.scenes import CATEGORY_NAMES
+
+    try:
+        unet, text_encoder, tokenizer, scheduler = load_toy_components(DEFAULT_WEIGHTS_DIR)
+    except OSError as e:  # missing or corrupt weights: the message names the rebuild
+        raise BackboneError(str(e)) from e
+    dev, dt = req.device, req.dtype
+    unet = unet.to(dev) if dt == unet.dtype else unet.to(dev, dt)
+    return UNetDenoiser(unet, text_encoder.to(dev), tokenizer, scheduler, name="toy",
+                        image_size=req.image_size, known_objects=CATEGORY_NAMES)
+
+
+register_family(Family("toy", load, available=available), [PRESET])
