@@ -51,3 +51,27 @@ def build_clip_tokenizer(
         raise ValueError(f"{len(vocab)} tokens do not fit a vocabulary of {vocab_size}")
     return CLIPTokenizer(vocab=vocab, merges=merges,
                          model_max_length=model_max_length)
+
+
+def build_t5_tokenizer(words: Iterable[str], *, model_max_length: int = 512):
+    """A real T5 (Unigram sentencepiece) fast tokenizer from an in-memory vocabulary.
+
+    Ids follow T5's layout (<pad> 0, </s> 1, <unk> 2); each word is one ``▁word`` piece and
+    other text falls back to single characters, so any ASCII prompt tokenises. Offsets map
+    pieces to characters as with the hub's T5 tokenizer, so token alignment is unchanged.
+    """
+    from transformers import T5Tokenizer
+
+    pieces: list[tuple[str, float]] = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    seen = {p for p, _ in pieces}
+    for word in sorted({w.lower() for w in words}):
+        if word and "\u2581" + word not in seen:
+            seen.add("\u2581" + word)
+            pieces.append(("\u2581" + word, -1.0))  # whole words win over character chains
+    for ch in ["\u2581", *_FALLBACK_CHARS, *_FALLBACK_CHARS.upper()]:
+        if ch not in seen:
+            seen.add(ch)
+            pieces.append((ch, -8.0))
+    tok = T5Tokenizer(vocab=pieces, extra_ids=0)
+    tok.model_max_length = model_max_length
+    return tok
