@@ -1,0 +1,209 @@
+"""The Flux.1 family (schnell, dev): presets, loader, random weights, and its Denoiser.
+
+FluxPipeline's conventions, kept so a seed gives diffusers' image: latents (B, C, h, w)
+packed 2x2 into tokens (B, h/2 * w/2, 4C) (our latents are the packed ones); T5 states
+(max_sequence_length tokens) are the text the joint attention sees and the recorded maps
+index; CLIP gives only the pooled vector; model time t = 1000 sigma goes in as t / 1000;
+dev gets the guidance scale as an input ("embedded"), schnell none; no CFG batch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
+from l2s.engine.registry import Family, LoadRequest, Preset, register_family
+from torch import nn
+
+from l2s.engine.backbone import BackboneError, Conditioning
+from l2s.engine.loading import hf_load_error
+from l2s.engine.materialise import materialise
+from l2s.engine.tokenizers import build_clip_tokenizer, build_t5_tokenizer
+from l2s.families.joint_attention import (
+    FluxCaptureProcessor,
+    flux_attention_layers,
+)
+from l2s.families.mmdit import RANDOM_WEIGHTS_WORDS, MMDiTDenoiser, check_folder, mmdit_dtype
+from l2s.families.mmdit_configs import FLUX_DEV, FLUX_SCHNELL
+
+FLUX_COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2",
+                   "tokenizer_2", "scheduler")
+
+PRESETS = (
+    Preset("flux-schnell", "flux", "black-forest-labs/FLUX.1-schnell",
+           "FLUX.1 [schnell] (12B MMDiT, T5-XXL, timestep-distilled: 4 steps, no guidance)",
+           256, 4, 0.0, 5.0, configs=FLUX_SCHNELL),
+    Preset("flux-dev", "flux", "black-forest-labs/FLUX.1-dev",
+           "FLUX.1 [dev] (12B MMDiT, T5-XXL, guidance-distilled: embedded scale 3.5)",
+           512, 50, 3.5, 5.0, configs=FLUX_DEV),
+)
+
+class FluxDenoiser(MMDiTDenoiser):
+    """FluxTransformer2DModel + CLIP (pooled) + T5 (states) + 16-channel VAE, flow matching.
+
+    ``layers``: which joint-attention layers are recorded, "all" 57 (19 double-stream, then
+    38 single-stream blocks) or "double" (the 19 double-stream ones).
+    """
+
+    pipeline_is_flux = True
+
+    def __init__(self, transformer, vae, text_encoder, tokenizer, text_encoder_2, tokenizer_2,
+                 scheduler_config: dict, *, name: str, image_size=None,
+                 max_sequence_length: int = 512, layers: str = "all",
+                 guidance: float = 3.5, fingerprint: str | None = None) -> None:
+        super().__init__(transformer, vae, [text_encoder, text_encoder_2], tokenizer_2,
+                         scheduler_config, name=name, image_size=image_size, patch=2,
+                         # The VAE's sample size: 1024 for FLUX.1, FluxPipeline's default.
+                         default_size=vae.config.sample_size,
+                         fingerprint=fingerprint)
+        self.text_encoder, self.clip_tokenizer = text_encoder, tokenizer
+        self.text_encoder_2 = text_encoder_2
+        self.text_len = max_sequence_length
+        tokenizer_2.model_max_length = max_sequence_length  # prompts longer are refused
+        self.guidance_mode = "embedded" if transformer.config.guidance_embeds else "none"
+        self.default_guidance = guidance
+        channels = transformer.config.in_channels  # = 4 x the VAE's latent channels
+        self.latent_shape = (self.grid[0] * self.grid[1], channels)
+        self.layers = layers
+        flux_attention_layers(transformer, self.grid, layers)  # validates the layer set
+        ids = torch.zeros(*self.grid, 3)
+        ids[..., 1] += torch.arange(self.grid[0])[:, None]
+        ids[..., 2] += torch.arange(self.grid[1])[None, :]
+        self._img_ids = ids.reshape(-1, 3).to(self.device, self.dtype)  # (N, 3): (0, row, col)
+
+    def cross_attention_layers(self):
+        return flux_attention_layers(self.transformer, self.grid, self.layers)
+
+    def _make_capture(self, layer, original, sink, explicit: bool = False):
+        if isinstance(original, FluxCaptureProcessor):  # e.g. the reference baseline's
+            mode = original.mode
+        elif type(original) is FluxAttnProcessor:
+            mode = "explicit" if explicit else "capture"
+        else:
+            return None
+        return FluxCaptureProcessor(layer, sink, self.text_len, mode=mode, original=original)
+
+    def encode_prompt(self, prompts: list[str]) -> Conditioning:
+        clip_ids = self.clip_tokenizer(
+            list(prompts), padding="max_length", truncation=True, return_tensors="pt",
+            max_length=self.clip_tokenizer.model_max_length).input_ids
+        t5_ids = self._tokenizer(list(prompts), padding="max_length", truncation=True,
+                                 max_length=self.text_len, return_tensors="pt").input_ids
+        with torch.no_grad():
+            pooled = self.text_encoder(clip_ids.to(self.text_encoder.device)).pooler_output
+            states = self.text_encoder_2(t5_ids.to(self.text_encoder_2.device))[0]
+        return Conditioning(
+            {"states": states.to(self.device, self.dtype), "pooled": pooled.to(self.device,
+                                                                                self.dtype)},
+            {"text_ids": torch.zeros(self.text_len, 3, device=self.device, dtype=self.dtype)})
+
+    def model_output(self, latents, t, cond, guidance):
+        b = latents.shape[0]
+        g = None
+        if self.guidance_mode == "embedded":
+            scale = self.default_guidance if guidance is None else guidance
+            g = torch.full((b,), float(scale), device=self.device, dtype=torch.float32)
+        timestep = torch.full((b,), float(t), device=self.device, dtype=latents.dtype) / 1000
+        return self.transformer(
+            hidden_states=latents, timestep=timestep, guidance=g,
+            pooled_projections=cond["pooled"], encoder_hidden_states=cond["states"],
+            txt_ids=cond["text_ids"], img_ids=self._img_ids, return_dict=False)[0]
+
+    def prepare_latents(self, batch: int, generator: torch.Generator | None) -> torch.Tensor:
+        # FluxPipeline draws (B, C, h, w) and packs it: same draw, same seed -> same image.
+        c = self.latent_shape[1] // 4
+        z = torch.randn((batch, c, *self.latent_hw), generator=generator, dtype=torch.float32)
+        return self._our_latents(z).to(self.device)
+
+    def _our_latents(self, z: torch.Tensor) -> torch.Tensor:
+        """(B, C, h, w) -> (B, h/2 * w/2, 4C): each 2x2 patch one token (FluxPipeline order)."""
+        b, c, h, w = z.shape
+        z = z.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+        return z.reshape(b, (h // 2) * (w // 2), c * 4)
+
+    def _vae_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        b, _, ch = latents.shape
+        h, w = self.grid
+        z = latents.view(b, h, w, ch // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+        return z.reshape(b, ch // 4, h * 2, w * 2)
+
+
+def load_flux(source: str, *, name: str, device: torch.device, dtype: torch.dtype,
+              image_size: int | None = None, max_sequence_length: int | None = None,
+              guidance: float = 3.5) -> FluxDenoiser:
+    """A FLUX.1 folder or hub repo in diffusers layout (FluxPipeline's components)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
+
+    local = Path(source).expanduser()
+    src = str(local) if local.is_dir() else source
+    if local.is_dir():
+        check_folder(local, FLUX_COMPONENTS, "Flux")
+    dtype = mmdit_dtype(dtype)
+    try:
+        transformer = FluxTransformer2DModel.from_pretrained(src, subfolder="transformer",
+                                                             torch_dtype=dtype)
+        vae = AutoencoderKL.from_pretrained(src, subfolder="vae", torch_dtype=torch.float32)
+        text_encoder = CLIPTextModel.from_pretrained(src, subfolder="text_encoder",
+                                                     torch_dtype=dtype)
+        text_encoder_2 = T5EncoderModel.from_pretrained(src, subfolder="text_encoder_2",
+                                                        torch_dtype=dtype)
+        tokenizer = CLIPTokenizer.from_pretrained(src, subfolder="tokenizer")
+        tokenizer_2 = T5TokenizerFast.from_pretrained(src, subfolder="tokenizer_2")
+        sched = FlowMatchEulerDiscreteScheduler.from_pretrained(src, subfolder="scheduler")
+    except (OSError, ValueError) as e:
+        raise hf_load_error(source, local if local.is_dir() else None, e) from e
+    # FluxPipeline's default is 512 T5 tokens; a tokenizer limited below that caps it.
+    max_len = max_sequence_length or min(512, tokenizer_2.model_max_length)
+    return FluxDenoiser(transformer.to(device), vae.to(device), text_encoder.to(device),
+                        tokenizer, text_encoder_2.to(device), tokenizer_2, dict(sched.config),
+                        name=name, image_size=image_size, max_sequence_length=max_len,
+                        guidance=guidance)
+
+
+def build_random_flux(preset: Preset, *, device: torch.device, dtype: torch.dtype,
+                      image_size: int | None = None, seed: int = 0) -> FluxDenoiser:
+    """A preset's exact architecture with random weights, each tensor allocated once, in
+    its dtype, on the device (``l2s.engine.materialise``)."""
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    cfg, dtype = preset.configs, mmdit_dtype(dtype)
+    max_len = cfg["max_sequence_length"]
+    tokenizer = build_clip_tokenizer(RANDOM_WEIGHTS_WORDS,
+                                     vocab_size=cfg["text_encoder"]["vocab_size"])
+    tokenizer_2 = build_t5_tokenizer(RANDOM_WEIGHTS_WORDS, model_max_length=max_len)
+    clip_cfg = CLIPTextConfig(**{**cfg["text_encoder"], "eos_token_id": tokenizer.eos_token_id,
+                                 "bos_token_id": tokenizer.bos_token_id,
+                                 "pad_token_id": tokenizer.pad_token_id})
+
+    def make(factory, dt=dtype) -> nn.Module:
+        return materialise(factory, device, dt, seed=seed)
+
+    transformer = make(lambda: FluxTransformer2DModel(**cfg["transformer"]))
+    text_encoder_2 = make(lambda: T5EncoderModel(T5Config(**cfg["text_encoder_2"])))
+    text_encoder = make(lambda: CLIPTextModel(clip_cfg))
+    vae = make(lambda: AutoencoderKL(**cfg["vae"]), torch.float32)
+    return FluxDenoiser(transformer, vae, text_encoder, tokenizer, text_encoder_2, tokenizer_2,
+                        cfg["scheduler"], name=f"{preset.name} (random weights)",
+                        image_size=image_size or preset.image_size, max_sequence_length=max_len,
+                        guidance=preset.guidance, fingerprint=f"{preset.name}-random-{seed}")
+
+
+def load(req: LoadRequest) -> FluxDenoiser:
+    """The family's loader: a preset (or its random-weights architecture), hub id or folder."""
+    if req.random_weights:
+        if req.preset is None:
+            raise BackboneError("--random-weights needs a preset: "
+                                + ", ".join(p.name for p in PRESETS))
+        return build_random_flux(req.preset, device=req.device, dtype=req.dtype,
+                                 image_size=req.image_size)
+    p = req.preset
+    return load_flux(req.source, name=req.model, device=req.device, dtype=req.dtype,
+                     image_size=req.image_size or (p.image_size if p else None),
+                     max_sequence_length=p.configs["max_sequence_length"] if p else None,
+                     guidance=p.guidance if p and p.guidance else 3.5)
+
+
+register_family(Family("flux", load, pipelines=("FluxPipeline",)), PRESETS)

@@ -1,0 +1,161 @@
+"""What the Flux.1 and SD3 families share: the flow-matching time grid their diffusers
+pipelines use, the 16-channel VAE's scale and shift, joint-attention capture, loading errors.
+
+Sampling is the engine's: rectified flow x_s = (1 - s) x0 + s noise, Euler moves on the
+velocity (``l2s.engine.schedules.FlowMatchSchedule``), inversion the same Euler ODE run
+backwards with fixed-point refinement, ``--inversion noise`` flow noising. Only the sigma
+grid is the pipelines', computed by diffusers' own FlowMatchEulerDiscreteScheduler so the
+shift (and Flux-dev's resolution-dependent dynamic shift) cannot drift from theirs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from l2s.engine.schedules import FlowMatchSchedule
+from torch import nn
+
+from l2s.engine.backbone import (
+    AttentionSink,
+    BackboneError,
+    CrossAttnLayer,
+    Denoiser,
+    config_fingerprint,
+)
+from l2s.engine.hooks import HookError
+
+# Words the random-weights tokenizers spell as single tokens (as the SD family's): enough for
+# benchmark prompts; anything else falls back to characters (random weights read nothing).
+RANDOM_WEIGHTS_WORDS = (
+    "a an the of to on in at and photo left right above below top bottom next near side "
+    "over under beneath dog cat person car bird teddy bear"
+).split()
+
+
+def mmdit_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Flux and SD3 activations overflow fp16 (they were trained in bf16): a GPU's fp16
+    default becomes bf16; fp32 (the CPU default) and bf16 stay."""
+    return torch.bfloat16 if dtype == torch.float16 else dtype
+
+
+def pipeline_sigmas(scheduler_config: dict, num_steps: int, image_seq_len: int, *,
+                    flux: bool) -> list[float]:
+    """The n sampling sigmas (noisiest first) FluxPipeline / StableDiffusion3Pipeline use.
+
+    Flux passes sigmas linspace(1, 1/n, n) and mu = calculate_shift(image tokens); SD3 lets
+    the scheduler space them and passes mu only when the config asks for dynamic shifting.
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    sched = FlowMatchEulerDiscreteScheduler.from_config(dict(scheduler_config))
+    cfg = sched.config
+    kwargs = {}
+    if flux or cfg.get("use_dynamic_shifting"):
+        kwargs["mu"] = calculate_shift(
+            image_seq_len, cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
+            cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15 if flux else 1.16))
+    if flux:
+        sched.set_timesteps(sigmas=np.linspace(1.0, 1 / num_steps, num_steps), **kwargs)
+    else:
+        sched.set_timesteps(num_steps, **kwargs)
+    return [float(s) for s in sched.sigmas[:-1]]
+
+
+def check_folder(folder: Path, components: tuple[str, ...], kind: str) -> None:
+    """Refuse, naming what is missing, a folder that is not a diffusers ``kind`` pipeline."""
+    missing = [c for c in components if not (folder / c).is_dir()]
+    if missing:
+        raise BackboneError(f"{folder} is not a diffusers {kind} folder: missing "
+                            f"{', '.join(m + '/' for m in missing)} "
+                            f"(expected {', '.join(components)})")
+
+
+class MMDiTDenoiser(Denoiser):
+    """Shared base of the Flux and SD3 adapters: VAE, flow schedule, capture plumbing.
+
+    Subclasses set ``latent_hw`` / ``latent_shape``, implement ``encode_prompt``,
+    ``model_output``, ``_make_capture`` and the latent (un)packing around the VAE.
+    """
+
+    patch = 1  # latent pixels per image token side (Flux packs 2x2; SD3 patches inside)
+    pipeline_is_flux = False
+
+    def __init__(self, transformer: nn.Module, vae: nn.Module, text_encoders: list[nn.Module],
+                 tokenizer, scheduler_config: dict, *, name: str, image_size, patch: int,
+                 default_size: int, fingerprint: str | None) -> None:
+        self.transformer, self.vae, self._tokenizer = transformer, vae, tokenizer
+        self.text_encoders = text_encoders
+        self.scheduler_config = dict(scheduler_config)
+        self.name = name
+        self.vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.patch = patch
+        size = image_size or default_size
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        multiple = self.vae_scale * patch
+        if size[0] % multiple or size[1] % multiple:
+            raise BackboneError(f"image size {size[0]}x{size[1]} is not a multiple of "
+                                f"{multiple} px, which this backbone needs; pick e.g. "
+                                f"{(size[0] // multiple) * multiple or multiple}")
+        self.image_size = size
+        self.latent_hw = (size[0] // self.vae_scale, size[1] // self.vae_scale)
+        self.grid = (self.latent_hw[0] // patch, self.latent_hw[1] // patch)  # image tokens
+        seq = self.grid[0] * self.grid[1]
+        self.schedule = FlowMatchSchedule(
+            sigmas=lambda n: pipeline_sigmas(self.scheduler_config, n, seq,
+                                             flux=self.pipeline_is_flux))
+        self.device, self.dtype = transformer.device, transformer.dtype
+        for m in (transformer, vae, *text_encoders):
+            m.requires_grad_(False).eval()
+        self.fingerprint = fingerprint or config_fingerprint(transformer, vae, *text_encoders)
+
+    # --- interface -------------------------------------------------------------------------
+    @property
+    def tokenizer(self):
+        return self._tokenizer
+
+    @property
+    def attention_model(self) -> nn.Module:
+        return self.transformer
+
+    def capture_processor(self, layer: CrossAttnLayer, original, sink: AttentionSink):
+        proc = self._make_capture(layer, original, sink)
+        if proc is None:
+            raise HookError(f"{layer.name} runs {type(original).__name__}, whose joint "
+                            "attention l2s cannot read: remove that adapter or processor "
+                            "from the recorded layers")
+        return proc
+
+    def reference_processors(self) -> dict:
+        """Every attention layer on an explicit-softmax processor that materialises its full
+        (text + image)^2 matrix: the reference-style baseline of ``l2s speed``."""
+        return {key: self._make_capture(CrossAttnLayer(key.removesuffix(".processor"), 0,
+                                                       self.grid), proc, None, explicit=True)
+                for key, proc in self.transformer.attn_processors.items()}
+
+    def _make_capture(self, layer, original, sink, explicit: bool = False):
+        raise NotImplementedError
+
+    def _vae_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Our latents -> the VAE's (B, C, h, w) (identity unless packed)."""
+        return latents
+
+    def _our_latents(self, z: torch.Tensor) -> torch.Tensor:
+        return z
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        cfg = self.vae.config
+        z = self._vae_latents(latents.float()) / cfg.scaling_factor + (cfg.shift_factor or 0.0)
+        with torch.no_grad():
+            x = self.vae.decode(z.to(self.vae.device, self.vae.dtype)).sample
+        return ((x.float() + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1)
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        cfg = self.vae.config
+        x = images.permute(0, 3, 1, 2).float() * 2 - 1
+        with torch.no_grad():
+            z = self.vae.encode(x.to(self.vae.device, self.vae.dtype)).latent_dist.mean.float()
+        z = (z - (cfg.shift_factor or 0.0)) * cfg.scaling_factor
+        return self._our_latents(z).to(self.device)

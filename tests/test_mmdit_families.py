@@ -1,0 +1,173 @@
+"""The Flux and SD3 families on tiny random components: diffusers parity, flow schedule,
+inversion, capture through the recorder, loading from a diffusers folder."""
+
+import pytest
+import torch
+
+from l2s.engine.backbone import Conditioning
+from l2s.engine.hooks import AttentionRecorder
+from l2s.engine.sampling import sample
+from l2s.families.flux import FluxDenoiser
+from l2s.families.mmdit import pipeline_sigmas
+from l2s.families.mmdit_configs import FLUX_DEV, FLUX_SCHNELL, SD35_MEDIUM
+from l2s.families.mmdit_tiny import (
+    TINY_T5_TOKENS,
+    save_tiny,
+    tiny_flux_pipeline,
+    tiny_sd3_pipeline,
+)
+from l2s.families.sd3 import SD3Denoiser
+from l2s.inversion import ddim_invert, reconstruct
+
+PROMPT = "a dog to the left of a cat"
+
+
+# Built once per module: the machine running CI is small, and the tests only read them.
+@pytest.fixture(scope="module")
+def flux_pipe():
+    return tiny_flux_pipeline()
+
+
+@pytest.fixture(scope="module")
+def sd3_pipe():
+    return tiny_sd3_pipeline()
+
+
+def flux_denoiser(pipe, size=32):
+    return FluxDenoiser(pipe.transformer, pipe.vae, pipe.text_encoder, pipe.tokenizer,
+                        pipe.text_encoder_2, pipe.tokenizer_2, dict(pipe.scheduler.config),
+                        name="tiny-flux", image_size=size, max_sequence_length=TINY_T5_TOKENS)
+
+
+def sd3_denoiser(pipe, size=32):
+    return SD3Denoiser(pipe.transformer, pipe.vae,
+                       [pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3],
+                       [pipe.tokenizer, pipe.tokenizer_2, pipe.tokenizer_3],
+                       dict(pipe.scheduler.config), name="tiny-sd3", image_size=size,
+                       max_sequence_length=TINY_T5_TOKENS)
+
+
+@pytest.mark.parametrize("dev", [False, True], ids=["schnell-like", "dev-like"])
+def test_flux_generation_reproduces_diffusers_flux_pipeline(dev, flux_pipe):
+    pipe = tiny_flux_pipeline(guidance_embeds=True) if dev else flux_pipe
+    den = flux_denoiser(pipe)
+    assert den.guidance_mode == ("embedded" if dev else "none")
+    ours = sample(den, [PROMPT], steps=2, guidance=3.5,
+                  generator=torch.Generator().manual_seed(0))
+    ref = pipe(PROMPT, height=32, width=32, num_inference_steps=2, guidance_scale=3.5,
+               max_sequence_length=TINY_T5_TOKENS, output_type="pt",
+               generator=torch.Generator().manual_seed(0)).images
+    torch.testing.assert_close(ours, ref.permute(0, 2, 3, 1), rtol=1e-4, atol=1e-5)
+
+
+def test_sd3_generation_reproduces_diffusers_sd3_pipeline_with_cfg(sd3_pipe):
+    pipe = sd3_pipe
+    den = sd3_denoiser(pipe)
+    ours = sample(den, [PROMPT], steps=2, guidance=5.0,
+                  generator=torch.Generator().manual_seed(0))
+    ref = pipe(PROMPT, height=32, width=32, num_inference_steps=2, guidance_scale=5.0,
+               max_sequence_length=TINY_T5_TOKENS, output_type="pt",
+               generator=torch.Generator().manual_seed(0)).images
+    torch.testing.assert_close(ours, ref.permute(0, 2, 3, 1), rtol=1e-4, atol=1e-5)
+
+
+def test_pipeline_sigmas_shift_as_each_model_is_configured():
+    schnell = pipeline_sigmas(FLUX_SCHNELL["scheduler"], 4, 256, flux=True)
+    assert schnell == pytest.approx([1.0, 0.75, 0.5, 0.25])  # shift 1, no dynamic shifting
+    dev_small = pipeline_sigmas(FLUX_DEV["scheduler"], 50, 256, flux=True)
+    dev_big = pipeline_sigmas(FLUX_DEV["scheduler"], 50, 4096, flux=True)
+    assert dev_small[0] == pytest.approx(1.0) and len(dev_small) == 50
+    # mu grows with the image token count: more of the schedule at high noise.
+    assert all(b > a for a, b in zip(dev_small[1:], dev_big[1:], strict=True))
+    s = 1 - 10 / 50  # mu = base_shift 0.5 at 256 tokens: exp(mu) s / (exp(mu) s + 1 - s)
+    e = torch.tensor(0.5).exp().item()
+    assert dev_small[10] == pytest.approx(e * s / (e * s + 1 - s), rel=1e-5)
+    sd3 = pipeline_sigmas(SD35_MEDIUM["scheduler"], 28, 4096, flux=False)
+    assert sd3[0] == pytest.approx(1.0) and sd3[-1] < 0.05  # shift 3 on 1 -> sigma_min
+
+
+def test_flux_latents_pack_2x2_patches_as_the_pipeline_and_round_trip(flux_pipe):
+    from diffusers import FluxPipeline
+
+    den = flux_denoiser(flux_pipe)
+    z = torch.randn(2, 1, 32, 32)
+    packed = den._our_latents(z)
+    torch.testing.assert_close(packed, FluxPipeline._pack_latents(z, 2, 1, 32, 32))
+    torch.testing.assert_close(den._vae_latents(packed), z)
+    assert den.latent_shape == packed.shape[1:] == (256, 4)
+
+
+class _LinearFlow(FluxDenoiser):
+    """The tiny Flux with its network replaced by an analytic velocity field
+    v(x, t) = A(t) x + b, so Euler steps and their inversion have exact answers."""
+
+    def model_output(self, latents, t, cond, guidance):
+        s = float(t) / 1000
+        return (0.3 + 0.2 * s) * latents + 0.1 * cond["states"].mean()
+
+
+def test_flow_inversion_round_trip_on_an_analytic_velocity_field_is_exact(flux_pipe):
+    den = _LinearFlow(*[getattr(flux_pipe, c) for c in (
+        "transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")],
+        {"shift": 3.0}, name="analytic", image_size=16, max_sequence_length=TINY_T5_TOKENS)
+    cond = den.encode_prompt([PROMPT])
+    x0 = torch.randn(1, *den.latent_shape, generator=torch.Generator().manual_seed(3))
+    traj = ddim_invert(den, x0, cond, steps=8, fixed_point=30)
+    assert traj.shape == (8, 1, *den.latent_shape)
+    back = reconstruct(den, traj[0], cond, steps=8)
+    torch.testing.assert_close(back, x0, rtol=0, atol=1e-5)
+    # Without refinement the explicit backward Euler is not the forward step's inverse.
+    rough = reconstruct(den, ddim_invert(den, x0, cond, steps=8)[0], cond, steps=8)
+    assert (rough - x0).abs().max() > 1e-3
+
+
+def test_flow_noising_follows_the_rectified_flow_path(flux_pipe):
+    den = flux_denoiser(flux_pipe)
+    x0, noise = torch.randn(1, *den.latent_shape), torch.randn(1, *den.latent_shape)
+    t = den.timesteps(4)[1]  # sigma 0.75
+    torch.testing.assert_close(den.add_noise(x0, noise, t), 0.25 * x0 + 0.75 * noise)
+
+
+@pytest.mark.parametrize("kind", ["flux", "sd3"])
+def test_recorder_maps_of_object_tokens_and_gradient_to_the_latent(kind, flux_pipe, sd3_pipe):
+    pipe = flux_pipe if kind == "flux" else sd3_pipe
+    den = flux_denoiser(pipe) if kind == "flux" else sd3_denoiser(pipe)
+    from l2s.engine.tokens import pair_tokens
+
+    dog, cat = pair_tokens(den.tokenizer, PROMPT, "dog", "cat")
+    cond = den.encode_prompt([PROMPT])
+    assert isinstance(cond, Conditioning)
+    layers = den.cross_attention_layers()
+    x = den.prepare_latents(1, torch.Generator().manual_seed(0)).requires_grad_(True)
+    t = den.timesteps(4)[0]
+    with torch.enable_grad(), AttentionRecorder(den, layers, [list(dog.indices),
+                                                              list(cat.indices)],
+                                                keep_grad=True) as rec:
+        den.predict(x, t, cond)
+        maps = rec.stacked()
+        heads = sum(la.heads for la in layers)
+        assert maps.shape == (1, 2, heads, 16, 16)
+        torch.testing.assert_close(maps.sum((-2, -1)), torch.ones(1, 2, heads))
+        (grad,) = torch.autograd.grad(maps[:, 0, :, :8].sum(), x)
+    assert grad.abs().sum() > 0
+    # The originals come back after the recorder.
+    assert all(type(p).__name__ in ("FluxAttnProcessor", "JointAttnProcessor2_0")
+               for p in den.transformer.attn_processors.values())
+
+
+def test_flux_double_layer_set_records_only_double_stream_blocks(flux_pipe):
+    den = flux_denoiser(flux_pipe)
+    den.layers = "double"
+    assert [la.name for la in den.cross_attention_layers()] == ["transformer_blocks.0.attn"]
+
+
+@pytest.mark.parametrize("kind", ["flux", "sd3"])
+def test_family_loads_a_diffusers_folder(tmp_path, kind):
+    from l2s.engine.loading import load_backbone
+
+    folder = save_tiny(tmp_path / kind, kind)
+    den = load_backbone(str(folder), device="cpu", image_size=32)
+    assert isinstance(den, FluxDenoiser if kind == "flux" else SD3Denoiser)
+    images = sample(den, [PROMPT], steps=2, guidance=2.0,
+                    generator=torch.Generator().manual_seed(0))
+    assert images.shape == (1, 32, 32, 3) and torch.isfinite(images).all()
