@@ -171,3 +171,95 @@ def test_family_loads_a_diffusers_folder(tmp_path, kind):
     images = sample(den, [PROMPT], steps=2, guidance=2.0,
                     generator=torch.Generator().manual_seed(0))
     assert images.shape == (1, 32, 32, 3) and torch.isfinite(images).all()
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mmdit")
+    return {k: save_tiny(root / k, k) for k in ("flux", "sd3")}
+
+
+@pytest.mark.parametrize("kind", ["flux", "sd3"])
+def test_cli_steer_and_invert_run_end_to_end_on_a_tiny_folder(tmp_path, folders, kind):
+    import json
+
+    from typer.testing import CliRunner
+
+    from l2s.cli import app
+
+    runner = CliRunner()
+    model = str(folders[kind])
+    r = runner.invoke(app, ["steer", PROMPT, "--model", model, "--method", "centroid",
+                            "--steps", "2", "--steer-until", "1", "--iterations", "2",
+                            "--out", str(tmp_path / "steer"), "--json"])
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.stdout)
+    assert rep["steps"][0]["iterations"] == 2 and (tmp_path / "steer").is_dir()
+    r = runner.invoke(app, ["invert", "--data", "shapes", "--model", model, "--cache-dir",
+                            str(tmp_path / "cache"), "--limit", "1", "--per-relation", "1,1,1",
+                            "--steps", "4", "--timesteps", "1,3", "--min-psnr", "0", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["written"] >= 1
+
+
+def test_cli_models_lists_the_mmdit_presets():
+    import json
+
+    from typer.testing import CliRunner
+
+    from l2s.cli import app
+
+    r = CliRunner().invoke(app, ["models", "--json"])
+    assert r.exit_code == 0, r.output
+    rows = {m["name"]: m for m in json.loads(r.stdout)}
+    for name, family in (("flux-schnell", "flux"), ("flux-dev", "flux"),
+                         ("sd3.5-medium", "sd3")):
+        assert rows[name]["family"] == family and rows[name]["random_weights"]
+
+
+def _shrunk(configs: dict, transformer: dict, **text) -> dict:
+    """A preset's configs with every network cut to test size (same keys and code path)."""
+    small_clip = {"hidden_size": 32, "intermediate_size": 37, "projection_dim": 32,
+                  "num_hidden_layers": 2, "num_attention_heads": 4}
+    small_t5 = {"d_model": 32, "d_kv": 8, "d_ff": 37, "num_layers": 2, "num_heads": 4}
+    out = {**configs, "transformer": transformer, "max_sequence_length": 32,
+           "vae": {**configs["vae"], "block_out_channels": [8], "norm_num_groups": 4,
+                   "down_block_types": ["DownEncoderBlock2D"],
+                   "up_block_types": ["UpDecoderBlock2D"], "layers_per_block": 1,
+                   "sample_size": 32}}
+    for key in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+        if key in configs:
+            small = small_t5 if "d_model" in configs[key] else small_clip
+            out[key] = {**configs[key], **small, **text.get(key, {})}
+    return out
+
+
+@pytest.mark.parametrize("kind", ["flux", "sd3"])
+def test_random_weights_build_the_preset_path_once_on_the_device(kind):
+    from l2s.engine.registry import Preset
+    from l2s.families.flux import build_random_flux
+    from l2s.families.sd3 import build_random_sd3
+
+    if kind == "flux":
+        cfg = _shrunk(FLUX_DEV, {**FLUX_DEV["transformer"], "num_layers": 1,
+                                 "num_single_layers": 1, "attention_head_dim": 16,
+                                 "num_attention_heads": 2, "joint_attention_dim": 32,
+                                 "pooled_projection_dim": 32, "axes_dims_rope": [4, 4, 8],
+                                 "in_channels": 64})
+        den = build_random_flux(Preset("f", "flux", None, "", 32, 2, 3.5, 5.0, configs=cfg),
+                                device=torch.device("cpu"), dtype=torch.float16)
+        assert den.guidance_mode == "embedded" and den.text_len == 32
+    else:
+        cfg = _shrunk(SD35_MEDIUM, {**SD35_MEDIUM["transformer"], "num_layers": 2,
+                                    "attention_head_dim": 8, "num_attention_heads": 4,
+                                    "caption_projection_dim": 32, "joint_attention_dim": 32,
+                                    "pooled_projection_dim": 64, "sample_size": 16,
+                                    "pos_embed_max_size": 16, "dual_attention_layers": [0]})
+        den = build_random_sd3(Preset("s", "sd3", None, "", 32, 2, 4.5, 5.0, configs=cfg),
+                               device=torch.device("cpu"), dtype=torch.float16)
+    # fp16 asked (a GPU's default) -> bf16, which these models need; the VAE stays fp32.
+    assert den.dtype == torch.bfloat16 and den.vae.dtype == torch.float32
+    assert den.fingerprint.endswith("-random-0")
+    images = sample(den, [PROMPT], steps=2, guidance=2.0,
+                    generator=torch.Generator().manual_seed(0))
+    assert images.shape == (1, 32, 32, 3) and torch.isfinite(images).all()
