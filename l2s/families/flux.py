@@ -13,12 +13,12 @@ from pathlib import Path
 
 import torch
 from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
-from l2s.engine.registry import Family, LoadRequest, Preset, register_family
 from torch import nn
 
 from l2s.engine.backbone import BackboneError, Conditioning
 from l2s.engine.loading import hf_load_error
 from l2s.engine.materialise import materialise
+from l2s.engine.registry import Family, LoadRequest, Preset, register_family
 from l2s.engine.tokenizers import build_clip_tokenizer, build_t5_tokenizer
 from l2s.families.joint_attention import (
     FluxCaptureProcessor,

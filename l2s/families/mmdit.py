@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from l2s.engine.schedules import FlowMatchSchedule
 from torch import nn
 
 from l2s.engine.backbone import (
@@ -25,6 +24,7 @@ from l2s.engine.backbone import (
     config_fingerprint,
 )
 from l2s.engine.hooks import HookError
+from l2s.engine.schedules import FlowMatchSchedule
 
 # Words the random-weights tokenizers spell as single tokens (as the SD family's): enough for
 # benchmark prompts; anything else falls back to characters (random weights read nothing).

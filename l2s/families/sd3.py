@@ -15,11 +15,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import JointAttnProcessor2_0
-from l2s.engine.registry import Family, LoadRequest, Preset, register_family
 
 from l2s.engine.backbone import BackboneError, Conditioning
 from l2s.engine.loading import hf_load_error
 from l2s.engine.materialise import materialise
+from l2s.engine.registry import Family, LoadRequest, Preset, register_family
 from l2s.engine.tokenizers import build_clip_tokenizer, build_t5_tokenizer
 from l2s.families.joint_attention import SD3CaptureProcessor, sd3_attention_layers
 from l2s.families.mmdit import RANDOM_WEIGHTS_WORDS, MMDiTDenoiser, check_folder, mmdit_dtype
