@@ -263,3 +263,27 @@ def test_random_weights_build_the_preset_path_once_on_the_device(kind):
     images = sample(den, [PROMPT], steps=2, guidance=2.0,
                     generator=torch.Generator().manual_seed(0))
     assert images.shape == (1, 32, 32, 3) and torch.isfinite(images).all()
+
+
+@pytest.mark.parametrize("kind", ["flux", "sd3"])
+def test_reference_processors_materialise_full_attention_with_the_same_output(
+        kind, flux_pipe, sd3_pipe):
+    den = flux_denoiser(flux_pipe) if kind == "flux" else sd3_denoiser(sd3_pipe)
+    model = den.attention_model
+    x = den.prepare_latents(1, torch.Generator().manual_seed(0))
+    cond, t = den.encode_prompt([PROMPT]), den.timesteps(4)[1]
+    fast = den.predict(x, t, cond)
+    originals = dict(model.attn_processors)
+    refs = den.reference_processors()
+    assert refs.keys() == originals.keys()
+    assert {p.mode for p in refs.values()} == {"explicit"}
+    model.set_attn_processor(refs)
+    try:
+        torch.testing.assert_close(den.predict(x, t, cond), fast, rtol=1e-4, atol=1e-5)
+        # The recorder wraps them and keeps the explicit path.
+        layer = den.cross_attention_layers()[0]
+        proc = den.capture_processor(layer, model.attn_processors[f"{layer.name}.processor"],
+                                     lambda la, p: None)
+        assert proc.mode == "explicit"
+    finally:
+        model.set_attn_processor(originals)
