@@ -73,12 +73,13 @@ def timing_loss(denoiser: Denoiser, model: str, classifier: str | None) -> tuple
 
 
 @contextlib.contextmanager
-def explicit_attention(model: torch.nn.Module):
-    """Every attention layer on diffusers' explicit-softmax AttnProcessor (no fused kernel)."""
+def explicit_attention(model: torch.nn.Module, processors: dict | None = None):
+    """Every attention layer on an explicit-softmax processor (no fused kernel): diffusers'
+    AttnProcessor, or the family's own ``processors`` (``Denoiser.reference_processors``)."""
     from diffusers.models.attention_processor import AttnProcessor
 
     originals = dict(model.attn_processors)
-    model.set_attn_processor({k: AttnProcessor() for k in originals})
+    model.set_attn_processor(processors or {k: AttnProcessor() for k in originals})
     try:
         yield
     finally:
@@ -175,7 +176,8 @@ def run_speed(config: SpeedConfig, denoiser: Denoiser | None = None, on_unit=Non
         if reference:  # every token's maps, after the objects' groups (pairs stay valid)
             seq = cond["states"].shape[1]
             st.groups = [g + [[i] for i in range(seq)] for g in st.groups]
-        ctx = explicit_attention(denoiser.attention_model) if reference else \
+        ctx = explicit_attention(denoiser.attention_model,
+                                 denoiser.reference_processors()) if reference else \
             contextlib.nullcontext()
         with ctx, st.recorder() as rec:
             res = clock.measure(lambda: st.update(rec, x, t, 0), config.repeats)

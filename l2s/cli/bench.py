@@ -39,7 +39,7 @@ def bench(
     prompts: int = typer.Option(200, "--prompts", help="Number of prompts."),
     images: int = typer.Option(1, "--images", help="Images per prompt."),
     seed: int = typer.Option(0, "--seed", help="Chooses the prompts and the image seeds."),
-    steps: int = typer.Option(None, "--steps", help="DDIM steps (default: the model's)."),
+    steps: int = typer.Option(None, "--steps", help="Sampling steps (default: the model's)."),
     guidance: float = typer.Option(None, "--guidance", help="CFG scale (default: the model's)."),
     classifier: str = typer.Option(None, "--classifier",
                                    help="l2s: classifier card.json (default: the model's)."),

@@ -37,4 +37,4 @@ def models(
             console.print(f"{r['name']}: steer uses {escape(r['classifier'])}", soft_wrap=True,
                           highlight=False)
     console.print(f"HF cache: {hf_cache_dir()}  (models not available: `hf download REPO` "
-                  "while online; SD presets also run with --random-weights for speed work)")
+                  "while online; presets also run with --random-weights for speed work)")

@@ -26,14 +26,16 @@ def speed(
     prompt: str = typer.Option(None, "--prompt", help="Two-object prompt with a relation "
                                                       "(default: one the model knows)."),
     random_weights: bool = typer.Option(False, "--random-weights",
-                                        help="SD presets: exact architecture with random "
-                                             "weights (no download; timing is the same)."),
+                                        help="Presets (SD, Flux, SD3.5): exact architecture "
+                                             "with random weights (no download; timing is "
+                                             "the same)."),
     image_size: int = typer.Option(None, "--image-size", help="Pixels (default: the model's)."),
     device: str = typer.Option(None, "--device",
                                help="cuda, cpu, ... (default: $L2S_DEVICE, else CUDA if any)."),
     dtype: str = typer.Option(None, "--dtype", help="float16, bfloat16 or float32 (default: "
-                                                    "float16 on CUDA, float32 on CPU)."),
-    steps: int = typer.Option(None, "--steps", help="DDIM steps (default: the model's)."),
+                                                    "float16 on CUDA, float32 on CPU; Flux "
+                                                    "and SD3 run fp16 as bfloat16)."),
+    steps: int = typer.Option(None, "--steps", help="Sampling steps (default: the model's)."),
     steer_until: float = typer.Option(0.5, "--steer-until",
                                       help="Steered steps: fraction (< 1) or count."),
     iterations: int = typer.Option(16, "--iterations",

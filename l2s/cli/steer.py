@@ -80,7 +80,7 @@ def steer(
     prompt: str = typer.Argument(..., metavar="PROMPT",
                                  help='e.g. "a circle to the left of a square"'),
     model: str = typer.Option("toy", "--model", "-m",
-                              help="Preset (toy, sd1.4, sd2.1), hub id or local folder."),
+                              help="Preset (l2s models lists them), hub id or local folder."),
     method: str = typer.Option("l2s", "--method",
                                help="l2s (learned loss), centroid (hand-made loss) or plain."),
     classifier: str = typer.Option(None, "--classifier",
@@ -88,7 +88,7 @@ def steer(
                                         "wrote for the model, else the shipped one)."),
     num_images: int = typer.Option(1, "--num-images", "-n", help="Images, one batch."),
     seed: int = typer.Option(0, "--seed", help="Seed of the first image (then +1 each)."),
-    steps: int = typer.Option(None, "--steps", help="DDIM steps (default: the model's)."),
+    steps: int = typer.Option(None, "--steps", help="Sampling steps (default: the model's)."),
     guidance: float = typer.Option(None, "--guidance", help="CFG scale (default: the model's)."),
     steer_until: float = typer.Option(0.5, "--steer-until",
                                       help="Steer before this fraction of the steps (< 1) or "

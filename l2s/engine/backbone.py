@@ -154,6 +154,11 @@ class Denoiser(ABC):
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """Clean float32 latents from images (B, H, W, 3) float in [0, 1]."""
 
+    def reference_processors(self) -> dict | None:
+        """Explicit-softmax processors for every attention layer, for the reference-style
+        baseline of ``l2s speed``; None: diffusers' AttnProcessor (UNets)."""
+        return None
+
     # --- shared, through the schedule -----------------------------------------------------
     def timesteps(self, num_steps: int) -> list[Timestep]:
         """The sampling timesteps, noisiest first."""
