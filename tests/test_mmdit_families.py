@@ -287,3 +287,12 @@ def test_reference_processors_materialise_full_attention_with_the_same_output(
         assert proc.mode == "explicit"
     finally:
         model.set_attn_processor(originals)
+
+
+def test_a_presets_hub_id_gets_its_generation_defaults():
+    from l2s.engine.registry import generation_defaults
+
+    assert generation_defaults("flux-schnell") == (4, 0.0)
+    assert generation_defaults("black-forest-labs/FLUX.1-dev") == (50, 3.5)
+    assert generation_defaults("stabilityai/stable-diffusion-3.5-medium") == (40, 4.5)
+    assert generation_defaults("someone/unknown-model") == (50, 7.5)

@@ -107,8 +107,10 @@ def presets() -> dict[str, Preset]:
 
 
 def get_preset(name: str) -> Preset | None:
-    """The preset called ``name``, or None for hub ids and folders."""
-    return presets().get(name)
+    """The preset called ``name``, or whose hub id ``name`` is (so the hub id gets the
+    preset's steps, guidance and step size); None for other hub ids and folders."""
+    known = presets()
+    return known.get(name) or next((p for p in known.values() if p.repo_id == name), None)
 
 
 def get_family(name: str) -> Family:
