@@ -286,3 +286,60 @@ def test_augmentation_keeps_labels_true_to_the_geometry(mode):
         swapped = ~torch.isclose(ax[:, 0], x[:, 0]).flatten(1).all(1)
         assert torch.equal(ay[vertical] != y[vertical], swapped[vertical])
     assert torch.equal(augment_batch(x, y, "none", RELATIONS, gen)[0], x)
+
+
+def test_broken_entries_are_dropped_said_and_recorded_in_the_card(tmp_path, monkeypatch):
+    cache = make_cache(tmp_path / "cache", n_images=24)
+    victim = cache.map_path(cache.manifest()[0]["key"])
+    victim.write_bytes(bytes(victim.stat().st_size))  # zeroed, right size
+    cache.manifest_path.unlink()  # and the index is gone: rebuilt from the entries
+    r = CliRunner().invoke(_cli(monkeypatch), [
+        "--model", "synthetic", "--cache-dir", str(tmp_path / "cache"), "--epochs", "1",
+        "--d-model", "32", "--depth", "1", "--out", str(tmp_path / "clf"), "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    assert "1 broken cache entries were deleted" in r.output
+    card = json.loads((tmp_path / "clf" / "card.json").read_text())
+    assert card["data"]["corrupt_dropped"] == 1
+    assert sum(card["data"]["entries"]["shapes"][s][p] for s in card["data"]["entries"]["shapes"]
+               for p in card["data"]["entries"]["shapes"][s]) == 47
+    assert (tmp_path / "clf" / "config.yaml").exists()
+
+
+def test_train_data_inverts_what_the_cache_lacks_first(tmp_path, monkeypatch):
+    from l2s.invert import InvertResult
+
+    calls = []
+
+    def fake_invert(cfg, den, callback=None):  # fills the cache as `l2s invert` would
+        calls.append(cfg)
+        make_cache(tmp_path / "cache", n_images=24, source=cfg.data[0], seed=1)
+        return InvertResult(written=48)
+
+    monkeypatch.setattr("l2s.cli.train.run_invert", fake_invert)
+    app = _cli(monkeypatch)
+    base = ["--model", "synthetic", "--cache-dir", str(tmp_path / "cache"), "--epochs", "1",
+            "--d-model", "32", "--depth", "1", "--device", "cpu", "--json"]
+    make_cache(tmp_path / "cache", n_images=8, source="shapes")
+    r = CliRunner().invoke(app, [*base, "--data", "gqa", "--invert", "never"])
+    assert r.exit_code == 2 and "no cached maps of source(s) gqa" in r.output and not calls
+    r = CliRunner().invoke(app, [*base, "--data", "gqa", "--gqa-root", "/data/gqa"])
+    assert r.exit_code == 0, r.output
+    assert [c.data for c in calls] == [("gqa",)] and calls[0].gqa_root == "/data/gqa"
+    assert json.loads(r.stdout)["data"]["entries"].keys() == {"gqa"}
+    # gqa is cached now: nothing to invert; an invert that was cut off is resumed
+    assert CliRunner().invoke(app, [*base, "--data", "gqa"]).exit_code == 0 and len(calls) == 1
+    AttentionCache(tmp_path / "cache", FP).begin_source("gqa")
+    assert CliRunner().invoke(app, [*base, "--data", "gqa"]).exit_code == 0 and len(calls) == 2
+
+
+@pytest.mark.slow
+def test_train_data_shapes_inverts_then_trains_the_toy(tmp_path):
+    """One command from an empty cache to a classifier (the design card's example)."""
+    from l2s.cli import app
+
+    r = CliRunner().invoke(app, ["--threads", "1", "train", "--data", "shapes", "--inversion",
+                                 "noise", "--limit", "40", "--epochs", "2", "--cache-dir",
+                                 str(tmp_path / "c"), "--out", str(tmp_path / "clf")])
+    assert r.exit_code == 0, r.output
+    assert "inverting what the cache lacks of shapes" in r.output and "wrote 80 entries" in r.output
+    assert (tmp_path / "clf" / "card.json").exists()
