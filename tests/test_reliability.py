@@ -300,3 +300,17 @@ def test_invert_reads_a_config_and_writes_it_beside_the_cache(tmp_path, one_thre
     written = yaml.safe_load((tmp_path / "c" / res["stats"]["fingerprint"] / "config.yaml")
                              .read_text())
     assert written["data"] == ["shapes"] and written["limit"] == 2
+
+
+def test_speed_refuses_what_steer_refuses(one_thread):
+    r = runner.invoke(app, ["speed", "--prompt", "a dog to the left of a cat"])
+    _clean_error(r, "'dog' is not in the toy model's vocabulary")
+
+
+def test_train_checks_out_and_cache_dir_first(tmp_path, one_thread):
+    f = tmp_path / "file"
+    f.write_text("x")
+    _clean_error(runner.invoke(app, ["train", "--cache-dir", str(f)]),
+                 "is a file, not a folder: pass the --cache-dir")
+    _clean_error(runner.invoke(app, ["train", "--out", str(f / "clf")]),
+                 "is a file, not a folder: pass another --out")

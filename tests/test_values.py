@@ -137,11 +137,8 @@ def test_adam_first_update_and_stopped_images_stay_put(den):
                              step_size=lr, optimizer="adam", **ALWAYS)
     loss = Scripted([[1.0, 1.0], [-10.0, 1.0], [-10.0, 1.0]])
     _, _, x3 = _one_step(den, loss, settings, x, PROMPTS)
-    _, _, x_one = _one_step(den, Scripted([[1.0, 1.0]]), SteerSettings(
-        steps=4, guidance=2.0, steer_until=1, iterations=1, step_size=lr, optimizer="adam",
-        **ALWAYS), x, PROMPTS)
-    torch.testing.assert_close(x3[0], x_one[0], atol=1e-6, rtol=0)
-    assert not torch.allclose(x3[1], x_one[1])
+    torch.testing.assert_close(x3[0], x1[0], atol=1e-6, rtol=0)  # where iteration 1 left it
+    assert not torch.allclose(x3[1], x1[1])
 
 
 def test_non_finite_gradients_are_skipped_and_counted(den):
@@ -218,7 +215,7 @@ def test_pipeline_callback_steers_every_image_of_a_prompt():
 
 
 # --- a steered toy image, pinned -----------------------------------------------------------
-def test_steered_toy_image_slice_is_pinned(one_thread):
+def test_steered_toy_image_slice_is_pinned():
     """Regression value: the centre row of a steered toy image (seed 0, 6 steps). A change of
     the sampler, the loss or the update moves these numbers."""
     from l2s.steer import SteerConfig, steer
