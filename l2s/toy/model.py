@@ -83,13 +83,10 @@ def build_toy_scheduler(cfg: ToyModelConfig) -> DDIMScheduler:
     )
 
 
-def build_toy_components(
-    cfg: ToyModelConfig, seed: int = 0
-) -> tuple[UNet2DConditionModel, CLIPTextModel, CLIPTokenizer, DDIMScheduler]:
-    """Fresh, randomly initialised (unet, text_encoder, tokenizer, scheduler), seeded."""
-    tokenizer = build_toy_tokenizer(cfg)
-    torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(
+def build_toy_text_encoder(cfg, tokenizer: CLIPTokenizer) -> CLIPTextModel:
+    """A fresh toy CLIP text encoder (``cfg``: any toy config with the text_* sizes and
+    max_tokens), initialised from torch's global random state."""
+    return CLIPTextModel(
         CLIPTextConfig(
             vocab_size=len(tokenizer),
             hidden_size=cfg.text_width,
@@ -103,6 +100,15 @@ def build_toy_components(
             pad_token_id=tokenizer.pad_token_id,
         )
     )
+
+
+def build_toy_components(
+    cfg: ToyModelConfig, seed: int = 0
+) -> tuple[UNet2DConditionModel, CLIPTextModel, CLIPTokenizer, DDIMScheduler]:
+    """Fresh, randomly initialised (unet, text_encoder, tokenizer, scheduler), seeded."""
+    tokenizer = build_toy_tokenizer(cfg)
+    torch.manual_seed(seed)
+    text_encoder = build_toy_text_encoder(cfg, tokenizer)
     n = len(cfg.unet_channels)
     # Full resolution is plain convolution; cross-attention only where objects are a few cells.
     down = ("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n - 1)

@@ -42,9 +42,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
-from safetensors.torch import load_file, save_file
 
+from l2s.toy.batches import BatchStream, CaptionIds, training_batch
+from l2s.toy.checkpoint import load_checkpoint, replace_dir, save_checkpoint
+from l2s.toy.evaluate import ToyEval, evaluate_mmdit, evaluate_toy
+from l2s.toy.evaluate import two_object_prompts as two_object_prompts  # re-exported
+from l2s.toy.mmdit import ToyMMDiTConfig
 from l2s.toy.model import (
     ToyModelConfig,
     build_toy_components,
@@ -56,6 +59,7 @@ from l2s.toy.model import (
 TrainCallback = Callable[[dict], None]
 
 WEIGHTINGS = ("uniform", "min_snr", "clamped_snr")
+BACKBONES = ("unet", "mmdit")  # the toy UNet (l2s.toy.model), the toy Flux (l2s.toy.mmdit)
 
 
 @dataclass(frozen=True)
@@ -63,6 +67,7 @@ class TrainConfig:
     """Everything a toy training run depends on; written to OUT/config.json."""
 
     out: str  # run folder: checkpoint/, eval/, best/ (best EMA model), model/ (final export)
+    backbone: str = "unet"  # one of BACKBONES; "mmdit" trains with rectified flow
     steps: int = 20000  # optimizer steps to reach (a resumed run continues up to this)
     batch: int = 48  # scenes per step
     seed: int = 0  # seeds the weights, the scenes and the noise
@@ -88,19 +93,12 @@ class TrainConfig:
     # torch CPU threads: 1, as on a CPU shared with other jobs two threads spin in OpenMP
     # barriers and measured 4x slower per step than one.
     threads: int = 1
-    model: ToyModelConfig = field(default_factory=ToyModelConfig)  # the architecture
-
-
-@dataclass(frozen=True)
-class ToyEval:
-    """Detector scores of one batch of two-object generations (GenEval-style)."""
-
-    n: int  # prompts generated
-    both_present: float  # share of images where both requested shapes are detected
-    position_accuracy: float  # share where, in addition, GenEval's rule finds the relation
-    clean: float  # share with both present, not touching and not oversized blobs
-    seconds: float  # wall time of generation + detection
-    grid: str | None = None  # PNG of the generated images, when saved
+    device: str = "cpu"  # "cuda" trains on the GPU
+    bf16: bool = False  # bfloat16 autocast for the forward passes (fp32 weights, EMA, optimizer)
+    workers: int = 0  # processes building mmdit batches ahead (0: inline)
+    max_seconds: float = 0.0  # stop (checkpoint and export) after this much training; 0: never
+    model: ToyModelConfig = field(default_factory=ToyModelConfig)  # the UNet architecture
+    mmdit: ToyMMDiTConfig = field(default_factory=ToyMMDiTConfig)  # the transformer's
 
 
 @dataclass(frozen=True)
@@ -159,184 +157,16 @@ def loss_weights(weighting: str, prediction_type: str, s: torch.Tensor, gamma: f
 
 def diffusion_loss(unet, text_emb, images, t, noise, scheduler, weighting, gamma):
     """Weighted denoising loss for images (B, 3, H, W) in [-1, 1] at timesteps t (B,)."""
-    alphas = scheduler.alphas_cumprod.to(images.dtype)
+    alphas = scheduler.alphas_cumprod.to(images.device, images.dtype)
     a = alphas[t].view(-1, 1, 1, 1)  # (B, 1, 1, 1)
     x_t = a.sqrt() * images + (1 - a).sqrt() * noise
     pred = unet(x_t, t, encoder_hidden_states=text_emb).sample  # (B, 3, H, W)
     kind = scheduler.config.prediction_type
     target = prediction_target(kind, images, noise, a)
     per_sample = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))  # (B,)
-    w = loss_weights(weighting, kind, snr(scheduler.alphas_cumprod, t).float(), gamma)
+    w = loss_weights(weighting, kind, snr(scheduler.alphas_cumprod.to(t.device), t).float(),
+                     gamma)
     return (w * per_sample).mean()
-
-
-# --- data --------------------------------------------------------------------------------------
-
-
-class CaptionIds:
-    """Token ids for captions, cached (captions repeat a lot and tokenizing is slow)."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer, self._cache = tokenizer, {}
-
-    def __call__(self, captions: list[str]) -> torch.Tensor:
-        missing = [c for c in dict.fromkeys(captions) if c not in self._cache]
-        if missing:
-            tok = self.tokenizer
-            ids = tok(missing, padding="max_length", max_length=tok.model_max_length,
-                      truncation=True, return_tensors="pt").input_ids
-            self._cache.update(zip(missing, ids, strict=True))
-        return torch.stack([self._cache[c] for c in captions])  # (B, T)
-
-
-def training_batch(rng: np.random.Generator, gen: torch.Generator, cfg: TrainConfig):
-    """(images (B, 3, H, W) in [-1, 1], captions with ~cond_drop of them emptied, scenes)."""
-    from l2s.toy.scenes import scene_batch
-
-    images, captions, scenes = scene_batch(rng, cfg.batch, cfg.model.image_size,
-                                           cfg.relation_rate)
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
-    drop = torch.rand(cfg.batch, generator=gen) < cfg.cond_drop
-    captions = ["" if d else c for c, d in zip(captions, drop.tolist(), strict=True)]
-    return x.contiguous(), captions, scenes
-
-
-# --- evaluation ------------------------------------------------------------------------------
-
-
-def two_object_prompts(n: int, seed: int = 0) -> list[tuple[str, str, str, str]]:
-    """n prompts "a A REL a B" over distinct shape pairs: (prompt, A, relation, B), seeded.
-
-    Cycles through all ordered pairs x relations in a shuffled order, so 120 prompts cover
-    each (A, B, relation) once.
-    """
-    from l2s.toy.scenes import CAPTION_PHRASES, CATEGORY_NAMES
-
-    combos = [(a, rel, b) for a in CATEGORY_NAMES for b in CATEGORY_NAMES if a != b
-              for rel in CAPTION_PHRASES]
-    rng = np.random.default_rng(seed)
-    out = []
-    while len(out) < n:
-        for i in rng.permutation(len(combos)):
-            a, rel, b = combos[i]
-            phrases = CAPTION_PHRASES[rel]
-            phrase = phrases[int(rng.integers(len(phrases)))]
-            out.append((f"a {a} {phrase} a {b}", a, rel, b))
-    return out[:n]
-
-
-def save_grid(images: np.ndarray, path: Path, columns: int = 16) -> Path:
-    """Tile (N, H, W, 3) images in [0, 1] into one PNG, 1 px grey gutters."""
-    n, h, w, _ = images.shape
-    rows = -(-n // columns)
-    grid = np.full((rows * (h + 1) + 1, columns * (w + 1) + 1, 3), 64, np.uint8)
-    for i, im in enumerate(images):
-        r, c = divmod(i, columns)
-        grid[1 + r * (h + 1): 1 + r * (h + 1) + h, 1 + c * (w + 1): 1 + c * (w + 1) + w] = (
-            np.clip(im * 255 + 0.5, 0, 255).astype(np.uint8))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(grid).resize((grid.shape[1] * 2, grid.shape[0] * 2), Image.NEAREST).save(path)
-    return path
-
-
-@torch.no_grad()
-def evaluate_toy(unet, text_encoder, tokenizer, scheduler, *, prompts: int = 200,
-                 steps: int = 20, guidance: float = 3.0, seed: int = 0, batch: int = 100,
-                 grid: str | Path | None = None) -> ToyEval:
-    """Generate two-object prompts with guided DDIM and score them with the toy detector.
-
-    Position accuracy follows GenEval: an image counts when both objects are detected and
-    GenEval's relative-position rule finds the requested relation.
-    """
-    from l2s.engine.sampling import sample
-    from l2s.families.unet import UNetDenoiser
-    from l2s.relations import geneval_relations
-    from l2s.toy.detector import detect, objects_touch, oversized
-
-    start = time.perf_counter()
-    denoiser = UNetDenoiser(unet, text_encoder, tokenizer, scheduler, name="toy")
-    items = two_object_prompts(prompts, seed)
-    gen = torch.Generator().manual_seed(seed)
-    chunks = []
-    for i in range(0, len(items), batch):
-        chunk = [p for p, *_ in items[i:i + batch]]
-        chunks.append(sample(denoiser, chunk, steps=steps, guidance=guidance,
-                             generator=gen).float().cpu().numpy())
-    images = np.concatenate(chunks)  # (N, H, W, 3) in [0, 1]
-    both = correct = clean = 0
-    size = images.shape[1]
-    for im, (_, a, rel, b) in zip(images, items, strict=True):
-        found = detect(im, categories=(a, b))
-        if a in found and b in found:
-            both += 1
-            correct += rel in geneval_relations(found[a].box, found[b].box)
-            clean += not (objects_touch(found[a], found[b]) or oversized(found[a], size)
-                          or oversized(found[b], size))
-    path = save_grid(images, Path(grid)) if grid is not None else None
-    n = len(items)
-    return ToyEval(n, both / n, correct / n, clean / n, time.perf_counter() - start,
-                   None if path is None else str(path))
-
-
-# --- checkpoints -----------------------------------------------------------------------------
-
-
-def _state_tensors(unet, text_encoder) -> dict[str, torch.Tensor]:
-    out = {f"unet.{k}": v for k, v in unet.state_dict().items()}
-    out.update({f"text_encoder.{k}": v for k, v in text_encoder.state_dict().items()})
-    return {k: v.detach().contiguous().clone() for k, v in out.items()}
-
-
-def _load_state_tensors(unet, text_encoder, tensors: dict[str, torch.Tensor]) -> None:
-    for prefix, module in (("unet.", unet), ("text_encoder.", text_encoder)):
-        part = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-        module.load_state_dict(part, strict=True)
-
-
-def _replace_dir(tmp: Path, final: Path) -> None:
-    """Swap a freshly written folder into place, never leaving `final` half-written."""
-    old = final.with_name(final.name + ".old")
-    if old.exists():
-        shutil.rmtree(old)
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
-    if old.exists():
-        shutil.rmtree(old)
-
-
-def save_checkpoint(path: Path, step, unet, text_encoder, ema_unet, ema_text, optimizer,
-                    rng: np.random.Generator, gen: torch.Generator, cfg: TrainConfig) -> None:
-    """Write model, EMA, optimizer, step and random states to `path` (a folder)."""
-    tmp = path.with_name(path.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    save_file(_state_tensors(unet, text_encoder), tmp / "model.safetensors")
-    save_file(_state_tensors(ema_unet, ema_text), tmp / "ema.safetensors")
-    save_file({"torch_generator": gen.get_state()}, tmp / "rng.safetensors")
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    state = {"step": step, "numpy_rng": rng.bit_generator.state,
-             "config": dataclasses.asdict(cfg)}
-    (tmp / "state.json").write_text(json.dumps(state, indent=1))
-    _replace_dir(tmp, path)
-
-
-def load_checkpoint(path: Path, unet, text_encoder, ema_unet, ema_text, optimizer,
-                    rng: np.random.Generator, gen: torch.Generator) -> int:
-    """Restore everything `save_checkpoint` wrote; returns the step."""
-    for name in ("model.safetensors", "ema.safetensors", "rng.safetensors", "optimizer.pt",
-                 "state.json"):
-        if not (path / name).is_file():
-            raise FileNotFoundError(f"checkpoint file {path / name} is missing; start afresh "
-                                    "without --resume (or point --out at a complete run)")
-    _load_state_tensors(unet, text_encoder, load_file(path / "model.safetensors"))
-    _load_state_tensors(ema_unet, ema_text, load_file(path / "ema.safetensors"))
-    gen.set_state(load_file(path / "rng.safetensors")["torch_generator"])
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-    state = json.loads((path / "state.json").read_text())
-    rng.bit_generator.state = state["numpy_rng"]
-    return int(state["step"])
 
 
 # --- training --------------------------------------------------------------------------------
@@ -351,83 +181,123 @@ def _lr(cfg: TrainConfig, step: int) -> float:
     return cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
 
 
-def _export(final: Path, ema_unet, ema_text, tokenizer, scheduler) -> None:
-    """save_toy into a fresh folder, then swap it in (a reader never sees half a model)."""
+def _export(final: Path, save, *components) -> None:
+    """save(folder, *components) into a fresh folder, then swap it in (a reader never sees half
+    a model)."""
     final = Path(final)
     tmp = final.with_name(final.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
-    save_toy(tmp, ema_unet, ema_text, tokenizer, scheduler)
-    _replace_dir(tmp, final)
+    save(tmp, *components)
+    replace_dir(tmp, final)
+
+
+def _check(cfg: TrainConfig) -> None:
+    if cfg.weighting not in WEIGHTINGS:
+        raise ValueError(f"unknown weighting {cfg.weighting!r}: expected one of "
+                         f"{', '.join(WEIGHTINGS)}")
+    if cfg.backbone not in BACKBONES:
+        raise ValueError(f"unknown backbone {cfg.backbone!r}: expected one of "
+                         f"{', '.join(BACKBONES)}")
 
 
 class ToyTrainer:
-    """One training run's state: model, EMA copy, optimizer, random streams and step count."""
+    """One training run's state: model, EMA copy, optimizer, random streams and step count.
+
+    ``net`` is the denoiser of the chosen backbone (the UNet or the Flux transformer); the text
+    encoder trains jointly with it in both.
+    """
 
     def __init__(self, cfg: TrainConfig):
         import copy
 
-        if cfg.weighting not in WEIGHTINGS:
-            raise ValueError(f"unknown weighting {cfg.weighting!r}: expected one of "
-                             f"{', '.join(WEIGHTINGS)}")
-        self.cfg = cfg
-        self.unet, self.text_encoder, self.tokenizer, self.scheduler = build_toy_components(
-            cfg.model, cfg.seed)
-        self.ema_unet = copy.deepcopy(self.unet).requires_grad_(False)
+        _check(cfg)
+        self.cfg, self.device = cfg, torch.device(cfg.device)
+        if cfg.backbone == "mmdit":
+            from l2s.toy.mmdit import build_mmdit_components
+
+            self.net_name, built = "transformer", build_mmdit_components(cfg.mmdit, cfg.seed)
+        else:
+            self.net_name, built = "unet", build_toy_components(cfg.model, cfg.seed)
+        self.net, self.text_encoder, self.tokenizer, self.scheduler = built
+        self.net.to(self.device)
+        self.text_encoder.to(self.device)
+        self.ema_net = copy.deepcopy(self.net).requires_grad_(False)
         self.ema_text = copy.deepcopy(self.text_encoder).requires_grad_(False)
-        self.params = [p for m in (self.unet, self.text_encoder) for p in m.parameters()]
-        self.ema_params = [p for m in (self.ema_unet, self.ema_text) for p in m.parameters()]
+        self.params = [p for m in (self.net, self.text_encoder) for p in m.parameters()]
+        self.ema_params = [p for m in (self.ema_net, self.ema_text) for p in m.parameters()]
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.rng = np.random.default_rng(cfg.seed)  # scenes
+        self.rng = np.random.default_rng(cfg.seed)  # scenes (UNet; mmdit: per step, batches.py)
         self.gen = torch.Generator().manual_seed(cfg.seed + 1)  # noise, timesteps, dropout
         self.ids = CaptionIds(self.tokenizer)
+        self.batches = BatchStream(cfg, 0)  # the mmdit's batches, inline unless train_toy says
         self.step = 0
 
     @property
     def checkpoint_dir(self) -> Path:
         return Path(self.cfg.out) / "checkpoint"
 
+    def _modules(self) -> tuple[dict, dict]:
+        return ({self.net_name: self.net, "text_encoder": self.text_encoder},
+                {self.net_name: self.ema_net, "text_encoder": self.ema_text})
+
     def save(self) -> None:
-        save_checkpoint(self.checkpoint_dir, self.step, self.unet, self.text_encoder,
-                        self.ema_unet, self.ema_text, self.optimizer, self.rng, self.gen, self.cfg)
+        save_checkpoint(self.checkpoint_dir, self.step, *self._modules(), self.optimizer,
+                        self.rng, self.gen, self.cfg)
 
     def resume(self) -> bool:
         """Load the run's checkpoint if there is one; whether it did."""
         if not (self.checkpoint_dir / "state.json").is_file():
             return False
-        self.step = load_checkpoint(self.checkpoint_dir, self.unet, self.text_encoder,
-                                    self.ema_unet, self.ema_text, self.optimizer, self.rng,
-                                    self.gen)
+        self.step = load_checkpoint(self.checkpoint_dir, *self._modules(), self.optimizer,
+                                    self.rng, self.gen)
         return True
 
-    def train_step(self) -> float:
-        """One optimizer step on a fresh batch; returns the loss."""
-        cfg = self.cfg
-        self.unet.train()
-        self.text_encoder.train()
+    def _unet_loss(self) -> torch.Tensor:
+        cfg, dev = self.cfg, self.device
         images, captions, scenes = training_batch(self.rng, self.gen, cfg)
         t = torch.randint(0, self.scheduler.config.num_train_timesteps, (cfg.batch,),
                           generator=self.gen)
         noise = torch.randn(images.shape, generator=self.gen)
+        images, t, noise = images.to(dev), t.to(dev), noise.to(dev)
+        text_emb = self.text_encoder(self.ids(captions).to(dev))[0]  # (B, T, D)
+        if cfg.attention_weight <= 0:
+            return diffusion_loss(self.net, text_emb, images, t, noise, self.scheduler,
+                                  cfg.weighting, cfg.snr_gamma)
+        from l2s.engine.hooks import AttentionRecorder
+        from l2s.families.unet import UNetAttention, unet_cross_attention_layers
+        from l2s.toy.supervision import attention_loss, object_targets
+
+        groups, targets, valid = object_targets(self.tokenizer, captions, scenes)
+        layers = unet_cross_attention_layers(self.net, images.shape[-2:])
+        with AttentionRecorder(UNetAttention(self.net), layers, groups, keep_grad=True) as rec:
+            loss = diffusion_loss(self.net, text_emb, images, t, noise, self.scheduler,
+                                  cfg.weighting, cfg.snr_gamma)
+            return loss + cfg.attention_weight * attention_loss(rec.stacked(), targets.to(dev),
+                                                                valid.to(dev))
+
+    def _flow_loss(self) -> torch.Tensor:
+        from l2s.toy.mmdit import JointAttentionMaps, encode_text, flow_loss
+        from l2s.toy.supervision import attention_loss
+
+        cfg, b = self.cfg, self.batches.get(self.step).to(self.device)
+        tokens, pooled = encode_text(self.text_encoder, b.ids)
+        if cfg.attention_weight <= 0:
+            return flow_loss(self.net, tokens, pooled, b.images, b.s, b.noise)
+        with JointAttentionMaps(self.net, b.weights, b.ids.shape[1], b.images.shape[-1]) as rec:
+            loss = flow_loss(self.net, tokens, pooled, b.images, b.s, b.noise)
+            return loss + cfg.attention_weight * attention_loss(rec.stacked(), b.targets,
+                                                                b.valid)
+
+    def train_step(self) -> float:
+        """One optimizer step on a fresh batch; returns the loss."""
+        cfg = self.cfg
+        self.net.train()
+        self.text_encoder.train()
         for g in self.optimizer.param_groups:
             g["lr"] = _lr(cfg, self.step)
-        text_emb = self.text_encoder(self.ids(captions))[0]  # (B, T, D)
-        if cfg.attention_weight > 0:
-            from l2s.engine.hooks import AttentionRecorder
-            from l2s.families.unet import UNetAttention, unet_cross_attention_layers
-            from l2s.toy.supervision import attention_loss, object_targets
-
-            groups, targets, valid = object_targets(self.tokenizer, captions, scenes)
-            layers = unet_cross_attention_layers(self.unet, images.shape[-2:])
-            with AttentionRecorder(UNetAttention(self.unet), layers, groups,
-                                   keep_grad=True) as rec:
-                loss = diffusion_loss(self.unet, text_emb, images, t, noise, self.scheduler,
-                                      cfg.weighting, cfg.snr_gamma)
-                loss = loss + cfg.attention_weight * attention_loss(rec.stacked(), targets,
-                                                                    valid)
-        else:
-            loss = diffusion_loss(self.unet, text_emb, images, t, noise, self.scheduler,
-                                  cfg.weighting, cfg.snr_gamma)
+        with torch.autocast(self.device.type, torch.bfloat16, enabled=cfg.bf16):
+            loss = self._flow_loss() if cfg.backbone == "mmdit" else self._unet_loss()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
@@ -440,13 +310,19 @@ class ToyTrainer:
 
     def evaluate(self, prompts: int | None = None, grid: Path | None = None) -> ToyEval:
         cfg = self.cfg
-        return evaluate_toy(self.ema_unet, self.ema_text, self.tokenizer, self.scheduler,
-                            prompts=prompts or cfg.eval_prompts, steps=cfg.eval_steps,
-                            guidance=cfg.eval_guidance, seed=cfg.seed, grid=grid)
+        run = evaluate_mmdit if cfg.backbone == "mmdit" else evaluate_toy
+        self.ema_net.eval()
+        self.ema_text.eval()
+        return run(self.ema_net, self.ema_text, self.tokenizer, self.scheduler,
+                   prompts=prompts or cfg.eval_prompts, steps=cfg.eval_steps,
+                   guidance=cfg.eval_guidance, seed=cfg.seed, grid=grid)
 
     def export(self, directory: Path) -> None:
-        _export(directory, self.ema_unet, self.ema_text, self.tokenizer,
-                self.scheduler)
+        if self.cfg.backbone == "mmdit":
+            from l2s.toy.mmdit import save_mmdit as save
+        else:
+            save = save_toy
+        _export(directory, save, self.ema_net, self.ema_text, self.tokenizer, self.scheduler)
 
 
 def _eval_score(e: ToyEval) -> float:
@@ -468,19 +344,34 @@ def train_toy(cfg: TrainConfig, resume: bool = False, callback: TrainCallback | 
     best_file = out / "best.json"
     best = json.loads(best_file.read_text()) if best_file.is_file() else None
     best_eval = ToyEval(**best["eval"]) if best else None
+    if cfg.backbone == "mmdit" and cfg.workers:
+        trainer.batches = BatchStream(cfg, trainer.step, cfg.workers)
+    try:
+        return _train_loop(cfg, trainer, out, best_eval, report)
+    finally:
+        trainer.batches.close()
+
+
+def _train_loop(cfg: TrainConfig, trainer: ToyTrainer, out: Path, best_eval: ToyEval | None,
+                report: TrainCallback) -> TrainResult:
+    best_file = out / "best.json"
     losses, tick = [], time.perf_counter()
+    trained, last = 0.0, tick  # seconds of training (not evaluating) in this process
     while trainer.step < cfg.steps:
         losses.append(trainer.train_step())
         step = trainer.step
-        if step % 50 == 0 or step == cfg.steps:
+        trained += time.perf_counter() - last
+        out_of_time = bool(cfg.max_seconds) and trained >= cfg.max_seconds
+        if step % 50 == 0 or step == cfg.steps or out_of_time:
             now = time.perf_counter()
             report({"event": "step", "step": step, "loss": float(np.mean(losses)),
                     "lr": _lr(cfg, step - 1), "sec_per_step": (now - tick) / len(losses)})
             losses, tick = [], now
-        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps or out_of_time:
             trainer.save()
             report({"event": "checkpoint", "step": step, "path": str(trainer.checkpoint_dir)})
-        if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
+        if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps
+                               or out_of_time):
             result = trainer.evaluate(grid=out / "eval" / f"step{step:06d}.png")
             improved = best_eval is None or _eval_score(result) > _eval_score(best_eval)
             report({"event": "eval", "step": step, "improved": improved,
@@ -494,6 +385,10 @@ def train_toy(cfg: TrainConfig, resume: bool = False, callback: TrainCallback | 
                                                  "eval": dataclasses.asdict(result)}, indent=1))
                 report({"event": "export", "step": step, "path": cfg.export or str(out / "best")})
             tick = time.perf_counter()  # evaluation time is not training time
+        last = time.perf_counter()
+        if out_of_time:
+            report({"event": "time_limit", "step": step, "seconds": trained})
+            break
     trainer.export(out / "model")
     return TrainResult(trainer.step, str(out / "model"),
                        str(out / "best") if best_eval else None, best_eval)
@@ -505,7 +400,8 @@ def train_toy(cfg: TrainConfig, resume: bool = False, callback: TrainCallback | 
 # Options that may change when a run resumes: they steer when to stop, score and save,
 # not what is learned. (The CLI flag is --guidance for eval_guidance.)
 _RUN_OPTIONS = ("steps", "eval_every", "eval_prompts", "eval_steps", "eval_guidance",
-                "checkpoint_every", "export", "attention_weight")
+                "checkpoint_every", "export", "attention_weight", "device", "bf16", "workers",
+                "max_seconds")
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -514,6 +410,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", help="run folder (checkpoints, evaluation grids, exports)")
     p.add_argument("--resume", action="store_true",
                    help="continue from OUT/checkpoint with OUT/config.json's recipe")
+    p.add_argument("--backbone", choices=BACKBONES, default=d.backbone,
+                   help="unet: the DDIM toy UNet; mmdit: the rectified-flow toy Flux transformer")
     p.add_argument("--steps", type=int, help=f"train up to this step (default {d.steps})")
     p.add_argument("--batch", type=int, default=d.batch)
     p.add_argument("--seed", type=int, default=d.seed)
@@ -536,6 +434,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                    help=f"CFG scale when evaluating (default {d.eval_guidance})")
     p.add_argument("--checkpoint-every", type=int, help=f"default {d.checkpoint_every}")
     p.add_argument("--export", help="also write the best EMA model here, e.g. l2s/toy/weights")
+    p.add_argument("--device", help="cpu (default) or cuda")
+    p.add_argument("--bf16", action="store_true", default=None,
+                   help="bfloat16 autocast (on a GPU)")
+    p.add_argument("--workers", type=int, help="processes building mmdit batches ahead (0)")
+    p.add_argument("--max-seconds", type=float,
+                   help="stop after this many seconds of training (checkpoint and export first)")
     p.add_argument("--evaluate", metavar="MODEL_DIR",
                    help="only score a saved model (e.g. l2s/toy/weights) and exit")
     p.add_argument("--grid", help="with --evaluate: save the generated images as this PNG")
@@ -550,14 +454,19 @@ def config_from_dict(d: dict) -> TrainConfig:
     model = dict(d.get("model", {}))
     if "unet_channels" in model:
         model["unet_channels"] = tuple(model["unet_channels"])
-    return TrainConfig(**{**d, "model": ToyModelConfig(**model)})
+    mmdit = dict(d.get("mmdit", {}))
+    if "rope_axes" in mmdit:
+        mmdit["rope_axes"] = tuple(mmdit["rope_axes"])
+    return TrainConfig(**{**d, "model": ToyModelConfig(**model),
+                          "mmdit": ToyMMDiTConfig(**mmdit)})
 
 
 def _config_from_args(args: argparse.Namespace) -> TrainConfig:
     model = dataclasses.replace(
         ToyModelConfig(), prediction_type=args.prediction,
         unet_channels=tuple(int(c) for c in args.channels.split(",")))
-    return TrainConfig(out=args.out, batch=args.batch, seed=args.seed, lr=args.lr,
+    return TrainConfig(out=args.out, backbone=args.backbone, batch=args.batch, seed=args.seed,
+                       lr=args.lr,
                        warmup=args.warmup, weighting=args.weighting, ema_decay=args.ema_decay,
                        model=model)
 
@@ -576,11 +485,19 @@ def main(argv: list[str] | None = None) -> None:
     if args.evaluate is not None:
         d = TrainConfig(out="")
         torch.set_num_threads(d.threads)
-        result = evaluate_toy(*load_toy_components(args.evaluate),
-                              prompts=overrides.get("eval_prompts", 200),
-                              steps=overrides.get("eval_steps", d.eval_steps),
-                              guidance=overrides.get("eval_guidance", d.eval_guidance),
-                              seed=args.seed, grid=args.grid)
+        if (Path(args.evaluate) / "transformer").is_dir():  # a toy-mmdit export
+            from l2s.toy.mmdit import load_mmdit_components
+
+            run, components = evaluate_mmdit, load_mmdit_components(args.evaluate)
+        else:
+            run, components = evaluate_toy, load_toy_components(args.evaluate)
+        device = overrides.get("device", "cpu")
+        result = run(*(c.to(device) if isinstance(c, torch.nn.Module) else c
+                       for c in components),
+                     prompts=overrides.get("eval_prompts", 200),
+                     steps=overrides.get("eval_steps", d.eval_steps),
+                     guidance=overrides.get("eval_guidance", d.eval_guidance),
+                     seed=args.seed, grid=args.grid)
         print(json.dumps(dataclasses.asdict(result)))
         return
     saved = Path(args.out) / "config.json"

@@ -1,0 +1,80 @@
+"""Resumable toy training checkpoints: weights, EMA weights, optimizer, step and random states.
+
+A checkpoint is a folder written whole into a temporary sibling and swapped in, so a run cut at
+any moment leaves either the previous checkpoint or the new one. Weights are safetensors, keyed
+"<component>.<parameter>" ("unet." or "transformer.", and "text_encoder.").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+REQUIRED = ("model.safetensors", "ema.safetensors", "rng.safetensors", "optimizer.pt",
+            "state.json")
+
+
+def state_tensors(modules: dict[str, torch.nn.Module]) -> dict[str, torch.Tensor]:
+    """All parameters and buffers of named modules as "<name>.<key>" CPU tensors."""
+    out = {f"{name}.{k}": v for name, m in modules.items() for k, v in m.state_dict().items()}
+    return {k: v.detach().cpu().contiguous().clone() for k, v in out.items()}
+
+
+def load_state_tensors(modules: dict[str, torch.nn.Module], tensors: dict[str, torch.Tensor]
+                       ) -> None:
+    for name, module in modules.items():
+        prefix = name + "."
+        part = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        module.load_state_dict(part, strict=True)
+
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Swap a freshly written folder into place, never leaving `final` half-written."""
+    old = final.with_name(final.name + ".old")
+    if old.exists():
+        shutil.rmtree(old)
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def save_checkpoint(path: Path, step: int, modules: dict, ema_modules: dict, optimizer,
+                    rng: np.random.Generator, gen: torch.Generator, cfg) -> None:
+    """Write model, EMA, optimizer, step and random states to `path` (a folder)."""
+    tmp = path.with_name(path.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    save_file(state_tensors(modules), tmp / "model.safetensors")
+    save_file(state_tensors(ema_modules), tmp / "ema.safetensors")
+    save_file({"torch_generator": gen.get_state()}, tmp / "rng.safetensors")
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    state = {"step": step, "numpy_rng": rng.bit_generator.state,
+             "config": dataclasses.asdict(cfg)}
+    (tmp / "state.json").write_text(json.dumps(state, indent=1))
+    replace_dir(tmp, path)
+
+
+def load_checkpoint(path: Path, modules: dict, ema_modules: dict, optimizer,
+                    rng: np.random.Generator, gen: torch.Generator) -> int:
+    """Restore everything `save_checkpoint` wrote; returns the step."""
+    for name in REQUIRED:
+        if not (path / name).is_file():
+            raise FileNotFoundError(f"checkpoint file {path / name} is missing; start afresh "
+                                    "without --resume (or point --out at a complete run)")
+    load_state_tensors(modules, load_file(path / "model.safetensors"))
+    load_state_tensors(ema_modules, load_file(path / "ema.safetensors"))
+    gen.set_state(load_file(path / "rng.safetensors")["torch_generator"])
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True,
+                                         map_location="cpu"))
+    state = json.loads((path / "state.json").read_text())
+    rng.bit_generator.state = state["numpy_rng"]
+    return int(state["step"])
