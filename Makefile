@@ -3,7 +3,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install test test-all lint demo toy-model toy-classifier docs clean
+.PHONY: install test test-all lint demo toy-model toy-mmdit toy-classifier docs clean
 
 install:  ## virtualenv + CPU torch from this machine's disk + l2s with dev tools
 	$(PY) -m venv $(VENV)
@@ -27,6 +27,19 @@ toy-model:  ## retrain the shipped toy model (~1 h on a CPU; resumable): plain, 
 	$(BIN)/python -m l2s.toy.train --out runs/toy --resume --steps 900 --export ""
 	$(BIN)/python -m l2s.toy.train --out runs/toy --resume --steps 1600 --attention-weight 0.02 \
 	    --export l2s/toy/weights
+
+# The toy-mmdit recipe (l2s/toy/mmdit.py): rectified flow with joint-attention supervision.
+# MMDIT_STEPS is the step the shipped run reached (scripts/gpu/train_toy_mmdit.sh stops at a
+# time limit and reports it); batches are a function of (seed, step), so a rerun to that step
+# repeats it up to GPU nondeterminism. On a CPU (DEVICE=cpu, no bf16) it takes days.
+MMDIT_STEPS ?= 6000
+DEVICE ?= cuda
+toy-mmdit:  ## retrain the shipped toy-mmdit (one GPU: ~3 min; resumable) into l2s/toy/weights-mmdit
+	$(BIN)/python -m l2s.toy.train --backbone mmdit --out runs/toy-mmdit --resume \
+	    --steps $(MMDIT_STEPS) --batch 256 --lr 1e-3 --warmup 300 --attention-weight 0.02 \
+	    --eval-every 1000 --eval-prompts 64 --guidance 1 --checkpoint-every 1000 \
+	    --device $(DEVICE) $(if $(filter cuda,$(DEVICE)),--bf16 --workers 14) \
+	    --export l2s/toy/weights-mmdit
 
 clean:
 	rm -rf out .pytest_cache .ruff_cache

@@ -98,6 +98,13 @@ def _worker_init() -> None:
     torch.set_num_threads(1)
 
 
+def _numpy_batch(cfg, step: int) -> dict:
+    # Plain arrays cross the process boundary (torch would pass one shared-memory file each).
+    b = flow_batch(cfg, step)
+    return {f.name: None if getattr(b, f.name) is None else getattr(b, f.name).numpy()
+            for f in fields(b)}
+
+
 class BatchStream:
     """``flow_batch`` for steps start, start+1, ...: inline, or built ahead by worker processes."""
 
@@ -120,9 +127,11 @@ class BatchStream:
         if not self.pending:
             self.next = step
         while len(self.pending) < self.ahead:
-            self.pending.append((self.next, self.pool.submit(flow_batch, self.cfg, self.next)))
+            self.pending.append((self.next, self.pool.submit(_numpy_batch, self.cfg, self.next)))
             self.next += 1
-        return self.pending.popleft()[1].result()
+        arrays = self.pending.popleft()[1].result()
+        return FlowBatch(**{k: None if v is None else torch.from_numpy(v)
+                            for k, v in arrays.items()})
 
     def close(self) -> None:
         if self.pool is not None:

@@ -22,6 +22,13 @@ same recipe reached 0.94 / 0.29 at step 2000 but its maps do not localise object
 rarely state relations (``l2s.toy.scenes``), so the model learns the objects well and their
 placement barely, which is the weakness Learn-to-Steer fixes.
 
+The toy-mmdit (``--backbone mmdit``, ``l2s.toy.mmdit``) trains in the same loop with rectified
+flow (velocity target, logit-normal timesteps), the same EMA, optimizer, caption dropout and
+evaluation, and attention supervision on the image-query x text-key softmax of its joint
+attention; its batches are a pure function of (seed, step) (``l2s.toy.batches``), so worker
+processes build them ahead of a GPU (``--workers``, ``--device cuda --bf16``). Its recipe is
+``make toy-mmdit``.
+
 ``train_toy(config, callback)`` is the library entry point; ``python -m l2s.toy.train`` is a thin
 CLI over it. Training is seeded and resumable: a checkpoint holds the weights, the EMA weights,
 the optimizer, the step and every random state, so a resumed run continues bit for bit.
