@@ -37,7 +37,7 @@ DEVICE ?= cuda
 toy-mmdit:  ## retrain the shipped toy-mmdit (one GPU: ~3 min; resumable) into l2s/toy/weights-mmdit
 	$(BIN)/python -m l2s.toy.train --backbone mmdit --out runs/toy-mmdit --resume \
 	    --steps $(MMDIT_STEPS) --batch 256 --lr 1e-3 --warmup 300 --attention-weight 0.02 \
-	    --eval-every 1000 --eval-prompts 64 --guidance 1 --checkpoint-every 1000 \
+	    --eval-every 1000 --eval-prompts 64 --guidance 3 --checkpoint-every 1000 \
 	    --device $(DEVICE) $(if $(filter cuda,$(DEVICE)),--bf16 --workers 14) \
 	    --export l2s/toy/weights-mmdit
 

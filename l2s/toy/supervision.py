@@ -13,6 +13,7 @@ objects to draw and where still come from the diffusion loss alone.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import numpy as np
@@ -25,6 +26,15 @@ from l2s.toy.scenes import Scene, shape_mask
 MAX_OBJECTS = 5  # scenes hold 2-5 objects; groups are padded to this many
 
 
+@functools.lru_cache(maxsize=1 << 16)
+def _object_tokens(tokenizer, caption: str, name: str) -> tuple[int, ...] | None:
+    # Cached: tokenizing is most of a batch's cost and training captions repeat.
+    try:
+        return phrase_tokens(tokenizer, caption, name).indices
+    except TokenAlignmentError:  # not named in this caption
+        return None
+
+
 def object_targets(tokenizer, captions: Sequence[str], scenes: Sequence[Scene],
                    map_size: int = 16) -> tuple[list[list[list[int]]], torch.Tensor, torch.Tensor]:
     """Token groups (B, MAX_OBJECTS, n), target maps (B, MAX_OBJECTS, S, S) summing to 1, and a
@@ -34,14 +44,13 @@ def object_targets(tokenizer, captions: Sequence[str], scenes: Sequence[Scene],
         h, w = scene.image.shape[:2]
         g, t = [], []
         for obj in scene.objects if caption else ():
-            try:
-                tokens = phrase_tokens(tokenizer, caption, obj.category)
-            except TokenAlignmentError:  # not named in this caption
+            tokens = _object_tokens(tokenizer, caption, obj.category)
+            if tokens is None:
                 continue
             m = np.zeros((h, w), np.float32)
             x1, y1, x2, y2 = obj.box
             m[y1:y2, x1:x2] = shape_mask(obj.category, x2 - x1, y2 - y1)
-            g.append(list(tokens.indices))
+            g.append(list(tokens))
             t.append(m)
         n = len(g)
         valid.append([1.0] * n + [0.0] * (MAX_OBJECTS - n))

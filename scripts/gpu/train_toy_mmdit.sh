@@ -41,7 +41,7 @@ trap 'kill $shipper 2>/dev/null || true' EXIT
 # The recipe (same as `make toy-mmdit`): see l2s/toy/train.py and l2s/toy/mmdit.py.
 $PY -m l2s.toy.train --backbone mmdit --out "$RUN" --export "$RUN/export" \
   --steps "$STEPS" --batch 256 --lr 1e-3 --warmup 300 --attention-weight 0.02 \
-  --eval-every 1000 --eval-prompts 64 --guidance 1 --checkpoint-every 1000 \
+  --eval-every 1000 --eval-prompts 64 --guidance 3 --checkpoint-every 1000 \
   --device cuda --bf16 --workers "$WORKERS" --max-seconds "$MAX_SECONDS" 2>&1 \
   | grep --line-buffered -v "Writing model shards" | tee "$OUT/train.log"
 ship
