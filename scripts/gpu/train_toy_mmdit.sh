@@ -19,12 +19,17 @@ PY=${PY:-python}
 STEPS=${STEPS:-6000}          # the recipe's length; MAX_SECONDS stops it earlier if the GPU is slow
 MAX_SECONDS=${MAX_SECONDS:-170}
 WORKERS=${WORKERS:-14}
+# For a plumbing check on a CPU: DEVICE=cpu STEPS=2 BATCH=4 WORKERS=2 EVAL_PROMPTS=4
+DEVICE=${DEVICE:-cuda}
+BATCH=${BATCH:-256}
+EVAL_PROMPTS=${EVAL_PROMPTS:-100}
+BF16=$([ "$DEVICE" = cuda ] && echo --bf16 || true)
 mkdir -p "$OUT"
 rm -rf "$RUN"
 export PYTHONPATH=${PYTHONPATH:-.}
 start=$(date +%s)
-$PY -c "import torch, diffusers, transformers; assert torch.cuda.is_available(), 'no CUDA'; \
-print('torch', torch.__version__, 'diffusers', diffusers.__version__, torch.cuda.get_device_name())"
+$PY -c "import torch, diffusers, transformers; assert '$DEVICE' != 'cuda' or torch.cuda.is_available(), 'no CUDA'; \
+print('torch', torch.__version__, 'diffusers', diffusers.__version__, torch.cuda.is_available() and torch.cuda.get_device_name())"
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv || true
 
 # Ship whatever the trainer exported last, every ~60 s (a cut run still returns weights).
@@ -36,17 +41,17 @@ ship() {
 }
 ( while sleep 60; do ship; done ) &
 shipper=$!
-trap 'kill $shipper 2>/dev/null || true' EXIT
+trap 'kill $shipper 2>/dev/null || true; ship' EXIT
 
 # The recipe (same as `make toy-mmdit`): see l2s/toy/train.py and l2s/toy/mmdit.py.
 $PY -m l2s.toy.train --backbone mmdit --out "$RUN" --export "$RUN/export" \
-  --steps "$STEPS" --batch 256 --lr 1e-3 --warmup 300 --attention-weight 0.02 \
+  --steps "$STEPS" --batch "$BATCH" --lr 1e-3 --warmup 300 --attention-weight 0.02 \
   --eval-every 1000 --eval-prompts 64 --guidance 3 --checkpoint-every 1000 \
-  --device cuda --bf16 --workers "$WORKERS" --max-seconds "$MAX_SECONDS" 2>&1 \
+  --device "$DEVICE" $BF16 --workers "$WORKERS" --max-seconds "$MAX_SECONDS" 2>&1 \
   | grep --line-buffered -v "Writing model shards" | tee "$OUT/train.log"
 ship
 for g in plain:1 cfg3:3; do
-  $PY -m l2s.toy.train --evaluate "$RUN/export" --device cuda --eval-prompts 100 \
+  $PY -m l2s.toy.train --evaluate "$RUN/export" --device "$DEVICE" --eval-prompts "$EVAL_PROMPTS" \
     --guidance "${g#*:}" --seed 1 --grid "$OUT/eval-${g%%:*}.png" | tee "$OUT/eval-${g%%:*}.json"
 done
 echo "final step: $($PY -c "import json; print(json.load(open('$RUN/checkpoint/state.json'))['step'])")"
