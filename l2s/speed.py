@@ -172,7 +172,9 @@ def run_speed(config: SpeedConfig, denoiser: Denoiser | None = None, on_unit=Non
                                   t, None, x), config.repeats))
 
     def iteration(reference: bool):
-        st = Steerer(denoiser, [prompt], [triplets], loss, one_iter)
+        # The reference-style loop runs the whole network on every iteration.
+        st = Steerer(denoiser, [prompt], [triplets], loss,
+                     replace(one_iter, truncate_forward=False) if reference else one_iter)
         if reference:  # every token's maps, after the objects' groups (pairs stay valid)
             seq = cond["states"].shape[1]
             st.groups = [g + [[i] for i in range(seq)] for g in st.groups]

@@ -11,8 +11,8 @@ from l2s.families.tiny import tiny_sd
 from l2s.steer import PromptError, SteerConfig, SteerError, check_prompt, steer, unique_dir
 
 runner = CliRunner()
-STEP_KEYS = {"step", "iterations", "loss_before", "loss_after", "p_target", "forward_ms",
-             "backward_ms", "update_ms"}
+STEP_KEYS = {"step", "iterations", "image_updates", "loss_before", "loss_after", "p_target",
+             "forward_ms", "backward_ms", "update_ms"}
 
 
 @pytest.fixture

@@ -1,11 +1,13 @@
 """The steering loop on tiny offline components: descent, selectivity, round robin."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 from l2s.families.tiny import tiny_sd
 from l2s.relations import parse
-from l2s.steering import CentroidLoss, SteerSettings, steer_latents
+from l2s.steering import CentroidLoss, Steerer, SteerSettings, _Optimizer, steer_latents
 
 
 @pytest.fixture(scope="module")
@@ -88,3 +90,102 @@ def test_settings():
     assert s.threshold(0) == pytest.approx(1e-5) and s.threshold(5) == pytest.approx(7e-5)
     with pytest.raises(ValueError, match="optimizer"):
         SteerSettings(optimizer="lbfgs")
+
+
+class Fixed(CentroidLoss):
+    """The centroid loss, except that the images listed in ``done`` report a zero loss."""
+
+    def __init__(self, done):
+        super().__init__(margin=0.3)
+        self.done, self.batches = set(done), []
+
+    def __call__(self, maps, t, relations):
+        loss, p = super().__call__(maps, t, relations)
+        self.batches.append(maps.shape[0])
+        if len(self.batches) == 1 and self.done:  # first forward: the whole batch, in order
+            mask = torch.tensor([i in self.done for i in range(maps.shape[0])])
+            loss = torch.where(mask, torch.zeros_like(loss), loss)
+        return loss, p
+
+
+def _steer(den, settings, loss=None, n=2, prompts=None):
+    prompts = prompts or ["a dog left of a cat", "a cat above a bowl"][:n]
+    return steer_latents(den, prompts, [parse(p) for p in prompts],
+                         loss or CentroidLoss(margin=0.3), settings, _latents(den, len(prompts)))
+
+
+def test_truncated_forward_changes_nothing_but_the_cost(den):
+    base = SteerSettings(steps=3, guidance=2.0, steer_until=2, iterations=3, step_size=2000.0)
+    full, s_full = _steer(den, replace(base, truncate_forward=False))
+    cut, s_cut = _steer(den, base)
+    torch.testing.assert_close(cut, full, rtol=0, atol=0)
+    assert [r.image_updates for r in s_cut.steps] == [r.image_updates for r in s_full.steps]
+
+
+def test_an_image_steered_in_a_batch_moves_as_it_would_alone(den):
+    s = SteerSettings(steps=3, guidance=2.0, steer_until=2, iterations=3, step_size=2000.0)
+    prompts = ["a dog left of a cat", "a cat above a bowl"]
+    both, _ = _steer(den, s, prompts=prompts)
+    for i, p in enumerate(prompts):
+        alone, _ = steer_latents(den, [p], [parse(p)], CentroidLoss(margin=0.3), s,
+                                 _latents(den, 2)[i:i + 1])
+        torch.testing.assert_close(both[i], alone[0], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam", "normalized"])
+def test_an_image_that_stopped_never_moves_again_and_leaves_the_batch(den, optimizer):
+    """Image 0 passes at its first check; image 1 keeps iterating (Adam's state included)."""
+    s = SteerSettings(steps=2, guidance=2.0, steer_until=1, iterations=3, step_size=0.5,
+                      optimizer=optimizer, threshold_start=1e-9, threshold_end=1e-9)
+    loss = Fixed(done=[0])
+    _, stats = _steer(den, s, loss=loss)
+    plain, _ = _steer(den, replace(s, iterations=0))
+    steered, _ = _steer(den, s, loss=Fixed(done=[0]))
+    torch.testing.assert_close(steered[0], plain[0], rtol=0, atol=0)
+    assert not torch.allclose(steered[1], plain[1])
+    assert loss.batches == [2, 1, 1]  # only the image still iterating is forwarded
+    assert stats.steps[0].image_updates == 3 and stats.steps[0].iterations == 3
+
+
+def test_budget_caps_iterations_per_image_over_the_generation(den):
+    s = SteerSettings(steps=4, guidance=2.0, steer_until=3, iterations=3, step_size=100.0,
+                      threshold_start=-1.0, threshold_end=-1.0, budget=4)
+    _, stats = _steer(den, s)
+    assert [r.image_updates for r in stats.steps] == [6, 2, 0]
+    assert sum(r.iterations for r in stats.steps) == 4
+
+
+def test_steer_from_skips_the_noisiest_steps(den):
+    s = SteerSettings(steps=4, guidance=2.0, steer_until=3, iterations=1, step_size=100.0,
+                      steer_from=1)
+    _, stats = _steer(den, s, n=1)
+    assert [r.step for r in stats.steps] == [1, 2]
+
+
+def test_update_rules_per_image():
+    z = torch.zeros(2, 3, 4, 4)
+    g = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    g[1] *= 100
+    rows = torch.arange(2)
+    rms = lambda d: d.flatten(1).pow(2).mean(1).sqrt()  # noqa: E731
+    norm = _Optimizer(SteerSettings(optimizer="normalized", step_size=0.1), z)
+    torch.testing.assert_close(rms(norm.step(rows, z, g)), torch.full((2,), 0.1))
+    capped = _Optimizer(SteerSettings(step_size=1.0, max_update=0.5), z)
+    d = rms(capped.step(rows, z, g))
+    assert d[1] == pytest.approx(0.5) and d[0] <= 0.5 + 1e-6
+    adam = _Optimizer(SteerSettings(optimizer="adam", step_size=0.1), z)
+    first = adam.step(rows[1:], z[1:], g[1:])  # image 1 only: image 0's moments stay zero
+    assert rms(first)[0] == pytest.approx(0.1, rel=1e-3)  # Adam's first step: lr * sign
+    assert adam.n.tolist() == [0.0, 1.0] and adam.m[0].abs().sum() == 0
+
+
+def test_keep_norm_rescales_updated_latents(den):
+    s = SteerSettings(steps=3, guidance=2.0, steer_until=1, iterations=2, step_size=5000.0,
+                      keep_norm=True, threshold_start=-1.0, threshold_end=-1.0)
+    p = "a dog left of a cat"
+    st = Steerer(den, [p], [parse(p)], CentroidLoss(margin=0.3), s)
+    x = _latents(den, 1)
+    with st.recorder() as rec:
+        y = st.update(rec, x, den.timesteps(3)[0], 0)
+    assert not torch.allclose(x, y)
+    assert y.norm().item() == pytest.approx(x.norm().item(), rel=1e-5)

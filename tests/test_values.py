@@ -67,9 +67,11 @@ class Scripted(RelationLoss):
     def value(self, maps):
         ramp = torch.linspace(-1, 1, maps.shape[-1], device=maps.device)
         m = maps.float().mean(2)  # (B, 2, S, S)
-        return ((m[:, 0] - m[:, 1]) * ramp).sum((-2, -1)) * torch.tensor(self.scale)
+        return ((m[:, 0] - m[:, 1]) * ramp).sum((-2, -1)) * torch.tensor(self.scale[:len(m)])
 
     def __call__(self, maps, t, relations):
+        """Call k uses offsets[k] (the last one after that): one per image in that call's
+        batch, since images under the threshold leave it."""
         self.calls.append((list(relations), maps.detach().clone()))
         off = torch.tensor(self.offsets[min(len(self.calls), len(self.offsets)) - 1])
         return self.value(maps) + off, torch.zeros(maps.shape[0])
@@ -112,7 +114,7 @@ def test_one_sgd_update_is_z_minus_alpha_gradient(den):
 
 def test_an_image_under_the_threshold_stops_while_the_batch_goes_on(den):
     x = _latents(den, 2)
-    loss = Scripted([[-10.0, 1.0]])  # image 0 is done from the start
+    loss = Scripted([[-10.0, 1.0], [1.0]])  # image 0 is done from the start, then leaves
     settings = SteerSettings(steps=4, guidance=2.0, steer_until=1, iterations=3,
                              step_size=300.0, **ALWAYS)
     st, _, x1 = _one_step(den, loss, settings, x, PROMPTS)
@@ -135,7 +137,7 @@ def test_adam_first_update_and_stopped_images_stay_put(den):
     # must not carry it on.
     settings = SteerSettings(steps=4, guidance=2.0, steer_until=1, iterations=3,
                              step_size=lr, optimizer="adam", **ALWAYS)
-    loss = Scripted([[1.0, 1.0], [-10.0, 1.0], [-10.0, 1.0]])
+    loss = Scripted([[1.0, 1.0], [-10.0, 1.0], [1.0]])  # image 0 leaves after its 2nd check
     _, _, x3 = _one_step(den, loss, settings, x, PROMPTS)
     torch.testing.assert_close(x3[0], x1[0], atol=1e-6, rtol=0)  # where iteration 1 left it
     assert not torch.allclose(x3[1], x1[1])
@@ -152,7 +154,7 @@ def test_non_finite_gradients_are_skipped_and_counted(den):
                              step_size=300.0, **ALWAYS)
     st, _, x1 = _one_step(den, NaNGradient([[0.0, 0.0]]), settings, x, PROMPTS)
     torch.testing.assert_close(x1, x, atol=0, rtol=0)
-    assert st.stats.skipped_updates == 3 and st.stats.steps[0].iterations == 0
+    assert st.stats.skipped_updates == 6 and st.stats.steps[0].iterations == 0  # 2 images x 3
     assert "non-finite gradient" in st.stats.warnings[0]
 
 

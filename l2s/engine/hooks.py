@@ -8,6 +8,7 @@ installed processor and hands (B, heads, Q, T) probabilities to the recorder's s
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -24,6 +25,10 @@ TokenGroups = Sequence[Sequence[int]] | Sequence[Sequence[Sequence[int]]]
 
 class HookError(RuntimeError):
     """The model does not have the attention layers (or processors) the hooks expect."""
+
+
+class ForwardStopped(Exception):  # noqa: N818 (a control-flow signal, not an error)
+    """Raised inside a recorder's ``truncated()`` once every recorded layer has run."""
 
 
 def token_weights(groups: TokenGroups, seq_len: int) -> torch.Tensor:
@@ -84,6 +89,10 @@ class AttentionRecorder:
         self.denoiser, self.layers = denoiser, list(layers)
         self.model = denoiser.attention_model
         self.map_size, self.keep_grad = map_size, keep_grad
+        # True inside truncated(): end a forward (raise ForwardStopped) right after the last
+        # recorded layer: what follows cannot change the maps, so a loss on them needs none.
+        self.stop_after_last = False
+        self._seen: set[str] = set()
         self.maps: dict[str, torch.Tensor] = {}
         self._tokens = tokens
         self._weights: torch.Tensor | None = None
@@ -93,6 +102,24 @@ class AttentionRecorder:
         """Record other token groups from the next forward on (e.g. another prompt)."""
         self._tokens, self._weights = tokens, None
         self.maps.clear()
+
+    def set_weights(self, weights: torch.Tensor) -> None:
+        """Record with ready-made token weights (B, T, G) from the next forward on (see
+        ``token_weights``); saves rebuilding them when a loop forwards changing subsets."""
+        self._tokens, self._weights = None, weights
+        self.maps.clear()
+
+    @contextlib.contextmanager
+    def truncated(self):
+        """Forwards inside are run for their maps only: each stops after the last recorded
+        layer (its output is never computed)."""
+        self.stop_after_last, self._seen = True, set()
+        try:
+            yield
+        except ForwardStopped:
+            pass
+        finally:
+            self.stop_after_last = False
 
     def __enter__(self) -> AttentionRecorder:
         procs = self.model.attn_processors
@@ -118,12 +145,13 @@ class AttentionRecorder:
     def _record(self, layer: CrossAttnLayer, probs: torch.Tensor) -> None:
         batch, heads, hw, seq_len = probs.shape  # (B, heads, Q, T)
         wts = self._weights
-        if wts is None or wts.shape[1] != seq_len or wts.device != probs.device or \
-                wts.dtype != probs.dtype:
+        if wts is None or (wts.shape[1] != seq_len and self._tokens is not None):
+            wts = token_weights(self._tokens, seq_len)
+        if wts.device != probs.device or wts.dtype != probs.dtype:
             # Built once per token set and kept on the device: a host-to-device copy in every
             # layer would synchronise the GPU 16 times per forward.
-            wts = token_weights(self._tokens, seq_len).to(probs.device, probs.dtype)
-            self._weights = wts
+            wts = wts.to(probs.device, probs.dtype)
+        self._weights = wts
         if wts.shape[0] not in (1, batch):
             raise ValueError(f"token groups given for {wts.shape[0]} prompts, batch is {batch}")
         p = probs if self.keep_grad else probs.detach()
@@ -135,6 +163,11 @@ class AttentionRecorder:
             if h * w != hw:
                 raise HookError(f"cannot infer the map shape of {layer.name} from {hw} queries")
         self.maps[layer.name] = resize_maps(maps.reshape(batch, -1, heads, h, w), self.map_size)
+        if self.stop_after_last:
+            self._seen.add(layer.name)
+            if len(self._seen) == len(self.layers):
+                self._seen.clear()
+                raise ForwardStopped
 
     def stacked(self) -> torch.Tensor:
         """All recorded layers' maps concatenated over heads: (B, G, C, S, S)."""
