@@ -38,7 +38,8 @@ class BenchConfig:
     steps: int | None = None  # sampling steps (None: the model's default)
     guidance: float | None = None  # classifier-free guidance scale (None: the model's default)
     classifier: str | None = None  # l2s: classifier card (None: the model's default)
-    steer_until: float = 0.5  # steered methods: fraction (< 1) or count of steered steps
+    # steered methods: fraction (< 1) or count of steered steps (None: the model's)
+    steer_until: float | None = None
     iterations: int = 16  # steered methods: max gradient iterations per step
     step_size: float | None = None  # steered methods: latent step (None: the model's)
     loss_threshold: float | None = None  # steered methods: early exit (None: the model's)

@@ -74,11 +74,18 @@ def build_loss(method: str, denoiser: Denoiser, model: str, classifier: str | No
 
 
 def steer_settings(model: str, *, steps: int | None = None, guidance: float | None = None,
-                   steer_until: float = 0.5, iterations: int = 16,
-                   step_size: float | None = None, optimizer: str = "sgd",
-                   loss_threshold: float | None = None) -> SteerSettings:
+                   steer_until: float | None = None, iterations: int = 16,
+                   step_size: float | None = None, optimizer: str | None = None,
+                   loss_threshold: float | None = None, steer_from: int | None = None,
+                   budget: int | None = None) -> SteerSettings:
     """SteerSettings from user values, falling back to the model preset's defaults."""
     preset = get_preset(model)
+    if steer_from is None:
+        steer_from = preset.steer_from if preset else 0
+    if steer_until is None:
+        steer_until = preset.steer_until if preset else 0.5
+    if optimizer is None:
+        optimizer = preset.optimizer if preset else "sgd"
     steps, guidance = generation_defaults(model, steps, guidance)
     if step_size is None:
         step_size = preset.step_size if preset else 5.0
@@ -88,7 +95,7 @@ def steer_settings(model: str, *, steps: int | None = None, guidance: float | No
                                                     "threshold_end": loss_threshold}
     return SteerSettings(steps=steps, guidance=guidance, steer_until=steer_until,
                          iterations=iterations, step_size=step_size, optimizer=optimizer,
-                         **thresholds)
+                         steer_from=steer_from, budget=budget, **thresholds)
 
 
 def generate(denoiser: Denoiser, prompts: list[str], triplets: list[list[Triplet]],
@@ -120,10 +127,13 @@ class SteerConfig:
     seed: int = 0  # noise seed of the first image
     steps: int | None = None  # DDIM steps (None: the model's default)
     guidance: float | None = None  # classifier-free guidance (None: the model's default)
-    steer_until: float = 0.5  # steer steps before this fraction (< 1) or step count (>= 1)
+    # steer steps before this fraction (< 1) or step count (>= 1) (None: the model's default)
+    steer_until: float | None = None
     iterations: int = 16  # max gradient iterations per steered step
     step_size: float | None = None  # latent step (None: the model's default)
-    optimizer: str = "sgd"  # sgd or adam
+    optimizer: str | None = None  # sgd, adam or normalized (None: the model's default)
+    steer_from: int | None = None  # first steered step (None: the model's default)
+    budget: int | None = None  # max iterations per image over the generation (None: no cap)
     loss_threshold: float | None = None  # early exit below this loss (None: the model's)
     compare_plain: bool = False  # also time the same seeds without steering
     save_attention: bool = False  # write attention_<seed>.png: maps before/after, loss curves
@@ -134,7 +144,10 @@ class SteerConfig:
             raise PromptError('the prompt is empty: give one such as "a circle to the left of a '
                               'square"')
         check_choice("--method", self.method, STEER_METHODS)
-        check_choice("--optimizer", self.optimizer, OPTIMIZERS)
+        if self.optimizer is not None:
+            check_choice("--optimizer", self.optimizer, OPTIMIZERS)
+        check_number("--steer-from", self.steer_from, 0)
+        check_number("--budget", self.budget, 0)
         check_number("--num-images", self.num_images, 1)
         check_generation(steps=self.steps, guidance=self.guidance, steer_until=self.steer_until,
                          iterations=self.iterations, step_size=self.step_size,
@@ -202,7 +215,8 @@ def steer(config: SteerConfig, denoiser: Denoiser | None = None, on_step=None) -
     settings = steer_settings(config.model, steps=config.steps, guidance=config.guidance,
                               steer_until=config.steer_until, iterations=config.iterations,
                               step_size=config.step_size, optimizer=config.optimizer,
-                              loss_threshold=config.loss_threshold)
+                              loss_threshold=config.loss_threshold,
+                              steer_from=config.steer_from, budget=config.budget)
     steerable = [t for t in triplets if t.steerable]
     method = config.method if steerable else "plain"
     loss, card = build_loss(method, denoiser, config.model, config.classifier)

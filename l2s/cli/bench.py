@@ -43,7 +43,7 @@ def bench(
     guidance: float = typer.Option(None, "--guidance", help="CFG scale (default: the model's)."),
     classifier: str = typer.Option(None, "--classifier",
                                    help="l2s: classifier card.json (default: the model's)."),
-    steer_until: float = typer.Option(0.5, "--steer-until",
+    steer_until: float = typer.Option(None, "--steer-until",
                                       help="Steered methods: fraction (< 1) or count of steps."),
     iterations: int = typer.Option(16, "--iterations", help="Max gradient iterations per step."),
     loss_threshold: float = typer.Option(None, "--loss-threshold",

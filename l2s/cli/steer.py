@@ -49,7 +49,7 @@ def _timing_table(report: dict) -> Table:
 
 def _summary(rep: dict) -> list[str]:
     """A few lines on what steering did: steps, iterations, loss and p(target), times."""
-    steps = rep["steps"]
+    steps = [r for r in rep["steps"] if r["loss_before"] is not None]  # not budget-spent ones
     if not steps:
         return []
     first, last = steps[0], steps[-1]
@@ -90,9 +90,16 @@ def steer(
     seed: int = typer.Option(0, "--seed", help="Seed of the first image (then +1 each)."),
     steps: int = typer.Option(None, "--steps", help="Sampling steps (default: the model's)."),
     guidance: float = typer.Option(None, "--guidance", help="CFG scale (default: the model's)."),
-    steer_until: float = typer.Option(0.5, "--steer-until",
+    steer_until: float = typer.Option(None, "--steer-until",
                                       help="Steer before this fraction of the steps (< 1) or "
-                                           "this step count (>= 1)."),
+                                           "this step count (>= 1) (default: the model's; "
+                                           "SD: 0.5, toy: 5)."),
+    steer_from: int = typer.Option(None, "--steer-from",
+                                   help="First steered step (default: the model's; SD: 0, "
+                                        "toy: 1, skipping the noisiest step)."),
+    budget: int = typer.Option(None, "--budget",
+                               help="Max gradient iterations per image over the whole "
+                                    "generation (default: no cap)."),
     iterations: int = typer.Option(16, "--iterations",
                                    help="Max gradient iterations per steered step."),
     loss_threshold: float = typer.Option(None, "--loss-threshold",
@@ -100,7 +107,9 @@ def steer(
                                               "model's; SD: 1e-5 rising to 7e-5)."),
     step_size: float = typer.Option(None, "--step-size",
                                     help="Latent step size (default: the model's)."),
-    optimizer: str = typer.Option("sgd", "--optimizer", help="sgd or adam."),
+    optimizer: str = typer.Option(None, "--optimizer",
+                                  help="sgd, adam or normalized (fixed-size steps) "
+                                       "(default: the model's; SD: sgd, toy: normalized)."),
     compare_plain: bool = typer.Option(False, "--compare-plain",
                                        help="Also time plain generation of the same seeds."),
     save_attention: bool = typer.Option(False, "--save-attention",
@@ -134,6 +143,7 @@ def steer(
                           num_images=num_images, seed=seed, steps=steps, guidance=guidance,
                           steer_until=steer_until, iterations=iterations, step_size=step_size,
                           loss_threshold=loss_threshold, optimizer=optimizer,
+                          steer_from=steer_from, budget=budget,
                           compare_plain=compare_plain,
                           save_attention=save_attention, out=out)
         check_writable_dir(out)  # before loading and generating: nothing is lost
@@ -141,7 +151,8 @@ def steer(
             den = load_backbone(model)
         if show_tokens:
             console.print(_token_table(den, prompt))
-        n = steer_settings(model, steps=steps, steer_until=steer_until).steered_steps()
+        s = steer_settings(model, steps=steps, steer_until=steer_until, steer_from=steer_from)
+        n = max(s.steered_steps() - s.steer_from, 0)
         columns = (TextColumn("steering"), BarColumn(), MofNCompleteColumn(),
                    TextColumn("{task.fields[info]}"), TimeElapsedColumn())
         with Progress(*columns, console=console, transient=True,

@@ -36,6 +36,9 @@ class Preset:
     step_size: float  # default steering step size (method.md: 7.5 for SD1.4, 5 for SD2.1)
     # Early-exit loss: None = method.md's schedule (1e-5 rising to 7e-5); a number = fixed.
     loss_threshold: float | None = None
+    steer_from: int = 0  # first steered step (method.md: 0)
+    steer_until: float = 0.5  # steer before this fraction (< 1) or step count (method.md: 0.5)
+    optimizer: str = "sgd"  # latent update rule (method.md: sgd)
     # Family-specific data, e.g. exact architecture configs for --random-weights.
     configs: dict = field(default_factory=dict, compare=False, repr=False)
 
