@@ -115,17 +115,25 @@ MethodFactory = Callable[[Denoiser, "BenchConfig"], Callable[..., torch.Tensor]]
 
 
 def _steer_method(name: str) -> MethodFactory:
+    """plain / l2s / centroid, and l2s-verify: plain first, the images the detector fails
+    regenerated with l2s from the same seeds (``l2s.verify``)."""
     def factory(denoiser: Denoiser, cfg: BenchConfig):
         from l2s.steer import build_loss, generate, steer_settings
+        from l2s.verify import generate_verified
 
-        loss, _ = build_loss(name, denoiser, cfg.model, cfg.classifier)
+        verify = name == "l2s-verify"
+        loss, _ = build_loss("l2s" if verify else name, denoiser, cfg.model, cfg.classifier)
         settings = steer_settings(cfg.model, steps=cfg.steps, guidance=cfg.guidance,
                                   steer_until=cfg.steer_until, iterations=cfg.iterations,
                                   step_size=cfg.step_size, loss_threshold=cfg.loss_threshold)
 
         def run(prompts, triplets, seeds):
-            images, _ = generate(denoiser, prompts, [[t] for t in triplets],
-                                 seeded_latents(denoiser, seeds), settings, loss)
+            latents = seeded_latents(denoiser, seeds)
+            if verify:
+                return generate_verified(denoiser, prompts, [[t] for t in triplets], latents,
+                                         settings, loss).images
+            images, _ = generate(denoiser, prompts, [[t] for t in triplets], latents,
+                                 settings, loss)
             return images
 
         return run
@@ -133,7 +141,8 @@ def _steer_method(name: str) -> MethodFactory:
     return factory
 
 
-METHODS: dict[str, MethodFactory] = {m: _steer_method(m) for m in ("plain", "l2s", "centroid")}
+METHODS: dict[str, MethodFactory] = {m: _steer_method(m)
+                                     for m in ("plain", "l2s", "centroid", "l2s-verify")}
 
 
 @dataclass

@@ -134,6 +134,7 @@ class SteerConfig:
     optimizer: str | None = None  # sgd, adam or normalized (None: the model's default)
     steer_from: int | None = None  # first steered step (None: the model's default)
     budget: int | None = None  # max iterations per image over the generation (None: no cap)
+    verify: bool = False  # generate plainly, check, steer only the images that fail
     loss_threshold: float | None = None  # early exit below this loss (None: the model's)
     compare_plain: bool = False  # also time the same seeds without steering
     save_attention: bool = False  # write attention_<seed>.png: maps before/after, loss curves
@@ -225,8 +226,16 @@ def steer(config: SteerConfig, denoiser: Denoiser | None = None, on_step=None) -
     latents = seeded_latents(denoiser, seeds)
     prompts = [config.prompt] * len(seeds)
     t0 = time.perf_counter()
-    images, stats = generate(denoiser, prompts, [steerable] * len(seeds), latents, settings,
-                             loss, on_step, keep_maps=config.save_attention)
+    verified = None
+    if config.verify and loss is not None:
+        from l2s.verify import generate_verified
+
+        verified = generate_verified(denoiser, prompts, [steerable] * len(seeds), latents,
+                                     settings, loss)
+        images, stats = verified.images, verified.stats
+    else:
+        images, stats = generate(denoiser, prompts, [steerable] * len(seeds), latents,
+                                 settings, loss, on_step, keep_maps=config.save_attention)
     if denoiser.device.type == "cuda":
         torch.cuda.synchronize()
     total = time.perf_counter() - t0
@@ -245,6 +254,8 @@ def steer(config: SteerConfig, denoiser: Denoiser | None = None, on_step=None) -
         "total_s": round(total, 4),
         "peak_memory_mb": round(peak_memory_mb(denoiser.device), 1),
     }
+    if verified is not None:
+        report["verify"] = verified.to_json()
     if config.compare_plain:
         t1 = time.perf_counter()
         generate(denoiser, prompts, [[]] * len(seeds), latents, settings, None)

@@ -35,7 +35,8 @@ def bench(
     model: str = typer.Option("toy", "--model", "-m", help="Preset, hub id or local folder."),
     method: list[str] = typer.Option(["plain"], "--method",
                                      help="Method to score, repeat to compare on the same "
-                                          "seeds: plain, l2s, centroid."),
+                                          "seeds: plain, l2s, centroid, l2s-verify (plain "
+                                          "first, steer what the detector fails)."),
     prompts: int = typer.Option(200, "--prompts", help="Number of prompts."),
     images: int = typer.Option(1, "--images", help="Images per prompt."),
     seed: int = typer.Option(0, "--seed", help="Chooses the prompts and the image seeds."),

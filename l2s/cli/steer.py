@@ -110,6 +110,10 @@ def steer(
     optimizer: str = typer.Option(None, "--optimizer",
                                   help="sgd, adam or normalized (fixed-size steps) "
                                        "(default: the model's; SD: sgd, toy: normalized)."),
+    verify: bool = typer.Option(False, "--verify",
+                                help="Generate plainly first, check each image (the toy's "
+                                     "detector, else the classifier on the plain pass) and "
+                                     "steer only the failing ones, from the same seeds."),
     compare_plain: bool = typer.Option(False, "--compare-plain",
                                        help="Also time plain generation of the same seeds."),
     save_attention: bool = typer.Option(False, "--save-attention",
@@ -143,7 +147,7 @@ def steer(
                           num_images=num_images, seed=seed, steps=steps, guidance=guidance,
                           steer_until=steer_until, iterations=iterations, step_size=step_size,
                           loss_threshold=loss_threshold, optimizer=optimizer,
-                          steer_from=steer_from, budget=budget,
+                          steer_from=steer_from, budget=budget, verify=verify,
                           compare_plain=compare_plain,
                           save_attention=save_attention, out=out)
         check_writable_dir(out)  # before loading and generating: nothing is lost
