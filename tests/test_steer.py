@@ -23,7 +23,7 @@ def tiny(monkeypatch):
 
 
 def _cfg(tmp_path, **kw):
-    base = {"prompt": "a dog left of a cat", "method": "centroid", "steps": 4,
+    base = {"prompt": "a dog left of a cat", "method": "centroid", "steps": 4, "steer_from": 0,
             "steer_until": 2, "iterations": 2, "step_size": 100.0, "out": str(tmp_path / "o")}
     return SteerConfig(**{**base, **kw})
 
@@ -81,7 +81,8 @@ def test_closed_vocabulary_names_known_objects(tiny):
 
 def test_cli_json_timing_table_and_show_tokens(tmp_path, tiny):
     base = ["steer", "a teddy bear above a cup", "--method", "centroid", "--steps", "3",
-            "--steer-until", "1", "--iterations", "2", "--out", str(tmp_path / "c")]
+            "--steer-until", "1", "--steer-from", "0", "--iterations", "2",
+            "--out", str(tmp_path / "c")]
     r = runner.invoke(app, base + ["--json"])
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["triplets"][0]["object"] == "cup"

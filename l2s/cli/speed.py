@@ -46,6 +46,12 @@ def speed(
                                          "one iteration per steered step)."),
     classifier: str = typer.Option(None, "--classifier", help="Classifier card.json (default: "
                                    "the model's; a random one of the same shape if none)."),
+    channels_last: bool = typer.Option(False, "--channels-last",
+                                       help="Run the network in channels_last memory format "
+                                            "(GPU lever)."),
+    truncate: bool = typer.Option(True, "--truncate/--full-forward",
+                                  help="Steering forwards stop after the last recorded layer "
+                                       "(default) or run the whole network."),
     out: str = typer.Option(None, "--out", "-o", help="Also write the report JSON here."),
     json_out: bool = typer.Option(False, "--json", help="Print the report JSON on stdout."),
 ) -> None:
@@ -59,7 +65,8 @@ def speed(
     cfg = SpeedConfig(model=model, prompt=prompt, random_weights=random_weights,
                       image_size=image_size, device=device, dtype=dtype, steps=steps,
                       steer_until=steer_until, iterations=iterations, repeats=repeats,
-                      end_to_end=end_to_end, classifier=classifier)
+                      end_to_end=end_to_end, classifier=classifier,
+                      channels_last=channels_last, truncate=truncate)
 
     with status("timing", json_out) as spinner:
 
