@@ -1,4 +1,4 @@
-"""The shapes benchmark: prompts, scoring, summaries and resuming, with oracle methods."""
+"""The benchmark job on the toy suites with oracle methods: layout, scoring, resume, shards."""
 
 import json
 
@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from l2s import bench
-from l2s.bench import BenchConfig, BenchError, run_bench, shapes_prompts
+from l2s.bench import BenchConfig, BenchError, run_bench, shapes_prompts, suite_prompts
+from l2s.bench.run import image_seed
 from l2s.relations import RELATIONS, geneval_relations
 from l2s.toy.scenes import layout_scene
 
@@ -22,15 +23,23 @@ _OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "be
 def _oracle(flip=False):
     calls = []
 
-    def method(prompts, triplets, seeds):
+    def method(prompts, seeds):
         calls.append(list(seeds))
         imgs = []
-        for t in triplets:
+        for p in prompts:
+            t = p.triplet
             a, b = _LAYOUT[_OPPOSITE[t.relation] if flip else t.relation]
             imgs.append(layout_scene([(t.subject, a), (t.object, b)], 32).image)
         return torch.from_numpy(np.stack(imgs)).float() / 255
 
-    return (lambda denoiser, cfg: method), calls
+    return (lambda ctx: method), calls
+
+
+@pytest.fixture
+def oracle(monkeypatch):
+    method, calls = _oracle()
+    monkeypatch.setitem(bench.METHODS, "oracle", method)
+    return calls
 
 
 def test_layouts_mean_what_they_say():
@@ -46,6 +55,13 @@ def test_prompts_are_seeded_and_prefix_stable():
     assert all(p.triplet.subject != p.triplet.object for p in a)
 
 
+def test_shapes_prompts_are_the_ones_the_published_numbers_used():
+    # docs/results.md's 200-prompt toy numbers were measured on exactly these prompts.
+    assert [p.prompt for p in shapes_prompts(3, 0)] == [
+        "a diamond to the left of a ring", "a square to the left of a cross",
+        "a circle to the left of a ring"]
+
+
 @pytest.mark.parametrize(("flip", "accuracy"), [(False, 1.0), (True, 0.0)])
 def test_oracle_layouts_score_as_expected(monkeypatch, tmp_path, flip, accuracy):
     method, _ = _oracle(flip)
@@ -53,38 +69,120 @@ def test_oracle_layouts_score_as_expected(monkeypatch, tmp_path, flip, accuracy)
     res = run_bench(BenchConfig(methods=("oracle",), prompts=12, images=2, out=str(tmp_path)),
                     denoiser=object())
     m = res.to_json()["methods"]["oracle"]
-    assert m == {"n_images": 24, "both_present": 1.0, "position_accuracy": accuracy,
-                 "fused": 0.0}
-    assert (tmp_path / "contact_oracle.png").exists()
-    assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 24
+    assert {k: m[k] for k in ("n_images", "both_present", "position_accuracy", "fused")} == {
+        "n_images": 24, "both_present": 1.0, "position_accuracy": accuracy, "fused": 0.0}
+    assert m["tasks"] == {"position": accuracy} and m["overall"] == accuracy
+    assert (tmp_path / "contact_oracle_position.png").exists()
+    lines = [json.loads(x) for x in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert len(lines) == 24
+    # GenEval's result fields, plus method and seed.
+    assert {"filename", "tag", "prompt", "correct", "reason", "metadata", "details", "method",
+            "seed"} <= set(lines[0])
+    assert (lines[0]["reason"] == "") == (accuracy == 1.0)
 
 
-def test_interrupted_run_resumes_without_recomputing(monkeypatch, tmp_path):
-    method, calls = _oracle()
-    monkeypatch.setitem(bench.METHODS, "oracle", method)
+def test_geneval_layout_is_written_and_reads_back(oracle, tmp_path):
+    run_bench(BenchConfig(methods=("oracle",), prompts=3, images=2, out=str(tmp_path)),
+              denoiser=object())
+    prompts = shapes_prompts(3, 0)
+    for p in prompts:
+        folder = tmp_path / "oracle" / f"{p.index:05d}"
+        assert json.loads((folder / "metadata.jsonl").read_text()) == p.metadata
+        assert sorted(f.name for f in (folder / "samples").iterdir()) == ["0000.png", "0001.png"]
+    rec = json.loads((tmp_path / "results.jsonl").read_text().splitlines()[0])
+    assert (tmp_path / rec["filename"]).exists()
+    assert json.loads(rec["metadata"]) == prompts[rec["prompt_index"]].metadata
+    assert rec["seed"] == image_seed(0, rec["prompt_index"], rec["image_index"])
+
+
+def test_interrupted_run_resumes_without_recomputing(oracle, tmp_path):
     cfg = BenchConfig(methods=("oracle",), prompts=4, images=1, batch_size=2, out=str(tmp_path))
     run_bench(cfg, denoiser=object())
-    assert sum(map(len, calls)) == 4
-    # Simulate a run cut mid-write: a truncated last line is ignored and redone.
+    assert sum(map(len, oracle)) == 4
+    # A run cut mid-write: the truncated last line is dropped, its saved image scored again
+    # (not regenerated), and only the new prompts are generated.
     path = tmp_path / "results.jsonl"
     lines = path.read_text().splitlines()
     path.write_text("\n".join(lines[:-1]) + "\n" + lines[-1][:20])
-    calls.clear()
+    oracle.clear()
     res = run_bench(BenchConfig(methods=("oracle",), prompts=6, images=1, batch_size=2,
                                 out=str(tmp_path)), denoiser=object())
-    assert sum(map(len, calls)) == 3  # the cut image plus prompts 4 and 5
+    assert sorted(s for c in oracle for s in c) == [image_seed(0, 4, 0), image_seed(0, 5, 0)]
     assert res.methods["oracle"]["n_images"] == 6
     seeds = [json.loads(x)["seed"] for x in path.read_text().splitlines()]
     assert len(seeds) == len(set(seeds)) == 6
 
 
-def test_resume_with_other_settings_is_refused(monkeypatch, tmp_path):
-    method, _ = _oracle()
-    monkeypatch.setitem(bench.METHODS, "oracle", method)
+def test_kill_after_a_batch_keeps_every_image_already_scored(monkeypatch, tmp_path):
+    calls = []
+
+    def dying(ctx):
+        def run(prompts, seeds):
+            calls.append(list(seeds))
+            if len(calls) == 2:
+                raise KeyboardInterrupt
+            return _oracle()[0](ctx)(prompts, seeds)
+        return run
+
+    monkeypatch.setitem(bench.METHODS, "oracle", dying)
+    cfg = BenchConfig(methods=("oracle",), prompts=6, batch_size=3, out=str(tmp_path))
+    with pytest.raises(KeyboardInterrupt):
+        run_bench(cfg, denoiser=object())
+    assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 3
+    calls.clear()
+    run_bench(cfg, denoiser=object())
+    assert calls == [[image_seed(0, i, 0) for i in (3, 4, 5)]]
+
+
+def test_resume_with_other_settings_is_refused(oracle, tmp_path):
     run_bench(BenchConfig(methods=("oracle",), prompts=2, out=str(tmp_path)), denoiser=object())
     with pytest.raises(BenchError, match="other settings"):
         run_bench(BenchConfig(methods=("oracle",), prompts=2, seed=5, out=str(tmp_path)),
                   denoiser=object())
+
+
+def test_shards_split_the_prompts_and_merge_into_one_summary(oracle, tmp_path):
+    base = dict(methods=("oracle",), prompts=7, out=str(tmp_path))
+    first = run_bench(BenchConfig(**base, shard=(0, 2)), denoiser=object())
+    assert not first.complete and first.methods["oracle"]["n_images"] == 4
+    second = run_bench(BenchConfig(**base, shard=(1, 2)), denoiser=object())
+    assert second.complete and second.methods["oracle"]["n_images"] == 7
+    assert sorted(s for c in oracle for s in c) == [image_seed(0, i, 0) for i in range(7)]
+    merged = run_bench(BenchConfig(**base), denoiser=object())  # nothing left to generate
+    assert len(oracle) == 2 and merged.methods == second.methods
+
+
+def test_methods_are_compared_on_the_same_seeds_with_seconds_and_a_paired_interval(
+        monkeypatch, tmp_path):
+    good, good_calls = _oracle()
+    bad, bad_calls = _oracle(flip=True)
+    monkeypatch.setitem(bench.METHODS, "plain", bad)
+    monkeypatch.setitem(bench.METHODS, "oracle", good)
+    res = run_bench(BenchConfig(methods=("plain", "oracle"), prompts=8, out=str(tmp_path)),
+                    denoiser=object())
+    assert good_calls == bad_calls
+    oracle = res.to_json()["methods"]["oracle"]
+    assert oracle["vs_plain"]["difference"] == 1.0 and oracle["vs_plain"]["ci95"] == [1.0, 1.0]
+    assert oracle["seconds"] >= 0 and "seconds_vs_plain" in oracle
+
+
+def test_multi_relation_toy_suite_scores_every_relation(monkeypatch, tmp_path):
+    from l2s.toy.scenes import random_scene  # noqa: F401  (the toy world is importable)
+
+    prompts = suite_prompts("shapes-multi", 4, 0)
+    assert [len(p.triplets) for p in prompts] == [2, 3, 2, 3]
+    assert [p.tag for p in prompts] == ["3obj-2rel", "4obj-3rel", "3obj-2rel", "5obj-3rel"]
+
+    def blank(ctx):
+        return lambda prompts, seeds: torch.zeros(len(prompts), 32, 32, 3)
+
+    monkeypatch.setitem(bench.METHODS, "blank", blank)
+    res = run_bench(BenchConfig(suite="shapes-multi", methods=("blank",), prompts=4,
+                                out=str(tmp_path)), denoiser=object())
+    m = res.methods["blank"]
+    assert m["position_accuracy"] == 0 and m["relation_accuracy"] == 0
+    assert m["both_present"] == 0
+    assert res.warnings and "DETECTOR HEALTH" in res.warnings[0]
 
 
 def test_unknown_suite_and_method(tmp_path):
@@ -92,3 +190,29 @@ def test_unknown_suite_and_method(tmp_path):
         run_bench(BenchConfig(suite="coco", out=str(tmp_path)), denoiser=object())
     with pytest.raises(BenchError, match="available methods are plain, l2s, centroid"):
         run_bench(BenchConfig(methods=("magic",), out=str(tmp_path)), denoiser=object())
+
+
+def test_real_suites_refuse_the_toy_model(tmp_path):
+    with pytest.raises(BenchError, match="only draws six coloured shapes"):
+        run_bench(BenchConfig(suite="geneval-position", model="toy", out=str(tmp_path)))
+    assert not (tmp_path / "config.json").exists()
+
+
+def test_cli_refuses_a_coco_suite_on_the_toy_and_runs_a_toy_suite(oracle, tmp_path):
+    from typer.testing import CliRunner
+
+    from l2s.cli import app
+
+    runner = CliRunner()
+    r = runner.invoke(app, ["bench", "--suite", "geneval-position", "--model", "toy",
+                            "--out", str(tmp_path / "g")])
+    assert r.exit_code == 2 and "six coloured shapes" in r.output
+    assert "Traceback" not in r.output
+    r = runner.invoke(app, ["bench", "--method", "oracle", "--prompts", "3", "--json",
+                            "--out", str(tmp_path / "s")])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert doc["suite"] == "shapes" and doc["detector"] == "toy"
+    assert doc["methods"]["oracle"]["position_accuracy"] == 1.0
+    r = runner.invoke(app, ["bench", "--shard", "3", "--out", str(tmp_path / "x")])
+    assert r.exit_code == 2 and "I/N" in r.output

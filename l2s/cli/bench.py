@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import os
+
 import typer
-from rich.progress import Progress
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
-from l2s.bench import BenchConfig, BenchError, run_bench
+from l2s.bench import SUITES, BenchConfig, BenchError, BenchResult, run_bench
 from l2s.cli.options import config_option, resolved, write_resolved
 from l2s.cli.output import console, emit_json, user_errors
 from l2s.config import check_generation, check_number, check_writable_dir
@@ -14,13 +23,15 @@ from l2s.engine.backbone import BackboneError
 
 
 def _errors():
+    from l2s.bench.detectors import DetectorError
     from l2s.classifier import ClassifierError
     from l2s.steer import SteerError
 
-    return (BackboneError, BenchError, SteerError, ClassifierError)
+    return (BackboneError, BenchError, SteerError, ClassifierError, DetectorError)
 
 
-def check_bench_values(prompts: int, images: int, batch_size: int, **generation) -> None:
+def check_bench_values(prompts: int | None, images: int | None, batch_size: int,
+                       **generation) -> None:
     """The bench numbers, checked before anything is loaded or written."""
     check_number("--prompts", prompts, 1)
     check_number("--images", images, 1)
@@ -28,19 +39,44 @@ def check_bench_values(prompts: int, images: int, batch_size: int, **generation)
     check_generation(**generation)
 
 
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+    """--shard "i/n"; else the rank of `accelerate launch` / torchrun (RANK, WORLD_SIZE)."""
+    if text is None:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world <= 1:
+            return None
+        local = os.environ.get("LOCAL_RANK")
+        if local is not None and "L2S_DEVICE" not in os.environ:
+            import torch
+
+            if torch.cuda.is_available():  # one GPU per process
+                os.environ["L2S_DEVICE"] = f"cuda:{local}"
+        return int(os.environ.get("RANK", "0")), world
+    try:
+        i, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise BenchError(f"--shard {text!r}: write it as I/N, e.g. 0/4") from None
+    return i, n
+
+
 @user_errors(*_errors())
 def bench(
     ctx: typer.Context,
-    suite: str = typer.Option("shapes", "--suite", help="Prompt suite: shapes (toy world)."),
+    suite: str = typer.Option("shapes", "--suite", help="Prompt suite: " + ", ".join(SUITES)
+                              + " (docs/benchmarks.md)."),
     model: str = typer.Option("toy", "--model", "-m", help="Preset, hub id or local folder."),
     method: list[str] = typer.Option(["plain"], "--method",
                                      help="Method to score, repeat to compare on the same "
                                           "seeds: plain, l2s, centroid, l2s-verify (plain "
                                           "first, steer what the detector fails)."),
-    prompts: int = typer.Option(200, "--prompts", help="Number of prompts."),
-    images: int = typer.Option(1, "--images", help="Images per prompt."),
+    prompts: int = typer.Option(None, "--prompts",
+                                help="First N prompts (default: all 553 / 100 / 300 of a fixed "
+                                     "suite, 200 of a generated one)."),
+    images: int = typer.Option(None, "--images",
+                               help="Images per prompt (default: GenEval 4, CompBench 10, "
+                                    "multirel 4, toy 1)."),
     seed: int = typer.Option(0, "--seed", help="Chooses the prompts and the image seeds."),
-    steps: int = typer.Option(None, "--steps", help="Sampling steps (default: the model's)."),
+    steps: int = typer.Option(None, "--steps", help="DDIM steps (default: the model's)."),
     guidance: float = typer.Option(None, "--guidance", help="CFG scale (default: the model's)."),
     classifier: str = typer.Option(None, "--classifier",
                                    help="l2s: classifier card.json (default: the model's)."),
@@ -52,7 +88,17 @@ def bench(
                                               "model's; SD: 1e-5 rising to 7e-5)."),
     step_size: float = typer.Option(None, "--step-size",
                                     help="Latent step size (default: the model's)."),
+    detector: str = typer.Option(None, "--detector",
+                                 help="toy, mask2former, owlv2, a hub id or a folder (default: "
+                                      "toy for shapes suites, mask2former for geneval suites "
+                                      "and multirel, owlv2 for compbench-spatial)."),
+    color_model: str = typer.Option("openai/clip-vit-large-patch14", "--color-model",
+                                    help="CLIP model for GenEval's colour tasks."),
     batch_size: int = typer.Option(100, "--batch-size", help="Images generated together."),
+    shard: str = typer.Option(None, "--shard",
+                              help="I/N: this process does prompts I, I+N, ... (default under "
+                                   "accelerate launch: its rank); shards share --out and "
+                                   "merge into one summary."),
     out: str = typer.Option(None, "--out", "-o",
                             help="Results folder (default: out/bench-SUITE-MODEL); an "
                                  "interrupted run there resumes."),
@@ -68,28 +114,52 @@ def bench(
     cfg = BenchConfig(suite=suite, model=model, methods=tuple(method), prompts=prompts,
                       images=images, seed=seed, steps=steps, guidance=guidance,
                       classifier=classifier, steer_until=steer_until, iterations=iterations,
-                      step_size=step_size, loss_threshold=loss_threshold,
-                      batch_size=batch_size,
+                      step_size=step_size, loss_threshold=loss_threshold, detector=detector,
+                      color_model=color_model, batch_size=batch_size, shard=parse_shard(shard),
                       out=out)
-    with Progress(console=console, disable=json_out, transient=True) as progress:
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn())
+    with Progress(*columns, console=console, disable=json_out, transient=True) as progress:
         tasks: dict[str, int] = {}
 
-        def on_batch(ev: dict) -> None:
+        def on_image(ev: dict) -> None:
             if ev["method"] not in tasks:
-                tasks[ev["method"]] = progress.add_task(ev["method"], total=ev["total"])
+                tasks[ev["method"]] = progress.add_task(ev["method"], total=ev["total"],
+                                                        completed=ev["done"])
             progress.update(tasks[ev["method"]], completed=ev["done"])
 
-        res = run_bench(cfg, callback=on_batch)
+        res = run_bench(cfg, callback=on_image)
     write_resolved(ctx, out, {**resolved(ctx), "out": out})
+    for w in res.warnings:
+        console.print(f"[bold red]warning:[/] {w}", highlight=False)
+    if not res.complete:
+        console.print("[yellow]some shards are not finished: this summary covers the images "
+                      "scored so far; rerun any shard (or without --shard) once all are done[/]")
     if json_out:
         emit_json(res.to_json())
         return
-    table = Table(title=f"{suite} on {model}: {prompts} prompts x {images} images")
-    for col in ("method", "images", "both present", "position acc.", "fused", "seconds"):
-        table.add_column(col)
+    console.print(summary_table(res, f"{suite} on {model} (detector {res.detector})"))
+    console.print(f"per-image results: {res.out}/results*.jsonl; GenEval layout: "
+                  f"{res.out}/<method>/; samples: {res.out}/contact_*.png")
+
+
+def summary_table(res: BenchResult, title: str) -> Table:
+    """Per method: images, the suite's headline numbers, per-task accuracy, generation seconds
+    and their ratio to plain, and the paired difference to plain with its 95% interval."""
+    first = next(iter(res.methods.values()))
+    keys = [k for k in ("both_present", "position_accuracy", "relation_accuracy", "fused",
+                        "overall") if k in first]
+    tasks = list(first.get("tasks", {})) if len(first.get("tasks", {})) > 1 else []
+    table = Table(title=title)
+    for col in ["method", "images", *keys, *tasks, "seconds", "x plain", "vs plain (95% CI)"]:
+        table.add_column(col.replace("_", " "))
     for name, m in res.methods.items():
-        table.add_row(name, str(m["n_images"]), f"{m['both_present']:.3f}",
-                      f"{m['position_accuracy']:.3f}", f"{m['fused']:.3f}",
-                      f"{res.seconds.get(name, 0):.1f}")
-    console.print(table)
-    console.print(f"per-image results: {res.out}/results.jsonl; samples: {res.out}/contact_*.png")
+        vs = m.get("vs_plain")
+        diff = (f"{vs['difference']:+.3f} [{vs['ci95'][0]:+.3f}, {vs['ci95'][1]:+.3f}]"
+                if vs and vs["difference"] is not None else "")
+        ratio = m.get("seconds_vs_plain")
+        table.add_row(name, str(m["n_images"]), *(f"{m.get(k, 0):.3f}" for k in keys),
+                      *(f"{m.get('tasks', {}).get(t, 0):.3f}" for t in tasks),
+                      f"{m.get('seconds', 0):.1f}", "" if ratio is None else f"{ratio:.2f}",
+                      diff)
+    return table

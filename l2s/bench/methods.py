@@ -1,0 +1,92 @@
+"""The generation methods a benchmark compares, by name: a registry others add to.
+
+A method factory gets a MethodContext once per run and returns the batch generator
+(prompts, seeds) -> images (B, H, W, 3) in [0, 1]. The context carries the suite's own checker
+(the detector + scorer deciding each image), so a method may verify its images, e.g.
+"generate plainly, keep what passes, steer the rest from the same seeds":
+
+    from l2s.bench.methods import register_method
+
+    @register_method("my-method")
+    def my_method(ctx):
+        plain = METHODS["plain"](ctx)
+        def run(prompts, seeds):
+            images = plain(prompts, seeds)
+            ok = ctx.check(images, prompts)  # list[bool], one per image
+            ...
+        return run
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from l2s.engine.backbone import Denoiser
+from l2s.engine.sampling import seeded_latents
+
+if TYPE_CHECKING:
+    from l2s.bench.run import BenchConfig
+    from l2s.bench.suites import BenchPrompt
+
+Generate = Callable[[Sequence["BenchPrompt"], Sequence[int]], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class MethodContext:
+    """What a method may use: the backbone, the run's settings and the suite's checker."""
+
+    denoiser: Denoiser
+    config: BenchConfig
+    # images (B, H, W, 3) in [0, 1] and their prompts -> whether each image is correct under
+    # the suite's detector and scorer (the verdict the benchmark itself will record)
+    check: Callable[[torch.Tensor, Sequence[BenchPrompt]], list[bool]]
+
+
+MethodFactory = Callable[[MethodContext], Generate]
+METHODS: dict[str, MethodFactory] = {}
+
+
+def register_method(name: str) -> Callable[[MethodFactory], MethodFactory]:
+    """Decorator adding a factory to METHODS under `name` (`l2s bench --method NAME`)."""
+    def add(factory: MethodFactory) -> MethodFactory:
+        METHODS[name] = factory
+        return factory
+
+    return add
+
+
+def _steer_method(name: str) -> MethodFactory:
+    """plain / l2s / centroid through `l2s steer`'s `generate`, with the run's settings, and
+    l2s-verify: plain first, the images the detector fails regenerated with l2s from the same
+    seeds (``l2s.verify``)."""
+    def factory(ctx: MethodContext) -> Generate:
+        from l2s.steer import build_loss, generate, steer_settings
+        from l2s.verify import generate_verified
+
+        cfg = ctx.config
+        verify = name == "l2s-verify"
+        loss, _ = build_loss("l2s" if verify else name, ctx.denoiser, cfg.model, cfg.classifier)
+        settings = steer_settings(cfg.model, steps=cfg.steps, guidance=cfg.guidance,
+                                  steer_until=cfg.steer_until, iterations=cfg.iterations,
+                                  step_size=cfg.step_size, loss_threshold=cfg.loss_threshold)
+
+        def run(prompts: Sequence[BenchPrompt], seeds: Sequence[int]) -> torch.Tensor:
+            triplets = [[t for t in p.triplets if t.steerable] for p in prompts]
+            texts, latents = [p.prompt for p in prompts], seeded_latents(ctx.denoiser, list(seeds))
+            if verify:
+                return generate_verified(ctx.denoiser, texts, triplets, latents, settings,
+                                         loss).images
+            images, _ = generate(ctx.denoiser, texts, triplets, latents, settings, loss)
+            return images
+
+        return run
+
+    return factory
+
+
+for _name in ("plain", "l2s", "centroid", "l2s-verify"):
+    register_method(_name)(_steer_method(_name))

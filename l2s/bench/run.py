@@ -1,0 +1,268 @@
+"""The benchmark job: generate every (prompt, image) per method on the same seeds, score each
+image as it comes, resume after a kill, shard across processes, summarise and compare."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from l2s.bench import store
+from l2s.bench.detectors import COLOR_MODEL, DEFAULT_DETECTORS, Detector, load_detector
+from l2s.bench.methods import METHODS, MethodContext
+from l2s.bench.scoring import ColorClassifier, score_image
+from l2s.bench.sheets import contact_sheet
+from l2s.bench.stats import paired_difference, summarise
+from l2s.bench.suites import (
+    REAL_SUITES,
+    SUITE_IMAGES,
+    SUITES,
+    BenchError,
+    BenchPrompt,
+    suite_prompts,
+)
+from l2s.engine.backbone import Denoiser
+from l2s.engine.sampling import to_uint8
+
+SHEET_IMAGES = 40  # images per contact sheet
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """Everything that decides a benchmark's results; written next to them as config.json."""
+
+    suite: str = "shapes"  # prompt suite, one of l2s.bench.suites.SUITES
+    model: str = "toy"  # backbone preset, hub id or folder
+    methods: tuple[str, ...] = ("plain",)  # generation methods to compare on the same seeds
+    prompts: int | None = None  # first N prompts (None: all of a fixed suite, 200 generated)
+    images: int | None = None  # images per prompt (None: the suite's, SUITE_IMAGES)
+    seed: int = 0  # picks generated prompt sets and every image's noise seed
+    steps: int | None = None  # sampling steps (None: the model's default)
+    guidance: float | None = None  # classifier-free guidance scale (None: the model's default)
+    classifier: str | None = None  # l2s: classifier card (None: the model's default)
+    # steered methods: fraction (< 1) or count of steered steps (None: the model's)
+    steer_until: float | None = None
+    iterations: int = 16  # steered methods: max gradient iterations per step
+    step_size: float | None = None  # steered methods: latent step (None: the model's)
+    loss_threshold: float | None = None  # steered methods: early exit (None: the model's)
+    detector: str | None = None  # "toy", alias, hub id or folder (None: the suite's default)
+    color_model: str = COLOR_MODEL  # CLIP for GenEval's colour tasks
+    batch_size: int = 100  # images generated in one batch
+    shard: tuple[int, int] | None = None  # (i, n): this process does prompts i, i+n, ...
+    out: str = "out/bench"  # folder for config.json, results, images and contact sheets
+
+    def identity(self) -> dict:
+        """The fields a resumed run (or another shard) must share with the run it continues."""
+        return {k: v for k, v in asdict(self).items()
+                if k not in ("methods", "prompts", "batch_size", "shard", "out")}
+
+    @property
+    def detector_name(self) -> str:
+        return self.detector or DEFAULT_DETECTORS[self.suite]
+
+
+@dataclass
+class BenchResult:
+    """Summary per method (the `--json` document) and where the files are."""
+
+    suite: str
+    methods: dict[str, dict]  # name -> summarise() + seconds, seconds_vs_plain, vs_plain
+    out: Path
+    detector: str = "toy"
+    warnings: list[str] = field(default_factory=list)
+    complete: bool = True  # every shard's images are scored
+
+    @property
+    def seconds(self) -> dict[str, float]:
+        return {m: s.get("seconds", 0.0) for m, s in self.methods.items()}
+
+    def to_json(self) -> dict:
+        return {"suite": self.suite, "detector": self.detector, "methods": self.methods,
+                "warnings": self.warnings, "complete": self.complete}
+
+
+def image_seed(seed: int, prompt_index: int, image_index: int) -> int:
+    """The noise seed of one image: the same for every method, batch size, shard and resume."""
+    return seed * 10_000_000 + prompt_index * 1000 + image_index
+
+
+def _check(cfg: BenchConfig, denoiser: Denoiser | object) -> None:
+    if cfg.suite not in SUITES:
+        raise BenchError(f"unknown suite {cfg.suite!r}: available suites are {', '.join(SUITES)}")
+    unknown = [m for m in cfg.methods if m not in METHODS]
+    if unknown:
+        raise BenchError(f"unknown method {unknown[0]!r}: available methods are "
+                         f"{', '.join(METHODS)}")
+    if (cfg.prompts is not None and cfg.prompts < 1) or not 1 <= (cfg.images or 1) <= 9999:
+        raise BenchError("--prompts must be >= 1 and --images between 1 and 9999")
+    if cfg.batch_size < 1:
+        raise BenchError("--batch-size must be >= 1")
+    if cfg.shard is not None and not 0 <= cfg.shard[0] < cfg.shard[1]:
+        raise BenchError(f"--shard {cfg.shard[0]}/{cfg.shard[1]}: use i/n with 0 <= i < n")
+    toy = cfg.model == "toy" or getattr(denoiser, "known_objects", None) is not None
+    if toy and cfg.suite in REAL_SUITES:
+        raise BenchError(f"--suite {cfg.suite} needs a model that can draw COCO objects; the toy "
+                         "model only draws six coloured shapes: use --suite shapes or "
+                         "shapes-multi with the toy, or --model sd2.1 (or another real model)")
+
+
+def run_bench(cfg: BenchConfig, denoiser: Denoiser | None = None,
+              detector: Detector | None = None, colors: ColorClassifier | None = None,
+              callback: Callable[[dict], None] | None = None) -> BenchResult:
+    """Generate and score every (prompt, image) of the suite for each method; resumable.
+
+    Finished images are never recomputed; ``callback`` receives {"method", "done", "total"}
+    after each scored image. ``detector``/``colors`` override the configured ones (tests).
+    """
+    _check(cfg, denoiser)
+    cfg = replace(cfg, images=cfg.images or SUITE_IMAGES[cfg.suite], detector=cfg.detector_name)
+    out = Path(cfg.out)
+    prompts = suite_prompts(cfg.suite, cfg.prompts, cfg.seed)
+    mine = prompts if cfg.shard is None else prompts[cfg.shard[0]::cfg.shard[1]]
+    store.write_config(out, asdict(cfg), cfg.identity())
+    results = out / store.results_name(cfg.shard)
+    records = store.read_records(out)
+    done = {(r["method"], r["prompt_index"], r["image_index"]) for r in records}
+    jobs = [(p, k) for p in mine for k in range(cfg.images)]
+    lazy = _Lazy(cfg, denoiser, detector, colors)
+    for method in cfg.methods:
+        todo = [(p, k) for p, k in jobs if (method, p.index, k) not in done]
+        n_done = len(jobs) - len(todo)
+        if callback:
+            callback({"method": method, "done": n_done, "total": len(jobs)})
+        for p in {p.index: p for p, _ in todo}.values():
+            store.write_metadata(out, method, p.index, p.metadata)
+        # Saved but unscored images (a kill between the two) are scored, not regenerated.
+        saved = [(p, k) for p, k in todo if store.image_path(out, method, p.index, k).exists()]
+        skip = {(p.index, k) for p, k in saved}
+        fresh = [(p, k) for p, k in todo if (p.index, k) not in skip]
+        generator = lazy.method(method) if fresh else None
+        for p, k in saved:
+            img, text = store.load_image(store.image_path(out, method, p.index, k))
+            rec = _record(method, p, k, cfg, float(text.get("l2s-seconds", "nan")), img, lazy)
+            store.append_record(results, rec)
+            records.append(rec)
+            n_done += 1
+            if callback:
+                callback({"method": method, "done": n_done, "total": len(jobs)})
+        # Batches never mix tasks more than the order of the suite does.
+        for start in range(0, len(fresh), cfg.batch_size):
+            batch = fresh[start:start + cfg.batch_size]
+            seeds = [image_seed(cfg.seed, p.index, k) for p, k in batch]
+            t0 = time.perf_counter()
+            imgs = to_uint8(generator([p for p, _ in batch], seeds))
+            each = (time.perf_counter() - t0) / len(batch)
+            for (p, k), s, img in zip(batch, seeds, imgs, strict=True):
+                store.save_image(store.image_path(out, method, p.index, k), img, s, each)
+            for (p, k), img in zip(batch, imgs, strict=True):
+                rec = _record(method, p, k, cfg, each, img, lazy)
+                store.append_record(results, rec)
+                records.append(rec)
+                n_done += 1
+                if callback:
+                    callback({"method": method, "done": n_done, "total": len(jobs)})
+    return summarise_run(cfg, prompts, records, out)
+
+
+class _Lazy:
+    """Loads the backbone, detector and colour model on first use (a finished run needs none)."""
+
+    def __init__(self, cfg, denoiser, detector, colors):
+        self.cfg, self._denoiser, self._detector, self._colors = cfg, denoiser, detector, colors
+
+    @property
+    def denoiser(self) -> Denoiser:
+        if self._denoiser is None:
+            from l2s.engine.loading import load_backbone
+
+            self._denoiser = load_backbone(self.cfg.model)
+        return self._denoiser
+
+    @property
+    def detector(self) -> Detector:
+        if self._detector is None:
+            self._detector = load_detector(self.cfg.detector_name)
+        return self._detector
+
+    def colors(self) -> ColorClassifier:
+        if self._colors is None:
+            from l2s.bench.colors import ClipColors
+
+            self._colors = ClipColors.load(self.cfg.color_model)
+        return self._colors
+
+    def method(self, name: str):
+        return METHODS[name](MethodContext(self.denoiser, self.cfg, self.check))
+
+    def check(self, images: torch.Tensor, prompts: Sequence[BenchPrompt]) -> list[bool]:
+        return [self.score(p, img)["correct"] for p, img in zip(prompts, to_uint8(images),
+                                                                strict=True)]
+
+    def score(self, prompt: BenchPrompt, image: np.ndarray) -> dict:
+        needs = any("color" in r for r in prompt.metadata.get("include", []))
+        return score_image(prompt, image, self.detector, self.colors() if needs else None)
+
+
+def _record(method: str, p: BenchPrompt, k: int, cfg: BenchConfig, seconds: float,
+            image: np.ndarray, lazy: _Lazy) -> dict:
+    """GenEval's result fields (filename, tag, prompt, correct, reason, metadata, details) plus
+    method, seed, indices, generation seconds and the suite's extras."""
+    scored = lazy.score(p, image)
+    return {"filename": str(Path(method) / f"{p.index:05d}" / "samples" / f"{k:04d}.png"),
+            "tag": p.tag, "prompt": p.prompt, "correct": bool(scored.pop("correct")),
+            "reason": scored.pop("reason"), "metadata": json.dumps(p.metadata),
+            "details": scored.pop("details"), "method": method,
+            "seed": image_seed(cfg.seed, p.index, k), "prompt_index": p.index,
+            "image_index": k, "seconds": seconds, **scored}
+
+
+def summarise_run(cfg: BenchConfig, prompts: list[BenchPrompt], records: list[dict],
+                  out: Path) -> BenchResult:
+    """Per method over the whole suite (every shard's records): summary, generation seconds and
+    their ratio to plain, paired difference to plain; contact sheets; detector health."""
+    wanted = {p.index for p in prompts}
+    by_method: dict[str, list[dict]] = {}
+    for r in records:
+        if r["prompt_index"] in wanted and r["image_index"] < cfg.images:
+            by_method.setdefault(r["method"], {})[(r["prompt_index"], r["image_index"])] = r
+    by_method = {m: sorted(v.values(), key=lambda r: (r["prompt_index"], r["image_index"]))
+                 for m, v in by_method.items() if m in cfg.methods}
+    expected = len(prompts) * cfg.images
+    methods, warnings = {}, []
+    for name in cfg.methods:
+        recs = by_method.get(name, [])
+        s = summarise(recs)
+        s["seconds"] = float(np.nansum([r["seconds"] for r in recs]))
+        methods[name] = s
+        empty = sum(r["n_detections"] == 0 for r in recs)
+        if recs and empty > len(recs) / 2:
+            warnings.append(
+                f"DETECTOR HEALTH: {empty} of {len(recs)} {name} images have no detection above "
+                f"the threshold of {cfg.detector_name}: check the detector weights and device "
+                "before trusting these scores (the classic silent failure of these harnesses)")
+        _sheets(out, name, recs)
+    if "plain" in methods:
+        for name in cfg.methods:
+            if name != "plain":
+                plain_s = methods["plain"]["seconds"]
+                methods[name]["seconds_vs_plain"] = (methods[name]["seconds"] / plain_s
+                                                     if plain_s else None)
+                methods[name]["vs_plain"] = paired_difference(by_method.get(name, []),
+                                                              by_method.get("plain", []))
+    complete = all(len(by_method.get(m, [])) == expected for m in cfg.methods)
+    return BenchResult(cfg.suite, methods, out, cfg.detector_name, warnings, complete)
+
+
+def _sheets(out: Path, method: str, records: list[dict]) -> None:
+    by_task: dict[str, list[dict]] = {}
+    for r in records:
+        by_task.setdefault(r["tag"], []).append(r)
+    for task, recs in by_task.items():
+        recs = recs[:SHEET_IMAGES]
+        imgs = [store.load_image(out / r["filename"])[0] for r in recs]
+        contact_sheet(imgs, recs, out / f"contact_{method}_{task}.png")

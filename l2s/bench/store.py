@@ -1,0 +1,107 @@
+"""A benchmark's files: GenEval's image layout per method, per-image results, resume, shards.
+
+    <out>/config.json                       the settings every resumed run must share
+    <out>/<method>/<00042>/metadata.jsonl   GenEval's layout: each <out>/<method> folder is an
+    <out>/<method>/<00042>/samples/0000.png imagedir for GenEval's own evaluate_images.py
+    <out>/results.jsonl                     one line per scored image (results.shard-I-of-N.jsonl
+                                            per shard); GenEval's fields plus method and seed
+    <out>/contact_<method>_<task>.png       contact sheets
+
+An image is written atomically (a hidden temporary name GenEval's `\\d+\\.png` never matches,
+then renamed) with its seed and generation seconds in PNG text chunks, and its result line is
+appended and synced as soon as it is scored: a killed run loses at most the images in flight,
+and an image saved but not yet scored is scored on resume, not generated again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, PngImagePlugin
+
+from l2s.bench.suites import BenchError
+
+
+def prompt_dir(out: Path, method: str, index: int) -> Path:
+    return out / method / f"{index:05d}"
+
+
+def image_path(out: Path, method: str, index: int, image: int) -> Path:
+    return prompt_dir(out, method, index) / "samples" / f"{image:04d}.png"
+
+
+def write_metadata(out: Path, method: str, index: int, metadata: dict) -> None:
+    """GenEval's metadata.jsonl: the prompt's metadata as one JSON document."""
+    path = prompt_dir(out, method, index) / "metadata.jsonl"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_text(path, json.dumps(metadata) + "\n")
+
+
+def save_image(path: Path, image: np.ndarray, seed: int, seconds: float) -> None:
+    """Write an (H, W, 3) uint8 PNG atomically, its seed and generation time in text chunks."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    info = PngImagePlugin.PngInfo()
+    info.add_text("l2s-seed", str(seed))
+    info.add_text("l2s-seconds", f"{seconds:.6f}")
+    tmp = path.with_name(f".tmp-{path.name}")
+    Image.fromarray(image).save(tmp, pnginfo=info)
+    os.replace(tmp, path)
+
+
+def load_image(path: Path) -> tuple[np.ndarray, dict[str, str]]:
+    """(H, W, 3) uint8 pixels and the PNG's text chunks."""
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB")), dict(getattr(im, "text", {}))
+
+
+def results_name(shard: tuple[int, int] | None) -> str:
+    return "results.jsonl" if shard is None or shard[1] == 1 else \
+        f"results.shard-{shard[0]}-of-{shard[1]}.jsonl"
+
+
+def read_records(out: Path) -> list[dict]:
+    """Every finished record of every results file in `out` (shards merge here); a line cut by
+    a kill is dropped from its file, so that image is scored again."""
+    records = []
+    for path in sorted(out.glob("results*.jsonl")):
+        text = path.read_text()
+        good, bad = [], 0
+        for line in text.splitlines():
+            try:
+                good.append(json.loads(line))
+            except json.JSONDecodeError:
+                bad += 1
+        if bad or (text and not text.endswith("\n")):
+            _atomic_text(path, "".join(json.dumps(r) + "\n" for r in good))
+        records += good
+    return records
+
+
+def append_record(path: Path, record: dict) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_config(out: Path, config: dict, identity: dict) -> None:
+    """Write config.json, refusing a folder that holds a run whose identity differs."""
+    path = out / "config.json"
+    if path.exists():
+        old = json.loads(path.read_text())
+        diff = {k: (old.get(k), v) for k, v in identity.items() if old.get(k) != v}
+        if diff:
+            raise BenchError(f"{out} holds a run with other settings {diff}: pass another --out "
+                             "or delete that folder")
+    out.mkdir(parents=True, exist_ok=True)
+    _atomic_text(path, json.dumps(config, indent=2))
