@@ -97,3 +97,14 @@ def _compbench(prompt: BenchPrompt, found: ImageDetections, detector: Detector) 
         else f"score under 0.5: {meta['relation']} does not hold")
     return {"correct": value > 0, "reason": reason, "details": _details(by_class),
             "score": value, "n_detections": len(best)}
+
+
+def score_shapes(image: np.ndarray, triplet) -> dict:
+    """One toy-world relation on an (H, W, 3) image, through the toy detector and GenEval's
+    rules: the record fields of score_image (correct, both_present, fused, details, ...)."""
+    from l2s.bench.detectors import ToyDetector
+    from l2s.relations import format_prompt
+
+    prompt = format_prompt([triplet], style="plain")
+    return score_image(BenchPrompt(0, prompt, position_metadata([triplet], prompt), (triplet,)),
+                       np.asarray(image), ToyDetector())
