@@ -29,16 +29,18 @@ toy-model:  ## retrain the shipped toy model (~1 h on a CPU; resumable): plain, 
 	    --export l2s/toy/weights
 
 # The toy-mmdit recipe (l2s/toy/mmdit.py): rectified flow with joint-attention supervision.
-# MMDIT_STEPS is the step the shipped run reached (scripts/gpu/train_toy_mmdit.sh stops at a
-# time limit and reports it); batches are a function of (seed, step), so a rerun to that step
-# repeats it up to GPU nondeterminism. On a CPU (DEVICE=cpu, no bf16) it takes days.
-MMDIT_STEPS ?= 6000
+# MMDIT_STEPS is the step the shipped run reached (scripts/gpu/train_toy_mmdit.sh stopped at its
+# 200 s limit on an H200); the learning rate is constant after warmup and batches are a function
+# of (seed, step), so a rerun to that step repeats it up to GPU nondeterminism. fp32 on
+# CUDA, no --bf16: bf16 autocast failed in backward (CUBLAS_STATUS_EXECUTION_FAILED, torch 2.11
+# + cu130) and the shipped weights were trained without it. On a CPU (DEVICE=cpu) it takes days.
+MMDIT_STEPS ?= 2696
 DEVICE ?= cuda
 toy-mmdit:  ## retrain the shipped toy-mmdit (one GPU: ~3 min; resumable) into l2s/toy/weights-mmdit
 	$(BIN)/python -m l2s.toy.train --backbone mmdit --out runs/toy-mmdit --resume \
 	    --steps $(MMDIT_STEPS) --batch 256 --lr 1e-3 --warmup 300 --attention-weight 0.02 \
 	    --eval-every 1000 --eval-prompts 64 --guidance 3 --checkpoint-every 1000 \
-	    --device $(DEVICE) $(if $(filter cuda,$(DEVICE)),--bf16 --workers 14) \
+	    --device $(DEVICE) $(if $(filter cuda,$(DEVICE)),--workers 14) \
 	    --export l2s/toy/weights-mmdit
 
 clean:
