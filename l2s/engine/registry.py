@@ -18,8 +18,8 @@ import torch
 from l2s.engine.backbone import BackboneError, Denoiser
 
 # Modules that register the families shipped with l2s, imported on first registry use.
-BUILTIN_FAMILIES = ("l2s.families.toy", "l2s.families.sd", "l2s.families.flux",
-                    "l2s.families.sd3")
+BUILTIN_FAMILIES = ("l2s.families.toy", "l2s.families.toy_mmdit", "l2s.families.sd",
+                    "l2s.families.flux", "l2s.families.sd3")
 
 
 @dataclass(frozen=True)

@@ -54,8 +54,9 @@ class FluxDenoiser(MMDiTDenoiser):
                  guidance: float = 3.5, fingerprint: str | None = None) -> None:
         super().__init__(transformer, vae, [text_encoder, text_encoder_2], tokenizer_2,
                          scheduler_config, name=name, image_size=image_size, patch=2,
-                         # The VAE's sample size: 1024 for FLUX.1, FluxPipeline's default.
-                         default_size=vae.config.sample_size,
+                         # The VAE's sample size: 1024 for FLUX.1, FluxPipeline's default
+                         # (a pixel-space model without VAE must be given image_size).
+                         default_size=vae.config.sample_size if vae is not None else None,
                          fingerprint=fingerprint)
         self.text_encoder, self.clip_tokenizer = text_encoder, tokenizer
         self.text_encoder_2 = text_encoder_2

@@ -78,19 +78,21 @@ class MMDiTDenoiser(Denoiser):
 
     Subclasses set ``latent_hw`` / ``latent_shape``, implement ``encode_prompt``,
     ``model_output``, ``_make_capture`` and the latent (un)packing around the VAE.
+    ``vae`` None: a pixel-space model (the toy-mmdit), whose unpacked latents are the RGB
+    image in [-1, 1].
     """
 
     patch = 1  # latent pixels per image token side (Flux packs 2x2; SD3 patches inside)
     pipeline_is_flux = False
 
-    def __init__(self, transformer: nn.Module, vae: nn.Module, text_encoders: list[nn.Module],
+    def __init__(self, transformer: nn.Module, vae: nn.Module | None, text_encoders: list[nn.Module],
                  tokenizer, scheduler_config: dict, *, name: str, image_size, patch: int,
                  default_size: int, fingerprint: str | None) -> None:
         self.transformer, self.vae, self._tokenizer = transformer, vae, tokenizer
         self.text_encoders = text_encoders
         self.scheduler_config = dict(scheduler_config)
         self.name = name
-        self.vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.vae_scale = 1 if vae is None else 2 ** (len(vae.config.block_out_channels) - 1)
         self.patch = patch
         size = image_size or default_size
         size = (size, size) if isinstance(size, int) else tuple(size)
@@ -108,7 +110,8 @@ class MMDiTDenoiser(Denoiser):
                                              flux=self.pipeline_is_flux))
         self.device, self.dtype = transformer.device, transformer.dtype
         for m in (transformer, vae, *text_encoders):
-            m.requires_grad_(False).eval()
+            if m is not None:
+                m.requires_grad_(False).eval()
         self.fingerprint = fingerprint or config_fingerprint(transformer, vae, *text_encoders)
 
     # --- interface -------------------------------------------------------------------------
@@ -146,15 +149,19 @@ class MMDiTDenoiser(Denoiser):
         return z
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        cfg = self.vae.config
-        z = self._vae_latents(latents.float()) / cfg.scaling_factor + (cfg.shift_factor or 0.0)
-        with torch.no_grad():
-            x = self.vae.decode(z.to(self.vae.device, self.vae.dtype)).sample
+        x = self._vae_latents(latents.float())
+        if self.vae is not None:
+            cfg = self.vae.config
+            z = x / cfg.scaling_factor + (cfg.shift_factor or 0.0)
+            with torch.no_grad():
+                x = self.vae.decode(z.to(self.vae.device, self.vae.dtype)).sample
         return ((x.float() + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1)
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        cfg = self.vae.config
         x = images.permute(0, 3, 1, 2).float() * 2 - 1
+        if self.vae is None:
+            return self._our_latents(x).to(self.device)
+        cfg = self.vae.config
         with torch.no_grad():
             z = self.vae.encode(x.to(self.vae.device, self.vae.dtype)).latent_dist.mean.float()
         z = (z - (cfg.shift_factor or 0.0)) * cfg.scaling_factor
