@@ -85,9 +85,10 @@ class MMDiTDenoiser(Denoiser):
     patch = 1  # latent pixels per image token side (Flux packs 2x2; SD3 patches inside)
     pipeline_is_flux = False
 
-    def __init__(self, transformer: nn.Module, vae: nn.Module | None, text_encoders: list[nn.Module],
-                 tokenizer, scheduler_config: dict, *, name: str, image_size, patch: int,
-                 default_size: int, fingerprint: str | None) -> None:
+    def __init__(self, transformer: nn.Module, vae: nn.Module | None,
+                 text_encoders: list[nn.Module], tokenizer, scheduler_config: dict, *,
+                 name: str, image_size, patch: int, default_size: int | None,
+                 fingerprint: str | None) -> None:
         self.transformer, self.vae, self._tokenizer = transformer, vae, tokenizer
         self.text_encoders = text_encoders
         self.scheduler_config = dict(scheduler_config)
