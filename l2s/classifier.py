@@ -5,6 +5,9 @@ objects from a diffusion model's own attention maps; at generation time the clas
 cross-entropy is the steering loss, so it runs, and is differentiated through, on every steering
 iteration. This module owns the network, its checkpoint format (safetensors weights + a JSON
 card) and where a backbone's default classifier lives. It does no I/O except save/load.
+Cards of the reference architecture (``l2s/reference_classifier.py``, trained by
+`l2s train --arch reference` or converted by `l2s classifier import`) load through the same
+functions: ``architecture["kind"]`` says which network a card holds.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import hashlib
 import json
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -27,6 +30,7 @@ CARD_FORMAT = "l2s-relation-classifier/1"  # bump when the card or weight layout
 WEIGHTS_FILE = "model.safetensors"
 CARD_FILE = "card.json"
 TOKEN_MODES = ("map", "layer")
+ARCHITECTURES = ("l2s", "reference")  # --arch: ours, or the published checkpoints' network
 
 
 class ClassifierError(RuntimeError):
@@ -197,6 +201,36 @@ def nearest_trained_timestep(card_or_list: Mapping | Sequence[int], t: int) -> i
     return max(at_or_after) if at_or_after else min(int(s) for s in trained)
 
 
+def time_input(card: Mapping) -> Callable[[int, int], int]:
+    """The classifier's time input at (sampling timestep t, denoising step index), per card.
+
+    Ours reads the nearest trained timestep itself; a reference network `l2s train` wrote
+    reads that timestep's row in the card's ``timesteps``; an imported published classifier
+    (``clock: "step"``) reads the step-index table (``step_time_input``).
+    """
+    from l2s.reference_classifier import step_time_input
+
+    trained = [int(s) for s in card["timesteps"]]
+    if card.get("clock", "timestep") == "step":
+        return lambda t, step: step_time_input(trained, step)
+    if card.get("architecture", {}).get("kind", "l2s") == "reference":
+        return lambda t, step: trained.index(nearest_trained_timestep(trained, t))
+    return lambda t, step: nearest_trained_timestep(trained, t)
+
+
+def build_classifier(architecture: Mapping) -> nn.Module:
+    """An untrained network from a card's ``architecture`` (either kind)."""
+    kind = architecture.get("kind", "l2s")
+    if kind == "reference":
+        from l2s.reference_classifier import ReferenceClassifier, ReferenceConfig
+
+        return ReferenceClassifier(ReferenceConfig.from_dict(architecture))
+    if kind != "l2s":
+        raise ValueError(f"unknown classifier kind {kind!r} (known: {', '.join(ARCHITECTURES)})")
+    return RelationClassifier(ClassifierConfig.from_dict(
+        {k: v for k, v in architecture.items() if k != "kind"}))
+
+
 # ---------------------------------------------------------------------------------------------
 # Checkpoints: model.safetensors + card.json
 
@@ -209,7 +243,7 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def save_classifier(model: RelationClassifier, card: dict, out_dir: str | Path) -> Path:
+def save_classifier(model: nn.Module, card: dict, out_dir: str | Path) -> Path:
     """Write ``model.safetensors`` and ``card.json`` into out_dir; returns the card's path.
 
     The card's ``format``, ``architecture``, ``classes``, ``map_size`` and ``weights_sha256``
@@ -268,7 +302,7 @@ def check_backbone(card: Mapping, denoiser, card_path: str | Path = "") -> None:
 
 
 def load_classifier(path: str | Path, denoiser=None, device: str | torch.device | None = None
-                    ) -> tuple[RelationClassifier, dict]:
+                    ) -> tuple[nn.Module, dict]:
     """(model in eval mode, card) from a card.json or its folder; safetensors only.
 
     With ``denoiser``, the card must name that backbone's fingerprint and layer list, and the
@@ -281,7 +315,7 @@ def load_classifier(path: str | Path, denoiser=None, device: str | torch.device 
     if denoiser is not None:
         check_backbone(card, denoiser, card_path)
     try:
-        cfg = ClassifierConfig.from_dict(card["architecture"])
+        model = build_classifier(card["architecture"])
     except (KeyError, TypeError, ValueError) as e:
         raise ClassifierError(f"card {card_path} has no usable architecture ({e}): retrain with "
                               "`l2s train`") from e
@@ -304,7 +338,6 @@ def load_classifier(path: str | Path, denoiser=None, device: str | torch.device 
     except (SafetensorError, OSError) as e:
         raise ClassifierError(f"card {card_path} does not match its weights: {weights} is not "
                               f"a readable safetensors file ({e})") from e
-    model = RelationClassifier(cfg)
     problems = _state_problems(model.state_dict(), state)
     if problems:
         raise ClassifierError(f"card {card_path} does not match its weights: "
@@ -372,9 +405,14 @@ def default_classifier(model_name: str, fingerprint: str | None = None) -> Path 
 
 
 def card_origin(card_path: str | Path) -> str:
-    """'shipped' for a card that comes with l2s, else 'trained' (the user's)."""
+    """'shipped' for a card that comes with l2s, 'imported from FILE' for a published
+    checkpoint `l2s classifier import` converted, else 'trained' (the user's)."""
     try:
         Path(card_path).resolve().relative_to(PACKAGE_CLASSIFIERS.resolve())
     except ValueError:
-        return "trained"
+        try:
+            source = json.loads(Path(card_path).read_text()).get("source") or {}
+        except (OSError, json.JSONDecodeError, AttributeError):
+            source = {}
+        return f"imported from {source['file']}" if source.get("file") else "trained"
     return "shipped"

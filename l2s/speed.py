@@ -71,7 +71,7 @@ def timing_loss(denoiser: Denoiser, model: str, classifier: str | None) -> tuple
     cfg = ClassifierConfig(n_maps=sum(la.heads for la in layers),
                            heads_per_layer=tuple(la.heads for la in layers))
     net = RelationClassifier(cfg).to(denoiser.device).eval().requires_grad_(False)
-    return ClassifierLoss(net, cfg.relations, lambda t: t), "random (timing only)"
+    return ClassifierLoss(net, cfg.relations, lambda t, step: t), "random (timing only)"
 
 
 @contextlib.contextmanager

@@ -59,18 +59,32 @@ def build_loss(method: str, denoiser: Denoiser, model: str, classifier: str | No
         return None, None
     if method == "centroid":
         return CentroidLoss(), None
-    from l2s.classifier import default_classifier, load_classifier, nearest_trained_timestep
+    from l2s.classifier import default_classifier, load_classifier, time_input
+    from l2s.map_layout import LayoutError, MapLayout, reference_layout
+    from l2s.reference_classifier import relation_of_class
 
     path = classifier or default_classifier(model, denoiser.fingerprint)
     if path is None:
         raise SteerError(
             f"no relation classifier for {model!r}: build one with `l2s invert --model {model}` "
-            f"then `l2s train --model {model}`, or pass --classifier PATH "
+            f"then `l2s train --model {model}`, import a published one with `l2s classifier "
+            f"import FILE --model {model}`, or pass --classifier PATH "
             "(--method centroid steers with a hand-made loss instead)")
     net, card = load_classifier(path, denoiser)
-    trained = card["timesteps"]
-    return ClassifierLoss(net, card["classes"], lambda t: nearest_trained_timestep(trained, t)), \
-        str(path)
+    layout = MapLayout.from_dict(card.get("layout"))
+    try:
+        mismatch = layout.name != "l2s" and reference_layout(denoiser) != layout
+    except LayoutError as e:
+        raise SteerError(f"classifier {path}: {e}") from e
+    if mismatch:
+        raise SteerError(f"classifier {path} reads maps in another channel order than "
+                         f"{denoiser.name}'s layers give: re-import it with `l2s classifier "
+                         f"import --model {model}`")
+    # Published classifiers name classes "to the left of" ...; their extra classes ("is")
+    # stay in the softmax and are never a target.
+    classes = [relation_of_class(c) for c in card["classes"]]
+    return ClassifierLoss(net, classes, time_input(card), order=layout.order,
+                          resize=layout.resize_fn()), str(path)
 
 
 def steer_settings(model: str, *, steps: int | None = None, guidance: float | None = None,

@@ -79,21 +79,33 @@ class RelationLoss:
     """A loss on (B, 2, C, S, S) subject/object maps against wanted relations, per image."""
 
     name = "loss"
+    # How the recorder must bring maps to S x S for this loss: (maps, S) -> maps; None: the
+    # recorder's own resizing (what `l2s invert` caches).
+    resize: Callable[[torch.Tensor, int], torch.Tensor] | None = None
 
-    def __call__(self, maps: torch.Tensor, t: int, relations: Sequence[str]
+    def __call__(self, maps: torch.Tensor, t: int, relations: Sequence[str], *, step: int
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(loss (B,), p_target (B,)): the loss and how sure it is the relation holds."""
+        """(loss (B,), p_target (B,)): the loss and how sure it is the relation holds, at
+        sampling timestep ``t``, denoising step index ``step``."""
         raise NotImplementedError
 
 
 class ClassifierLoss(RelationLoss):
-    """Cross-entropy of the learned relation classifier (the L2S loss)."""
+    """Cross-entropy of the learned relation classifier (the L2S loss), over all its classes.
+
+    ``time_fn(t, step)`` gives the network's time input; ``order`` (classifier channel c <-
+    recorded channel order[c]) and ``resize`` adapt the recorded maps to the layout the
+    classifier was trained on (``l2s.map_layout``).
+    """
 
     name = "l2s"
 
     def __init__(self, model: torch.nn.Module, classes: Sequence[str],
-                 timestep_fn: Callable[[int], int]) -> None:
-        self.model, self.classes, self.timestep_fn = model, list(classes), timestep_fn
+                 time_fn: Callable[[int, int], int], *, order: Sequence[int] | None = None,
+                 resize: Callable[[torch.Tensor, int], torch.Tensor] | None = None) -> None:
+        self.model, self.classes, self.time_fn = model, list(classes), time_fn
+        self.order = None if order is None else torch.tensor(list(order))
+        self.resize = resize
         self._targets: dict = {}
 
     def _target(self, relations: tuple[str, ...], device: torch.device) -> torch.Tensor:
@@ -104,9 +116,13 @@ class ClassifierLoss(RelationLoss):
                                               device=device)
         return self._targets[key]
 
-    def __call__(self, maps, t, relations):
+    def __call__(self, maps, t, relations, *, step):
         target = self._target(tuple(relations), maps.device)
-        tt = torch.full((maps.shape[0],), self.timestep_fn(t), device=maps.device)
+        if self.order is not None:
+            if self.order.device != maps.device:
+                self.order = self.order.to(maps.device)  # once: no copy per iteration
+            maps = maps.index_select(2, self.order)
+        tt = torch.full((maps.shape[0],), self.time_fn(t, step), device=maps.device)
         logits = self.model(maps.float(), tt).float()
         loss = torch.nn.functional.cross_entropy(logits, target, reduction="none")
         p = logits.softmax(-1).gather(1, target[:, None])[:, 0]
@@ -124,7 +140,7 @@ class CentroidLoss(RelationLoss):
     def __init__(self, margin: float = 0.25) -> None:
         self.margin = margin
 
-    def __call__(self, maps, t, relations):
+    def __call__(self, maps, t, relations, *, step):
         m = maps.float().mean(2)  # (B, 2, S, S): average over layers and heads
         m = m / m.sum((-2, -1), keepdim=True).clamp_min(1e-12)
         s = m.shape[-1]
@@ -298,7 +314,8 @@ class Steerer:
         return self.settings.steer_from <= step < self.steered_steps
 
     def recorder(self) -> AttentionRecorder:
-        return AttentionRecorder(self.denoiser, self.layers, self.groups, keep_grad=True)
+        return AttentionRecorder(self.denoiser, self.layers, self.groups, keep_grad=True,
+                                 resize=self.loss_fn.resize)
 
     def __call__(self, state: dict) -> torch.Tensor | None:
         """Step callback: steered latents on the steered steps, else None."""
@@ -391,8 +408,13 @@ def _steer_step(st: Steerer, rec: AttentionRecorder, x: torch.Tensor, t: int, st
                 st.denoiser.predict(z, t, cond.select(ridx), guidance=settings.guidance)
             maps = rec.stacked()  # (R, G, C, S, S)
             sel = torch.stack([torch.stack((maps[a, i], maps[a, j]))
+<<<<<<< HEAD
                                for a, (i, j) in enumerate(pick)])  # (R, 2, C, S, S)
             loss, p = st.loss_fn(sel, t, rels)  # (R,), (R,)
+=======
+                               for a, (i, j) in enumerate(pick)])  # (A, 2, C, S, S)
+            loss, p = st.loss_fn(sel, t, rels, step=step)  # (A,), (A,)
+>>>>>>> 2db084d (Published L2S classifiers: reference architecture (l2s/reference_classifier.py), map layouts (resolution-ascending UNet order, bilinear resize), l2s classifier import (weights_only load, strict validation, safetensors + card), step-index time input, l2s train --arch reference, sd2.1-base preset, l2s models shows imported classifiers)
         fwd = timer.stop(t0)
         if loss_first is None:
             loss_first = loss.detach().float()

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from l2s import __version__
 from l2s.classifier import (
+    ARCHITECTURES,
     TOKEN_MODES,
     ClassifierConfig,
     RelationClassifier,
@@ -78,12 +79,15 @@ class TrainConfig:
     seed: int = 0  # initialisation, batch order and the hash split
     device: str | None = None  # None: CUDA when present, else CPU
     augment: str = "mirror"  # random symmetries of training batches: none, mirror or all
+    arch: str = "l2s"  # "l2s" (ours) or "reference" (the published checkpoints' network)
 
     def __post_init__(self) -> None:
         if self.split not in SPLIT_MODES:
             raise TrainError(f"unknown split {self.split!r}: use one of {SPLIT_MODES}")
         if self.augment not in AUGMENT_MODES:
             raise TrainError(f"unknown augment {self.augment!r}: use one of {AUGMENT_MODES}")
+        if self.arch not in ARCHITECTURES:
+            raise TrainError(f"unknown arch {self.arch!r}: use one of {ARCHITECTURES}")
         if self.tokens not in TOKEN_MODES:
             raise TrainError(f"unknown tokens {self.tokens!r}: use one of {TOKEN_MODES}")
         if not (0 < self.val_fraction < 1 and 0 < self.test_fraction < 1
@@ -103,8 +107,9 @@ class TrainConfig:
         return self.lr if self.lr is not None else (TOY_LR if self.model == "toy" else SD_LR)
 
     def resolved_size(self) -> tuple[int, int]:
-        """(d_model, depth) of the classifier."""
-        d, depth = TOY_SIZE if self.model == "toy" else REFERENCE_SIZE
+        """(d_model, depth) of the classifier (the reference network: its published sizes)."""
+        small = self.model == "toy" and self.arch == "l2s"
+        d, depth = TOY_SIZE if small else REFERENCE_SIZE
         return self.d_model or d, self.depth or depth
 
 
@@ -146,6 +151,7 @@ class MapData:
     timesteps: list[int]  # the recorded timesteps, in recording order
     layers: list[dict]  # [{"name", "heads"}] of the recorded layers
     cache_dir: str  # the cache folder of this backbone they were read from
+    t_input: torch.Tensor | None = None  # (N,) the network's time input, when not t itself
     corrupt: list[str] = field(default_factory=list)  # keys of broken entries deleted on reading
 
 
@@ -350,9 +356,27 @@ def relation_metrics(pred: torch.Tensor, data: MapData, idx: torch.Tensor) -> di
 
 
 def _batches(data: MapData, idx: torch.Tensor, size: int, device: torch.device):
+    t = data.t if data.t_input is None else data.t_input
     for b in idx.split(size):
-        yield (data.maps[b].to(device, torch.float32), data.t[b].to(device),
-               data.y[b].to(device))
+        yield (data.maps[b].to(device, torch.float32), t[b].to(device), data.y[b].to(device))
+
+
+def _new_classifier(cfg: TrainConfig, data: MapData, d_model: int, depth: int
+                    ) -> torch.nn.Module:
+    """An untrained classifier of cfg.arch for these maps."""
+    n_maps, size = data.maps.shape[2], data.maps.shape[-1]
+    if cfg.arch == "reference":
+        from l2s.reference_classifier import ReferenceClassifier, ReferenceConfig
+
+        return ReferenceClassifier(ReferenceConfig(
+            n_maps=n_maps, relations=RELATIONS, map_size=size, d_model=d_model,
+            n_times=len(set(data.timesteps)), extractor_layers=depth, relation_layers=depth,
+            dropout=cfg.dropout))
+    return RelationClassifier(ClassifierConfig(
+        n_maps=n_maps, map_size=size, relations=RELATIONS,
+        heads_per_layer=tuple(la["heads"] for la in data.layers), tokens=cfg.tokens,
+        d_model=d_model, depth=depth, n_heads=4 if d_model % 4 == 0 else 1,
+        head_hidden=d_model, dropout=cfg.dropout))
 
 
 def augment_batch(x: torch.Tensor, y: torch.Tensor, mode: str, classes: Sequence[str],
@@ -387,7 +411,7 @@ def _symmetries(mode: str, classes: tuple[str, ...], device: torch.device
 
 
 @torch.no_grad()
-def _evaluate(model: RelationClassifier, data: MapData, idx: torch.Tensor, size: int,
+def _evaluate(model: torch.nn.Module, data: MapData, idx: torch.Tensor, size: int,
               device: torch.device) -> tuple[float, torch.Tensor]:
     """(mean cross-entropy, predictions on the CPU) over the samples idx."""
     model.eval()
@@ -455,13 +479,11 @@ def run_train(cfg: TrainConfig, denoiser=None, callback: Callable[[dict], None] 
     device = resolve_device(cfg.device)
     lr = cfg.resolved_lr()
     d_model, depth = cfg.resolved_size()
-    arch = ClassifierConfig(
-        n_maps=data.maps.shape[2], map_size=data.maps.shape[-1], relations=RELATIONS,
-        heads_per_layer=tuple(la["heads"] for la in data.layers), tokens=cfg.tokens,
-        d_model=d_model, depth=depth, n_heads=4 if d_model % 4 == 0 else 1,
-        head_hidden=d_model, dropout=cfg.dropout)
     torch.manual_seed(cfg.seed)
-    model = RelationClassifier(arch).to(device)
+    model = _new_classifier(cfg, data, d_model, depth).to(device)
+    if cfg.arch == "reference":  # its time input: the row of t in the card's timesteps
+        table = sorted(set(data.timesteps), reverse=True)
+        data.t_input = torch.tensor([table.index(int(s)) for s in data.t.tolist()])
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=cfg.weight_decay)
     plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
         opt, mode="min", factor=cfg.plateau_factor, patience=cfg.plateau_patience)

@@ -27,9 +27,9 @@ class Spy(CentroidLoss):
         super().__init__(margin=0.3)
         self.calls = []
 
-    def __call__(self, maps, t, relations):
+    def __call__(self, maps, t, relations, *, step):
         self.calls.append(list(relations))
-        return super().__call__(maps, t, relations)
+        return super().__call__(maps, t, relations, step=step)
 
 
 def test_loss_decreases_over_iterations_on_a_fixed_seed(den):

@@ -124,6 +124,30 @@ def test_end_to_end_learns_geometry_not_words(tmp_path):
     assert json.dumps(res.to_json())  # JSON-ready
 
 
+def test_reference_arch_trains_from_the_cache(tmp_path):
+    from l2s.classifier import time_input
+
+    make_cache(tmp_path / "cache", n_images=48)
+    # Fed raw sum-1 maps (tiny values), it plateaus for ~150 steps before reading them.
+    res = run_train(_cfg(tmp_path, arch="reference", epochs=16, batch_size=8, lr=1e-3,
+                         early_stop_patience=16), FakeBackbone())
+    m = res.metrics
+    assert m["test_accuracy_true_caption"] >= 0.9 and m["test_accuracy_wrong_caption"] >= 0.9
+    card = json.loads(res.card_path.read_text())
+    assert card["architecture"]["kind"] == "reference"
+    assert card["architecture"]["n_times"] == 2 and card["training"]["arch"] == "reference"
+    # Its time input is the row of the trained timestep: 801 -> 0, 401 -> 1 (also from 500).
+    tin = time_input(card)
+    assert (tin(801, 0), tin(401, 9), tin(500, 9), tin(999, 0)) == (0, 1, 1, 0)
+    model, _ = load_classifier(res.card_path, denoiser=FakeBackbone())
+    x = torch.stack([torch.zeros(2, 5, 8, 8)])
+    x[0, 0, :, 4, 1] = 1  # subject at the left
+    x[0, 1, :, 4, 6] = 1  # object at the right
+    assert RELATIONS[model(x, torch.tensor([0])).argmax().item()] == "left of"
+    with pytest.raises(TrainError, match="unknown arch"):
+        _cfg(tmp_path, arch="big")
+
+
 def test_positive_only_drops_wrong_captions_but_still_reports_them(tmp_path):
     make_cache(tmp_path / "cache", n_images=32)
     res = run_train(_cfg(tmp_path, positive_only=True, epochs=1), FakeBackbone())

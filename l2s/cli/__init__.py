@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from l2s import __version__
-from l2s.cli import bench, doctor, invert, models, speed, steer, train
+from l2s.cli import bench, classifier, doctor, invert, models, speed, steer, train
 
 app = typer.Typer(
     name="l2s",
@@ -54,6 +54,7 @@ app.command("bench")(bench.bench)
 app.command("speed")(speed.speed)
 app.command("models")(models.models)
 app.command("doctor")(doctor.doctor)
+app.add_typer(classifier.app, name="classifier")
 
 
 def main() -> None:

@@ -105,6 +105,9 @@ class Denoiser(ABC):
     guidance_mode: str = "cfg"
     # Object words a closed-vocabulary model (the toy) can draw; None: open vocabulary.
     known_objects: tuple[str, ...] | None = None
+    # The map layout the published L2S classifiers of this family read (a name in
+    # l2s.map_layout.REFERENCE_LAYOUTS, e.g. "unet"); None: they have none for it.
+    reference_layout: str | None = None
 
     # --- what a family implements ---------------------------------------------------------
     @property

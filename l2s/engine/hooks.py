@@ -9,7 +9,7 @@ installed processor and hands (B, heads, Q, T) probabilities to the recorder's s
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import diffusers
@@ -79,16 +79,18 @@ class AttentionRecorder:
     back on exit, also on exceptions. Open it only around the forwards to record: steering
     does so per steered step, so unsteered steps run every layer on the fused path. After
     each forward, ``maps[layer_name]`` is (B, G, heads, S, S) for the G token groups, resized
-    to S = ``map_size`` and summing to 1 per map; ``stacked()`` gives (B, G, C, S, S) with
-    C = sum of heads over layers in forward order. With ``keep_grad`` the maps stay in the
-    autograd graph (steering); otherwise they are detached.
+    to S = ``map_size`` and summing to 1 per map (or as ``resize`` does it); ``stacked()``
+    gives (B, G, C, S, S) with C = sum of heads over layers in forward order. With
+    ``keep_grad`` the maps stay in the autograd graph (steering); otherwise they are detached.
     """
 
     def __init__(self, denoiser: AttentionHost, layers: Sequence[CrossAttnLayer],
-                 tokens: TokenGroups, *, map_size: int = 16, keep_grad: bool = False) -> None:
+                 tokens: TokenGroups, *, map_size: int = 16, keep_grad: bool = False,
+                 resize: Callable[[torch.Tensor, int], torch.Tensor] | None = None) -> None:
         self.denoiser, self.layers = denoiser, list(layers)
         self.model = denoiser.attention_model
         self.map_size, self.keep_grad = map_size, keep_grad
+        self.resize = resize or resize_maps  # (..., h, w) maps -> (..., S, S)
         # True inside truncated(): end a forward (raise ForwardStopped) right after the last
         # recorded layer: what follows cannot change the maps, so a loss on them needs none.
         self.stop_after_last = False
@@ -162,7 +164,7 @@ class AttentionRecorder:
             h = w = int(round(hw**0.5))
             if h * w != hw:
                 raise HookError(f"cannot infer the map shape of {layer.name} from {hw} queries")
-        self.maps[layer.name] = resize_maps(maps.reshape(batch, -1, heads, h, w), self.map_size)
+        self.maps[layer.name] = self.resize(maps.reshape(batch, -1, heads, h, w), self.map_size)
         if self.stop_after_last:
             self._seen.add(layer.name)
             if len(self._seen) == len(self.layers):

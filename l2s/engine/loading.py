@@ -211,6 +211,8 @@ def _classifier_card(model: str) -> str | None:
 
 def describe_models() -> list[dict]:
     """One record per preset: what it is, whether it loads offline, its default classifier."""
+    from l2s.classifier import card_origin
+
     return [
         {
             "name": p.name,
@@ -220,7 +222,9 @@ def describe_models() -> list[dict]:
             "image_size": p.image_size,
             "available": is_available_locally(p.name),
             "random_weights": bool(p.configs),
-            "classifier": _classifier_card(p.name),
+            "classifier": card,
+            "classifier_origin": card_origin(card) if card else None,
         }
         for p in presets().values()
+        for card in [_classifier_card(p.name)]
     ]

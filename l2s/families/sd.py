@@ -47,6 +47,14 @@ _CLIP_TEXT = {
     "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1,
     "attention_dropout": 0.0, "dropout": 0.0,
 }
+# SD 2.x (2.1 and 2.1-base differ in sample size, prediction type and upcast_attention).
+# diffusers' "attention_head_dim" here is really the head count per block.
+_SD2_UNET = {**_SD_UNET, "cross_attention_dim": 1024, "attention_head_dim": [5, 10, 20, 20],
+             "use_linear_projection": True}
+# The SD2 text encoder keeps 23 of OpenCLIP's 24 layers (penultimate output).
+_SD2_TEXT = {**_CLIP_TEXT, "hidden_size": 1024, "intermediate_size": 4096,
+             "num_attention_heads": 16, "num_hidden_layers": 23, "hidden_act": "gelu",
+             "projection_dim": 512}
 
 PRESETS = (
     Preset(
@@ -64,18 +72,24 @@ PRESETS = (
     ),
     Preset(
         "sd2.1", "sd", "stabilityai/stable-diffusion-2-1",
-        "Stable Diffusion 2.1 (OpenCLIP ViT-H, v-prediction, 768 px)", 768, 50, 7.5, 5.0,
+        "Stable Diffusion 2.1 (OpenCLIP ViT-H, v-prediction, 768 px); the published L2S SD2 "
+        "classifier does not fit it: use sd2.1-base", 768, 50, 7.5, 5.0,
         configs={
-            # diffusers' "attention_head_dim" here is really the head count per block.
-            "unet": {**_SD_UNET, "sample_size": 96, "cross_attention_dim": 1024,
-                     "attention_head_dim": [5, 10, 20, 20], "use_linear_projection": True,
-                     "upcast_attention": True},
+            "unet": {**_SD2_UNET, "sample_size": 96, "upcast_attention": True},
             "vae": {**_SD_VAE, "sample_size": 768},
-            # The SD2 text encoder keeps 23 of OpenCLIP's 24 layers (penultimate output).
-            "text_encoder": {**_CLIP_TEXT, "hidden_size": 1024, "intermediate_size": 4096,
-                             "num_attention_heads": 16, "num_hidden_layers": 23,
-                             "hidden_act": "gelu", "projection_dim": 512},
+            "text_encoder": _SD2_TEXT,
             "scheduler": {**SD_SCHEDULER, "prediction_type": "v_prediction"},
+        },
+    ),
+    Preset(
+        "sd2.1-base", "sd", "stabilityai/stable-diffusion-2-1-base",
+        "Stable Diffusion 2.1 base (OpenCLIP ViT-H, epsilon prediction, 512 px): the "
+        "backbone of the published L2S SD2 classifier", 512, 50, 7.5, 5.0,
+        configs={
+            "unet": {**_SD2_UNET, "sample_size": 64},
+            "vae": {**_SD_VAE, "sample_size": 512},
+            "text_encoder": _SD2_TEXT,
+            "scheduler": {**SD_SCHEDULER, "prediction_type": "epsilon"},
         },
     ),
 )

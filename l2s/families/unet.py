@@ -171,6 +171,8 @@ class UNetDenoiser(Denoiser):
     With ``vae=None`` the UNet works in pixel space (latents are images in [-1, 1]): the toy.
     """
 
+    reference_layout = "unet"  # published SD classifiers: channels by resolution, ascending
+
     def __init__(
         self,
         unet: UNet2DConditionModel,

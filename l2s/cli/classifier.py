@@ -1,0 +1,63 @@
+"""`l2s classifier import`: make a published L2S checkpoint usable by `l2s steer`."""
+
+from __future__ import annotations
+
+import typer
+
+from l2s.cli.output import console, emit_json, status, user_errors
+from l2s.engine.backbone import BackboneError
+
+app = typer.Typer(help="Relation classifiers: import the published L2S checkpoints.",
+                  no_args_is_help=True)
+
+
+def _errors():
+    from l2s.classifier import ClassifierError
+
+    return (BackboneError, ClassifierError)
+
+
+@app.command("import")
+def import_(
+    checkpoint: str = typer.Argument(..., help="The downloaded .pth file (e.g. ~/Downloads/"
+                                               "sd2.pth)."),
+    model: str = typer.Option(..., "--model", "-m",
+                              help="Backbone it was trained on: sd1.4, sd2.1-base, or a local "
+                                   "diffusers SD folder / hub id."),
+    out: str = typer.Option(None, "--out", "-o",
+                            help="Install here (default: where `l2s steer --model MODEL` "
+                                 "looks)."),
+    force: bool = typer.Option(False, "--force", help="Replace a classifier already there."),
+    random_weights: bool = typer.Option(False, "--random-weights",
+                                        help="Import for the preset's architecture with random "
+                                             "weights (speed work; steer with the same flag)."),
+    json_out: bool = typer.Option(False, "--json", help="Print the card summary as JSON."),
+) -> None:
+    """Check a published L2S classifier checkpoint against the backbone, convert it to
+    safetensors + card, and install it as that backbone's default classifier.
+
+    The file is read with torch.load(weights_only=True): objects in it are refused, never
+    unpickled. The checkpoints are the authors' (non-commercial licence): download them
+    yourself; l2s converts, never redistributes.
+    """
+    from l2s.classifier_import import import_classifier
+
+    @user_errors(*_errors())
+    def run() -> None:
+        with status(f"importing {checkpoint} for {model}", quiet=json_out):
+            res = import_classifier(checkpoint, model, out=out, force=force,
+                                    random_weights=random_weights)
+        if json_out:
+            emit_json(res.to_json())
+            return
+        card = res.card
+        console.print(f"imported {card['source']['file']} (sha256 "
+                      f"{card['source']['sha256'][:12]}...) for {card['backbone']['name']} "
+                      f"({card['backbone']['fingerprint']}): classes "
+                      f"{', '.join(card['classes'])}; trained steps {card['timesteps']}; "
+                      f"{len(card['layout']['order'])} maps per object in the "
+                      f"{card['layout']['name']} layout")
+        console.print(f"classifier card: {res.card_path}")
+        console.print(f"[dim]{card['licence']}[/]")
+
+    run()
