@@ -94,7 +94,8 @@ def train(
     lr: float = typer.Option(None, "--lr", help="AdamW learning rate (default 1e-4; toy 1e-3)."),
     batch_size: int = typer.Option(64, "--batch-size", help="Samples per step."),
     d_model: int = typer.Option(None, "--d-model",
-                                help="Classifier width (default 256, ~2M parameters; toy 64)."),
+                                help="Classifier width (default 256, ~2M parameters; toy 64 with "
+                                     "--arch l2s)."),
     depth: int = typer.Option(None, "--depth",
                               help="Classifier encoder layers (default 2; toy 1)."),
     tokens: str = typer.Option("map", "--tokens",
@@ -104,6 +105,9 @@ def train(
                                 help="Random label-preserving symmetries of training batches: "
                                      "mirror (left-right flip, subject/object swap), all (also "
                                      "up-down flip) or none."),
+    arch: str = typer.Option("l2s", "--arch",
+                             help="l2s (ours) or reference (the published checkpoints' "
+                                  "network, ~2M parameters; compared in docs/results.md)."),
     seed: int = typer.Option(0, "--seed", help="Initialisation, batch order and split."),
     device: str = typer.Option(None, "--device",
                                help="cuda, cpu, ... (default: $L2S_DEVICE, else CUDA if any)."),
@@ -122,7 +126,7 @@ def train(
                           positive_only=positive_only, split=split, val_fraction=val_fraction,
                           test_fraction=test_fraction, epochs=epochs, lr=lr,
                           batch_size=batch_size, d_model=d_model, depth=depth, tokens=tokens,
-                          seed=seed, device=device, augment=augment)
+                          seed=seed, device=device, augment=augment, arch=arch)
     except TrainError as e:
         raise typer.BadParameter(str(e)) from None
     check_choice("--invert", invert, INVERT_MODES)
