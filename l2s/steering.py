@@ -315,7 +315,7 @@ class Steerer:
 
     def recorder(self) -> AttentionRecorder:
         return AttentionRecorder(self.denoiser, self.layers, self.groups, keep_grad=True,
-                                 resize=self.loss_fn.resize)
+                                 resize=getattr(self.loss_fn, "resize", None))
 
     def __call__(self, state: dict) -> torch.Tensor | None:
         """Step callback: steered latents on the steered steps, else None."""

@@ -151,8 +151,8 @@ class MapData:
     timesteps: list[int]  # the recorded timesteps, in recording order
     layers: list[dict]  # [{"name", "heads"}] of the recorded layers
     cache_dir: str  # the cache folder of this backbone they were read from
-    t_input: torch.Tensor | None = None  # (N,) the network's time input, when not t itself
     corrupt: list[str] = field(default_factory=list)  # keys of broken entries deleted on reading
+    t_input: torch.Tensor | None = None  # (N,) the network's time input, when not t itself
 
 
 def _fail_empty(root: Path, name: str, fingerprint: str, model: str) -> TrainError:

@@ -69,7 +69,7 @@ class Scripted(RelationLoss):
         m = maps.float().mean(2)  # (B, 2, S, S)
         return ((m[:, 0] - m[:, 1]) * ramp).sum((-2, -1)) * torch.tensor(self.scale[:len(m)])
 
-    def __call__(self, maps, t, relations):
+    def __call__(self, maps, t, relations, *, step):
         """Call k uses offsets[k] (the last one after that): one per image in that call's
         batch, since images under the threshold leave it."""
         self.calls.append((list(relations), maps.detach().clone()))
@@ -208,7 +208,8 @@ def test_pipeline_callback_steers_every_image_of_a_prompt():
                                                   step_size=3000.0))
     seen = []
     inner = cb.steerer.loss_fn
-    cb.steerer.loss_fn = lambda maps, t, rels: (seen.append(list(rels)), inner(maps, t, rels))[1]
+    cb.steerer.loss_fn = lambda maps, t, rels, step: (seen.append(list(rels)),
+                                                      inner(maps, t, rels, step=step))[1]
     steered = torch.from_numpy(run(cb))
     assert plain.shape == steered.shape == (2, 32, 32, 3)
     assert seen and all(r == ["left of", "left of"] for r in seen)  # both images, every call
