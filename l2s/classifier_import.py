@@ -56,7 +56,8 @@ class ImportResult:
     card: dict
 
     def to_json(self) -> dict:
-        keep = ("backbone", "classes", "timesteps", "layout", "source", "architecture")
+        keep = ("backbone", "classes", "timesteps", "layout", "source", "architecture",
+                "notes")
         return {"card": str(self.card_path), **{k: self.card[k] for k in keep}}
 
 
@@ -211,8 +212,8 @@ def reference_config(ckpt: Mapping, n_maps: int) -> tuple[ReferenceConfig, list[
 
 
 def _flux_shaped(arch: ReferenceConfig) -> bool:
-    """The published Flux classifiers' sizes (extractor 4 layers, ff 512; relation 8 heads)."""
-    return arch.extractor_layers == 4 and arch.extractor_ff == 512 and arch.relation_heads == 8
+    """The published Flux classifiers' sizes (extractor 4 layers, feed-forward 512)."""
+    return arch.extractor_layers == 4 and arch.extractor_ff == 512
 
 
 def import_classifier(checkpoint: str | Path, model: str, *, out: str | Path | None = None,
@@ -236,7 +237,18 @@ def import_classifier(checkpoint: str | Path, model: str, *, out: str | Path | N
     if _flux_shaped(arch) and layout.name != "flux":
         raise ImportRefused("this checkpoint has the published Flux classifier's shape "
                             "(extractor 4 layers, ff 512): Flux classifiers need the flux "
-                            f"family, and {denoiser.name} is not a Flux backbone")
+                            f"family, and {denoiser.name} is not a Flux backbone (use "
+                            "--model flux-schnell or flux-dev)")
+    if layout.name == "flux" and not _flux_shaped(arch):
+        raise ImportRefused("this checkpoint has the published SD classifiers' shape, not the "
+                            f"Flux one (extractor 4 layers, ff 512): {denoiser.name} is a Flux "
+                            "backbone; import it with --model sd1.4 or sd2.1-base")
+    notes = []
+    text_len = getattr(denoiser, "text_len", None)
+    if layout.name == "flux" and text_len not in (None, 512):
+        notes.append(f"the published Flux classifiers saw maps softmaxed over 512 T5 keys; "
+                     f"{denoiser.name} records over {text_len} (its max_sequence_length), so "
+                     "padding takes another share of each map")
     net = ReferenceClassifier(arch)
     state = {k: v.float() for k, v in ckpt["model_state_dict"].items()}
     problems = _state_problems(net.state_dict(), state)
@@ -265,6 +277,7 @@ def import_classifier(checkpoint: str | Path, model: str, *, out: str | Path | N
             "config": ckpt["config"], "training_config": ckpt["training_config"],
         },
         "licence": LICENCE_NOTE,
+        "notes": notes,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "l2s_version": __version__,
     }

@@ -105,20 +105,30 @@ def unet_layout(layers: Sequence[CrossAttnLayer]) -> MapLayout:
     return MapLayout("unet", resolution_order(layers), "bilinear", "always")
 
 
+def flux_layout(layers: Sequence[CrossAttnLayer]) -> MapLayout:
+    """The published Flux classifiers' layout: the 19 double-stream then 38 single-stream
+    blocks, 24 heads each, channel = layer x 24 + head (l2s's forward order already); 16x16
+    maps (schnell at 256 px) are used as they are, larger ones (dev at 512 px: 32x32) resized
+    bilinearly and renormalised."""
+    if not any(la.name.startswith("single_transformer_blocks.") for la in layers):
+        raise LayoutError("the published Flux classifiers read all 57 blocks, double- and "
+                          "single-stream: record every layer (FluxDenoiser layers='all')")
+    return MapLayout("flux", None, "bilinear", "resized")
+
+
 # Reference layouts by the name a family declares in ``Denoiser.reference_layout``.
 REFERENCE_LAYOUTS: dict[str, Callable[[Sequence[CrossAttnLayer]], MapLayout]] = {
     "unet": unet_layout,
+    "flux": flux_layout,
 }
 
 
 def reference_layout(denoiser) -> MapLayout:
     """The layout the published classifiers of this backbone's family read."""
     name = getattr(denoiser, "reference_layout", None)
-    if name == "flux" and name not in REFERENCE_LAYOUTS:
-        raise LayoutError("Flux classifiers need the flux family, which this l2s does not "
-                          "have yet: import an SD classifier (--model sd1.4 / sd2.1-base)")
     if name not in REFERENCE_LAYOUTS:
         raise LayoutError(f"{denoiser.name} declares no reference map layout, so the published "
                           "classifiers cannot read its maps: they fit Stable Diffusion UNets "
-                          "(--model sd1.4, sd2.1-base or a diffusers SD folder)")
+                          "(--model sd1.4, sd2.1-base or a diffusers SD folder) and Flux.1 "
+                          "(flux-schnell, flux-dev)")
     return REFERENCE_LAYOUTS[name](denoiser.cross_attention_layers())

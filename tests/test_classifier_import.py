@@ -219,3 +219,47 @@ def test_seed_contract(sd_folder):
         want = torch.randn((1, 4, 32, 32), generator=torch.Generator().manual_seed(s),
                            dtype=torch.float32)
         assert torch.equal(lat[i : i + 1].cpu(), want)
+
+
+def _flux_config():
+    from reference_impl import tiny_config
+
+    cfg = tiny_config()
+    cfg["extractor"] = {**cfg["extractor"], "num_layers": 4, "dim_feedforward": 512}
+    return cfg
+
+
+def test_flux_layout_and_refusals(tmp_path, sd_folder):
+    from l2s.families.mmdit_tiny import save_tiny
+
+    flux = save_tiny(tmp_path / "flux", "flux")
+    flux_ckpt = make_checkpoint(rows=40, config=_flux_config())
+    res = _import(_save(tmp_path, flux_ckpt), "--model", flux, "--out", tmp_path / "f", "--json")
+    assert res.exit_code == 0, res.output
+    card = json.loads((tmp_path / "f" / "card.json").read_text())
+    # Double- then single-stream blocks, head-minor: l2s's own order; 16x16 maps kept as they
+    # are, larger ones resized and renormalised.
+    assert card["layout"] == {"name": "flux", "order": None, "resize": "bilinear",
+                              "renormalise": "resized"}
+    assert card["backbone"]["layers"][0]["name"].startswith("transformer_blocks.")
+    assert card["backbone"]["layers"][-1]["name"].startswith("single_transformer_blocks.")
+    # An SD-shaped checkpoint on Flux, a Flux-shaped one on a UNet: refused.
+    res = _import(_save(tmp_path, make_checkpoint(rows=40), "sd.pth"), "--model", flux,
+                  "--out", tmp_path / "x")
+    assert res.exit_code == 2 and "published SD classifiers' shape" in " ".join(res.output.split())
+    res = _import(_save(tmp_path, flux_ckpt, "fx.pth"), "--model", sd_folder, "--out",
+                  tmp_path / "y")
+    assert res.exit_code == 2 and "Flux classifiers need the flux family" in \
+        " ".join(res.output.split())
+
+
+def test_flux_layout_on_the_published_block_list():
+    from l2s.engine.backbone import CrossAttnLayer
+    from l2s.map_layout import LayoutError, channels, flux_layout
+
+    layers = ([CrossAttnLayer(f"transformer_blocks.{i}.attn", 24, (16, 16)) for i in range(19)]
+              + [CrossAttnLayer(f"single_transformer_blocks.{j}.attn", 24, (16, 16))
+                 for j in range(38)])
+    assert channels(layers) == 1368 and flux_layout(layers).order is None
+    with pytest.raises(LayoutError, match="all 57 blocks"):
+        flux_layout(layers[:19])  # layers="double"

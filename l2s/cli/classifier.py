@@ -22,8 +22,8 @@ def import_(
     checkpoint: str = typer.Argument(..., help="The downloaded .pth file (e.g. ~/Downloads/"
                                                "sd2.pth)."),
     model: str = typer.Option(..., "--model", "-m",
-                              help="Backbone it was trained on: sd1.4, sd2.1-base, or a local "
-                                   "diffusers SD folder / hub id."),
+                              help="Backbone it was trained on: sd1.4, sd2.1-base, flux-schnell, "
+                                   "flux-dev, or a local diffusers folder / hub id."),
     out: str = typer.Option(None, "--out", "-o",
                             help="Install here (default: where `l2s steer --model MODEL` "
                                  "looks)."),
@@ -55,8 +55,10 @@ def import_(
                       f"{card['source']['sha256'][:12]}...) for {card['backbone']['name']} "
                       f"({card['backbone']['fingerprint']}): classes "
                       f"{', '.join(card['classes'])}; trained steps {card['timesteps']}; "
-                      f"{len(card['layout']['order'])} maps per object in the "
+                      f"{card['architecture']['n_maps']} maps per object in the "
                       f"{card['layout']['name']} layout")
+        for note in card.get("notes", []):
+            console.print(f"[yellow]note:[/] {note}")
         console.print(f"classifier card: {res.card_path}")
         console.print(f"[dim]{card['licence']}[/]")
 

@@ -38,6 +38,6 @@ def models(
                           highlight=False)
     console.print(f"HF cache: {hf_cache_dir()}  (models not available: `hf download REPO` "
                   "while online; presets also run with --random-weights for speed work)")
-    console.print("Published L2S classifiers: `l2s classifier import FILE --model sd1.4` (SD1.4) "
-                  "or `--model sd2.1-base` (their SD2 classifier; not sd2.1, the 768 px "
-                  "v-prediction model)")
+    console.print("Published L2S classifiers: `l2s classifier import FILE --model M` with M = "
+                  "sd1.4, sd2.1-base (their SD2 classifier; not sd2.1, the 768 px "
+                  "v-prediction model), flux-schnell or flux-dev")

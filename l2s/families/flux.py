@@ -47,6 +47,7 @@ class FluxDenoiser(MMDiTDenoiser):
     """
 
     pipeline_is_flux = True
+    reference_layout = "flux"  # published Flux classifiers: channel = layer x 24 + head
 
     def __init__(self, transformer, vae, text_encoder, tokenizer, text_encoder_2, tokenizer_2,
                  scheduler_config: dict, *, name: str, image_size=None,
