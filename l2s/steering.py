@@ -408,13 +408,8 @@ def _steer_step(st: Steerer, rec: AttentionRecorder, x: torch.Tensor, t: int, st
                 st.denoiser.predict(z, t, cond.select(ridx), guidance=settings.guidance)
             maps = rec.stacked()  # (R, G, C, S, S)
             sel = torch.stack([torch.stack((maps[a, i], maps[a, j]))
-<<<<<<< HEAD
                                for a, (i, j) in enumerate(pick)])  # (R, 2, C, S, S)
-            loss, p = st.loss_fn(sel, t, rels)  # (R,), (R,)
-=======
-                               for a, (i, j) in enumerate(pick)])  # (A, 2, C, S, S)
-            loss, p = st.loss_fn(sel, t, rels, step=step)  # (A,), (A,)
->>>>>>> 2db084d (Published L2S classifiers: reference architecture (l2s/reference_classifier.py), map layouts (resolution-ascending UNet order, bilinear resize), l2s classifier import (weights_only load, strict validation, safetensors + card), step-index time input, l2s train --arch reference, sd2.1-base preset, l2s models shows imported classifiers)
+            loss, p = st.loss_fn(sel, t, rels, step=step)  # (R,), (R,)
         fwd = timer.stop(t0)
         if loss_first is None:
             loss_first = loss.detach().float()

@@ -75,7 +75,7 @@ class _ClassifierProbe:
             rels = [st.steerable[i][k % len(st.steerable[i])].relation for i in active]
             sel = torch.stack([torch.stack((maps[a, i], maps[a, j]))
                                for a, (i, j) in enumerate(pick)])
-            loss, _ = st.loss_fn(sel, state["t"], rels)
+            loss, _ = st.loss_fn(sel, state["t"], rels, step=self.step)
             for a, ok in zip(active, (loss <= threshold).tolist(), strict=True):
                 self.passed[a] = self.passed[a] and ok
         return None
