@@ -99,8 +99,8 @@ class Fixed(CentroidLoss):
         super().__init__(margin=0.3)
         self.done, self.batches = set(done), []
 
-    def __call__(self, maps, t, relations):
-        loss, p = super().__call__(maps, t, relations)
+    def __call__(self, maps, t, relations, *, step):
+        loss, p = super().__call__(maps, t, relations, step=step)
         self.batches.append(maps.shape[0])
         if len(self.batches) == 1 and self.done:  # first forward: the whole batch, in order
             mask = torch.tensor([i in self.done for i in range(maps.shape[0])])
