@@ -36,6 +36,7 @@ class ToyMMDiTDenoiser(FluxDenoiser):
     """The toy-mmdit (FluxTransformer2DModel on 2x2-packed 32x32 RGB) behind ``Denoiser``."""
 
     pipeline_is_flux = False  # the scheduler's own sigma spacing (the toy's sampling grid)
+    reference_layout = None  # no published classifier reads the toy's maps
 
     def __init__(self, transformer, text_encoder, tokenizer, scheduler_config: dict, *,
                  name: str = "toy-mmdit", image_size=None, known_objects=None) -> None:
