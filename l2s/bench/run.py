@@ -130,6 +130,8 @@ def run_bench(cfg: BenchConfig, denoiser: Denoiser | None = None,
     done = {(r["method"], r["prompt_index"], r["image_index"]) for r in records}
     jobs = [(p, k) for p in mine for k in range(cfg.images)]
     lazy = _Lazy(cfg, denoiser, detector, colors)
+    if detector is None:
+        _ = lazy.detector  # a detector that cannot load fails here, before any generation
     for method in cfg.methods:
         todo = [(p, k) for p, k in jobs if (method, p.index, k) not in done]
         n_done = len(jobs) - len(todo)
