@@ -296,3 +296,11 @@ def test_a_presets_hub_id_gets_its_generation_defaults():
     assert generation_defaults("black-forest-labs/FLUX.1-dev") == (50, 3.5)
     assert generation_defaults("stabilityai/stable-diffusion-3.5-medium") == (40, 4.5)
     assert generation_defaults("someone/unknown-model") == (50, 7.5)
+
+
+def test_flux_schnell_steers_step_zero_only():
+    """method.md: schnell steers step 0 of 4 (half of 4 steps would steer two)."""
+    from l2s.engine.registry import get_preset
+
+    assert get_preset("flux-schnell").steer_until == 1
+    assert get_preset("flux-dev").steer_until == 0.5

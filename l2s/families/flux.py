@@ -33,7 +33,7 @@ FLUX_COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "text_enco
 PRESETS = (
     Preset("flux-schnell", "flux", "black-forest-labs/FLUX.1-schnell",
            "FLUX.1-schnell (12B MMDiT, T5-XXL; timestep-distilled: 4 steps, no guidance; 256 px)",
-           256, 4, 0.0, 5.0, configs=FLUX_SCHNELL),
+           256, 4, 0.0, 5.0, configs=FLUX_SCHNELL, steer_until=1),  # step 0 only (method.md)
     Preset("flux-dev", "flux", "black-forest-labs/FLUX.1-dev",
            "FLUX.1-dev (12B MMDiT, T5-XXL; guidance-distilled: embedded scale 3.5; 512 px)",
            512, 50, 3.5, 5.0, configs=FLUX_DEV),
