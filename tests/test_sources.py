@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 import l2s.sources as sources
+import l2s.toy.sources as toy_sources
 from l2s.relations import RELATIONS, geneval_relations, parse
 from l2s.sources import (
     SOURCES,
@@ -404,7 +405,7 @@ def fake_sample(monkeypatch):
             images.append(torch.from_numpy(image).float() / 255)
         return torch.stack(images)  # (B, H, W, 3) in [0, 1]
 
-    monkeypatch.setattr(sources, "sample", fake)
+    monkeypatch.setattr(toy_sources, "sample", fake)
     return log
 
 

@@ -164,3 +164,27 @@ def oversized(detection: Detection, size: int) -> bool:
     merged blob of same-colour pieces (or a colour flood), not one object."""
     x1, y1, x2, y2 = detection.box
     return max(x2 - x1, y2 - y1) > side_range(size)[1] + 1
+
+
+@dataclass(frozen=True)
+class PairScore:
+    """A toy image scored against "a SUBJECT REL an OBJECT" (GenEval's position rule)."""
+
+    found: dict[str, Detection]  # category -> best detection, of the two asked for
+    both_present: bool  # both objects detected
+    correct: bool  # both present and the relation holds for their boxes
+    fused: bool  # both present but touching or oversized (one blob: a chimera)
+
+
+def score_pair(image: np.ndarray, subject: str, relation: str, obj: str) -> PairScore:
+    """Detect the two objects and apply GenEval's rule; the one scorer of the toy world
+    (benchmark, generated-source verification, toy-model evaluation). Missing = wrong."""
+    from l2s.relations import geneval_relations
+
+    found = detect(image, categories=[subject, obj])
+    a, b = found.get(subject), found.get(obj)
+    both = a is not None and b is not None
+    correct = both and relation in geneval_relations(a.box, b.box)
+    size = max(image.shape[:2])
+    fused = both and (objects_touch(a, b) or oversized(a, size) or oversized(b, size))
+    return PairScore(found, both, bool(correct), bool(fused))

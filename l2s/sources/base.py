@@ -1,0 +1,215 @@
+"""Data-source plumbing: Sample, options, reports, quotas, and the source registry.
+
+The sources themselves (and the format each reads) are described in ``l2s.sources``'s
+docstring; each lives in its own module: ``gqa``, ``folder`` here, ``shapes`` and
+``generated`` beside the toy (``l2s.toy.sources``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from l2s.relations import RELATIONS
+
+# Source name -> module with its `<name>_source(options, report, denoiser)`, imported on use.
+SOURCE_MODULES = {
+    "gqa": "l2s.sources.gqa",
+    "folder": "l2s.sources.folder",
+    "shapes": "l2s.toy.sources",
+    "generated": "l2s.toy.sources",
+}
+SOURCES = tuple(SOURCE_MODULES)
+SPLITS = ("train", "val", "test")
+
+# Samples per relation (train, val, test) when options.per_relation is None. gqa: method.md's
+# real-image counts for SD (Flux used 2000/400/200); generated: method.md's synthetic counts;
+# shapes: toy scenes are free, but the toy classifier needs far fewer; folder: None = every line.
+PER_RELATION: dict[str, tuple[int, int, int] | None] = {
+    "gqa": (800, 200, 100),
+    "folder": None,
+    "shapes": (400, 50, 50),
+    "generated": (800, 100, 70),
+}
+
+class SourceError(ValueError):
+    """A data source cannot be read as asked; the message says what was wrong and what to do."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image with a subject, an object and the true relation between them."""
+
+    source: str  # "gqa" | "folder" | "shapes" | "generated"
+    source_id: str  # stable and unique within the source, e.g. "gqa:2354786:1232-1233"
+    subject: str
+    object: str
+    relation: str  # the TRUE relation of subject to object, one of RELATIONS
+    subject_box: tuple[float, float, float, float]  # x1, y1, x2, y2 in pixels of the image
+    object_box: tuple[float, float, float, float]
+    split: str  # "train" | "val" | "test"
+    image_path: str | None = None  # file read lazily by load_image, or
+    image_array: np.ndarray | None = field(default=None, compare=False, repr=False)  # (H, W, 3)
+
+    def __post_init__(self) -> None:
+        if self.relation not in RELATIONS:
+            raise ValueError(f"sample relation {self.relation!r} is not one of {RELATIONS}")
+        if self.split not in SPLITS:
+            raise ValueError(f"sample split {self.split!r} is not one of {SPLITS}")
+        if (self.image_path is None) == (self.image_array is None):
+            raise ValueError("a sample needs exactly one of image_path and image_array")
+
+    def load_image(self) -> np.ndarray:
+        """The image as (H, W, 3) uint8 RGB; SourceError naming the file when it is unreadable."""
+        if self.image_array is not None:
+            return self.image_array
+        from PIL import Image
+
+        try:
+            with Image.open(self.image_path) as image:
+                array = np.asarray(image.convert("RGB"), dtype=np.uint8)
+        except (OSError, ValueError, Image.DecompressionBombError) as err:
+            raise SourceError(
+                f"cannot read image {self.image_path} of sample {self.source_id} ({err}): "
+                "replace the file with a readable JPEG or PNG, or remove the sample"
+            ) from err
+        return array
+
+
+@dataclass
+class SourceReport:
+    """What one source kept, dropped and why; quality drops only, not samples over quota."""
+
+    kept: Counter = field(default_factory=Counter)  # "split/relation" -> samples yielded
+    dropped: Counter = field(default_factory=Counter)  # reason -> candidates dropped
+    short: Counter = field(default_factory=Counter)  # "split/relation" -> quota left unfilled
+
+    def keep(self, s: Sample) -> Sample:
+        self.kept[f"{s.split}/{s.relation}"] += 1
+        return s
+
+    def to_dict(self) -> dict:
+        return {
+            "kept": dict(sorted(self.kept.items())),
+            "kept_total": sum(self.kept.values()),
+            "dropped": dict(sorted(self.dropped.items())),
+            "short": dict(sorted(self.short.items())),
+        }
+
+
+@dataclass(frozen=True)
+class SourceOptions:
+    """Where each source reads from and how many samples it yields."""
+
+    gqa_root: str | None = None  # gqa: folder with images/ and {train,val}_sceneGraphs.json
+    folder: str | None = None  # folder: folder with annotations.jsonl and its images
+    # Samples per relation for (train, val, test); None: the source's default in PER_RELATION.
+    per_relation: tuple[int, int, int] | None = None
+    seed: int = 0  # fixes every choice and the order; same seed, same samples
+    shapes_size: int = 32  # shapes: image side in pixels (match the model's image size)
+    generated_model: str = "toy"  # generated: preset whose steps/guidance are the defaults
+    generated_steps: int | None = None  # generated: sampling steps (None: the preset's)
+    generated_guidance: float | None = None  # generated: CFG scale (None: the preset's)
+    generated_candidates: int = 8000  # generated: most images generated per relation
+    generated_batch: int = 64  # generated: images per sampling batch
+
+    def __post_init__(self) -> None:
+        if self.per_relation is not None:
+            counts = tuple(self.per_relation)  # YAML gives lists
+            if len(counts) != 3 or not all(isinstance(c, int) and c >= 0 for c in counts):
+                raise SourceError(
+                    f"per_relation must be three counts (train, val, test) >= 0, got "
+                    f"{self.per_relation!r}"
+                )
+            object.__setattr__(self, "per_relation", tuple(int(c) for c in counts))
+        if self.generated_batch < 1 or self.generated_candidates < 0:
+            raise SourceError("generated_batch must be >= 1 and generated_candidates >= 0")
+
+
+def per_relation(source: str, options: SourceOptions) -> tuple[int, int, int] | None:
+    """(train, val, test) samples per relation for `source`; None: no cap (folder default)."""
+    return options.per_relation if options.per_relation is not None else PER_RELATION[source]
+
+
+def expected_samples(source: str, options: SourceOptions, limit: int | None = None
+                     ) -> int | None:
+    """At most how many samples `source` yields (None: unknown until read, e.g. folder)."""
+    counts = per_relation(source, options)
+    n = None if counts is None else sum(counts) * len(RELATIONS)
+    if limit is not None:
+        n = limit if n is None else min(n, limit)
+    return n
+
+
+def iter_samples(
+    source: str, options: SourceOptions, report: SourceReport, denoiser=None
+) -> Iterator[Sample]:
+    """The samples of `source` in seeded order; counts go to `report` as they happen.
+
+    Missing inputs raise SourceError here, before the first sample. `denoiser` is the generator
+    of the "generated" source (the toy model) and is ignored by the others.
+    """
+    if source not in SOURCE_MODULES:
+        raise SourceError(f"unknown data source {source!r}: use one of {', '.join(SOURCES)}")
+    module = importlib.import_module(SOURCE_MODULES[source])
+    return getattr(module, f"{source}_source")(options, report, denoiser)
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared helpers
+
+
+def _unit(*parts: object) -> float:
+    """A stable uniform number in [0, 1) from the parts (Python's hash() is salted per run)."""
+    digest = hashlib.blake2b(":".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64
+
+
+def _normalise(name: str) -> str:
+    return " ".join(str(name).lower().split())
+
+
+def _strongest(relations: set[str], box_a: Sequence[float], box_b: Sequence[float]) -> str:
+    """The one relation of `relations` along the axis where the centres lie farther apart."""
+    dx = abs((box_a[0] + box_a[2]) - (box_b[0] + box_b[2]))
+    dy = abs((box_a[1] + box_a[3]) - (box_b[1] + box_b[3]))
+    held = [r for r in RELATIONS if r in relations]
+    return max(held, key=lambda r: dx if r in ("left of", "right of") else dy)
+
+
+class _Quota:
+    """Remaining (split, relation) quotas; `split_for` picks the least-full open split."""
+
+    def __init__(self, counts: tuple[int, int, int]):
+        self.target = dict(zip(SPLITS, counts, strict=True))
+        self.filled = Counter()
+
+    def open(self, split: str, relation: str) -> bool:
+        return self.filled[split, relation] < self.target[split]
+
+    def split_for(self, relation: str) -> str | None:
+        open_splits = [s for s in SPLITS if self.open(s, relation)]
+        if not open_splits:
+            return None
+        return min(open_splits, key=lambda s: self.filled[s, relation] / self.target[s])
+
+    def relation_open(self, relation: str) -> bool:
+        return any(self.open(s, relation) for s in SPLITS)
+
+    def done(self) -> bool:
+        return not any(self.relation_open(r) for r in RELATIONS)
+
+    def take(self, split: str, relation: str) -> None:
+        self.filled[split, relation] += 1
+
+    def report_short(self, report: SourceReport, splits: Sequence[str] = SPLITS) -> None:
+        for split in splits:
+            for relation in RELATIONS:
+                missing = self.target[split] - self.filled[split, relation]
+                if missing > 0:
+                    report.short[f"{split}/{relation}"] += missing
