@@ -116,6 +116,13 @@ def map_moments(maps: torch.Tensor, size: int) -> torch.Tensor:
     return torch.stack([mx, my, sx, sy], dim=-1)
 
 
+def check_maps(maps: torch.Tensor, n_maps: int, map_size: int) -> None:
+    """Refuse classifier input that is not (B, 2, n_maps, map_size, map_size)."""
+    if maps.ndim != 5 or maps.shape[1:] != (2, n_maps, map_size, map_size):
+        raise ValueError(f"maps must be (B, 2, {n_maps}, {map_size}, {map_size}), "
+                         f"got {tuple(maps.shape)}")
+
+
 class RelationClassifier(nn.Module):
     """Maps (B, 2, C, S, S) + timesteps (B,) -> relation logits (B, K) (L2S sec. 3).
 
@@ -159,9 +166,7 @@ class RelationClassifier(nn.Module):
     def forward(self, maps: torch.Tensor, t: torch.Tensor | int) -> torch.Tensor:
         """Logits (B, K) for maps (B, 2, C, S, S) at timesteps t, (B,) or one for all."""
         cfg = self.config
-        if maps.ndim != 5 or maps.shape[1:] != (2, cfg.n_maps, cfg.map_size, cfg.map_size):
-            raise ValueError(f"maps must be (B, 2, {cfg.n_maps}, {cfg.map_size}, "
-                             f"{cfg.map_size}), got {tuple(maps.shape)}")
+        check_maps(maps, cfg.n_maps, cfg.map_size)
         b, area = maps.shape[0], cfg.map_size**2
         # Maps sum to 1; scaled by S*S their mean value is 1, a scale the linear layers like.
         x = maps.to(self.embed.weight.dtype).flatten(3) * area  # (B, 2, C, S*S)

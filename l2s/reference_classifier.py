@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from l2s.classifier import check_maps
+
 # The published checkpoints' class names -> l2s relation names; "is" (an attribute class) is
 # no relation: it stays in the softmax and is never a steering target.
 REFERENCE_CLASSES = {"above": "above", "below": "below", "to the left of": "left of",
@@ -228,9 +230,7 @@ class ReferenceClassifier(nn.Module):
     def forward(self, maps: torch.Tensor, t: torch.Tensor | int) -> torch.Tensor:
         """Logits (B, K) for maps (B, 2, C, S, S) at time inputs t, (B,) or one for all."""
         cfg = self.config
-        if maps.ndim != 5 or maps.shape[1:] != (2, cfg.n_maps, cfg.map_size, cfg.map_size):
-            raise ValueError(f"maps must be (B, 2, {cfg.n_maps}, {cfg.map_size}, "
-                             f"{cfg.map_size}), got {tuple(maps.shape)}")
+        check_maps(maps, cfg.n_maps, cfg.map_size)
         b = maps.shape[0]
         times = torch.as_tensor(t, device=maps.device).long().reshape(-1).expand(b)
         x = maps.to(self.object_extractor.input_projection.weight.dtype)
