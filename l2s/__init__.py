@@ -4,16 +4,25 @@ The Python API mirrors the CLI; each job takes a frozen config and returns a res
 
     from l2s import steer, SteerConfig
     result = steer(SteerConfig("a circle to the left of a square", num_images=4))
+
+``steer``, ``invert`` and ``train`` are functions (their modules are ``l2s.jobs.*``);
+``l2s.bench`` is the benchmark package, whose job is ``run_bench``.
 """
 
 __version__ = "0.1.0"
 
-# name -> (module, attribute); imported on first use so `import l2s` stays light.
+# name -> (module, attribute); imported on first use so `import l2s` stays light. No name here
+# may also be a submodule of l2s: importing the submodule would rebind the package attribute
+# (tests/test_api.py checks this in a fresh interpreter).
 _API = {
-    "steer": ("l2s.steer", "steer"), "SteerConfig": ("l2s.steer", "SteerConfig"),
-    "invert": ("l2s.invert", "run_invert"), "InvertConfig": ("l2s.invert", "InvertConfig"),
-    "train": ("l2s.train", "run_train"), "TrainConfig": ("l2s.train", "TrainConfig"),
-    "bench": ("l2s.bench", "run_bench"), "BenchConfig": ("l2s.bench", "BenchConfig"),
+    "steer": ("l2s.jobs.steer", "steer"),
+    "SteerConfig": ("l2s.jobs.steer", "SteerConfig"),
+    "invert": ("l2s.jobs.invert", "run_invert"),
+    "InvertConfig": ("l2s.jobs.invert", "InvertConfig"),
+    "train": ("l2s.jobs.train", "run_train"),
+    "TrainConfig": ("l2s.jobs.train", "TrainConfig"),
+    "run_bench": ("l2s.bench.run", "run_bench"),
+    "BenchConfig": ("l2s.bench.run", "BenchConfig"),
     "load_backbone": ("l2s.engine.loading", "load_backbone"),
     "parse": ("l2s.relations", "parse"),
     "steering_callback": ("l2s.pipeline", "steering_callback"),

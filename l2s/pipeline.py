@@ -55,7 +55,7 @@ def steering_callback(pipe, prompt: str | Sequence[str], *, method: str = "l2s",
                       ) -> PipelineSteerer:
     """Build the callback for ``pipe(prompt, ...)``: the l2s classifier loss (``classifier``
     card, or the registered default of ``model``) or the ``centroid`` baseline."""
-    from l2s.steer import build_loss
+    from l2s.jobs.steer import build_loss
 
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     prompts = [p for p in prompts for _ in range(num_images_per_prompt)]

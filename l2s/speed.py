@@ -58,7 +58,7 @@ def timing_loss(denoiser: Denoiser, model: str, classifier: str | None) -> tuple
     answers, it only disables the early exit.
     """
     from l2s.classifier import ClassifierConfig, RelationClassifier
-    from l2s.steer import SteerError, build_loss
+    from l2s.jobs.steer import SteerError, build_loss
     from l2s.steering import ClassifierLoss
 
     try:
@@ -134,7 +134,7 @@ def _default_prompt(denoiser: Denoiser) -> str:
 def run_speed(config: SpeedConfig, denoiser: Denoiser | None = None, on_unit=None) -> dict:
     """Measure the units and the end-to-end generations; return the report (JSON-ready)."""
     from l2s.engine.loading import load_backbone
-    from l2s.steer import steer_settings
+    from l2s.jobs.steer import steer_settings
 
     if config.repeats < 1 or config.iterations < 1:
         raise ValueError("--repeats and --iterations must be at least 1")
@@ -147,7 +147,7 @@ def run_speed(config: SpeedConfig, denoiser: Denoiser | None = None, on_unit=Non
     if not triplets:
         raise ValueError(f"the prompt {prompt!r} states no steerable relation (left of, right "
                          "of, above, below): nothing to steer")
-    from l2s.steer import check_prompt
+    from l2s.jobs.steer import check_prompt
 
     check_prompt(denoiser, triplets)  # what steer refuses, speed refuses too
     loss, loss_source = timing_loss(denoiser, config.model, config.classifier)

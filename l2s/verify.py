@@ -86,7 +86,7 @@ def generate_verified(denoiser: Denoiser, prompts: list[str], triplets: list[lis
                       check: Check | None = None) -> Verified:
     """Plain images for every prompt; those failing ``check`` (default: the backbone's
     detector, else the classifier on the plain pass) regenerated steered from their seeds."""
-    from l2s.steer import generate
+    from l2s.jobs.steer import generate
 
     check = check or detector_check(denoiser, triplets)
     probe = None

@@ -12,7 +12,7 @@ from l2s.cli import app
 from l2s.engine import loading
 from l2s.families.tiny import tiny_sd
 from l2s.inversion import InversionConfig
-from l2s.invert import InvertConfig, run_invert, sample_prompts
+from l2s.jobs.invert import InvertConfig, run_invert, sample_prompts
 from l2s.relations import RELATIONS, Triplet
 
 FAST = InversionConfig(method="noise", steps=10, record_steps=(2, 5, 9))

@@ -17,7 +17,7 @@ from l2s.cli import app
 from l2s.config import ConfigError, check_writable_dir
 from l2s.engine.backbone import BackboneError
 from l2s.engine.loading import load_backbone, resolve_device
-from l2s.steer import prompt_warnings
+from l2s.jobs.steer import prompt_warnings
 
 runner = CliRunner()
 PROMPT = "a circle to the left of a square"
@@ -238,7 +238,7 @@ def test_claims_split_work_and_dead_claims_are_taken_over(tmp_path):
 
 def test_invert_leaves_claimed_images_to_the_other_process(tmp_path, monkeypatch, one_thread):
     from l2s.inversion import InversionConfig
-    from l2s.invert import InvertConfig, run_invert
+    from l2s.jobs.invert import InvertConfig, run_invert
 
     den = load_backbone("toy")
     cfg = InvertConfig(cache_dir=str(tmp_path / "c"), limit=2, batch_size=1,

@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 from l2s.cli import app
 from l2s.engine import loading
 from l2s.families.tiny import tiny_sd
-from l2s.steer import PromptError, SteerConfig, SteerError, check_prompt, steer, unique_dir
+from l2s.jobs.steer import PromptError, SteerConfig, SteerError, check_prompt, steer, unique_dir
 
 runner = CliRunner()
 STEP_KEYS = {"step", "iterations", "image_updates", "loss_before", "loss_after", "p_target",

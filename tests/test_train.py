@@ -10,8 +10,9 @@ from typer.testing import CliRunner
 from l2s.cache import AttentionCache, content_key
 from l2s.classifier import load_classifier, trained_classifier_dir
 from l2s.engine.backbone import CrossAttnLayer
+from l2s.jobs.train import TrainConfig, run_train
+from l2s.map_data import TrainError, hash_split, load_maps, split_images
 from l2s.relations import RELATIONS
-from l2s.train import TrainConfig, TrainError, hash_split, load_maps, run_train, split_images
 
 LAYERS = (("down.attn2", 2), ("up.attn2", 3))  # C = 5 maps per object
 OFFSETS = {"left of": (-1, 0), "right of": (1, 0), "above": (0, -1), "below": (0, 1)}  # y down
@@ -293,7 +294,7 @@ def _geometric_label(x):
 
 @pytest.mark.parametrize("mode", ["mirror", "all"])
 def test_augmentation_keeps_labels_true_to_the_geometry(mode):
-    from l2s.train import augment_batch
+    from l2s.jobs.train import augment_batch
 
     gen = torch.Generator().manual_seed(0)
     centres = [((3, 8), (12, 8)), ((12, 8), (3, 8)), ((8, 2), (8, 13)), ((8, 13), (8, 2))] * 16
@@ -330,7 +331,7 @@ def test_broken_entries_are_dropped_said_and_recorded_in_the_card(tmp_path, monk
 
 
 def test_train_data_inverts_what_the_cache_lacks_first(tmp_path, monkeypatch):
-    from l2s.invert import InvertResult
+    from l2s.jobs.invert import InvertResult
 
     calls = []
 

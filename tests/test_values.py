@@ -221,7 +221,7 @@ def test_pipeline_callback_steers_every_image_of_a_prompt():
 def test_steered_toy_image_slice_is_pinned():
     """Regression value: the centre row of a steered toy image (seed 0, 6 steps). A change of
     the sampler, the loss or the update moves these numbers."""
-    from l2s.steer import SteerConfig, steer
+    from l2s.jobs.steer import SteerConfig, steer
 
     res = steer(SteerConfig("a circle to the left of a square", steps=6, steer_until=3,
                             iterations=4, steer_from=0, optimizer="sgd", step_size=5.0))

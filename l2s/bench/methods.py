@@ -64,7 +64,7 @@ def _steer_method(name: str) -> MethodFactory:
     l2s-verify: plain first, the images the detector fails regenerated with l2s from the same
     seeds (``l2s.verify``)."""
     def factory(ctx: MethodContext) -> Generate:
-        from l2s.steer import build_loss, generate, steer_settings
+        from l2s.jobs.steer import build_loss, generate, steer_settings
         from l2s.verify import generate_verified
 
         cfg = ctx.config

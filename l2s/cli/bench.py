@@ -25,7 +25,7 @@ from l2s.engine.backbone import BackboneError
 def _errors():
     from l2s.bench.detectors import DetectorError
     from l2s.classifier import ClassifierError
-    from l2s.steer import SteerError
+    from l2s.jobs.steer import SteerError
 
     return (BackboneError, BenchError, SteerError, ClassifierError, DetectorError)
 

@@ -17,7 +17,7 @@ from l2s.cli.options import config_option, write_resolved
 from l2s.cli.output import console, emit_json, user_errors
 from l2s.engine.backbone import BackboneError
 from l2s.inversion import InversionConfig
-from l2s.invert import InvertConfig, run_invert
+from l2s.jobs.invert import InvertConfig, run_invert
 
 
 def _ints(text: str, name: str) -> tuple[int, ...]:

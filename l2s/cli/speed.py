@@ -15,7 +15,7 @@ from l2s.speed import SpeedConfig, run_speed
 
 def _errors():
     from l2s.classifier import ClassifierError
-    from l2s.steer import SteerError
+    from l2s.jobs.steer import SteerError
 
     return (BackboneError, SteerError, ClassifierError, ValueError)
 

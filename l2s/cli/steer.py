@@ -12,8 +12,8 @@ from l2s.cli.output import console, emit_json, status, user_errors
 from l2s.config import check_writable_dir
 from l2s.engine.backbone import BackboneError
 from l2s.engine.tokens import TokenAlignmentError, triplet_tokens
-from l2s.steer import PromptError, SteerConfig, SteerError
-from l2s.steer import steer as run_steer
+from l2s.jobs.steer import PromptError, SteerConfig, SteerError
+from l2s.jobs.steer import steer as run_steer
 
 
 def _errors():
@@ -141,7 +141,7 @@ def steer(
     def body() -> None:
         from l2s.classifier import card_origin
         from l2s.engine.loading import load_backbone
-        from l2s.steer import steer_settings
+        from l2s.jobs.steer import steer_settings
 
         cfg = SteerConfig(prompt=prompt, model=model, method=method, classifier=classifier,
                           num_images=num_images, seed=seed, steps=steps, guidance=guidance,

@@ -16,9 +16,9 @@ from l2s.cli.output import console, emit_json, status, user_errors
 from l2s.config import check_choice
 from l2s.engine.backbone import BackboneError
 from l2s.inversion import InversionConfig
-from l2s.invert import InvertConfig, run_invert
+from l2s.jobs.invert import InvertConfig, run_invert
+from l2s.jobs.train import TrainConfig, TrainError, TrainResult, run_train
 from l2s.relations import RELATIONS
-from l2s.train import TrainConfig, TrainError, TrainResult, run_train
 
 
 def _pct(x: float | None) -> str:

@@ -9,7 +9,6 @@ wrong-caption recordings always fall on the same side.
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import time
 from collections import Counter
@@ -30,10 +29,9 @@ from l2s.classifier import (
     trained_classifier_dir,
 )
 from l2s.config import check_choice, check_number, check_writable_dir
+from l2s.map_data import SPLIT_MODES, MapData, TrainError, load_maps, split_images
 from l2s.relations import RELATIONS
 
-SPLITS = ("train", "val", "test")
-SPLIT_MODES = ("hash", "recorded")
 # Label-preserving symmetries of a (subject, object) map pair: "mirror" = left-right flip and
 # subject/object swap (plausible for photos); "all" adds the up-down flip; "none" = off.
 AUGMENT_MODES = ("none", "mirror", "all")
@@ -41,16 +39,10 @@ AUGMENT_MODES = ("none", "mirror", "all")
 _H_FLIP = {"left of": "right of", "right of": "left of"}
 _V_FLIP = {"above": "below", "below": "above"}
 _SWAP = {**_H_FLIP, **_V_FLIP}
-# Metadata every map entry must carry for training (written by `l2s invert`).
-REQUIRED_META = ("relation", "polarity", "image_hash", "timesteps", "layers", "heads")
 SD_LR = 1e-4  # L2S's learning rate for SD backbones
 TOY_LR = 1e-3  # the toy's data set is small and clean: a larger step converges in minutes
 REFERENCE_SIZE = (256, 2)  # (d_model, depth): ~2M parameters at SD's 128-195 maps, as in L2S
 TOY_SIZE = (64, 1)  # ~130k parameters: enough for the toy's clean shapes, fast on a CPU
-
-
-class TrainError(ValueError):
-    """Training cannot run on this data or with these settings; the message says what to do."""
 
 
 @dataclass(frozen=True)
@@ -130,187 +122,6 @@ class TrainResult:
         return {"card": str(self.card_path), "metrics": self.metrics,
                 "data": self.card["data"], "training": self.card["training"],
                 "seconds": self.seconds}
-
-
-# ---------------------------------------------------------------------------------------------
-# Data
-
-
-@dataclass
-class MapData:
-    """Every training sample in memory: one per (entry, recorded timestep)."""
-
-    maps: torch.Tensor  # (N, 2, C, S, S) float16
-    t: torch.Tensor  # (N,) long: diffusion timestep of each sample
-    y: torch.Tensor  # (N,) long: index of the true relation
-    neg: torch.Tensor  # (N,) bool: recorded under a wrong-relation caption
-    prompt_y: torch.Tensor  # (N,) long: index of the caption's relation
-    image: list[str]  # (N,) image_hash of each sample
-    split: list[str]  # (N,) split recorded by the source ("" if none)
-    source: list[str]  # (N,) source of each sample
-    timesteps: list[int]  # the recorded timesteps, in recording order
-    layers: list[dict]  # [{"name", "heads"}] of the recorded layers
-    cache_dir: str  # the cache folder of this backbone they were read from
-    corrupt: list[str] = field(default_factory=list)  # keys of broken entries deleted on reading
-    t_input: torch.Tensor | None = None  # (N,) the network's time input, when not t itself
-
-
-def _fail_empty(root: Path, name: str, fingerprint: str, model: str) -> TrainError:
-    others = []
-    for settings in sorted(root.glob("*/settings.json")):
-        try:
-            s = json.loads(settings.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-        if settings.parent.name != fingerprint:
-            others.append(f"{s.get('model')} ({settings.parent.name})")
-    hint = (f"; the cache holds maps of {', '.join(others)} (a different model, weights or "
-            "dtype gives a different fingerprint)" if others else "")
-    return TrainError(f"no cached maps for {name} ({fingerprint}) in {root}: run "
-                      f"`l2s invert --model {model}` first{hint}")
-
-
-def _looks_like_cache(root: Path) -> bool:
-    """Empty, or holding a folder `l2s invert` or `l2s train` wrote."""
-    children = [c for c in root.iterdir() if not c.name.startswith(".")]
-    return not children or any(
-        c.name == "classifiers" or (c / "manifest.jsonl").exists() or (c / "settings.json").exists()
-        for c in children)
-
-
-def load_maps(cache_dir: str | Path | None, fingerprint: str, *, name: str, model: str,
-              layers: Sequence[dict] | None = None, sources: Sequence[str] = ()) -> MapData:
-    """Read every cache entry of a backbone (optionally only some sources) into memory.
-
-    Everything is held as float16: T x 2 x C x S x S x 2 bytes per entry (SD2.1, 6 timesteps:
-    1.2 MB; 20k entries: ~24 GB), which keeps the epochs free of disk reads.
-    """
-    from l2s.cache import AttentionCache, default_cache_dir
-
-    root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-    if root.exists() and not root.is_dir():
-        raise TrainError(f"cache folder {root} is a file, not a folder: pass the --cache-dir "
-                         "`l2s invert` wrote")
-    if not root.is_dir():
-        raise TrainError(f"cache folder {root} does not exist: run `l2s invert --model {model}` "
-                         "first, or pass the --cache-dir it wrote")
-    if not (root / fingerprint / "maps").is_dir():
-        if not _looks_like_cache(root):
-            raise TrainError(f"{root} is not an l2s attention cache (no <fingerprint>/"
-                             "manifest.jsonl inside): pass the --cache-dir `l2s invert` wrote")
-        raise _fail_empty(root, name, fingerprint, model)
-    cache = AttentionCache(root, fingerprint)
-    rows = cache.manifest()
-    if sources:
-        have = Counter(r.get("source") for r in rows)
-        rows = [r for r in rows if r.get("source") in sources]
-        if not rows:
-            raise TrainError(f"no cached maps of source(s) {', '.join(sources)} for {name} in "
-                             f"{cache.dir}: it holds {dict(have)}; run `l2s invert --model "
-                             f"{model} --data {sources[0]}` or choose --data among those")
-    if not rows:
-        raise _fail_empty(root, name, fingerprint, model)
-
-    buf: torch.Tensor | None = None
-    ts_list: list[int] = []
-    t, y, neg, prompt_y, image, split, source = [], [], [], [], [], [], []
-    layer_list: list[dict] | None = None
-    shapes: Counter = Counter()
-    n = 0
-    for row in rows:
-        e = cache.get(row["key"])
-        if e is None:
-            continue
-        meta = e.meta
-        missing = [k for k in REQUIRED_META if k not in meta]
-        if missing:
-            raise TrainError(f"cache entry {e.key} in {cache.dir} lacks {missing}: it was not "
-                             "written by `l2s invert` (or by an older version); delete it or "
-                             f"rebuild with `l2s invert --model {model}`")
-        for k in ("relation", "prompt_relation"):
-            if meta.get(k, meta["relation"]) not in RELATIONS:
-                raise TrainError(f"cache entry {e.key} has {k} {meta[k]!r}, which the "
-                                 f"classifier cannot learn (classes: {', '.join(RELATIONS)}): "
-                                 "remove that source's non-directional samples")
-        if meta["polarity"] not in ("pos", "neg"):
-            raise TrainError(f"cache entry {e.key} has polarity {meta['polarity']!r}, not pos "
-                             f"or neg: rebuild it with `l2s invert --model {model}`")
-        shape = tuple(e.maps.shape)
-        entry_layers = [{"name": a, "heads": h} for a, h in zip(meta["layers"], meta["heads"],
-                                                                  strict=True)]
-        shapes[(shape, tuple(meta["timesteps"]), json.dumps(entry_layers))] += 1
-        if buf is None:
-            buf = torch.empty((len(rows),) + shape, dtype=torch.float16)
-            ts_list, layer_list = [int(s) for s in meta["timesteps"]], entry_layers
-        if len(shapes) > 1:
-            continue  # keep counting variants, to report them all at once
-        buf[n] = e.maps
-        n += 1
-        polarity = meta["polarity"]
-        k = shape[0]
-        t.extend(ts_list)
-        y.extend([RELATIONS.index(meta["relation"])] * k)
-        neg.extend([polarity == "neg"] * k)
-        prompt_y.extend([RELATIONS.index(meta.get("prompt_relation", meta["relation"]))] * k)
-        image.extend([meta["image_hash"]] * k)
-        split.extend([meta.get("split") or ""] * k)
-        source.extend([meta.get("source") or "?"] * k)
-    if len(shapes) > 1:
-        lines = "; ".join(f"{n_} entries of shape {s} at timesteps {list(ts)} over "
-                          f"{len(json.loads(la))} layers"
-                          for (s, ts, la), n_ in shapes.most_common())
-        raise TrainError(f"cache entries for {name} disagree: {lines}. They were recorded with "
-                         "different settings (--timesteps, map size, layers): train on one "
-                         "setting with --data, or rebuild the cache with one setting")
-    if buf is None or n == 0:
-        raise TrainError(f"every cached entry for {name} in {cache.dir} was unreadable and has "
-                         f"been deleted ({len(cache.corrupt)}): rebuild them with "
-                         f"`l2s invert --model {model}`")
-    if layers is not None and layer_list != list(layers):
-        raise TrainError(f"the cached maps of {name} were recorded over layers "
-                         f"{[la['name'] for la in layer_list][:4]}... but the backbone has "
-                         f"{[la['name'] for la in layers][:4]}...: rebuild the cache with "
-                         f"`l2s invert --model {model}`")
-    c = buf.shape[3]
-    if sum(la["heads"] for la in layer_list) != c:
-        raise TrainError(f"cached maps hold {c} maps per object but their layers list "
-                         f"{sum(la['heads'] for la in layer_list)} heads: rebuild the cache")
-    maps = buf[:n].flatten(0, 1)  # (E, T, 2, C, S, S) -> (E*T, 2, C, S, S), no copy
-    return MapData(maps, torch.tensor(t), torch.tensor(y), torch.tensor(neg),
-                   torch.tensor(prompt_y), image, split, source, ts_list, layer_list,
-                   str(cache.dir), list(cache.corrupt))
-
-
-def hash_split(image: str, seed: int, val_fraction: float, test_fraction: float) -> str:
-    """The split of one image: a seeded hash of its image_hash, so adding images never moves
-    the ones already split."""
-    u = int(hashlib.sha256(f"{seed}:{image}".encode()).hexdigest()[:15], 16) / 16**15
-    return "test" if u < test_fraction else "val" if u < test_fraction + val_fraction else "train"
-
-
-def split_images(data: MapData, cfg: TrainConfig) -> dict[str, torch.Tensor]:
-    """Sample indices of each split; every image's samples land in exactly one split."""
-    of_image: dict[str, str] = {}
-    for img, rec in zip(data.image, data.split, strict=True):
-        if cfg.split == "hash":
-            if img not in of_image:
-                of_image[img] = hash_split(img, cfg.seed, cfg.val_fraction, cfg.test_fraction)
-        else:
-            if rec not in SPLITS:
-                raise TrainError(f"a cached sample has recorded split {rec!r}: use --split hash")
-            if of_image.setdefault(img, rec) != rec:
-                raise TrainError(f"image {img} is recorded in both {of_image[img]} and {rec}: "
-                                 "use --split hash, which splits by image")
-    which = torch.tensor([SPLITS.index(of_image[img]) for img in data.image])
-    out = {s: torch.nonzero(which == i).flatten() for i, s in enumerate(SPLITS)}
-    images = Counter(of_image.values())
-    empty = [s for s in SPLITS if images[s] == 0]
-    if empty:
-        raise TrainError(f"too few images for a {'/'.join(SPLITS)} split: {len(of_image)} "
-                         f"images gave {dict(images)} and none for {', '.join(empty)}; invert "
-                         "more images (`l2s invert --limit ...`) or raise --val-fraction / "
-                         "--test-fraction")
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
