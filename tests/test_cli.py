@@ -34,6 +34,10 @@ def test_doctor_json_reports_versions_and_offline_mode():
     assert rep["hf_offline"] is True
     assert rep["packages"]["diffusers"]["installed"].startswith("0.42")
     assert set(rep["models"]) >= {"toy", "sd2.1"}
+    # bench detectors: the toy ships; the hub ones are not in the (empty) test cache
+    assert rep["detectors"]["toy"]["available"] and not rep["detectors"]["mask2former"]["available"]
+    r = runner.invoke(app, ["doctor"])
+    assert "detector mask2former" in r.output and "hf download" in r.output
 
 
 def test_threads_option_sets_torch_threads():

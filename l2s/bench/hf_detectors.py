@@ -1,26 +1,249 @@
-"""transformers detectors for the GenEval / CompBench suites: not built yet (issue 14 is open).
+"""transformers detectors behind l2s.bench.detectors.Detector, loaded from a hub id or a folder.
 
-Planned: Mask2Former (facebook/mask2former-swin-small-coco-instance, boxes from the instance
-masks) and OWLv2 through transformers. Until then every real-model suite is refused up front
-with this module's DetectorError, before anything is generated.
+- Mask2Former (model_type mask2former; default facebook/mask2former-swin-small-coco-instance):
+  COCO instance segmentation, the architecture GenEval uses. Every instance transformers'
+  post-processing returns is kept (threshold 0: the scorer applies GenEval's thresholds), with
+  its score as that post-processing computes it (class probability x mean mask probability, as
+  mmdet does), its binary mask (for the colour step) and its box taken from the mask the way
+  mmdet's `mask2bbox` does. Labels are COCO names as GenEval spells them.
+- OWLv2 / OWL-ViT (model_type owlv2, owlvit; default google/owlv2-base-patch16-ensemble): open
+  vocabulary, queried with the prompt's object names; every box comes back (threshold 0) in
+  pixels of the original image, clipped to it; no masks (colour then reads the box crop).
+
+Models load with `from_pretrained` through the HF cache (HF_HUB_OFFLINE honoured), safetensors
+only unless `l2s --allow-pickle`.
 """
 
 from __future__ import annotations
 
-from l2s.bench.detectors import DetectorError
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
-NOT_BUILT = ("the transformers detectors (Mask2Former, OWLv2) are not built into this version "
-             "of l2s yet, so suites geneval, geneval-position, compbench-spatial and multirel "
-             "cannot be scored; use --suite shapes or shapes-multi with --detector toy, or score "
-             "the saved images with GenEval's own evaluate_images.py (the output folder uses "
-             "its layout)")
+import numpy as np
+import torch
+
+from l2s.bench.detectors import OWL_RULES, DetectorError, ImageDetections
+from l2s.bench.geneval import GENEVAL_RULES, Detection
+from l2s.engine.loading import (
+    _cached_file,
+    allow_pickle,
+    hf_cache_dir,
+    hf_offline,
+    hub_reachable,
+    quiet_loading,
+    resolve_device,
+)
+
+# COCO names in detectron2's / transformers' id2label that GenEval's object_names.txt renames
+# (GenEval's own list is mmdet's COCO order with these three changed).
+COCO_TO_GENEVAL = {"mouse": "computer mouse", "remote": "tv remote",
+                   "keyboard": "computer keyboard"}
+SAFE_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
+PICKLED_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
-def load_hf_detector(name: str, device: str | None = None):
-    """Refuses: see NOT_BUILT."""
-    raise DetectorError(f"cannot load detector {name!r}: {NOT_BUILT}")
+def geneval_label(name: str) -> str:
+    """A detector's class name in GenEval's vocabulary ("mouse" -> "computer mouse", "TV" ->
+    "tv"); names GenEval does not rename pass through, lower-cased."""
+    name = " ".join(name.lower().split())
+    return COCO_TO_GENEVAL.get(name, name)
+
+
+def boxes_from_masks(masks: np.ndarray) -> np.ndarray:
+    """(N, H, W) bool instance masks -> (N, 4) float32 boxes x0, y0, x1, y1 in pixels: first
+    column/row of the mask and one past its last (mmdet's mask2bbox, whose boxes GenEval's
+    Mask2Former scores come with); an empty mask gets (0, 0, 0, 0)."""
+    boxes = np.zeros((len(masks), 4), np.float32)
+    cols, rows = masks.any(axis=1), masks.any(axis=2)  # (N, W), (N, H)
+    for i, (c, r) in enumerate(zip(cols, rows, strict=True)):
+        xs, ys = np.flatnonzero(c), np.flatnonzero(r)
+        if len(xs) and len(ys):
+            boxes[i] = xs[0], ys[0], xs[-1] + 1, ys[-1] + 1
+    return boxes
+
+
+def clip_boxes(boxes: np.ndarray, width: int, height: int) -> np.ndarray:
+    """(N, 4) x0, y0, x1, y1 boxes clipped to a width x height image."""
+    out = boxes.astype(np.float32, copy=True)
+    out[:, 0::2] = out[:, 0::2].clip(0, width)
+    out[:, 1::2] = out[:, 1::2].clip(0, height)
+    return out
+
+
+# ---------------------------------------------------------------------------------- loading
+
+def hub_file(name: str, filename: str) -> Path | None:
+    """`filename` of a local folder or of a hub repo already in the HF cache, else None."""
+    local = Path(name).expanduser()
+    if local.is_dir():
+        return local / filename if (local / filename).is_file() else None
+    hit = _cached_file(name, filename)
+    return Path(hit) if hit else None
 
 
 def hf_model_available(name: str) -> bool:
-    """No transformers detector can be used yet, cached or not."""
-    return False
+    """Whether a transformers model loads with no network: its config and weights (safetensors,
+    or pickles when allowed) are in a local folder or the HF cache."""
+    weights = SAFE_WEIGHTS + (PICKLED_WEIGHTS if allow_pickle() else ())
+    return hub_file(name, "config.json") is not None and any(
+        hub_file(name, w) is not None for w in weights)
+
+
+def model_config(name: str, option: str) -> dict:
+    """The config.json of a folder or hub id (`option` is the flag that named it, for the
+    error), fetching it only when the hub can be reached; DetectorError says how to get it."""
+    local = Path(name).expanduser()
+    if local.is_dir():
+        if not (local / "config.json").is_file():
+            raise DetectorError(f"{option} {name}: the folder has no config.json; give a folder "
+                                "written by transformers' save_pretrained (config.json, weights "
+                                "and processor files) or a hub id")
+        return json.loads((local / "config.json").read_text())
+    if local.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise DetectorError(f"{option} {name}: no such folder, and not a hub id (org/name)")
+    path = hub_file(name, "config.json")
+    if path is None:
+        if hf_offline() or not hub_reachable():
+            why = ("HF_HUB_OFFLINE=1 is set" if hf_offline() else
+                   "the Hugging Face hub cannot be reached from here")
+            raise DetectorError(
+                f"{name} is not in the HF cache ({hf_cache_dir()}) and {why}: run `hf download "
+                f"{name}` (older huggingface_hub: `huggingface-cli download {name}`) on a "
+                "machine with internet access and copy the cache (or point HF_HOME at it), or "
+                f"pass {option} PATH to a folder holding the model")
+        from huggingface_hub import hf_hub_download
+
+        try:
+            path = Path(hf_hub_download(name, "config.json"))
+        except Exception as e:  # not found, gated, network: one line, not a traceback
+            raise DetectorError(f"{option} {name}: could not fetch its config.json from the hub "
+                                f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
+    return json.loads(path.read_text())
+
+
+def from_pretrained(load: Callable[..., object], name: str, option: str, model: bool = True):
+    """`load(name)` (a from_pretrained) with one-line errors; a model loads in fp32 (scores as
+    the checkpoint's authors computed them) from safetensors unless pickles are allowed."""
+    local = Path(name).expanduser()
+    src = str(local) if local.is_dir() else name
+    kwargs = {"use_safetensors": None if allow_pickle() else True, "dtype": torch.float32}
+    try:
+        return load(src, **(kwargs if model else {}))
+    except (OSError, ValueError) as e:
+        pickled = [w for w in PICKLED_WEIGHTS if hub_file(name, w) is not None]
+        if pickled and not allow_pickle():
+            raise DetectorError(f"{option} {name} has pickled weights ({pickled[0]}) and no "
+                                ".safetensors: l2s loads safetensors only, since a pickle can run "
+                                "code when loaded; convert them, or, if you trust the source, "
+                                "run `l2s --allow-pickle ...`") from e
+        raise DetectorError(f"could not load {name} ({option}): {type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:300]}") from e
+
+
+def load_hf_detector(name: str, device: str | None = None):
+    """A Mask2Former or OWLv2/OWL-ViT Detector from a hub id or folder, by its config's
+    model_type."""
+    kind = model_config(name, "--detector").get("model_type")
+    if kind not in _ADAPTERS:
+        raise DetectorError(f"--detector {name}: model_type {kind!r} is not a detector l2s can "
+                            "drive; use a Mask2Former instance-segmentation model (e.g. "
+                            "mask2former) or an OWLv2 / OWL-ViT model (e.g. owlv2)")
+    quiet_loading()
+    return _ADAPTERS[kind](name, resolve_device(device))
+
+
+# --------------------------------------------------------------------------------- adapters
+
+class Mask2FormerDetector:
+    """COCO instance segmentation: every instance, box from its mask, GenEval's labels."""
+
+    rules = GENEVAL_RULES
+    open_vocabulary = False
+
+    def __init__(self, name: str, model, processor, device: torch.device):
+        self.name, self.model, self.processor, self.device = name, model, processor, device
+        self.labels = {int(i): geneval_label(n) for i, n in model.config.id2label.items()}
+
+    @classmethod
+    def load(cls, name: str, device: torch.device) -> Mask2FormerDetector:
+        from transformers import AutoImageProcessor
+
+        try:
+            from transformers import Mask2FormerForUniversalSegmentation as Model
+
+            model = from_pretrained(Model.from_pretrained, name, "--detector")
+        except ImportError as e:  # its (training) loss needs scipy even at inference
+            raise DetectorError(f"Mask2Former needs a package that is missing ({e}): "
+                                "`pip install scipy`") from e
+        processor = from_pretrained(AutoImageProcessor.from_pretrained, name, "--detector",
+                                    model=False)
+        return cls(name, model.to(device).eval(), processor, device)
+
+    @torch.inference_mode()
+    def detect(self, image: np.ndarray, names: Sequence[str]) -> ImageDetections:
+        from PIL import Image
+
+        h, w = image.shape[:2]
+        inputs = self.processor(images=Image.fromarray(image), return_tensors="pt")
+        out = self.model(pixel_values=inputs["pixel_values"].to(self.device))
+        res = self.processor.post_process_instance_segmentation(
+            out, threshold=0.0, target_sizes=[(h, w)], return_binary_maps=True)[0]
+        info = res["segments_info"]
+        if not info:
+            return ImageDetections([], [])
+        masks = res["segmentation"].bool().cpu().numpy()  # (N, H, W)
+        dets = [Detection(self.labels.get(s["label_id"], str(s["label_id"])),
+                          tuple(float(v) for v in box), float(s["score"]))
+                for s, box in zip(info, boxes_from_masks(masks), strict=True)]
+        return ImageDetections(dets, list(masks))
+
+
+class OwlDetector:
+    """OWLv2 / OWL-ViT queried with the prompt's object names: every box, no masks."""
+
+    rules = OWL_RULES
+    open_vocabulary = True
+
+    def __init__(self, name: str, model, processor, device: torch.device):
+        self.name, self.model, self.processor, self.device = name, model, processor, device
+
+    @classmethod
+    def load(cls, name: str, device: torch.device) -> OwlDetector:
+        from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
+
+        model = from_pretrained(AutoModelForZeroShotObjectDetection.from_pretrained, name,
+                                "--detector")
+        processor = from_pretrained(AutoProcessor.from_pretrained, name, "--detector", model=False)
+        return cls(name, model.to(device).eval(), processor, device)
+
+    @torch.inference_mode()
+    def detect(self, image: np.ndarray, names: Sequence[str]) -> ImageDetections:
+        from PIL import Image
+
+        names = list(names)
+        if not names:
+            return ImageDetections([], [])
+        h, w = image.shape[:2]
+        inputs = self.processor(text=[names], images=Image.fromarray(image), return_tensors="pt")
+        out = self.model(**{k: v.to(self.device) for k, v in inputs.items()})
+        # OWLv2 pads the image to a square at the bottom/right: its post-processing scales the
+        # relative boxes by max(h, w) (OWL-ViT's by w and h); boxes in the padding are clipped.
+        res = self.processor.post_process_grounded_object_detection(
+            out, threshold=0.0, target_sizes=[(h, w)])[0]
+        boxes = clip_boxes(res["boxes"].float().cpu().numpy(), w, h)
+        dets = [Detection(names[int(label)], tuple(float(v) for v in box), float(score))
+                for label, box, score in zip(res["labels"].tolist(), boxes,
+                                             res["scores"].float().tolist(), strict=True)]
+        return ImageDetections(dets, [None] * len(dets))
+
+
+_ADAPTERS: dict[str, Callable[[str, torch.device], object]] = {
+    "mask2former": Mask2FormerDetector.load,
+    "owlv2": OwlDetector.load,
+    "owlvit": OwlDetector.load,
+}
+
+__all__ = ["COCO_TO_GENEVAL", "Mask2FormerDetector", "OwlDetector", "boxes_from_masks",
+           "clip_boxes", "from_pretrained", "geneval_label", "hf_model_available",
+           "hub_file", "load_hf_detector", "model_config"]

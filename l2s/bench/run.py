@@ -132,6 +132,8 @@ def run_bench(cfg: BenchConfig, denoiser: Denoiser | None = None,
     lazy = _Lazy(cfg, denoiser, detector, colors)
     if detector is None:
         _ = lazy.detector  # a detector that cannot load fails here, before any generation
+    if colors is None and any("color" in r for p in mine for r in p.metadata.get("include", [])):
+        lazy.colors()  # so does the colour model of a suite with colour clauses
     for method in cfg.methods:
         todo = [(p, k) for p, k in jobs if (method, p.index, k) not in done]
         n_done = len(jobs) - len(todo)
@@ -205,9 +207,13 @@ class _Lazy:
         return [self.score(p, img)["correct"] for p, img in zip(prompts, to_uint8(images),
                                                                 strict=True)]
 
+    def classify(self, image: np.ndarray, detections, masks) -> list[str]:
+        """The colour classifier, loaded when a detection first needs a colour (never when the
+        detector gives colours itself)."""
+        return self.colors()(image, detections, masks)
+
     def score(self, prompt: BenchPrompt, image: np.ndarray) -> dict:
-        needs = any("color" in r for r in prompt.metadata.get("include", []))
-        return score_image(prompt, image, self.detector, self.colors() if needs else None)
+        return score_image(prompt, image, self.detector, self.classify)
 
 
 def _record(method: str, p: BenchPrompt, k: int, cfg: BenchConfig, seconds: float,

@@ -47,7 +47,8 @@ def score_image(prompt: BenchPrompt, image: np.ndarray, detector: Detector,
         return _compbench(prompt, found, detector)
     meta = prompt.metadata
     by_class = kept(meta, found.detections, detector.rules)
-    todo = needs_color(meta, by_class)
+    # A detection that comes with its colour (Detection.color) is not classified again.
+    todo = [d for d in needs_color(meta, by_class) if d.color is None]
     detections = found.detections
     if todo:
         if colors is None:

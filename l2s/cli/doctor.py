@@ -11,6 +11,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
+from l2s.bench.detectors import describe_detectors
 from l2s.cli.output import console, emit_json
 from l2s.engine.backbone import BackboneError
 from l2s.engine.loading import describe_models, hf_cache_dir, hf_offline, resolve_device
@@ -49,13 +50,16 @@ def environment_report() -> dict:
         "hf_offline": hf_offline(),
         "models": {m["name"]: {"available": m["available"], "classifier": m["classifier"]}
                    for m in describe_models()},
+        # `l2s bench` detectors and GenEval's colour model: loadable with no network?
+        "detectors": describe_detectors(),
     }
 
 
 def doctor(
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
 ) -> None:
-    """Show Python, torch/GPU, library versions, HF cache, offline mode and local models."""
+    """Show Python, torch/GPU, library versions, HF cache, offline mode, local models and
+    benchmark detectors."""
     rep = environment_report()
     if json_out:
         emit_json(rep)
@@ -77,4 +81,7 @@ def doctor(
         t.add_row(f"model {name}", ("[green]available[/]" if m["available"] else
                                     "[yellow]not available locally[/]")
                   + f", classifier: {m['classifier'] or 'none'}")
+    for name, d in rep["detectors"].items():
+        t.add_row(f"detector {name}", f"[green]available[/]: {d['repo']}" if d["available"]
+                  else f"[yellow]not available offline[/]: `hf download {d['repo']}`")
     console.print(t)
