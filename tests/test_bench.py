@@ -166,6 +166,26 @@ def test_methods_are_compared_on_the_same_seeds_with_seconds_and_a_paired_interv
     assert oracle["seconds"] >= 0 and "seconds_vs_plain" in oracle
 
 
+def test_methods_take_turns_batch_by_batch(monkeypatch, tmp_path):
+    """Catches running each method's whole suite in one block: a machine whose load changes
+    during the run would then bias seconds_vs_plain (measured 1.00 for a real x1.20)."""
+    order = []
+
+    def recording(name):
+        def factory(ctx):
+            def run(prompts, seeds):
+                order.append(name)
+                return _oracle()[0](ctx)(prompts, seeds)
+            return run
+        return factory
+
+    monkeypatch.setitem(bench.METHODS, "plain", recording("plain"))
+    monkeypatch.setitem(bench.METHODS, "oracle", recording("oracle"))
+    run_bench(BenchConfig(methods=("plain", "oracle"), prompts=6, batch_size=2,
+                          out=str(tmp_path)), denoiser=object())
+    assert order == ["plain", "oracle"] * 3
+
+
 def test_multi_relation_toy_suite_scores_every_relation(monkeypatch, tmp_path):
     from l2s.toy.scenes import random_scene  # noqa: F401  (the toy world is importable)
 

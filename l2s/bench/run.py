@@ -7,6 +7,7 @@ import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
+from itertools import zip_longest
 from pathlib import Path
 
 import numpy as np
@@ -134,32 +135,40 @@ def run_bench(cfg: BenchConfig, denoiser: Denoiser | None = None,
         _ = lazy.detector  # a detector that cannot load fails here, before any generation
     if colors is None and any("color" in r for p in mine for r in p.metadata.get("include", [])):
         lazy.colors()  # so does the colour model of a suite with colour clauses
+    counts, queues, generators = {}, {}, {}
     for method in cfg.methods:
         todo = [(p, k) for p, k in jobs if (method, p.index, k) not in done]
-        n_done = len(jobs) - len(todo)
+        counts[method] = len(jobs) - len(todo)
         if callback:
-            callback({"method": method, "done": n_done, "total": len(jobs)})
+            callback({"method": method, "done": counts[method], "total": len(jobs)})
         for p in {p.index: p for p, _ in todo}.values():
             store.write_metadata(out, method, p.index, p.metadata)
         # Saved but unscored images (a kill between the two) are scored, not regenerated.
         saved = [(p, k) for p, k in todo if store.image_path(out, method, p.index, k).exists()]
         skip = {(p.index, k) for p, k in saved}
         fresh = [(p, k) for p, k in todo if (p.index, k) not in skip]
-        generator = lazy.method(method) if fresh else None
         for p, k in saved:
             img, text = store.load_image(store.image_path(out, method, p.index, k))
             rec = _record(method, p, k, cfg, float(text.get("l2s-seconds", "nan")), img, lazy)
             store.append_record(results, rec)
             records.append(rec)
-            n_done += 1
+            counts[method] += 1
             if callback:
-                callback({"method": method, "done": n_done, "total": len(jobs)})
+                callback({"method": method, "done": counts[method], "total": len(jobs)})
         # Batches never mix tasks more than the order of the suite does.
-        for start in range(0, len(fresh), cfg.batch_size):
-            batch = fresh[start:start + cfg.batch_size]
+        queues[method] = [fresh[i:i + cfg.batch_size]
+                          for i in range(0, len(fresh), cfg.batch_size)]
+    # The methods take turns batch by batch, so a machine that gets busier or quieter during
+    # the run slows them alike and seconds_vs_plain stays a side-by-side ratio.
+    for turn in zip_longest(*queues.values()):
+        for method, batch in zip(queues, turn, strict=True):
+            if batch is None:
+                continue
+            if method not in generators:
+                generators[method] = lazy.method(method)
             seeds = [image_seed(cfg.seed, p.index, k) for p, k in batch]
             t0 = time.perf_counter()
-            imgs = to_uint8(generator([p for p, _ in batch], seeds))
+            imgs = to_uint8(generators[method]([p for p, _ in batch], seeds))
             each = (time.perf_counter() - t0) / len(batch)
             for (p, k), s, img in zip(batch, seeds, imgs, strict=True):
                 store.save_image(store.image_path(out, method, p.index, k), img, s, each)
@@ -167,9 +176,9 @@ def run_bench(cfg: BenchConfig, denoiser: Denoiser | None = None,
                 rec = _record(method, p, k, cfg, each, img, lazy)
                 store.append_record(results, rec)
                 records.append(rec)
-                n_done += 1
+                counts[method] += 1
                 if callback:
-                    callback({"method": method, "done": n_done, "total": len(jobs)})
+                    callback({"method": method, "done": counts[method], "total": len(jobs)})
     return summarise_run(cfg, prompts, records, out)
 
 
