@@ -160,9 +160,6 @@ class RelationClassifier(nn.Module):
             nn.Dropout(cfg.dropout), nn.Linear(cfg.head_hidden, cfg.head_hidden), nn.GELU(),
             nn.Linear(cfg.head_hidden, len(cfg.relations)))
 
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
-
     def forward(self, maps: torch.Tensor, t: torch.Tensor | int) -> torch.Tensor:
         """Logits (B, K) for maps (B, 2, C, S, S) at timesteps t, (B,) or one for all."""
         cfg = self.config
@@ -240,7 +237,13 @@ def build_classifier(architecture: Mapping) -> nn.Module:
 # Checkpoints: model.safetensors + card.json
 
 
-def _sha256(path: Path) -> str:
+def num_parameters(module: nn.Module) -> int:
+    """Number of parameters of a network (the card's ``training.parameters``)."""
+    return sum(p.numel() for p in module.parameters())
+
+
+def sha256_file(path: Path) -> str:
+    """sha256 of a file, read in 1 MiB blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -265,7 +268,7 @@ def save_classifier(model: nn.Module, card: dict, out_dir: str | Path) -> Path:
         state, tmp, metadata={"format": CARD_FORMAT, "architecture": json.dumps(cfg.to_dict())}))
     full = {"format": CARD_FORMAT, **card, "architecture": cfg.to_dict(),
             "classes": list(cfg.relations), "map_size": cfg.map_size, "weights": WEIGHTS_FILE,
-            "weights_sha256": _sha256(weights)}
+            "weights_sha256": sha256_file(weights)}
     path = out / CARD_FILE
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(full, indent=2) + "\n"))
     return path
@@ -334,7 +337,7 @@ def load_classifier(path: str | Path, denoiser=None, device: str | torch.device 
         raise ClassifierError(f"card {card_path} does not match its weights: {weights} is "
                               "missing; copy the whole classifier folder")
     expected_sha = card.get("weights_sha256")
-    if expected_sha and _sha256(weights) != expected_sha:
+    if expected_sha and sha256_file(weights) != expected_sha:
         raise ClassifierError(f"card {card_path} does not match its weights: {weights.name} "
                               "was replaced after the card was written (sha256 differs); "
                               "keep each card with the weights it was written with")

@@ -10,7 +10,6 @@ backbone fingerprint) where `l2s steer` finds that backbone's default classifier
 
 from __future__ import annotations
 
-import hashlib
 import pickle
 import re
 import time
@@ -27,6 +26,7 @@ from l2s.classifier import (
     ClassifierError,
     _state_problems,
     save_classifier,
+    sha256_file,
     trained_classifier_dir,
 )
 from l2s.map_layout import LayoutError, channels, reference_layout
@@ -59,14 +59,6 @@ class ImportResult:
         keep = ("backbone", "classes", "timesteps", "layout", "source", "architecture",
                 "notes")
         return {"card": str(self.card_path), **{k: self.card[k] for k in keep}}
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def read_checkpoint(path: str | Path) -> dict:

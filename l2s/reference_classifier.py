@@ -224,9 +224,6 @@ class ReferenceClassifier(nn.Module):
         self.object_extractor = ObjectExtractor(config)
         self.relation_classifier = RelationHead(config)
 
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
-
     def forward(self, maps: torch.Tensor, t: torch.Tensor | int) -> torch.Tensor:
         """Logits (B, K) for maps (B, 2, C, S, S) at time inputs t, (B,) or one for all."""
         cfg = self.config

@@ -4,6 +4,7 @@ import pytest
 import torch
 from reference_impl import CLASSES, make_checkpoint, tiny_config, torch_reference_logits
 
+from l2s.classifier import num_parameters
 from l2s.engine.backbone import CrossAttnLayer
 from l2s.engine.registry import presets
 from l2s.families.unet import unet_cross_attention_layers
@@ -57,7 +58,7 @@ def test_parameter_names_shapes_and_count_at_published_sd_sizes():
     assert {k.split(".")[2] for k in state if k.startswith("relation_classifier.fc.")} \
         == {"0", "1", "4", "5", "8"}
     assert "object_extractor.transformer.layers.1.self_attn.in_proj_bias" in state
-    assert 1.8e6 < net.num_parameters() < 2.2e6  # "~2M parameters for SD"
+    assert 1.8e6 < num_parameters(net) < 2.2e6  # "~2M parameters for SD"
     torch.testing.assert_close(state["object_extractor.positional_encoding.pe"],
                                sinusoid_table(1368, 256))
 

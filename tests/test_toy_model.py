@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+from l2s.toy.evaluate import two_object_prompts
+from l2s.toy.losses import loss_weights
 from l2s.toy.model import (
     DEFAULT_WEIGHTS_DIR,
     ToyModelConfig,
@@ -16,14 +18,7 @@ from l2s.toy.model import (
     save_toy,
 )
 from l2s.toy.scenes import VOCABULARY
-from l2s.toy.train import (
-    ToyTrainer,
-    TrainConfig,
-    loss_weights,
-    main,
-    train_toy,
-    two_object_prompts,
-)
+from l2s.toy.train import ToyTrainer, TrainConfig, main, train_toy
 
 TINY = ToyModelConfig(unet_channels=(16, 32, 32), attention_heads=2, text_width=32,
                       text_layers=1, text_heads=2, text_mlp=64)

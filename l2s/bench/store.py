@@ -23,6 +23,7 @@ import numpy as np
 from PIL import Image, PngImagePlugin
 
 from l2s.bench.suites import BenchError
+from l2s.cache import atomic_write
 
 
 def prompt_dir(out: Path, method: str, index: int) -> Path:
@@ -47,9 +48,7 @@ def save_image(path: Path, image: np.ndarray, seed: int, seconds: float) -> None
     info = PngImagePlugin.PngInfo()
     info.add_text("l2s-seed", str(seed))
     info.add_text("l2s-seconds", f"{seconds:.6f}")
-    tmp = path.with_name(f".tmp-{path.name}")
-    Image.fromarray(image).save(tmp, pnginfo=info)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: Image.fromarray(image).save(tmp, format="PNG", pnginfo=info))
 
 
 def load_image(path: Path) -> tuple[np.ndarray, dict[str, str]]:
@@ -89,9 +88,7 @@ def append_record(path: Path, record: dict) -> None:
 
 
 def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def write_config(out: Path, config: dict, identity: dict) -> None:

@@ -25,6 +25,7 @@ from l2s.classifier import (
     TOKEN_MODES,
     ClassifierConfig,
     RelationClassifier,
+    num_parameters,
     save_classifier,
     trained_classifier_dir,
 )
@@ -348,7 +349,7 @@ def run_train(cfg: TrainConfig, denoiser=None, callback: Callable[[dict], None] 
                  "corrupt_dropped": len(data.corrupt)},  # broken entries found and deleted
         "metrics": metrics,
         "training": {**asdict(resolved), "epochs_run": len(history), "seconds": round(seconds, 1),
-                     "parameters": model.num_parameters()},
+                     "parameters": num_parameters(model)},
         "history": history,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "l2s_version": __version__,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -46,21 +47,31 @@ def replace_dir(tmp: Path, final: Path) -> None:
         shutil.rmtree(old)
 
 
-def save_checkpoint(path: Path, step: int, modules: dict, ema_modules: dict, optimizer,
-                    rng: np.random.Generator, gen: torch.Generator, cfg) -> None:
-    """Write model, EMA, optimizer, step and random states to `path` (a folder)."""
-    tmp = path.with_name(path.name + ".tmp")
+def write_dir(final: Path, write: Callable[[Path], object]) -> None:
+    """``write(tmp)`` into a fresh sibling folder, then swap it in (``replace_dir``): the
+    folder-sized ``l2s.cache.atomic_write``, for checkpoints and model exports."""
+    final = Path(final)
+    tmp = final.with_name(final.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    save_file(state_tensors(modules), tmp / "model.safetensors")
-    save_file(state_tensors(ema_modules), tmp / "ema.safetensors")
-    save_file({"torch_generator": gen.get_state()}, tmp / "rng.safetensors")
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    state = {"step": step, "numpy_rng": rng.bit_generator.state,
-             "config": dataclasses.asdict(cfg)}
-    (tmp / "state.json").write_text(json.dumps(state, indent=1))
-    replace_dir(tmp, path)
+    write(tmp)
+    replace_dir(tmp, final)
+
+
+def save_checkpoint(path: Path, step: int, modules: dict, ema_modules: dict, optimizer,
+                    rng: np.random.Generator, gen: torch.Generator, cfg) -> None:
+    """Write model, EMA, optimizer, step and random states to `path` (a folder)."""
+    def write(tmp: Path) -> None:
+        save_file(state_tensors(modules), tmp / "model.safetensors")
+        save_file(state_tensors(ema_modules), tmp / "ema.safetensors")
+        save_file({"torch_generator": gen.get_state()}, tmp / "rng.safetensors")
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        state = {"step": step, "numpy_rng": rng.bit_generator.state,
+                 "config": dataclasses.asdict(cfg)}
+        (tmp / "state.json").write_text(json.dumps(state, indent=1))
+
+    write_dir(path, write)
 
 
 def load_checkpoint(path: Path, modules: dict, ema_modules: dict, optimizer,

@@ -68,21 +68,18 @@ def score_generations(images: np.ndarray, items, start: float, grid: str | Path 
                       ) -> ToyEval:
     """Score (N, H, W, 3) images in [0, 1] generated for ``two_object_prompts`` items.
 
-    Position accuracy follows GenEval: an image counts when both objects are detected and
-    GenEval's relative-position rule finds the requested relation.
+    Each image goes through the toy world's one scorer, ``l2s.toy.detector.score_pair``: it
+    counts when both objects are detected and GenEval's relative-position rule finds the
+    requested relation; clean = both present and not fused.
     """
-    from l2s.relations import geneval_relations
-    from l2s.toy.detector import detect, objects_touch, oversized
+    from l2s.toy.detector import score_pair
 
     both = correct = clean = 0
-    size = images.shape[1]
     for im, (_, a, rel, b) in zip(images, items, strict=True):
-        found = detect(im, categories=(a, b))
-        if a in found and b in found:
-            both += 1
-            correct += rel in geneval_relations(found[a].box, found[b].box)
-            clean += not (objects_touch(found[a], found[b]) or oversized(found[a], size)
-                          or oversized(found[b], size))
+        sc = score_pair(im, a, rel, b)
+        both += sc.both_present
+        correct += sc.correct
+        clean += sc.both_present and not sc.fused
     path = save_grid(images, Path(grid)) if grid is not None else None
     n = len(items)
     return ToyEval(n, both / n, correct / n, clean / n, time.perf_counter() - start,

@@ -29,21 +29,16 @@ import torch.nn.functional as F
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from l2s.toy.model import build_toy_text_encoder, build_toy_tokenizer
+from l2s.toy.model import (
+    build_toy_text_encoder,
+    build_toy_tokenizer,
+    load_components,
+    save_components,
+)
 
 DEFAULT_MMDIT_WEIGHTS_DIR = Path(__file__).parent / "weights-mmdit"
 MMDIT_REBUILD_COMMAND = "make toy-mmdit"
 PATCH = 2  # 2x2 pixel packing, as Flux packs latents
-
-_REQUIRED_FILES = (
-    "transformer/config.json",
-    "transformer/diffusion_pytorch_model.safetensors",
-    "text_encoder/config.json",
-    "text_encoder/model.safetensors",
-    "tokenizer/tokenizer.json",
-    "tokenizer/tokenizer_config.json",
-    "scheduler/scheduler_config.json",
-)
 
 
 @dataclass(frozen=True)
@@ -98,30 +93,15 @@ def build_mmdit_components(cfg: ToyMMDiTConfig, seed: int = 0) -> tuple[
 
 def save_mmdit(directory: str | Path, transformer, text_encoder, tokenizer, scheduler) -> Path:
     """Write transformer/, text_encoder/, tokenizer/, scheduler/ (safetensors)."""
-    directory = Path(directory)
-    transformer.save_pretrained(directory / "transformer", safe_serialization=True)
-    text_encoder.save_pretrained(directory / "text_encoder", safe_serialization=True)
-    tokenizer.save_pretrained(directory / "tokenizer")
-    scheduler.save_pretrained(directory / "scheduler")
-    return directory
+    return save_components(directory, "transformer", transformer, text_encoder, tokenizer,
+                           scheduler)
 
 
 def load_mmdit_components(directory: str | Path = DEFAULT_MMDIT_WEIGHTS_DIR):
     """Load (transformer, text_encoder, tokenizer, scheduler) saved by ``save_mmdit``, eval mode."""
-    directory = Path(directory)
-    for name in _REQUIRED_FILES:
-        if not (directory / name).is_file():
-            raise FileNotFoundError(f"toy-mmdit model file {directory / name} is missing; "
-                                    f"rebuild the weights with `{MMDIT_REBUILD_COMMAND}`")
-    try:
-        transformer = FluxTransformer2DModel.from_pretrained(directory / "transformer")
-        text_encoder = CLIPTextModel.from_pretrained(directory / "text_encoder")
-        tokenizer = CLIPTokenizer.from_pretrained(directory / "tokenizer")
-        scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(directory / "scheduler")
-    except Exception as err:  # safetensors, json and config errors share no base class
-        raise OSError(f"toy-mmdit model in {directory} could not be loaded ({err}); rebuild "
-                      f"the weights with `{MMDIT_REBUILD_COMMAND}`") from err
-    return transformer.eval(), text_encoder.eval(), tokenizer, scheduler
+    return load_components(directory, "transformer", FluxTransformer2DModel,
+                           FlowMatchEulerDiscreteScheduler, what="toy-mmdit",
+                           rebuild=MMDIT_REBUILD_COMMAND)
 
 
 # --- packing and conditioning ----------------------------------------------------------------

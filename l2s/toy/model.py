@@ -23,16 +23,6 @@ DEFAULT_WEIGHTS_DIR = Path(__file__).parent / "weights"
 REBUILD_COMMAND = ("make toy-model` (or `python -m l2s.toy.train --out runs/toy --resume "
                    "--export l2s/toy/weights")
 
-# The files ``load_toy_components`` needs; each is named in the error when absent.
-_REQUIRED_FILES = (
-    "unet/config.json",
-    "unet/diffusion_pytorch_model.safetensors",
-    "text_encoder/config.json",
-    "text_encoder/model.safetensors",
-    "tokenizer/tokenizer.json",
-    "tokenizer/tokenizer_config.json",
-    "scheduler/scheduler_config.json",
-)
 
 
 @dataclass(frozen=True)
@@ -130,6 +120,42 @@ def build_toy_components(
     return unet, text_encoder, tokenizer, build_toy_scheduler(cfg)
 
 
+def save_components(directory: str | Path, net_name: str, net, text_encoder, tokenizer,
+                    scheduler) -> Path:
+    """Write a toy's four components as <net_name>/, text_encoder/, tokenizer/, scheduler/
+    (networks as safetensors); the UNet toy and the toy-mmdit share this layout."""
+    directory = Path(directory)
+    net.save_pretrained(directory / net_name, safe_serialization=True)
+    text_encoder.save_pretrained(directory / "text_encoder", safe_serialization=True)
+    tokenizer.save_pretrained(directory / "tokenizer")
+    scheduler.save_pretrained(directory / "scheduler")
+    return directory
+
+
+def load_components(directory: str | Path, net_name: str, net_class, scheduler_class, *,
+                    what: str, rebuild: str) -> tuple:
+    """(net, text_encoder, tokenizer, scheduler) written by ``save_components``, networks in
+    eval mode; a missing or unreadable file is named with the command that rebuilds it."""
+    directory = Path(directory)
+    required = (f"{net_name}/config.json", f"{net_name}/diffusion_pytorch_model.safetensors",
+                "text_encoder/config.json", "text_encoder/model.safetensors",
+                "tokenizer/tokenizer.json", "tokenizer/tokenizer_config.json",
+                "scheduler/scheduler_config.json")
+    for name in required:
+        if not (directory / name).is_file():
+            raise FileNotFoundError(f"{what} model file {directory / name} is missing; rebuild "
+                                    f"the weights with `{rebuild}`")
+    try:
+        net = net_class.from_pretrained(directory / net_name)
+        text_encoder = CLIPTextModel.from_pretrained(directory / "text_encoder")
+        tokenizer = CLIPTokenizer.from_pretrained(directory / "tokenizer")
+        scheduler = scheduler_class.from_pretrained(directory / "scheduler")
+    except Exception as err:  # safetensors, json and config errors share no base class
+        raise OSError(f"{what} model in {directory} could not be loaded ({err}); rebuild the "
+                      f"weights with `{rebuild}`") from err
+    return net.eval(), text_encoder.eval(), tokenizer, scheduler
+
+
 def save_toy(
     directory: str | Path,
     unet: UNet2DConditionModel,
@@ -138,40 +164,13 @@ def save_toy(
     scheduler: DDIMScheduler,
 ) -> Path:
     """Write the four components as unet/, text_encoder/, tokenizer/, scheduler/ (safetensors)."""
-    directory = Path(directory)
-    unet.save_pretrained(directory / "unet", safe_serialization=True)
-    text_encoder.save_pretrained(directory / "text_encoder", safe_serialization=True)
-    tokenizer.save_pretrained(directory / "tokenizer")
-    scheduler.save_pretrained(directory / "scheduler")
-    return directory
+    return save_components(directory, "unet", unet, text_encoder, tokenizer, scheduler)
 
 
 def load_toy_components(
     directory: str | Path = DEFAULT_WEIGHTS_DIR,
 ) -> tuple[UNet2DConditionModel, CLIPTextModel, CLIPTokenizer, DDIMScheduler]:
     """Load (unet, text_encoder, tokenizer, scheduler) saved by ``save_toy``, in eval mode."""
-    directory = Path(directory)
-    for name in _REQUIRED_FILES:
-        if not (directory / name).is_file():
-            raise FileNotFoundError(
-                f"toy model file {directory / name} is missing; rebuild the weights with "
-                f"`{REBUILD_COMMAND}`"
-            )
-    try:
-        unet = UNet2DConditionModel.from_pretrained(directory / "unet")
-        text_encoder = CLIPTextModel.from_pretrained(directory / "text_encoder")
-        tokenizer = CLIPTokenizer.from_pretrained(directory / "tokenizer")
-        scheduler = DDIMScheduler.from_pretrained(directory / "scheduler")
-    except Exception as err:  # safetensors, json and config errors share no base class
-        raise OSError(
-            f"toy model in {directory} could not be loaded ({err}); rebuild the weights with "
-            f"`{REBUILD_COMMAND}`"
-        ) from err
-    unet.eval()
-    text_encoder.eval()
-    return unet, text_encoder, tokenizer, scheduler
+    return load_components(directory, "unet", UNet2DConditionModel, DDIMScheduler, what="toy",
+                           rebuild=REBUILD_COMMAND)
 
-
-def count_parameters(module: torch.nn.Module) -> int:
-    """Number of parameters in a module."""
-    return sum(p.numel() for p in module.parameters())

@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -48,12 +47,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from l2s.toy.batches import BatchStream, CaptionIds, training_batch
-from l2s.toy.checkpoint import load_checkpoint, replace_dir, save_checkpoint
+from l2s.toy.checkpoint import load_checkpoint, save_checkpoint, write_dir
 from l2s.toy.evaluate import ToyEval, evaluate_mmdit, evaluate_toy
-from l2s.toy.evaluate import two_object_prompts as two_object_prompts  # re-exported
+from l2s.toy.losses import WEIGHTINGS, diffusion_loss
 from l2s.toy.mmdit import ToyMMDiTConfig
 from l2s.toy.model import (
     ToyModelConfig,
@@ -65,7 +63,6 @@ from l2s.toy.model import (
 # A progress callback sees {"event": "step" | "eval" | "checkpoint" | "export", ...}.
 TrainCallback = Callable[[dict], None]
 
-WEIGHTINGS = ("uniform", "min_snr", "clamped_snr")
 BACKBONES = ("unet", "mmdit")  # the toy UNet (l2s.toy.model), the toy Flux (l2s.toy.mmdit)
 
 
@@ -118,64 +115,6 @@ class TrainResult:
     best: ToyEval | None  # its scores
 
 
-# --- the loss --------------------------------------------------------------------------------
-
-
-def snr(alphas_cumprod: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """Signal-to-noise ratio alpha_bar / (1 - alpha_bar) at timesteps t, (B,)."""
-    a = alphas_cumprod[t]
-    return a / (1 - a)
-
-
-def prediction_target(
-    prediction_type: str, x0: torch.Tensor, noise: torch.Tensor, alpha: torch.Tensor
-) -> torch.Tensor:
-    """What the UNet should output for x_t = sqrt(a) x0 + sqrt(1-a) noise; alpha (B, 1, 1, 1)."""
-    if prediction_type == "sample":
-        return x0
-    if prediction_type == "epsilon":
-        return noise
-    if prediction_type == "v_prediction":  # Salimans & Ho, 2022
-        return alpha.sqrt() * noise - (1 - alpha).sqrt() * x0
-    raise ValueError(f"unknown prediction_type {prediction_type!r}")
-
-
-def loss_weights(weighting: str, prediction_type: str, s: torch.Tensor, gamma: float
-                 ) -> torch.Tensor:
-    """Per-sample loss weights (B,) for the prediction space, from SNRs s (B,).
-
-    The x0-space weight w(s) becomes w(s) / c(s) in the prediction's space, where the plain
-    prediction loss equals c(s) times the x0 loss: c = 1 (x0), s (epsilon), s + 1 (v).
-    ``min_snr`` is Min-SNR-gamma (Hang et al., 2023): w = min(s, gamma).
-    ``clamped_snr`` also keeps the noisiest steps, where layout is decided: w = clamp(s, 1, gamma).
-    """
-    if weighting == "uniform":
-        return torch.ones_like(s)
-    c = {"sample": torch.ones_like(s), "epsilon": s, "v_prediction": s + 1}[prediction_type]
-    if weighting == "min_snr":
-        w = s.clamp(max=gamma)
-    elif weighting == "clamped_snr":
-        w = s.clamp(min=1.0, max=gamma)
-    else:
-        raise ValueError(f"unknown weighting {weighting!r}: expected one of "
-                         f"{', '.join(WEIGHTINGS)}")
-    return w / c.clamp(min=1e-8)
-
-
-def diffusion_loss(unet, text_emb, images, t, noise, scheduler, weighting, gamma):
-    """Weighted denoising loss for images (B, 3, H, W) in [-1, 1] at timesteps t (B,)."""
-    alphas = scheduler.alphas_cumprod.to(images.device, images.dtype)
-    a = alphas[t].view(-1, 1, 1, 1)  # (B, 1, 1, 1)
-    x_t = a.sqrt() * images + (1 - a).sqrt() * noise
-    pred = unet(x_t, t, encoder_hidden_states=text_emb).sample  # (B, 3, H, W)
-    kind = scheduler.config.prediction_type
-    target = prediction_target(kind, images, noise, a)
-    per_sample = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))  # (B,)
-    w = loss_weights(weighting, kind, snr(scheduler.alphas_cumprod.to(t.device), t).float(),
-                     gamma)
-    return (w * per_sample).mean()
-
-
 # --- training --------------------------------------------------------------------------------
 
 
@@ -186,17 +125,6 @@ def _ema_decay(cfg: TrainConfig, step: int) -> float:
 
 def _lr(cfg: TrainConfig, step: int) -> float:
     return cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
-
-
-def _export(final: Path, save, *components) -> None:
-    """save(folder, *components) into a fresh folder, then swap it in (a reader never sees half
-    a model)."""
-    final = Path(final)
-    tmp = final.with_name(final.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    save(tmp, *components)
-    replace_dir(tmp, final)
 
 
 def _check(cfg: TrainConfig) -> None:
@@ -329,7 +257,9 @@ class ToyTrainer:
             from l2s.toy.mmdit import save_mmdit as save
         else:
             save = save_toy
-        _export(directory, save, self.ema_net, self.ema_text, self.tokenizer, self.scheduler)
+        # A fresh folder swapped in: a reader never sees half a model.
+        write_dir(directory, lambda tmp: save(tmp, self.ema_net, self.ema_text, self.tokenizer,
+                                              self.scheduler))
 
 
 def _eval_score(e: ToyEval) -> float:
