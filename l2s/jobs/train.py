@@ -44,6 +44,7 @@ SD_LR = 1e-4  # L2S's learning rate for SD backbones
 TOY_LR = 1e-3  # the toy's data set is small and clean: a larger step converges in minutes
 REFERENCE_SIZE = (256, 2)  # (d_model, depth): ~2M parameters at SD's 128-195 maps, as in L2S
 TOY_SIZE = (64, 1)  # ~130k parameters: enough for the toy's clean shapes, fast on a CPU
+TOY_MODELS = ("toy", "toy-mmdit")  # the shipped toys: their own learning rate and size
 
 
 @dataclass(frozen=True)
@@ -97,11 +98,11 @@ class TrainConfig:
             check_choice("--data", d, SOURCES)
 
     def resolved_lr(self) -> float:
-        return self.lr if self.lr is not None else (TOY_LR if self.model == "toy" else SD_LR)
+        return self.lr if self.lr is not None else (TOY_LR if self.model in TOY_MODELS else SD_LR)
 
     def resolved_size(self) -> tuple[int, int]:
         """(d_model, depth) of the classifier (the reference network: its published sizes)."""
-        small = self.model == "toy" and self.arch == "l2s"
+        small = self.model in TOY_MODELS and self.arch == "l2s"
         d, depth = TOY_SIZE if small else REFERENCE_SIZE
         return self.d_model or d, self.depth or depth
 
