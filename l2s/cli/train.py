@@ -91,7 +91,8 @@ def train(
     val_fraction: float = typer.Option(0.15, "--val-fraction", help="Images for validation."),
     test_fraction: float = typer.Option(0.15, "--test-fraction", help="Images for test."),
     epochs: int = typer.Option(100, "--epochs", help="Most epochs (early stopping ends sooner)."),
-    lr: float = typer.Option(None, "--lr", help="AdamW learning rate (default 1e-4; toy, toy-mmdit 1e-3)."),
+    lr: float = typer.Option(None, "--lr",
+                             help="AdamW learning rate (default 1e-4; toy, toy-mmdit 1e-3)."),
     batch_size: int = typer.Option(64, "--batch-size", help="Samples per step."),
     d_model: int = typer.Option(None, "--d-model",
                                 help="Classifier width (default 256, ~2M parameters; toys 64 with "
