@@ -164,6 +164,7 @@ def test_methods_are_compared_on_the_same_seeds_with_seconds_and_a_paired_interv
     oracle = res.to_json()["methods"]["oracle"]
     assert oracle["vs_plain"]["difference"] == 1.0 and oracle["vs_plain"]["ci95"] == [1.0, 1.0]
     assert oracle["seconds"] >= 0 and "seconds_vs_plain" in oracle
+    assert oracle["cpu_seconds"] >= 0 and "cpu_seconds_vs_plain" in oracle
 
 
 def test_methods_take_turns_batch_by_batch(monkeypatch, tmp_path):
@@ -184,6 +185,27 @@ def test_methods_take_turns_batch_by_batch(monkeypatch, tmp_path):
     run_bench(BenchConfig(methods=("plain", "oracle"), prompts=6, batch_size=2,
                           out=str(tmp_path)), denoiser=object())
     assert order == ["plain", "oracle"] * 3
+
+
+def test_cpu_seconds_count_this_process_work_not_waiting(monkeypatch, tmp_path):
+    """Catches cpu_seconds being wall time: a method that only waits (like one starved by other
+    jobs on the machine) costs wall seconds but almost no CPU seconds."""
+    import time
+
+    def waiting(ctx):
+        def run(prompts, seeds):
+            time.sleep(0.3)
+            return _oracle()[0](ctx)(prompts, seeds)
+        return run
+
+    monkeypatch.setitem(bench.METHODS, "plain", waiting)
+    res = run_bench(BenchConfig(methods=("plain",), prompts=2, out=str(tmp_path)),
+                    denoiser=object())
+    plain = res.to_json()["methods"]["plain"]
+    assert plain["seconds"] >= 0.3 and plain["cpu_seconds"] < 0.5 * plain["seconds"]
+    reread = run_bench(BenchConfig(methods=("plain",), prompts=2, out=str(tmp_path)),
+                       denoiser=object())
+    assert reread.to_json()["methods"]["plain"]["cpu_seconds"] == plain["cpu_seconds"]
 
 
 def test_multi_relation_toy_suite_scores_every_relation(monkeypatch, tmp_path):

@@ -72,7 +72,7 @@ class BenchResult:
     """Summary per method (the `--json` document) and where the files are."""
 
     suite: str
-    methods: dict[str, dict]  # name -> summarise() + seconds, seconds_vs_plain, vs_plain
+    methods: dict[str, dict]  # name -> summarise() + (cpu_)seconds(_vs_plain), vs_plain
     out: Path
     detector: str = "toy"
     warnings: list[str] = field(default_factory=list)
@@ -149,7 +149,9 @@ def run_bench(cfg: BenchConfig, denoiser: Denoiser | None = None,
         fresh = [(p, k) for p, k in todo if (p.index, k) not in skip]
         for p, k in saved:
             img, text = store.load_image(store.image_path(out, method, p.index, k))
-            rec = _record(method, p, k, cfg, float(text.get("l2s-seconds", "nan")), img, lazy)
+            seconds = (float(text.get("l2s-seconds", "nan")),
+                       float(text.get("l2s-cpu-seconds", "nan")))
+            rec = _record(method, p, k, cfg, seconds, img, lazy)
             store.append_record(results, rec)
             records.append(rec)
             counts[method] += 1
@@ -159,7 +161,9 @@ def run_bench(cfg: BenchConfig, denoiser: Denoiser | None = None,
         queues[method] = [fresh[i:i + cfg.batch_size]
                           for i in range(0, len(fresh), cfg.batch_size)]
     # The methods take turns batch by batch, so a machine that gets busier or quieter during
-    # the run slows them alike and seconds_vs_plain stays a side-by-side ratio.
+    # the run slows them alike and seconds_vs_plain stays a side-by-side ratio. cpu_seconds
+    # (this process's CPU time) is the fairer ratio for a one-thread CPU run on a shared
+    # machine; on a GPU it counts host time only.
     for turn in zip_longest(*queues.values()):
         for method, batch in zip(queues, turn, strict=True):
             if batch is None:
@@ -167,13 +171,15 @@ def run_bench(cfg: BenchConfig, denoiser: Denoiser | None = None,
             if method not in generators:
                 generators[method] = lazy.method(method)
             seeds = [image_seed(cfg.seed, p.index, k) for p, k in batch]
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             imgs = to_uint8(generators[method]([p for p, _ in batch], seeds))
             each = (time.perf_counter() - t0) / len(batch)
+            each_cpu = (time.process_time() - c0) / len(batch)
             for (p, k), s, img in zip(batch, seeds, imgs, strict=True):
-                store.save_image(store.image_path(out, method, p.index, k), img, s, each)
+                store.save_image(store.image_path(out, method, p.index, k), img, s, each,
+                                 each_cpu)
             for (p, k), img in zip(batch, imgs, strict=True):
-                rec = _record(method, p, k, cfg, each, img, lazy)
+                rec = _record(method, p, k, cfg, (each, each_cpu), img, lazy)
                 store.append_record(results, rec)
                 records.append(rec)
                 counts[method] += 1
@@ -225,17 +231,17 @@ class _Lazy:
         return score_image(prompt, image, self.detector, self.classify)
 
 
-def _record(method: str, p: BenchPrompt, k: int, cfg: BenchConfig, seconds: float,
-            image: np.ndarray, lazy: _Lazy) -> dict:
+def _record(method: str, p: BenchPrompt, k: int, cfg: BenchConfig,
+            seconds: tuple[float, float], image: np.ndarray, lazy: _Lazy) -> dict:
     """GenEval's result fields (filename, tag, prompt, correct, reason, metadata, details) plus
-    method, seed, indices, generation seconds and the suite's extras."""
+    method, seed, indices, generation (wall, CPU) seconds and the suite's extras."""
     scored = lazy.score(p, image)
     return {"filename": str(Path(method) / f"{p.index:05d}" / "samples" / f"{k:04d}.png"),
             "tag": p.tag, "prompt": p.prompt, "correct": bool(scored.pop("correct")),
             "reason": scored.pop("reason"), "metadata": json.dumps(p.metadata),
             "details": scored.pop("details"), "method": method,
             "seed": image_seed(cfg.seed, p.index, k), "prompt_index": p.index,
-            "image_index": k, "seconds": seconds, **scored}
+            "image_index": k, "seconds": seconds[0], "cpu_seconds": seconds[1], **scored}
 
 
 def summarise_run(cfg: BenchConfig, prompts: list[BenchPrompt], records: list[dict],
@@ -254,7 +260,8 @@ def summarise_run(cfg: BenchConfig, prompts: list[BenchPrompt], records: list[di
     for name in cfg.methods:
         recs = by_method.get(name, [])
         s = summarise(recs)
-        s["seconds"] = float(np.nansum([r["seconds"] for r in recs]))
+        for key in ("seconds", "cpu_seconds"):  # records written before cpu_seconds: nan
+            s[key] = float(np.nansum([r.get(key, np.nan) for r in recs]))
         methods[name] = s
         empty = sum(r["n_detections"] == 0 for r in recs)
         if recs and empty > len(recs) / 2:
@@ -266,9 +273,10 @@ def summarise_run(cfg: BenchConfig, prompts: list[BenchPrompt], records: list[di
     if "plain" in methods:
         for name in cfg.methods:
             if name != "plain":
-                plain_s = methods["plain"]["seconds"]
-                methods[name]["seconds_vs_plain"] = (methods[name]["seconds"] / plain_s
-                                                     if plain_s else None)
+                for key in ("seconds", "cpu_seconds"):
+                    plain_s = methods["plain"][key]
+                    methods[name][f"{key}_vs_plain"] = (methods[name][key] / plain_s
+                                                        if plain_s else None)
                 methods[name]["vs_plain"] = paired_difference(by_method.get(name, []),
                                                               by_method.get("plain", []))
     complete = all(len(by_method.get(m, [])) == expected for m in cfg.methods)

@@ -42,12 +42,15 @@ def write_metadata(out: Path, method: str, index: int, metadata: dict) -> None:
         _atomic_text(path, json.dumps(metadata) + "\n")
 
 
-def save_image(path: Path, image: np.ndarray, seed: int, seconds: float) -> None:
-    """Write an (H, W, 3) uint8 PNG atomically, its seed and generation time in text chunks."""
+def save_image(path: Path, image: np.ndarray, seed: int, seconds: float,
+               cpu_seconds: float = float("nan")) -> None:
+    """Write an (H, W, 3) uint8 PNG atomically, its seed and generation (wall, CPU) time in
+    text chunks."""
     path.parent.mkdir(parents=True, exist_ok=True)
     info = PngImagePlugin.PngInfo()
     info.add_text("l2s-seed", str(seed))
     info.add_text("l2s-seconds", f"{seconds:.6f}")
+    info.add_text("l2s-cpu-seconds", f"{cpu_seconds:.6f}")
     atomic_write(path, lambda tmp: Image.fromarray(image).save(tmp, format="PNG", pnginfo=info))
 
 

@@ -151,15 +151,16 @@ def summary_table(res: BenchResult, title: str) -> Table:
                         "overall") if k in first]
     tasks = list(first.get("tasks", {})) if len(first.get("tasks", {})) > 1 else []
     table = Table(title=title)
-    for col in ["method", "images", *keys, *tasks, "seconds", "x plain", "vs plain (95% CI)"]:
+    for col in ["method", "images", *keys, *tasks, "seconds", "x plain", "CPU x plain",
+                "vs plain (95% CI)"]:
         table.add_column(col.replace("_", " "))
     for name, m in res.methods.items():
         vs = m.get("vs_plain")
         diff = (f"{vs['difference']:+.3f} [{vs['ci95'][0]:+.3f}, {vs['ci95'][1]:+.3f}]"
                 if vs and vs["difference"] is not None else "")
-        ratio = m.get("seconds_vs_plain")
+        ratio, cpu = m.get("seconds_vs_plain"), m.get("cpu_seconds_vs_plain")
         table.add_row(name, str(m["n_images"]), *(f"{m.get(k, 0):.3f}" for k in keys),
                       *(f"{m.get('tasks', {}).get(t, 0):.3f}" for t in tasks),
                       f"{m.get('seconds', 0):.1f}", "" if ratio is None else f"{ratio:.2f}",
-                      diff)
+                      "" if cpu is None else f"{cpu:.2f}", diff)
     return table
