@@ -42,8 +42,8 @@ class SpeedConfig:
     device: str | None = None  # None: CUDA if available
     dtype: str | None = None  # None: fp16 on CUDA, fp32 on CPU
     steps: int | None = None  # DDIM steps (None: the model's default)
-    steer_until: float = 0.5  # steered steps: fraction (< 1) or count
-    iterations: int = 16  # worst case: iterations on every steered step
+    steer_until: float | None = None  # steered steps: fraction (< 1) or count (None: model's)
+    iterations: int | None = None  # worst case: iterations on every steered step (None: model's)
     repeats: int = 5  # timed repetitions of each unit, after one warm-up
     end_to_end: bool = True  # also time whole generations (plain, worst case, 1 iteration)
     classifier: str | None = None  # None: the model's classifier, else a random one (timing)
@@ -136,7 +136,7 @@ def run_speed(config: SpeedConfig, denoiser: Denoiser | None = None, on_unit=Non
     from l2s.engine.loading import load_backbone
     from l2s.jobs.steer import steer_settings
 
-    if config.repeats < 1 or config.iterations < 1:
+    if config.repeats < 1 or (config.iterations is not None and config.iterations < 1):
         raise ValueError("--repeats and --iterations must be at least 1")
     if denoiser is None:
         denoiser = load_backbone(config.model, device=config.device, dtype=config.dtype,
@@ -201,12 +201,12 @@ def run_speed(config: SpeedConfig, denoiser: Denoiser | None = None, on_unit=Non
         "dtype": str(next(denoiser.attention_model.parameters()).dtype).replace("torch.", ""),
         "image_size": list(denoiser.image_size), "prompt": prompt, "loss": loss_source,
         "steps": base.steps, "steered_steps": worst.steered_steps(),
-        "iterations": config.iterations, "repeats": config.repeats,
+        "iterations": base.iterations, "repeats": config.repeats,
         "config": asdict(config), "units": units,
     }
     plain_ms, ours_ms = units["plain_step"]["ms"], units["ours_iteration"]["ms"]
     ref_ms = units["reference_iteration"]["ms"]
-    n_it = (worst.steered_steps() - worst.steer_from) * config.iterations
+    n_it = (worst.steered_steps() - worst.steer_from) * base.iterations
     report["ratios"] = {
         "ours_iteration_vs_plain_step": round(ours_ms / plain_ms, 3),
         "reference_vs_ours_iteration": round(ref_ms / ours_ms, 3),

@@ -21,31 +21,35 @@ import torch
 
 from l2s.engine.backbone import Denoiser
 from l2s.engine.hooks import AttentionRecorder, token_weights
+from l2s.engine.registry import SteerDefaults
 from l2s.engine.sampling import sample
 from l2s.engine.tokens import triplet_tokens
 from l2s.relations import Triplet
 
 OPTIMIZERS = ("sgd", "adam", "normalized")
+_SD = SteerDefaults()  # the defaults of a model without a preset (l2s.engine.registry)
 
 
 @dataclass(frozen=True)
 class SteerSettings:
-    """How hard and how long to steer."""
+    """How hard and how long to steer (``l2s.jobs.steer.steer_settings``: from a model's
+    defaults and the user's values)."""
 
-    steps: int = 50  # DDIM steps of the whole generation
-    guidance: float = 7.5  # classifier-free guidance of the normal step
-    steer_until: float = 0.5  # steer steps [0, this): a fraction (< 1) or a step count (>= 1)
-    iterations: int = 16  # max gradient iterations per steered step
-    step_size: float = 5.0  # latent update size (SGD: alpha; Adam: learning rate)
+    steps: int = _SD.steps  # DDIM steps of the whole generation
+    guidance: float = _SD.guidance  # classifier-free guidance of the normal step
+    steer_until: float = _SD.steer_until  # steer steps [0, this): a fraction (< 1) or a count
+    iterations: int = _SD.iterations  # max gradient iterations per steered step
+    step_size: float = _SD.step_size  # latent update size (SGD: alpha; Adam: learning rate)
     # "sgd" (z -= alpha grad), "adam" (state per image and steered step) or "normalized"
     # (z -= alpha grad / RMS(grad) per image: a step of fixed size whatever the gradient's scale)
-    optimizer: str = "sgd"
+    optimizer: str = _SD.optimizer
+    # Early exit (SteerDefaults.loss_threshold None: this schedule; a number: fixed).
     threshold_start: float = 1e-5  # early-exit loss at step 0 ...
     threshold_end: float = 7e-5  # ... rising linearly to this from step 3 on
     threshold_ramp: int = 3  # steps over which the threshold rises
 
-    steer_from: int = 0  # first steered step: skip the noisiest steps, where the classifier
-    # reads little layout (toy: 0.62 accuracy at t=899) and iterations buy little
+    steer_from: int = _SD.steer_from  # first steered step: skip the noisiest steps, where the
+    # classifier reads little layout (toy: 0.62 accuracy at t=899) and iterations buy little
     budget: int | None = None  # max iterations per image over the whole generation (None: no cap)
     max_update: float | None = None  # cap on one update's RMS per latent element (None: no cap)
     keep_norm: bool = False  # rescale each updated latent to its norm before the steered step

@@ -236,7 +236,7 @@ def _shrunk(configs: dict, transformer: dict, **text) -> dict:
 
 @pytest.mark.parametrize("kind", ["flux", "sd3"])
 def test_random_weights_build_the_preset_path_once_on_the_device(kind):
-    from l2s.engine.registry import Preset
+    from l2s.engine.registry import Preset, SteerDefaults
     from l2s.families.flux import build_random_flux
     from l2s.families.sd3 import build_random_sd3
 
@@ -246,7 +246,9 @@ def test_random_weights_build_the_preset_path_once_on_the_device(kind):
                                  "num_attention_heads": 2, "joint_attention_dim": 32,
                                  "pooled_projection_dim": 32, "axes_dims_rope": [4, 4, 8],
                                  "in_channels": 64})
-        den = build_random_flux(Preset("f", "flux", None, "", 32, 2, 3.5, 5.0, configs=cfg),
+        preset = Preset("f", "flux", None, "", 32, SteerDefaults(steps=2, guidance=3.5),
+                        configs=cfg)
+        den = build_random_flux(preset,
                                 device=torch.device("cpu"), dtype=torch.float16)
         assert den.guidance_mode == "embedded" and den.text_len == 32
     else:
@@ -255,7 +257,9 @@ def test_random_weights_build_the_preset_path_once_on_the_device(kind):
                                     "caption_projection_dim": 32, "joint_attention_dim": 32,
                                     "pooled_projection_dim": 64, "sample_size": 16,
                                     "pos_embed_max_size": 16, "dual_attention_layers": [0]})
-        den = build_random_sd3(Preset("s", "sd3", None, "", 32, 2, 4.5, 5.0, configs=cfg),
+        preset = Preset("s", "sd3", None, "", 32, SteerDefaults(steps=2, guidance=4.5),
+                        configs=cfg)
+        den = build_random_sd3(preset,
                                device=torch.device("cpu"), dtype=torch.float16)
     # fp16 asked (a GPU's default) -> bf16, which these models need; the VAE stays fp32.
     assert den.dtype == torch.bfloat16 and den.vae.dtype == torch.float32
@@ -302,5 +306,5 @@ def test_flux_schnell_steers_step_zero_only():
     """method.md: schnell steers step 0 of 4 (half of 4 steps would steer two)."""
     from l2s.engine.registry import get_preset
 
-    assert get_preset("flux-schnell").steer_until == 1
-    assert get_preset("flux-dev").steer_until == 0.5
+    assert get_preset("flux-schnell").defaults.steer_until == 1
+    assert get_preset("flux-dev").defaults.steer_until == 0.5

@@ -103,3 +103,41 @@ def test_cli_user_errors_are_one_line(tmp_path):
     assert "unknown model 'nosuch'" in r.output and "Traceback" not in r.output
     r = runner.invoke(app, ["steer", "a dog left of a cat", "--optimizer", "lbfgs"])
     assert r.exit_code == 2 and "sgd, adam" in r.output
+
+
+# What each model steered with before its defaults moved into one SteerDefaults per preset:
+# (steps, guidance, steer_from, steer_until, iterations, step_size, optimizer, threshold
+# start, end). A default changed by accident (a typo in a preset, a field read from the
+# wrong place) changes images and every benchmark number; this catches it.
+_RESOLVED = {
+    "toy": (20, 3.0, 1, 5, 16, 0.02, "normalized", 0.105, 0.105),
+    "toy-mmdit": (20, 1.0, 0, 0.5, 16, 0.02, "normalized", 0.105, 0.105),
+    "sd1.4": (50, 7.5, 0, 0.5, 16, 7.5, "sgd", 1e-5, 7e-5),
+    "sd2.1": (50, 7.5, 0, 0.5, 16, 5.0, "sgd", 1e-5, 7e-5),
+    "sd2.1-base": (50, 7.5, 0, 0.5, 16, 5.0, "sgd", 1e-5, 7e-5),
+    "flux-schnell": (4, 0.0, 0, 1, 16, 5.0, "sgd", 1e-5, 7e-5),
+    "black-forest-labs/FLUX.1-schnell": (4, 0.0, 0, 1, 16, 5.0, "sgd", 1e-5, 7e-5),
+    "flux-dev": (50, 3.5, 0, 0.5, 16, 5.0, "sgd", 1e-5, 7e-5),
+    "sd3.5-medium": (40, 4.5, 0, 0.5, 16, 5.0, "sgd", 1e-5, 7e-5),
+    "someone/unknown-model": (50, 7.5, 0, 0.5, 16, 5.0, "sgd", 1e-5, 7e-5),
+}
+
+
+@pytest.mark.parametrize("model", list(_RESOLVED))
+def test_each_models_steering_defaults_resolve_as_before(model):
+    from l2s.jobs.steer import steer_settings
+
+    s = steer_settings(model)
+    assert (s.steps, s.guidance, s.steer_from, s.steer_until, s.iterations, s.step_size,
+            s.optimizer, s.threshold_start, s.threshold_end) == _RESOLVED[model]
+    # A value given wins over the model's default, 0 and 0.0 included.
+    given = steer_settings(model, steps=3, guidance=0.0, steer_from=0, iterations=0,
+                           loss_threshold=0.0)
+    assert (given.steps, given.guidance, given.steer_from, given.iterations,
+            given.threshold_start) == (3, 0.0, 0, 0, 0.0)
+
+
+def test_every_preset_is_pinned_above():
+    from l2s.engine.registry import presets
+
+    assert set(presets()) <= set(_RESOLVED)

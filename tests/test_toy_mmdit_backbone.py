@@ -19,7 +19,7 @@ def den():
 
 
 def test_preset_is_the_pixel_space_toy_with_its_vocabulary(den):
-    assert get_preset("toy-mmdit").steps == 20
+    assert get_preset("toy-mmdit").defaults.steps == 20
     assert den.image_size == (32, 32) and den.latent_shape == (256, 12)  # 16x16 2x2-packed RGB
     assert den.vae is None and den.known_objects == CATEGORY_NAMES
     assert den.guidance_mode == "cfg"  # trained with caption dropout: --guidance > 1 works

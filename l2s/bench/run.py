@@ -28,6 +28,7 @@ from l2s.bench.suites import (
     suite_prompts,
 )
 from l2s.engine.backbone import Denoiser
+from l2s.engine.registry import steer_defaults
 from l2s.engine.sampling import to_uint8
 
 SHEET_IMAGES = 40  # images per contact sheet
@@ -48,7 +49,9 @@ class BenchConfig:
     classifier: str | None = None  # l2s: classifier card (None: the model's default)
     # steered methods: fraction (< 1) or count of steered steps (None: the model's)
     steer_until: float | None = None
-    iterations: int = 16  # steered methods: max gradient iterations per step
+    # steered methods: max gradient iterations per step (None: the model's; config.json holds
+    # the resolved number, as runs written before it could be None did)
+    iterations: int | None = None
     step_size: float | None = None  # steered methods: latent step (None: the model's)
     loss_threshold: float | None = None  # steered methods: early exit (None: the model's)
     detector: str | None = None  # "toy", alias, hub id or folder (None: the suite's default)
@@ -121,7 +124,9 @@ def run_bench(cfg: BenchConfig, denoiser: Denoiser | None = None,
     after each scored image. ``detector``/``colors`` override the configured ones (tests).
     """
     _check(cfg, denoiser)
-    cfg = replace(cfg, images=cfg.images or SUITE_IMAGES[cfg.suite], detector=cfg.detector_name)
+    cfg = replace(cfg, images=cfg.images or SUITE_IMAGES[cfg.suite], detector=cfg.detector_name,
+                  iterations=steer_defaults(cfg.model).iterations if cfg.iterations is None
+                  else cfg.iterations)
     out = Path(cfg.out)
     prompts = suite_prompts(cfg.suite, cfg.prompts, cfg.seed)
     mine = prompts if cfg.shard is None else prompts[cfg.shard[0]::cfg.shard[1]]

@@ -81,8 +81,11 @@ def bench(
     classifier: str = typer.Option(None, "--classifier",
                                    help="l2s: classifier card.json (default: the model's)."),
     steer_until: float = typer.Option(None, "--steer-until",
-                                      help="Steered methods: fraction (< 1) or count of steps."),
-    iterations: int = typer.Option(16, "--iterations", help="Max gradient iterations per step."),
+                                      help="Steered methods: fraction (< 1) or count of steps "
+                                           "(default: the model's; SD: 0.5, toy: 5)."),
+    iterations: int = typer.Option(None, "--iterations",
+                                   help="Max gradient iterations per step (default: the "
+                                        "model's; 16)."),
     loss_threshold: float = typer.Option(None, "--loss-threshold",
                                          help="Stop iterating below this loss (default: the "
                                               "model's; SD: 1e-5 rising to 7e-5)."),

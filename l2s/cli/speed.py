@@ -36,10 +36,12 @@ def speed(
                                                     "float16 on CUDA, float32 on CPU; Flux "
                                                     "and SD3 run fp16 as bfloat16)."),
     steps: int = typer.Option(None, "--steps", help="Sampling steps (default: the model's)."),
-    steer_until: float = typer.Option(0.5, "--steer-until",
-                                      help="Steered steps: fraction (< 1) or count."),
-    iterations: int = typer.Option(16, "--iterations",
-                                   help="Iterations per steered step in the worst case."),
+    steer_until: float = typer.Option(None, "--steer-until",
+                                      help="Steered steps: fraction (< 1) or count (default: "
+                                           "the model's; SD: 0.5, toy: 5)."),
+    iterations: int = typer.Option(None, "--iterations",
+                                   help="Iterations per steered step in the worst case "
+                                        "(default: the model's; 16)."),
     repeats: int = typer.Option(5, "--repeats", help="Timed repetitions of each unit."),
     end_to_end: bool = typer.Option(True, "--end-to-end/--units-only",
                                     help="Also time whole generations (plain, worst case, "

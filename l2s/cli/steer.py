@@ -100,8 +100,9 @@ def steer(
     budget: int = typer.Option(None, "--budget",
                                help="Max gradient iterations per image over the whole "
                                     "generation (default: no cap)."),
-    iterations: int = typer.Option(16, "--iterations",
-                                   help="Max gradient iterations per steered step."),
+    iterations: int = typer.Option(None, "--iterations",
+                                   help="Max gradient iterations per steered step (default: "
+                                        "the model's; 16)."),
     loss_threshold: float = typer.Option(None, "--loss-threshold",
                                          help="Stop iterating below this loss (default: the "
                                               "model's; SD: 1e-5 rising to 7e-5)."),

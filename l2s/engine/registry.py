@@ -23,6 +23,26 @@ BUILTIN_FAMILIES = ("l2s.families.toy", "l2s.families.toy_mmdit", "l2s.families.
 
 
 @dataclass(frozen=True)
+class SteerDefaults:
+    """A backbone's default sampling and steering settings: the one place they are written.
+
+    A preset carries one; a hub id or folder no preset names gets these (method.md's SD
+    values). Every option left None (CLI flag, SteerConfig, BenchConfig, SpeedConfig field)
+    means "the model's default" and is read here (``steer_defaults``).
+    """
+
+    steps: int = 50  # sampling steps
+    guidance: float = 7.5  # guidance scale (CFG, or the embedded scale)
+    step_size: float = 5.0  # steering step size (method.md: 7.5 for SD1.4, 5 for SD2.1)
+    iterations: int = 16  # max gradient iterations per steered step (method.md)
+    # Early-exit loss: None = method.md's schedule (1e-5 rising to 7e-5); a number = fixed.
+    loss_threshold: float | None = None
+    steer_from: int = 0  # first steered step (method.md: 0)
+    steer_until: float = 0.5  # steer before this fraction (< 1) or step count (method.md: 0.5)
+    optimizer: str = "sgd"  # latent update rule (method.md: sgd)
+
+
+@dataclass(frozen=True)
 class Preset:
     """A backbone users can name with ``--model``."""
 
@@ -31,14 +51,7 @@ class Preset:
     repo_id: str | None  # hub id (None: shipped inside the package)
     description: str  # one line for `l2s models`
     image_size: int  # default generation size in pixels
-    steps: int  # default sampling steps
-    guidance: float  # default guidance scale (CFG, or the embedded scale)
-    step_size: float  # default steering step size (method.md: 7.5 for SD1.4, 5 for SD2.1)
-    # Early-exit loss: None = method.md's schedule (1e-5 rising to 7e-5); a number = fixed.
-    loss_threshold: float | None = None
-    steer_from: int = 0  # first steered step (method.md: 0)
-    steer_until: float = 0.5  # steer before this fraction (< 1) or step count (method.md: 0.5)
-    optimizer: str = "sgd"  # latent update rule (method.md: sgd)
+    defaults: SteerDefaults = SteerDefaults()  # its sampling and steering defaults
     # Family-specific data, e.g. exact architecture configs for --random-weights.
     configs: dict = field(default_factory=dict, compare=False, repr=False)
 
@@ -138,9 +151,14 @@ def family_for_pipeline(pipeline_class: str | None) -> Family:
                         f"{', '.join(known)}")
 
 
+def steer_defaults(model: str) -> SteerDefaults:
+    """The sampling and steering defaults of ``model``: its preset's, else SteerDefaults()."""
+    p = get_preset(model)
+    return p.defaults if p else SteerDefaults()
+
+
 def generation_defaults(model: str, steps: int | None = None, guidance: float | None = None
                         ) -> tuple[int, float]:
-    """Steps and guidance: the ones given, else the preset's, else SD's 50 and 7.5."""
-    p = get_preset(model)
-    return (steps or (p.steps if p else 50),
-            guidance if guidance is not None else (p.guidance if p else 7.5))
+    """Steps and guidance: the ones given, else the model's defaults (``steer_defaults``)."""
+    d = steer_defaults(model)
+    return (d.steps if steps is None else steps, d.guidance if guidance is None else guidance)

@@ -18,7 +18,7 @@ from torch import nn
 from l2s.engine.backbone import BackboneError, Conditioning
 from l2s.engine.loading import hf_load_error
 from l2s.engine.materialise import materialise
-from l2s.engine.registry import Family, LoadRequest, Preset, register_family
+from l2s.engine.registry import Family, LoadRequest, Preset, SteerDefaults, register_family
 from l2s.engine.tokenizers import build_clip_tokenizer, build_t5_tokenizer
 from l2s.families.joint_attention import (
     FluxCaptureProcessor,
@@ -33,10 +33,11 @@ FLUX_COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "text_enco
 PRESETS = (
     Preset("flux-schnell", "flux", "black-forest-labs/FLUX.1-schnell",
            "FLUX.1-schnell (12B MMDiT, T5-XXL; timestep-distilled: 4 steps, no guidance; 256 px)",
-           256, 4, 0.0, 5.0, configs=FLUX_SCHNELL, steer_until=1),  # step 0 only (method.md)
+           256, SteerDefaults(steps=4, guidance=0.0, steer_until=1),  # step 0 only (method.md)
+           configs=FLUX_SCHNELL),
     Preset("flux-dev", "flux", "black-forest-labs/FLUX.1-dev",
            "FLUX.1-dev (12B MMDiT, T5-XXL; guidance-distilled: embedded scale 3.5; 512 px)",
-           512, 50, 3.5, 5.0, configs=FLUX_DEV),
+           512, SteerDefaults(guidance=3.5), configs=FLUX_DEV),
 )
 
 class FluxDenoiser(MMDiTDenoiser):
@@ -190,7 +191,8 @@ def build_random_flux(preset: Preset, *, device: torch.device, dtype: torch.dtyp
     return FluxDenoiser(transformer, vae, text_encoder, tokenizer, text_encoder_2, tokenizer_2,
                         cfg["scheduler"], name=f"{preset.name} (random weights)",
                         image_size=image_size or preset.image_size, max_sequence_length=max_len,
-                        guidance=preset.guidance, fingerprint=f"{preset.name}-random-{seed}")
+                        guidance=preset.defaults.guidance,
+                        fingerprint=f"{preset.name}-random-{seed}")
 
 
 def load(req: LoadRequest) -> FluxDenoiser:
@@ -205,7 +207,7 @@ def load(req: LoadRequest) -> FluxDenoiser:
     return load_flux(req.source, name=req.model, device=req.device, dtype=req.dtype,
                      image_size=req.image_size or (p.image_size if p else None),
                      max_sequence_length=p.configs["max_sequence_length"] if p else None,
-                     guidance=p.guidance if p and p.guidance else 3.5)
+                     guidance=p.defaults.guidance if p and p.defaults.guidance else 3.5)
 
 
 register_family(Family("flux", load, pipelines=("FluxPipeline",)), PRESETS)

@@ -14,7 +14,7 @@ import torch
 
 from l2s.engine.backbone import BackboneError
 from l2s.engine.loading import allow_pickle, hf_load_error
-from l2s.engine.registry import Family, LoadRequest, Preset, register_family
+from l2s.engine.registry import Family, LoadRequest, Preset, SteerDefaults, register_family
 from l2s.engine.tokenizers import build_clip_tokenizer
 from l2s.families.unet import UNetDenoiser
 
@@ -59,7 +59,8 @@ _SD2_TEXT = {**_CLIP_TEXT, "hidden_size": 1024, "intermediate_size": 4096,
 PRESETS = (
     Preset(
         "sd1.4", "sd", "CompVis/stable-diffusion-v1-4",
-        "Stable Diffusion 1.4 (CLIP ViT-L/14, epsilon prediction, 512 px)", 512, 50, 7.5, 7.5,
+        "Stable Diffusion 1.4 (CLIP ViT-L/14, epsilon prediction, 512 px)", 512,
+        SteerDefaults(step_size=7.5),  # method.md: 7.5 for SD1.4
         configs={
             "unet": {**_SD_UNET, "sample_size": 64, "cross_attention_dim": 768,
                      "attention_head_dim": 8},
@@ -73,7 +74,8 @@ PRESETS = (
     Preset(
         "sd2.1", "sd", "stabilityai/stable-diffusion-2-1",
         "Stable Diffusion 2.1 (OpenCLIP ViT-H, v-prediction, 768 px); the published L2S SD2 "
-        "classifier does not fit it: use sd2.1-base", 768, 50, 7.5, 5.0,
+        "classifier does not fit it: use sd2.1-base", 768,
+        SteerDefaults(),  # method.md's SD values
         configs={
             "unet": {**_SD2_UNET, "sample_size": 96, "upcast_attention": True},
             "vae": {**_SD_VAE, "sample_size": 768},
@@ -84,7 +86,8 @@ PRESETS = (
     Preset(
         "sd2.1-base", "sd", "stabilityai/stable-diffusion-2-1-base",
         "Stable Diffusion 2.1 base (OpenCLIP ViT-H, epsilon prediction, 512 px): the "
-        "backbone of the published L2S SD2 classifier", 512, 50, 7.5, 5.0,
+        "backbone of the published L2S SD2 classifier", 512,
+        SteerDefaults(),  # method.md's SD values
         configs={
             "unet": {**_SD2_UNET, "sample_size": 64},
             "vae": {**_SD_VAE, "sample_size": 512},

@@ -19,7 +19,7 @@ from diffusers.models.attention_processor import JointAttnProcessor2_0
 from l2s.engine.backbone import BackboneError, Conditioning
 from l2s.engine.loading import hf_load_error
 from l2s.engine.materialise import materialise
-from l2s.engine.registry import Family, LoadRequest, Preset, register_family
+from l2s.engine.registry import Family, LoadRequest, Preset, SteerDefaults, register_family
 from l2s.engine.tokenizers import build_clip_tokenizer, build_t5_tokenizer
 from l2s.families.joint_attention import SD3CaptureProcessor, sd3_attention_layers
 from l2s.families.mmdit import RANDOM_WEIGHTS_WORDS, MMDiTDenoiser, check_folder, mmdit_dtype
@@ -32,7 +32,7 @@ PRESETS = (
     # 40 steps and guidance 4.5: the model card's example settings.
     Preset("sd3.5-medium", "sd3", "stabilityai/stable-diffusion-3.5-medium",
            "Stable Diffusion 3.5 Medium (2.5B MMDiT-X, CLIP-L + CLIP-G + T5-XXL, 1024 px)",
-           1024, 40, 4.5, 5.0, configs=SD35_MEDIUM),
+           1024, SteerDefaults(steps=40, guidance=4.5), configs=SD35_MEDIUM),
 )
 
 

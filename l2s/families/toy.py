@@ -7,17 +7,18 @@ to load the shipped weights (a UNet, so the adapter is ``UNetDenoiser``).
 from __future__ import annotations
 
 from l2s.engine.backbone import BackboneError
-from l2s.engine.registry import Family, LoadRequest, Preset, register_family
+from l2s.engine.registry import Family, LoadRequest, Preset, SteerDefaults, register_family
 from l2s.families.unet import UNetDenoiser
 
 PRESET = Preset("toy", "toy", None, "tiny pixel-space shapes model shipped with l2s (offline)",
-                32, 20, 3.0, 0.02,
-                # The toy stops once its classifier agrees: p(target) >= 0.9.
-                loss_threshold=0.105,
-                # Measured (docs/results.md, "Steering cost"): step 0 (t=951) is where the
-                # classifier reads least (0.62) and where steering stretched objects; steps
-                # 1-4 with fixed-size (normalized) updates reach the same accuracy at x1.2.
-                steer_from=1, steer_until=5, optimizer="normalized")
+                32, SteerDefaults(
+                    steps=20, guidance=3.0, step_size=0.02,
+                    # The toy stops once its classifier agrees: p(target) >= 0.9.
+                    loss_threshold=0.105,
+                    # Measured (docs/results.md, "Steering cost"): step 0 (t=951) is where the
+                    # classifier reads least (0.62) and where steering stretched objects; steps
+                    # 1-4 with fixed-size (normalized) updates reach the same accuracy at x1.2.
+                    steer_from=1, steer_until=5, optimizer="normalized"))
 
 
 def available(preset: Preset) -> bool:

@@ -20,16 +20,18 @@ from __future__ import annotations
 import torch
 
 from l2s.engine.backbone import BackboneError, Conditioning
-from l2s.engine.registry import Family, LoadRequest, Preset, register_family
+from l2s.engine.registry import Family, LoadRequest, Preset, SteerDefaults, register_family
 from l2s.families.flux import FluxDenoiser
 
 PRESET = Preset("toy-mmdit", "toy-mmdit", None,
                 "tiny Flux-architecture (MMDiT) pixel-space shapes model shipped with l2s "
                 "(offline)",
-                32, 20, 1.0, 0.02,
-                # Not tuned (no toy-mmdit classifier yet): the UNet toy's early exit and update
-                # rule, both pixel-space models steered by the same kind of classifier.
-                loss_threshold=0.105, optimizer="normalized")
+                32, SteerDefaults(
+                    steps=20, guidance=1.0, step_size=0.02,
+                    # Not tuned (no toy-mmdit classifier yet): the UNet toy's early exit and
+                    # update rule, both pixel-space models steered by the same kind of
+                    # classifier.
+                    loss_threshold=0.105, optimizer="normalized"))
 
 
 class ToyMMDiTDenoiser(FluxDenoiser):

@@ -12,7 +12,7 @@ import torch
 
 from l2s.config import check_choice, check_generation, check_number, check_writable_dir
 from l2s.engine.backbone import Denoiser
-from l2s.engine.registry import generation_defaults, get_preset
+from l2s.engine.registry import steer_defaults
 from l2s.engine.sampling import sample, seeded_latents, to_uint8
 from l2s.relations import Triplet, parse
 from l2s.steering import (
@@ -88,28 +88,21 @@ def build_loss(method: str, denoiser: Denoiser, model: str, classifier: str | No
 
 
 def steer_settings(model: str, *, steps: int | None = None, guidance: float | None = None,
-                   steer_until: float | None = None, iterations: int = 16,
+                   steer_until: float | None = None, iterations: int | None = None,
                    step_size: float | None = None, optimizer: str | None = None,
                    loss_threshold: float | None = None, steer_from: int | None = None,
                    budget: int | None = None) -> SteerSettings:
-    """SteerSettings from user values, falling back to the model preset's defaults."""
-    preset = get_preset(model)
-    if steer_from is None:
-        steer_from = preset.steer_from if preset else 0
-    if steer_until is None:
-        steer_until = preset.steer_until if preset else 0.5
-    if optimizer is None:
-        optimizer = preset.optimizer if preset else "sgd"
-    steps, guidance = generation_defaults(model, steps, guidance)
-    if step_size is None:
-        step_size = preset.step_size if preset else 5.0
-    if loss_threshold is None and preset is not None:
-        loss_threshold = preset.loss_threshold
-    thresholds = {} if loss_threshold is None else {"threshold_start": loss_threshold,
-                                                    "threshold_end": loss_threshold}
-    return SteerSettings(steps=steps, guidance=guidance, steer_until=steer_until,
-                         iterations=iterations, step_size=step_size, optimizer=optimizer,
-                         steer_from=steer_from, budget=budget, **thresholds)
+    """SteerSettings from user values; each one left None is the model's default
+    (``l2s.engine.registry.steer_defaults``: its preset's, else SD's)."""
+    given = {"steps": steps, "guidance": guidance, "steer_until": steer_until,
+             "iterations": iterations, "step_size": step_size, "optimizer": optimizer,
+             "loss_threshold": loss_threshold, "steer_from": steer_from}
+    defaults = steer_defaults(model)
+    v = {k: getattr(defaults, k) if x is None else x for k, x in given.items()}
+    threshold = v.pop("loss_threshold")
+    if threshold is not None:  # a fixed early exit; None: SteerSettings' schedule
+        v.update(threshold_start=threshold, threshold_end=threshold)
+    return SteerSettings(**v, budget=budget)
 
 
 def generate(denoiser: Denoiser, prompts: list[str], triplets: list[list[Triplet]],
@@ -143,7 +136,7 @@ class SteerConfig:
     guidance: float | None = None  # classifier-free guidance (None: the model's default)
     # steer steps before this fraction (< 1) or step count (>= 1) (None: the model's default)
     steer_until: float | None = None
-    iterations: int = 16  # max gradient iterations per steered step
+    iterations: int | None = None  # max gradient iterations per steered step (None: the model's)
     step_size: float | None = None  # latent step (None: the model's default)
     optimizer: str | None = None  # sgd, adam or normalized (None: the model's default)
     steer_from: int | None = None  # first steered step (None: the model's default)
