@@ -30,3 +30,12 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def den():
+    """A tiny SD-shaped denoiser (``l2s.families.tiny``, random weights, CPU), one per test
+    module; a module that needs another backbone defines its own ``den``."""
+    from l2s.families.tiny import tiny_sd
+
+    return tiny_sd()

@@ -18,11 +18,6 @@ from l2s.relations import RELATIONS, Triplet
 FAST = InversionConfig(method="noise", steps=10, record_steps=(2, 5, 9))
 
 
-@pytest.fixture(scope="module")
-def den():
-    return tiny_sd()
-
-
 def _cfg(tmp_path, **kw):
     base = {"data": ("shapes",), "cache_dir": str(tmp_path), "limit": 6, "batch_size": 4,
             "per_relation": (2, 1, 1), "inversion": FAST}

@@ -5,13 +5,7 @@ import json
 import pytest
 from diffusers.models.attention_processor import AttnProcessor
 
-from l2s.families.tiny import tiny_sd
 from l2s.speed import SpeedConfig, explicit_attention, run_speed
-
-
-@pytest.fixture(scope="module")
-def den():
-    return tiny_sd()
 
 
 def test_units_and_end_to_end_on_tiny_sd(den, one_thread):

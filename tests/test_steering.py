@@ -5,19 +5,9 @@ from dataclasses import replace
 import pytest
 import torch
 
-from l2s.families.tiny import tiny_sd
+from l2s.engine.sampling import seeded_latents
 from l2s.relations import parse
 from l2s.steering import CentroidLoss, Steerer, SteerSettings, _Optimizer, steer_latents
-
-
-@pytest.fixture(scope="module")
-def den():
-    return tiny_sd()
-
-
-def _latents(den, n, seed=0):
-    return torch.cat([den.prepare_latents(1, torch.Generator().manual_seed(seed + i))
-                      for i in range(n)])
 
 
 class Spy(CentroidLoss):
@@ -37,7 +27,7 @@ def test_loss_decreases_over_iterations_on_a_fixed_seed(den):
     settings = SteerSettings(steps=4, guidance=2.0, steer_until=1, iterations=6,
                              step_size=2000.0)
     imgs, stats = steer_latents(den, [prompt], [parse(prompt)], CentroidLoss(margin=0.3),
-                                settings, _latents(den, 1))
+                                settings, seeded_latents(den, [0]))
     (rec,) = stats.steps
     assert imgs.shape == (1, 32, 32, 3)
     assert rec.iterations == 6
@@ -50,12 +40,12 @@ def test_no_relation_means_no_backward_pass(den, monkeypatch):
     real = torch.autograd.grad
     monkeypatch.setattr(torch.autograd, "grad", lambda *a, **k: calls.append(1) or real(*a, **k))
     _, stats = steer_latents(den, ["a dog and a cat"], [[]], CentroidLoss(),
-                             SteerSettings(steps=3, guidance=2.0), _latents(den, 1))
+                             SteerSettings(steps=3, guidance=2.0), seeded_latents(den, [0]))
     assert calls == [] and stats.steps == []
 
 
 def test_plain_images_in_a_batch_are_left_alone(den):
-    lat = _latents(den, 2)
+    lat = seeded_latents(den, [0, 1])
     settings = SteerSettings(steps=3, guidance=2.0, steer_until=1, iterations=3,
                              step_size=5000.0)
     steered, _ = steer_latents(den, ["a dog left of a cat", "a dog"],
@@ -71,7 +61,7 @@ def test_multi_relation_prompts_go_round_robin(den):
     spy = Spy()
     settings = SteerSettings(steps=2, guidance=2.0, steer_until=1, iterations=4,
                              step_size=1.0, threshold_start=-1.0, threshold_end=-1.0)
-    steer_latents(den, [prompt], [parse(prompt)], spy, settings, _latents(den, 1))
+    steer_latents(den, [prompt], [parse(prompt)], spy, settings, seeded_latents(den, [0]))
     assert spy.calls == [["above"], ["left of"], ["above"], ["left of"]]
 
 
@@ -79,7 +69,7 @@ def test_early_exit_once_the_loss_is_under_threshold(den):
     settings = SteerSettings(steps=2, guidance=2.0, steer_until=1, iterations=10,
                              threshold_start=10.0, threshold_end=10.0)
     _, stats = steer_latents(den, ["a dog left of a cat"], [parse("a dog left of a cat")],
-                             CentroidLoss(), settings, _latents(den, 1))
+                             CentroidLoss(), settings, seeded_latents(den, [0]))
     assert stats.steps[0].iterations == 0 and stats.steps[0].loss_before is not None
 
 
@@ -111,7 +101,8 @@ class Fixed(CentroidLoss):
 def _steer(den, settings, loss=None, n=2, prompts=None):
     prompts = prompts or ["a dog left of a cat", "a cat above a bowl"][:n]
     return steer_latents(den, prompts, [parse(p) for p in prompts],
-                         loss or CentroidLoss(margin=0.3), settings, _latents(den, len(prompts)))
+                         loss or CentroidLoss(margin=0.3), settings,
+                         seeded_latents(den, list(range(len(prompts)))))
 
 
 def test_truncated_forward_changes_nothing_but_the_cost(den):
@@ -128,7 +119,7 @@ def test_an_image_steered_in_a_batch_moves_as_it_would_alone(den):
     both, _ = _steer(den, s, prompts=prompts)
     for i, p in enumerate(prompts):
         alone, _ = steer_latents(den, [p], [parse(p)], CentroidLoss(margin=0.3), s,
-                                 _latents(den, 2)[i:i + 1])
+                                 seeded_latents(den, [0, 1])[i:i + 1])
         torch.testing.assert_close(both[i], alone[0], atol=1e-5, rtol=1e-4)
 
 
@@ -184,7 +175,7 @@ def test_keep_norm_rescales_updated_latents(den):
                       keep_norm=True, threshold_start=-1.0, threshold_end=-1.0)
     p = "a dog left of a cat"
     st = Steerer(den, [p], [parse(p)], CentroidLoss(margin=0.3), s)
-    x = _latents(den, 1)
+    x = seeded_latents(den, [0])
     with st.recorder() as rec:
         y = st.update(rec, x, den.timesteps(3)[0], 0)
     assert not torch.allclose(x, y)

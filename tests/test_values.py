@@ -2,30 +2,19 @@
 independent route (explicit softmax(QK^T), the SGD / Adam formulas, fixed regression slices),
 so it fails when the arithmetic changes, not only when the code crashes."""
 
-import pytest
 import torch
 
 from l2s.engine.hooks import AttentionRecorder, resize_maps
-from l2s.families.tiny import tiny_sd
+from l2s.engine.sampling import seeded_latents
 from l2s.relations import parse
 from l2s.steering import RelationLoss, Steerer, SteerSettings
-
-
-@pytest.fixture(scope="module")
-def den():
-    return tiny_sd()
-
-
-def _latents(den, n, seed=0):
-    return torch.cat([den.prepare_latents(1, torch.Generator().manual_seed(seed + i))
-                      for i in range(n)])
 
 
 # --- attention capture ---------------------------------------------------------------------
 def test_recorded_maps_equal_an_independent_softmax_of_q_k(den):
     """maps[b, g, c] = mean over the group's tokens of softmax(Q K^T * scale), per head."""
     layers = den.cross_attention_layers()
-    x = _latents(den, 2)
+    x = seeded_latents(den, [0, 1])
     emb = den.encode_prompt(["a dog left of a cat", "a teddy bear above a cup"])
     groups = [[[2], [5]], [[2, 3], [6]]]
     inputs: dict[str, tuple] = {}
@@ -102,7 +91,7 @@ ALWAYS = {"threshold_start": 0.5, "threshold_end": 0.5}  # offsets decide who is
 
 
 def test_one_sgd_update_is_z_minus_alpha_gradient(den):
-    x = _latents(den, 2)
+    x = seeded_latents(den, [0, 1])
     loss = Scripted([[1.0, 1.0]])
     settings = SteerSettings(steps=4, guidance=2.0, steer_until=1, iterations=1,
                              step_size=300.0, **ALWAYS)
@@ -113,7 +102,7 @@ def test_one_sgd_update_is_z_minus_alpha_gradient(den):
 
 
 def test_an_image_under_the_threshold_stops_while_the_batch_goes_on(den):
-    x = _latents(den, 2)
+    x = seeded_latents(den, [0, 1])
     loss = Scripted([[-10.0, 1.0], [1.0]])  # image 0 is done from the start, then leaves
     settings = SteerSettings(steps=4, guidance=2.0, steer_until=1, iterations=3,
                              step_size=300.0, **ALWAYS)
@@ -124,7 +113,7 @@ def test_an_image_under_the_threshold_stops_while_the_batch_goes_on(den):
 
 
 def test_adam_first_update_and_stopped_images_stay_put(den):
-    x = _latents(den, 2)
+    x = seeded_latents(den, [0, 1])
     lr = 0.01
     settings = SteerSettings(steps=4, guidance=2.0, steer_until=1, iterations=1,
                              step_size=lr, optimizer="adam", **ALWAYS)
@@ -149,7 +138,7 @@ def test_non_finite_gradients_are_skipped_and_counted(den):
             d = (maps - maps.detach()).abs().sum((1, 2, 3, 4))
             return torch.sqrt(d) + 1.0
 
-    x = _latents(den, 2)
+    x = seeded_latents(den, [0, 1])
     settings = SteerSettings(steps=4, guidance=2.0, steer_until=1, iterations=3,
                              step_size=300.0, **ALWAYS)
     st, _, x1 = _one_step(den, NaNGradient([[0.0, 0.0]]), settings, x, PROMPTS)
@@ -163,7 +152,7 @@ def test_round_robin_picks_each_images_own_maps_with_mixed_triplet_counts(den):
     loss = Scripted([[1.0, 1.0]])
     settings = SteerSettings(steps=4, guidance=2.0, steer_until=1, iterations=3,
                              step_size=0.0, **ALWAYS)  # latents fixed: same maps each call
-    x = _latents(den, 2)
+    x = seeded_latents(den, [0, 1])
     st, t, _ = _one_step(den, loss, settings, x, prompts)
     assert [rels for rels, _ in loss.calls] == [["above", "left of"], ["left of", "left of"],
                                                ["above", "left of"]]

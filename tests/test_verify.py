@@ -5,7 +5,6 @@ from dataclasses import replace
 import pytest
 import torch
 
-from l2s.families.tiny import tiny_sd
 from l2s.relations import parse
 from l2s.steering import CentroidLoss, SteerSettings, steer_latents
 from l2s.verify import generate_verified
@@ -13,11 +12,6 @@ from l2s.verify import generate_verified
 PROMPTS = ["a dog left of a cat", "a cat above a bowl"]
 S = SteerSettings(steps=3, guidance=2.0, steer_until=2, iterations=2, step_size=3000.0,
                   threshold_start=-1.0, threshold_end=-1.0)
-
-
-@pytest.fixture(scope="module")
-def den():
-    return tiny_sd()
 
 
 def _run(den, settings, **kw):

@@ -197,6 +197,29 @@ class Denoiser(ABC):
         return x.to(self.device)
 
 
+def vae_scale(vae: nn.Module | None) -> int:
+    """Pixels per latent cell: 2^(VAE levels - 1); 1 without a VAE (a pixel-space model)."""
+    return 1 if vae is None else 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def checked_image_size(size: int | Sequence[int], multiple: int) -> tuple[int, int]:
+    """(H, W) from a side or a pair, refused unless both are multiples of ``multiple`` px
+    (what the adapter's VAE, patching and down-sampling need)."""
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    if size[0] % multiple or size[1] % multiple:
+        raise BackboneError(f"image size {size[0]}x{size[1]} is not a multiple of {multiple} "
+                            f"px, which this backbone needs; pick e.g. "
+                            f"{(size[0] // multiple) * multiple or multiple}")
+    return size
+
+
+def freeze(*modules: nn.Module | None) -> None:
+    """Inference only: no gradients into the weights (steering differentiates the latent)."""
+    for m in modules:
+        if m is not None:
+            m.requires_grad_(False).eval()
+
+
 def _incidental_config_key(key: str) -> bool:
     return key.startswith("_") or key.endswith("_version") or key in ("dtype", "torch_dtype")
 

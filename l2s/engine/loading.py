@@ -9,12 +9,19 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 
 from l2s.engine.backbone import BackboneError, Denoiser
-from l2s.engine.registry import LoadRequest, family_for_pipeline, get_family, presets
+from l2s.engine.registry import (
+    LoadRequest,
+    Preset,
+    family_for_pipeline,
+    get_family,
+    presets,
+)
 
 
 def resolve_device(device: str | None = None) -> torch.device:
@@ -175,8 +182,7 @@ def load_backbone(
     quiet_loading()
     preset = presets().get(model)
     if preset is None and random_weights:
-        raise BackboneError("--random-weights needs a preset with a built-in architecture: "
-                            + ", ".join(n for n, p in presets().items() if p.configs))
+        random_weights_preset(None, presets().values())  # refuses, naming the presets
     if (preset is None or preset.repo_id) and not random_weights:
         _check_model_arg(preset.repo_id if preset else model)
     if preset is not None:
@@ -186,6 +192,16 @@ def load_backbone(
     return family.load(LoadRequest(model=model, preset=preset, source=source, device=dev,
                                    dtype=dt, image_size=image_size,
                                    random_weights=random_weights))
+
+
+def random_weights_preset(preset: Preset | None, candidates: Iterable[Preset]) -> Preset:
+    """The preset a ``--random-weights`` load builds (its ``configs`` hold the exact
+    architecture); a hub id, a folder or a preset without one is refused, naming the presets
+    of ``candidates`` that have one. Every family's loader and ``load_backbone`` ask here."""
+    if preset is None or not preset.configs:
+        raise BackboneError("--random-weights needs a preset with a built-in architecture: "
+                            + ", ".join(p.name for p in candidates if p.configs))
+    return preset
 
 
 def hf_load_error(repo: str, local: Path | None, e: Exception) -> BackboneError:

@@ -15,8 +15,8 @@ import torch
 from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 from torch import nn
 
-from l2s.engine.backbone import BackboneError, Conditioning
-from l2s.engine.loading import hf_load_error
+from l2s.engine.backbone import Conditioning
+from l2s.engine.loading import hf_load_error, random_weights_preset
 from l2s.engine.materialise import materialise
 from l2s.engine.registry import Family, LoadRequest, Preset, SteerDefaults, register_family
 from l2s.engine.tokenizers import build_clip_tokenizer, build_t5_tokenizer
@@ -198,11 +198,8 @@ def build_random_flux(preset: Preset, *, device: torch.device, dtype: torch.dtyp
 def load(req: LoadRequest) -> FluxDenoiser:
     """The family's loader: a preset (or its random-weights architecture), hub id or folder."""
     if req.random_weights:
-        if req.preset is None:
-            raise BackboneError("--random-weights needs a preset: "
-                                + ", ".join(p.name for p in PRESETS))
-        return build_random_flux(req.preset, device=req.device, dtype=req.dtype,
-                                 image_size=req.image_size)
+        return build_random_flux(random_weights_preset(req.preset, PRESETS), device=req.device,
+                                 dtype=req.dtype, image_size=req.image_size)
     p = req.preset
     return load_flux(req.source, name=req.model, device=req.device, dtype=req.dtype,
                      image_size=req.image_size or (p.image_size if p else None),

@@ -21,7 +21,10 @@ from l2s.engine.backbone import (
     BackboneError,
     CrossAttnLayer,
     Denoiser,
+    checked_image_size,
     config_fingerprint,
+    freeze,
+    vae_scale,
 )
 from l2s.engine.hooks import HookError
 from l2s.engine.schedules import FlowMatchSchedule
@@ -93,15 +96,9 @@ class MMDiTDenoiser(Denoiser):
         self.text_encoders = text_encoders
         self.scheduler_config = dict(scheduler_config)
         self.name = name
-        self.vae_scale = 1 if vae is None else 2 ** (len(vae.config.block_out_channels) - 1)
+        self.vae_scale = vae_scale(vae)
         self.patch = patch
-        size = image_size or default_size
-        size = (size, size) if isinstance(size, int) else tuple(size)
-        multiple = self.vae_scale * patch
-        if size[0] % multiple or size[1] % multiple:
-            raise BackboneError(f"image size {size[0]}x{size[1]} is not a multiple of "
-                                f"{multiple} px, which this backbone needs; pick e.g. "
-                                f"{(size[0] // multiple) * multiple or multiple}")
+        size = checked_image_size(image_size or default_size, self.vae_scale * patch)
         self.image_size = size
         self.latent_hw = (size[0] // self.vae_scale, size[1] // self.vae_scale)
         self.grid = (self.latent_hw[0] // patch, self.latent_hw[1] // patch)  # image tokens
@@ -110,9 +107,7 @@ class MMDiTDenoiser(Denoiser):
             sigmas=lambda n: pipeline_sigmas(self.scheduler_config, n, seq,
                                              flux=self.pipeline_is_flux))
         self.device, self.dtype = transformer.device, transformer.dtype
-        for m in (transformer, vae, *text_encoders):
-            if m is not None:
-                m.requires_grad_(False).eval()
+        freeze(transformer, vae, *text_encoders)
         self.fingerprint = fingerprint or config_fingerprint(transformer, vae, *text_encoders)
 
     # --- interface -------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from l2s.engine.backbone import BackboneError
-from l2s.engine.loading import allow_pickle, hf_load_error
+from l2s.engine.loading import allow_pickle, hf_load_error, random_weights_preset
 from l2s.engine.registry import Family, LoadRequest, Preset, SteerDefaults, register_family
 from l2s.engine.tokenizers import build_clip_tokenizer
 from l2s.families.unet import UNetDenoiser
@@ -178,11 +178,8 @@ def build_random_sd(preset: Preset, *, device: torch.device, dtype: torch.dtype,
 def load(req: LoadRequest) -> UNetDenoiser:
     """The family's loader: a preset (or its random-weights architecture), hub id or folder."""
     if req.random_weights:
-        if req.preset is None or not req.preset.configs:
-            raise BackboneError("--random-weights needs a preset with a built-in architecture: "
-                                + ", ".join(p.name for p in PRESETS))
-        return build_random_sd(req.preset, device=req.device, dtype=req.dtype,
-                               image_size=req.image_size)
+        return build_random_sd(random_weights_preset(req.preset, PRESETS), device=req.device,
+                               dtype=req.dtype, image_size=req.image_size)
     return load_sd(req.source, name=req.model, device=req.device, dtype=req.dtype,
                    image_size=req.image_size)
 

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import JointAttnProcessor2_0
 
-from l2s.engine.backbone import BackboneError, Conditioning
-from l2s.engine.loading import hf_load_error
+from l2s.engine.backbone import Conditioning
+from l2s.engine.loading import hf_load_error, random_weights_preset
 from l2s.engine.materialise import materialise
 from l2s.engine.registry import Family, LoadRequest, Preset, SteerDefaults, register_family
 from l2s.engine.tokenizers import build_clip_tokenizer, build_t5_tokenizer
@@ -160,11 +160,8 @@ def build_random_sd3(preset: Preset, *, device: torch.device, dtype: torch.dtype
 def load(req: LoadRequest) -> SD3Denoiser:
     """The family's loader: the preset (or its random-weights architecture), hub id, folder."""
     if req.random_weights:
-        if req.preset is None:
-            raise BackboneError("--random-weights needs a preset: "
-                                + ", ".join(p.name for p in PRESETS))
-        return build_random_sd3(req.preset, device=req.device, dtype=req.dtype,
-                                image_size=req.image_size)
+        return build_random_sd3(random_weights_preset(req.preset, PRESETS), device=req.device,
+                                dtype=req.dtype, image_size=req.image_size)
     p = req.preset
     return load_sd3(req.source, name=req.model, device=req.device, dtype=req.dtype,
                     image_size=req.image_size or (p.image_size if p else None))

@@ -19,7 +19,10 @@ from l2s.engine.backbone import (
     Conditioning,
     CrossAttnLayer,
     Denoiser,
+    checked_image_size,
     config_fingerprint,
+    freeze,
+    vae_scale,
 )
 from l2s.engine.hooks import HookError
 from l2s.engine.schedules import DDPMSchedule
@@ -192,25 +195,17 @@ class UNetDenoiser(Denoiser):
         self.prediction_type = self.schedule.prediction_type
         self.name = name
         self.known_objects = known_objects
-        self.vae_scale = 1 if vae is None else 2 ** (len(vae.config.block_out_channels) - 1)
-        if image_size is None:
-            image_size = unet.config.sample_size * self.vae_scale
-        if isinstance(image_size, int):
-            image_size = (image_size, image_size)
-        multiple = self.vae_scale * 2 ** (len(unet.config.down_block_types) - 1)
-        if image_size[0] % multiple or image_size[1] % multiple:
-            raise BackboneError(f"image size {image_size[0]}x{image_size[1]} is not a multiple "
-                                f"of {multiple} px, which this backbone needs; pick e.g. "
-                                f"{(image_size[0] // multiple) * multiple or multiple}")
+        self.vae_scale = vae_scale(vae)
+        image_size = checked_image_size(
+            unet.config.sample_size * self.vae_scale if image_size is None else image_size,
+            self.vae_scale * 2 ** (len(unet.config.down_block_types) - 1))  # one per level
         self.image_size = image_size
         self.latent_hw = (image_size[0] // self.vae_scale, image_size[1] // self.vae_scale)
         self.latent_shape = (unet.config.in_channels, *self.latent_hw)
         self.device = unet.device
         self.dtype = unet.dtype
         self.fingerprint = fingerprint or config_fingerprint(unet, text_encoder, vae)
-        for m in (unet, text_encoder, vae):
-            if m is not None:
-                m.requires_grad_(False).eval()
+        freeze(unet, text_encoder, vae)
         self._layers = unet_cross_attention_layers(unet, self.latent_hw)
         if not self._layers:
             raise BackboneError(f"{name!r} has no cross-attention layers, so there is nothing "
