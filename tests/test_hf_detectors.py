@@ -174,9 +174,11 @@ def test_color_prompts_and_zero_shot_weights_follow_geneval():
 
 def test_mask2former_folder_loads_and_returns_raw_instances(tiny, one_thread):
     """Catches a broken load by path, masks of the wrong size, boxes not taken from the masks,
-    labels left in COCO spelling, and thresholding inside the detector (the scorer thresholds)."""
+    labels left in COCO spelling, thresholding inside the detector (the scorer thresholds), and
+    images read at the folder's processor size instead of GenEval's test scale."""
     det = load_detector(str(tiny / "m2f"))
     assert isinstance(det, Mask2FormerDetector) and det.rules == GENEVAL_RULES
+    assert (det.processor.size.shortest_edge, det.processor.size.longest_edge) == (800, 1333)
     found = det.detect(IMAGE, ["mouse"])
     assert isinstance(found, ImageDetections) and len(found.detections) == 6  # every query
     assert {d.label for d in found.detections} <= {"person", "computer mouse", "dining table",
@@ -320,8 +322,9 @@ def test_given_colours_skip_clip_and_missing_ones_go_through_it(tiny, one_thread
 def test_real_model_suites_run_end_to_end_on_tiny_folders(tiny, tmp_path, monkeypatch,
                                                           one_thread):
     """Catches the --detector / --color-model folders not reaching the run, a compbench or
-    GenEval record missing its fields, and a detector that finds nothing (random weights here)
-    passing without the DETECTOR HEALTH warning."""
+    GenEval record missing its fields, a CompBench run not saying its detector replaces UniDet,
+    and a detector that finds nothing (random weights here) passing without the DETECTOR HEALTH
+    warning."""
     from l2s import bench
     from l2s.bench import BenchConfig, run_bench
 
@@ -341,5 +344,37 @@ def test_real_model_suites_run_end_to_end_on_tiny_folders(tiny, tmp_path, monkey
         assert len(records) == 2 and {"correct", "reason", "details", "n_detections"} <= set(
             records[0])
         warnings[suite] = res.warnings
+        assert any("UniDet is replaced" in n for n in res.notes) == (suite == "compbench-spatial")
     # the random Mask2Former's scores sit under GenEval's 0.3: nothing is kept in any image
     assert any("DETECTOR HEALTH" in w for w in warnings["geneval-position"])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_detectors_and_colours_on_cuda_match_the_cpu(tiny, monkeypatch):
+    """Catches inputs or outputs left on the wrong device, and CUDA numerics that change what
+    the scorer sees (labels, boxes, scores, colour weights). TF32 is off: the tiny random models
+    have many near-zero mask logits that TF32 rounding would flip."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        _compare_devices(tiny)
+    finally:
+        torch.set_float32_matmul_precision(precision)
+
+
+def _compare_devices(tiny):
+    for folder in ("m2f", "owl"):
+        cpu, gpu = (load_detector(str(tiny / folder), d).detect(IMAGE, ["dog", "mouse"])
+                    for d in ("cpu", "cuda"))
+        assert len(gpu.detections) == len(cpu.detections)
+        for g in gpu.detections:  # the order of equal-score instances may differ
+            assert any(c.label == g.label and abs(c.score - g.score) < 1e-3
+                       and np.allclose(c.box, g.box, atol=1.0) for c in cpu.detections), g
+    gpu = ClipColors.load(str(tiny / "clip"), "cuda")
+    dets = [Detection("dog", (4, 4, 40, 30), 0.9), Detection("dog", (0, 0, 64, 48), 0.8)]
+    assert set(gpu(IMAGE, dets, [None, None])) <= set(COLORS)
+    torch.testing.assert_close(gpu.weights("dog").cpu(),
+                               ClipColors.load(str(tiny / "clip"), "cpu").weights("dog"),
+                               atol=1e-4, rtol=1e-3)

@@ -111,6 +111,21 @@ def detector_available(name: str) -> bool:
     return hf_model_available(DETECTOR_ALIASES.get(name, name))
 
 
+def detector_notes(suite: str, detector: str) -> list[str]:
+    """How a suite's scoring with `detector` departs from the original harness (docs/benchmarks.md,
+    "Deviations"), for the run's output."""
+    repo = DETECTOR_ALIASES.get(detector, detector)
+    if suite == "compbench-spatial":
+        return [f"T2I-CompBench's UniDet is replaced by {repo}: its scores enter CompBench's "
+                "formula on another scale, so compare methods within this run, not with "
+                "published CompBench numbers"]
+    if suite in ("geneval", "geneval-position", "multirel") and repo == DETECTOR_ALIASES[
+            "mask2former"]:
+        return [f"{repo} is Meta's Mask2Former release ported to transformers, not the mmdet "
+                "checkpoint GenEval runs: same architecture and rules, other weights"]
+    return []
+
+
 def describe_detectors() -> dict[str, dict]:
     """Each known detector (and the colour model): its repo and whether it is usable offline."""
     out = {"toy": {"repo": "l2s.toy.detector", "available": True}}
@@ -122,4 +137,5 @@ def describe_detectors() -> dict[str, dict]:
 
 __all__ = ["COLOR_MODEL", "DEFAULT_DETECTORS", "DETECTOR_ALIASES", "GENEVAL_RULES", "OWL_RULES",
            "TOY_RULES", "Detector", "DetectorError", "ImageDetections", "ToyDetector",
-           "describe_detectors", "detector_available", "load_detector", "toy_detection"]
+           "describe_detectors", "detector_available", "detector_notes", "load_detector",
+           "toy_detection"]

@@ -5,7 +5,8 @@
   post-processing returns is kept (threshold 0: the scorer applies GenEval's thresholds), with
   its score as that post-processing computes it (class probability x mean mask probability, as
   mmdet does), its binary mask (for the colour step) and its box taken from the mask the way
-  mmdet's `mask2bbox` does. Labels are COCO names as GenEval spells them.
+  mmdet's `mask2bbox` does. Labels are COCO names as GenEval spells them. Images are read at
+  GenEval's test scale (MASK2FORMER_TEST_SIZE).
 - OWLv2 / OWL-ViT (model_type owlv2, owlvit; default google/owlv2-base-patch16-ensemble): open
   vocabulary, queried with the prompt's object names; every box comes back (threshold 0) in
   pixels of the original image, clipped to it; no masks (colour then reads the box crop).
@@ -39,6 +40,10 @@ from l2s.engine.loading import (
 # (GenEval's own list is mmdet's COCO order with these three changed).
 COCO_TO_GENEVAL = {"mouse": "computer mouse", "remote": "tv remote",
                    "keyboard": "computer keyboard"}
+# Mask2Former reads images at GenEval's test scale (mmdet's Mask2Former configs: shorter side
+# 800, longer at most 1333, aspect kept; detectron2's COCO evaluation of Meta's release too), not
+# at the 384 x 384 of the hub's processor config.
+MASK2FORMER_TEST_SIZE = {"shortest_edge": 800, "longest_edge": 1333}
 SAFE_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
 PICKLED_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 
@@ -122,14 +127,18 @@ def model_config(name: str, option: str) -> dict:
     return json.loads(path.read_text())
 
 
-def from_pretrained(load: Callable[..., object], name: str, option: str, model: bool = True):
-    """`load(name)` (a from_pretrained) with one-line errors; a model loads in fp32 (scores as
-    the checkpoint's authors computed them) from safetensors unless pickles are allowed."""
+def from_pretrained(load: Callable[..., object], name: str, option: str, model: bool = True,
+                    **overrides):
+    """`load(name, **overrides)` (a from_pretrained) with one-line errors; a model loads in fp32
+    (scores as the checkpoint's authors computed them) from safetensors unless pickles are
+    allowed."""
     local = Path(name).expanduser()
     src = str(local) if local.is_dir() else name
-    kwargs = {"use_safetensors": None if allow_pickle() else True, "dtype": torch.float32}
+    if model:
+        overrides = {"use_safetensors": None if allow_pickle() else True, "dtype": torch.float32,
+                     **overrides}
     try:
-        return load(src, **(kwargs if model else {}))
+        return load(src, **overrides)
     except (OSError, ValueError) as e:
         pickled = [w for w in PICKLED_WEIGHTS if hub_file(name, w) is not None]
         if pickled and not allow_pickle():
@@ -177,7 +186,7 @@ class Mask2FormerDetector:
             raise DetectorError(f"Mask2Former needs a package that is missing ({e}): "
                                 "`pip install scipy`") from e
         processor = from_pretrained(AutoImageProcessor.from_pretrained, name, "--detector",
-                                    model=False)
+                                    model=False, size=dict(MASK2FORMER_TEST_SIZE))
         return cls(name, model.to(device).eval(), processor, device)
 
     @torch.inference_mode()
@@ -244,6 +253,6 @@ _ADAPTERS: dict[str, Callable[[str, torch.device], object]] = {
     "owlvit": OwlDetector.load,
 }
 
-__all__ = ["COCO_TO_GENEVAL", "Mask2FormerDetector", "OwlDetector", "boxes_from_masks",
-           "clip_boxes", "from_pretrained", "geneval_label", "hf_model_available",
-           "hub_file", "load_hf_detector", "model_config"]
+__all__ = ["COCO_TO_GENEVAL", "MASK2FORMER_TEST_SIZE", "Mask2FormerDetector", "OwlDetector",
+           "boxes_from_masks", "clip_boxes", "from_pretrained", "geneval_label",
+           "hf_model_available", "hub_file", "load_hf_detector", "model_config"]

@@ -14,7 +14,13 @@ import numpy as np
 import torch
 
 from l2s.bench import store
-from l2s.bench.detectors import COLOR_MODEL, DEFAULT_DETECTORS, Detector, load_detector
+from l2s.bench.detectors import (
+    COLOR_MODEL,
+    DEFAULT_DETECTORS,
+    Detector,
+    detector_notes,
+    load_detector,
+)
 from l2s.bench.methods import METHODS, MethodContext
 from l2s.bench.scoring import ColorClassifier, score_image
 from l2s.bench.sheets import contact_sheet
@@ -80,6 +86,7 @@ class BenchResult:
     detector: str = "toy"
     warnings: list[str] = field(default_factory=list)
     complete: bool = True  # every shard's images are scored
+    notes: list[str] = field(default_factory=list)  # how the scoring departs from the original
 
     @property
     def seconds(self) -> dict[str, float]:
@@ -87,7 +94,7 @@ class BenchResult:
 
     def to_json(self) -> dict:
         return {"suite": self.suite, "detector": self.detector, "methods": self.methods,
-                "warnings": self.warnings, "complete": self.complete}
+                "warnings": self.warnings, "complete": self.complete, "notes": self.notes}
 
 
 def image_seed(seed: int, prompt_index: int, image_index: int) -> int:
@@ -285,7 +292,8 @@ def summarise_run(cfg: BenchConfig, prompts: list[BenchPrompt], records: list[di
                 methods[name]["vs_plain"] = paired_difference(by_method.get(name, []),
                                                               by_method.get("plain", []))
     complete = all(len(by_method.get(m, [])) == expected for m in cfg.methods)
-    return BenchResult(cfg.suite, methods, out, cfg.detector_name, warnings, complete)
+    return BenchResult(cfg.suite, methods, out, cfg.detector_name, warnings, complete,
+                       detector_notes(cfg.suite, cfg.detector_name))
 
 
 def _sheets(out: Path, method: str, records: list[dict]) -> None:

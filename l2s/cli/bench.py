@@ -135,6 +135,8 @@ def bench(
     write_resolved(ctx, out, {**resolved(ctx), "out": out})
     for w in res.warnings:
         console.print(f"[bold red]warning:[/] {w}", highlight=False)
+    for n in res.notes:
+        console.print(f"note: {n} (docs/benchmarks.md)", highlight=False)
     if not res.complete:
         console.print("[yellow]some shards are not finished: this summary covers the images "
                       "scored so far; rerun any shard (or without --shard) once all are done[/]")
