@@ -123,7 +123,7 @@ def model_config(name: str, option: str) -> dict:
             path = Path(hf_hub_download(name, "config.json"))
         except Exception as e:  # not found, gated, network: one line, not a traceback
             raise DetectorError(f"{option} {name}: could not fetch its config.json from the hub "
-                                f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
+                                f"({_first_line(e)})") from e
     return json.loads(path.read_text())
 
 
@@ -146,8 +146,11 @@ def from_pretrained(load: Callable[..., object], name: str, option: str, model: 
                                 ".safetensors: l2s loads safetensors only, since a pickle can run "
                                 "code when loaded; convert them, or, if you trust the source, "
                                 "run `l2s --allow-pickle ...`") from e
-        raise DetectorError(f"could not load {name} ({option}): {type(e).__name__}: "
-                            f"{str(e).splitlines()[0][:300]}") from e
+        raise DetectorError(f"could not load {name} ({option}): {_first_line(e)}") from e
+
+
+def _first_line(e: Exception) -> str:
+    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"
 
 
 def load_hf_detector(name: str, device: str | None = None):
