@@ -20,15 +20,15 @@ from __future__ import annotations
 
 import contextlib
 import statistics
-import time
 from dataclasses import asdict, dataclass, replace
 
 import torch
 
 from l2s.engine.backbone import Denoiser
 from l2s.engine.sampling import guided_prediction, sample, seeded_latents
+from l2s.engine.timing import Clock
 from l2s.relations import parse
-from l2s.steering import RelationLoss, Steerer, peak_memory_mb, steer_latents
+from l2s.steering import RelationLoss, Steerer, steer_latents
 
 
 @dataclass(frozen=True)
@@ -88,42 +88,6 @@ def explicit_attention(model: torch.nn.Module, processors: dict | None = None):
         model.set_attn_processor(dict(originals))
 
 
-class _Clock:
-    """Wall time of callables with the device synchronised, and peak memory."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-
-    def sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-    def reset_peak(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-
-    def peak_mb(self) -> float:
-        return round(peak_memory_mb(self.device), 1)
-
-    def timed_call(self, fn) -> tuple[float, object]:
-        """(milliseconds, fn's result) of one call, from a synchronised start to its end."""
-        self.sync()
-        t0 = time.perf_counter()
-        result = fn()
-        self.sync()
-        return (time.perf_counter() - t0) * 1000, result
-
-    def measure(self, fn, repeats: int) -> dict:
-        """{"ms": median, "all_ms": [...], "peak_mb": peak memory during the timed runs}."""
-        fn()  # warm-up (kernel selection, allocator)
-        self.sync()
-        self.reset_peak()
-        times = [self.timed_call(fn)[0] for _ in range(repeats)]
-        return {"ms": round(statistics.median(times), 3),
-                "all_ms": [round(t, 3) for t in times],
-                "peak_mb": self.peak_mb()}
-
-
 def _default_prompt(denoiser: Denoiser) -> str:
     objs = denoiser.known_objects
     if objs:
@@ -159,7 +123,7 @@ def run_speed(config: SpeedConfig, denoiser: Denoiser | None = None, on_unit=Non
     # threshold < 0: a cross-entropy is never below it, so no early exit (worst case).
     worst = replace(base, threshold_start=-1.0, threshold_end=-1.0)
     one_iter = replace(worst, iterations=1)
-    clock = _Clock(denoiser.device)
+    clock = Clock(denoiser.device)
     x = seeded_latents(denoiser, [0])
     t = denoiser.timesteps(base.steps)[0]
     cond = denoiser.encode_prompt([prompt])

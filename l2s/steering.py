@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import resource
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -23,6 +21,7 @@ from l2s.engine.backbone import Denoiser
 from l2s.engine.hooks import AttentionRecorder, token_weights
 from l2s.engine.registry import SteerDefaults
 from l2s.engine.sampling import sample
+from l2s.engine.timing import RegionTimer
 from l2s.engine.tokens import triplet_tokens
 from l2s.relations import Triplet
 
@@ -187,29 +186,6 @@ class SteerStats:
     attention: list[tuple[int, torch.Tensor, torch.Tensor]] = field(default_factory=list)
 
 
-class _Timer:
-    """Wall time of a region: CUDA events on a GPU (read after a sync), perf_counter on CPU."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
-        self.events: list = []
-
-    def start(self):
-        if self.cuda:
-            e = torch.cuda.Event(enable_timing=True)
-            e.record()
-            return e
-        return time.perf_counter()
-
-    def stop(self, begin) -> Callable[[], float]:
-        if self.cuda:
-            end = torch.cuda.Event(enable_timing=True)
-            end.record()
-            return lambda: begin.elapsed_time(end)
-        ms = (time.perf_counter() - begin) * 1000
-        return lambda: ms
-
-
 def _norms(z: torch.Tensor) -> torch.Tensor:
     """Per-image L2 norm of a latent batch (B, ...) -> (B,)."""
     return z.float().flatten(1).norm(dim=1)
@@ -295,7 +271,7 @@ class Steerer:
         self.groups = [g + [g[0]] * (g_max - len(g)) for g, _ in per_image]
         self.pairs = [p for _, p in per_image]
         self.layers = denoiser.cross_attention_layers()
-        self.timer = _Timer(denoiser.device)
+        self.timer = RegionTimer(denoiser.device)
         self.spent = [0] * len(self.groups)  # iterations each image has used (for the budget)
         self._weights: torch.Tensor | None = None
 
@@ -478,10 +454,3 @@ def _steer_step(st: Steerer, rec: AttentionRecorder, x: torch.Tensor, t: int, st
     x = x.detach().clone()
     x[aidx] = z_all.to(x.dtype)
     return x
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak GPU memory allocated, or the process's peak resident set size on the CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

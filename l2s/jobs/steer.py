@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from l2s.config import check_choice, check_generation, check_number, check_writa
 from l2s.engine.backbone import Denoiser
 from l2s.engine.registry import steer_defaults
 from l2s.engine.sampling import sample, seeded_latents, to_uint8
+from l2s.engine.timing import Clock, peak_memory_mb
 from l2s.relations import Triplet, parse
 from l2s.steering import (
     OPTIMIZERS,
@@ -22,7 +22,6 @@ from l2s.steering import (
     RelationLoss,
     SteerSettings,
     SteerStats,
-    peak_memory_mb,
     steer_latents,
 )
 
@@ -232,20 +231,21 @@ def steer(config: SteerConfig, denoiser: Denoiser | None = None, on_step=None) -
     seeds = [config.seed + i for i in range(config.num_images)]
     latents = seeded_latents(denoiser, seeds)
     prompts = [config.prompt] * len(seeds)
-    t0 = time.perf_counter()
-    verified = None
-    if config.verify and loss is not None:
-        from l2s.verify import generate_verified
+    clock = Clock(denoiser.device)
 
-        verified = generate_verified(denoiser, prompts, [steerable] * len(seeds), latents,
+    def run():
+        if config.verify and loss is not None:
+            from l2s.verify import generate_verified
+
+            return generate_verified(denoiser, prompts, [steerable] * len(seeds), latents,
                                      settings, loss)
-        images, stats = verified.images, verified.stats
-    else:
-        images, stats = generate(denoiser, prompts, [steerable] * len(seeds), latents,
-                                 settings, loss, on_step, keep_maps=config.save_attention)
-    if denoiser.device.type == "cuda":
-        torch.cuda.synchronize()
-    total = time.perf_counter() - t0
+        return generate(denoiser, prompts, [steerable] * len(seeds), latents, settings, loss,
+                        on_step, keep_maps=config.save_attention)
+
+    total_ms, ran = clock.timed_call(run)
+    total = total_ms / 1000
+    verified = ran if config.verify and loss is not None else None
+    images, stats = (verified.images, verified.stats) if verified is not None else ran
     report = {
         "prompt": config.prompt,
         "triplets": [{"subject": t.subject, "relation": t.relation, "object": t.object,
@@ -264,11 +264,9 @@ def steer(config: SteerConfig, denoiser: Denoiser | None = None, on_step=None) -
     if verified is not None:
         report["verify"] = verified.to_json()
     if config.compare_plain:
-        t1 = time.perf_counter()
-        generate(denoiser, prompts, [[]] * len(seeds), latents, settings, None)
-        if denoiser.device.type == "cuda":
-            torch.cuda.synchronize()
-        report["plain_s"] = round(time.perf_counter() - t1, 4)
+        plain_ms, _ = clock.timed_call(
+            lambda: generate(denoiser, prompts, [[]] * len(seeds), latents, settings, None))
+        report["plain_s"] = round(plain_ms / 1000, 4)
         report["overhead"] = round(total / max(report["plain_s"], 1e-9), 3)
     arr = to_uint8(images)
     report["achieved"] = relation_achieved(denoiser, arr, steerable, stats, method)
