@@ -258,6 +258,18 @@ def test_missing_models_say_how_to_get_them():
     assert not detector_available("owlv2") and detector_available("toy")
 
 
+def test_a_detector_that_cannot_load_stops_the_run_before_it_pins_its_folder(tmp_path):
+    """Catches a run that writes config.json (or generates) before its detector loads: rerunning
+    with --detector PATH into the same --out would then be refused as other settings."""
+    from l2s.bench import BenchConfig, run_bench
+
+    cfg = BenchConfig(suite="geneval-position", model="tiny", prompts=1, images=1,
+                      out=str(tmp_path / "run"))
+    with pytest.raises(DetectorError, match="hf download"):
+        run_bench(cfg, denoiser=object())
+    assert not (tmp_path / "run" / "config.json").exists()
+
+
 def test_folders_of_other_models_are_refused(tiny, tmp_path):
     """Catches a CLIP (or any non-detector) folder being driven as a detector, a detector as the
     colour model, and a folder without config.json."""
