@@ -25,6 +25,9 @@ def test_models_json_lists_presets_with_availability():
     assert rows["sd2.1"]["available"] is False  # offline, empty HF cache
     assert rows["sd2.1"]["repo_id"] == "stabilityai/stable-diffusion-2-1"
     assert "classifier" in rows["toy"]
+    # What --steps, --steer-until ... default to per model (their --help points here).
+    assert rows["toy"]["defaults"]["steer_until"] == 5
+    assert rows["sd1.4"]["defaults"]["step_size"] == 7.5
 
 
 def test_doctor_json_reports_versions_and_offline_mode():

@@ -16,7 +16,7 @@ from rich.progress import (
 from rich.table import Table
 
 from l2s.bench import SUITES, BenchConfig, BenchError, BenchResult, run_bench
-from l2s.cli.options import config_option, resolved, write_resolved
+from l2s.cli.options import config_option, model_default_option, resolved, write_resolved
 from l2s.cli.output import console, emit_json, user_errors
 from l2s.config import check_generation, check_number, check_writable_dir
 from l2s.engine.backbone import BackboneError
@@ -76,21 +76,14 @@ def bench(
                                help="Images per prompt (default: GenEval 4, CompBench 10, "
                                     "multirel 4, toy 1)."),
     seed: int = typer.Option(0, "--seed", help="Chooses the prompts and the image seeds."),
-    steps: int = typer.Option(None, "--steps", help="DDIM steps (default: the model's)."),
-    guidance: float = typer.Option(None, "--guidance", help="CFG scale (default: the model's)."),
+    steps: int = model_default_option("steps"),
+    guidance: float = model_default_option("guidance"),
     classifier: str = typer.Option(None, "--classifier",
                                    help="l2s: classifier card.json (default: the model's)."),
-    steer_until: float = typer.Option(None, "--steer-until",
-                                      help="Steered methods: fraction (< 1) or count of steps "
-                                           "(default: the model's; SD: 0.5, toy: 5)."),
-    iterations: int = typer.Option(None, "--iterations",
-                                   help="Max gradient iterations per step (default: the "
-                                        "model's; 16)."),
-    loss_threshold: float = typer.Option(None, "--loss-threshold",
-                                         help="Stop iterating below this loss (default: the "
-                                              "model's; SD: 1e-5 rising to 7e-5)."),
-    step_size: float = typer.Option(None, "--step-size",
-                                    help="Latent step size (default: the model's)."),
+    steer_until: float = model_default_option("steer_until"),
+    iterations: int = model_default_option("iterations"),
+    loss_threshold: float = model_default_option("loss_threshold"),
+    step_size: float = model_default_option("step_size"),
     detector: str = typer.Option(None, "--detector",
                                  help="toy, mask2former, owlv2, a hub id or a folder (default: "
                                       "toy for shapes suites, mask2former for geneval suites "

@@ -35,6 +35,33 @@ def _load(ctx: typer.Context, param: typer.CallbackParam, value: str | None) -> 
     return value
 
 
+# Options whose default is the model's (``l2s.engine.registry.SteerDefaults``): one flag and
+# help text each, for every command that takes them (steer, bench, speed).
+_MODEL_DEFAULTS = {
+    "steps": ("--steps", "Sampling steps"),
+    "guidance": ("--guidance", "Guidance scale (CFG; Flux-dev: the embedded scale)"),
+    "steer_until": ("--steer-until", "Steer before this fraction of the steps (< 1) or this "
+                                     "step count (>= 1)"),
+    "steer_from": ("--steer-from", "First steered step"),
+    "iterations": ("--iterations", "Max gradient iterations per steered step"),
+    "step_size": ("--step-size", "Latent step size"),
+    "optimizer": ("--optimizer", "sgd, adam or normalized (fixed-size steps)"),
+    "loss_threshold": ("--loss-threshold", "Stop iterating below this loss"),
+}
+
+
+def model_default_option(name: str, text: str | None = None):
+    """The option for SteerDefaults field ``name``: None means the model's default, and
+    --help says so with the value a model without a preset gets (``text``: other words)."""
+    from l2s.engine.registry import SteerDefaults
+
+    flag, words = _MODEL_DEFAULTS[name]
+    value = getattr(SteerDefaults(), name)
+    fallback = "1e-5 rising to 7e-5" if name == "loss_threshold" and value is None else value
+    return typer.Option(None, flag, help=f"{text or words} (default: the model's, listed by "
+                                         f"`l2s models --json`; {fallback} without a preset).")
+
+
 def config_option():
     """``--config FILE.yaml``: option values from a file; command-line flags override them."""
     return typer.Option(None, "--config", is_eager=True, callback=_load,

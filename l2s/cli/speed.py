@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
+from l2s.cli.options import model_default_option
 from l2s.cli.output import console, emit_json, status, user_errors
 from l2s.engine.backbone import BackboneError
 from l2s.speed import SpeedConfig, run_speed
@@ -35,13 +36,10 @@ def speed(
     dtype: str = typer.Option(None, "--dtype", help="float16, bfloat16 or float32 (default: "
                                                     "float16 on CUDA, float32 on CPU; Flux "
                                                     "and SD3 run fp16 as bfloat16)."),
-    steps: int = typer.Option(None, "--steps", help="Sampling steps (default: the model's)."),
-    steer_until: float = typer.Option(None, "--steer-until",
-                                      help="Steered steps: fraction (< 1) or count (default: "
-                                           "the model's; SD: 0.5, toy: 5)."),
-    iterations: int = typer.Option(None, "--iterations",
-                                   help="Iterations per steered step in the worst case "
-                                        "(default: the model's; 16)."),
+    steps: int = model_default_option("steps"),
+    steer_until: float = model_default_option("steer_until"),
+    iterations: int = model_default_option(
+        "iterations", "Iterations per steered step in the worst case"),
     repeats: int = typer.Option(5, "--repeats", help="Timed repetitions of each unit."),
     end_to_end: bool = typer.Option(True, "--end-to-end/--units-only",
                                     help="Also time whole generations (plain, worst case, "

@@ -7,7 +7,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from l2s.cli.options import config_option, resolved, write_resolved
+from l2s.cli.options import config_option, model_default_option, resolved, write_resolved
 from l2s.cli.output import console, emit_json, status, user_errors
 from l2s.config import check_writable_dir
 from l2s.engine.backbone import BackboneError
@@ -88,29 +88,17 @@ def steer(
                                         "wrote for the model, else the shipped one)."),
     num_images: int = typer.Option(1, "--num-images", "-n", help="Images, one batch."),
     seed: int = typer.Option(0, "--seed", help="Seed of the first image (then +1 each)."),
-    steps: int = typer.Option(None, "--steps", help="Sampling steps (default: the model's)."),
-    guidance: float = typer.Option(None, "--guidance", help="CFG scale (default: the model's)."),
-    steer_until: float = typer.Option(None, "--steer-until",
-                                      help="Steer before this fraction of the steps (< 1) or "
-                                           "this step count (>= 1) (default: the model's; "
-                                           "SD: 0.5, toy: 5)."),
-    steer_from: int = typer.Option(None, "--steer-from",
-                                   help="First steered step (default: the model's; SD: 0, "
-                                        "toy: 1, skipping the noisiest step)."),
+    steps: int = model_default_option("steps"),
+    guidance: float = model_default_option("guidance"),
+    steer_until: float = model_default_option("steer_until"),
+    steer_from: int = model_default_option("steer_from"),
     budget: int = typer.Option(None, "--budget",
                                help="Max gradient iterations per image over the whole "
                                     "generation (default: no cap)."),
-    iterations: int = typer.Option(None, "--iterations",
-                                   help="Max gradient iterations per steered step (default: "
-                                        "the model's; 16)."),
-    loss_threshold: float = typer.Option(None, "--loss-threshold",
-                                         help="Stop iterating below this loss (default: the "
-                                              "model's; SD: 1e-5 rising to 7e-5)."),
-    step_size: float = typer.Option(None, "--step-size",
-                                    help="Latent step size (default: the model's)."),
-    optimizer: str = typer.Option(None, "--optimizer",
-                                  help="sgd, adam or normalized (fixed-size steps) "
-                                       "(default: the model's; SD: sgd, toy: normalized)."),
+    iterations: int = model_default_option("iterations"),
+    loss_threshold: float = model_default_option("loss_threshold"),
+    step_size: float = model_default_option("step_size"),
+    optimizer: str = model_default_option("optimizer"),
     verify: bool = typer.Option(False, "--verify",
                                 help="Generate plainly first, check each image (the toy's "
                                      "detector, else the classifier on the plain pass) and "

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterable
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -226,7 +227,8 @@ def _classifier_card(model: str) -> str | None:
 
 
 def describe_models() -> list[dict]:
-    """One record per preset: what it is, whether it loads offline, its default classifier."""
+    """One record per preset: what it is, its sampling and steering defaults, whether it loads
+    offline, its default classifier."""
     from l2s.classifier import card_origin
 
     return [
@@ -236,6 +238,7 @@ def describe_models() -> list[dict]:
             "repo_id": p.repo_id,
             "description": p.description,
             "image_size": p.image_size,
+            "defaults": asdict(p.defaults),  # steps, guidance, steering (SteerDefaults)
             "available": is_available_locally(p.name),
             "random_weights": bool(p.configs),
             "classifier": card,
