@@ -9,11 +9,12 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from itertools import islice
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from l2s.cache import AttentionCache, content_key, image_hash
+from l2s.cache import AttentionCache, atomic_write, content_key, image_hash
 from l2s.config import ConfigError, check_choice, check_number
 from l2s.engine.backbone import Denoiser
 from l2s.engine.tokens import TokenAlignmentError, pair_tokens
@@ -136,7 +137,8 @@ def run_invert(cfg: InvertConfig, denoiser: Denoiser | None = None,
         "layers": [la.name for la in layers], "heads": [la.heads for la in layers],
         "map_size": inv.map_size,
     }
-    (cache.dir / "settings.json").write_text(json.dumps(common_meta, indent=2))
+    settings = json.dumps(common_meta, indent=2)
+    atomic_write(cache.dir / "settings.json", lambda tmp: Path(tmp).write_text(settings))
     result = InvertResult()
     opts_kwargs = {"gqa_root": cfg.gqa_root, "folder": cfg.folder, "seed": cfg.seed}
     if cfg.per_relation is not None:

@@ -262,6 +262,14 @@ class ToyTrainer:
                                               self.scheduler))
 
 
+def _write_json(path: Path, data: dict) -> None:
+    """A resumed run reads these back: never half-written (``l2s.cache.atomic_write``)."""
+    from l2s.cache import atomic_write
+
+    text = json.dumps(data, indent=1)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
 def _eval_score(e: ToyEval) -> float:
     # Both objects present is what the shipped model must get right; clean layouts break ties.
     return e.both_present + 0.1 * e.clean
@@ -277,7 +285,7 @@ def train_toy(cfg: TrainConfig, resume: bool = False, callback: TrainCallback | 
     trainer = ToyTrainer(cfg)
     if resume and trainer.resume():
         report({"event": "resume", "step": trainer.step})
-    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+    _write_json(out / "config.json", dataclasses.asdict(cfg))
     best_file = out / "best.json"
     best = json.loads(best_file.read_text()) if best_file.is_file() else None
     best_eval = ToyEval(**best["eval"]) if best else None
@@ -318,8 +326,7 @@ def _train_loop(cfg: TrainConfig, trainer: ToyTrainer, out: Path, best_eval: Toy
                 trainer.export(out / "best")
                 if cfg.export:
                     trainer.export(Path(cfg.export))
-                best_file.write_text(json.dumps({"step": step,
-                                                 "eval": dataclasses.asdict(result)}, indent=1))
+                _write_json(best_file, {"step": step, "eval": dataclasses.asdict(result)})
                 report({"event": "export", "step": step, "path": cfg.export or str(out / "best")})
             tick = time.perf_counter()  # evaluation time is not training time
         last = time.perf_counter()
