@@ -43,10 +43,10 @@ def detector_check(denoiser: Denoiser, triplets: Sequence[Sequence[Triplet]]) ->
 
     if denoiser.known_objects is None or not set(denoiser.known_objects) <= set(CATEGORY_NAMES):
         return None
-    from l2s.bench import score_shapes
+    from l2s.toy.detector import score_pair
 
     def check(images: torch.Tensor) -> list[bool]:
-        return [all(score_shapes(img, t)["correct"] for t in ts)
+        return [all(score_pair(img, t.subject, t.relation, t.object).correct for t in ts)
                 for img, ts in zip(to_uint8(images), triplets, strict=True)]
 
     return check

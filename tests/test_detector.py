@@ -139,3 +139,25 @@ def test_touching_objects_and_merged_blobs():
     blob = detect(image)["square"]
     assert blob.box == (4, 4, 22, 20) and oversized(blob, 32)
     assert not any(oversized(d, 32) for d in found.values())
+
+
+def test_score_pair_agrees_with_the_benchmarks_scorer():
+    """The toy world's two-object verdict (score_pair: generated source, trainer evaluation,
+    steer's "achieved", --verify) is the benchmark's (GenEval's rule on toy detections)."""
+    from l2s.bench import score_shapes
+    from l2s.relations import RELATIONS, Triplet
+    from l2s.toy.detector import score_pair
+
+    rng = np.random.default_rng(0)
+    seen = set()
+    for _ in range(40):
+        scene = random_scene(rng, 32, n_objects=3)
+        a, b = (o.category for o in scene.objects[:2])
+        for rel in RELATIONS:
+            for s, o in ((a, b), (b, a)):
+                mine = score_pair(scene.image, s, rel, o)
+                theirs = score_shapes(scene.image, Triplet(s, rel, o))
+                assert mine.correct == theirs["correct"]
+                assert mine.both_present == theirs["both_present"]
+                seen.add(mine.correct)
+    assert seen == {True, False}

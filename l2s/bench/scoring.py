@@ -102,7 +102,9 @@ def _compbench(prompt: BenchPrompt, found: ImageDetections, detector: Detector) 
 
 def score_shapes(image: np.ndarray, triplet) -> dict:
     """One toy-world relation on an (H, W, 3) image, through the toy detector and GenEval's
-    rules: the record fields of score_image (correct, both_present, fused, details, ...)."""
+    rules: the record fields of score_image (correct, both_present, fused, details, ...).
+    Its verdict is ``l2s.toy.detector.score_pair``'s (one detection per shape, every
+    confidence > 0; tests/test_detector.py checks they agree)."""
     from l2s.bench.detectors import ToyDetector
     from l2s.relations import format_prompt
 
