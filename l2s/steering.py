@@ -162,6 +162,8 @@ class StepRecord:
     """What one steered denoising step did (times in ms, losses averaged over images)."""
 
     step: int
+    # the model's time at this step: the DDPM timestep, or sigma x 1000 for rectified flow
+    t: float | None = None
     iterations: int = 0  # iterations that updated at least one image
     image_updates: int = 0  # latent updates summed over images (the batch's real work)
     loss_before: float | None = None
@@ -349,7 +351,7 @@ def _steer_step(st: Steerer, rec: AttentionRecorder, x: torch.Tensor, t: int, st
     host read per iteration is the mask of images that go on.
     """
     settings, stats, timer = st.settings, st.stats, st.timer
-    record = StepRecord(step)
+    record = StepRecord(step, t=float(t))
     threshold = settings.threshold(step)
     active = [i for i in st.active if st.spent[i] < settings.budget_or_inf]
     if not active:  # every image spent its budget

@@ -11,7 +11,7 @@ from l2s.families.tiny import tiny_sd
 from l2s.jobs.steer import PromptError, SteerConfig, SteerError, check_prompt, steer, unique_dir
 
 runner = CliRunner()
-STEP_KEYS = {"step", "iterations", "image_updates", "loss_before", "loss_after", "p_target",
+STEP_KEYS = {"step", "t", "iterations", "image_updates", "loss_before", "loss_after", "p_target",
              "forward_ms", "backward_ms", "update_ms"}
 
 
@@ -37,6 +37,7 @@ def test_report_format_and_files(tmp_path, tiny):
     assert rep["seeds"] == [0, 1] and rep["method"] == "centroid"
     assert [s["step"] for s in rep["steps"]] == [0, 1]
     assert all(set(s) == STEP_KEYS for s in rep["steps"])
+    assert 1000 > rep["steps"][0]["t"] > rep["steps"][1]["t"] > 0  # the DDIM timesteps
     assert rep["total_s"] > 0 and rep["plain_s"] > 0
     assert rep["overhead"] == pytest.approx(rep["total_s"] / rep["plain_s"], rel=1e-2)
     assert rep["peak_memory_mb"] > 0 and rep["skipped_updates"] == 0

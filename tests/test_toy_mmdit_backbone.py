@@ -65,3 +65,23 @@ def test_plain_generation_is_deterministic_and_is_the_toys_own_sampler(den):
     own = generate(*load_mmdit_components(), [PROMPT], steps=2,
                    generator=torch.Generator().manual_seed(5))
     torch.testing.assert_close(a, own, rtol=0, atol=1e-5)
+
+
+def test_shipped_classifier_fits_the_shipped_model_and_steers_on_its_flow_steps(den, tmp_path):
+    """Catches a shipped classifier that no longer matches the shipped toy-mmdit (layers,
+    fingerprint), one `l2s steer` does not find by default, or steering that reports DDPM
+    timesteps (or none) for a rectified-flow model."""
+    from l2s.classifier import default_classifier
+    from l2s.jobs.steer import SteerConfig, steer
+
+    card = default_classifier("toy-mmdit", den.fingerprint)
+    assert card is not None and card.parent.name == "toy-mmdit"
+    res = steer(SteerConfig(prompt=PROMPT, model="toy-mmdit", out=str(tmp_path / "o")),
+                denoiser=den)
+    steps = res.report["steps"]
+    assert [s["step"] for s in steps] == [0, 1, 2]  # the preset steers steps 0-2
+    # The toy's own flow grid (t = 1000 sigma, from 1000 down in equal steps), not DDPM's.
+    grid = [float(t) for t in den.timesteps(20)[:3]]
+    assert grid[0] == 1000 and grid[0] - grid[1] == pytest.approx(grid[1] - grid[2], rel=1e-4)
+    assert [s["t"] for s in steps] == pytest.approx(grid)
+    assert steps[0]["loss_after"] < steps[0]["loss_before"]

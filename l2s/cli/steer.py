@@ -37,11 +37,12 @@ def _token_table(den, prompt: str) -> Table:
 
 def _timing_table(report: dict) -> Table:
     table = Table(title=f"steering, {report['method']}: per denoising step")
-    for col in ("step", "iters", "loss before", "loss after", "p(target)", "forward ms",
+    for col in ("step", "t", "iters", "loss before", "loss after", "p(target)", "forward ms",
                 "backward ms", "update ms"):
         table.add_column(col, justify="right")
     for r in report["steps"]:
-        table.add_row(str(r["step"]), str(r["iterations"]), f"{r['loss_before']:.4g}",
+        t = "" if r.get("t") is None else f"{r['t']:.4g}"
+        table.add_row(str(r["step"]), t, str(r["iterations"]), f"{r['loss_before']:.4g}",
                       f"{r['loss_after']:.4g}", f"{r['p_target']:.3f}", f"{r['forward_ms']:.1f}",
                       f"{r['backward_ms']:.1f}", f"{r['update_ms']:.1f}")
     return table
