@@ -29,6 +29,15 @@ RELATION_PHRASES: dict[str, dict[str, str]] = {
         "below": "on the bottom of",
         "next to": "next to",
     },
+    # GenEval's phrases without "a photo of": the toy's multi-relation prompts, which must fit
+    # its 24-token text encoder (5 shapes with 3 relations take up to 24 tokens this way)
+    "short": {
+        "left of": "left of",
+        "right of": "right of",
+        "above": "above",
+        "below": "below",
+        "next to": "next to",
+    },
     "plain": {
         "left of": "to the left of",
         "right of": "to the right of",

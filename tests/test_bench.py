@@ -258,3 +258,19 @@ def test_cli_refuses_a_coco_suite_on_the_toy_and_runs_a_toy_suite(oracle, tmp_pa
     assert doc["methods"]["oracle"]["position_accuracy"] == 1.0
     r = runner.invoke(app, ["bench", "--shard", "3", "--out", str(tmp_path / "x")])
     assert r.exit_code == 2 and "I/N" in r.output
+
+
+@pytest.mark.parametrize("weights", ["weights", "weights-mmdit"])
+def test_toy_multi_relation_prompts_fit_the_toy_text_encoders(weights):
+    """Catches shapes-multi prompts longer than the toys' 24-token text encoders: steering then
+    stopped the whole benchmark with a token alignment error ("27 tokens, at most 24")."""
+    from pathlib import Path
+
+    from transformers import CLIPTokenizer
+
+    import l2s.toy
+
+    tok = CLIPTokenizer.from_pretrained(Path(l2s.toy.__file__).parent / weights / "tokenizer")
+    lengths = [len(tok(p.prompt).input_ids) for seed in range(3)
+               for p in suite_prompts("shapes-multi", 200, seed)]
+    assert max(lengths) <= tok.model_max_length == 24

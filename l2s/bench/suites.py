@@ -149,7 +149,7 @@ def suite_prompts(suite: str, n: int | None, seed: int) -> list[BenchPrompt]:
     if suite == "shapes-multi":
         from l2s.toy.scenes import CATEGORY_NAMES
 
-        return multi_prompts(CATEGORY_NAMES, count, seed, "plain")
+        return multi_prompts(CATEGORY_NAMES, count, seed, "short")
     if suite == "multirel":
         return multi_prompts(geneval_names(), count, seed, "geneval")
     fixed = (compbench_prompts() if suite == "compbench-spatial"
