@@ -9,6 +9,7 @@ mkdir -p "$OUT"
 export L2S_CACHE_DIR="$OUT/cache"
 python - <<'PY'
 import collections, torch
+from l2s.classifier import num_parameters
 from l2s.reference_classifier import ReferenceClassifier, ReferenceConfig
 classes = ("above", "below", "is", "to the left of", "to the right of")
 torch.manual_seed(0)
@@ -23,7 +24,7 @@ torch.save({"model_state_dict": collections.OrderedDict(net.state_dict()),
             "idx_to_rel_name": dict(enumerate(classes)), "input_channels": 1368,
             "config": cfg, "training_config": {"timesteps": [5, 10, 15, 20, 25, 49]}},
            "/tmp/import13_random_sd2.pth")
-print("parameters", net.num_parameters())
+print("parameters", num_parameters(net))
 PY
 python -m l2s classifier import /tmp/import13_random_sd2.pth --model sd2.1-base --random-weights \
     --out "$OUT/ref-clf" --json > "$OUT/import13_import.json"
