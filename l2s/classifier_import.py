@@ -29,6 +29,7 @@ from l2s.classifier import (
     sha256_file,
     trained_classifier_dir,
 )
+from l2s.errors import one_line
 from l2s.map_layout import LayoutError, channels, reference_layout
 from l2s.reference_classifier import (
     REFERENCE_CLASSES,
@@ -72,14 +73,13 @@ def read_checkpoint(path: str | Path) -> dict:
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         m = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
-        what = m.group(1) if m else str(e).strip().splitlines()[-1][:200]
+        what = m.group(1) if m else (str(e).strip().splitlines() or ['unknown'])[-1][:200]
         raise ImportRefused(
             f"{p} holds a Python object of type {what}, not only tensors and plain data; "
             "l2s never unpickles objects (torch.load weights_only=True): re-save the "
             "checkpoint's dict with tensors, dicts, lists, str, int, float and bool only") from e
     except (RuntimeError, OSError, EOFError, zipfile.BadZipFile, ValueError) as e:
-        raise ImportRefused(f"{p} is not a readable PyTorch checkpoint ({type(e).__name__}: "
-                            f"{str(e).splitlines()[0][:200] if str(e) else ''})") from e
+        raise ImportRefused(f"{p} is not a readable PyTorch checkpoint ({one_line(e, 200)})") from e
     if not isinstance(obj, Mapping):
         raise ImportRefused(f"{p} holds a {type(obj).__name__}, not the dict of an L2S "
                             f"checkpoint (keys {', '.join(REQUIRED_KEYS)})")

@@ -12,6 +12,8 @@ import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
+from l2s.errors import one_line
+
 CONFIG_FILE = "config.yaml"  # the resolved config every run writes beside its outputs
 
 
@@ -85,7 +87,7 @@ def load_yaml(path: str | Path) -> dict:
         raise ConfigError(f"config file {path} is not UTF-8 text: pass a YAML file") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {path} is not valid YAML: "
-                          f"{str(e).splitlines()[0]}") from None
+                          f"{one_line(e)}") from None
     if data is None:
         return {}
     if not isinstance(data, Mapping):

@@ -86,3 +86,35 @@ def test_device_comes_from_the_argument_then_l2s_device(monkeypatch):
     monkeypatch.delenv("L2S_DEVICE")
     expected = "cuda" if torch.cuda.is_available() else "cpu"
     assert resolve_device().type == expected
+
+
+def test_an_exception_with_an_empty_message_still_gives_a_one_line_error(tmp_path, monkeypatch):
+    import pickle
+
+    import l2s.classifier_import as ci
+    from l2s.bench.detectors import DetectorError
+    from l2s.bench.hf_detectors import from_pretrained
+    from l2s.engine.loading import hf_load_error
+    from l2s.errors import one_line
+
+    assert one_line(OSError()) == "OSError"
+    assert one_line(ValueError("first\nsecond"), limit=3) == "ValueError: fir"
+    assert str(hf_load_error("org/model", tmp_path, OSError())).endswith("(OSError)")
+
+    def empty(*args, **kwargs):
+        raise OSError()
+
+    with pytest.raises(DetectorError, match=r": OSError$"):
+        from_pretrained(empty, str(tmp_path), "--detector")
+    ckpt = tmp_path / "c.pth"
+    ckpt.write_bytes(b"x")
+    monkeypatch.setattr(ci.torch, "load", empty)
+    with pytest.raises(ci.ImportRefused, match=r"\(OSError\)$"):
+        ci.read_checkpoint(ckpt)
+
+    def unpickling(*args, **kwargs):
+        raise pickle.UnpicklingError()
+
+    monkeypatch.setattr(ci.torch, "load", unpickling)
+    with pytest.raises(ci.ImportRefused, match="unknown"):
+        ci.read_checkpoint(ckpt)

@@ -35,6 +35,7 @@ from l2s.engine.loading import (
     quiet_loading,
     resolve_device,
 )
+from l2s.errors import one_line
 
 # COCO names in detectron2's / transformers' id2label that GenEval's object_names.txt renames
 # (GenEval's own list is mmdet's COCO order with these three changed).
@@ -123,7 +124,7 @@ def model_config(name: str, option: str) -> dict:
             path = Path(hf_hub_download(name, "config.json"))
         except Exception as e:  # not found, gated, network: one line, not a traceback
             raise DetectorError(f"{option} {name}: could not fetch its config.json from the hub "
-                                f"({_first_line(e)})") from e
+                                f"({one_line(e)})") from e
     return json.loads(path.read_text())
 
 
@@ -146,11 +147,7 @@ def from_pretrained(load: Callable[..., object], name: str, option: str, model: 
                                 ".safetensors: l2s loads safetensors only, since a pickle can run "
                                 "code when loaded; convert them, or, if you trust the source, "
                                 "run `l2s --allow-pickle ...`") from e
-        raise DetectorError(f"could not load {name} ({option}): {_first_line(e)}") from e
-
-
-def _first_line(e: Exception) -> str:
-    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"
+        raise DetectorError(f"could not load {name} ({option}): {one_line(e)}") from e
 
 
 def load_hf_detector(name: str, device: str | None = None):

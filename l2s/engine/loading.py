@@ -23,6 +23,7 @@ from l2s.engine.registry import (
     get_family,
     presets,
 )
+from l2s.errors import one_line
 
 
 def resolve_device(device: str | None = None) -> torch.device:
@@ -216,7 +217,7 @@ def hf_load_error(repo: str, local: Path | None, e: Exception) -> BackboneError:
            f"download it first with `hf download {repo}` on a machine with internet access, "
            "or pass --model PATH to a local diffusers folder")
     return BackboneError(f"could not load {repo!r} from {where}: {how} "
-                         f"({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+                         f"({one_line(e, 200)})")
 
 
 def _classifier_card(model: str) -> str | None:
