@@ -234,9 +234,14 @@ def test_unknown_suite_and_method(tmp_path):
         run_bench(BenchConfig(methods=("magic",), out=str(tmp_path)), denoiser=object())
 
 
-def test_real_suites_refuse_the_toy_model(tmp_path):
+@pytest.mark.parametrize("model", ["toy", "toy-mmdit"])
+def test_real_suites_refuse_the_toy_models(model, monkeypatch, tmp_path):
+    def no_detector(name):
+        raise AssertionError(f"loaded detector {name} before refusing the toy")
+
+    monkeypatch.setattr(bench.run, "load_detector", no_detector)
     with pytest.raises(BenchError, match="only draws six coloured shapes"):
-        run_bench(BenchConfig(suite="geneval-position", model="toy", out=str(tmp_path)))
+        run_bench(BenchConfig(suite="geneval-position", model=model, out=str(tmp_path)))
     assert not (tmp_path / "config.json").exists()
 
 

@@ -34,10 +34,11 @@ from l2s.bench.suites import (
     suite_prompts,
 )
 from l2s.engine.backbone import Denoiser
-from l2s.engine.registry import steer_defaults
+from l2s.engine.registry import get_preset, steer_defaults
 from l2s.engine.sampling import to_uint8
 
 SHEET_IMAGES = 40  # images per contact sheet
+TOY_FAMILIES = ("toy", "toy-mmdit")  # backbone families that draw the toy world (six shapes)
 
 
 @dataclass(frozen=True)
@@ -115,11 +116,18 @@ def _check(cfg: BenchConfig, denoiser: Denoiser | object) -> None:
         raise BenchError("--batch-size must be >= 1")
     if cfg.shard is not None and not 0 <= cfg.shard[0] < cfg.shard[1]:
         raise BenchError(f"--shard {cfg.shard[0]}/{cfg.shard[1]}: use i/n with 0 <= i < n")
-    toy = cfg.model == "toy" or getattr(denoiser, "known_objects", None) is not None
-    if toy and cfg.suite in REAL_SUITES:
+    if cfg.suite in REAL_SUITES and _toy_world(cfg.model, denoiser):
         raise BenchError(f"--suite {cfg.suite} needs a model that can draw COCO objects; the toy "
                          "model only draws six coloured shapes: use --suite shapes or "
                          "shapes-multi with the toy, or --model sd2.1 (or another real model)")
+
+
+def _toy_world(model: str, denoiser: Denoiser | object | None) -> bool:
+    """Whether the backbone draws the toy world's six shapes: a preset of a toy family (by name
+    or hub id, before anything loads), or a given denoiser that lists its known objects."""
+    preset = get_preset(model)
+    return ((preset is not None and preset.family in TOY_FAMILIES)
+            or getattr(denoiser, "known_objects", None) is not None)
 
 
 def run_bench(cfg: BenchConfig, denoiser: Denoiser | None = None,
