@@ -113,6 +113,27 @@ def test_interrupted_run_resumes_without_recomputing(oracle, tmp_path):
     assert len(seeds) == len(set(seeds)) == 6
 
 
+def test_a_finished_run_reruns_without_loading_the_detector_or_colour_model(
+        oracle, monkeypatch, tmp_path):
+    cfg = BenchConfig(methods=("oracle",), prompts=3, images=1, out=str(tmp_path))
+    first = run_bench(cfg, denoiser=object())
+
+    def broken(*args, **kwargs):
+        raise BenchError("the detector cannot load")
+
+    monkeypatch.setattr(bench.run, "load_detector", broken)
+    monkeypatch.setattr("l2s.bench.colors.ClipColors.load", broken)
+    oracle.clear()
+    again = run_bench(cfg, denoiser=object())
+    assert again.methods == first.methods and not oracle
+    # With something left to score, the load still fails first, before config.json changes.
+    config = (tmp_path / "config.json").read_text()
+    with pytest.raises(BenchError, match="cannot load"):
+        run_bench(BenchConfig(methods=("oracle",), prompts=4, images=1, out=str(tmp_path)),
+                  denoiser=object())
+    assert (tmp_path / "config.json").read_text() == config and not oracle
+
+
 def test_kill_after_a_batch_keeps_every_image_already_scored(monkeypatch, tmp_path):
     calls = []
 

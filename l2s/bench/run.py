@@ -146,17 +146,21 @@ def run_bench(cfg: BenchConfig, denoiser: Denoiser | None = None,
     prompts = suite_prompts(cfg.suite, cfg.prompts, cfg.seed)
     mine = prompts if cfg.shard is None else prompts[cfg.shard[0]::cfg.shard[1]]
     lazy = _Lazy(cfg, denoiser, detector, colors)
-    # A detector (or the colour model of a suite with colour clauses) that cannot load fails
-    # here: before any generation, and before config.json pins the settings of --out.
-    if detector is None:
-        _ = lazy.detector
-    if colors is None and any("color" in r for p in mine for r in p.metadata.get("include", [])):
-        lazy.colors()
-    store.write_config(out, asdict(cfg), cfg.identity())
-    results = out / store.results_name(cfg.shard)
+    store.check_config(out, cfg.identity())
     records = store.read_records(out)
     done = {(r["method"], r["prompt_index"], r["image_index"]) for r in records}
     jobs = [(p, k) for p in mine for k in range(cfg.images)]
+    left = {p.index: p for m in cfg.methods for p, k in jobs if (m, p.index, k) not in done}
+    # A detector (or the colour model of a suite with colour clauses) that cannot load fails
+    # here: before any generation, and before config.json pins the settings of --out. A
+    # finished run (nothing left to generate or score) loads neither.
+    if left and detector is None:
+        _ = lazy.detector
+    if colors is None and any("color" in r for p in left.values()
+                              for r in p.metadata.get("include", [])):
+        lazy.colors()
+    store.write_config(out, asdict(cfg), cfg.identity())
+    results = out / store.results_name(cfg.shard)
     counts, queues, generators = {}, {}, {}
     for method in cfg.methods:
         todo = [(p, k) for p, k in jobs if (method, p.index, k) not in done]

@@ -94,8 +94,8 @@ def _atomic_text(path: Path, text: str) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
-def write_config(out: Path, config: dict, identity: dict) -> None:
-    """Write config.json, refusing a folder that holds a run whose identity differs."""
+def check_config(out: Path, identity: dict) -> None:
+    """Refuse a folder that holds a run whose identity differs."""
     path = out / "config.json"
     if path.exists():
         old = json.loads(path.read_text())
@@ -103,5 +103,10 @@ def write_config(out: Path, config: dict, identity: dict) -> None:
         if diff:
             raise BenchError(f"{out} holds a run with other settings {diff}: pass another --out "
                              "or delete that folder")
+
+
+def write_config(out: Path, config: dict, identity: dict) -> None:
+    """Write config.json, refusing a folder that holds a run whose identity differs."""
+    check_config(out, identity)
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_text(path, json.dumps(config, indent=2))
+    _atomic_text(out / "config.json", json.dumps(config, indent=2))
