@@ -176,15 +176,11 @@ class Mask2FormerDetector:
 
     @classmethod
     def load(cls, name: str, device: torch.device) -> Mask2FormerDetector:
+        # Its (training) loss imports scipy even at inference: a dependency (pyproject.toml).
         from transformers import AutoImageProcessor
+        from transformers import Mask2FormerForUniversalSegmentation as Model
 
-        try:
-            from transformers import Mask2FormerForUniversalSegmentation as Model
-
-            model = from_pretrained(Model.from_pretrained, name, "--detector")
-        except ImportError as e:  # its (training) loss needs scipy even at inference
-            raise DetectorError(f"Mask2Former needs a package that is missing ({e}): "
-                                "`pip install scipy`") from e
+        model = from_pretrained(Model.from_pretrained, name, "--detector")
         processor = from_pretrained(AutoImageProcessor.from_pretrained, name, "--detector",
                                     model=False, size=dict(MASK2FORMER_TEST_SIZE))
         return cls(name, model.to(device).eval(), processor, device)

@@ -74,7 +74,8 @@ def _components(classes: np.ndarray) -> np.ndarray:
 
     A label is the smallest flat index in its component: labels spread to the minimum over
     same-class neighbours, with pointer jumping (a label is itself a pixel index, whose own label
-    is no larger), until nothing changes. Pure numpy, as scipy is not a dependency.
+    is no larger), until nothing changes. Pure numpy: the toy world needs nothing beyond it
+    (scipy is a dependency only for Mask2Former).
     """
     h, w = classes.shape
     big = h * w
