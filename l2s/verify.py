@@ -39,15 +39,13 @@ class Verified:
 
 def detector_check(denoiser: Denoiser, triplets: Sequence[Sequence[Triplet]]) -> Check | None:
     """The toy world's detector + GenEval's rule when the backbone draws the toy's shapes."""
-    from l2s.toy.scenes import CATEGORY_NAMES
+    from l2s.toy.detector import draws_toy_world, relations_hold
 
-    if denoiser.known_objects is None or not set(denoiser.known_objects) <= set(CATEGORY_NAMES):
+    if not draws_toy_world(denoiser.known_objects):
         return None
-    from l2s.toy.detector import score_pair
 
     def check(images: torch.Tensor) -> list[bool]:
-        return [all(score_pair(img, t.subject, t.relation, t.object).correct for t in ts)
-                for img, ts in zip(to_uint8(images), triplets, strict=True)]
+        return relations_hold(to_uint8(images), triplets)
 
     return check
 

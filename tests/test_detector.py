@@ -161,3 +161,26 @@ def test_score_pair_agrees_with_the_benchmarks_scorer():
                 assert mine.both_present == theirs["both_present"]
                 seen.add(mine.correct)
     assert seen == {True, False}
+
+
+def test_the_toy_verdict_per_image_needs_every_relation_and_a_toy_world_backbone():
+    from l2s.relations import Triplet
+    from l2s.toy.detector import draws_toy_world, relations_hold
+    from l2s.toy.scenes import CATEGORY_NAMES, layout_scene
+
+    assert draws_toy_world(CATEGORY_NAMES) and draws_toy_world(CATEGORY_NAMES[:2])
+    assert not draws_toy_world(None) and not draws_toy_world((*CATEGORY_NAMES, "dog"))
+    a, b = CATEGORY_NAMES[:2]
+    img = layout_scene([(a, (2, 12, 12, 22)), (b, (20, 12, 30, 22))], 32).image
+    left, right = Triplet(a, "left of", b), Triplet(a, "right of", b)
+    assert relations_hold(np.stack([img, img]), [[left], [left, right]]) == [True, False]
+    # steer's "achieved" on a toy-world backbone is that verdict, with every prompt relation.
+    from types import SimpleNamespace
+
+    from l2s.jobs.steer import relation_achieved
+    from l2s.steering import SteerStats
+
+    toy = SimpleNamespace(known_objects=CATEGORY_NAMES)
+    got = relation_achieved(toy, np.stack([img]), [left], SteerStats())
+    assert got == {"by": "toy detector", "per_image": [True], "count": 1, "of": 1}
+    assert relation_achieved(toy, np.stack([img]), [left, right], SteerStats())["count"] == 0

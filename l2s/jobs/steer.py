@@ -177,13 +177,10 @@ def relation_achieved(denoiser: Denoiser, images: np.ndarray, triplets: list[Tri
     when there is nothing to judge by."""
     if not triplets:
         return None
-    from l2s.toy.scenes import CATEGORY_NAMES
+    from l2s.toy.detector import draws_toy_world, relations_hold
 
-    if denoiser.known_objects is not None and set(denoiser.known_objects) <= set(CATEGORY_NAMES):
-        from l2s.toy.detector import score_pair  # a toy-world model: its detector can tell
-
-        per_image = [all(score_pair(img, t.subject, t.relation, t.object).correct
-                         for t in triplets) for img in images]
+    if draws_toy_world(denoiser.known_objects):  # a toy-world model: its detector can tell
+        per_image = relations_hold(images, [triplets] * len(images))
         return {"by": "toy detector", "per_image": per_image, "count": sum(per_image),
                 "of": len(per_image)}
     last = next((r.p_target for r in reversed(stats.steps) if r.p_target is not None), None)

@@ -16,10 +16,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from l2s.toy.scenes import CATEGORIES, CATEGORY_NAMES, category, shape_mask, side_range
+
+if TYPE_CHECKING:
+    from l2s.relations import Triplet
 
 # RGB distance within which a pixel takes a category's colour. Category colours are corners of
 # the RGB cube, >= 255 apart, so 120 leaves each a wide ball (a red of (180, 40, 30) is 90 away)
@@ -189,3 +193,16 @@ def score_pair(image: np.ndarray, subject: str, relation: str, obj: str) -> Pair
     size = max(image.shape[:2])
     fused = both and (objects_touch(a, b) or oversized(a, size) or oversized(b, size))
     return PairScore(found, both, bool(correct), bool(fused))
+
+
+def draws_toy_world(known_objects: Sequence[str] | None) -> bool:
+    """Whether a backbone that knows these objects (``Denoiser.known_objects``) draws the toy
+    world, so that its detector can judge the images."""
+    return known_objects is not None and set(known_objects) <= set(CATEGORY_NAMES)
+
+
+def relations_hold(images: np.ndarray, triplets: Sequence[Sequence[Triplet]]) -> list[bool]:
+    """Per image (N, H, W, 3) uint8: whether every one of its triplets holds (score_pair); the
+    toy world's verdict for steer's 'achieved' and --verify."""
+    return [all(score_pair(img, t.subject, t.relation, t.object).correct for t in ts)
+            for img, ts in zip(images, triplets, strict=True)]
