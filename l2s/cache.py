@@ -81,6 +81,11 @@ def atomic_write(path: Path, write: Callable[[str], object]) -> None:
         raise
 
 
+def atomic_write_text(path: Path, text: str) -> None:
+    """``text`` (UTF-8) into ``path`` through ``atomic_write``: never half-written."""
+    atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
 def tensor_sha256(t: torch.Tensor) -> str:
     """sha256 of a tensor's bytes (as stored: contiguous, on the CPU)."""
     return hashlib.sha256(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
@@ -200,7 +205,7 @@ class AttentionCache:
             dirty = True
         if dirty:
             text = "".join(json.dumps(r) + "\n" for r in rows.values())
-            atomic_write(self.manifest_path, lambda tmp: Path(tmp).write_text(text))
+            atomic_write_text(self.manifest_path, text)
         return list(rows.values())
 
     def _manifest_lines(self) -> tuple[dict[str, dict], bool]:

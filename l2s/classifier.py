@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from l2s.cache import atomic_write
+from l2s.cache import atomic_write, atomic_write_text
 from l2s.relations import RELATIONS
 
 CARD_FORMAT = "l2s-relation-classifier/1"  # bump when the card or weight layout changes
@@ -270,7 +270,7 @@ def save_classifier(model: nn.Module, card: dict, out_dir: str | Path) -> Path:
             "classes": list(cfg.relations), "map_size": cfg.map_size, "weights": WEIGHTS_FILE,
             "weights_sha256": sha256_file(weights)}
     path = out / CARD_FILE
-    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(full, indent=2) + "\n"))
+    atomic_write_text(path, json.dumps(full, indent=2) + "\n")
     return path
 
 

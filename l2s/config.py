@@ -100,11 +100,11 @@ def dump_yaml(values: Mapping, path: str | Path) -> Path:
     """Write ``values`` as YAML (atomically) so that ``--config path`` repeats the run."""
     import yaml
 
-    from l2s.cache import atomic_write
+    from l2s.cache import atomic_write_text
 
     p = Path(path)
     text = yaml.safe_dump(_plain(values), sort_keys=False, allow_unicode=True)
-    atomic_write(p, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    atomic_write_text(p, text)
     return p
 
 

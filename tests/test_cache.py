@@ -105,3 +105,13 @@ def test_latents_round_trip_and_corruption(tmp_path):
     assert meta["psnr"] == 31.5
     c.latent_path("cd" * 32).write_bytes(b"junk")
     assert c.get_latents("cd" * 32) is None and "cd" * 32 in c.corrupt
+
+
+def test_atomic_write_text_replaces_the_file_whole_and_leaves_no_temp_file(tmp_path):
+    from l2s.cache import atomic_write_text
+
+    path = tmp_path / "sub" / "settings.json"
+    atomic_write_text(path, "first\n")
+    atomic_write_text(path, "é second\n")
+    assert path.read_text(encoding="utf-8") == "é second\n"
+    assert [p.name for p in path.parent.iterdir()] == ["settings.json"]

@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image, PngImagePlugin
 
 from l2s.bench.suites import BenchError
-from l2s.cache import atomic_write
+from l2s.cache import atomic_write, atomic_write_text
 
 
 def prompt_dir(out: Path, method: str, index: int) -> Path:
@@ -39,7 +39,7 @@ def write_metadata(out: Path, method: str, index: int, metadata: dict) -> None:
     path = prompt_dir(out, method, index) / "metadata.jsonl"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_text(path, json.dumps(metadata) + "\n")
+        atomic_write_text(path, json.dumps(metadata) + "\n")
 
 
 def save_image(path: Path, image: np.ndarray, seed: int, seconds: float,
@@ -78,7 +78,7 @@ def read_records(out: Path) -> list[dict]:
             except json.JSONDecodeError:
                 bad += 1
         if bad or (text and not text.endswith("\n")):
-            _atomic_text(path, "".join(json.dumps(r) + "\n" for r in good))
+            atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in good))
         records += good
     return records
 
@@ -88,10 +88,6 @@ def append_record(path: Path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
         f.flush()
         os.fsync(f.fileno())
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def check_config(out: Path, identity: dict) -> None:
@@ -109,4 +105,4 @@ def write_config(out: Path, config: dict, identity: dict) -> None:
     """Write config.json, refusing a folder that holds a run whose identity differs."""
     check_config(out, identity)
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_text(out / "config.json", json.dumps(config, indent=2))
+    atomic_write_text(out / "config.json", json.dumps(config, indent=2))

@@ -9,12 +9,11 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from itertools import islice
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from l2s.cache import AttentionCache, atomic_write, content_key, image_hash
+from l2s.cache import AttentionCache, atomic_write_text, content_key, image_hash
 from l2s.config import ConfigError, check_choice, check_number
 from l2s.engine.backbone import Denoiser
 from l2s.engine.tokens import TokenAlignmentError, pair_tokens
@@ -138,7 +137,7 @@ def run_invert(cfg: InvertConfig, denoiser: Denoiser | None = None,
         "map_size": inv.map_size,
     }
     settings = json.dumps(common_meta, indent=2)
-    atomic_write(cache.dir / "settings.json", lambda tmp: Path(tmp).write_text(settings))
+    atomic_write_text(cache.dir / "settings.json", settings)
     result = InvertResult()
     opts_kwargs = {"gqa_root": cfg.gqa_root, "folder": cfg.folder, "seed": cfg.seed}
     if cfg.per_relation is not None:

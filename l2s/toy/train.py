@@ -263,11 +263,10 @@ class ToyTrainer:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    """A resumed run reads these back: never half-written (``l2s.cache.atomic_write``)."""
-    from l2s.cache import atomic_write
+    """A resumed run reads these back: never half-written (``l2s.cache.atomic_write_text``)."""
+    from l2s.cache import atomic_write_text
 
-    text = json.dumps(data, indent=1)
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    atomic_write_text(path, json.dumps(data, indent=1))
 
 
 def _eval_score(e: ToyEval) -> float:
