@@ -1,5 +1,6 @@
 """The top-level API: `from l2s import steer` gives the function, in a fresh interpreter."""
 
+import os
 import pkgutil
 import subprocess
 import sys
@@ -30,5 +31,5 @@ def test_api_names_resolve_to_functions_in_a_fresh_interpreter():
         "assert SteerConfig('a circle to the left of a square').model == 'toy'\n"
     )
     res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                         env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}, timeout=120)
+                         env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
     assert res.returncode == 0, res.stderr

@@ -5,6 +5,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from l2s.engine.sampling import seeded_latents
 from l2s.relations import parse
 from l2s.steering import CentroidLoss, SteerSettings, steer_latents
 from l2s.verify import generate_verified
@@ -15,7 +16,7 @@ S = SteerSettings(steps=3, guidance=2.0, steer_until=2, iterations=2, step_size=
 
 
 def _run(den, settings, **kw):
-    lat = torch.cat([den.prepare_latents(1, torch.Generator().manual_seed(i)) for i in range(2)])
+    lat = seeded_latents(den, [0, 1])
     trip = [parse(p) for p in PROMPTS]
     plain, _ = steer_latents(den, PROMPTS, [[], []], CentroidLoss(), settings, lat)
     steered, _ = steer_latents(den, PROMPTS, trip, CentroidLoss(), settings, lat)
