@@ -162,6 +162,17 @@ def run_bench(cfg: BenchConfig, denoiser: Denoiser | None = None,
     store.write_config(out, asdict(cfg), cfg.identity())
     results = out / store.results_name(cfg.shard)
     counts, queues, generators = {}, {}, {}
+
+    def scored(method: str, p: BenchPrompt, k: int, seconds: tuple[float, float],
+               img: np.ndarray) -> None:
+        """Score one image, append its record, count it and report progress."""
+        rec = _record(method, p, k, cfg, seconds, img, lazy)
+        store.append_record(results, rec)
+        records.append(rec)
+        counts[method] += 1
+        if callback:
+            callback({"method": method, "done": counts[method], "total": len(jobs)})
+
     for method in cfg.methods:
         todo = [(p, k) for p, k in jobs if (method, p.index, k) not in done]
         counts[method] = len(jobs) - len(todo)
@@ -177,12 +188,7 @@ def run_bench(cfg: BenchConfig, denoiser: Denoiser | None = None,
             img, text = store.load_image(store.image_path(out, method, p.index, k))
             seconds = (float(text.get("l2s-seconds", "nan")),
                        float(text.get("l2s-cpu-seconds", "nan")))
-            rec = _record(method, p, k, cfg, seconds, img, lazy)
-            store.append_record(results, rec)
-            records.append(rec)
-            counts[method] += 1
-            if callback:
-                callback({"method": method, "done": counts[method], "total": len(jobs)})
+            scored(method, p, k, seconds, img)
         # Batches never mix tasks more than the order of the suite does.
         queues[method] = [fresh[i:i + cfg.batch_size]
                           for i in range(0, len(fresh), cfg.batch_size)]
@@ -205,12 +211,7 @@ def run_bench(cfg: BenchConfig, denoiser: Denoiser | None = None,
                 store.save_image(store.image_path(out, method, p.index, k), img, s, each,
                                  each_cpu)
             for (p, k), img in zip(batch, imgs, strict=True):
-                rec = _record(method, p, k, cfg, (each, each_cpu), img, lazy)
-                store.append_record(results, rec)
-                records.append(rec)
-                counts[method] += 1
-                if callback:
-                    callback({"method": method, "done": counts[method], "total": len(jobs)})
+                scored(method, p, k, (each, each_cpu), img)
     return summarise_run(cfg, prompts, records, out)
 
 
