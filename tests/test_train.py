@@ -221,6 +221,13 @@ def test_bad_settings():
     assert TrainConfig(model="toy").resolved_size() == (64, 1)
     assert TrainConfig(model="sd2.1").resolved_size() == (256, 2)
     assert TrainConfig(model="sd2.1", d_model=128).resolved_size() == (128, 2)
+    # The toy-mmdit reads its preset's training defaults like the toy (it got SD's 2M-parameter
+    # classifier and lr 1e-4 when only the name "toy" was special-cased); the reference network
+    # keeps its published size on any backbone, and a hub id without a preset gets SD's.
+    assert TrainConfig(model="toy-mmdit").resolved_lr() == 1e-3
+    assert TrainConfig(model="toy-mmdit").resolved_size() == (64, 1)
+    assert TrainConfig(model="toy", arch="reference").resolved_size() == (256, 2)
+    assert TrainConfig(model="someone/model").resolved_lr() == 1e-4
 
 
 def _cli(monkeypatch):

@@ -92,11 +92,13 @@ def train(
     test_fraction: float = typer.Option(0.15, "--test-fraction", help="Images for test."),
     epochs: int = typer.Option(100, "--epochs", help="Most epochs (early stopping ends sooner)."),
     lr: float = typer.Option(None, "--lr",
-                             help="AdamW learning rate (default 1e-4; toy, toy-mmdit 1e-3)."),
+                             help="AdamW learning rate (default: the model's, listed "
+                                  "by `l2s models --json` under training; 1e-4 without a "
+                                  "preset, 1e-3 for the toys)."),
     batch_size: int = typer.Option(64, "--batch-size", help="Samples per step."),
     d_model: int = typer.Option(None, "--d-model",
-                                help="Classifier width (default 256, ~2M parameters; toys 64 with "
-                                     "--arch l2s)."),
+                                help="Classifier width (default: the model's; 256, ~2M "
+                                     "parameters, without a preset; toys 64 with --arch l2s)."),
     depth: int = typer.Option(None, "--depth",
                               help="Classifier encoder layers (default 2; toys 1)."),
     tokens: str = typer.Option("map", "--tokens",

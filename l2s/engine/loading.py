@@ -240,6 +240,7 @@ def describe_models() -> list[dict]:
             "description": p.description,
             "image_size": p.image_size,
             "defaults": asdict(p.defaults),  # steps, guidance, steering (SteerDefaults)
+            "training": asdict(p.training),  # classifier lr and size (TrainDefaults)
             "available": is_available_locally(p.name),
             "random_weights": bool(p.configs),
             "classifier": card,

@@ -43,6 +43,21 @@ class SteerDefaults:
 
 
 @dataclass(frozen=True)
+class TrainDefaults:
+    """A backbone's default relation-classifier training settings (`l2s train`)."""
+
+    lr: float = 1e-4  # AdamW learning rate (L2S's for SD backbones)
+    # (d_model, depth) of our classifier ("l2s" arch); the reference network always keeps its
+    # published sizes (256, 2): ~2M parameters at SD's 128-195 maps, as in L2S
+    size: tuple[int, int] = (256, 2)
+
+
+# The shipped toys: a small clean data set (a larger step converges in minutes) and ~130k
+# parameters, enough for the toy's clean shapes and fast on a CPU.
+TOY_TRAINING = TrainDefaults(lr=1e-3, size=(64, 1))
+
+
+@dataclass(frozen=True)
 class Preset:
     """A backbone users can name with ``--model``."""
 
@@ -52,6 +67,7 @@ class Preset:
     description: str  # one line for `l2s models`
     image_size: int  # default generation size in pixels
     defaults: SteerDefaults = SteerDefaults()  # its sampling and steering defaults
+    training: TrainDefaults = TrainDefaults()  # its classifier-training defaults
     # Family-specific data, e.g. exact architecture configs for --random-weights.
     configs: dict = field(default_factory=dict, compare=False, repr=False)
 

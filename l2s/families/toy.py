@@ -7,7 +7,14 @@ to load the shipped weights (a UNet, so the adapter is ``UNetDenoiser``).
 from __future__ import annotations
 
 from l2s.engine.backbone import BackboneError
-from l2s.engine.registry import Family, LoadRequest, Preset, SteerDefaults, register_family
+from l2s.engine.registry import (
+    TOY_TRAINING,
+    Family,
+    LoadRequest,
+    Preset,
+    SteerDefaults,
+    register_family,
+)
 from l2s.families.unet import UNetDenoiser
 
 PRESET = Preset("toy", "toy", None, "tiny pixel-space shapes model shipped with l2s (offline)",
@@ -18,7 +25,8 @@ PRESET = Preset("toy", "toy", None, "tiny pixel-space shapes model shipped with 
                     # Measured (docs/results.md, "Steering cost"): step 0 (t=951) is where the
                     # classifier reads least (0.62) and where steering stretched objects; steps
                     # 1-4 with fixed-size (normalized) updates reach the same accuracy at x1.2.
-                    steer_from=1, steer_until=5, optimizer="normalized"))
+                    steer_from=1, steer_until=5, optimizer="normalized"),
+                training=TOY_TRAINING)
 
 
 def available(preset: Preset) -> bool:

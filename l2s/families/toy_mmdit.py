@@ -20,7 +20,14 @@ from __future__ import annotations
 import torch
 
 from l2s.engine.backbone import BackboneError, Conditioning
-from l2s.engine.registry import Family, LoadRequest, Preset, SteerDefaults, register_family
+from l2s.engine.registry import (
+    TOY_TRAINING,
+    Family,
+    LoadRequest,
+    Preset,
+    SteerDefaults,
+    register_family,
+)
 from l2s.families.flux import FluxDenoiser
 
 PRESET = Preset("toy-mmdit", "toy-mmdit", None,
@@ -32,7 +39,8 @@ PRESET = Preset("toy-mmdit", "toy-mmdit", None,
                     # steps 0-2 reach position 1.00 like steps 0-9 (no update was taken after
                     # step 1) at 0.81x the CPU time; stopping at p(target) >= 0.8 (loss 0.22)
                     # instead of 0.9 took 11 instead of 13+ batch iterations, same accuracy.
-                    steer_until=3, loss_threshold=0.22))
+                    steer_until=3, loss_threshold=0.22),
+                training=TOY_TRAINING)
 
 
 class ToyMMDiTDenoiser(FluxDenoiser):

@@ -30,6 +30,7 @@ from l2s.classifier import (
     trained_classifier_dir,
 )
 from l2s.config import check_choice, check_number, check_writable_dir
+from l2s.engine.registry import TrainDefaults, get_preset
 from l2s.map_data import SPLIT_MODES, MapData, TrainError, load_maps, split_images
 from l2s.relations import RELATIONS
 
@@ -40,11 +41,6 @@ AUGMENT_MODES = ("none", "mirror", "all")
 _H_FLIP = {"left of": "right of", "right of": "left of"}
 _V_FLIP = {"above": "below", "below": "above"}
 _SWAP = {**_H_FLIP, **_V_FLIP}
-SD_LR = 1e-4  # L2S's learning rate for SD backbones
-TOY_LR = 1e-3  # the toy's data set is small and clean: a larger step converges in minutes
-REFERENCE_SIZE = (256, 2)  # (d_model, depth): ~2M parameters at SD's 128-195 maps, as in L2S
-TOY_SIZE = (64, 1)  # ~130k parameters: enough for the toy's clean shapes, fast on a CPU
-TOY_MODELS = ("toy", "toy-mmdit")  # the shipped toys: their own learning rate and size
 
 
 @dataclass(frozen=True)
@@ -97,13 +93,16 @@ class TrainConfig:
         for d in self.data:
             check_choice("--data", d, SOURCES)
 
+    def _defaults(self) -> TrainDefaults:
+        preset = get_preset(self.model)
+        return preset.training if preset else TrainDefaults()
+
     def resolved_lr(self) -> float:
-        return self.lr if self.lr is not None else (TOY_LR if self.model in TOY_MODELS else SD_LR)
+        return self.lr if self.lr is not None else self._defaults().lr
 
     def resolved_size(self) -> tuple[int, int]:
         """(d_model, depth) of the classifier (the reference network: its published sizes)."""
-        small = self.model in TOY_MODELS and self.arch == "l2s"
-        d, depth = TOY_SIZE if small else REFERENCE_SIZE
+        d, depth = self._defaults().size if self.arch == "l2s" else TrainDefaults().size
         return self.d_model or d, self.depth or depth
 
 
