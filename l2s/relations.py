@@ -14,14 +14,15 @@ ALL_RELATIONS: tuple[str, ...] = RELATIONS + (NEAR,)
 Box = Sequence[float]  # (x1, y1, x2, y2) in pixels, y pointing down
 
 # How each prompt style writes a canonical relation (format_prompt).
+_GENEVAL_PHRASES = {
+    "left of": "left of",
+    "right of": "right of",
+    "above": "above",
+    "below": "below",
+    "next to": "next to",
+}
 RELATION_PHRASES: dict[str, dict[str, str]] = {
-    "geneval": {
-        "left of": "left of",
-        "right of": "right of",
-        "above": "above",
-        "below": "below",
-        "next to": "next to",
-    },
+    "geneval": _GENEVAL_PHRASES,
     "compbench": {
         "left of": "on the left of",
         "right of": "on the right of",
@@ -31,13 +32,7 @@ RELATION_PHRASES: dict[str, dict[str, str]] = {
     },
     # GenEval's phrases without "a photo of": the toy's multi-relation prompts, which must fit
     # its 24-token text encoder (5 shapes with 3 relations take up to 24 tokens this way)
-    "short": {
-        "left of": "left of",
-        "right of": "right of",
-        "above": "above",
-        "below": "below",
-        "next to": "next to",
-    },
+    "short": _GENEVAL_PHRASES,
     "plain": {
         "left of": "to the left of",
         "right of": "to the right of",
