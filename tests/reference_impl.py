@@ -33,6 +33,14 @@ def tiny_config(**over) -> dict:
     return cfg
 
 
+def flux_config() -> dict:
+    """``tiny_config`` with the published Flux classifiers' extractor (4 layers, ff 512): the
+    shape `l2s classifier import` accepts for Flux backbones only."""
+    cfg = tiny_config()
+    cfg["extractor"] = {**cfg["extractor"], "num_layers": 4, "dim_feedforward": 512}
+    return cfg
+
+
 def make_checkpoint(rows: int = 40, classes=CLASSES, seed: int = 0, config: dict | None = None
                     ) -> dict:
     """A checkpoint dict as the authors publish it, with weights from l2s's module perturbed

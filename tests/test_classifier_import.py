@@ -6,7 +6,13 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from reference_impl import CLASSES, STEPS, make_checkpoint, torch_reference_logits
+from reference_impl import (
+    CLASSES,
+    STEPS,
+    flux_config,
+    make_checkpoint,
+    torch_reference_logits,
+)
 from typer.testing import CliRunner
 
 from l2s.classifier import load_classifier, trained_classifier_dir
@@ -221,19 +227,11 @@ def test_seed_contract(sd_folder):
         assert torch.equal(lat[i : i + 1].cpu(), want)
 
 
-def _flux_config():
-    from reference_impl import tiny_config
-
-    cfg = tiny_config()
-    cfg["extractor"] = {**cfg["extractor"], "num_layers": 4, "dim_feedforward": 512}
-    return cfg
-
-
 def test_flux_layout_and_refusals(tmp_path, sd_folder):
     from l2s.families.mmdit_tiny import save_tiny
 
     flux = save_tiny(tmp_path / "flux", "flux")
-    flux_ckpt = make_checkpoint(rows=40, config=_flux_config())
+    flux_ckpt = make_checkpoint(rows=40, config=flux_config())
     res = _import(_save(tmp_path, flux_ckpt), "--model", flux, "--out", tmp_path / "f", "--json")
     assert res.exit_code == 0, res.output
     card = json.loads((tmp_path / "f" / "card.json").read_text())

@@ -38,19 +38,24 @@ def _t5(tokenizer):
         pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
 
 
-def _vae(latent_channels: int):
+def _vae(latent_channels: int, sample_size: int = 32):
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
-        sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,),
+        sample_size=sample_size, in_channels=3, out_channels=3, block_out_channels=(4,),
         layers_per_block=1, latent_channels=latent_channels, norm_num_groups=1,
         use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609,
         scaling_factor=1.5035)
 
 
-def tiny_flux_pipeline(seed: int = 0, guidance_embeds: bool = False):
+def tiny_flux_pipeline(seed: int = 0, guidance_embeds: bool = False,
+                       blocks: tuple[int, int] = (1, 1), image_size: int = 32):
     """A diffusers FluxPipeline of tiny random components (VAE factor 1, 1-channel latents
-    packed 2x2 into the transformer's 4 channels), a few hundred kB in all."""
+    packed 2x2 into the transformer's 4 channels), a few hundred kB in all.
+
+    ``blocks``: (double-stream, single-stream) block counts; ``image_size``: the VAE's sample
+    size, the folder's default image side (32: 16x16 maps as schnell at 256 px; 64: 32x32
+    maps as dev at 512 px)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextModel
 
@@ -58,14 +63,15 @@ def tiny_flux_pipeline(seed: int = 0, guidance_embeds: bool = False):
     tokenizer = build_clip_tokenizer(TINY_WORDS)
     tokenizer_2 = build_t5_tokenizer(TINY_WORDS, model_max_length=TINY_T5_TOKENS)
     transformer = FluxTransformer2DModel(
-        patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        patch_size=1, in_channels=4, num_layers=blocks[0], num_single_layers=blocks[1],
+        attention_head_dim=16,
         num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
         axes_dims_rope=[4, 4, 8], guidance_embeds=guidance_embeds)
     text_encoder = CLIPTextModel(_clip_config(tokenizer))
     text_encoder_2 = _t5(tokenizer_2)
     scheduler = FlowMatchEulerDiscreteScheduler(
         **({"use_dynamic_shifting": True, "shift": 3.0} if guidance_embeds else {}))
-    return FluxPipeline(scheduler=scheduler, vae=_vae(1), text_encoder=text_encoder,
+    return FluxPipeline(scheduler=scheduler, vae=_vae(1, image_size), text_encoder=text_encoder,
                         tokenizer=tokenizer, text_encoder_2=text_encoder_2,
                         tokenizer_2=tokenizer_2, transformer=transformer)
 
