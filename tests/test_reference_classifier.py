@@ -104,6 +104,11 @@ def _r(a, b):
 
 
 def test_permutation_sd21_base():
+    unet = presets()["sd2.1-base"].configs["unet"]
+    # The hub's unet/config.json: heads 5/10/20/20, 64x64 latents, no upcast (sd2.1: upcast).
+    assert (unet["attention_head_dim"], unet["sample_size"]) == ([5, 10, 20, 20], 64)
+    assert not unet.get("upcast_attention", False)
+    assert presets()["sd2.1"].configs["unet"]["upcast_attention"] is True
     layers = _preset_layers("sd2.1-base")
     assert [la.heads for la in layers] == [5, 5, 10, 10, 20, 20, 20, 20, 20, 20, 10, 10, 10,
                                            5, 5, 5]

@@ -48,7 +48,11 @@ _CLIP_TEXT = {
     "attention_dropout": 0.0, "dropout": 0.0,
 }
 # SD 2.x (2.1 and 2.1-base differ in sample size, prediction type and upcast_attention).
-# diffusers' "attention_head_dim" here is really the head count per block.
+# diffusers' "attention_head_dim" here is really the head count per block: 5/10/20/20 heads
+# of 64 channels (the mid block 20), so 195 cross-attention maps. Checked against the hub's
+# unet/config.json: stabilityai/stable-diffusion-2-1-base has sample_size 64 and
+# upcast_attention false (absent, i.e. false, in its first revision), stable-diffusion-2-1
+# sample_size 96 and upcast_attention true; both attention_head_dim [5, 10, 20, 20].
 _SD2_UNET = {**_SD_UNET, "cross_attention_dim": 1024, "attention_head_dim": [5, 10, 20, 20],
              "use_linear_projection": True}
 # The SD2 text encoder keeps 23 of OpenCLIP's 24 layers (penultimate output).
