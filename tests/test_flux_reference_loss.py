@@ -169,12 +169,12 @@ def test_schnell_like_loss_before_is_the_references_cross_entropy(tmp_path, monk
 
 def test_dev_like_loss_before_is_the_references_cross_entropy(tmp_path, monkeypatch):
     """32x32 maps (dev at 512 px): resized bilinearly to 16x16 and renormalised (so the
-    16x16 rule cannot matter); the embedded guidance scale 3.5 goes into the forward."""
+    16x16 rule cannot matter); the embedded guidance scale goes into the forward, 3.5 by
+    default for a guidance-distilled folder (flux-dev's defaults, as the reference)."""
     folder = save_tiny(tmp_path / "flux-dev", "flux", blocks=(1, 2), guidance_embeds=True,
                        image_size=64)
     ckpt = _flux_checkpoint(DEV_STEPS, seed=6)
-    got = _steer_loss_before(tmp_path, folder, ckpt, "--steps", "6", "--seed", "2",
-                             "--guidance", "3.5")
+    got = _steer_loss_before(tmp_path, folder, ckpt, "--steps", "6", "--seed", "2")
     want = _independent_losses(folder, ckpt, seed=2, steps=6, guidance=3.5,
                                monkeypatch=monkeypatch)
     _assert_equal_and_able_to_fail(got, want, renormalisation_matters=False)

@@ -302,6 +302,24 @@ def test_a_presets_hub_id_gets_its_generation_defaults():
     assert generation_defaults("someone/unknown-model") == (50, 7.5)
 
 
+def test_a_flux_folder_gets_the_defaults_of_the_flux_it_is_like(tmp_path, folders):
+    """A folder (or hub id) no preset names: flux-dev's defaults when its transformer takes
+    a guidance input, else flux-schnell's; not SD's guidance 7.5. Other families keep SD's."""
+    import json
+
+    from l2s.engine.registry import generation_defaults, steer_defaults
+
+    for name, embeds, want in (("dev", True, (50, 3.5)), ("schnell", False, (4, 0.0))):
+        (tmp_path / name / "transformer").mkdir(parents=True)
+        (tmp_path / name / "model_index.json").write_text('{"_class_name": "FluxPipeline"}')
+        (tmp_path / name / "transformer" / "config.json").write_text(
+            json.dumps({"guidance_embeds": embeds}))
+        assert generation_defaults(str(tmp_path / name)) == want
+    assert steer_defaults(str(tmp_path / "schnell")).steer_until == 1
+    assert generation_defaults(str(folders["flux"])) == (4, 0.0)  # a saved tiny pipeline
+    assert generation_defaults(str(folders["sd3"])) == (50, 7.5)
+
+
 def test_flux_schnell_steers_step_zero_only():
     """method.md: schnell steers step 0 of 4 (half of 4 steps would steer two)."""
     from l2s.engine.registry import get_preset

@@ -106,17 +106,23 @@ def _cached_file(repo: str, filename: str) -> str | None:
     return hit if isinstance(hit, str) else None
 
 
-def pipeline_class(source: str) -> str | None:
-    """The diffusers pipeline class a folder or cached hub repo declares, if any."""
+def config_json(source: str, filename: str) -> dict | None:
+    """A JSON file (``model_index.json``, ``transformer/config.json``) of a folder or of a hub
+    repo in the HF cache, or None when absent or unreadable (nothing is downloaded)."""
     local = Path(source).expanduser()
-    index = local / "model_index.json" if local.is_dir() else _cached_file(source,
-                                                                           "model_index.json")
-    if index is None or not Path(index).is_file():
+    path = local / filename if local.is_dir() else _cached_file(source, filename)
+    if path is None or not Path(path).is_file():
         return None
     try:
-        return json.loads(Path(index).read_text()).get("_class_name")
+        data = json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return None
+    return data if isinstance(data, dict) else None
+
+
+def pipeline_class(source: str) -> str | None:
+    """The diffusers pipeline class a folder or cached hub repo declares, if any."""
+    return (config_json(source, "model_index.json") or {}).get("_class_name")
 
 
 def is_available_locally(model: str) -> bool:

@@ -26,9 +26,11 @@ BUILTIN_FAMILIES = ("l2s.families.toy", "l2s.families.toy_mmdit", "l2s.families.
 class SteerDefaults:
     """A backbone's default sampling and steering settings: the one place they are written.
 
-    A preset carries one; a hub id or folder no preset names gets these (method.md's SD
-    values). Every option left None (CLI flag, SteerConfig, BenchConfig, SpeedConfig field)
-    means "the model's default" and is read here (``steer_defaults``).
+    A preset carries one; a hub id or folder no preset names gets its family's look-alike
+    preset's (``Family.like_preset``: a Flux folder gets flux-dev's or flux-schnell's), else
+    these (method.md's SD values). Every option left None (CLI flag, SteerConfig,
+    BenchConfig, SpeedConfig field) means "the model's default" and is read here
+    (``steer_defaults``).
     """
 
     steps: int = 50  # sampling steps
@@ -97,6 +99,9 @@ class Family:
     fallback: bool = False
     # Whether a preset of this family loads offline; None: its repo in the HF cache.
     available: Callable[[Preset], bool] | None = None
+    # The preset whose defaults a hub id or folder of this family gets when no preset names
+    # it (a local FLUX.1-dev snapshot: "flux-dev"), from its configs; None: SteerDefaults().
+    like_preset: Callable[[str], str | None] | None = None
 
 
 _FAMILIES: dict[str, Family] = {}
@@ -168,9 +173,24 @@ def family_for_pipeline(pipeline_class: str | None) -> Family:
 
 
 def steer_defaults(model: str) -> SteerDefaults:
-    """The sampling and steering defaults of ``model``: its preset's, else SteerDefaults()."""
-    p = get_preset(model)
+    """The sampling and steering defaults of ``model``: its preset's; for a hub id or folder
+    no preset names, those of the preset its family likens it to (``Family.like_preset``);
+    else SteerDefaults()."""
+    p = get_preset(model) or _like_preset(model)
     return p.defaults if p else SteerDefaults()
+
+
+def _like_preset(model: str) -> Preset | None:
+    """The preset a hub id or folder's family likens it to, read from its configs (a folder,
+    or a repo in the HF cache; nothing is downloaded)."""
+    from l2s.engine.loading import pipeline_class  # loading imports this module
+
+    try:
+        family = family_for_pipeline(pipeline_class(model))
+    except BackboneError:
+        return None
+    name = family.like_preset(model) if family.like_preset else None
+    return presets().get(name) if name else None
 
 
 def generation_defaults(model: str, steps: int | None = None, guidance: float | None = None

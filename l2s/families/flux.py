@@ -16,7 +16,7 @@ from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 from torch import nn
 
 from l2s.engine.backbone import Conditioning
-from l2s.engine.loading import hf_load_error, random_weights_preset
+from l2s.engine.loading import config_json, hf_load_error, random_weights_preset
 from l2s.engine.materialise import materialise
 from l2s.engine.registry import Family, LoadRequest, Preset, SteerDefaults, register_family
 from l2s.engine.tokenizers import build_clip_tokenizer, build_t5_tokenizer
@@ -207,4 +207,16 @@ def load(req: LoadRequest) -> FluxDenoiser:
                      guidance=p.defaults.guidance if p and p.defaults.guidance else 3.5)
 
 
-register_family(Family("flux", load, pipelines=("FluxPipeline",)), PRESETS)
+def like_preset(source: str) -> str | None:
+    """The preset whose defaults a Flux folder or hub id no preset names gets: flux-dev when
+    its transformer takes a guidance input (guidance-distilled, as FLUX.1-dev: embedded scale
+    3.5, FluxPipeline's default and the reference's), else flux-schnell (4 steps, step 0
+    steered); SD's defaults (guidance 7.5) fit neither."""
+    cfg = config_json(source, "transformer/config.json")
+    if cfg is None:
+        return None
+    return "flux-dev" if cfg.get("guidance_embeds") else "flux-schnell"
+
+
+register_family(Family("flux", load, pipelines=("FluxPipeline",), like_preset=like_preset),
+                PRESETS)

@@ -92,7 +92,7 @@ def steer_settings(model: str, *, steps: int | None = None, guidance: float | No
                    loss_threshold: float | None = None, steer_from: int | None = None,
                    budget: int | None = None) -> SteerSettings:
     """SteerSettings from user values; each one left None is the model's default
-    (``l2s.engine.registry.steer_defaults``: its preset's, else SD's)."""
+    (``l2s.engine.registry.steer_defaults``: its preset's or look-alike preset's, else SD's)."""
     given = {"steps": steps, "guidance": guidance, "steer_until": steer_until,
              "iterations": iterations, "step_size": step_size, "optimizer": optimizer,
              "loss_threshold": loss_threshold, "steer_from": steer_from}
