@@ -1,6 +1,7 @@
 """Classifier training on small synthetic caches: splits, recipe, leakage report, errors, CLI."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -375,3 +376,97 @@ def test_train_data_shapes_inverts_then_trains_the_toy(tmp_path):
     assert r.exit_code == 0, r.output
     assert "inverting what the cache lacks of shapes" in r.output and "wrote 80 entries" in r.output
     assert (tmp_path / "clf" / "card.json").exists()
+
+
+def test_interrupted_training_resumes_to_the_weights_of_an_uninterrupted_run(tmp_path):
+    """Catches a resume that loses any part of the state (AdamW moments, the plateau
+    scheduler, the batch-order / augmentation generator, dropout's global stream, the best
+    weights) or repeats or skips an epoch: each changes the final weights."""
+    from safetensors.torch import load_file
+
+    from l2s.jobs.train_checkpoint import CHECKPOINT_NAME
+
+    make_cache(tmp_path / "cache", n_images=32)
+    cfg = _cfg(tmp_path, epochs=4, dropout=0.2, out=str(tmp_path / "whole"))
+    whole = run_train(cfg, FakeBackbone())
+    assert not (tmp_path / "whole" / CHECKPOINT_NAME).exists()  # removed once the card exists
+
+    cut = replace(cfg, out=str(tmp_path / "cut"))
+
+    def stop_after_two(ev):
+        if ev["epoch"] == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_train(cut, FakeBackbone(), callback=stop_after_two)
+    assert (tmp_path / "cut" / CHECKPOINT_NAME).is_file()
+    assert not (tmp_path / "cut" / "card.json").exists()
+
+    # Another setting, or other data, does not silently continue (nor discard) the run.
+    with pytest.raises(TrainError, match=r"lr 0\.003 -> 0\.001.*--fresh"):
+        run_train(replace(cut, lr=1e-3), FakeBackbone())
+    events = []
+    resumed = run_train(cut, FakeBackbone(), callback=events.append)
+    assert [e.get("resumed", False) for e in events] == [True, True, False, False]
+    assert [e["epoch"] for e in events] == [1, 2, 3, 4]
+    assert resumed.history == whole.history
+    a = load_file(tmp_path / "whole" / "model.safetensors")
+    b = load_file(tmp_path / "cut" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed.metrics == whole.metrics
+
+
+def test_fresh_discards_an_interrupted_run_and_a_broken_checkpoint_is_refused(tmp_path):
+    from l2s.jobs.train_checkpoint import CHECKPOINT_NAME
+
+    make_cache(tmp_path / "cache", n_images=24)
+    cfg = _cfg(tmp_path, epochs=2)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / CHECKPOINT_NAME).write_bytes(b"\x00" * 64)  # cut mid-copy, say
+    with pytest.raises(TrainError, match="cannot be read.*--fresh"):
+        run_train(cfg, FakeBackbone())
+    events = []
+    res = run_train(cfg, FakeBackbone(), callback=events.append, fresh=True)
+    assert [e["epoch"] for e in events] == [1, 2] and not any("resumed" in e for e in events)
+    assert res.card["training"]["epochs_run"] == 2
+
+
+def test_checkpoint_round_trip_restores_every_part_of_the_state(tmp_path):
+    """save_epoch -> load_epoch into fresh objects gives back each piece exactly (a piece left
+    out, e.g. the plateau's bad-epoch count or a reduced lr, fails its own comparison)."""
+    from l2s.jobs.train_checkpoint import EpochState, load_epoch, save_epoch
+
+    def fresh():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Dropout(0.5))
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.05)
+        plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=1)
+        return model, opt, plateau, torch.Generator().manual_seed(0)
+
+    model, opt, plateau, order = fresh()
+    for loss in (1.0, 2.0, 3.0, 4.0):  # the lr halved once, one bad epoch pending
+        model(torch.randn(2, 4, generator=order)).sum().backward()
+        opt.step()
+        plateau.step(loss)
+    assert opt.param_groups[0]["lr"] == 5e-3 and plateau.num_bad_epochs == 1
+    state = EpochState(epoch=4, history=[{"epoch": 4}], best_loss=1.0, best_epoch=1,
+                       best_state={k: v + 1 for k, v in model.state_dict().items()}, seconds=3.5)
+    ident = {"settings": {"lr": 1e-2}, "data": "abc"}
+    path = tmp_path / "ckpt.safetensors"
+    save_epoch(path, ident, model, opt, plateau, order, state)
+    rng_now = torch.get_rng_state()
+    torch.manual_seed(123)  # the global stream moves on; load must bring it back
+
+    model2, opt2, plateau2, order2 = fresh()
+    got = load_epoch(path, ident, model2, opt2, plateau2, order2)
+    assert torch.equal(torch.get_rng_state(), rng_now)
+    assert torch.equal(order2.get_state(), order.get_state())
+    assert plateau2.state_dict() == plateau.state_dict()
+    assert opt2.param_groups[0]["lr"] == 5e-3
+    for a, b in zip(opt.state.values(), opt2.state.values(), strict=True):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert all(torch.equal(v, model2.state_dict()[k]) for k, v in model.state_dict().items())
+    assert all(torch.equal(v, got.best_state[k]) for k, v in state.best_state.items())
+    assert (got.epoch, got.history, got.best_loss, got.best_epoch, got.seconds) == \
+        (4, [{"epoch": 4}], 1.0, 1, 3.5)
+    assert load_epoch(tmp_path / "none.safetensors", ident, *fresh()) is None

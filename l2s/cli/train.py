@@ -114,13 +114,18 @@ def train(
     seed: int = typer.Option(0, "--seed", help="Initialisation, batch order and split."),
     device: str = typer.Option(None, "--device",
                                help="cuda, cpu, ... (default: $L2S_DEVICE, else CUDA if any)."),
+    fresh: bool = typer.Option(False, "--fresh",
+                               help="Discard the saved state of an interrupted run in the "
+                                    "classifier folder and start over."),
     config: str = config_option(),
     json_out: bool = typer.Option(False, "--json", help="Print the metrics JSON on stdout."),
 ) -> None:
     """Train a backbone's relation classifier on its cached attention maps.
 
     Inverts first what the cache lacks of the --data sources (resumable, as `l2s invert`),
-    then writes the classifier's weights and card (metrics, data counts, settings).
+    then writes the classifier's weights and card (metrics, data counts, settings). Training
+    saves its state after every epoch: rerun the same command after an interruption and it
+    continues from the last finished epoch, ending with the weights of an uninterrupted run.
     """
     from l2s.engine.loading import load_backbone
 
@@ -169,7 +174,7 @@ def train(
                             train_loss=ev["train_loss"], val_loss=ev["val_loss"],
                             val_acc=ev["val_acc"], lr=ev["lr"])
 
-        res = run_train(cfg, den, callback=on_epoch)
+        res = run_train(cfg, den, callback=on_epoch, fresh=fresh)
     res.card["config"] = str(write_resolved(ctx, res.card_path.parent))
     if json_out:
         emit_json(res.to_json())

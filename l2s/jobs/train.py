@@ -31,6 +31,13 @@ from l2s.classifier import (
 )
 from l2s.config import check_choice, check_number, check_writable_dir
 from l2s.engine.registry import TrainDefaults, get_preset
+from l2s.jobs.train_checkpoint import (
+    CHECKPOINT_NAME,
+    EpochState,
+    load_epoch,
+    run_identity,
+    save_epoch,
+)
 from l2s.map_data import SPLIT_MODES, MapData, TrainError, load_maps, split_images
 from l2s.relations import RELATIONS
 
@@ -252,11 +259,14 @@ def _counts(data: MapData, parts: dict[str, torch.Tensor]) -> dict:
     }
 
 
-def run_train(cfg: TrainConfig, denoiser=None, callback: Callable[[dict], None] | None = None
-              ) -> TrainResult:
+def run_train(cfg: TrainConfig, denoiser=None, callback: Callable[[dict], None] | None = None,
+              fresh: bool = False) -> TrainResult:
     """Train a relation classifier on the cached maps of cfg.model and write it with its card.
 
-    ``callback`` gets one dict per epoch: epoch, epochs, train_loss, val_loss, val_acc, lr, best.
+    ``callback`` gets one dict per epoch: epoch, epochs, train_loss, val_loss, val_acc, lr, best
+    (and ``resumed: True`` for the epochs a resumed run already had). The run's state is saved
+    after every epoch (``l2s.jobs.train_checkpoint``): the same call after an interruption
+    continues from the last finished epoch; ``fresh`` discards a saved state instead.
     """
     start = time.perf_counter()
     if denoiser is None:
@@ -291,6 +301,8 @@ def run_train(cfg: TrainConfig, denoiser=None, callback: Callable[[dict], None] 
     device = resolve_device(cfg.device)
     lr = cfg.resolved_lr()
     d_model, depth = cfg.resolved_size()
+    resolved = replace(cfg, lr=lr, d_model=d_model, depth=depth, device=str(device),
+                       out=str(out))
     torch.manual_seed(cfg.seed)
     model = _new_classifier(cfg, data, d_model, depth).to(device)
     if cfg.arch == "reference":  # its time input: the row of t in the card's timesteps
@@ -301,9 +313,20 @@ def run_train(cfg: TrainConfig, denoiser=None, callback: Callable[[dict], None] 
         opt, mode="min", factor=cfg.plateau_factor, patience=cfg.plateau_patience)
     order = torch.Generator().manual_seed(cfg.seed)
 
-    history: list[dict] = []
-    best_loss, best_epoch, best_state = float("inf"), 0, None
-    for epoch in range(1, cfg.epochs + 1):
+    checkpoint = out / CHECKPOINT_NAME
+    identity = run_identity(resolved, parts, len(data.image))
+    if fresh:
+        checkpoint.unlink(missing_ok=True)
+    st = load_epoch(checkpoint, identity, model, opt, plateau, order) or EpochState()
+    for record in st.history:  # a resumed run shows the epochs it already has
+        if callback:
+            callback({**record, "resumed": True})
+    clock = time.perf_counter()
+    setup_seconds = clock - start  # reading the maps (this process)
+    first = st.epoch + 1
+    if st.epoch and st.epoch - st.best_epoch >= cfg.early_stop_patience:
+        first = cfg.epochs + 1  # the interrupted run had already stopped early
+    for epoch in range(first, cfg.epochs + 1):
         model.train()
         total, seen = 0.0, 0
         perm = parts["train"][torch.randperm(len(parts["train"]), generator=order)]
@@ -318,30 +341,35 @@ def run_train(cfg: TrainConfig, denoiser=None, callback: Callable[[dict], None] 
         val_loss, val_pred = _evaluate(model, data, parts["val"], cfg.batch_size, device)
         val_acc = (val_pred == data.y[parts["val"]]).float().mean().item()
         plateau.step(val_loss)
-        improved = val_loss < best_loss - 1e-6
+        improved = val_loss < st.best_loss - 1e-6
         if improved:
-            best_loss, best_epoch = val_loss, epoch
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            st.best_loss, st.best_epoch = val_loss, epoch
+            st.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         record = {"epoch": epoch, "epochs": cfg.epochs, "train_loss": total / seen,
                   "val_loss": val_loss, "val_acc": val_acc, "lr": opt.param_groups[0]["lr"],
                   "best": improved}
-        history.append(record)
+        st.history.append(record)
+        st.epoch = epoch
+        st.seconds += time.perf_counter() - clock
+        clock = time.perf_counter()
+        save_epoch(checkpoint, identity, model, opt, plateau, order, st)
         if callback:
             callback(record)
-        if epoch - best_epoch >= cfg.early_stop_patience:
+        if epoch - st.best_epoch >= cfg.early_stop_patience:
             break
-    if best_state is None:
+    history = st.history
+    if st.best_state is None:
+        checkpoint.unlink(missing_ok=True)  # nothing in it worth resuming
         raise TrainError(f"training diverged (validation loss {history[-1]['val_loss']}): "
                          f"lower --lr (was {lr})")
-    model.load_state_dict(best_state)
+    model.load_state_dict(st.best_state)
+    best_loss, best_epoch = st.best_loss, st.best_epoch
 
     _, test_pred = _evaluate(model, data, parts["test"], cfg.batch_size, device)
     metrics = relation_metrics(test_pred, data, parts["test"])
     metrics.update(best_epoch=best_epoch, val_loss=round(best_loss, 5),
                    val_accuracy=round(history[best_epoch - 1]["val_acc"], 4))
-    resolved = replace(cfg, lr=lr, d_model=d_model, depth=depth, device=str(device),
-                       out=str(out))
-    seconds = time.perf_counter() - start
+    seconds = st.seconds + time.perf_counter() - clock + setup_seconds
     card = {
         "backbone": {**backbone, "model": cfg.model},
         "timesteps": sorted(set(data.timesteps), reverse=True),
@@ -355,4 +383,5 @@ def run_train(cfg: TrainConfig, denoiser=None, callback: Callable[[dict], None] 
         "l2s_version": __version__,
     }
     card_path = save_classifier(model.cpu(), card, out)
+    checkpoint.unlink(missing_ok=True)  # the card is the result now
     return TrainResult(card_path, json.loads(card_path.read_text()), history, seconds)
