@@ -48,15 +48,14 @@ def _first_step_qk(folder, prompt, *, seed, steps, guidance, monkeypatch):
     def stop(*_):
         raise _FirstForwardDone
 
-    monkeypatch.setattr(transformer_flux, "dispatch_attention_fn", spy)
     hook = pipe.transformer.register_forward_hook(stop)
     size = pipe.vae.config.sample_size  # the folder's default image side, as l2s reads it
-    with pytest.raises(_FirstForwardDone):
+    with monkeypatch.context() as m, pytest.raises(_FirstForwardDone):
+        m.setattr(transformer_flux, "dispatch_attention_fn", spy)
         pipe(prompt, height=size, width=size, num_inference_steps=steps,
              guidance_scale=guidance, max_sequence_length=pipe.tokenizer_2.model_max_length,
              generator=torch.Generator().manual_seed(seed), output_type="latent")
     hook.remove()
-    monkeypatch.undo()
     tf = pipe.transformer
     assert len(seen) == len(tf.transformer_blocks) + len(tf.single_transformer_blocks)
     return seen, pipe
