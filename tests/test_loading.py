@@ -93,8 +93,7 @@ def test_an_exception_with_an_empty_message_still_gives_a_one_line_error(tmp_pat
 
     import l2s.classifier_import as ci
     from l2s.bench.detectors import DetectorError
-    from l2s.bench.hf_detectors import from_pretrained
-    from l2s.engine.loading import hf_load_error
+    from l2s.engine.loading import from_pretrained, hf_load_error
     from l2s.errors import one_line
 
     assert one_line(OSError()) == "OSError"
@@ -105,7 +104,7 @@ def test_an_exception_with_an_empty_message_still_gives_a_one_line_error(tmp_pat
         raise OSError()
 
     with pytest.raises(DetectorError, match=r": OSError$"):
-        from_pretrained(empty, str(tmp_path), "--detector")
+        from_pretrained(empty, str(tmp_path), "--detector", error=DetectorError)
     ckpt = tmp_path / "c.pth"
     ckpt.write_bytes(b"x")
     monkeypatch.setattr(ci.torch, "load", empty)

@@ -67,18 +67,23 @@ class ClipColors:
         from transformers import AutoProcessor, CLIPModel
 
         from l2s.bench.detectors import DetectorError
-        from l2s.bench.hf_detectors import from_pretrained, model_config
-        from l2s.engine.loading import quiet_loading, resolve_device
+        from l2s.engine.loading import (
+            from_pretrained,
+            model_config,
+            quiet_loading,
+            resolve_device,
+        )
 
-        kind = model_config(name, "--color-model").get("model_type")
+        kind = model_config(name, "--color-model", DetectorError).get("model_type")
         if kind != "clip":
             raise DetectorError(f"--color-model {name}: model_type {kind!r} is not CLIP; GenEval "
                                 f"classifies colours with CLIP ({COLOR_MODEL})")
         quiet_loading()
         dev = resolve_device(device)
-        model = from_pretrained(CLIPModel.from_pretrained, name, "--color-model")
+        model = from_pretrained(CLIPModel.from_pretrained, name, "--color-model",
+                                error=DetectorError)
         processor = from_pretrained(AutoProcessor.from_pretrained, name, "--color-model",
-                                    model=False)
+                                    model=False, error=DetectorError)
         return cls(model.to(dev).eval(), processor, dev, name)
 
     @torch.inference_mode()

@@ -106,7 +106,7 @@ def detector_available(name: str) -> bool:
     """Whether a detector loads with no network (shipped, a local folder or in the HF cache)."""
     if name == "toy":
         return True
-    from l2s.bench.hf_detectors import hf_model_available
+    from l2s.engine.loading import hf_model_available
 
     return hf_model_available(DETECTOR_ALIASES.get(name, name))
 

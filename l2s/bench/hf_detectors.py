@@ -17,25 +17,14 @@ only unless `l2s --allow-pickle`.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from l2s.bench.detectors import OWL_RULES, DetectorError, ImageDetections
 from l2s.bench.geneval import GENEVAL_RULES, Detection
-from l2s.engine.loading import (
-    _cached_file,
-    allow_pickle,
-    hf_cache_dir,
-    hf_offline,
-    hub_reachable,
-    quiet_loading,
-    resolve_device,
-)
-from l2s.errors import one_line
+from l2s.engine.loading import from_pretrained, model_config, quiet_loading, resolve_device
 
 # COCO names in detectron2's / transformers' id2label that GenEval's object_names.txt renames
 # (GenEval's own list is mmdet's COCO order with these three changed).
@@ -45,8 +34,6 @@ COCO_TO_GENEVAL = {"mouse": "computer mouse", "remote": "tv remote",
 # 800, longer at most 1333, aspect kept; detectron2's COCO evaluation of Meta's release too), not
 # at the 384 x 384 of the hub's processor config.
 MASK2FORMER_TEST_SIZE = {"shortest_edge": 800, "longest_edge": 1333}
-SAFE_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
-PICKLED_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
 def geneval_label(name: str) -> str:
@@ -77,83 +64,10 @@ def clip_boxes(boxes: np.ndarray, width: int, height: int) -> np.ndarray:
     return out
 
 
-# ---------------------------------------------------------------------------------- loading
-
-def hub_file(name: str, filename: str) -> Path | None:
-    """`filename` of a local folder or of a hub repo already in the HF cache, else None."""
-    local = Path(name).expanduser()
-    if local.is_dir():
-        return local / filename if (local / filename).is_file() else None
-    hit = _cached_file(name, filename)
-    return Path(hit) if hit else None
-
-
-def hf_model_available(name: str) -> bool:
-    """Whether a transformers model loads with no network: its config and weights (safetensors,
-    or pickles when allowed) are in a local folder or the HF cache."""
-    weights = SAFE_WEIGHTS + (PICKLED_WEIGHTS if allow_pickle() else ())
-    return hub_file(name, "config.json") is not None and any(
-        hub_file(name, w) is not None for w in weights)
-
-
-def model_config(name: str, option: str) -> dict:
-    """The config.json of a folder or hub id (`option` is the flag that named it, for the
-    error), fetching it only when the hub can be reached; DetectorError says how to get it."""
-    local = Path(name).expanduser()
-    if local.is_dir():
-        if not (local / "config.json").is_file():
-            raise DetectorError(f"{option} {name}: the folder has no config.json; give a folder "
-                                "written by transformers' save_pretrained (config.json, weights "
-                                "and processor files) or a hub id")
-        return json.loads((local / "config.json").read_text())
-    if local.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1:
-        raise DetectorError(f"{option} {name}: no such folder, and not a hub id (org/name)")
-    path = hub_file(name, "config.json")
-    if path is None:
-        if hf_offline() or not hub_reachable():
-            why = ("HF_HUB_OFFLINE=1 is set" if hf_offline() else
-                   "the Hugging Face hub cannot be reached from here")
-            raise DetectorError(
-                f"{name} is not in the HF cache ({hf_cache_dir()}) and {why}: run `hf download "
-                f"{name}` (older huggingface_hub: `huggingface-cli download {name}`) on a "
-                "machine with internet access and copy the cache (or point HF_HOME at it), or "
-                f"pass {option} PATH to a folder holding the model")
-        from huggingface_hub import hf_hub_download
-
-        try:
-            path = Path(hf_hub_download(name, "config.json"))
-        except Exception as e:  # not found, gated, network: one line, not a traceback
-            raise DetectorError(f"{option} {name}: could not fetch its config.json from the hub "
-                                f"({one_line(e)})") from e
-    return json.loads(path.read_text())
-
-
-def from_pretrained(load: Callable[..., object], name: str, option: str, model: bool = True,
-                    **overrides):
-    """`load(name, **overrides)` (a from_pretrained) with one-line errors; a model loads in fp32
-    (scores as the checkpoint's authors computed them) from safetensors unless pickles are
-    allowed."""
-    local = Path(name).expanduser()
-    src = str(local) if local.is_dir() else name
-    if model:
-        overrides = {"use_safetensors": None if allow_pickle() else True, "dtype": torch.float32,
-                     **overrides}
-    try:
-        return load(src, **overrides)
-    except (OSError, ValueError) as e:
-        pickled = [w for w in PICKLED_WEIGHTS if hub_file(name, w) is not None]
-        if pickled and not allow_pickle():
-            raise DetectorError(f"{option} {name} has pickled weights ({pickled[0]}) and no "
-                                ".safetensors: l2s loads safetensors only, since a pickle can run "
-                                "code when loaded; convert them, or, if you trust the source, "
-                                "run `l2s --allow-pickle ...`") from e
-        raise DetectorError(f"could not load {name} ({option}): {one_line(e)}") from e
-
-
 def load_hf_detector(name: str, device: str | None = None):
     """A Mask2Former or OWLv2/OWL-ViT Detector from a hub id or folder, by its config's
     model_type."""
-    kind = model_config(name, "--detector").get("model_type")
+    kind = model_config(name, "--detector", DetectorError).get("model_type")
     if kind not in _ADAPTERS:
         raise DetectorError(f"--detector {name}: model_type {kind!r} is not a detector l2s can "
                             "drive; use a Mask2Former instance-segmentation model (e.g. "
@@ -180,9 +94,10 @@ class Mask2FormerDetector:
         from transformers import AutoImageProcessor
         from transformers import Mask2FormerForUniversalSegmentation as Model
 
-        model = from_pretrained(Model.from_pretrained, name, "--detector")
+        model = from_pretrained(Model.from_pretrained, name, "--detector", error=DetectorError)
         processor = from_pretrained(AutoImageProcessor.from_pretrained, name, "--detector",
-                                    model=False, size=dict(MASK2FORMER_TEST_SIZE))
+                                    model=False, error=DetectorError,
+                                    size=dict(MASK2FORMER_TEST_SIZE))
         return cls(name, model.to(device).eval(), processor, device)
 
     @torch.inference_mode()
@@ -218,8 +133,9 @@ class OwlDetector:
         from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
 
         model = from_pretrained(AutoModelForZeroShotObjectDetection.from_pretrained, name,
-                                "--detector")
-        processor = from_pretrained(AutoProcessor.from_pretrained, name, "--detector", model=False)
+                                "--detector", error=DetectorError)
+        processor = from_pretrained(AutoProcessor.from_pretrained, name, "--detector",
+                                    model=False, error=DetectorError)
         return cls(name, model.to(device).eval(), processor, device)
 
     @torch.inference_mode()
@@ -250,5 +166,4 @@ _ADAPTERS: dict[str, Callable[[str, torch.device], object]] = {
 }
 
 __all__ = ["COCO_TO_GENEVAL", "MASK2FORMER_TEST_SIZE", "Mask2FormerDetector", "OwlDetector",
-           "boxes_from_masks", "clip_boxes", "from_pretrained", "geneval_label",
-           "hf_model_available", "hub_file", "load_hf_detector", "model_config"]
+           "boxes_from_masks", "clip_boxes", "geneval_label", "load_hf_detector"]

@@ -2,14 +2,15 @@
 
 Which family loads it comes from the registry: a preset names its family; a hub id or folder
 goes to the family that claims its diffusers pipeline class (``model_index.json``), else to
-the fallback family. Device, dtype and HF-cache helpers shared by every family live here.
+the fallback family. Device, dtype and HF-cache helpers shared by every family live here,
+and the loading of transformers models by hub id or folder (the benchmark detectors, CLIP).
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -109,12 +110,11 @@ def _cached_file(repo: str, filename: str) -> str | None:
 def config_json(source: str, filename: str) -> dict | None:
     """A JSON file (``model_index.json``, ``transformer/config.json``) of a folder or of a hub
     repo in the HF cache, or None when absent or unreadable (nothing is downloaded)."""
-    local = Path(source).expanduser()
-    path = local / filename if local.is_dir() else _cached_file(source, filename)
-    if path is None or not Path(path).is_file():
+    path = hub_file(source, filename)
+    if path is None:
         return None
     try:
-        data = json.loads(Path(path).read_text())
+        data = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
@@ -255,3 +255,78 @@ def describe_models() -> list[dict]:
         for p in presets().values()
         for card in [_classifier_card(p.name)]
     ]
+
+
+# ------------------------------------------------ transformers models (detectors, CLIP colours)
+
+SAFE_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
+PICKLED_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def hub_file(name: str, filename: str) -> Path | None:
+    """`filename` of a local folder or of a hub repo already in the HF cache, else None."""
+    local = Path(name).expanduser()
+    path = local / filename if local.is_dir() else _cached_file(name, filename)
+    return Path(path) if path is not None and Path(path).is_file() else None
+
+
+def hf_model_available(name: str) -> bool:
+    """Whether a transformers model loads with no network: its config and weights (safetensors,
+    or pickles when allowed) are in a local folder or the HF cache."""
+    weights = SAFE_WEIGHTS + (PICKLED_WEIGHTS if allow_pickle() else ())
+    return hub_file(name, "config.json") is not None and any(
+        hub_file(name, w) is not None for w in weights)
+
+
+def model_config(name: str, option: str, error: type[Exception] = BackboneError) -> dict:
+    """The config.json of a folder or hub id (`option` is the flag that named it, for the
+    error), fetching it only when the hub can be reached; ``error`` says how to get it."""
+    local = Path(name).expanduser()
+    if local.is_dir():
+        if not (local / "config.json").is_file():
+            raise error(f"{option} {name}: the folder has no config.json; give a folder "
+                                "written by transformers' save_pretrained (config.json, weights "
+                                "and processor files) or a hub id")
+        return json.loads((local / "config.json").read_text())
+    if local.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise error(f"{option} {name}: no such folder, and not a hub id (org/name)")
+    path = hub_file(name, "config.json")
+    if path is None:
+        if hf_offline() or not hub_reachable():
+            why = ("HF_HUB_OFFLINE=1 is set" if hf_offline() else
+                   "the Hugging Face hub cannot be reached from here")
+            raise error(
+                f"{name} is not in the HF cache ({hf_cache_dir()}) and {why}: run `hf download "
+                f"{name}` (older huggingface_hub: `huggingface-cli download {name}`) on a "
+                "machine with internet access and copy the cache (or point HF_HOME at it), or "
+                f"pass {option} PATH to a folder holding the model")
+        from huggingface_hub import hf_hub_download
+
+        try:
+            path = Path(hf_hub_download(name, "config.json"))
+        except Exception as e:  # not found, gated, network: one line, not a traceback
+            raise error(f"{option} {name}: could not fetch its config.json from the hub "
+                                f"({one_line(e)})") from e
+    return json.loads(path.read_text())
+
+
+def from_pretrained(load: Callable[..., object], name: str, option: str, model: bool = True,
+                    error: type[Exception] = BackboneError, **overrides):
+    """`load(name, **overrides)` (a from_pretrained) with one-line ``error``s; a model loads in
+    fp32 (scores as the checkpoint's authors computed them) from safetensors unless pickles are
+    allowed."""
+    local = Path(name).expanduser()
+    src = str(local) if local.is_dir() else name
+    if model:
+        overrides = {"use_safetensors": None if allow_pickle() else True, "dtype": torch.float32,
+                     **overrides}
+    try:
+        return load(src, **overrides)
+    except (OSError, ValueError) as e:
+        pickled = [w for w in PICKLED_WEIGHTS if hub_file(name, w) is not None]
+        if pickled and not allow_pickle():
+            raise error(f"{option} {name} has pickled weights ({pickled[0]}) and no "
+                                ".safetensors: l2s loads safetensors only, since a pickle can run "
+                                "code when loaded; convert them, or, if you trust the source, "
+                                "run `l2s --allow-pickle ...`") from e
+        raise error(f"could not load {name} ({option}): {one_line(e)}") from e
