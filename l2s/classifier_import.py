@@ -43,6 +43,10 @@ LICENCE_NOTE = ("The published L2S classifiers are the authors' work under a non
                 "licence: this converted copy is for its user's own non-commercial use; do not "
                 "redistribute it.")
 _PLAIN = (str, int, float, bool, type(None))
+# Text keys the published classifiers' maps were softmaxed over, by layout (the reference's
+# run.py): 512 T5 tokens for Flux, schnell as well as dev. SD ones read all of the UNet's CLIP
+# keys, whatever their count (77 on SD), so a UNet's own length is kept.
+REFERENCE_TEXT_LEN = {"flux": 512}
 
 
 class ImportRefused(ClassifierError):
@@ -57,8 +61,8 @@ class ImportResult:
     card: dict
 
     def to_json(self) -> dict:
-        keep = ("backbone", "classes", "timesteps", "layout", "source", "architecture",
-                "notes")
+        keep = ("backbone", "classes", "timesteps", "text_len", "layout", "source",
+                "architecture", "notes")
         return {"card": str(self.card_path), **{k: self.card[k] for k in keep}}
 
 
@@ -236,11 +240,17 @@ def import_classifier(checkpoint: str | Path, model: str, *, out: str | Path | N
                             f"Flux one (extractor 4 layers, ff 512): {denoiser.name} is a Flux "
                             "backbone; import it with --model sd1.4 or sd2.1-base")
     notes = []
-    text_len = getattr(denoiser, "text_len", None)
-    if layout.name == "flux" and text_len not in (None, 512):
-        notes.append(f"the published Flux classifiers saw maps softmaxed over 512 T5 keys; "
-                     f"{denoiser.name} records over {text_len} (its max_sequence_length), so "
-                     "padding takes another share of each map")
+    own = denoiser.text_len
+    text_len = REFERENCE_TEXT_LEN.get(layout.name, own)
+    if text_len != own and not text_len <= (denoiser.max_text_len or 0):
+        raise ImportRefused(f"the published classifier read maps over {text_len} text tokens; "
+                            f"{denoiser.name} encodes prompts as {own}, which it cannot change")
+    if text_len != own:
+        notes.append(f"the published classifier saw maps softmaxed over {text_len} text keys "
+                     f"(T5 tokens); {denoiser.name} encodes prompts as {own} by default (its "
+                     f"max_sequence_length), so l2s steer, bench and speed encode them as "
+                     f"{text_len} when steering with this classifier (card text_len): its "
+                     f"images differ from plain {denoiser.name}'s at {own} tokens")
     net = ReferenceClassifier(arch)
     state = {k: v.float() for k, v in ckpt["model_state_dict"].items()}
     problems = _state_problems(net.state_dict(), state)
@@ -259,6 +269,7 @@ def import_classifier(checkpoint: str | Path, model: str, *, out: str | Path | N
                      "layers": [{"name": la.name, "heads": la.heads} for la in layers],
                      "model": model},
         "timesteps": steps,
+        "text_len": text_len,  # text keys each map was softmaxed over: steering encodes so
         "clock": "step",  # the time input is the denoising step index (step_time_input)
         "layout": layout.to_dict(),
         "source": {

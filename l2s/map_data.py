@@ -52,6 +52,9 @@ class MapData:
     cache_dir: str  # the cache folder of this backbone they were read from
     corrupt: list[str] = field(default_factory=list)  # keys of broken entries deleted on reading
     t_input: torch.Tensor | None = None  # (N,) the network's time input, when not t itself
+    # Text keys every map was softmaxed over (recorded by `l2s invert`); None: unknown (some
+    # entries were written before l2s recorded it)
+    text_len: int | None = None
 
 
 def _fail_empty(root: Path, name: str, fingerprint: str, model: str) -> TrainError:
@@ -115,6 +118,7 @@ def load_maps(cache_dir: str | Path | None, fingerprint: str, *, name: str, mode
     t, y, neg, prompt_y, image, split, source = [], [], [], [], [], [], []
     layer_list: list[dict] | None = None
     shapes: Counter = Counter()
+    text_lens: Counter = Counter()
     n = 0
     for row in rows:
         e = cache.get(row["key"])
@@ -145,6 +149,7 @@ def load_maps(cache_dir: str | Path | None, fingerprint: str, *, name: str, mode
             continue  # keep counting variants, to report them all at once
         buf[n] = e.maps
         n += 1
+        text_lens[meta.get("text_len")] += 1
         polarity = meta["polarity"]
         k = shape[0]
         t.extend(ts_list)
@@ -161,6 +166,12 @@ def load_maps(cache_dir: str | Path | None, fingerprint: str, *, name: str, mode
         raise TrainError(f"cache entries for {name} disagree: {lines}. They were recorded with "
                          "different settings (--timesteps, map size, layers): train on one "
                          "setting with --data, or rebuild the cache with one setting")
+    known = [k for k in text_lens if k is not None]
+    if len(known) > 1:
+        counts = ", ".join(f"{text_lens[k]} entries over {k}" for k in known)
+        raise TrainError(f"cache entries for {name} were recorded over different text lengths "
+                         f"({counts} tokens): maps over different key sets cannot train one "
+                         "classifier; rebuild the cache at one length")
     if buf is None or n == 0:
         raise TrainError(f"every cached entry for {name} in {cache.dir} was unreadable and has "
                          f"been deleted ({len(cache.corrupt)}): rebuild them with "
@@ -177,7 +188,8 @@ def load_maps(cache_dir: str | Path | None, fingerprint: str, *, name: str, mode
     maps = buf[:n].flatten(0, 1)  # (E, T, 2, C, S, S) -> (E*T, 2, C, S, S), no copy
     return MapData(maps, torch.tensor(t), torch.tensor(y), torch.tensor(neg),
                    torch.tensor(prompt_y), image, split, source, ts_list, layer_list,
-                   str(cache.dir), list(cache.corrupt))
+                   str(cache.dir), list(cache.corrupt),
+                   text_len=known[0] if len(text_lens) == 1 and known else None)
 
 
 def hash_split(image: str, seed: int, val_fraction: float, test_fraction: float) -> str:

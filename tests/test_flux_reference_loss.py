@@ -17,7 +17,7 @@ from reference_impl import CLASSES, flux_config, make_checkpoint, torch_referenc
 from typer.testing import CliRunner
 
 from l2s.cli import app
-from l2s.families.mmdit_tiny import save_tiny
+from l2s.families.mmdit_tiny import TINY_T5_TOKENS, save_tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 runner = CliRunner()
@@ -31,9 +31,10 @@ class _FirstForwardDone(Exception):  # noqa: N818 (control flow)
     """Ends the pipeline call once step 0's transformer forward has run."""
 
 
-def _first_step_qk(folder, prompt, *, seed, steps, guidance, monkeypatch):
+def _first_step_qk(folder, prompt, *, seed, steps, guidance, text_len, monkeypatch):
     """(query, key) of every attention call in the first transformer forward of diffusers'
-    FluxPipeline, in call order, and the pipeline (for its tokenizer)."""
+    FluxPipeline with ``text_len`` T5 tokens, in call order, and the pipeline (for its
+    tokenizer)."""
     from diffusers import FluxPipeline
     from diffusers.models.transformers import transformer_flux
 
@@ -49,11 +50,13 @@ def _first_step_qk(folder, prompt, *, seed, steps, guidance, monkeypatch):
         raise _FirstForwardDone
 
     hook = pipe.transformer.register_forward_hook(stop)
-    size = pipe.vae.config.sample_size  # the folder's default image side, as l2s reads it
+    # The folder's default image side as l2s reads it: its look-alike preset's token grid
+    # (schnell 16, dev 32 a side) at 2 px per token (VAE factor 1, 2x2 packing).
+    size = (32 if pipe.transformer.config.guidance_embeds else 16) * 2
     with monkeypatch.context() as m, pytest.raises(_FirstForwardDone):
         m.setattr(transformer_flux, "dispatch_attention_fn", spy)
         pipe(prompt, height=size, width=size, num_inference_steps=steps,
-             guidance_scale=guidance, max_sequence_length=pipe.tokenizer_2.model_max_length,
+             guidance_scale=guidance, max_sequence_length=text_len,
              generator=torch.Generator().manual_seed(seed), output_type="latent")
     hook.remove()
     tf = pipe.transformer
@@ -90,13 +93,13 @@ def _maps(seen, text_len, groups, renormalise_16):
     return torch.stack(objs)[None]
 
 
-def _independent_losses(folder, ckpt, *, seed, steps, guidance, monkeypatch):
-    """The reference's cross-entropy at step 0, and the same with each thing that must
-    matter done wrong: single-stream blocks first, head-major channels, the other
-    renormalisation rule, the other target class."""
+def _independent_losses(folder, ckpt, *, seed, steps, guidance, monkeypatch, text_len=512):
+    """The reference's cross-entropy at step 0 over ``text_len`` T5 keys (the published Flux
+    classifiers': 512), and the same with each thing that must matter done wrong:
+    single-stream blocks first, head-major channels, the other renormalisation rule, the
+    other target class."""
     seen, pipe = _first_step_qk(folder, PROMPT, seed=seed, steps=steps, guidance=guidance,
-                                monkeypatch=monkeypatch)
-    text_len = pipe.tokenizer_2.model_max_length
+                                text_len=text_len, monkeypatch=monkeypatch)
     groups = [_word_tokens(pipe.tokenizer_2, PROMPT, w) for w in ("dog", "teddy bear")]
     assert len(groups[1]) == 2  # a two-token object: its maps are averaged
     n_double = len(pipe.transformer.transformer_blocks)
@@ -133,16 +136,23 @@ def _flux_checkpoint(steps, seed):
 
 
 def _steer_loss_before(tmp_path, folder, ckpt, *extra):
+    """steps[0].loss_before of `l2s steer` with the imported checkpoint; checks the card's
+    text length (512, the published Flux classifiers') is the one the prompt was encoded as,
+    not the folder's own (TINY_T5_TOKENS)."""
     pth = tmp_path / "clf.pth"
     torch.save(ckpt, pth)
     res = runner.invoke(app, ["classifier", "import", str(pth), "--model", str(folder),
                               "--out", str(tmp_path / "clf")])
     assert res.exit_code == 0, res.output
+    card = json.loads((tmp_path / "clf" / "card.json").read_text())
+    assert card["text_len"] == 512 and "512" in card["notes"][0]
     res = runner.invoke(app, ["steer", PROMPT, "--model", str(folder), "--classifier",
                               str(tmp_path / "clf"), "--steer-until", "1", "--iterations", "1",
                               "--out", str(tmp_path / "o"), "--json", *extra])
     assert res.exit_code == 0, res.output
-    return json.loads(res.stdout)["steps"][0]["loss_before"]
+    rep = json.loads(res.stdout)
+    assert rep["text_len"] == 512 != TINY_T5_TOKENS
+    return rep["steps"][0]["loss_before"]
 
 
 def _assert_equal_and_able_to_fail(got, want, renormalisation_matters=True):
@@ -164,6 +174,10 @@ def test_schnell_like_loss_before_is_the_references_cross_entropy(tmp_path, monk
     want = _independent_losses(folder, ckpt, seed=11, steps=4, guidance=0.0,
                                monkeypatch=monkeypatch)
     _assert_equal_and_able_to_fail(got, want)
+    # Maps over the folder's own T5 length (the card's length ignored) give another loss.
+    own = _independent_losses(folder, ckpt, seed=11, steps=4, guidance=0.0,
+                              monkeypatch=monkeypatch, text_len=TINY_T5_TOKENS)["reference"]
+    assert own != pytest.approx(want["reference"], rel=1e-3)
 
 
 def test_dev_like_loss_before_is_the_references_cross_entropy(tmp_path, monkeypatch):

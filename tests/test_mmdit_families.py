@@ -326,3 +326,55 @@ def test_flux_schnell_steers_step_zero_only():
 
     assert get_preset("flux-schnell").defaults.steer_until == 1
     assert get_preset("flux-dev").defaults.steer_until == 0.5
+
+
+def test_a_folder_draws_at_its_look_alike_presets_token_grid(tmp_path):
+    """A Flux folder no preset names draws at its look-alike preset's token grid (schnell 16,
+    dev 32 a side: the maps the published classifiers read) at its own pixels per token, not
+    at its VAE's sample size (1024 px for a FLUX.1 copy: 64x64 maps); --image-size wins."""
+    from l2s.engine.loading import load_backbone
+    from l2s.engine.registry import presets
+    from l2s.families.flux import token_grid
+
+    assert [token_grid(presets()[n]) for n in ("flux-schnell", "flux-dev")] == [16, 32]
+    dev = save_tiny(tmp_path / "dev", "flux", guidance_embeds=True)  # VAE sample size 32
+    den = load_backbone(str(dev), device="cpu")
+    assert den.image_size == (64, 64) and den.grid == (32, 32)  # 2 px a token
+    schnell = save_tiny(tmp_path / "schnell", "flux", image_size=64)
+    assert load_backbone(str(schnell), device="cpu").grid == (16, 16)
+    assert load_backbone(str(dev), device="cpu", image_size=48).image_size == (48, 48)
+
+
+def test_steer_image_size_and_text_length(tmp_path, folders):
+    """`l2s steer --image-size` sets the size; the report says the size and the T5 length
+    used (the folder's own without a classifier card saying otherwise)."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from l2s.cli import app
+
+    r = CliRunner().invoke(app, ["steer", PROMPT, "--model", str(folders["flux"]), "--method",
+                                 "centroid", "--steps", "1", "--steer-until", "1",
+                                 "--iterations", "1", "--image-size", "48", "--out",
+                                 str(tmp_path / "s"), "--json"])
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.stdout)
+    assert rep["image_size"] == [48, 48] and rep["text_len"] == TINY_T5_TOKENS
+
+
+def test_text_length_follows_a_card_only_where_the_backbone_can(flux_pipe):
+    from l2s.engine.backbone import BackboneError
+    from l2s.engine.loading import load_backbone
+    from l2s.jobs.steer import SteerError, use_card_text_len
+
+    den = flux_denoiser(flux_pipe)
+    use_card_text_len(den, {"text_len": 100}, "card.json")
+    assert den.text_len == 100 and den.encode_prompt([PROMPT])["states"].shape[1] == 100
+    use_card_text_len(den, {}, "card.json")  # an older card: the length stays
+    assert den.text_len == 100
+    with pytest.raises(BackboneError, match="at most 512"):
+        den.set_text_len(513)
+    den.set_text_len(TINY_T5_TOKENS)  # the module's pipeline is shared: put it back
+    with pytest.raises(SteerError, match="over 512 text tokens.*fixed by its text encoder"):
+        use_card_text_len(load_backbone("toy-mmdit"), {"text_len": 512}, "card.json")

@@ -43,7 +43,7 @@ def _blob(centre, size, g):
 
 
 def make_cache(root, n_images=48, size=8, timesteps=(801, 401), relations=RELATIONS,
-               negatives=True, source="shapes", seed=0):
+               negatives=True, source="shapes", seed=0, text_len=None):
     """Subject and object blobs placed by the true relation; each image is recorded under its
     true caption and one wrong caption with the SAME geometry, both labelled with the truth."""
     cache = AttentionCache(root, FP)
@@ -66,7 +66,7 @@ def make_cache(root, n_images=48, size=8, timesteps=(801, 401), relations=RELATI
                 "split": ("train", "train", "val", "test")[i % 4],
                 "timesteps": list(timesteps), "layers": [n for n, _ in LAYERS],
                 "heads": [h for _, h in LAYERS], "map_size": size, "fingerprint": FP,
-                "model": "synthetic"})
+                "model": "synthetic", **({} if text_len is None else {"text_len": text_len})})
     return cache
 
 
@@ -208,6 +208,20 @@ def test_entries_with_inconsistent_shapes(tmp_path):
     with pytest.raises(TrainError, match="recorded over layers"):
         run_train(_cfg(tmp_path, cache_dir=str(tmp_path / "one")),
                   FakeBackbone(layers=(("other", 5),)))
+
+
+def test_the_text_length_the_maps_were_made_with_reaches_the_card(tmp_path):
+    """`l2s invert` records the text keys each map spans; the card says it when every entry
+    agrees (steering then encodes prompts so), nothing when some entry predates it, and
+    entries over different lengths are refused."""
+    make_cache(tmp_path / "cache", n_images=16, text_len=512)
+    res = run_train(_cfg(tmp_path, epochs=1), FakeBackbone())
+    assert json.loads(res.card_path.read_text())["text_len"] == 512
+    make_cache(tmp_path / "cache", n_images=4, seed=1)  # older entries: length unknown
+    assert load_maps(tmp_path / "cache", FP, name="s", model="s").text_len is None
+    make_cache(tmp_path / "cache", n_images=4, seed=2, text_len=256)
+    with pytest.raises(TrainError, match="different text lengths .*over 512.*over 256"):
+        load_maps(tmp_path / "cache", FP, name="s", model="s")
 
 
 def test_bad_settings():

@@ -47,6 +47,7 @@ class BenchConfig:
 
     suite: str = "shapes"  # prompt suite, one of l2s.bench.suites.SUITES
     model: str = "toy"  # backbone preset, hub id or folder
+    image_size: int | None = None  # pixels a side (None: the model's default)
     methods: tuple[str, ...] = ("plain",)  # generation methods to compare on the same seeds
     prompts: int | None = None  # first N prompts (None: all of a fixed suite, 200 generated)
     images: int | None = None  # images per prompt (None: the suite's, SUITE_IMAGES)
@@ -196,12 +197,16 @@ def run_bench(cfg: BenchConfig, denoiser: Denoiser | None = None,
     # the run slows them alike and seconds_vs_plain stays a side-by-side ratio. cpu_seconds
     # (this process's CPU time) is the fairer ratio for a one-thread CPU run on a shared
     # machine; on a GPU it counts host time only.
+    # Every method that has batches is set up before the first generation: setting up l2s may
+    # set the backbone's text length from its classifier's card (``use_card_text_len``), and
+    # every method must then encode its prompts alike (same seeds, same conditioning).
+    for method, batches in queues.items():
+        if batches:
+            generators[method] = lazy.method(method)
     for turn in zip_longest(*queues.values()):
         for method, batch in zip(queues, turn, strict=True):
             if batch is None:
                 continue
-            if method not in generators:
-                generators[method] = lazy.method(method)
             seeds = [image_seed(cfg.seed, p.index, k) for p, k in batch]
             t0, c0 = time.perf_counter(), time.process_time()
             imgs = to_uint8(generators[method]([p for p, _ in batch], seeds))
@@ -226,7 +231,7 @@ class _Lazy:
         if self._denoiser is None:
             from l2s.engine.loading import load_backbone
 
-            self._denoiser = load_backbone(self.cfg.model)
+            self._denoiser = load_backbone(self.cfg.model, image_size=self.cfg.image_size)
         return self._denoiser
 
     @property

@@ -31,11 +31,12 @@ def _errors():
 
 
 def check_bench_values(prompts: int | None, images: int | None, batch_size: int,
-                       **generation) -> None:
+                       image_size: int | None = None, **generation) -> None:
     """The bench numbers, checked before anything is loaded or written."""
     check_number("--prompts", prompts, 1)
     check_number("--images", images, 1)
     check_number("--batch-size", batch_size, 1)
+    check_number("--image-size", image_size, 1)
     check_generation(**generation)
 
 
@@ -65,6 +66,7 @@ def bench(
     suite: str = typer.Option("shapes", "--suite", help="Prompt suite: " + ", ".join(SUITES)
                               + " (docs/benchmarks.md)."),
     model: str = typer.Option("toy", "--model", "-m", help="Preset, hub id or local folder."),
+    image_size: int = typer.Option(None, "--image-size", help="Pixels (default: the model's)."),
     method: list[str] = typer.Option(["plain"], "--method",
                                      help="Method to score, repeat to compare on the same "
                                           "seeds: plain, l2s, centroid, l2s-verify (plain "
@@ -102,12 +104,13 @@ def bench(
     json_out: bool = typer.Option(False, "--json", help="Print the summary JSON on stdout."),
 ) -> None:
     """Generate and score a benchmark suite; rerunning with the same --out resumes."""
-    check_bench_values(prompts, images, batch_size, steps=steps, guidance=guidance,
+    check_bench_values(prompts, images, batch_size, image_size, steps=steps, guidance=guidance,
                        steer_until=steer_until, iterations=iterations, step_size=step_size,
                        loss_threshold=loss_threshold)
     out = out or f"out/bench-{suite}-{model.replace('/', '_')}"
     check_writable_dir(out)  # before generating: results that cannot be saved are lost
-    cfg = BenchConfig(suite=suite, model=model, methods=tuple(method), prompts=prompts,
+    cfg = BenchConfig(suite=suite, model=model, image_size=image_size, methods=tuple(method),
+                      prompts=prompts,
                       images=images, seed=seed, steps=steps, guidance=guidance,
                       classifier=classifier, steer_until=steer_until, iterations=iterations,
                       step_size=step_size, loss_threshold=loss_threshold, detector=detector,

@@ -88,6 +88,7 @@ def steer(
                                    help="Classifier card.json (default: the one `l2s train` "
                                         "wrote for the model, else the shipped one)."),
     num_images: int = typer.Option(1, "--num-images", "-n", help="Images, one batch."),
+    image_size: int = typer.Option(None, "--image-size", help="Pixels (default: the model's)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the first image (then +1 each)."),
     steps: int = model_default_option("steps"),
     guidance: float = model_default_option("guidance"),
@@ -133,7 +134,8 @@ def steer(
         from l2s.engine.loading import load_backbone
         from l2s.jobs.steer import steer_settings
 
-        cfg = SteerConfig(prompt=prompt, model=model, method=method, classifier=classifier,
+        cfg = SteerConfig(prompt=prompt, model=model, image_size=image_size, method=method,
+                          classifier=classifier,
                           num_images=num_images, seed=seed, steps=steps, guidance=guidance,
                           steer_until=steer_until, iterations=iterations, step_size=step_size,
                           loss_threshold=loss_threshold, optimizer=optimizer,
@@ -142,7 +144,7 @@ def steer(
                           save_attention=save_attention, out=out)
         check_writable_dir(out)  # before loading and generating: nothing is lost
         with status(f"loading {model}", json_out):
-            den = load_backbone(model)
+            den = load_backbone(model, image_size=image_size)
         if show_tokens:
             console.print(_token_table(den, prompt))
         s = steer_settings(model, steps=steps, steer_until=steer_until, steer_from=steer_from)

@@ -108,6 +108,9 @@ class Denoiser(ABC):
     # The map layout the published L2S classifiers of this family read (a name in
     # l2s.map_layout.REFERENCE_LAYOUTS, e.g. "unet"); None: they have none for it.
     reference_layout: str | None = None
+    # The longest text length ``set_text_len`` accepts (e.g. 512 for Flux's T5, FluxPipeline's
+    # cap); None: the text length is fixed by the text encoder (CLIP's 77 for SD).
+    max_text_len: int | None = None
 
     # --- what a family implements ---------------------------------------------------------
     @property
@@ -156,6 +159,27 @@ class Denoiser(ABC):
     @abstractmethod
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """Clean float32 latents from images (B, H, W, 3) float in [0, 1]."""
+
+    @property
+    def text_len(self) -> int:
+        """Text tokens every prompt is padded to: the keys each recorded map is softmaxed
+        over (a classifier reads maps made over one such key set)."""
+        return self.tokenizer.model_max_length
+
+    def set_text_len(self, n: int) -> None:
+        """Encode prompts (and record maps) over ``n`` text tokens from now on, e.g. the
+        length a classifier's maps were made with; refuses a length this backbone cannot
+        encode."""
+        if n == self.text_len:
+            return
+        if self.max_text_len is None:
+            raise BackboneError(f"{self.name} encodes prompts as {self.text_len} text tokens, "
+                                f"fixed by its text encoder; maps over {n} tokens cannot come "
+                                "from it")
+        if not 1 <= n <= self.max_text_len:
+            raise BackboneError(f"{self.name} encodes prompts as at most {self.max_text_len} "
+                                f"text tokens, not {n}")
+        self.tokenizer.model_max_length = n  # what encode_prompt pads to and the hooks read
 
     def reference_processors(self) -> dict | None:
         """Explicit-softmax processors for every attention layer, for the reference-style

@@ -15,7 +15,7 @@ import torch
 from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 from torch import nn
 
-from l2s.engine.backbone import Conditioning
+from l2s.engine.backbone import Conditioning, vae_scale
 from l2s.engine.loading import config_json, hf_load_error, random_weights_preset
 from l2s.engine.materialise import materialise
 from l2s.engine.registry import Family, LoadRequest, Preset, SteerDefaults, register_family
@@ -49,6 +49,7 @@ class FluxDenoiser(MMDiTDenoiser):
 
     pipeline_is_flux = True
     reference_layout = "flux"  # published Flux classifiers: channel = layer x 24 + head
+    max_text_len = 512  # FluxPipeline refuses a longer max_sequence_length
 
     def __init__(self, transformer, vae, text_encoder, tokenizer, text_encoder_2, tokenizer_2,
                  scheduler_config: dict, *, name: str, image_size=None,
@@ -62,8 +63,9 @@ class FluxDenoiser(MMDiTDenoiser):
                          fingerprint=fingerprint)
         self.text_encoder, self.clip_tokenizer = text_encoder, tokenizer
         self.text_encoder_2 = text_encoder_2
-        self.text_len = max_sequence_length
-        tokenizer_2.model_max_length = max_sequence_length  # prompts longer are refused
+        # The T5 length (``text_len``): what prompts are padded to, the keys every map spans;
+        # prompts longer are refused. ``set_text_len`` changes it (a classifier's length).
+        tokenizer_2.model_max_length = max_sequence_length
         self.guidance_mode = "embedded" if transformer.config.guidance_embeds else "none"
         self.default_guidance = guidance
         channels = transformer.config.in_channels  # = 4 x the VAE's latent channels
@@ -134,8 +136,11 @@ class FluxDenoiser(MMDiTDenoiser):
 
 def load_flux(source: str, *, name: str, device: torch.device, dtype: torch.dtype,
               image_size: int | None = None, max_sequence_length: int | None = None,
-              guidance: float = 3.5) -> FluxDenoiser:
-    """A FLUX.1 folder or hub repo in diffusers layout (FluxPipeline's components)."""
+              guidance: float = 3.5, grid: int | None = None) -> FluxDenoiser:
+    """A FLUX.1 folder or hub repo in diffusers layout (FluxPipeline's components).
+
+    Image size: ``image_size``, else ``grid`` image tokens a side at this folder's own pixels
+    per token (VAE scale x 2), else the VAE's sample size (FluxPipeline's default)."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
     from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
@@ -158,11 +163,20 @@ def load_flux(source: str, *, name: str, device: torch.device, dtype: torch.dtyp
     except (OSError, ValueError) as e:
         raise hf_load_error(source, local if local.is_dir() else None, e) from e
     # FluxPipeline's default is 512 T5 tokens; a tokenizer limited below that caps it.
-    max_len = max_sequence_length or min(512, tokenizer_2.model_max_length)
+    max_len = min(max_sequence_length or 512, tokenizer_2.model_max_length)
+    if image_size is None and grid is not None:
+        image_size = grid * vae_scale(vae) * 2  # 2x2 latent cells per token
     return FluxDenoiser(transformer.to(device), vae.to(device), text_encoder.to(device),
                         tokenizer, text_encoder_2.to(device), tokenizer_2, dict(sched.config),
                         name=name, image_size=image_size, max_sequence_length=max_len,
                         guidance=guidance)
+
+
+def token_grid(preset: Preset) -> int:
+    """Image tokens a side at the preset's image size (flux-schnell 16, flux-dev 32): the map
+    resolution its published classifier was trained on."""
+    levels = len(preset.configs["vae"]["block_out_channels"])
+    return preset.image_size // (2 ** (levels - 1) * 2)
 
 
 def build_random_flux(preset: Preset, *, device: torch.device, dtype: torch.dtype,
@@ -200,9 +214,14 @@ def load(req: LoadRequest) -> FluxDenoiser:
     if req.random_weights:
         return build_random_flux(random_weights_preset(req.preset, PRESETS), device=req.device,
                                  dtype=req.dtype, image_size=req.image_size)
-    p = req.preset
+    if req.preset:
+        p, image_size, grid = req.preset, req.image_size or req.preset.image_size, None
+    else:  # a folder or hub id gets its look-alike preset's map grid and text length
+        name = like_preset(req.source)
+        p = next((q for q in PRESETS if q.name == name), None)
+        image_size, grid = req.image_size, token_grid(p) if p else None
     return load_flux(req.source, name=req.model, device=req.device, dtype=req.dtype,
-                     image_size=req.image_size or (p.image_size if p else None),
+                     image_size=image_size, grid=grid,
                      max_sequence_length=p.configs["max_sequence_length"] if p else None,
                      guidance=p.defaults.guidance if p and p.defaults.guidance else 3.5)
 

@@ -53,6 +53,10 @@ class SD3Denoiser(MMDiTDenoiser):
         self.max_sequence_length = max_sequence_length
         self.latent_shape = (transformer.config.in_channels, *self.latent_hw)
 
+    @property
+    def text_len(self) -> int:
+        return self.tokenizers[0].model_max_length + self.max_sequence_length  # CLIP, then T5
+
     def cross_attention_layers(self):
         return sd3_attention_layers(self.transformer, self.grid)
 

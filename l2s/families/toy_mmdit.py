@@ -48,6 +48,7 @@ class ToyMMDiTDenoiser(FluxDenoiser):
 
     pipeline_is_flux = False  # the scheduler's own sigma spacing (the toy's sampling grid)
     reference_layout = None  # no published classifier reads the toy's maps
+    max_text_len = None  # its CLIP text encoder's positions fix the length
 
     def __init__(self, transformer, text_encoder, tokenizer, scheduler_config: dict, *,
                  name: str = "toy-mmdit", image_size=None, known_objects=None) -> None:

@@ -135,6 +135,7 @@ def run_invert(cfg: InvertConfig, denoiser: Denoiser | None = None,
         "inversion": asdict(inv), "timesteps": [ts[s] for s in inv.record_steps],
         "layers": [la.name for la in layers], "heads": [la.heads for la in layers],
         "map_size": inv.map_size,
+        "text_len": denoiser.text_len,  # text keys each map is softmaxed over
     }
     settings = json.dumps(common_meta, indent=2)
     atomic_write_text(cache.dir / "settings.json", settings)

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from l2s.config import check_choice, check_generation, check_number, check_writable_dir
-from l2s.engine.backbone import Denoiser
+from l2s.engine.backbone import BackboneError, Denoiser
 from l2s.engine.registry import steer_defaults
 from l2s.engine.sampling import sample, seeded_latents, to_uint8
 from l2s.engine.timing import Clock, peak_memory_mb
@@ -70,6 +70,7 @@ def build_loss(method: str, denoiser: Denoiser, model: str, classifier: str | No
             f"import FILE --model {model}`, or pass --classifier PATH "
             "(--method centroid steers with a hand-made loss instead)")
     net, card = load_classifier(path, denoiser)
+    use_card_text_len(denoiser, card, path)
     layout = MapLayout.from_dict(card.get("layout"))
     try:
         mismatch = layout.name != "l2s" and reference_layout(denoiser) != layout
@@ -84,6 +85,24 @@ def build_loss(method: str, denoiser: Denoiser, model: str, classifier: str | No
     classes = [relation_of_class(c) for c in card["classes"]]
     return ClassifierLoss(net, classes, time_input(card), order=layout.order,
                           resize=layout.resize_fn()), str(path)
+
+
+def use_card_text_len(denoiser: Denoiser, card: dict, path) -> None:
+    """Have the backbone encode prompts over the text length the classifier's maps were made
+    with (``card["text_len"]``: 512 T5 tokens for the published Flux classifiers, even on
+    flux-schnell, whose own default is 256), so every map spans the key set the classifier
+    saw. Cards without one (older ones) leave the backbone's length. This is the one place a
+    classifier meets the backbone before any prompt is encoded: steer, bench and speed runs
+    with the l2s loss all pass here."""
+    n = card.get("text_len")
+    if n is None:
+        return
+    try:
+        denoiser.set_text_len(int(n))
+    except BackboneError as e:
+        raise SteerError(f"classifier {path} was trained on maps over {n} text tokens, which "
+                         f"this backbone cannot give: {e}. Use a classifier made for "
+                         f"{denoiser.name} (`l2s invert` + `l2s train`)") from e
 
 
 def steer_settings(model: str, *, steps: int | None = None, guidance: float | None = None,
@@ -127,6 +146,7 @@ class SteerConfig:
 
     prompt: str  # the text prompt, relations included ("a circle to the left of a square")
     model: str = "toy"  # backbone preset, hub id or local folder
+    image_size: int | None = None  # pixels a side (None: the model's default)
     method: str = "l2s"  # l2s (learned loss), centroid (hand-made baseline) or plain
     classifier: str | None = None  # classifier card (None: the model's default)
     num_images: int = 1  # images generated in one batch, seeds seed..seed+n-1
@@ -156,6 +176,7 @@ class SteerConfig:
         check_number("--steer-from", self.steer_from, 0)
         check_number("--budget", self.budget, 0)
         check_number("--num-images", self.num_images, 1)
+        check_number("--image-size", self.image_size, 1)
         check_generation(steps=self.steps, guidance=self.guidance, steer_until=self.steer_until,
                          iterations=self.iterations, step_size=self.step_size,
                          loss_threshold=self.loss_threshold)
@@ -215,7 +236,7 @@ def steer(config: SteerConfig, denoiser: Denoiser | None = None, on_step=None) -
     if denoiser is None:
         from l2s.engine.loading import load_backbone
 
-        denoiser = load_backbone(config.model)
+        denoiser = load_backbone(config.model, image_size=config.image_size)
     check_prompt(denoiser, triplets)
     settings = steer_settings(config.model, steps=config.steps, guidance=config.guidance,
                               steer_until=config.steer_until, iterations=config.iterations,
@@ -251,6 +272,8 @@ def steer(config: SteerConfig, denoiser: Denoiser | None = None, on_step=None) -
         "method": method,
         "classifier": card,
         "settings": {**asdict(config), **asdict(settings)},
+        "image_size": list(denoiser.image_size),  # (H, W) pixels generated
+        "text_len": denoiser.text_len,  # text tokens prompts were encoded as (the maps' keys)
         "seeds": seeds,
         "notice": notice,
         "steps": [r.to_json() for r in stats.steps],

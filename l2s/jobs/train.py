@@ -373,6 +373,8 @@ def run_train(cfg: TrainConfig, denoiser=None, callback: Callable[[dict], None] 
     card = {
         "backbone": {**backbone, "model": cfg.model},
         "timesteps": sorted(set(data.timesteps), reverse=True),
+        # text keys each map was softmaxed over: steering encodes prompts so (None: unknown)
+        "text_len": data.text_len,
         "data": {"cache_dir": data.cache_dir, **_counts(data, parts),
                  "corrupt_dropped": len(data.corrupt)},  # broken entries found and deleted
         "metrics": metrics,
