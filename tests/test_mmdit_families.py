@@ -343,6 +343,11 @@ def test_a_folder_draws_at_its_look_alike_presets_token_grid(tmp_path):
     schnell = save_tiny(tmp_path / "schnell", "flux", image_size=64)
     assert load_backbone(str(schnell), device="cpu").grid == (16, 16)
     assert load_backbone(str(dev), device="cpu", image_size=48).image_size == (48, 48)
+    # And the look-alike's T5 length, where the tokenizer allows it (a FLUX.1 copy's: 512).
+    for folder, want in ((schnell, 256), (dev, 512)):
+        tok = folder / "tokenizer_2" / "tokenizer_config.json"
+        tok.write_text(tok.read_text().replace('"model_max_length": 32', '"model_max_length": 512'))
+        assert load_backbone(str(folder), device="cpu").text_len == want
 
 
 def test_steer_image_size_and_text_length(tmp_path, folders):

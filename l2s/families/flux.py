@@ -40,6 +40,9 @@ PRESETS = (
            512, SteerDefaults(guidance=3.5), configs=FLUX_DEV),
 )
 
+_PRESETS = {p.name: p for p in PRESETS}
+
+
 class FluxDenoiser(MMDiTDenoiser):
     """FluxTransformer2DModel + CLIP (pooled) + T5 (states) + 16-channel VAE, flow matching.
 
@@ -135,12 +138,12 @@ class FluxDenoiser(MMDiTDenoiser):
 
 
 def load_flux(source: str, *, name: str, device: torch.device, dtype: torch.dtype,
-              image_size: int | None = None, max_sequence_length: int | None = None,
-              guidance: float = 3.5, grid: int | None = None) -> FluxDenoiser:
-    """A FLUX.1 folder or hub repo in diffusers layout (FluxPipeline's components).
-
-    Image size: ``image_size``, else ``grid`` image tokens a side at this folder's own pixels
-    per token (VAE scale x 2), else the VAE's sample size (FluxPipeline's default)."""
+              preset: Preset | None = None, image_size: int | None = None) -> FluxDenoiser:
+    """A FLUX.1 folder or hub repo in diffusers layout (FluxPipeline's components), loaded as
+    ``preset`` (its image size, T5 length and guidance) or, when no preset names it, as its
+    look-alike preset (``look_alike``): that preset's token grid (the map resolution its
+    published classifier read) at this model's own pixels per token (VAE scale x 2), its T5
+    length capped by the tokenizer, its guidance. ``image_size`` overrides the size."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
     from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
@@ -162,14 +165,17 @@ def load_flux(source: str, *, name: str, device: torch.device, dtype: torch.dtyp
         sched = FlowMatchEulerDiscreteScheduler.from_pretrained(src, subfolder="scheduler")
     except (OSError, ValueError) as e:
         raise hf_load_error(source, local if local.is_dir() else None, e) from e
-    # FluxPipeline's default is 512 T5 tokens; a tokenizer limited below that caps it.
-    max_len = min(max_sequence_length or 512, tokenizer_2.model_max_length)
-    if image_size is None and grid is not None:
-        image_size = grid * vae_scale(vae) * 2  # 2x2 latent cells per token
+    if preset is not None:
+        image_size = image_size or preset.image_size
+    else:
+        preset = _PRESETS[look_alike(transformer.config)]
+        image_size = image_size or token_grid(preset) * vae_scale(vae) * 2  # 2x2 cells a token
+    # A tokenizer limited below the preset's T5 length (a tiny test model's) caps it.
+    max_len = min(preset.configs["max_sequence_length"], tokenizer_2.model_max_length)
     return FluxDenoiser(transformer.to(device), vae.to(device), text_encoder.to(device),
                         tokenizer, text_encoder_2.to(device), tokenizer_2, dict(sched.config),
                         name=name, image_size=image_size, max_sequence_length=max_len,
-                        guidance=guidance)
+                        guidance=preset.defaults.guidance or 3.5)
 
 
 def token_grid(preset: Preset) -> int:
@@ -214,27 +220,23 @@ def load(req: LoadRequest) -> FluxDenoiser:
     if req.random_weights:
         return build_random_flux(random_weights_preset(req.preset, PRESETS), device=req.device,
                                  dtype=req.dtype, image_size=req.image_size)
-    if req.preset:
-        p, image_size, grid = req.preset, req.image_size or req.preset.image_size, None
-    else:  # a folder or hub id gets its look-alike preset's map grid and text length
-        name = like_preset(req.source)
-        p = next((q for q in PRESETS if q.name == name), None)
-        image_size, grid = req.image_size, token_grid(p) if p else None
     return load_flux(req.source, name=req.model, device=req.device, dtype=req.dtype,
-                     image_size=image_size, grid=grid,
-                     max_sequence_length=p.configs["max_sequence_length"] if p else None,
-                     guidance=p.defaults.guidance if p and p.defaults.guidance else 3.5)
+                     preset=req.preset, image_size=req.image_size)
+
+
+def look_alike(transformer_config) -> str:
+    """The preset a Flux model no preset names is taken for: flux-dev when its transformer
+    takes a guidance input (guidance-distilled, as FLUX.1-dev: embedded scale 3.5,
+    FluxPipeline's default and the reference's), else flux-schnell (4 steps, step 0 steered,
+    256 px); SD's defaults (guidance 7.5) fit neither."""
+    return "flux-dev" if transformer_config.get("guidance_embeds") else "flux-schnell"
 
 
 def like_preset(source: str) -> str | None:
-    """The preset whose defaults a Flux folder or hub id no preset names gets: flux-dev when
-    its transformer takes a guidance input (guidance-distilled, as FLUX.1-dev: embedded scale
-    3.5, FluxPipeline's default and the reference's), else flux-schnell (4 steps, step 0
-    steered); SD's defaults (guidance 7.5) fit neither."""
+    """``look_alike`` of a folder or hub id, from its transformer config (a folder, or a repo
+    in the HF cache; None when that is not on disk)."""
     cfg = config_json(source, "transformer/config.json")
-    if cfg is None:
-        return None
-    return "flux-dev" if cfg.get("guidance_embeds") else "flux-schnell"
+    return None if cfg is None else look_alike(cfg)
 
 
 register_family(Family("flux", load, pipelines=("FluxPipeline",), like_preset=like_preset),
