@@ -208,6 +208,32 @@ def test_methods_take_turns_batch_by_batch(monkeypatch, tmp_path):
     assert order == ["plain", "oracle"] * 3
 
 
+def test_every_method_encodes_at_the_length_a_classifier_card_sets(monkeypatch, tmp_path):
+    """Setting up l2s may set the backbone's text length from its card (flux-schnell: 512,
+    not 256): every method is set up before the first batch, so plain's images are encoded
+    alike (catches lazy setup: plain's first batch at the old length). A run extended at
+    another length is flagged."""
+    class Den:
+        text_len = 256
+
+    def setting(n):
+        def factory(ctx):
+            ctx.denoiser.text_len = n  # what use_card_text_len does
+            return _oracle()[0](ctx)
+        return factory
+
+    monkeypatch.setitem(bench.METHODS, "plain", lambda ctx: _oracle()[0](ctx))
+    monkeypatch.setitem(bench.METHODS, "oracle", setting(512))
+    res = run_bench(BenchConfig(methods=("plain", "oracle"), prompts=4, batch_size=2,
+                                out=str(tmp_path)), denoiser=Den())
+    recs = [json.loads(x) for x in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert len(recs) == 8 and {r["text_len"] for r in recs} == {512} and not res.warnings
+    monkeypatch.setitem(bench.METHODS, "oracle", setting(300))
+    res = run_bench(BenchConfig(methods=("plain", "oracle"), prompts=6, batch_size=2,
+                                out=str(tmp_path)), denoiser=Den())
+    assert any("[300, 512] text tokens" in w for w in res.warnings)
+
+
 def test_cpu_seconds_count_this_process_work_not_waiting(monkeypatch, tmp_path):
     """Catches cpu_seconds being wall time: a method that only waits (like one starved by other
     jobs on the machine) costs wall seconds but almost no CPU seconds."""

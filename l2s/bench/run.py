@@ -165,9 +165,12 @@ def run_bench(cfg: BenchConfig, denoiser: Denoiser | None = None,
     counts, queues, generators = {}, {}, {}
 
     def scored(method: str, p: BenchPrompt, k: int, seconds: tuple[float, float],
-               img: np.ndarray) -> None:
-        """Score one image, append its record, count it and report progress."""
+               img: np.ndarray, text_len: int | None = None) -> None:
+        """Score one image, append its record (with the text length its prompt was encoded
+        as, when it was generated here), count it and report progress."""
         rec = _record(method, p, k, cfg, seconds, img, lazy)
+        if text_len is not None:
+            rec["text_len"] = text_len
         store.append_record(results, rec)
         records.append(rec)
         counts[method] += 1
@@ -216,7 +219,8 @@ def run_bench(cfg: BenchConfig, denoiser: Denoiser | None = None,
                 store.save_image(store.image_path(out, method, p.index, k), img, s, each,
                                  each_cpu)
             for (p, k), img in zip(batch, imgs, strict=True):
-                scored(method, p, k, (each, each_cpu), img)
+                scored(method, p, k, (each, each_cpu), img,
+                       getattr(lazy.denoiser, "text_len", None))
     return summarise_run(cfg, prompts, records, out)
 
 
@@ -302,6 +306,13 @@ def summarise_run(cfg: BenchConfig, prompts: list[BenchPrompt], records: list[di
                 f"the threshold of {cfg.detector_name}: check the detector weights and device "
                 "before trusting these scores (the classic silent failure of these harnesses)")
         _sheets(out, name, recs)
+    lengths = sorted({r["text_len"] for recs in by_method.values() for r in recs
+                      if r.get("text_len") is not None})
+    if len(lengths) > 1:
+        warnings.append(
+            f"images of this run were generated from prompts encoded as {lengths} text tokens "
+            "(a run resumed or extended with another classifier, whose card sets the length): "
+            "methods are not compared on the same conditioning; use a fresh --out")
     if "plain" in methods:
         for name in cfg.methods:
             if name != "plain":
