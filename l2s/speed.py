@@ -163,7 +163,8 @@ def run_speed(config: SpeedConfig, denoiser: Denoiser | None = None, on_unit=Non
     report: dict = {
         "model": denoiser.name, "device": _device_name(denoiser.device),
         "dtype": str(next(denoiser.attention_model.parameters()).dtype).replace("torch.", ""),
-        "image_size": list(denoiser.image_size), "prompt": prompt, "loss": loss_source,
+        "image_size": list(denoiser.image_size), "text_len": denoiser.text_len,
+        "prompt": prompt, "loss": loss_source,
         "steps": base.steps, "steered_steps": worst.steered_steps(),
         "iterations": base.iterations, "repeats": config.repeats,
         "config": asdict(config), "units": units,

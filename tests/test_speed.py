@@ -15,6 +15,7 @@ def test_units_and_end_to_end_on_tiny_sd(den, one_thread):
     assert seen == ["plain_step", "ours_iteration", "reference_iteration", "plain",
                     "steered_worst_case", "steered_one_iteration"]
     assert rep["loss"] == "random (timing only)"  # no classifier for this backbone
+    assert rep["text_len"] == den.tokenizer.model_max_length  # the prompt length timed
     for name in ("plain_step", "ours_iteration", "reference_iteration"):
         u = rep["units"][name]
         assert u["ms"] > 0 and len(u["all_ms"]) == 2
