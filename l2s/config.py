@@ -40,8 +40,8 @@ def check_choice(name: str, value: str, choices) -> None:
 
 def check_generation(*, steps: int | None = None, guidance: float | None = None,
                      steer_until: float | None = None, iterations: int | None = None,
-                     step_size: float | None = None, loss_threshold: float | None = None
-                     ) -> None:
+                     step_size: float | None = None, loss_threshold: float | None = None,
+                     relation_schedule: str | None = None) -> None:
     """The sampling and steering numbers steer and bench share (None: the model's default)."""
     check_number("--steps", steps, 1)
     check_number("--guidance", guidance, 0)
@@ -49,6 +49,10 @@ def check_generation(*, steps: int | None = None, guidance: float | None = None,
     check_number("--iterations", iterations, 0)
     check_number("--step-size", step_size, 0, strict=True)
     check_number("--loss-threshold", loss_threshold, 0)
+    if relation_schedule is not None:
+        from l2s.steering import RELATION_SCHEDULES
+
+        check_choice("--relation-schedule", relation_schedule, RELATION_SCHEDULES)
 
 
 def check_writable_dir(path: str | Path, option: str = "--out") -> None:

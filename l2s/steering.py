@@ -26,6 +26,12 @@ from l2s.engine.tokens import triplet_tokens
 from l2s.relations import Triplet
 
 OPTIMIZERS = ("sgd", "adam", "normalized")
+# How the iterations of a step share an image's relations (one relation: all the same):
+# "round-robin" (method.md): iteration i steers relation i mod n and the image stops once that
+# one relation's loss is under the threshold; "worst": every iteration scores all relations,
+# steers the one with the highest loss and stops once all are under the threshold; "sum": the
+# same stop, steering the sum of the losses still over the threshold.
+RELATION_SCHEDULES = ("round-robin", "worst", "sum")
 _SD = SteerDefaults()  # the defaults of a model without a preset (l2s.engine.registry)
 
 
@@ -42,6 +48,7 @@ class SteerSettings:
     # "sgd" (z -= alpha grad), "adam" (state per image and steered step) or "normalized"
     # (z -= alpha grad / RMS(grad) per image: a step of fixed size whatever the gradient's scale)
     optimizer: str = _SD.optimizer
+    relation_schedule: str = _SD.relation_schedule  # several relations: RELATION_SCHEDULES
     # Early exit (SteerDefaults.loss_threshold None: this schedule; a number: fixed).
     threshold_start: float = 1e-5  # early-exit loss at step 0 ...
     threshold_end: float = 7e-5  # ... rising linearly to this from step 3 on
@@ -60,6 +67,9 @@ class SteerSettings:
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {self.optimizer!r}: use "
                              f"{', '.join(OPTIMIZERS)}")
+        if self.relation_schedule not in RELATION_SCHEDULES:
+            raise ValueError(f"unknown relation schedule {self.relation_schedule!r}: use "
+                             f"{', '.join(RELATION_SCHEDULES)}")
         if self.steer_until <= 0 or self.iterations < 0:
             raise ValueError("--steer-until must be > 0 and --iterations >= 0")
         if self.steer_from < 0 or (self.budget is not None and self.budget < 0):
@@ -331,14 +341,51 @@ def steer_latents(
     """Generate from ``latents`` (B, C, h, w), steering image b towards ``triplets[b]``.
 
     Images whose triplet list is empty are generated plainly; if no image has one, no
-    gradient is ever taken. Multiple relations of one image are optimised round robin: the
-    i-th iteration uses triplet i mod n (never a summed loss). Returns clean images
+    gradient is ever taken. Multiple relations of one image share the iterations as
+    ``settings.relation_schedule`` says (method.md's round robin: the i-th iteration uses
+    triplet i mod n). Returns clean images
     (B, H, W, 3) in [0, 1] and the per-step statistics.
     """
     st = Steerer(denoiser, prompts, triplets, loss_fn, settings, keep_maps, on_step)
     images = sample(denoiser, list(prompts), steps=settings.steps, guidance=settings.guidance,
                     latents=latents, callback=st, cond=st.cond)
     return images, st.stats
+
+
+def _relation_losses(st: Steerer, maps: torch.Tensor, images: Sequence[int], it: int, t: int,
+                     step: int, threshold: float
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss to steer, loss deciding the early exit, p(target), maps) per row of ``maps``
+    (R, G, C, S, S), row a being image ``images[a]``, at iteration ``it`` of a step.
+
+    Round robin scores relation it mod n only (both losses are its loss). "worst" and "sum"
+    score every relation of the image from the same forward: the early exit reads the highest
+    loss, p(target) is the least sure relation's, the maps (R, 2, C, S, S) are relation 0's.
+    """
+    schedule = st.settings.relation_schedule
+    owner, picks, rels = [], [], []  # one entry per scored (image, relation)
+    for a, img in enumerate(images):
+        n = len(st.pairs[img])
+        for k in ([it % n] if schedule == "round-robin" else range(n)):
+            owner.append(a)
+            picks.append(st.pairs[img][k])
+            rels.append(st.steerable[img][k].relation)
+    sel = torch.stack([torch.stack((maps[a, i], maps[a, j]))
+                       for a, (i, j) in zip(owner, picks, strict=True)])  # (K, 2, C, S, S)
+    loss, p = st.loss_fn(sel, t, rels, step=step)  # (K,), (K,)
+    if schedule == "round-robin":
+        return loss, loss, p, sel
+    # (R, n_max) table of each image's relation losses, padded with a loss of 0 (holds)
+    per_row: list[list[int]] = [[] for _ in images]
+    for k, a in enumerate(owner):
+        per_row[a].append(k)
+    n_max, pad = max(len(ks) for ks in per_row), len(owner)
+    idx = torch.tensor([ks + [pad] * (n_max - len(ks)) for ks in per_row], device=loss.device)
+    table = torch.cat((loss, loss.new_zeros(1)))[idx]
+    worst = table.max(1).values
+    steer = worst if schedule == "worst" else (table * (table.detach() > threshold)).sum(1)
+    p_min = torch.cat((p, p.new_ones(1)))[idx].min(1).values
+    return steer, worst, p_min, sel[idx[:, 0]]
 
 
 def _steer_step(st: Steerer, rec: AttentionRecorder, x: torch.Tensor, t: int, step: int
@@ -381,17 +428,13 @@ def _steer_step(st: Steerer, rec: AttentionRecorder, x: torch.Tensor, t: int, st
         if len(left) != len(rows):
             rows, ridx = left, torch.tensor(left, device=dev)
         z = z_all[ridx].requires_grad_(True)
-        pick = [st.pairs[active[r]][it % len(st.pairs[active[r]])] for r in rows]  # round robin
-        rels = [st.steerable[active[r]][it % len(st.steerable[active[r]])].relation for r in rows]
         rec.set_weights(weights[ridx])
         t0 = timer.start()
         with torch.enable_grad():  # pipelines call back under no_grad
             with rec.truncated() if settings.truncate_forward else contextlib.nullcontext():
                 st.denoiser.predict(z, t, cond.select(ridx), guidance=settings.guidance)
-            maps = rec.stacked()  # (R, G, C, S, S)
-            sel = torch.stack([torch.stack((maps[a, i], maps[a, j]))
-                               for a, (i, j) in enumerate(pick)])  # (R, 2, C, S, S)
-            loss, p = st.loss_fn(sel, t, rels, step=step)  # (R,), (R,)
+            steer, loss, p, sel = _relation_losses(st, rec.stacked(), [active[r] for r in rows],
+                                                   it, t, step, threshold)
         fwd = timer.stop(t0)
         if loss_first is None:
             loss_first = loss.detach().float()
@@ -411,7 +454,7 @@ def _steer_step(st: Steerer, rec: AttentionRecorder, x: torch.Tensor, t: int, st
             break
         t1 = timer.start()
         with torch.enable_grad():
-            (grad,) = torch.autograd.grad((loss * todo).sum(), z)
+            (grad,) = torch.autograd.grad((steer * todo).sum(), z)
         bwd = timer.stop(t1)
         t2 = timer.start()
         with torch.no_grad():

@@ -180,3 +180,66 @@ def test_keep_norm_rescales_updated_latents(den):
         y = st.update(rec, x, den.timesteps(3)[0], 0)
     assert not torch.allclose(x, y)
     assert y.norm().item() == pytest.approx(x.norm().item(), rel=1e-5)
+
+
+class Held(Spy):
+    """The centroid loss (spying on the relations asked), except that "above" always holds:
+    its loss is 0 (still in the graph)."""
+
+    def __call__(self, maps, t, relations, *, step):
+        loss, p = super().__call__(maps, t, relations, step=step)
+        held = torch.tensor([r == "above" for r in relations])
+        return torch.where(held, loss * 0, loss), torch.where(held, torch.ones_like(p), p)
+
+
+TWO = "a teddy bear above a cup and a cup left of a bowl"
+
+
+@pytest.mark.parametrize("schedule", ["worst", "sum"])
+def test_a_held_relation_leaves_the_iterations_to_the_one_that_fails(den, schedule):
+    """With "above" held, steering both relations is steering "cup left of bowl" alone.
+
+    Catches a schedule that stops an image when the relation it happens to read holds (the
+    round robin's exit: no update at all here), steers the held relation or the wrong row's,
+    or scores only one relation per iteration."""
+    s = SteerSettings(steps=3, guidance=2.0, steer_until=2, iterations=3, step_size=2000.0,
+                      threshold_start=1e-6, threshold_end=1e-6)
+    lat = seeded_latents(den, [0])
+    spy = Held()
+    both, stats = steer_latents(den, [TWO], [parse(TWO)], spy,
+                                replace(s, relation_schedule=schedule), lat)
+    only, _ = steer_latents(den, [TWO], [parse(TWO)[1:]], Held(), s, lat)
+    torch.testing.assert_close(both, only, atol=1e-5, rtol=1e-4)
+    assert stats.steps[0].image_updates == 3
+    assert spy.calls[0] == ["above", "left of"]  # every relation scored from one forward
+    rr, rr_stats = steer_latents(den, [TWO], [parse(TWO)], Held(), s, lat)  # round robin
+    assert rr_stats.steps[0].image_updates == 0 and not torch.allclose(rr, both)
+
+
+def test_worst_schedule_in_a_batch_moves_each_image_as_it_would_alone(den):
+    """Images with 2 and 1 relations in one batch: the padded loss table keeps each image's
+    losses on its own row."""
+    s = SteerSettings(steps=3, guidance=2.0, steer_until=2, iterations=3, step_size=2000.0,
+                      relation_schedule="worst", threshold_start=-1.0, threshold_end=-1.0)
+    prompts = ["a dog left of a cat", TWO]
+    lat = seeded_latents(den, [0, 1])
+    both, _ = steer_latents(den, prompts, [parse(p) for p in prompts], CentroidLoss(0.3), s, lat)
+    for i, p in enumerate(prompts):
+        alone, _ = steer_latents(den, [p], [parse(p)], CentroidLoss(0.3), s, lat[i:i + 1])
+        torch.testing.assert_close(both[i], alone[0], atol=1e-5, rtol=1e-4)
+
+
+def test_relation_schedule_is_checked():
+    with pytest.raises(ValueError, match="relation schedule"):
+        SteerSettings(relation_schedule="random")
+
+
+def test_every_schedule_steers_one_relation_alike(den):
+    """A prompt with one relation is steered the same whatever the schedule (so a model's
+    schedule default leaves single-relation results as they were)."""
+    s = SteerSettings(steps=3, guidance=2.0, steer_until=2, iterations=3, step_size=2000.0,
+                      threshold_start=1e-3, threshold_end=1e-3)
+    ref, _ = _steer(den, s)
+    for schedule in ("worst", "sum"):
+        other, _ = _steer(den, replace(s, relation_schedule=schedule))
+        torch.testing.assert_close(other, ref, rtol=0, atol=0)

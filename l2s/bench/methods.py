@@ -72,7 +72,8 @@ def _steer_method(name: str) -> MethodFactory:
         loss, _ = build_loss("l2s" if verify else name, ctx.denoiser, cfg.model, cfg.classifier)
         settings = steer_settings(cfg.model, steps=cfg.steps, guidance=cfg.guidance,
                                   steer_until=cfg.steer_until, iterations=cfg.iterations,
-                                  step_size=cfg.step_size, loss_threshold=cfg.loss_threshold)
+                                  step_size=cfg.step_size, loss_threshold=cfg.loss_threshold,
+                                  relation_schedule=cfg.relation_schedule)
 
         def run(prompts: Sequence[BenchPrompt], seeds: Sequence[int]) -> torch.Tensor:
             triplets = [[t for t in p.triplets if t.steerable] for p in prompts]

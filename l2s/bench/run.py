@@ -62,6 +62,9 @@ class BenchConfig:
     iterations: int | None = None
     step_size: float | None = None  # steered methods: latent step (None: the model's)
     loss_threshold: float | None = None  # steered methods: early exit (None: the model's)
+    # steered methods: how several relations share the iterations (None: the model's;
+    # config.json holds the resolved name)
+    relation_schedule: str | None = None
     detector: str | None = None  # "toy", alias, hub id or folder (None: the suite's default)
     color_model: str = COLOR_MODEL  # CLIP for GenEval's colour tasks
     batch_size: int = 100  # images generated in one batch
@@ -70,8 +73,11 @@ class BenchConfig:
 
     def identity(self) -> dict:
         """The fields a resumed run (or another shard) must share with the run it continues."""
-        return {k: v for k, v in asdict(self).items()
-                if k not in ("methods", "prompts", "batch_size", "shard", "out")}
+        ident = {k: v for k, v in asdict(self).items()
+                 if k not in ("methods", "prompts", "batch_size", "shard", "out")}
+        if ident["relation_schedule"] == "round-robin":  # what runs before the field steered
+            del ident["relation_schedule"]
+        return ident
 
     @property
     def detector_name(self) -> str:
@@ -140,9 +146,10 @@ def run_bench(cfg: BenchConfig, denoiser: Denoiser | None = None,
     after each scored image. ``detector``/``colors`` override the configured ones (tests).
     """
     _check(cfg, denoiser)
+    defaults = steer_defaults(cfg.model)
     cfg = replace(cfg, images=cfg.images or SUITE_IMAGES[cfg.suite], detector=cfg.detector_name,
-                  iterations=steer_defaults(cfg.model).iterations if cfg.iterations is None
-                  else cfg.iterations)
+                  iterations=defaults.iterations if cfg.iterations is None else cfg.iterations,
+                  relation_schedule=cfg.relation_schedule or defaults.relation_schedule)
     out = Path(cfg.out)
     prompts = suite_prompts(cfg.suite, cfg.prompts, cfg.seed)
     mine = prompts if cfg.shard is None else prompts[cfg.shard[0]::cfg.shard[1]]

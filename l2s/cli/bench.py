@@ -86,6 +86,7 @@ def bench(
     iterations: int = model_default_option("iterations"),
     loss_threshold: float = model_default_option("loss_threshold"),
     step_size: float = model_default_option("step_size"),
+    relation_schedule: str = model_default_option("relation_schedule"),
     detector: str = typer.Option(None, "--detector",
                                  help="toy, mask2former, owlv2, a hub id or a folder (default: "
                                       "toy for shapes suites, mask2former for geneval suites "
@@ -106,14 +107,15 @@ def bench(
     """Generate and score a benchmark suite; rerunning with the same --out resumes."""
     check_bench_values(prompts, images, batch_size, image_size, steps=steps, guidance=guidance,
                        steer_until=steer_until, iterations=iterations, step_size=step_size,
-                       loss_threshold=loss_threshold)
+                       loss_threshold=loss_threshold, relation_schedule=relation_schedule)
     out = out or f"out/bench-{suite}-{model.replace('/', '_')}"
     check_writable_dir(out)  # before generating: results that cannot be saved are lost
     cfg = BenchConfig(suite=suite, model=model, image_size=image_size, methods=tuple(method),
                       prompts=prompts,
                       images=images, seed=seed, steps=steps, guidance=guidance,
                       classifier=classifier, steer_until=steer_until, iterations=iterations,
-                      step_size=step_size, loss_threshold=loss_threshold, detector=detector,
+                      step_size=step_size, loss_threshold=loss_threshold,
+                      relation_schedule=relation_schedule, detector=detector,
                       color_model=color_model, batch_size=batch_size, shard=parse_shard(shard),
                       out=out)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),

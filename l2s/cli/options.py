@@ -47,6 +47,11 @@ _MODEL_DEFAULTS = {
     "step_size": ("--step-size", "Latent step size"),
     "optimizer": ("--optimizer", "sgd, adam or normalized (fixed-size steps)"),
     "loss_threshold": ("--loss-threshold", "Stop iterating below this loss"),
+    "relation_schedule": ("--relation-schedule",
+                          "Prompts with several relations: round-robin (iteration i steers "
+                          "relation i mod n, stop when it holds), worst (steer the relation "
+                          "with the highest loss, stop when all hold) or sum (the losses over "
+                          "the threshold summed, stop when all hold)"),
 }
 
 

@@ -101,6 +101,7 @@ def steer(
     loss_threshold: float = model_default_option("loss_threshold"),
     step_size: float = model_default_option("step_size"),
     optimizer: str = model_default_option("optimizer"),
+    relation_schedule: str = model_default_option("relation_schedule"),
     verify: bool = typer.Option(False, "--verify",
                                 help="Generate plainly first, check each image (the toy's "
                                      "detector, else the classifier on the plain pass) and "
@@ -139,7 +140,8 @@ def steer(
                           num_images=num_images, seed=seed, steps=steps, guidance=guidance,
                           steer_until=steer_until, iterations=iterations, step_size=step_size,
                           loss_threshold=loss_threshold, optimizer=optimizer,
-                          steer_from=steer_from, budget=budget, verify=verify,
+                          steer_from=steer_from, budget=budget,
+                          relation_schedule=relation_schedule, verify=verify,
                           compare_plain=compare_plain,
                           save_attention=save_attention, out=out)
         check_writable_dir(out)  # before loading and generating: nothing is lost

@@ -109,12 +109,14 @@ def steer_settings(model: str, *, steps: int | None = None, guidance: float | No
                    steer_until: float | None = None, iterations: int | None = None,
                    step_size: float | None = None, optimizer: str | None = None,
                    loss_threshold: float | None = None, steer_from: int | None = None,
-                   budget: int | None = None) -> SteerSettings:
+                   budget: int | None = None, relation_schedule: str | None = None
+                   ) -> SteerSettings:
     """SteerSettings from user values; each one left None is the model's default
     (``l2s.engine.registry.steer_defaults``: its preset's or look-alike preset's, else SD's)."""
     given = {"steps": steps, "guidance": guidance, "steer_until": steer_until,
              "iterations": iterations, "step_size": step_size, "optimizer": optimizer,
-             "loss_threshold": loss_threshold, "steer_from": steer_from}
+             "loss_threshold": loss_threshold, "steer_from": steer_from,
+             "relation_schedule": relation_schedule}
     defaults = steer_defaults(model)
     v = {k: getattr(defaults, k) if x is None else x for k, x in given.items()}
     threshold = v.pop("loss_threshold")
@@ -160,6 +162,8 @@ class SteerConfig:
     optimizer: str | None = None  # sgd, adam or normalized (None: the model's default)
     steer_from: int | None = None  # first steered step (None: the model's default)
     budget: int | None = None  # max iterations per image over the generation (None: no cap)
+    # several relations: how they share the iterations (None: the model's default)
+    relation_schedule: str | None = None
     verify: bool = False  # generate plainly, check, steer only the images that fail
     loss_threshold: float | None = None  # early exit below this loss (None: the model's)
     compare_plain: bool = False  # also time the same seeds without steering
@@ -179,7 +183,8 @@ class SteerConfig:
         check_number("--image-size", self.image_size, 1)
         check_generation(steps=self.steps, guidance=self.guidance, steer_until=self.steer_until,
                          iterations=self.iterations, step_size=self.step_size,
-                         loss_threshold=self.loss_threshold)
+                         loss_threshold=self.loss_threshold,
+                         relation_schedule=self.relation_schedule)
 
 
 def prompt_warnings(triplets: list[Triplet]) -> list[str]:
@@ -242,7 +247,8 @@ def steer(config: SteerConfig, denoiser: Denoiser | None = None, on_step=None) -
                               steer_until=config.steer_until, iterations=config.iterations,
                               step_size=config.step_size, optimizer=config.optimizer,
                               loss_threshold=config.loss_threshold,
-                              steer_from=config.steer_from, budget=config.budget)
+                              steer_from=config.steer_from, budget=config.budget,
+                              relation_schedule=config.relation_schedule)
     steerable = [t for t in triplets if t.steerable]
     method = config.method if steerable else "plain"
     loss, card = build_loss(method, denoiser, config.model, config.classifier)
