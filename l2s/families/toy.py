@@ -25,7 +25,10 @@ PRESET = Preset("toy", "toy", None, "tiny pixel-space shapes model shipped with 
                     # Measured (docs/results.md, "Steering cost"): step 0 (t=951) is where the
                     # classifier reads least (0.62) and where steering stretched objects; steps
                     # 1-4 with fixed-size (normalized) updates reach the same accuracy at x1.2.
-                    steer_from=1, steer_until=5, optimizer="normalized"),
+                    steer_from=1, steer_until=5, optimizer="normalized",
+                    # Several relations (shapes-multi, docs/results.md): steering the summed
+                    # losses of those that fail, until all hold, beat the round robin.
+                    relation_schedule="sum"),
                 training=TOY_TRAINING)
 
 
