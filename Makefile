@@ -46,13 +46,13 @@ toy-mmdit:  ## retrain the shipped toy-mmdit (one GPU: ~3 min; resumable) into l
 clean:
 	rm -rf out .pytest_cache .ruff_cache
 
-toy-classifier:  ## rebuild the shipped toy classifiers (UNet toy: ~10 min invert + ~15 min per train; toy-mmdit: ~45 + ~25 min, CPU)
+toy-classifier:  ## rebuild the shipped toy classifiers (UNet toy: ~10 min invert + ~15 min per train; toy-mmdit: ~35 + ~2 min, CPU)
 	$(BIN)/l2s --threads 1 invert --data shapes --model toy --inversion noise \
 	    --per-relation 1200,100,100
 	$(BIN)/l2s --threads 1 train --model toy --out l2s/classifiers/toy
 	$(BIN)/l2s --threads 1 train --model toy --positive-only --out l2s/classifiers/toy-positive-only
-	$(BIN)/l2s --threads 1 invert --data shapes --model toy-mmdit --inversion noise \
-	    --per-relation 1200,100,100
+	$(BIN)/l2s --threads 1 invert --data shapes --model toy-mmdit --inversion ddim --steps 20 \
+	    --fixed-point 1 --timesteps 2,4,6,8,10,19 --per-relation 140,30,30
 	$(BIN)/l2s --threads 1 train --model toy-mmdit --out l2s/classifiers/toy-mmdit
 
 docs:  ## regenerate docs/cli.md from --help

@@ -76,12 +76,13 @@ def test_shipped_classifier_fits_the_shipped_model_and_steers_on_its_flow_steps(
 
     card = default_classifier("toy-mmdit", den.fingerprint)
     assert card is not None and card.parent.name == "toy-mmdit"
-    res = steer(SteerConfig(prompt=PROMPT, model="toy-mmdit", out=str(tmp_path / "o")),
-                denoiser=den)
+    # Seed 0 draws the circle left of the square: ask for the opposite, so step 0 must act.
+    res = steer(SteerConfig(prompt="a circle to the right of a square", model="toy-mmdit",
+                            out=str(tmp_path / "o")), denoiser=den)
     steps = res.report["steps"]
-    assert [s["step"] for s in steps] == [0, 1, 2]  # the preset steers steps 0-2
+    assert [s["step"] for s in steps] == [0, 1, 2, 3, 4]  # the preset steers steps 0-4
     # The toy's own flow grid (t = 1000 sigma, from 1000 down in equal steps), not DDPM's.
-    grid = [float(t) for t in den.timesteps(20)[:3]]
+    grid = [float(t) for t in den.timesteps(20)[:5]]
     assert grid[0] == 1000 and grid[0] - grid[1] == pytest.approx(grid[1] - grid[2], rel=1e-4)
     assert [s["t"] for s in steps] == pytest.approx(grid)
     assert steps[0]["loss_after"] < steps[0]["loss_before"]
