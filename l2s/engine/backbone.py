@@ -8,14 +8,17 @@ to this interface, so none of them branches on the family. How to add a family:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from l2s.engine.schedules import NoiseSchedule, Timestep
 
@@ -111,6 +114,9 @@ class Denoiser(ABC):
     # The longest text length ``set_text_len`` accepts (e.g. 512 for Flux's T5, FluxPipeline's
     # cap); None: the text length is fixed by the text encoder (CLIP's 77 for SD).
     max_text_len: int | None = None
+    # The SDPA kernels this backbone's forwards may use (names of SDPA_BACKENDS, e.g. Flux
+    # leaves out "cudnn"); None: PyTorch's own choice. $L2S_SDPA_BACKENDS overrides it.
+    sdpa_backends: tuple[str, ...] | None = None
 
     # --- what a family implements ---------------------------------------------------------
     @property
@@ -198,7 +204,12 @@ class Denoiser(ABC):
         ``guidance`` reaches the network only for ``guidance_mode == "embedded"``.
         """
         g = guidance if self.guidance_mode == "embedded" else None
-        out = self.model_output(latents.to(self.dtype), t, cond, g)
+        # Every forward of sampling, steering and inversion passes here. PyTorch picks the SDPA
+        # kernel when the forward runs and autograd records that kernel's own backward node
+        # (e.g. ScaledDotProductCudnnAttentionBackward0), so a steering iteration's backward,
+        # taken after this returns, runs the kernels chosen here.
+        with sdpa_kernels(resolve_sdpa_backends(self.sdpa_backends)):
+            out = self.model_output(latents.to(self.dtype), t, cond, g)
         return self.schedule.to_prediction(out.float(), latents.float(), t)
 
     def step(self, pred: torch.Tensor, t: Timestep | None, t_next: Timestep | None,
@@ -219,6 +230,36 @@ class Denoiser(ABC):
         x = torch.randn((batch, *self.latent_shape), generator=generator, device="cpu",
                         dtype=torch.float32)
         return x.to(self.device)
+
+
+# SDPA kernels by the names of torch.backends.cuda's switches (enable_<name>_sdp).
+SDPA_BACKENDS = {"flash": "FLASH_ATTENTION", "mem_efficient": "EFFICIENT_ATTENTION",
+                 "cudnn": "CUDNN_ATTENTION", "math": "MATH"}
+SDPA_ENV = "L2S_SDPA_BACKENDS"
+
+
+def resolve_sdpa_backends(default: tuple[str, ...] | None) -> tuple[str, ...] | None:
+    """The SDPA kernels a forward may use: $L2S_SDPA_BACKENDS ("flash,mem_efficient", or
+    "all" for PyTorch's own choice) when set, else the backbone's ``default``."""
+    value = os.environ.get(SDPA_ENV, "").strip()
+    if not value:
+        return default
+    if value == "all":
+        return None
+    names = tuple(n.strip() for n in value.split(",") if n.strip())
+    unknown = [n for n in names if n not in SDPA_BACKENDS]
+    if unknown or not names:
+        raise BackboneError(f"{SDPA_ENV}={value!r}: use a comma-separated list of "
+                            f"{', '.join(SDPA_BACKENDS)}, or 'all' for PyTorch's own choice")
+    return names
+
+
+def sdpa_kernels(names: tuple[str, ...] | None) -> contextlib.AbstractContextManager:
+    """A context allowing only these SDPA kernels (None: PyTorch's switches untouched);
+    torch's switches are process-wide and come back as they were on exit, also on errors."""
+    if names is None:
+        return contextlib.nullcontext()
+    return sdpa_kernel([getattr(SDPBackend, SDPA_BACKENDS[n]) for n in names])
 
 
 def vae_scale(vae: nn.Module | None) -> int:

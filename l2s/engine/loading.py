@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from l2s.engine.backbone import BackboneError, Denoiser
+from l2s.engine.backbone import BackboneError, Denoiser, resolve_sdpa_backends
 from l2s.engine.registry import (
     LoadRequest,
     Preset,
@@ -187,6 +187,7 @@ def load_backbone(
     """Load a backbone by preset name ("toy", "sd1.4", "sd2.1", ...), hub id or local folder."""
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
+    resolve_sdpa_backends(None)  # a bad $L2S_SDPA_BACKENDS is refused before loading
     quiet_loading()
     preset = presets().get(model)
     if preset is None and random_weights:
