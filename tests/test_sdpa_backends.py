@@ -10,10 +10,11 @@ import torch
 
 from l2s.engine.backbone import BackboneError
 from l2s.engine.loading import load_backbone
-from l2s.families.mmdit_tiny import tiny_flux_pipeline, tiny_sd3_pipeline
+from l2s.families.flux import FluxDenoiser
+from l2s.families.mmdit_tiny import TINY_T5_TOKENS, tiny_flux_pipeline, tiny_sd3_pipeline
+from l2s.families.sd3 import SD3Denoiser
 from l2s.relations import parse
 from l2s.steering import CentroidLoss, SteerSettings, steer_latents
-from tests.test_mmdit_families import PROMPT, flux_denoiser, sd3_denoiser
 
 FLAGS = {"cudnn": torch.backends.cuda.cudnn_sdp_enabled,
          "flash": torch.backends.cuda.flash_sdp_enabled,
@@ -21,14 +22,23 @@ FLAGS = {"cudnn": torch.backends.cuda.cudnn_sdp_enabled,
          "math": torch.backends.cuda.math_sdp_enabled}
 
 
+PROMPT = "a dog to the left of a cat"
+
+
 @pytest.fixture(scope="module")
 def flux():
-    return flux_denoiser(tiny_flux_pipeline())
+    p = tiny_flux_pipeline()
+    return FluxDenoiser(p.transformer, p.vae, p.text_encoder, p.tokenizer, p.text_encoder_2,
+                        p.tokenizer_2, dict(p.scheduler.config), name="tiny-flux",
+                        max_sequence_length=TINY_T5_TOKENS)
 
 
 @pytest.fixture(scope="module")
 def sd3():
-    return sd3_denoiser(tiny_sd3_pipeline())
+    p = tiny_sd3_pipeline()
+    return SD3Denoiser(p.transformer, p.vae, [p.text_encoder, p.text_encoder_2, p.text_encoder_3],
+                       [p.tokenizer, p.tokenizer_2, p.tokenizer_3], dict(p.scheduler.config),
+                       name="tiny-sd3", max_sequence_length=TINY_T5_TOKENS)
 
 
 @contextlib.contextmanager
