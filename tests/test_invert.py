@@ -155,3 +155,31 @@ def test_progress_events_carry_the_expected_total(tmp_path, den):
     assert expected_samples("shapes", opts, limit=7) == 7
     assert expected_samples("folder", SourceOptions()) is None  # unknown until read
     assert expected_samples("folder", SourceOptions(), limit=5) == 5
+
+
+def test_a_cache_folder_keeps_one_image_size_and_text_length(tmp_path):
+    # Catches: (text length) a run over other text keys finding the same keys and skipping
+    # every entry as cached, though its maps would differ; (image size) a run at another size
+    # writing new entries beside the old ones, which `l2s train` then mixes in one classifier.
+    from l2s.cache import CacheError
+    from l2s.families.flux import FluxDenoiser
+    from l2s.families.mmdit_tiny import TINY_T5_TOKENS, tiny_flux_pipeline
+
+    p = tiny_flux_pipeline()
+
+    def flux(size):
+        return FluxDenoiser(p.transformer, p.vae, p.text_encoder, p.tokenizer,
+                            p.text_encoder_2, p.tokenizer_2, dict(p.scheduler.config),
+                            name="tiny-flux", image_size=size, max_sequence_length=TINY_T5_TOKENS)
+
+    cfg = _cfg(tmp_path, limit=1, per_relation=(1, 1, 1))
+    assert run_invert(cfg, flux(32)).written == 2
+    shorter = flux(32)
+    shorter.set_text_len(TINY_T5_TOKENS - 4)
+    with pytest.raises(CacheError, match="text_len 32 .* 28 .*--cache-dir"):
+        run_invert(cfg, shorter)
+    with pytest.raises(CacheError, match=r"image_size \[32, 32\] .* \[48, 48\]"):
+        run_invert(cfg, flux(48))
+    assert run_invert(cfg, flux(32)).skipped == 2  # the same geometry still resumes
+    other = run_invert(_cfg(tmp_path / "other", limit=1, per_relation=(1, 1, 1)), flux(48))
+    assert other.written == 2  # another cache folder takes the other size

@@ -13,7 +13,7 @@ from itertools import islice
 import numpy as np
 import torch
 
-from l2s.cache import AttentionCache, atomic_write_text, content_key, image_hash
+from l2s.cache import AttentionCache, CacheError, atomic_write_text, content_key, image_hash
 from l2s.config import ConfigError, check_choice, check_number
 from l2s.engine.backbone import Denoiser
 from l2s.engine.tokens import TokenAlignmentError, pair_tokens
@@ -135,8 +135,10 @@ def run_invert(cfg: InvertConfig, denoiser: Denoiser | None = None,
         "inversion": asdict(inv), "timesteps": [ts[s] for s in inv.record_steps],
         "layers": [la.name for la in layers], "heads": [la.heads for la in layers],
         "map_size": inv.map_size,
+        "image_size": list(denoiser.image_size),  # (H, W) px the images are inverted at
         "text_len": denoiser.text_len,  # text keys each map is softmaxed over
     }
+    check_same_geometry(cache, common_meta)
     settings = json.dumps(common_meta, indent=2)
     atomic_write_text(cache.dir / "settings.json", settings)
     result = InvertResult()
@@ -174,6 +176,30 @@ def run_invert(cfg: InvertConfig, denoiser: Denoiser | None = None,
     result.stats = cache.stats()
     result.seconds = time.perf_counter() - t_start
     return result
+
+
+# What every map in one backbone's cache folder shares. Neither is in the entry keys: the
+# image size changes the image hash (new entries beside the old, mixed by `l2s train`), the
+# text length changes nothing in the key (the old entries would pass for the new maps).
+GEOMETRY = ("image_size", "text_len")
+
+
+def check_same_geometry(cache: AttentionCache, meta: dict) -> None:
+    """Refuse a run whose image size or text length differs from the maps already cached
+    (as ``settings.json`` records them; a cache from before it recorded a field is not
+    checked on that field)."""
+    try:
+        old = json.loads((cache.dir / "settings.json").read_text())
+    except (OSError, ValueError):
+        return
+    maps = cache.dir / "maps"
+    diff = [f"{k} {old[k]} (cached) vs {meta[k]} (this run)" for k in GEOMETRY
+            if isinstance(old, dict) and k in old and old[k] != meta[k]]
+    if diff and maps.is_dir() and any(maps.iterdir()):
+        raise CacheError(f"{cache.dir} holds maps of this backbone recorded at another "
+                         f"{'; '.join(diff)}: maps of different sizes or text lengths cannot "
+                         "train one classifier; pass another --cache-dir for this run, or "
+                         f"delete {cache.dir} to rebuild it")
 
 
 def _seed_of(seed: int, source_id: str) -> int:
