@@ -9,6 +9,8 @@ Everything is measured side by side in one run on one backbone, batch 1, after a
 * ``reference_iteration``: the same iteration done the common attention-store way: explicit
   softmax attention in every layer (self-attention too) and every token's map of every
   cross-attention layer kept in the graph, the loss then reading the two objects from it;
+* ops: the ATen operations one call of each unit dispatches (``engine.timing.OpCounter``):
+  kernels (launches on a GPU, counted the same on a CPU) and host reads (GPU syncs);
 * end to end: a plain generation, and steered generations at the worst case (every steered
   step runs all ``iterations``, the early exit disabled) and at one iteration per steered step.
 
@@ -138,7 +140,7 @@ def run_speed(config: SpeedConfig, denoiser: Denoiser | None = None, on_unit=Non
     with torch.no_grad():
         note("plain_step", clock.measure(
             lambda: denoiser.step(guided_prediction(denoiser, x, t, cond, uncond, base.guidance),
-                                  t, None, x), config.repeats))
+                                  t, None, x), config.repeats, count_ops=True))
 
     def iteration(reference: bool):
         # The reference-style loop runs the whole network on every iteration.
@@ -151,8 +153,8 @@ def run_speed(config: SpeedConfig, denoiser: Denoiser | None = None, on_unit=Non
                                  denoiser.reference_processors()) if reference else \
             contextlib.nullcontext()
         with ctx, st.recorder() as rec:
-            res = clock.measure(lambda: st.update(rec, x, t, 0), config.repeats)
-        recs = st.stats.steps[1:]  # without the warm-up
+            res = clock.measure(lambda: st.update(rec, x, t, 0), config.repeats, count_ops=True)
+        recs = st.stats.steps[-config.repeats:]  # the timed calls only
         for k in ("forward_ms", "backward_ms", "update_ms"):
             res[k] = round(statistics.median(getattr(r, k) for r in recs), 3)
         return res
@@ -175,6 +177,9 @@ def run_speed(config: SpeedConfig, denoiser: Denoiser | None = None, on_unit=Non
     report["ratios"] = {
         "ours_iteration_vs_plain_step": round(ours_ms / plain_ms, 3),
         "reference_vs_ours_iteration": round(ref_ms / ours_ms, 3),
+        # Kernel launches bound a small batch on a GPU: this ratio is the same on any device.
+        "ours_iteration_vs_plain_step_kernels": round(
+            units["ours_iteration"]["ops"]["kernels"] / units["plain_step"]["ops"]["kernels"], 3),
         # CPU peak memory is the process's lifetime maximum: only a GPU gives a ratio.
         "reference_vs_ours_peak_memory": round(units["reference_iteration"]["peak_mb"]
                                                / units["ours_iteration"]["peak_mb"], 3)

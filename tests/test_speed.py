@@ -26,6 +26,12 @@ def test_units_and_end_to_end_on_tiny_sd(den, one_thread):
     assert e2e["steered_worst_case"]["iterations_run"] == 2 * 3
     assert e2e["steered_one_iteration"]["iterations_run"] == 2
     assert rep["ratios"]["reference_vs_ours_peak_memory"] is None  # CPU: no peak to compare
+    # Launch counts: an iteration (forward + backward) launches more than a plain forward, and
+    # the reference-style one (explicit attention everywhere) more than ours.
+    k = {name: rep["units"][name]["ops"]["kernels"] for name in rep["units"]}
+    assert k["plain_step"] < k["ours_iteration"] < k["reference_iteration"]
+    assert rep["ratios"]["ours_iteration_vs_plain_step_kernels"] == \
+        round(k["ours_iteration"] / k["plain_step"], 3)
     json.dumps(rep)  # the report is JSON as it stands
 
 

@@ -60,7 +60,9 @@ def speed(
     Times a plain guided step, one steering iteration (ours and reference-style: explicit
     attention everywhere, every token's maps kept) and whole generations. Ratios come from
     the same run, so they hold on the machine that ran it; on a GPU the times are
-    CUDA-synchronised.
+    CUDA-synchronised. Each unit also counts the kernels it launches (ATen operations other
+    than views; the same count on a CPU, where launch overhead cannot be timed) and its host
+    reads (each one a GPU sync).
     """
     cfg = SpeedConfig(model=model, prompt=prompt, random_weights=random_weights,
                       image_size=image_size, device=device, dtype=dtype, steps=steps,
@@ -84,14 +86,16 @@ def speed(
         return
     table = Table(title=f"{report['model']} on {report['device']} ({report['dtype']}, "
                         f"{report['image_size'][0]}x{report['image_size'][1]} px)")
-    for col in ("unit", "median ms", "forward", "backward", "peak MB"):
+    for col in ("unit", "median ms", "forward", "backward", "peak MB", "kernels", "host reads"):
         table.add_column(col)
     for name, u in report["units"].items():
         table.add_row(name, f"{u['ms']:.1f}", f"{u.get('forward_ms', 0):.1f}",
-                      f"{u.get('backward_ms', 0):.1f}", f"{u['peak_mb']:.0f}")
+                      f"{u.get('backward_ms', 0):.1f}", f"{u['peak_mb']:.0f}",
+                      str(u["ops"]["kernels"]), str(u["ops"]["host_reads"]))
     console.print(table)
     r = report["ratios"]
-    console.print(f"iteration / plain step: x{r['ours_iteration_vs_plain_step']}; "
+    console.print(f"iteration / plain step: x{r['ours_iteration_vs_plain_step']} time, "
+                  f"x{r['ours_iteration_vs_plain_step_kernels']} kernels; "
                   f"reference-style / ours: x{r['reference_vs_ours_iteration']} time"
                   + (f", x{r['reference_vs_ours_peak_memory']} peak memory"
                      if r["reference_vs_ours_peak_memory"] else ""))

@@ -92,13 +92,14 @@ class DDPMSchedule(NoiseSchedule):
         if self.prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"unknown prediction_type {self.prediction_type!r}: expected one "
                              f"of {', '.join(PREDICTION_TYPES)}")
-        # Alphas in float64 on the CPU: the DDIM arithmetic is done in fp32 whatever the model.
-        self._alphas = scheduler.alphas_cumprod.double()
+        # Alphas as Python floats (float64): the DDIM arithmetic is done in fp32 whatever the
+        # model, and reading one costs no tensor operation.
+        self._alphas = scheduler.alphas_cumprod.double().tolist()
         self._final_alpha = float(getattr(scheduler, "final_alpha_cumprod", self._alphas[0]))
 
     def alpha(self, t: Timestep | None) -> float:
         """alpha_bar (signal fraction) at timestep t; None is the clean end of the schedule."""
-        return self._final_alpha if t is None or t < 0 else float(self._alphas[int(t)])
+        return self._final_alpha if t is None or t < 0 else self._alphas[int(t)]
 
     def timesteps(self, num_steps: int) -> list[int]:
         self.scheduler.set_timesteps(num_steps)

@@ -4,6 +4,8 @@ memory.
 ``Clock`` times whole calls from a synchronised start to a synchronised end (jobs, benchmark
 units); ``RegionTimer`` times regions inside the steering loop without synchronising (CUDA
 events, read once the step's work is done). On a CPU both are ``time.perf_counter``.
+``OpCounter`` counts the ATen operations a call dispatches: a small batch on a GPU is bound by
+kernel launches, and their number is the same on a CPU, so launch overhead can be read there.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import time
 from collections.abc import Callable
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -48,15 +51,59 @@ class Clock:
         self.sync()
         return (time.perf_counter() - t0) * 1000, result
 
-    def measure(self, fn: Callable[[], object], repeats: int) -> dict:
-        """{"ms": median, "all_ms": [...], "peak_mb": peak memory during the timed runs}."""
+    def measure(self, fn: Callable[[], object], repeats: int, count_ops: bool = False) -> dict:
+        """{"ms": median, "all_ms": [...], "peak_mb": peak memory during the timed runs}, and
+        with ``count_ops`` "ops" (``OpCounter.counts``) of one untimed call after the warm-up."""
         fn()  # warm-up (kernel selection, allocator)
+        ops = None
+        if count_ops:
+            with OpCounter() as counter:
+                fn()
+            ops = counter.counts()
         self.sync()
         self.reset_peak()
         times = [self.timed_call(fn)[0] for _ in range(repeats)]
-        return {"ms": round(statistics.median(times), 3),
-                "all_ms": [round(t, 3) for t in times],
-                "peak_mb": self.peak_mb()}
+        res = {"ms": round(statistics.median(times), 3),
+               "all_ms": [round(t, 3) for t in times],
+               "peak_mb": self.peak_mb()}
+        if ops is not None:
+            res["ops"] = ops
+        return res
+
+
+# Operations that only make a new view of existing memory: no kernel runs for them.
+_METADATA_OPS = {torch.ops.aten._unsafe_view.default, torch.ops.aten._reshape_alias.default}
+
+
+class OpCounter(TorchDispatchMode):
+    """Count the ATen operations dispatched while open, backward passes included.
+
+    ``kernels`` leaves out views (no kernel runs for a view), so on a GPU it approximates the
+    kernel launches; ``host_reads`` counts reads of a tensor's value by the host (``.item()``,
+    ``bool(t)``, ``int(t)``), each of which synchronises a GPU. ``.tolist()`` and ``.cpu()`` of
+    a CUDA tensor are counted as ``device_to_host`` copies (a CPU run has none).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.total = self.kernels = self.host_reads = self.device_to_host = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.total += 1
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.host_reads += 1
+        elif not func.is_view and func not in _METADATA_OPS:
+            self.kernels += 1
+            if (func is torch.ops.aten._to_copy.default and isinstance(out, torch.Tensor)
+                    and out.device.type == "cpu" and isinstance(args[0], torch.Tensor)
+                    and args[0].device.type != "cpu"):
+                self.device_to_host += 1
+        return out
+
+    def counts(self) -> dict:
+        return {"total": self.total, "kernels": self.kernels, "host_reads": self.host_reads,
+                "device_to_host": self.device_to_host}
 
 
 class RegionTimer:
