@@ -143,3 +143,24 @@ def test_environment_variable_overrides_the_backbone_and_is_checked(flux, monkey
     monkeypatch.setenv("L2S_SDPA_BACKENDS", "cudnn,flsh")
     with pytest.raises(BackboneError, match="L2S_SDPA_BACKENDS='cudnn,flsh'.*mem_efficient"):
         load_backbone("toy")  # refused before anything loads
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_flux_on_cuda_in_bf16_records_no_cudnn_attention_and_its_backward_runs(monkeypatch):
+    # Catches, where it matters: a steering forward on CUDA that still records cuDNN's
+    # attention (whose backward crashed on torch 2.11 + CUDA 13), or one whose backward fails.
+    monkeypatch.delenv("L2S_SDPA_BACKENDS", raising=False)
+    p = tiny_flux_pipeline()
+    den = FluxDenoiser(p.transformer.to("cuda", torch.bfloat16), p.vae.to("cuda"),
+                       p.text_encoder.to("cuda"), p.tokenizer, p.text_encoder_2.to("cuda"),
+                       p.tokenizer_2, dict(p.scheduler.config), name="tiny-flux",
+                       max_sequence_length=TINY_T5_TOKENS)
+    x = den.prepare_latents(1, torch.Generator().manual_seed(0)).requires_grad_(True)
+    with torch.enable_grad():
+        out = den.predict(x, den.timesteps(2)[0], den.encode_prompt([PROMPT]))
+    nodes = fused_backward_nodes(out)
+    assert nodes and not any("Cudnn" in n for n in nodes), nodes
+    (g,) = torch.autograd.grad(out.sum(), x)
+    torch.cuda.synchronize()
+    assert torch.isfinite(g).all() and g.abs().sum() > 0

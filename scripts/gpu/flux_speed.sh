@@ -29,21 +29,5 @@ if (( SECONDS - start < 150 )); then
   run sd3.5-medium-512 75 --model sd3.5-medium --random-weights --image-size 512
 fi
 
-"$PY" - "$OUT" <<'PYEOF' | tee "$OUT/table.md"
-import json, pathlib, sys
-
-out = pathlib.Path(sys.argv[1])
-print("| run | device | plain step ms | ours iter ms (fwd / bwd) | reference iter ms "
-      "| ours / plain | ref / ours | peak GB plain / ours / ref |")
-print("|---|---|---|---|---|---|---|---|")
-for f in sorted(out.glob("*.json")):
-    r = json.loads(f.read_text())
-    u, q = r["units"], r["ratios"]
-    p, o, ref = u["plain_step"], u["ours_iteration"], u["reference_iteration"]
-    gb = lambda x: f"{x['peak_mb'] / 1024:.1f}"  # noqa: E731
-    print(f"| {f.stem} ({r['image_size'][0]} px) | {r['device']} | {p['ms']:.1f} "
-          f"| {o['ms']:.1f} ({o['forward_ms']:.1f} / {o['backward_ms']:.1f}) | {ref['ms']:.1f} "
-          f"| {q['ours_iteration_vs_plain_step']} | {q['reference_vs_ours_iteration']} "
-          f"| {gb(p)} / {gb(o)} / {gb(ref)} |")
-PYEOF
+"$PY" scripts/gpu/speed_table.py "$OUT"/*.json | tee "$OUT/table.md"
 echo "total $((SECONDS - start)) s" >&2

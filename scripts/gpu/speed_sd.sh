@@ -3,11 +3,13 @@
 # random weights at 512 px, ours vs the reference-style loop, with and without each lever
 # (truncated forward, channels_last). Results: $OUT/speed_<model>_<variant>.json.
 # Run from the repo root with PYTHONPATH=. on one GPU; ~3-4 min on an H100 (units: 5 repeats;
-# end to end only for the default variant).
+# end to end only for the default variant). Trimmed (scripts/gpu/session.sh):
+#   MODELS="sd2.1-base" VARIANTS="default channels-last" E2E=0 bash scripts/gpu/speed_sd.sh
 set -euo pipefail
 OUT=${OUT:-out/gpu}
 mkdir -p "$OUT"
 L2S="python -m l2s"
+E2E=${E2E:-1}  # 0: the default variant is timed --units-only too
 run() {  # model, variant name, extra flags...
   local model=$1 name=$2; shift 2
   echo "== $model $name" >&2
@@ -30,8 +32,14 @@ PY
 SD21=sd2.1-base
 python -c "from l2s.engine.registry import get_preset; import sys; sys.exit(get_preset('sd2.1-base') is None)" \
   2>/dev/null || SD21=sd2.1   # before the sd2.1-base preset exists: sd2.1 at 512 px
-for model in "$SD21" sd1.4; do
-  run "$model" default                                   # truncated forward (the default)
-  run "$model" full-forward --full-forward --units-only  # lever off
-  run "$model" channels-last --channels-last --units-only
+for model in ${MODELS:-$SD21 sd1.4}; do
+  for variant in ${VARIANTS:-default full-forward channels-last}; do
+    case $variant in
+      default) if [ "$E2E" = 1 ]; then run "$model" default; else   # truncated forward
+                 run "$model" default --units-only; fi ;;
+      full-forward) run "$model" full-forward --full-forward --units-only ;;  # lever off
+      channels-last) run "$model" channels-last --channels-last --units-only ;;
+      *) echo "unknown variant $variant (default, full-forward, channels-last)" >&2; exit 2 ;;
+    esac
+  done
 done
