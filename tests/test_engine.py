@@ -82,6 +82,30 @@ def test_resize_maps_normalises_up_and_down():
         torch.testing.assert_close(r.sum((-2, -1)), torch.ones(2, 3))
 
 
+def test_stacked_resizes_per_resolution_in_forward_order():
+    """stacked() resizes all layers of one resolution together: the result must equal each
+    layer resized alone, concatenated in forward order (catches layers regrouped by size, a
+    split at the wrong head counts, or a resize that mixes maps)."""
+    from l2s.engine.backbone import CrossAttnLayer
+
+    layers = [CrossAttnLayer("a", 2, (8, 8)), CrossAttnLayer("b", 3, (4, 4)),
+              CrossAttnLayer("c", 1, (8, 8)), CrossAttnLayer("d", 2, (2, 2))]
+
+    class Host:
+        attention_model = None
+
+    rec = AttentionRecorder(Host(), layers, [[1], [2]], map_size=4)
+    alone = []
+    torch.manual_seed(0)
+    for la in layers:
+        q = la.resolution[0] * la.resolution[1]
+        probs = torch.rand(1, la.heads, q, 5).softmax(-1)
+        rec._record(la, probs)  # what the family's capture processor calls
+        maps = torch.einsum("bhqt,tg->bghq", probs, token_weights([[1], [2]], 5)[0])
+        alone.append(resize_maps(maps.reshape(1, 2, la.heads, *la.resolution), 4))
+    torch.testing.assert_close(rec.stacked(), torch.cat(alone, dim=2))
+
+
 def _recorded_forward(den, keep_grad):
     layers = den.cross_attention_layers()
     x = den.prepare_latents(2, torch.Generator().manual_seed(0)).requires_grad_(keep_grad)

@@ -78,10 +78,13 @@ class AttentionRecorder:
     one); every other layer keeps its processor (the fused SDPA path), and the originals come
     back on exit, also on exceptions. Open it only around the forwards to record: steering
     does so per steered step, so unsteered steps run every layer on the fused path. After
-    each forward, ``maps[layer_name]`` is (B, G, heads, S, S) for the G token groups, resized
-    to S = ``map_size`` and summing to 1 per map (or as ``resize`` does it); ``stacked()``
-    gives (B, G, C, S, S) with C = sum of heads over layers in forward order. With
-    ``keep_grad`` the maps stay in the autograd graph (steering); otherwise they are detached.
+    each forward, ``maps[layer_name]`` is (B, G, heads, h, w) for the G token groups at the
+    layer's own resolution, and ``stacked()`` gives (B, G, C, S, S): resized to S =
+    ``map_size`` and summing to 1 per map (or as ``resize`` does it), C = sum of heads over
+    layers in forward order. The resize runs once per resolution, on all its layers together
+    (a UNet has 3-4 resolutions for 16 layers, an MMDiT one for all), not once per layer:
+    fewer kernel launches forward and backward. With ``keep_grad`` the maps stay in the
+    autograd graph (steering); otherwise they are detached.
     """
 
     def __init__(self, denoiser: AttentionHost, layers: Sequence[CrossAttnLayer],
@@ -164,7 +167,7 @@ class AttentionRecorder:
             h = w = int(round(hw**0.5))
             if h * w != hw:
                 raise HookError(f"cannot infer the map shape of {layer.name} from {hw} queries")
-        self.maps[layer.name] = self.resize(maps.reshape(batch, -1, heads, h, w), self.map_size)
+        self.maps[layer.name] = maps.reshape(batch, -1, heads, h, w)
         if self.stop_after_last:
             self._seen.add(layer.name)
             if len(self._seen) == len(self.layers):
@@ -172,8 +175,19 @@ class AttentionRecorder:
                 raise ForwardStopped
 
     def stacked(self) -> torch.Tensor:
-        """All recorded layers' maps concatenated over heads: (B, G, C, S, S)."""
+        """All recorded layers' maps, resized, concatenated over heads: (B, G, C, S, S)."""
         missing = [la.name for la in self.layers if la.name not in self.maps]
         if missing:
             raise RuntimeError(f"no maps recorded yet for {missing[:3]}: run a forward first")
-        return torch.cat([self.maps[la.name] for la in self.layers], dim=2)
+        by_size: dict[tuple[int, int], list[str]] = {}
+        for la in self.layers:
+            by_size.setdefault(tuple(self.maps[la.name].shape[-2:]), []).append(la.name)
+        resized: dict[str, torch.Tensor] = {}
+        for names in by_size.values():  # one resize per resolution (the maps are independent)
+            parts = [self.maps[n] for n in names]
+            out = self.resize(torch.cat(parts, dim=2) if len(parts) > 1 else parts[0],
+                              self.map_size)
+            resized.update(zip(names, out.split([p.shape[2] for p in parts], dim=2)))
+        if len(by_size) == 1:  # already in forward order
+            return out
+        return torch.cat([resized[la.name] for la in self.layers], dim=2)
