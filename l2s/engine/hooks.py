@@ -187,7 +187,8 @@ class AttentionRecorder:
             parts = [self.maps[n] for n in names]
             out = self.resize(torch.cat(parts, dim=2) if len(parts) > 1 else parts[0],
                               self.map_size)
-            resized.update(zip(names, out.split([p.shape[2] for p in parts], dim=2)))
+            resized.update(zip(names, out.split([p.shape[2] for p in parts], dim=2),
+                                   strict=True))
         if len(by_size) == 1:  # already in forward order
             return out
         return torch.cat([resized[la.name] for la in self.layers], dim=2)
