@@ -51,6 +51,7 @@ class SpeedConfig:
     classifier: str | None = None  # None: the model's classifier, else a random one (timing)
     channels_last: bool = False  # the attention model in channels_last (NHWC) memory format
     truncate: bool = True  # steering forwards stop after the last recorded layer
+    compile: str = "off"  # torch.compile the steering forward (l2s.engine.compiled)
 
 
 def timing_loss(denoiser: Denoiser, model: str, classifier: str | None) -> tuple[RelationLoss, str]:
@@ -121,7 +122,7 @@ def run_speed(config: SpeedConfig, denoiser: Denoiser | None = None, on_unit=Non
         denoiser.attention_model.to(memory_format=torch.channels_last)
     base = replace(steer_settings(config.model, steps=config.steps,
                                   steer_until=config.steer_until, iterations=config.iterations),
-                   truncate_forward=config.truncate)
+                   truncate_forward=config.truncate, compile=config.compile)
     # threshold < 0: a cross-entropy is never below it, so no early exit (worst case).
     worst = replace(base, threshold_start=-1.0, threshold_end=-1.0)
     one_iter = replace(worst, iterations=1)
@@ -145,7 +146,8 @@ def run_speed(config: SpeedConfig, denoiser: Denoiser | None = None, on_unit=Non
     def iteration(reference: bool):
         # The reference-style loop runs the whole network on every iteration.
         st = Steerer(denoiser, [prompt], [triplets], loss,
-                     replace(one_iter, truncate_forward=False) if reference else one_iter)
+                     replace(one_iter, truncate_forward=False, compile="off") if reference
+                     else one_iter)
         if reference:  # every token's maps, after the objects' groups (pairs stay valid)
             seq = cond["states"].shape[1]
             st.groups = [g + [[i] for i in range(seq)] for g in st.groups]

@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from l2s.engine.backbone import Denoiser
+from l2s.engine.backbone import Conditioning, Denoiser
+from l2s.engine.compiled import check_compile_mode, compiled_maps
 from l2s.engine.hooks import AttentionRecorder, token_weights
 from l2s.engine.registry import SteerDefaults
 from l2s.engine.sampling import sample
@@ -62,6 +63,8 @@ class SteerSettings:
     # Stop steering forwards after the last recorded attention layer: the rest of the network
     # cannot change the maps the loss reads, so skipping it changes nothing but the cost.
     truncate_forward: bool = True
+    # torch.compile the steering forward (l2s.engine.compiled.COMPILE_MODES; "off": eager)
+    compile: str = "off"
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
@@ -72,6 +75,7 @@ class SteerSettings:
                              f"{', '.join(RELATION_SCHEDULES)}")
         if self.steer_until <= 0 or self.iterations < 0:
             raise ValueError("--steer-until must be > 0 and --iterations >= 0")
+        check_compile_mode(self.compile)
         if self.steer_from < 0 or (self.budget is not None and self.budget < 0):
             raise ValueError("--steer-from and --budget must be >= 0")
 
@@ -309,6 +313,19 @@ class Steerer:
         return AttentionRecorder(self.denoiser, self.layers, self.groups, keep_grad=True,
                                  resize=getattr(self.loss_fn, "resize", None))
 
+    def forward_maps(self, rec: AttentionRecorder, z: torch.Tensor, t: int,
+                     cond: Conditioning, weights: torch.Tensor) -> torch.Tensor:
+        """The maps (R, G, C, S, S) of one steering forward of latents z (R, ...) with token
+        weights (R, T, G): eager, or compiled at a fixed batch of every steered image."""
+        s = self.settings
+        if s.compile != "off":
+            return compiled_maps(self.denoiser, rec, z, t, cond, weights, s.guidance,
+                                 rows=len(self.active), mode=s.compile)
+        rec.set_weights(weights)
+        with rec.truncated() if s.truncate_forward else contextlib.nullcontext():
+            self.denoiser.predict(z, t, cond, guidance=s.guidance)
+        return rec.stacked()
+
     def __call__(self, state: dict) -> torch.Tensor | None:
         """Step callback: steered latents on the steered steps, else None."""
         step = state["step"]
@@ -428,12 +445,10 @@ def _steer_step(st: Steerer, rec: AttentionRecorder, x: torch.Tensor, t: int, st
         if len(left) != len(rows):
             rows, ridx = left, torch.tensor(left, device=dev)
         z = z_all[ridx].requires_grad_(True)
-        rec.set_weights(weights[ridx])
         t0 = timer.start()
         with torch.enable_grad():  # pipelines call back under no_grad
-            with rec.truncated() if settings.truncate_forward else contextlib.nullcontext():
-                st.denoiser.predict(z, t, cond.select(ridx), guidance=settings.guidance)
-            steer, loss, p, sel = _relation_losses(st, rec.stacked(), [active[r] for r in rows],
+            maps = st.forward_maps(rec, z, t, cond.select(ridx), weights[ridx])
+            steer, loss, p, sel = _relation_losses(st, maps, [active[r] for r in rows],
                                                    it, t, step, threshold)
         fwd = timer.stop(t0)
         if loss_first is None:

@@ -73,7 +73,8 @@ def _steer_method(name: str) -> MethodFactory:
         settings = steer_settings(cfg.model, steps=cfg.steps, guidance=cfg.guidance,
                                   steer_until=cfg.steer_until, iterations=cfg.iterations,
                                   step_size=cfg.step_size, loss_threshold=cfg.loss_threshold,
-                                  relation_schedule=cfg.relation_schedule)
+                                  relation_schedule=cfg.relation_schedule,
+                                  compile=cfg.compile)
 
         def run(prompts: Sequence[BenchPrompt], seeds: Sequence[int]) -> torch.Tensor:
             triplets = [[t for t in p.triplets if t.steerable] for p in prompts]

@@ -68,13 +68,14 @@ class BenchConfig:
     detector: str | None = None  # "toy", alias, hub id or folder (None: the suite's default)
     color_model: str = COLOR_MODEL  # CLIP for GenEval's colour tasks
     batch_size: int = 100  # images generated in one batch
+    compile: str = "off"  # steered methods: torch.compile the steering forward
     shard: tuple[int, int] | None = None  # (i, n): this process does prompts i, i+n, ...
     out: str = "out/bench"  # folder for config.json, results, images and contact sheets
 
     def identity(self) -> dict:
         """The fields a resumed run (or another shard) must share with the run it continues."""
         ident = {k: v for k, v in asdict(self).items()
-                 if k not in ("methods", "prompts", "batch_size", "shard", "out")}
+                 if k not in ("methods", "prompts", "batch_size", "compile", "shard", "out")}
         if ident["relation_schedule"] == "round-robin":  # what runs before the field steered
             del ident["relation_schedule"]
         return ident

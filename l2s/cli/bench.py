@@ -16,10 +16,17 @@ from rich.progress import (
 from rich.table import Table
 
 from l2s.bench import SUITES, BenchConfig, BenchError, BenchResult, run_bench
-from l2s.cli.options import config_option, model_default_option, resolved, write_resolved
+from l2s.cli.options import (
+    compile_option,
+    config_option,
+    model_default_option,
+    resolved,
+    write_resolved,
+)
 from l2s.cli.output import console, emit_json, user_errors
-from l2s.config import check_generation, check_number, check_writable_dir
+from l2s.config import check_choice, check_generation, check_number, check_writable_dir
 from l2s.engine.backbone import BackboneError
+from l2s.engine.compiled import COMPILE_MODES
 
 
 def _errors():
@@ -31,12 +38,14 @@ def _errors():
 
 
 def check_bench_values(prompts: int | None, images: int | None, batch_size: int,
-                       image_size: int | None = None, **generation) -> None:
+                       image_size: int | None = None, compile: str = "off",
+                       **generation) -> None:
     """The bench numbers, checked before anything is loaded or written."""
     check_number("--prompts", prompts, 1)
     check_number("--images", images, 1)
     check_number("--batch-size", batch_size, 1)
     check_number("--image-size", image_size, 1)
+    check_choice("--compile", compile, COMPILE_MODES)
     check_generation(**generation)
 
 
@@ -94,6 +103,7 @@ def bench(
     color_model: str = typer.Option("openai/clip-vit-large-patch14", "--color-model",
                                     help="CLIP model for GenEval's colour tasks."),
     batch_size: int = typer.Option(100, "--batch-size", help="Images generated together."),
+    compile: str = compile_option(),
     shard: str = typer.Option(None, "--shard",
                               help="I/N: this process does prompts I, I+N, ... (default under "
                                    "accelerate launch: its rank); shards share --out and "
@@ -105,7 +115,8 @@ def bench(
     json_out: bool = typer.Option(False, "--json", help="Print the summary JSON on stdout."),
 ) -> None:
     """Generate and score a benchmark suite; rerunning with the same --out resumes."""
-    check_bench_values(prompts, images, batch_size, image_size, steps=steps, guidance=guidance,
+    check_bench_values(prompts, images, batch_size, image_size, compile, steps=steps,
+                       guidance=guidance,
                        steer_until=steer_until, iterations=iterations, step_size=step_size,
                        loss_threshold=loss_threshold, relation_schedule=relation_schedule)
     out = out or f"out/bench-{suite}-{model.replace('/', '_')}"
@@ -116,7 +127,8 @@ def bench(
                       classifier=classifier, steer_until=steer_until, iterations=iterations,
                       step_size=step_size, loss_threshold=loss_threshold,
                       relation_schedule=relation_schedule, detector=detector,
-                      color_model=color_model, batch_size=batch_size, shard=parse_shard(shard),
+                      color_model=color_model, batch_size=batch_size, compile=compile,
+                      shard=parse_shard(shard),
                       out=out)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn())

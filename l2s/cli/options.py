@@ -67,6 +67,17 @@ def model_default_option(name: str, text: str | None = None):
                                          f"`l2s models --json`; {fallback} without a preset).")
 
 
+def compile_option():
+    """``--compile MODE``: torch.compile the steering forward (``l2s.engine.compiled``)."""
+    from l2s.engine.compiled import COMPILE_MODES
+
+    return typer.Option("off", "--compile",
+                        help=f"torch.compile the steering forward: {', '.join(COMPILE_MODES)} "
+                             "(reduce-overhead adds CUDA graphs on a GPU). The first steered "
+                             "step of each batch shape pays the compilation (minutes on a "
+                             "CPU); results match eager to float rounding.")
+
+
 def config_option():
     """``--config FILE.yaml``: option values from a file; command-line flags override them."""
     return typer.Option(None, "--config", is_eager=True, callback=_load,

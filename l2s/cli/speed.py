@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from l2s.cli.options import model_default_option
+from l2s.cli.options import compile_option, model_default_option
 from l2s.cli.output import console, emit_json, status, user_errors
 from l2s.engine.backbone import BackboneError
 from l2s.speed import SpeedConfig, run_speed
@@ -52,6 +52,7 @@ def speed(
     truncate: bool = typer.Option(True, "--truncate/--full-forward",
                                   help="Steering forwards stop after the last recorded layer "
                                        "(default) or run the whole network."),
+    compile: str = compile_option(),
     out: str = typer.Option(None, "--out", "-o", help="Also write the report JSON here."),
     json_out: bool = typer.Option(False, "--json", help="Print the report JSON on stdout."),
 ) -> None:
@@ -68,7 +69,7 @@ def speed(
                       image_size=image_size, device=device, dtype=dtype, steps=steps,
                       steer_until=steer_until, iterations=iterations, repeats=repeats,
                       end_to_end=end_to_end, classifier=classifier,
-                      channels_last=channels_last, truncate=truncate)
+                      channels_last=channels_last, truncate=truncate, compile=compile)
 
     with status("timing", json_out) as spinner:
 
@@ -99,6 +100,11 @@ def speed(
                   f"reference-style / ours: x{r['reference_vs_ours_iteration']} time"
                   + (f", x{r['reference_vs_ours_peak_memory']} peak memory"
                      if r["reference_vs_ours_peak_memory"] else ""))
+    if compile != "off":
+        console.print(f"compiled ({compile}): the first iteration took "
+                      f"{report['units']['ours_iteration']['warmup_ms'] / 1000:.1f} s "
+                      "(compilation, not in the times); plain steps and the reference-style "
+                      "loop run eager")
     if "end_to_end" in report:
         e = report["end_to_end"]
         console.print(f"end to end: plain {e['plain']['seconds']:.2f} s; worst case "

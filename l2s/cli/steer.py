@@ -7,7 +7,13 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from l2s.cli.options import config_option, model_default_option, resolved, write_resolved
+from l2s.cli.options import (
+    compile_option,
+    config_option,
+    model_default_option,
+    resolved,
+    write_resolved,
+)
 from l2s.cli.output import console, emit_json, status, user_errors
 from l2s.config import check_writable_dir
 from l2s.engine.backbone import BackboneError
@@ -106,6 +112,7 @@ def steer(
                                 help="Generate plainly first, check each image (the toy's "
                                      "detector, else the classifier on the plain pass) and "
                                      "steer only the failing ones, from the same seeds."),
+    compile: str = compile_option(),
     compare_plain: bool = typer.Option(False, "--compare-plain",
                                        help="Also time plain generation of the same seeds."),
     save_attention: bool = typer.Option(False, "--save-attention",
@@ -142,7 +149,7 @@ def steer(
                           loss_threshold=loss_threshold, optimizer=optimizer,
                           steer_from=steer_from, budget=budget,
                           relation_schedule=relation_schedule, verify=verify,
-                          compare_plain=compare_plain,
+                          compile=compile, compare_plain=compare_plain,
                           save_attention=save_attention, out=out)
         check_writable_dir(out)  # before loading and generating: nothing is lost
         with status(f"loading {model}", json_out):

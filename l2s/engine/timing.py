@@ -52,9 +52,10 @@ class Clock:
         return (time.perf_counter() - t0) * 1000, result
 
     def measure(self, fn: Callable[[], object], repeats: int, count_ops: bool = False) -> dict:
-        """{"ms": median, "all_ms": [...], "peak_mb": peak memory during the timed runs}, and
-        with ``count_ops`` "ops" (``OpCounter.counts``) of one untimed call after the warm-up."""
-        fn()  # warm-up (kernel selection, allocator)
+        """{"ms": median, "all_ms": [...], "peak_mb": peak memory during the timed runs,
+        "warmup_ms": the first call (kernel selection, allocator; a compilation)}, and with
+        ``count_ops`` "ops" (``OpCounter.counts``) of one untimed call after the warm-up."""
+        warmup_ms = self.timed_call(fn)[0]
         ops = None
         if count_ops:
             with OpCounter() as counter:
@@ -65,7 +66,7 @@ class Clock:
         times = [self.timed_call(fn)[0] for _ in range(repeats)]
         res = {"ms": round(statistics.median(times), 3),
                "all_ms": [round(t, 3) for t in times],
-               "peak_mb": self.peak_mb()}
+               "peak_mb": self.peak_mb(), "warmup_ms": round(warmup_ms, 3)}
         if ops is not None:
             res["ops"] = ops
         return res

@@ -11,6 +11,7 @@ import torch
 
 from l2s.config import check_choice, check_generation, check_number, check_writable_dir
 from l2s.engine.backbone import BackboneError, Denoiser
+from l2s.engine.compiled import COMPILE_MODES
 from l2s.engine.registry import steer_defaults
 from l2s.engine.sampling import sample, seeded_latents, to_uint8
 from l2s.engine.timing import Clock, peak_memory_mb
@@ -109,8 +110,8 @@ def steer_settings(model: str, *, steps: int | None = None, guidance: float | No
                    steer_until: float | None = None, iterations: int | None = None,
                    step_size: float | None = None, optimizer: str | None = None,
                    loss_threshold: float | None = None, steer_from: int | None = None,
-                   budget: int | None = None, relation_schedule: str | None = None
-                   ) -> SteerSettings:
+                   budget: int | None = None, relation_schedule: str | None = None,
+                   compile: str = "off") -> SteerSettings:
     """SteerSettings from user values; each one left None is the model's default
     (``l2s.engine.registry.steer_defaults``: its preset's or look-alike preset's, else SD's)."""
     given = {"steps": steps, "guidance": guidance, "steer_until": steer_until,
@@ -122,7 +123,7 @@ def steer_settings(model: str, *, steps: int | None = None, guidance: float | No
     threshold = v.pop("loss_threshold")
     if threshold is not None:  # a fixed early exit; None: SteerSettings' schedule
         v.update(threshold_start=threshold, threshold_end=threshold)
-    return SteerSettings(**v, budget=budget)
+    return SteerSettings(**v, budget=budget, compile=compile)
 
 
 def generate(denoiser: Denoiser, prompts: list[str], triplets: list[list[Triplet]],
@@ -168,6 +169,7 @@ class SteerConfig:
     loss_threshold: float | None = None  # early exit below this loss (None: the model's)
     compare_plain: bool = False  # also time the same seeds without steering
     save_attention: bool = False  # write attention_<seed>.png: maps before/after, loss curves
+    compile: str = "off"  # torch.compile the steering forward (l2s.engine.compiled)
     out: str | None = None  # folder for PNGs and report.json (None: write nothing)
 
     def __post_init__(self) -> None:
@@ -175,6 +177,7 @@ class SteerConfig:
             raise PromptError('the prompt is empty: give one such as "a circle to the left of a '
                               'square"')
         check_choice("--method", self.method, STEER_METHODS)
+        check_choice("--compile", self.compile, COMPILE_MODES)
         if self.optimizer is not None:
             check_choice("--optimizer", self.optimizer, OPTIMIZERS)
         check_number("--steer-from", self.steer_from, 0)
@@ -248,7 +251,8 @@ def steer(config: SteerConfig, denoiser: Denoiser | None = None, on_step=None) -
                               step_size=config.step_size, optimizer=config.optimizer,
                               loss_threshold=config.loss_threshold,
                               steer_from=config.steer_from, budget=config.budget,
-                              relation_schedule=config.relation_schedule)
+                              relation_schedule=config.relation_schedule,
+                              compile=config.compile)
     steerable = [t for t in triplets if t.steerable]
     method = config.method if steerable else "plain"
     loss, card = build_loss(method, denoiser, config.model, config.classifier)

@@ -1,0 +1,77 @@
+"""torch.compile of the steering forward (opt-in, ``--compile MODE``): fixed shapes, maps only.
+
+The compiled region is one steering forward that returns the recorded maps and drops the
+network's output, so the compiler's dead-code elimination removes every layer after the last
+recorded one: the truncation ``AttentionRecorder.truncated`` gets eagerly by raising, which
+inside a compiled region would end the graph and send the whole forward back to eager.
+AOTAutograd compiles the backward of the same region, so the iteration's forward and
+backward through the network both run compiled; the classifier loss stays eager.
+
+Shapes stay fixed (``dynamic=False``) so a few compilations serve a whole run: the latent
+batch is padded to a power of two with detached copies of its first row (their maps are
+dropped and they take no gradient), and the timestep enters as a tensor, not as a Python
+number the graph would be specialised (and recompiled) on at every step. The recorder has no host
+read on this path, so "reduce-overhead" (CUDA graphs: static input buffers, no syncs inside)
+can capture it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from l2s.engine.backbone import Conditioning, Denoiser, resolve_sdpa_backends, sdpa_kernels
+from l2s.engine.hooks import AttentionRecorder
+from l2s.engine.schedules import Timestep
+
+# "off": eager. The others are torch.compile modes: "default" (Inductor kernels),
+# "reduce-overhead" (Inductor + CUDA graphs: one launch per graph, for launch-bound GPUs;
+# CPU runs it as "default"), "max-autotune-no-cudagraphs" (kernel autotuning, long compiles).
+COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune-no-cudagraphs")
+
+_compiled: dict[str, object] = {}  # one torch.compile wrapper per mode, for the process
+
+
+def check_compile_mode(mode: str) -> str:
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"unknown compile mode {mode!r}: use {', '.join(COMPILE_MODES)}")
+    return mode
+
+
+def _maps_forward(denoiser: Denoiser, rec: AttentionRecorder, z: torch.Tensor, t: torch.Tensor,
+                  cond: Conditioning, guidance: float | None) -> torch.Tensor:
+    """The recorded maps (B, G, C, S, S) of one forward; the network's output is unused."""
+    g = guidance if denoiser.guidance_mode == "embedded" else None
+    denoiser.model_output(z.to(denoiser.dtype), t, cond, g)
+    return rec.stacked()
+
+
+def _compiled_forward(mode: str):
+    if mode not in _compiled:
+        _compiled[mode] = torch.compile(_maps_forward, dynamic=False,
+                                        mode=None if mode == "default" else mode)
+    return _compiled[mode]
+
+
+def compiled_maps(denoiser: Denoiser, rec: AttentionRecorder, z: torch.Tensor, t: Timestep,
+                  cond: Conditioning, weights: torch.Tensor, guidance: float | None, *,
+                  rows: int, mode: str) -> torch.Tensor:
+    """The maps (R, G, C, S, S) of latents z (R, ...) with token weights (R, T, G), from the
+    compiled forward of a padded batch: the next power of two >= R, at most ``rows`` (the
+    step's batch), so a batch whose images stop one by one compiles log2(rows) + 1 shapes
+    at most and forwards under twice the rows it needs (padding rows are dropped)."""
+    r = z.shape[0]
+    n = min(rows, 1 << (r - 1).bit_length())
+    if r < n:
+        fill = torch.cat((torch.arange(r, device=z.device),
+                          torch.zeros(n - r, dtype=torch.long, device=z.device)))
+        z = torch.cat((z, z[:1].detach().expand(n - r, *z.shape[1:])))
+        cond, weights = cond.select(fill), weights[fill]
+    rec.set_weights(weights)
+    if mode == "reduce-overhead":  # the previous iteration's graph outputs are dead now
+        torch.compiler.cudagraph_mark_step_begin()
+    # The SDPA kernels Denoiser.predict allows: the compiled graph and its backward are
+    # traced with them.
+    with sdpa_kernels(resolve_sdpa_backends(denoiser.sdpa_backends)):
+        maps = _compiled_forward(mode)(denoiser, rec, z, torch.as_tensor(t, device=z.device),
+                                       cond, guidance)
+    return maps[:r]

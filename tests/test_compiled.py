@@ -1,0 +1,94 @@
+"""The compiled steering forward (``--compile``): same maps, gradients and latents as eager."""
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from l2s.engine.compiled import compiled_maps
+from l2s.engine.sampling import seeded_latents
+from l2s.relations import parse
+from l2s.steering import CentroidLoss, Steerer, SteerSettings, steer_latents
+
+PROMPT = "a dog left of a cat"
+
+
+def _eager_and_compiled(den, n: int, rows: int):
+    """(maps, grad) of n images, eager and through the compiled path run eagerly (its
+    padding to ``rows``' bucket, tensor timestep and maps-only forward, without compiling)."""
+    st = Steerer(den, [PROMPT] * n, [parse(PROMPT)] * n, CentroidLoss(),
+                 SteerSettings(steps=4, guidance=2.0, truncate_forward=False))
+    t = den.timesteps(4)[1]
+    x = seeded_latents(den, list(range(n)))
+    w = torch.rand(n, 1, 1) + st.token_weights(range(n))  # rows differ: a mixed-up row shows
+    probe = torch.rand(n, 2, 1, 1, 1)
+    out = []
+    with st.recorder() as rec:
+        for compiled in (False, True):
+            z = x.clone().requires_grad_(True)
+            with torch.enable_grad(), torch.compiler.set_stance("force_eager"):
+                maps = (compiled_maps(den, rec, z, t, st.cond, w, None, rows=rows,
+                                      mode="default") if compiled
+                        else st.forward_maps(rec, z, t, st.cond, w))
+                (grad,) = torch.autograd.grad((maps * probe).sum(), z)
+            out.append((maps.detach(), grad))
+    return out
+
+
+@pytest.mark.parametrize(("n", "rows", "forwarded"), [(3, 4, 4), (3, 8, 4), (2, 3, 2), (1, 3, 1)])
+def test_compiled_path_pads_the_batch_and_matches_eager(den, n, rows, forwarded, monkeypatch):
+    seen = []
+    real = den.model_output
+    monkeypatch.setattr(den, "model_output", lambda z, *a: seen.append(len(z)) or real(z, *a))
+    (maps, grad), (cmaps, cgrad) = _eager_and_compiled(den, n, rows)
+    assert seen == [n, forwarded]  # a power of two, at most the step's batch
+    assert cmaps.shape == maps.shape
+    torch.testing.assert_close(cmaps, maps, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(cgrad, grad, rtol=1e-4, atol=1e-7)  # padding takes no gradient
+
+
+def test_unknown_compile_mode_is_refused():
+    with pytest.raises(ValueError, match="compile mode 'fast'.*reduce-overhead"):
+        SteerSettings(compile="fast")
+
+
+def test_compile_option_reaches_the_steering_settings(monkeypatch, tmp_path, one_thread):
+    from typer.testing import CliRunner
+
+    import l2s.jobs.steer as job
+    from l2s.cli import app
+
+    seen = []
+
+    def stop(den, prompts, triplets, latents, settings, *a, **k):
+        seen.append(settings.compile)
+        raise job.SteerError("stopped before generating")
+
+    monkeypatch.setattr(job, "generate", stop)
+    res = CliRunner().invoke(app, ["steer", "a circle left of a square", "--compile",
+                                   "reduce-overhead", "--out", str(tmp_path / "s")])
+    assert seen == ["reduce-overhead"], res.output
+    assert job.steer_settings("toy", compile="default").compile == "default"
+    bad = CliRunner().invoke(app, ["bench", "--compile", "fast", "--out", str(tmp_path / "b")])
+    assert bad.exit_code != 0 and "--compile must be one of" in bad.output
+
+
+@pytest.mark.slow
+def test_compiled_steering_gives_the_eager_latents_in_one_graph(den, one_thread):
+    """Compiles the tiny UNet's forward + backward (about a minute on a CPU): no graph break,
+    and a batch whose images stop at different iterations steers as eagerly."""
+    from torch._dynamo.utils import counters
+
+    prompts = ["a dog left of a cat", "a dog above a cat", "a cat left of a dog"]
+    settings = SteerSettings(steps=4, guidance=2.0, steer_until=2, iterations=4,
+                             step_size=2000.0)
+    loss = CentroidLoss(margin=0.3)
+    lat = seeded_latents(den, [0, 1, 2])
+    torch._dynamo.reset()
+    counters.clear()
+    eager, es = steer_latents(den, prompts, [parse(p) for p in prompts], loss, settings, lat)
+    comp, cs = steer_latents(den, prompts, [parse(p) for p in prompts], loss,
+                             replace(settings, compile="default"), lat)
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert [r.image_updates for r in cs.steps] == [r.image_updates for r in es.steps]
+    torch.testing.assert_close(comp, eager, rtol=1e-3, atol=1e-4)
