@@ -6,6 +6,9 @@ Everything is measured side by side in one run on one backbone, batch 1, after a
 * ``ours_iteration``: one steering iteration as ``l2s steer`` runs it (conditional forward with
   the latent requiring grad, maps of the two objects' tokens in the recorded layers only, every
   other attention layer on PyTorch's fused SDPA kernel; loss; gradient to the latent; update);
+* ``ours_eager_iteration`` (with ``--compile`` only): ``ours_iteration`` run eagerly, so the
+  compiled / eager ratio comes from one run (the compilation is the compiled unit's warm-up,
+  ``warmup_ms``, outside its median);
 * ``reference_iteration``: the same iteration done the common attention-store way: explicit
   softmax attention in every layer (self-attention too) and every token's map of every
   cross-attention layer kept in the graph, the loss then reading the two objects from it;
@@ -143,11 +146,11 @@ def run_speed(config: SpeedConfig, denoiser: Denoiser | None = None, on_unit=Non
             lambda: denoiser.step(guided_prediction(denoiser, x, t, cond, uncond, base.guidance),
                                   t, None, x), config.repeats, count_ops=True))
 
-    def iteration(reference: bool):
-        # The reference-style loop runs the whole network on every iteration.
+    def iteration(reference: bool, eager: bool = False):
+        # The reference-style loop runs the whole network, eagerly, on every iteration.
+        settings = replace(one_iter, truncate_forward=False) if reference else one_iter
         st = Steerer(denoiser, [prompt], [triplets], loss,
-                     replace(one_iter, truncate_forward=False, compile="off") if reference
-                     else one_iter)
+                     replace(settings, compile="off") if reference or eager else settings)
         if reference:  # every token's maps, after the objects' groups (pairs stay valid)
             seq = cond["states"].shape[1]
             st.groups = [g + [[i] for i in range(seq)] for g in st.groups]
@@ -162,6 +165,8 @@ def run_speed(config: SpeedConfig, denoiser: Denoiser | None = None, on_unit=Non
         return res
 
     note("ours_iteration", iteration(reference=False))
+    if config.compile != "off":  # the same iteration eager, timed in the same run
+        note("ours_eager_iteration", iteration(reference=False, eager=True))
     note("reference_iteration", iteration(reference=True))
 
     report: dict = {
@@ -182,6 +187,8 @@ def run_speed(config: SpeedConfig, denoiser: Denoiser | None = None, on_unit=Non
         # Kernel launches bound a small batch on a GPU: this ratio is the same on any device.
         "ours_iteration_vs_plain_step_kernels": round(
             units["ours_iteration"]["ops"]["kernels"] / units["plain_step"]["ops"]["kernels"], 3),
+        "compiled_vs_eager_iteration": round(ours_ms / units["ours_eager_iteration"]["ms"], 3)
+        if "ours_eager_iteration" in units else None,
         # CPU peak memory is the process's lifetime maximum: only a GPU gives a ratio.
         "reference_vs_ours_peak_memory": round(units["reference_iteration"]["peak_mb"]
                                                / units["ours_iteration"]["peak_mb"], 3)

@@ -73,6 +73,22 @@ def test_compile_option_reaches_the_steering_settings(monkeypatch, tmp_path, one
     assert bad.exit_code != 0 and "--compile must be one of" in bad.output
 
 
+def test_speed_times_the_eager_iteration_beside_the_compiled_one(den, one_thread):
+    from l2s.speed import SpeedConfig, run_speed
+
+    cfg = SpeedConfig(model="tiny", steps=4, steer_until=2, iterations=2, repeats=1,
+                      end_to_end=False, compile="reduce-overhead")
+    with torch.compiler.set_stance("force_eager"):  # the plumbing, not the compiler
+        rep = run_speed(cfg, denoiser=den)
+    assert list(rep["units"]) == ["plain_step", "ours_iteration", "ours_eager_iteration",
+                                  "reference_iteration"]
+    assert rep["ratios"]["compiled_vs_eager_iteration"] > 0
+    assert rep["units"]["ours_iteration"]["warmup_ms"] > 0  # the compilation, on a device
+    plain = run_speed(replace(cfg, compile="off"), denoiser=den)
+    assert "ours_eager_iteration" not in plain["units"]
+    assert plain["ratios"]["compiled_vs_eager_iteration"] is None
+
+
 @pytest.mark.slow
 def test_compiled_steering_gives_the_eager_latents_in_one_graph(den, one_thread):
     """Compiles the tiny UNet's forward + backward (about a minute on a CPU): no graph break,

@@ -101,7 +101,8 @@ def speed(
                   + (f", x{r['reference_vs_ours_peak_memory']} peak memory"
                      if r["reference_vs_ours_peak_memory"] else ""))
     if compile != "off":
-        console.print(f"compiled ({compile}): the first iteration took "
+        console.print(f"compiled ({compile}) / eager iteration: "
+                      f"x{r['compiled_vs_eager_iteration']}; the first compiled iteration took "
                       f"{report['units']['ours_iteration']['warmup_ms'] / 1000:.1f} s "
                       "(compilation, not in the times); plain steps and the reference-style "
                       "loop run eager")
