@@ -1,4 +1,8 @@
-"""The compiled steering forward (``--compile``): same maps, gradients and latents as eager."""
+"""The compiled steering forward (``--compile``): same maps, gradients and latents as eager.
+
+On the toy: its trained UNet gives the maps real gradients (a tiny random UNet's are ~1e-10,
+rounding noise that no comparison can check).
+"""
 
 from dataclasses import replace
 
@@ -10,7 +14,14 @@ from l2s.engine.sampling import seeded_latents
 from l2s.relations import parse
 from l2s.steering import CentroidLoss, Steerer, SteerSettings, steer_latents
 
-PROMPT = "a dog left of a cat"
+PROMPT = "a circle left of a square"
+
+
+@pytest.fixture(scope="module")
+def den():
+    from l2s.engine.loading import load_backbone
+
+    return load_backbone("toy", device="cpu")
 
 
 def _eager_and_compiled(den, n: int, rows: int):
@@ -21,7 +32,9 @@ def _eager_and_compiled(den, n: int, rows: int):
     t = den.timesteps(4)[1]
     x = seeded_latents(den, list(range(n)))
     w = torch.rand(n, 1, 1) + st.token_weights(range(n))  # rows differ: a mixed-up row shows
-    probe = torch.rand(n, 2, 1, 1, 1)
+    # A loss that weighs map positions differently (each map sums to 1, so a constant weight
+    # per map would have no gradient at all).
+    probe = torch.rand(n, 2, 1, 16, 16, generator=torch.Generator().manual_seed(0))
     out = []
     with st.recorder() as rec:
         for compiled in (False, True):
@@ -35,7 +48,7 @@ def _eager_and_compiled(den, n: int, rows: int):
     return out
 
 
-@pytest.mark.parametrize(("n", "rows", "forwarded"), [(3, 4, 4), (3, 8, 4), (2, 3, 2), (1, 3, 1)])
+@pytest.mark.parametrize(("n", "rows", "forwarded"), [(3, 8, 4), (2, 3, 2)])
 def test_compiled_path_pads_the_batch_and_matches_eager(den, n, rows, forwarded, monkeypatch):
     seen = []
     real = den.model_output
@@ -44,7 +57,8 @@ def test_compiled_path_pads_the_batch_and_matches_eager(den, n, rows, forwarded,
     assert seen == [n, forwarded]  # a power of two, at most the step's batch
     assert cmaps.shape == maps.shape
     torch.testing.assert_close(cmaps, maps, rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(cgrad, grad, rtol=1e-4, atol=1e-7)  # padding takes no gradient
+    assert grad.abs().max() > 1e-3  # a gradient worth comparing
+    torch.testing.assert_close(cgrad, grad, rtol=1e-4, atol=1e-6)
 
 
 def test_unknown_compile_mode_is_refused():
@@ -76,7 +90,7 @@ def test_compile_option_reaches_the_steering_settings(monkeypatch, tmp_path, one
 def test_speed_times_the_eager_iteration_beside_the_compiled_one(den, one_thread):
     from l2s.speed import SpeedConfig, run_speed
 
-    cfg = SpeedConfig(model="tiny", steps=4, steer_until=2, iterations=2, repeats=1,
+    cfg = SpeedConfig(model="toy", steps=4, steer_until=2, iterations=2, repeats=1,
                       end_to_end=False, compile="reduce-overhead")
     with torch.compiler.set_stance("force_eager"):  # the plumbing, not the compiler
         rep = run_speed(cfg, denoiser=den)
@@ -90,21 +104,28 @@ def test_speed_times_the_eager_iteration_beside_the_compiled_one(den, one_thread
 
 
 @pytest.mark.slow
-def test_compiled_steering_gives_the_eager_latents_in_one_graph(den, one_thread):
-    """Compiles the tiny UNet's forward + backward (about a minute on a CPU): no graph break,
-    and a batch whose images stop at different iterations steers as eagerly."""
+def test_compiled_steering_gives_the_eager_images_in_one_graph(den, one_thread):
+    """Compiles the toy UNet's forward + backward (1-3 min on a CPU, the first time): no graph
+    break, and a batch whose images stop at different iterations steers as it does eagerly."""
     from torch._dynamo.utils import counters
 
-    prompts = ["a dog left of a cat", "a dog above a cat", "a cat left of a dog"]
-    settings = SteerSettings(steps=4, guidance=2.0, steer_until=2, iterations=4,
-                             step_size=2000.0)
-    loss = CentroidLoss(margin=0.3)
+    from l2s.jobs.steer import build_loss, steer_settings
+
+    prompts = ["a circle left of a square", "a triangle above a ring",
+               "a square below a circle"]
+    triplets = [parse(p) for p in prompts]
+    loss, _ = build_loss("l2s", den, "toy")
+    settings = steer_settings("toy")
     lat = seeded_latents(den, [0, 1, 2])
     torch._dynamo.reset()
     counters.clear()
-    eager, es = steer_latents(den, prompts, [parse(p) for p in prompts], loss, settings, lat)
-    comp, cs = steer_latents(den, prompts, [parse(p) for p in prompts], loss,
-                             replace(settings, compile="default"), lat)
+    eager, es = steer_latents(den, prompts, triplets, loss, settings, lat)
+    comp, cs = steer_latents(den, prompts, triplets, loss, replace(settings, compile="default"),
+                             lat)
     assert not counters["graph_break"], dict(counters["graph_break"])
     assert [r.image_updates for r in cs.steps] == [r.image_updates for r in es.steps]
-    torch.testing.assert_close(comp, eager, rtol=1e-3, atol=1e-4)
+    assert len({r.image_updates for r in es.steps}) > 1 or es.steps[0].image_updates < \
+        3 * es.steps[0].iterations  # images stopped at different iterations: padding ran
+    for a, b in zip(cs.steps, es.steps, strict=True):
+        assert a.loss_after == pytest.approx(b.loss_after, rel=1e-3, abs=1e-5)
+    torch.testing.assert_close(comp, eager, rtol=1e-3, atol=1e-3)

@@ -24,7 +24,8 @@ line = (f"{r['model']} {sys.argv[1].split('_', 2)[-1][:-5]}: plain {u['plain_ste
         f"ours {u['ours_iteration']['ms']:.1f} ms (x{q['ours_iteration_vs_plain_step']}), "
         f"reference {u['reference_iteration']['ms']:.1f} ms")
 if r["config"].get("compile", "off") != "off":
-    line += f", compile (first iteration) {u['ours_iteration']['warmup_ms'] / 1000:.0f} s"
+    line += (f", eager {u['ours_eager_iteration']['ms']:.1f} ms (compiled / eager "
+             f"x{q['compiled_vs_eager_iteration']}), compile {u['ours_iteration']['warmup_ms'] / 1000:.0f} s")
 e = r.get("end_to_end")
 if e:
     line += (f"; end to end: plain {e['plain']['seconds']:.2f} s, 1 it/step "
