@@ -9,12 +9,15 @@
 #              chose the kernels itself; docs/results.md "cuDNN attention breaks")
 #   b-sd       issue 15: SD2.1-base 512 px units (default, channels-last, full-forward), the
 #              iteration regression (118 ms H200 vs 65 ms H100 before the engine refactor)
+#   b-regress  issue 15: SD2.1 512 px units on main and on commit 4bf2d5d (the 65 ms H100 run)
+#              side by side on this one GPU, if that commit's l2s was carried in .old/ (see
+#              scripts/gpu/README.md); same op counts on a CPU, so a gap here is the machine
 #   c-import   issue 13: scripts/gpu/import_reference_speed.sh (our vs the published network)
 #   d-detect   issue 14: scripts/gpu/detectors.sh (Mask2Former, OWLv2, CLIP colours on CUDA)
 #   e-pytest   every other gpu-marked test
 #
 # On the device (run tool), from the repo root, diffusers carried as a wheel (scripts/gpu/env.sh):
-#   command: bash scripts/gpu/session.sh   carry: [".whl"]   timeout_s: 480
+#   command: bash scripts/gpu/session.sh   carry: [".whl", ".old"]   timeout_s: 480
 # Here, to see the plan without running it:  DRY=1 bash scripts/gpu/session.sh
 # A rerun of some parts only, on a smaller budget:  PARTS="b-sd" BUDGET=150 bash ...
 #
@@ -25,7 +28,7 @@ set -uo pipefail
 OUT=${OUT:-out/gpu-session}
 SCRATCH=${SCRATCH:-/tmp/l2s-session}
 BUDGET=${BUDGET:-420}
-PARTS=${PARTS:-a-flux b-sd c-import d-detect e-pytest}
+PARTS=${PARTS:-a-flux b-sd b-regress c-import d-detect e-pytest}
 DRY=${DRY:-0}
 start=$SECONDS
 mkdir -p "$OUT"
@@ -48,13 +51,20 @@ part_b() {
   OUT=$SCR MODELS=sd2.1-base VARIANTS="default channels-last full-forward" E2E=0 \
     bash scripts/gpu/speed_sd.sh
 }
+part_b_regress() {
+  if [ ! -d .old/l2s ]; then echo "no .old/l2s carried: nothing to compare"; return 0; fi
+  local args=(speed --model sd2.1 --random-weights --image-size 512 --units-only --repeats 5)
+  "$PY" -m l2s "${args[@]}" --out "$SCR/sd2.1-512-main.json"
+  # python -m puts the working directory first on sys.path: inside .old, .old/l2s is imported
+  (cd .old && "$PY" -m l2s "${args[@]}" --out "$SCR/sd2.1-512-4bf2d5d.json")
+}
 part_c() { OUT=$SCR bash scripts/gpu/import_reference_speed.sh; }
 part_d() { OUT=$SCR PY=$PY bash scripts/gpu/detectors.sh; }
 part_e() {
   "$PY" -m pytest -q -p no:cacheprovider -m gpu -rA tests \
     --ignore=tests/test_sdpa_backends.py --ignore=tests/test_hf_detectors.py
 }
-export -f part_a part_b part_c part_d part_e
+export -f part_a part_b part_b_regress part_c part_d part_e
 
 run_part() {  # name, function, limit (s)
   local name=$1 fn=$2 limit=$3
@@ -95,6 +105,7 @@ if [ "$DRY" != 1 ]; then
 fi
 run_part a-flux part_a 170
 run_part b-sd part_b 120
+run_part b-regress part_b_regress 90
 run_part c-import part_c 120
 run_part d-detect part_d 90
 run_part e-pytest part_e 60
