@@ -157,12 +157,20 @@ def run_speed(config: SpeedConfig, denoiser: Denoiser | None = None, on_unit=Non
         ctx = explicit_attention(denoiser.attention_model,
                                  denoiser.reference_processors()) if reference else \
             contextlib.nullcontext()
+        compiled = st.settings.compile != "off"
         with ctx, st.recorder() as rec:
-            res = clock.measure(lambda: st.update(rec, x, t, 0), config.repeats, count_ops=True)
-        recs = st.stats.steps[-config.repeats:]  # the timed calls only
+            # ATen ops of eager runs only: a compiled region runs fused kernels, and a dispatch
+            # mode around it would send it back through the compiler.
+            res = clock.measure(lambda: st.update(rec, x, t, 0), config.repeats,
+                                count_ops=not compiled)
+            recs = st.stats.steps[-config.repeats:]  # the timed calls only
+            if not reference:  # one more update, kept: compiled and eager must agree on it
+                updates.append(st.update(rec, x, t, 0) - x)
         for k in ("forward_ms", "backward_ms", "update_ms"):
             res[k] = round(statistics.median(getattr(r, k) for r in recs), 3)
         return res
+
+    updates: list[torch.Tensor] = []  # the latent update of ours, compiled and eager
 
     note("ours_iteration", iteration(reference=False))
     if config.compile != "off":  # the same iteration eager, timed in the same run
@@ -184,11 +192,17 @@ def run_speed(config: SpeedConfig, denoiser: Denoiser | None = None, on_unit=Non
     report["ratios"] = {
         "ours_iteration_vs_plain_step": round(ours_ms / plain_ms, 3),
         "reference_vs_ours_iteration": round(ref_ms / ours_ms, 3),
-        # Kernel launches bound a small batch on a GPU: this ratio is the same on any device.
+        # Kernel launches bound a small batch on a GPU: this ratio is the same on any device
+        # (counted on the eager iteration).
         "ours_iteration_vs_plain_step_kernels": round(
-            units["ours_iteration"]["ops"]["kernels"] / units["plain_step"]["ops"]["kernels"], 3),
+            units["ours_eager_iteration" if config.compile != "off" else "ours_iteration"]
+            ["ops"]["kernels"] / units["plain_step"]["ops"]["kernels"], 3),
         "compiled_vs_eager_iteration": round(ours_ms / units["ours_eager_iteration"]["ms"], 3)
         if "ours_eager_iteration" in units else None,
+        # How far the compiled update is from the eager one, relative to the largest eager
+        # entry: rounding gives ~1e-6 in fp32; more means the compiled gradient is wrong.
+        "compiled_vs_eager_update_error": _relative_error(*updates) if len(updates) == 2
+        else None,
         # CPU peak memory is the process's lifetime maximum: only a GPU gives a ratio.
         "reference_vs_ours_peak_memory": round(units["reference_iteration"]["peak_mb"]
                                                / units["ours_iteration"]["peak_mb"], 3)
@@ -229,6 +243,12 @@ def _end_to_end(denoiser, prompt, triplets, loss, base, worst, one_iter, clock, 
     out["ratios"] = {k: round(out[k]["seconds"] / p, 2)
                      for k in ("steered_worst_case", "steered_one_iteration")}
     return out
+
+
+def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| / max |b| (0 when both are 0)."""
+    scale = b.float().abs().max().item()
+    return float(f"{(a.float() - b.float()).abs().max().item() / (scale or 1.0):.3g}")
 
 
 def _device_name(device: torch.device) -> str:

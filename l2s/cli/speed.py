@@ -92,7 +92,8 @@ def speed(
     for name, u in report["units"].items():
         table.add_row(name, f"{u['ms']:.1f}", f"{u.get('forward_ms', 0):.1f}",
                       f"{u.get('backward_ms', 0):.1f}", f"{u['peak_mb']:.0f}",
-                      str(u["ops"]["kernels"]), str(u["ops"]["host_reads"]))
+                      *((str(u["ops"]["kernels"]), str(u["ops"]["host_reads"])) if "ops" in u
+                        else ("-", "-")))
     console.print(table)
     r = report["ratios"]
     console.print(f"iteration / plain step: x{r['ours_iteration_vs_plain_step']} time, "
@@ -102,7 +103,9 @@ def speed(
                      if r["reference_vs_ours_peak_memory"] else ""))
     if compile != "off":
         console.print(f"compiled ({compile}) / eager iteration: "
-                      f"x{r['compiled_vs_eager_iteration']}; the first compiled iteration took "
+                      f"x{r['compiled_vs_eager_iteration']} time, update error "
+                      f"{r['compiled_vs_eager_update_error']:.2g} (rounding: ~1e-6 fp32, ~1e-3 "
+                      "fp16); the first compiled iteration took "
                       f"{report['units']['ours_iteration']['warmup_ms'] / 1000:.1f} s "
                       "(compilation, not in the times); plain steps and the reference-style "
                       "loop run eager")
