@@ -25,7 +25,9 @@ line = (f"{r['model']} {sys.argv[1].split('_', 2)[-1][:-5]}: plain {u['plain_ste
         f"reference {u['reference_iteration']['ms']:.1f} ms")
 if r["config"].get("compile", "off") != "off":
     line += (f", eager {u['ours_eager_iteration']['ms']:.1f} ms (compiled / eager "
-             f"x{q['compiled_vs_eager_iteration']}), compile {u['ours_iteration']['warmup_ms'] / 1000:.0f} s")
+             f"x{q['compiled_vs_eager_iteration']}, update error "
+             f"{q['compiled_vs_eager_update_error']:.2g}), "
+             f"compile {u['ours_iteration']['warmup_ms'] / 1000:.0f} s")
 e = r.get("end_to_end")
 if e:
     line += (f"; end to end: plain {e['plain']['seconds']:.2f} s, 1 it/step "
