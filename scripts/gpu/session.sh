@@ -7,8 +7,9 @@
 #   a-flux     issue 11: the gpu test of SDPA kernel selection, then `l2s speed` flux-schnell
 #              with random weights and NO cuDNN wrapper (it crashed in backward before l2s
 #              chose the kernels itself; docs/results.md "cuDNN attention breaks")
-#   b-sd       issue 15: SD2.1-base 512 px units (default, channels-last, full-forward), the
-#              iteration regression (118 ms H200 vs 65 ms H100 before the engine refactor)
+#   b-sd       issue 15: SD2.1-base 512 px units with --compile reduce-overhead (torch.compile +
+#              CUDA graphs: the lever for a launch-bound iteration); the same run times the
+#              eager iteration too and the compiled update's error against it
 #   b-regress  issue 15: SD2.1 512 px units on main and on commit 4bf2d5d (the 65 ms H100 run)
 #              side by side on this one GPU, if that commit's l2s was carried in .old/ (see
 #              scripts/gpu/README.md); same op counts on a CPU, so a gap here is the machine
@@ -48,7 +49,7 @@ part_a() {
     --units-only --out "$SCR/flux-schnell-256.json"
 }
 part_b() {
-  OUT=$SCR MODELS=sd2.1-base VARIANTS="default channels-last full-forward" E2E=0 \
+  OUT=$SCR MODELS=sd2.1-base VARIANTS="compile-cudagraphs" E2E=0 \
     bash scripts/gpu/speed_sd.sh
 }
 part_b_regress() {
@@ -104,7 +105,7 @@ if [ "$DRY" != 1 ]; then
   } > "$SUMMARY"
 fi
 run_part a-flux part_a 170
-run_part b-sd part_b 120
+run_part b-sd part_b 200
 run_part b-regress part_b_regress 90
 run_part c-import part_c 120
 run_part d-detect part_d 90
