@@ -383,3 +383,34 @@ def test_text_length_follows_a_card_only_where_the_backbone_can(flux_pipe):
     den.set_text_len(TINY_T5_TOKENS)  # the module's pipeline is shared: put it back
     with pytest.raises(SteerError, match="over 512 text tokens.*fixed by its text encoder"):
         use_card_text_len(load_backbone("toy-mmdit"), {"text_len": 512}, "card.json")
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_compiled_steering_forward_traces_without_a_graph_break(family, flux_pipe, sd3_pipe,
+                                                                monkeypatch):
+    """``--compile`` on an MMDiT: dynamo traces the steering forward (maps only) in one graph
+    and the update is the eager one. Fails if ``model_output`` reads the timestep's value
+    (``float(t)`` of the tensor the compiled path passes breaks the graph at every forward).
+    Dynamo's "eager" backend: the tracing is checked, not Inductor (test_compiled does that)."""
+    from torch._dynamo.utils import counters
+
+    import l2s.engine.compiled as compiled
+    from l2s.engine.sampling import seeded_latents
+    from l2s.relations import parse
+    from l2s.steering import CentroidLoss, Steerer, SteerSettings
+
+    den = flux_denoiser(flux_pipe) if family == "flux" else sd3_denoiser(sd3_pipe)
+    torch._dynamo.reset()
+    monkeypatch.setitem(compiled._compiled, ("default", "cpu"), torch.compile(
+        compiled._maps_forward, backend="eager", dynamic=False))
+    x, moved = seeded_latents(den, [0]), {}
+    for mode in ("off", "default"):
+        s = SteerSettings(steps=3, guidance=1.0, steer_until=1, iterations=2, compile=mode,
+                          threshold_start=-1.0, threshold_end=-1.0, truncate_forward=False)
+        st = Steerer(den, [PROMPT], [parse(PROMPT)], CentroidLoss(margin=0.3), s)
+        counters.clear()
+        with st.recorder() as rec:
+            moved[mode] = st.update(rec, x, den.timesteps(3)[0], 0) - x
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert moved["off"].abs().max() > 0
+    torch.testing.assert_close(moved["default"], moved["off"], rtol=1e-4, atol=1e-6)

@@ -115,7 +115,7 @@ class FluxDenoiser(MMDiTDenoiser):
         if self.guidance_mode == "embedded":
             scale = self.default_guidance if guidance is None else guidance
             g = torch.full((b,), float(scale), device=self.device, dtype=torch.float32)
-        timestep = torch.full((b,), float(t), device=self.device, dtype=latents.dtype) / 1000
+        timestep = self._timesteps(t, b, latents.dtype) / 1000
         return self.transformer(
             hidden_states=latents, timestep=timestep, guidance=g,
             pooled_projections=cond["pooled"], encoder_hidden_states=cond["states"],

@@ -137,6 +137,14 @@ class MMDiTDenoiser(Denoiser):
     def _make_capture(self, layer, original, sink, explicit: bool = False):
         raise NotImplementedError
 
+    def _timesteps(self, t, batch: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """(batch,) copies of timestep t on the device: filled there from a Python number (no
+        host-to-device copy), expanded from a 0-d tensor (``--compile`` passes one: reading
+        its value with ``float()`` would break the compiled graph at every forward)."""
+        if isinstance(t, torch.Tensor):
+            return t.to(self.device, dtype or torch.float32).expand(batch)
+        return torch.full((batch,), float(t), device=self.device, dtype=dtype)
+
     def _vae_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Our latents -> the VAE's (B, C, h, w) (identity unless packed)."""
         return latents

@@ -90,7 +90,7 @@ class SD3Denoiser(MMDiTDenoiser):
                              "pooled": torch.cat(pooled, dim=-1).to(self.device, self.dtype)})
 
     def model_output(self, latents, t, cond, guidance):
-        timestep = torch.full((latents.shape[0],), float(t), device=self.device)
+        timestep = self._timesteps(t, latents.shape[0])
         return self.transformer(hidden_states=latents, timestep=timestep,
                                 encoder_hidden_states=cond["states"],
                                 pooled_projections=cond["pooled"], return_dict=False)[0]
