@@ -290,6 +290,9 @@ class Steerer:
         self.timer = RegionTimer(denoiser.device)
         self.spent = [0] * len(self.groups)  # iterations each image has used (for the budget)
         self._weights: torch.Tensor | None = None
+        # "worst"/"sum": each row set's (R, n_max) index of its relations' losses, on the
+        # device, built when the rows change (not at every iteration: a copy to the device)
+        self._loss_tables: dict[tuple[int, ...], torch.Tensor] = {}
 
     def token_weights(self, rows: Sequence[int]) -> torch.Tensor:
         """The recorder's token weights (len(rows), T, G) of these images, on the device.
@@ -393,11 +396,15 @@ def _relation_losses(st: Steerer, maps: torch.Tensor, images: Sequence[int], it:
     if schedule == "round-robin":
         return loss, loss, p, sel
     # (R, n_max) table of each image's relation losses, padded with a loss of 0 (holds)
-    per_row: list[list[int]] = [[] for _ in images]
-    for k, a in enumerate(owner):
-        per_row[a].append(k)
-    n_max, pad = max(len(ks) for ks in per_row), len(owner)
-    idx = torch.tensor([ks + [pad] * (n_max - len(ks)) for ks in per_row], device=loss.device)
+    idx = st._loss_tables.get(tuple(images))
+    if idx is None:
+        per_row: list[list[int]] = [[] for _ in images]
+        for k, a in enumerate(owner):
+            per_row[a].append(k)
+        n_max, pad = max(len(ks) for ks in per_row), len(owner)
+        idx = torch.tensor([ks + [pad] * (n_max - len(ks)) for ks in per_row],
+                           device=loss.device)
+        st._loss_tables[tuple(images)] = idx
     table = torch.cat((loss, loss.new_zeros(1)))[idx]
     worst = table.max(1).values
     steer = worst if schedule == "worst" else (table * (table.detach() > threshold)).sum(1)

@@ -14,7 +14,11 @@ def test_op_counter_counts_kernels_not_views_and_host_reads():
     got = c.counts()
     assert got["kernels"] == 3  # catches views counted as launches, or ops missed
     assert got["host_reads"] == 1  # catches .item() going uncounted
-    assert got["total"] == 6 and got["device_to_host"] == 0
+    assert got["total"] == 6 and got["device_to_host"] == 0 and got["host_tensors"] == 0
+    with OpCounter() as c:
+        torch.tensor([1.0, 2.0])  # made from Python data: a copy from the host on a GPU
+        torch.full((2,), 1.0)  # filled by a kernel: no copy
+    assert c.counts()["host_tensors"] == 1
 
 
 def test_op_counter_sees_the_backward_pass():

@@ -83,17 +83,23 @@ class OpCounter(TorchDispatchMode):
     kernel launches; ``host_reads`` counts reads of a tensor's value by the host (``.item()``,
     ``bool(t)``, ``int(t)``), each of which synchronises a GPU. ``.tolist()`` and ``.cpu()`` of
     a CUDA tensor are counted as ``device_to_host`` copies (a CPU run has none).
+    ``host_tensors`` counts tensors made from Python data (``torch.tensor(...)``): made on a
+    GPU, each is a copy from the host, which synchronises it (on a CPU run they are counted
+    wherever they are made).
     """
 
     def __init__(self) -> None:
         super().__init__()
         self.total = self.kernels = self.host_reads = self.device_to_host = 0
+        self.host_tensors = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         self.total += 1
         if func is torch.ops.aten._local_scalar_dense.default:
             self.host_reads += 1
+        elif func is torch.ops.aten.lift_fresh.default:
+            self.host_tensors += 1
         elif not func.is_view and func not in _METADATA_OPS:
             self.kernels += 1
             if (func is torch.ops.aten._to_copy.default and isinstance(out, torch.Tensor)
@@ -104,7 +110,7 @@ class OpCounter(TorchDispatchMode):
 
     def counts(self) -> dict:
         return {"total": self.total, "kernels": self.kernels, "host_reads": self.host_reads,
-                "device_to_host": self.device_to_host}
+                "device_to_host": self.device_to_host, "host_tensors": self.host_tensors}
 
 
 class RegionTimer:

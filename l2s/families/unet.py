@@ -236,6 +236,15 @@ class UNetDenoiser(Denoiser):
         return Conditioning({"states": emb.to(self.dtype)})
 
     def model_output(self, latents, t, cond, guidance):
+        if not isinstance(t, torch.Tensor):
+            # A Python timestep makes diffusers copy it to the device (torch.tensor), which
+            # synchronises a GPU at every forward; a fill launched on the device does not.
+            # The dtype is the one diffusers would give it (get_time_embed).
+            from diffusers.utils.torch_utils import maybe_adjust_dtype_for_device
+
+            dtype = torch.float64 if isinstance(t, float) else torch.int64
+            t = torch.full((), t, device=latents.device,
+                           dtype=maybe_adjust_dtype_for_device(dtype, latents.device))
         return self.unet(latents, t, encoder_hidden_states=cond["states"]).sample
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
