@@ -10,8 +10,9 @@ from collections.abc import Sequence
 
 from l2s.engine.backbone import BackboneError
 from l2s.families.unet import UNetDenoiser
+from l2s.losses import RelationLoss
 from l2s.relations import parse
-from l2s.steering import RelationLoss, Steerer, SteerSettings
+from l2s.steering import Steerer, SteerSettings
 
 
 class PipelineSteerer:

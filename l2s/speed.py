@@ -32,8 +32,9 @@ import torch
 from l2s.engine.backbone import Denoiser
 from l2s.engine.sampling import guided_prediction, sample, seeded_latents
 from l2s.engine.timing import Clock
+from l2s.losses import RelationLoss
 from l2s.relations import parse
-from l2s.steering import RelationLoss, Steerer, steer_latents
+from l2s.steering import Steerer, steer_latents
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,7 @@ def timing_loss(denoiser: Denoiser, model: str, classifier: str | None) -> tuple
     """
     from l2s.classifier import ClassifierConfig, RelationClassifier
     from l2s.jobs.steer import SteerError, build_loss
-    from l2s.steering import ClassifierLoss
+    from l2s.losses import ClassifierLoss
 
     try:
         loss, card = build_loss("l2s", denoiser, model, classifier)

@@ -24,6 +24,7 @@ from l2s.engine.registry import SteerDefaults
 from l2s.engine.sampling import sample
 from l2s.engine.timing import RegionTimer
 from l2s.engine.tokens import triplet_tokens
+from l2s.losses import RelationLoss
 from l2s.relations import Triplet
 
 OPTIMIZERS = ("sgd", "adam", "normalized")
@@ -90,85 +91,6 @@ class SteerSettings:
     def threshold(self, step: int) -> float:
         f = min(step / self.threshold_ramp, 1.0) if self.threshold_ramp else 1.0
         return self.threshold_start + f * (self.threshold_end - self.threshold_start)
-
-
-class RelationLoss:
-    """A loss on (B, 2, C, S, S) subject/object maps against wanted relations, per image."""
-
-    name = "loss"
-    # How the recorder must bring maps to S x S for this loss: (maps, S) -> maps; None: the
-    # recorder's own resizing (what `l2s invert` caches).
-    resize: Callable[[torch.Tensor, int], torch.Tensor] | None = None
-
-    def __call__(self, maps: torch.Tensor, t: int, relations: Sequence[str], *, step: int
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(loss (B,), p_target (B,)): the loss and how sure it is the relation holds, at
-        sampling timestep ``t``, denoising step index ``step``."""
-        raise NotImplementedError
-
-
-class ClassifierLoss(RelationLoss):
-    """Cross-entropy of the learned relation classifier (the L2S loss), over all its classes.
-
-    ``time_fn(t, step)`` gives the network's time input; ``order`` (classifier channel c <-
-    recorded channel order[c]) and ``resize`` adapt the recorded maps to the layout the
-    classifier was trained on (``l2s.map_layout``).
-    """
-
-    name = "l2s"
-
-    def __init__(self, model: torch.nn.Module, classes: Sequence[str],
-                 time_fn: Callable[[int, int], int], *, order: Sequence[int] | None = None,
-                 resize: Callable[[torch.Tensor, int], torch.Tensor] | None = None) -> None:
-        self.model, self.classes, self.time_fn = model, list(classes), time_fn
-        self.order = None if order is None else torch.tensor(list(order))
-        self.resize = resize
-        self._targets: dict = {}
-
-    def _target(self, relations: tuple[str, ...], device: torch.device) -> torch.Tensor:
-        """Class indices on the device, made once per relation list (no copy per iteration)."""
-        key = (relations, device)
-        if key not in self._targets:
-            self._targets[key] = torch.tensor([self.classes.index(r) for r in relations],
-                                              device=device)
-        return self._targets[key]
-
-    def __call__(self, maps, t, relations, *, step):
-        target = self._target(tuple(relations), maps.device)
-        if self.order is not None:
-            if self.order.device != maps.device:
-                self.order = self.order.to(maps.device)  # once: no copy per iteration
-            maps = maps.index_select(2, self.order)
-        tt = torch.full((maps.shape[0],), self.time_fn(t, step), device=maps.device)
-        logits = self.model(maps.float(), tt).float()
-        loss = torch.nn.functional.cross_entropy(logits, target, reduction="none")
-        p = logits.softmax(-1).gather(1, target[:, None])[:, 0]
-        return loss, p.detach()
-
-
-class CentroidLoss(RelationLoss):
-    """Hand-crafted baseline: push the attention centroids apart in the wanted direction.
-
-    loss = relu(margin - signed centroid offset along the relation's axis), in map widths.
-    """
-
-    name = "centroid"
-
-    def __init__(self, margin: float = 0.25) -> None:
-        self.margin = margin
-
-    def __call__(self, maps, t, relations, *, step):
-        m = maps.float().mean(2)  # (B, 2, S, S): average over layers and heads
-        m = m / m.sum((-2, -1), keepdim=True).clamp_min(1e-12)
-        s = m.shape[-1]
-        coords = (torch.arange(s, device=m.device, dtype=torch.float32) + 0.5) / s
-        cx = (m.sum(-2) * coords).sum(-1)  # (B, 2)
-        cy = (m.sum(-1) * coords).sum(-1)
-        sign = {"left of": (cx, 1), "right of": (cx, -1), "above": (cy, 1), "below": (cy, -1)}
-        gaps = torch.stack([sign[r][1] * (sign[r][0][b, 1] - sign[r][0][b, 0])
-                            for b, r in enumerate(relations)])  # > 0 when the relation holds
-        loss = torch.relu(self.margin - gaps)
-        return loss, (gaps > 0).float()
 
 
 @dataclass
@@ -418,8 +340,9 @@ def _steer_step(st: Steerer, rec: AttentionRecorder, x: torch.Tensor, t: int, st
 
     Each iteration forwards only the images whose loss is still over the threshold (and whose
     budget is not spent): an image that stopped leaves the batch, so it neither moves again nor
-    costs a forward. Losses, the NaN guard and the optimiser state stay on the device; the one
-    host read per iteration is the mask of images that go on.
+    costs a forward. Losses, the NaN guard and the optimiser state stay on the device; the
+    host reads the mask of images that go on once per iteration, and the step's counters and
+    losses once at its end.
     """
     settings, stats, timer = st.settings, st.stats, st.timer
     record = StepRecord(step, t=float(t))
@@ -500,21 +423,25 @@ def _steer_step(st: Steerer, rec: AttentionRecorder, x: torch.Tensor, t: int, st
             for r in rows:
                 st.spent[active[r]] += 1
         timings.append((fwd, bwd, timer.stop(t2)))
-    if st.denoiser.device.type == "cuda":
-        torch.cuda.synchronize()  # CUDA events are read only after the work finished
+    n_skipped = 0
+    if loss_first is not None:
+        # The step's one read of the device, after its last iteration: counters, mean losses
+        # and p(target) in one copy. It waits for the step's work, so the timers' CUDA events
+        # are complete when they are read below.
+        its, updates, n_skipped, l0, l1, p1 = torch.stack([
+            v.double() for v in (applied_iterations, applied, skipped, loss_first.mean(),
+                                 loss_last.mean(), p_last.mean())]).tolist()
+        record.iterations, record.image_updates = int(its), int(updates)
+        record.loss_before, record.loss_after, record.p_target = l0, l1, p1
+        n_skipped = int(n_skipped)
     record.forward_ms = sum(f() for f, _, _ in timings)
     record.backward_ms = sum(b() for _, b, _ in timings if b is not None)
     record.update_ms = sum(u() for _, _, u in timings if u is not None)
-    record.iterations, record.image_updates = int(applied_iterations), int(applied)
-    n_skipped = int(skipped)
     if n_skipped:
         stats.skipped_updates += n_skipped
         if not stats.warnings:
             stats.warnings.append("non-finite gradient: update skipped (counted in "
                                   "skipped_updates)")
-    if loss_first is not None:
-        record.loss_before = loss_first.mean().item()
-        record.loss_after, record.p_target = loss_last.mean().item(), p_last.mean().item()
     stats.steps.append(record)
     if keep and maps_last is not None:
         stats.attention.append((step, before, maps_last))

@@ -16,8 +16,9 @@ import torch
 
 from l2s.engine.backbone import Denoiser
 from l2s.engine.sampling import sample, to_uint8
+from l2s.losses import RelationLoss
 from l2s.relations import Triplet
-from l2s.steering import RelationLoss, Steerer, SteerSettings, SteerStats
+from l2s.steering import Steerer, SteerSettings, SteerStats
 
 # images (B, H, W, 3) in [0, 1] -> whether each shows its prompt's relations
 Check = Callable[[torch.Tensor], list[bool]]

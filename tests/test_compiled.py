@@ -11,8 +11,9 @@ import torch
 
 from l2s.engine.compiled import compiled_maps
 from l2s.engine.sampling import seeded_latents
+from l2s.losses import CentroidLoss
 from l2s.relations import parse
-from l2s.steering import CentroidLoss, Steerer, SteerSettings, steer_latents
+from l2s.steering import Steerer, SteerSettings, steer_latents
 
 PROMPT = "a circle left of a square"
 

@@ -396,8 +396,9 @@ def test_compiled_steering_forward_traces_without_a_graph_break(family, flux_pip
 
     import l2s.engine.compiled as compiled
     from l2s.engine.sampling import seeded_latents
+    from l2s.losses import CentroidLoss
     from l2s.relations import parse
-    from l2s.steering import CentroidLoss, Steerer, SteerSettings
+    from l2s.steering import Steerer, SteerSettings
 
     den = flux_denoiser(flux_pipe) if family == "flux" else sd3_denoiser(sd3_pipe)
     torch._dynamo.reset()

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from l2s.engine.sampling import seeded_latents
+from l2s.losses import CentroidLoss
 from l2s.relations import parse
-from l2s.steering import CentroidLoss, Steerer, SteerSettings, _Optimizer, steer_latents
+from l2s.steering import Steerer, SteerSettings, _Optimizer, steer_latents
 
 
 class Spy(CentroidLoss):
@@ -250,9 +251,11 @@ def test_host_syncs_per_step_do_not_grow_with_iterations(den, schedule):
     """Every extra host read or tensor made from host data inside an iteration stalls a GPU
     once per iteration (the SD2.1 iteration went 96.6 -> 65.4 ms on an H100 when three were
     removed). The loop reads the device once per iteration by design (``.tolist()`` of the
-    go-on mask, a device-to-host copy on a GPU, not a dispatched op on a CPU); everything else
-    happens once per step. Fails if a forward gets its timestep from the host (diffusers
-    copies a Python timestep to the device) or "sum" rebuilds its loss table every iteration."""
+    go-on mask, a device-to-host copy on a GPU, not a dispatched op on a CPU), and the step's
+    counters and losses once, in one ``.tolist()``. Fails if a forward gets its timestep from
+    the host (diffusers copies a Python timestep to the device), if "sum" rebuilds its loss
+    table every iteration, or if the step reads a counter or loss on its own (``.item()``,
+    ``int(t)``: one sync each; the step used to read six)."""
     from l2s.engine.timing import OpCounter
 
     p = "a dog left of a cat"
@@ -263,8 +266,10 @@ def test_host_syncs_per_step_do_not_grow_with_iterations(den, schedule):
                           relation_schedule=schedule,
                           threshold_start=-1.0, threshold_end=-1.0)  # no early exit
         st = Steerer(den, [p], [parse(p)], CentroidLoss(margin=0.3), s)
+        t = den.timesteps(3)[0]
         with st.recorder() as rec, OpCounter() as c:
-            st.update(rec, x, den.timesteps(3)[0], 0)
+            st.update(rec, x, t, 0)
         assert st.stats.steps[-1].iterations == n
         syncs[n] = {k: c.counts()[k] for k in ("host_reads", "host_tensors")}
     assert syncs[4] == syncs[1]
+    assert syncs[1]["host_reads"] == 0

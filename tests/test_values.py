@@ -6,8 +6,9 @@ import torch
 
 from l2s.engine.hooks import AttentionRecorder, resize_maps
 from l2s.engine.sampling import seeded_latents
+from l2s.losses import RelationLoss
 from l2s.relations import parse
-from l2s.steering import RelationLoss, Steerer, SteerSettings
+from l2s.steering import Steerer, SteerSettings
 
 
 # --- attention capture ---------------------------------------------------------------------

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from l2s.engine.sampling import seeded_latents
+from l2s.losses import CentroidLoss
 from l2s.relations import parse
-from l2s.steering import CentroidLoss, SteerSettings, steer_latents
+from l2s.steering import SteerSettings, steer_latents
 from l2s.verify import generate_verified
 
 PROMPTS = ["a dog left of a cat", "a cat above a bowl"]

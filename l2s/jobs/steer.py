@@ -15,16 +15,9 @@ from l2s.engine.compiled import COMPILE_MODES
 from l2s.engine.registry import steer_defaults
 from l2s.engine.sampling import sample, seeded_latents, to_uint8
 from l2s.engine.timing import Clock, peak_memory_mb
+from l2s.losses import CentroidLoss, ClassifierLoss, RelationLoss
 from l2s.relations import Triplet, parse
-from l2s.steering import (
-    OPTIMIZERS,
-    CentroidLoss,
-    ClassifierLoss,
-    RelationLoss,
-    SteerSettings,
-    SteerStats,
-    steer_latents,
-)
+from l2s.steering import OPTIMIZERS, SteerSettings, SteerStats, steer_latents
 
 STEER_METHODS = ("l2s", "centroid", "plain")
 
