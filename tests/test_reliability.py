@@ -85,6 +85,19 @@ def test_bench_batch_size_zero_leaves_no_files(tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("args, needle", [
+    (["--model", "nosuch-model"], "unknown model 'nosuch-model'"),
+    (["--method", "l2s", "--classifier", "nosuch/card.json"], "no classifier card at"),
+])
+def test_bench_that_cannot_load_leaves_no_files(tmp_path, args, needle):
+    # Was: config.json (and metadata) written before the backbone and the classifier loaded,
+    # so the rerun with the mistake fixed was refused as "a run with other settings".
+    out = tmp_path / "b"
+    r = runner.invoke(app, ["bench", "--prompts", "1", "--out", str(out), *args])
+    _clean_error(r, needle)
+    assert not out.exists()
+
+
 # --- 2. environment ------------------------------------------------------------------------
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_device_variable_is_checked_and_doctor_honours_it(monkeypatch):

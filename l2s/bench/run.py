@@ -160,17 +160,31 @@ def run_bench(cfg: BenchConfig, denoiser: Denoiser | None = None,
     done = {(r["method"], r["prompt_index"], r["image_index"]) for r in records}
     jobs = [(p, k) for p in mine for k in range(cfg.images)]
     left = {p.index: p for m in cfg.methods for p, k in jobs if (m, p.index, k) not in done}
-    # A detector (or the colour model of a suite with colour clauses) that cannot load fails
-    # here: before any generation, and before config.json pins the settings of --out. A
-    # finished run (nothing left to generate or score) loads neither.
+    # Work left per method: images to generate, and images saved but unscored (a kill between
+    # the two), which are scored, not regenerated.
+    todo, saved, fresh = {}, {}, {}
+    for m in cfg.methods:
+        todo[m] = [(p, k) for p, k in jobs if (m, p.index, k) not in done]
+        saved[m] = [(p, k) for p, k in todo[m] if store.image_path(out, m, p.index, k).exists()]
+        on_disk = {(p.index, k) for p, k in saved[m]}
+        fresh[m] = [(p, k) for p, k in todo[m] if (p.index, k) not in on_disk]
+    # What cannot load fails here, before any generation and before config.json pins the
+    # settings of --out (a rerun with the mistake fixed is then not refused as "other
+    # settings"): the detector, the colour model of a suite with colour clauses, the backbone
+    # and each method's loss (its classifier). A finished run loads none of them.
+    # Every method that has images to generate is set up before the first generation: setting
+    # up l2s may set the backbone's text length from its classifier's card
+    # (``use_card_text_len``), and every method must then encode its prompts alike (same
+    # seeds, same conditioning).
     if left and detector is None:
         _ = lazy.detector
     if colors is None and any("color" in r for p in left.values()
                               for r in p.metadata.get("include", [])):
         lazy.colors()
+    generators = {m: lazy.method(m) for m in cfg.methods if fresh[m]}
     store.write_config(out, asdict(cfg), cfg.identity())
     results = out / store.results_name(cfg.shard)
-    counts, queues, generators = {}, {}, {}
+    counts, queues = {}, {}
 
     def scored(method: str, p: BenchPrompt, k: int, seconds: tuple[float, float],
                img: np.ndarray, text_len: int | None = None) -> None:
@@ -186,34 +200,23 @@ def run_bench(cfg: BenchConfig, denoiser: Denoiser | None = None,
             callback({"method": method, "done": counts[method], "total": len(jobs)})
 
     for method in cfg.methods:
-        todo = [(p, k) for p, k in jobs if (method, p.index, k) not in done]
-        counts[method] = len(jobs) - len(todo)
+        counts[method] = len(jobs) - len(todo[method])
         if callback:
             callback({"method": method, "done": counts[method], "total": len(jobs)})
-        for p in {p.index: p for p, _ in todo}.values():
+        for p in {p.index: p for p, _ in todo[method]}.values():
             store.write_metadata(out, method, p.index, p.metadata)
-        # Saved but unscored images (a kill between the two) are scored, not regenerated.
-        saved = [(p, k) for p, k in todo if store.image_path(out, method, p.index, k).exists()]
-        skip = {(p.index, k) for p, k in saved}
-        fresh = [(p, k) for p, k in todo if (p.index, k) not in skip]
-        for p, k in saved:
+        for p, k in saved[method]:
             img, text = store.load_image(store.image_path(out, method, p.index, k))
             seconds = (float(text.get("l2s-seconds", "nan")),
                        float(text.get("l2s-cpu-seconds", "nan")))
             scored(method, p, k, seconds, img)
         # Batches never mix tasks more than the order of the suite does.
-        queues[method] = [fresh[i:i + cfg.batch_size]
-                          for i in range(0, len(fresh), cfg.batch_size)]
+        queues[method] = [fresh[method][i:i + cfg.batch_size]
+                          for i in range(0, len(fresh[method]), cfg.batch_size)]
     # The methods take turns batch by batch, so a machine that gets busier or quieter during
     # the run slows them alike and seconds_vs_plain stays a side-by-side ratio. cpu_seconds
     # (this process's CPU time) is the fairer ratio for a one-thread CPU run on a shared
     # machine; on a GPU it counts host time only.
-    # Every method that has batches is set up before the first generation: setting up l2s may
-    # set the backbone's text length from its classifier's card (``use_card_text_len``), and
-    # every method must then encode its prompts alike (same seeds, same conditioning).
-    for method, batches in queues.items():
-        if batches:
-            generators[method] = lazy.method(method)
     for turn in zip_longest(*queues.values()):
         for method, batch in zip(queues, turn, strict=True):
             if batch is None:
