@@ -215,6 +215,16 @@ class Steerer:
         # "worst"/"sum": each row set's (R, n_max) index of its relations' losses, on the
         # device, built when the rows change (not at every iteration: a copy to the device)
         self._loss_tables: dict[tuple[int, ...], torch.Tensor] = {}
+        self._indices: dict[tuple[int, ...], torch.Tensor] = {}
+
+    def index(self, positions: Sequence[int]) -> torch.Tensor:
+        """``positions`` as an index tensor on the device, copied there once per distinct list:
+        every steered step gathers the same images, and on a GPU each copy of a Python list
+        waits for the device."""
+        key = tuple(positions)
+        if key not in self._indices:
+            self._indices[key] = torch.tensor(key, dtype=torch.long, device=self.denoiser.device)
+        return self._indices[key]
 
     def token_weights(self, rows: Sequence[int]) -> torch.Tensor:
         """The recorder's token weights (len(rows), T, G) of these images, on the device.
@@ -223,7 +233,7 @@ class Steerer:
         if self._weights is None:
             seq_len = self.cond["states"].shape[1]
             self._weights = token_weights(self.groups, seq_len).to(self.denoiser.device)
-        return self._weights[torch.tensor(list(rows), device=self.denoiser.device)]
+        return self._weights[self.index(rows)]
 
     @property
     def steered_steps(self) -> int:
@@ -353,7 +363,7 @@ def _steer_step(st: Steerer, rec: AttentionRecorder, x: torch.Tensor, t: int, st
         return x
     dev = x.device
     n_act = len(active)
-    aidx = torch.tensor(active, device=dev)
+    aidx = st.index(active)
     z_all = x[aidx].detach().clone()  # (A, C, h, w) current latents
     cond = st.cond.select(aidx)
     weights = st.token_weights(active)  # (A, T, G) on the device
@@ -373,7 +383,7 @@ def _steer_step(st: Steerer, rec: AttentionRecorder, x: torch.Tensor, t: int, st
         if not left:
             break
         if len(left) != len(rows):
-            rows, ridx = left, torch.tensor(left, device=dev)
+            rows, ridx = left, st.index(left)
         z = z_all[ridx].requires_grad_(True)
         t0 = timer.start()
         with torch.enable_grad():  # pipelines call back under no_grad
@@ -407,9 +417,9 @@ def _steer_step(st: Steerer, rec: AttentionRecorder, x: torch.Tensor, t: int, st
                 g = grad.float()
             else:  # the images under the threshold stop here and leave the batch
                 keep_rows = [k for k, gk in enumerate(go) if gk]
-                g = grad[torch.tensor(keep_rows, device=dev)].float()
+                g = grad[st.index(keep_rows)].float()
                 rows = [rows[k] for k in keep_rows]
-                ridx = torch.tensor(rows, device=dev)
+                ridx = st.index(rows)
             finite = torch.isfinite(g).flatten(1).all(1)  # (M,) NaN guard on the device
             g = torch.where(finite.view(-1, *[1] * (g.ndim - 1)), g, torch.zeros_like(g))
             skipped += (~finite).sum()

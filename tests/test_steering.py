@@ -254,8 +254,9 @@ def test_host_syncs_per_step_do_not_grow_with_iterations(den, schedule):
     go-on mask, a device-to-host copy on a GPU, not a dispatched op on a CPU), and the step's
     counters and losses once, in one ``.tolist()``. Fails if a forward gets its timestep from
     the host (diffusers copies a Python timestep to the device), if "sum" rebuilds its loss
-    table every iteration, or if the step reads a counter or loss on its own (``.item()``,
-    ``int(t)``: one sync each; the step used to read six)."""
+    table every iteration, if the step reads a counter or loss on its own (``.item()``,
+    ``int(t)``: one sync each; the step used to read six), or if every step copies its
+    images' indices to the device again."""
     from l2s.engine.timing import OpCounter
 
     p = "a dog left of a cat"
@@ -267,9 +268,14 @@ def test_host_syncs_per_step_do_not_grow_with_iterations(den, schedule):
                           threshold_start=-1.0, threshold_end=-1.0)  # no early exit
         st = Steerer(den, [p], [parse(p)], CentroidLoss(margin=0.3), s)
         t = den.timesteps(3)[0]
-        with st.recorder() as rec, OpCounter() as c:
-            st.update(rec, x, t, 0)
+        with st.recorder() as rec:
+            with OpCounter() as c:
+                st.update(rec, x, t, 0)
+            with OpCounter() as again:  # the next steered step, the same images
+                st.update(rec, x, t, 1)
         assert st.stats.steps[-1].iterations == n
         syncs[n] = {k: c.counts()[k] for k in ("host_reads", "host_tensors")}
+        # The images' indices were copied to the device at the first step, not again.
+        assert again.counts()["host_tensors"] == 0
     assert syncs[4] == syncs[1]
     assert syncs[1]["host_reads"] == 0
