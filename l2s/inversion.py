@@ -6,11 +6,13 @@ inversion) and a rectified-flow family (Euler inversion), and noises either.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
+from l2s.config import check_number
 from l2s.engine.backbone import Conditioning, Denoiser
 from l2s.engine.hooks import AttentionRecorder
 from l2s.engine.sampling import denoise
@@ -35,6 +37,9 @@ class InversionConfig:
         if self.method not in INVERSION_METHODS:
             raise ValueError(f"unknown inversion {self.method!r}: use one of "
                              f"{', '.join(INVERSION_METHODS)}")
+        check_number("--steps", self.steps, 1)
+        check_number("--fixed-point", self.fixed_point, 0)
+        check_number("--min-psnr", self.min_psnr, -math.inf)
         bad = [s for s in self.record_steps if not 0 <= s < self.steps]
         if bad or not self.record_steps:
             raise ValueError(f"recorded steps {bad or '()'} must lie in 0..{self.steps - 1} "

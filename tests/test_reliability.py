@@ -67,9 +67,17 @@ def test_empty_prompt_is_an_error_and_same_object_prompts_warn():
     (["--limit", "0"], "--limit must be >= 1"),
     (["--batch-size", "0"], "--batch-size must be >= 1"),
     (["--data", "nosuch"], "--data must be one of gqa, folder, shapes, generated"),
+    # were: --steps 0 "recorded steps [0] must lie in 0..-1"; --per-relation 1,2 named
+    # "per_relation"; --fixed-point -1 and --min-psnr nan inverted (a nan threshold kept
+    # every image)
+    (["--steps", "0", "--timesteps", "0"], "--steps must be >= 1, got 0"),
+    (["--per-relation", "1,2"], "--per-relation takes three counts train,val,test >= 0"),
+    (["--fixed-point", "-1"], "--fixed-point must be >= 0, got -1"),
+    (["--min-psnr", "nan"], "--min-psnr must be a finite number, got nan"),
 ])
 def test_invert_refuses_bad_values(args, needle):
-    _clean_error(runner.invoke(app, ["invert", *args]), needle)
+    small = ["--limit", "1", "--steps", "2", "--timesteps", "1"]  # quick if it is not refused
+    _clean_error(runner.invoke(app, ["invert", *small, *args]), needle)
 
 
 def test_train_unknown_data_does_not_suggest_inverting_it():

@@ -57,6 +57,10 @@ class InvertConfig:
             raise ConfigError(f"--negatives {self.negatives}: a caption has only "
                               f"{len(RELATIONS) - 1} wrong relations, so at most "
                               f"{len(RELATIONS) - 1} distinct negatives per image")
+        if self.per_relation is not None and (
+                len(self.per_relation) != 3 or any(n < 0 for n in self.per_relation)):
+            raise ConfigError("--per-relation takes three counts train,val,test >= 0, got "
+                              f"{','.join(map(str, self.per_relation))}")
 
 
 @dataclass
