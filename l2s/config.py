@@ -55,9 +55,12 @@ def check_generation(*, steps: int | None = None, guidance: float | None = None,
         check_choice("--relation-schedule", relation_schedule, RELATION_SCHEDULES)
 
 
-def check_writable_dir(path: str | Path, option: str = "--out") -> None:
-    """Fail before any work if ``path`` (or the folder it would be made in) cannot be written."""
+def check_writable_dir(path: str | Path, option: str = "--out", *,
+                       given: str | Path | None = None) -> None:
+    """Fail before any work if ``path`` (or the folder it would be made in) cannot be written.
+    Messages quote ``given`` (default ``path``): the value the user passed to ``option``."""
     p = Path(path).expanduser()
+    path = path if given is None else given
     probe = p
     while not probe.exists():
         if probe.parent == probe:
@@ -73,6 +76,15 @@ def check_writable_dir(path: str | Path, option: str = "--out") -> None:
     except OSError as e:
         raise ConfigError(f"{option} {path} cannot be written ({probe}: {e.strerror}): pass a "
                           f"writable {option}") from None
+
+
+def check_writable_file(path: str | Path, option: str = "--out") -> None:
+    """Fail before any work if the file ``path`` cannot be written (its folder made)."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise ConfigError(f"{option} {path} is a folder: give a file name, e.g. "
+                          f"{p / 'report.json'}")
+    check_writable_dir(p.parent, option, given=path)
 
 
 def load_yaml(path: str | Path) -> dict:

@@ -135,6 +135,19 @@ def test_unwritable_out_is_found_before_generating(tmp_path, monkeypatch):
     assert called == []  # nothing was loaded, so nothing was generated and lost
 
 
+def test_speed_out_that_cannot_be_written_is_found_before_timing(tmp_path, monkeypatch):
+    # Was: a FileExistsError / IsADirectoryError traceback after the whole timing run.
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    called = []
+    monkeypatch.setattr("l2s.cli.speed.run_speed", lambda *a, **k: called.append(1))
+    _clean_error(runner.invoke(app, ["speed", "--out", str(blocker / "r.json")]),
+                 f"--out {blocker / 'r.json'}: {blocker} is a file, not a folder")
+    _clean_error(runner.invoke(app, ["speed", "--out", str(tmp_path)]),
+                 f"--out {tmp_path} is a folder: give a file name")
+    assert called == []
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
 def test_read_only_out_is_found_before_generating(tmp_path):
     ro = tmp_path / "ro"

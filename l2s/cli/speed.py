@@ -8,8 +8,10 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
+from l2s.cache import atomic_write_text
 from l2s.cli.options import compile_option, model_default_option
 from l2s.cli.output import console, emit_json, status, user_errors
+from l2s.config import check_writable_file
 from l2s.engine.backbone import BackboneError
 from l2s.speed import SpeedConfig, run_speed
 
@@ -65,6 +67,8 @@ def speed(
     than views; the same count on a CPU, where launch overhead cannot be timed) and its host
     reads (each one a GPU sync).
     """
+    if out:  # before the timing, which a report that cannot be written would waste
+        check_writable_file(out)
     cfg = SpeedConfig(model=model, prompt=prompt, random_weights=random_weights,
                       image_size=image_size, device=device, dtype=dtype, steps=steps,
                       steer_until=steer_until, iterations=iterations, repeats=repeats,
@@ -80,8 +84,9 @@ def speed(
 
         report = run_speed(cfg, on_unit=on_unit)
     if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(report, indent=2))
+        path = Path(out).expanduser()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(report, indent=2))
     if json_out:
         emit_json(report)
         return
