@@ -66,6 +66,10 @@ class ImportResult:
         return {"card": str(self.card_path), **{k: self.card[k] for k in keep}}
 
 
+_REDOWNLOAD = ("download it again (an interrupted or HTML download is a common cause) from the "
+               "L2S authors' release (docs/classifier.md, 'Published classifiers')")
+
+
 def read_checkpoint(path: str | Path) -> dict:
     """The checkpoint's dict, loaded with ``weights_only=True``; objects are refused, naming
     the first type the safe loader would not accept."""
@@ -77,13 +81,17 @@ def read_checkpoint(path: str | Path) -> dict:
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         m = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
-        what = m.group(1) if m else (str(e).strip().splitlines() or ['unknown'])[-1][:200]
+        if m is None:  # not a pickle of objects: not a checkpoint at all (text, HTML, ...)
+            raise ImportRefused(f"{p} is not a PyTorch checkpoint (the unpickler stopped "
+                                f"at its first bytes): {_REDOWNLOAD}") from e
+        what = m.group(1)
         raise ImportRefused(
             f"{p} holds a Python object of type {what}, not only tensors and plain data; "
             "l2s never unpickles objects (torch.load weights_only=True): re-save the "
             "checkpoint's dict with tensors, dicts, lists, str, int, float and bool only") from e
     except (RuntimeError, OSError, EOFError, zipfile.BadZipFile, ValueError) as e:
-        raise ImportRefused(f"{p} is not a readable PyTorch checkpoint ({one_line(e, 200)})") from e
+        raise ImportRefused(f"{p} is not a readable PyTorch checkpoint ({one_line(e, 200)}): "
+                            f"{_REDOWNLOAD}") from e
     if not isinstance(obj, Mapping):
         raise ImportRefused(f"{p} holds a {type(obj).__name__}, not the dict of an L2S "
                             f"checkpoint (keys {', '.join(REQUIRED_KEYS)})")

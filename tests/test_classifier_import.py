@@ -126,6 +126,18 @@ def test_refuses_a_pickle_holding_objects(tmp_path):
         read_checkpoint(_save(tmp_path, ckpt))
 
 
+@pytest.mark.parametrize("content", [b"<!DOCTYPE html><html>Sign in</html>", b"", b"PK\x03\x04"])
+def test_a_file_that_is_no_checkpoint_says_so(tmp_path, content):
+    # Was, for a text file: "holds a Python object of type Check the documentation of
+    # torch.load ...".
+    path = tmp_path / "sd2.pth"
+    path.write_bytes(content)
+    with pytest.raises(ImportRefused, match="is not a (readable )?PyTorch checkpoint.*"
+                                            "download it again") as e:
+        read_checkpoint(path)
+    assert "object of type" not in str(e.value)
+
+
 def test_refuses_weights_that_do_not_match_the_config(tmp_path, sd_folder):
     ckpt = make_checkpoint(rows=40)
     ckpt["config"]["extractor"]["num_layers"] = 1  # the file holds two layers
