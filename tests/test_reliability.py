@@ -43,6 +43,10 @@ def _clean_error(r, *needles: str) -> None:
     (["--iterations", "-1"], "--iterations must be >= 0"),
     (["--num-images", "0"], "--num-images must be >= 1"),
     (["--optimizer", "rmsprop"], "--optimizer must be one of sgd, adam"),
+    # were: nothing steered, exit 0 (the toy steers steps 1..4 of 20)
+    (["--steer-from", "50"], "--steer-from 50 leaves no step to steer: steering ends before "
+                             "step 5 (--steer-until 5 of 20 steps)"),
+    (["--steer-from", "3", "--steer-until", "0.1"], "--steer-from 3 leaves no step to steer"),
 ])
 def test_steer_refuses_bad_numbers_before_loading_anything(tmp_path, args, needle):
     out = tmp_path / "never"

@@ -152,11 +152,11 @@ def steer(
                           compile=compile, compare_plain=compare_plain,
                           save_attention=save_attention, out=out)
         check_writable_dir(out)  # before loading and generating: nothing is lost
+        s = steer_settings(model, steps=steps, steer_until=steer_until, steer_from=steer_from)
         with status(f"loading {model}", json_out):
             den = load_backbone(model, image_size=image_size)
         if show_tokens:
             console.print(_token_table(den, prompt))
-        s = steer_settings(model, steps=steps, steer_until=steer_until, steer_from=steer_from)
         n = max(s.steered_steps() - s.steer_from, 0)
         columns = (TextColumn("steering"), BarColumn(), MofNCompleteColumn(),
                    TextColumn("{task.fields[info]}"), TimeElapsedColumn())

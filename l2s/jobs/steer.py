@@ -9,7 +9,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from l2s.config import check_choice, check_generation, check_number, check_writable_dir
+from l2s.config import (
+    ConfigError,
+    check_choice,
+    check_generation,
+    check_number,
+    check_writable_dir,
+)
 from l2s.engine.backbone import BackboneError, Denoiser
 from l2s.engine.compiled import COMPILE_MODES
 from l2s.engine.registry import steer_defaults
@@ -116,7 +122,14 @@ def steer_settings(model: str, *, steps: int | None = None, guidance: float | No
     threshold = v.pop("loss_threshold")
     if threshold is not None:  # a fixed early exit; None: SteerSettings' schedule
         v.update(threshold_start=threshold, threshold_end=threshold)
-    return SteerSettings(**v, budget=budget, compile=compile)
+    settings = SteerSettings(**v, budget=budget, compile=compile)
+    last = settings.steered_steps()
+    if (steer_from is not None or steer_until is not None) and settings.steer_from >= last:
+        raise ConfigError(f"--steer-from {settings.steer_from} leaves no step to steer: steering "
+                          f"ends before step {last} (--steer-until {settings.steer_until:g} of "
+                          f"{settings.steps} steps); pass a --steer-from below {last} or a "
+                          "larger --steer-until")
+    return settings
 
 
 def generate(denoiser: Denoiser, prompts: list[str], triplets: list[list[Triplet]],
@@ -234,11 +247,6 @@ def steer(config: SteerConfig, denoiser: Denoiser | None = None, on_step=None) -
     triplets = parse(config.prompt)
     if config.out:  # before any work: a run whose images cannot be saved is lost
         check_writable_dir(config.out)
-    if denoiser is None:
-        from l2s.engine.loading import load_backbone
-
-        denoiser = load_backbone(config.model, image_size=config.image_size)
-    check_prompt(denoiser, triplets)
     settings = steer_settings(config.model, steps=config.steps, guidance=config.guidance,
                               steer_until=config.steer_until, iterations=config.iterations,
                               step_size=config.step_size, optimizer=config.optimizer,
@@ -246,6 +254,11 @@ def steer(config: SteerConfig, denoiser: Denoiser | None = None, on_step=None) -
                               steer_from=config.steer_from, budget=config.budget,
                               relation_schedule=config.relation_schedule,
                               compile=config.compile)
+    if denoiser is None:
+        from l2s.engine.loading import load_backbone
+
+        denoiser = load_backbone(config.model, image_size=config.image_size)
+    check_prompt(denoiser, triplets)
     steerable = [t for t in triplets if t.steerable]
     method = config.method if steerable else "plain"
     loss, card = build_loss(method, denoiser, config.model, config.classifier)
