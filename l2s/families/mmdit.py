@@ -43,6 +43,21 @@ def mmdit_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.bfloat16 if dtype == torch.float16 else dtype
 
 
+def _calculate_shift():
+    """diffusers' ``calculate_shift`` (FluxPipeline's mu). Importing its module imports the
+    pipeline's image processors, and without torchvision transformers then warns on stderr
+    about processors l2s never uses: the import runs with transformers' warnings off."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+    finally:
+        hf_logging.set_verbosity(level)
+    return calculate_shift
+
+
 def pipeline_sigmas(scheduler_config: dict, num_steps: int, image_seq_len: int, *,
                     flux: bool) -> list[float]:
     """The n sampling sigmas (noisiest first) FluxPipeline / StableDiffusion3Pipeline use.
@@ -51,8 +66,8 @@ def pipeline_sigmas(scheduler_config: dict, num_steps: int, image_seq_len: int, 
     the scheduler space them and passes mu only when the config asks for dynamic shifting.
     """
     from diffusers import FlowMatchEulerDiscreteScheduler
-    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
+    calculate_shift = _calculate_shift()
     sched = FlowMatchEulerDiscreteScheduler.from_config(dict(scheduler_config))
     cfg = sched.config
     kwargs = {}

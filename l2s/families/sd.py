@@ -169,7 +169,9 @@ def build_random_sd(preset: Preset, *, device: torch.device, dtype: torch.dtype,
                                  "bos_token_id": tokenizer.bos_token_id,
                                  "pad_token_id": tokenizer.pad_token_id})
     with torch.device(device):
-        unet = UNet2DConditionModel(**cfg["unet"]).to(dtype)
+        # nn.Module.to: diffusers' own .to(dtype) warns about "modules that should be kept in
+        # float32: []" (none) on every build
+        unet = torch.nn.Module.to(UNet2DConditionModel(**cfg["unet"]), dtype)
         vae = AutoencoderKL(**cfg["vae"])
         text_encoder = CLIPTextModel(text_cfg).to(dtype)
     scheduler = DDIMScheduler(**cfg["scheduler"])
