@@ -62,6 +62,22 @@ def test_compiled_path_pads_the_batch_and_matches_eager(den, n, rows, forwarded,
     torch.testing.assert_close(cgrad, grad, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize(("n", "rows"), [(2, 2), (3, 8)])
+def test_compiled_path_makes_no_tensor_from_host_data(den, n, rows):
+    """Everything the compiled path adds around the graph (padding, the timestep tensor) is
+    made on the device: a tensor made from Python data is a copy from the host, which
+    synchronises a GPU at every iteration. Fails with ``torch.as_tensor(t, device=...)``."""
+    from l2s.engine.timing import OpCounter
+
+    st = Steerer(den, [PROMPT] * n, [parse(PROMPT)] * n, CentroidLoss(),
+                 SteerSettings(steps=4, guidance=2.0))
+    t, x, w = den.timesteps(4)[1], seeded_latents(den, list(range(n))), st.token_weights(
+        range(n))
+    with st.recorder() as rec, torch.compiler.set_stance("force_eager"), OpCounter() as c:
+        compiled_maps(den, rec, x, t, st.cond, w, None, rows=rows, mode="default")
+    assert c.counts()["host_tensors"] == 0
+
+
 def test_unknown_compile_mode_is_refused():
     with pytest.raises(ValueError, match="compile mode 'fast'.*reduce-overhead"):
         SteerSettings(compile="fast")

@@ -80,8 +80,9 @@ def compiled_maps(denoiser: Denoiser, rec: AttentionRecorder, z: torch.Tensor, t
     if mode == "reduce-overhead":  # the previous iteration's graph outputs are dead now
         torch.compiler.cudagraph_mark_step_begin()
     # The SDPA kernels Denoiser.predict allows: the compiled graph and its backward are
-    # traced with them.
+    # traced with them. The timestep is filled on the device (a tensor made from the Python
+    # number would be a copy from the host: a GPU sync at every iteration).
     with sdpa_kernels(resolve_sdpa_backends(denoiser.sdpa_backends)):
         maps = _compiled_forward(mode, z.device)(
-            denoiser, rec, z, torch.as_tensor(t, device=z.device), cond, guidance)
+            denoiser, rec, z, torch.full((), t, device=z.device), cond, guidance)
     return maps[:r]
