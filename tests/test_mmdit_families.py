@@ -415,3 +415,36 @@ def test_compiled_steering_forward_traces_without_a_graph_break(family, flux_pip
     assert not counters["graph_break"], dict(counters["graph_break"])
     assert moved["off"].abs().max() > 0
     torch.testing.assert_close(moved["default"], moved["off"], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_mmdit_steering_reads_nothing_from_the_device_per_iteration(family, flux_pipe,
+                                                                     sd3_pipe):
+    """The per-step sync test of test_steering, on Flux and SD3: a steered step makes the same
+    host reads and tensors from host data with 1 iteration as with 3, none of them
+    ``.item()``-style reads, and the next step no tensor from host data. Fails if an adapter
+    reads the timestep or guidance from a tensor, or builds position ids / guidance / the
+    timestep from Python data, at every forward (each a GPU sync)."""
+    from l2s.engine.sampling import seeded_latents
+    from l2s.engine.timing import OpCounter
+    from l2s.losses import CentroidLoss
+    from l2s.relations import parse
+    from l2s.steering import Steerer, SteerSettings
+
+    den = flux_denoiser(flux_pipe) if family == "flux" else sd3_denoiser(sd3_pipe)
+    x, t = seeded_latents(den, [0]), den.timesteps(3)[0]
+    seen = {}
+    for n in (1, 3):
+        s = SteerSettings(steps=3, guidance=2.0, steer_until=1, iterations=n,
+                          threshold_start=-1.0, threshold_end=-1.0)
+        st = Steerer(den, [PROMPT], [parse(PROMPT)], CentroidLoss(margin=0.3), s)
+        with st.recorder() as rec:
+            with OpCounter() as first:
+                st.update(rec, x, t, 0)
+            with OpCounter() as again:
+                st.update(rec, x, t, 1)
+        assert st.stats.steps[-1].iterations == n
+        seen[n] = {k: first.counts()[k] for k in ("host_reads", "host_tensors")}
+        assert again.counts()["host_tensors"] == 0, again.counts()
+    assert seen[3] == seen[1]
+    assert seen[1]["host_reads"] == 0
