@@ -58,4 +58,6 @@ app.add_typer(classifier.app, name="classifier")
 
 
 def main() -> None:
-    app()
+    # "l2s" also under `python -m l2s` / `accelerate launch -m l2s`: usage lines, "Try 'l2s
+    # steer --help'" and the docs/cli.md that `make docs` generates name the installed command
+    app(prog_name="l2s")
