@@ -82,9 +82,11 @@ class _ClassifierProbe:
 
 def generate_verified(denoiser: Denoiser, prompts: list[str], triplets: list[list[Triplet]],
                       latents: torch.Tensor, settings: SteerSettings, loss: RelationLoss,
-                      check: Check | None = None) -> Verified:
+                      check: Check | None = None, keep_maps: bool = False) -> Verified:
     """Plain images for every prompt; those failing ``check`` (default: the backbone's
-    detector, else the classifier on the plain pass) regenerated steered from their seeds."""
+    detector, else the classifier on the plain pass) regenerated steered from their seeds.
+    ``keep_maps``: the stats keep the steered images' maps (``SteerStats.attention``, in the
+    order of the failing images)."""
     from l2s.jobs.steer import generate
 
     check = check or detector_check(denoiser, triplets)
@@ -104,7 +106,7 @@ def generate_verified(denoiser: Denoiser, prompts: list[str], triplets: list[lis
     if redo:
         steered, out.stats = generate(denoiser, [prompts[i] for i in redo],
                                       [triplets[i] for i in redo], latents[redo], settings,
-                                      loss)
+                                      loss, keep_maps=keep_maps)
         images = images.clone()
         images[torch.tensor(redo, device=images.device)] = steered.to(images.dtype)
         out.images = images

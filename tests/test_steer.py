@@ -142,3 +142,13 @@ def test_every_preset_is_pinned_above():
     from l2s.engine.registry import presets
 
     assert set(presets()) <= set(_RESOLVED)
+
+
+def test_verify_with_save_attention_writes_the_steered_images_figures(tmp_path, tiny,
+                                                                      monkeypatch):
+    # Was: --verify dropped --save-attention (no figure, nothing said).
+    monkeypatch.setattr("l2s.verify.detector_check", lambda den, trip: lambda imgs: [True, False])
+    res = steer(_cfg(tmp_path, num_images=2, verify=True, save_attention=True), denoiser=tiny)
+    assert res.report["verify"]["passed_plain"] == [True, False]
+    assert [p.rsplit("/", 1)[1] for p in res.report["attention_figures"]] == [
+        "attention_0001.png"]

@@ -273,7 +273,7 @@ def steer(config: SteerConfig, denoiser: Denoiser | None = None, on_step=None) -
             from l2s.verify import generate_verified
 
             return generate_verified(denoiser, prompts, [steerable] * len(seeds), latents,
-                                     settings, loss)
+                                     settings, loss, keep_maps=config.save_attention)
         return generate(denoiser, prompts, [steerable] * len(seeds), latents, settings, loss,
                         on_step, keep_maps=config.save_attention)
 
@@ -321,10 +321,13 @@ def steer(config: SteerConfig, denoiser: Denoiser | None = None, on_step=None) -
             from l2s.plots import attention_figure
 
             first = steerable[0]
+            # the steered images, in the order of the maps (--verify: only the failing ones)
+            steered = range(len(seeds)) if verified is None else \
+                [i for i, ok in enumerate(verified.passed_plain) if not ok]
             report["attention_figures"] = [str(attention_figure(
-                arr[b], [(s, before[b], after[b]) for s, before, after in stats.attention],
-                report["steps"], (first.subject, first.object), out / f"attention_{seed:04d}.png"))
-                for b, seed in enumerate(seeds)]
+                arr[i], [(s, before[b], after[b]) for s, before, after in stats.attention],
+                report["steps"], (first.subject, first.object),
+                out / f"attention_{seeds[i]:04d}.png")) for b, i in enumerate(steered)]
         report["out"] = str(out)
         (out / "report.json").write_text(json.dumps(report, indent=2))
         result.out = out
