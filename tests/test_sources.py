@@ -318,6 +318,10 @@ def test_folder_bad_line_names_its_number(tmp_path, bad, message):
 def test_folder_missing_and_unreadable(tmp_path):
     with pytest.raises(SourceError, match="needs --folder"):
         iter_samples("folder", SourceOptions(), SourceReport())
+    (tmp_path / "file").write_text("x")  # was: "annotations.jsonl not found in" a file
+    for name in ("nosuch", "file"):
+        with pytest.raises(SourceError, match=f"--folder .*{name} is not a folder"):
+            iter_samples("folder", SourceOptions(folder=str(tmp_path / name)), SourceReport())
     (tmp_path / "empty").mkdir()
     with pytest.raises(SourceError, match="annotations.jsonl not found in"):
         iter_samples("folder", SourceOptions(folder=str(tmp_path / "empty")), SourceReport())

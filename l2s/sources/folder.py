@@ -102,6 +102,9 @@ def folder_source(options: SourceOptions, report: SourceReport, denoiser=None
             "(format in docs, or help(l2s.sources))"
         )
     folder = Path(options.folder).expanduser()
+    if not folder.is_dir():
+        raise SourceError(f"--folder {options.folder} is not a folder: pass the folder that "
+                          f"holds your images and their {ANNOTATIONS}")
     path = folder / ANNOTATIONS
     if not path.is_file():
         raise SourceError(
