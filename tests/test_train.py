@@ -146,7 +146,7 @@ def test_reference_arch_trains_from_the_cache(tmp_path):
     x[0, 0, :, 4, 1] = 1  # subject at the left
     x[0, 1, :, 4, 6] = 1  # object at the right
     assert RELATIONS[model(x, torch.tensor([0])).argmax().item()] == "left of"
-    with pytest.raises(TrainError, match="unknown arch"):
+    with pytest.raises(TrainError, match="--arch must be one of l2s, reference, got"):
         _cfg(tmp_path, arch="big")
 
 
@@ -227,10 +227,15 @@ def test_the_text_length_the_maps_were_made_with_reaches_the_card(tmp_path):
 def test_bad_settings():
     with pytest.raises(TrainError, match="must each be in"):
         TrainConfig(val_fraction=0.6, test_fraction=0.5)
-    with pytest.raises(TrainError, match="unknown split"):
+    with pytest.raises(TrainError, match="--split must be one of hash, recorded, got"):
         TrainConfig(split="random")
-    with pytest.raises(TrainError, match="unknown augment"):
+    with pytest.raises(TrainError, match="--augment must be one of none, mirror, all, got"):
         TrainConfig(augment="rotate")
+    # were named tokens, epochs, batch_size: say the option as the command line spells it
+    with pytest.raises(TrainError, match="--tokens must be one of map, layer, got 'x'"):
+        TrainConfig(tokens="x")
+    with pytest.raises(TrainError, match="--batch-size must be >= 1, got 0"):
+        TrainConfig(batch_size=0)
     assert TrainConfig(model="toy").resolved_lr() == 1e-3
     assert TrainConfig(model="sd2.1").resolved_lr() == 1e-4
     assert TrainConfig(model="toy").resolved_size() == (64, 1)
@@ -281,7 +286,7 @@ def test_cli_table_and_errors(tmp_path, monkeypatch):
     r = CliRunner().invoke(app, ["--cache-dir", str(tmp_path / "empty"), "--model", "synthetic"])
     assert r.exit_code == 2 and "does not exist" in r.output and "Traceback" not in r.output
     r = CliRunner().invoke(app, ["--model", "synthetic", "--split", "random"])
-    assert r.exit_code == 2 and "unknown split" in r.output
+    assert r.exit_code == 2 and "--split must be one of hash, recorded" in r.output
 
 
 def _blob_pair(centres, size=16, heads=3):

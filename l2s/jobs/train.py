@@ -79,21 +79,20 @@ class TrainConfig:
     arch: str = "l2s"  # "l2s" (ours) or "reference" (the published checkpoints' network)
 
     def __post_init__(self) -> None:
-        if self.split not in SPLIT_MODES:
-            raise TrainError(f"unknown split {self.split!r}: use one of {SPLIT_MODES}")
-        if self.augment not in AUGMENT_MODES:
-            raise TrainError(f"unknown augment {self.augment!r}: use one of {AUGMENT_MODES}")
-        if self.arch not in ARCHITECTURES:
-            raise TrainError(f"unknown arch {self.arch!r}: use one of {ARCHITECTURES}")
-        if self.tokens not in TOKEN_MODES:
-            raise TrainError(f"unknown tokens {self.tokens!r}: use one of {TOKEN_MODES}")
+        for option, value, choices in (("--split", self.split, SPLIT_MODES),
+                                       ("--augment", self.augment, AUGMENT_MODES),
+                                       ("--arch", self.arch, ARCHITECTURES),
+                                       ("--tokens", self.tokens, TOKEN_MODES)):
+            if value not in choices:
+                raise TrainError(f"{option} must be one of {', '.join(choices)}, got {value!r}")
         if not (0 < self.val_fraction < 1 and 0 < self.test_fraction < 1
                 and self.val_fraction + self.test_fraction < 1):
-            raise TrainError(f"val and test fractions ({self.val_fraction}, "
+            raise TrainError(f"--val-fraction and --test-fraction ({self.val_fraction}, "
                              f"{self.test_fraction}) must each be in (0, 1) and sum under 1")
         for name in ("epochs", "batch_size", "d_model", "depth"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise TrainError(f"{name} must be at least 1, got {getattr(self, name)}")
+                raise TrainError(f"--{name.replace('_', '-')} must be >= 1, got "
+                                 f"{getattr(self, name)}")
         check_number("--lr", self.lr, 0, strict=True)
         from l2s.sources import SOURCES
 
