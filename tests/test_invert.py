@@ -183,3 +183,18 @@ def test_a_cache_folder_keeps_one_image_size_and_text_length(tmp_path):
     assert run_invert(cfg, flux(32)).skipped == 2  # the same geometry still resumes
     other = run_invert(_cfg(tmp_path / "other", limit=1, per_relation=(1, 1, 1)), flux(48))
     assert other.written == 2  # another cache folder takes the other size
+
+
+def test_a_run_whose_every_image_failed_the_psnr_check_says_what_to_change():
+    # Was: only "entries not written: low reconstruction PSNR: 16", then `l2s train` said
+    # "run l2s invert first" (a random or weak backbone cannot reconstruct its images).
+    from collections import Counter
+
+    from l2s.cli.invert import summary_lines
+    from l2s.jobs.invert import InvertResult
+
+    hint = "every image reconstructed below --min-psnr"
+    lines = summary_lines(InvertResult(dropped=Counter({"low reconstruction PSNR": 16})))
+    assert any(hint in line and "--inversion noise" in line for line in lines)
+    some = summary_lines(InvertResult(written=2, dropped=Counter({"low reconstruction PSNR": 3})))
+    assert not any(hint in line for line in some)

@@ -76,6 +76,10 @@ def summary_lines(res) -> list[str]:
     lines = [f"wrote {res.written} entries, {res.skipped} already cached, {res.inverted} "
              f"images inverted, {res.corrupt_rebuilt} corrupt entries rebuilt, "
              f"{res.seconds:.1f} s; entries not written: {dropped}"]
+    if not res.written and not res.skipped and res.dropped.get("low reconstruction PSNR"):
+        lines.append("no entry written: every image reconstructed below --min-psnr (the "
+                     "backbone could not invert it); lower --min-psnr, invert with more --steps "
+                     "or --fixed-point, or use --inversion noise (no reconstruction check)")
     if res.left_to_others:
         lines.append(f"{res.left_to_others} entries were being written by another process "
                      "sharing this cache (not waited for; rerun to check)")
