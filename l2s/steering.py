@@ -436,10 +436,11 @@ def _steer_step(st: Steerer, rec: AttentionRecorder, x: torch.Tensor, t: int, st
     n_skipped = 0
     if loss_first is not None:
         # The step's one read of the device, after its last iteration: counters, mean losses
-        # and p(target) in one copy. It waits for the step's work, so the timers' CUDA events
-        # are complete when they are read below.
+        # and p(target) in one copy (float32: exact for the counts, and what every device
+        # has). It waits for the step's work, so the timers' CUDA events are complete when
+        # they are read below.
         its, updates, n_skipped, l0, l1, p1 = torch.stack([
-            v.double() for v in (applied_iterations, applied, skipped, loss_first.mean(),
+            v.float() for v in (applied_iterations, applied, skipped, loss_first.mean(),
                                  loss_last.mean(), p_last.mean())]).tolist()
         record.iterations, record.image_updates = int(its), int(updates)
         record.loss_before, record.loss_after, record.p_target = l0, l1, p1
