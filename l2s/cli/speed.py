@@ -95,10 +95,14 @@ def speed(
     for col in ("unit", "median ms", "forward", "backward", "peak MB", "kernels", "host reads"):
         table.add_column(col)
     for name, u in report["units"].items():
-        table.add_row(name, f"{u['ms']:.1f}", f"{u.get('forward_ms', 0):.1f}",
-                      f"{u.get('backward_ms', 0):.1f}", f"{u['peak_mb']:.0f}",
-                      *((str(u["ops"]["kernels"]), str(u["ops"]["host_reads"])) if "ops" in u
-                        else ("-", "-")))
+        ops = u.get("ops")
+        # Host reads: .item()-style reads and device-to-host copies (.tolist(), .cpu() of a GPU
+        # tensor): each waits for the device.
+        table.add_row(name, f"{u['ms']:.1f}",
+                      *(f"{u[k]:.1f}" if k in u else "-" for k in ("forward_ms", "backward_ms")),
+                      f"{u['peak_mb']:.0f}",
+                      *((str(ops["kernels"]), str(ops["host_reads"] + ops["device_to_host"]))
+                        if ops else ("-", "-")))
     console.print(table)
     r = report["ratios"]
     console.print(f"iteration / plain step: x{r['ours_iteration_vs_plain_step']} time, "
