@@ -178,18 +178,20 @@ def run_speed(config: SpeedConfig, denoiser: Denoiser | None = None, on_unit=Non
         note("ours_eager_iteration", iteration(reference=False, eager=True))
     note("reference_iteration", iteration(reference=True))
 
+    n_steered = max(worst.steered_steps() - worst.steer_from, 0)
     report: dict = {
         "model": denoiser.name, "device": _device_name(denoiser.device),
         "dtype": str(next(denoiser.attention_model.parameters()).dtype).replace("torch.", ""),
         "image_size": list(denoiser.image_size), "text_len": denoiser.text_len,
         "prompt": prompt, "loss": loss_source,
-        "steps": base.steps, "steered_steps": worst.steered_steps(),
+        # steps steer_from .. steered_steps() - 1 are steered (the toys skip step 0)
+        "steps": base.steps, "steered_steps": n_steered,
         "iterations": base.iterations, "repeats": config.repeats,
         "config": asdict(config), "units": units,
     }
     plain_ms, ours_ms = units["plain_step"]["ms"], units["ours_iteration"]["ms"]
     ref_ms = units["reference_iteration"]["ms"]
-    n_it = (worst.steered_steps() - worst.steer_from) * base.iterations
+    n_it = n_steered * base.iterations
     report["ratios"] = {
         "ours_iteration_vs_plain_step": round(ours_ms / plain_ms, 3),
         "reference_vs_ours_iteration": round(ref_ms / ours_ms, 3),

@@ -63,6 +63,8 @@ def test_cli_speed_on_the_toy_writes_the_report(tmp_path, one_thread):
     assert rep == json.loads(out.read_text())
     assert rep["loss"].endswith("card.json")  # the toy's shipped classifier
     assert "end_to_end" not in rep and rep["ratios"]["ours_iteration_vs_plain_step"] > 0
+    # the toy steers steps 1..3 of 4 (steer_from 1): was 4, the end index, as the count
+    assert rep["steps"] == 4 and rep["steered_steps"] == 3
 
 
 def test_cli_speed_refuses_random_weights_for_the_toy():
