@@ -122,6 +122,10 @@ class AttentionCache:
             probe.write_text("ok")
             probe.unlink()
         except OSError as e:
+            file = next((a for a in self.dir.parents if a.is_file()), None)
+            if file is not None:
+                raise CacheError(f"cache folder {self.root}: {file} is a file, not a folder: "
+                                 "pass another --cache-dir (or $L2S_CACHE_DIR)") from e
             raise CacheError(f"cache folder {self.dir} is not writable ({e.strerror}): pass "
                              "--cache-dir to a writable folder") from e
         self.manifest_path = self.dir / "manifest.jsonl"

@@ -92,8 +92,12 @@ def test_two_processes_append_to_one_cache_safely(tmp_path):
 def test_unwritable_cache_dir_is_a_clear_error(tmp_path):
     ro = tmp_path / "ro"
     ro.write_text("a file, not a folder")
-    with pytest.raises(CacheError, match="not writable.*--cache-dir"):
+    # was: "cache folder ro/fp is not writable (Not a directory)"
+    with pytest.raises(CacheError, match=f"cache folder {ro}: {ro} is a file, not a folder: "
+                                         "pass another --cache-dir"):
         AttentionCache(ro, "fp")
+    with pytest.raises(CacheError, match="is a file, not a folder"):
+        AttentionCache(ro / "sub", "fp")
 
 
 def test_latents_round_trip_and_corruption(tmp_path):
