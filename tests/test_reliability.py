@@ -47,6 +47,7 @@ def _clean_error(r, *needles: str) -> None:
     (["--steer-from", "50"], "--steer-from 50 leaves no step to steer: steering ends before "
                              "step 5 (--steer-until 5 of 20 steps)"),
     (["--steer-from", "3", "--steer-until", "0.1"], "--steer-from 3 leaves no step to steer"),
+    (["--steer-until", "0.05"], "--steer-from 1 (the model's default) leaves no step to steer"),
 ])
 def test_steer_refuses_bad_numbers_before_loading_anything(tmp_path, args, needle):
     out = tmp_path / "never"

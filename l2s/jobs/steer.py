@@ -125,10 +125,11 @@ def steer_settings(model: str, *, steps: int | None = None, guidance: float | No
     settings = SteerSettings(**v, budget=budget, compile=compile)
     last = settings.steered_steps()
     if (steer_from is not None or steer_until is not None) and settings.steer_from >= last:
-        raise ConfigError(f"--steer-from {settings.steer_from} leaves no step to steer: steering "
-                          f"ends before step {last} (--steer-until {settings.steer_until:g} of "
-                          f"{settings.steps} steps); pass a --steer-from below {last} or a "
-                          "larger --steer-until")
+        default = " (the model's default)" if steer_from is None else ""
+        raise ConfigError(f"--steer-from {settings.steer_from}{default} leaves no step to "
+                          f"steer: steering ends before step {last} (--steer-until "
+                          f"{settings.steer_until:g} of {settings.steps} steps); pass a "
+                          f"--steer-from below {last} or a larger --steer-until")
     return settings
 
 
