@@ -444,13 +444,15 @@ def test_generated_budget_runs_out(fake_sample):
 
 
 def test_generated_needs_toy_denoiser():
-    with pytest.raises(SourceError, match="needs a model"):
+    # the option is --data (was: "--source shapes", an option l2s does not have)
+    with pytest.raises(SourceError, match="needs a model.*or use --data shapes"):
         iter_samples("generated", SourceOptions(), SourceReport())
 
     class OpenVocabulary(FakeToy):
         known_objects = None
 
-    with pytest.raises(SourceError, match="needs a detector; only the toy model has one"):
+    with pytest.raises(SourceError, match="needs a detector; only the toy model has one.*"
+                                          "--data gqa / --data folder"):
         iter_samples("generated", SourceOptions(), SourceReport(), OpenVocabulary())
 
 

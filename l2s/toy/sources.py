@@ -79,13 +79,13 @@ def generated_source(options: SourceOptions, report: SourceReport, denoiser
     if denoiser is None:
         raise SourceError(
             "the generated source needs a model to generate with: load one "
-            "(l2s.engine.loading.load_backbone) and pass it as denoiser, or use --source shapes"
+            "(l2s.engine.loading.load_backbone) and pass it as denoiser, or use --data shapes"
         )
     known = getattr(denoiser, "known_objects", None)
     if known is None or not set(known) <= set(CATEGORY_NAMES):
         raise SourceError(
             "the generated source needs a detector; only the toy model has one offline: "
-            "use --model toy, or --source gqa / --source folder for real images"
+            "use --model toy (or toy-mmdit), or --data gqa / --data folder for real images"
         )
     categories = [c for c in CATEGORY_NAMES if c in known]
     if len(categories) < 2:
