@@ -1,4 +1,5 @@
-"""How an exception becomes part of a one-line error message: `one_line`."""
+"""How an exception becomes part of a one-line error message: `one_line`; which exceptions
+mean the machine ran out of memory: `out_of_memory`."""
 
 from __future__ import annotations
 
@@ -8,3 +9,11 @@ def one_line(e: BaseException, limit: int = 300) -> str:
     type's name when the message is empty (`OSError()`)."""
     lines = str(e).strip().splitlines()
     return f"{type(e).__name__}: {lines[0][:limit]}" if lines else type(e).__name__
+
+
+def out_of_memory(e: BaseException) -> bool:
+    """Whether ``e`` says an allocation failed: Python's MemoryError, torch's OutOfMemoryError
+    (CUDA), or the RuntimeError torch's CPU allocator raises ("can't allocate memory")."""
+    if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":
+        return True
+    return isinstance(e, RuntimeError) and "can't allocate memory" in str(e)

@@ -140,6 +140,25 @@ def test_unwritable_out_is_found_before_generating(tmp_path, monkeypatch):
     assert called == []  # nothing was loaded, so nothing was generated and lost
 
 
+@pytest.mark.parametrize("error", [
+    RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't "
+                 "allocate memory: you tried to allocate 120000000000 bytes."),
+    torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB"),
+    MemoryError(),
+])
+def test_running_out_of_memory_is_a_one_line_error(tmp_path, monkeypatch, error):
+    # Was: a traceback (`steer --image-size 100000`: the CPU allocator's RuntimeError).
+    def boom(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr("l2s.jobs.steer.seeded_latents", boom)
+    r = runner.invoke(app, ["steer", PROMPT, "--out", str(tmp_path / "o")])
+    _clean_error(r, "error: out of memory (", "use a smaller --image-size")
+    monkeypatch.setattr("l2s.jobs.steer.seeded_latents", lambda *a, **k: 1 / 0)
+    assert isinstance(runner.invoke(app, ["steer", PROMPT, "--out", str(tmp_path / "o")]
+                                    ).exception, ZeroDivisionError)  # other bugs still raise
+
+
 def test_speed_out_that_cannot_be_written_is_found_before_timing(tmp_path, monkeypatch):
     # Was: a FileExistsError / IsADirectoryError traceback after the whole timing run.
     blocker = tmp_path / "file"

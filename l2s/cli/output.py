@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from l2s.config import ConfigError
+from l2s.errors import one_line, out_of_memory
 
 console = Console(stderr=True)  # progress, tables and logs
 if not console.is_terminal and "COLUMNS" not in os.environ:
@@ -38,6 +39,13 @@ def user_errors(*kinds: type[Exception]) -> Callable:
             except (ConfigError, *kinds) as e:
                 # escape: messages quote user input and examples with [brackets] in them
                 console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
+                raise typer.Exit(2) from None
+            except (MemoryError, RuntimeError) as e:  # torch's OutOfMemoryError included
+                if not out_of_memory(e):
+                    raise
+                console.print(f"[bold red]error:[/] out of memory ({escape(one_line(e, 200))}): "
+                              "use a smaller --image-size, fewer images at once (--num-images, "
+                              "--batch-size) or a machine with more memory", highlight=False)
                 raise typer.Exit(2) from None
 
         return wrapper
