@@ -3,6 +3,7 @@
 import multiprocessing as mp
 import random
 from collections import Counter
+from dataclasses import replace
 
 import pytest
 from typer.testing import CliRunner
@@ -138,7 +139,7 @@ def test_cli_invert_and_stats(tmp_path, den, monkeypatch):
     assert r.exit_code == 2 and "0..9" in r.output
     (tmp_path / "gqa").mkdir()
     r = runner.invoke(app, ["invert", "--data", "gqa", "--gqa-root", str(tmp_path / "gqa"),
-                            "--cache-dir", str(tmp_path)])
+                            "--cache-dir", str(tmp_path), *args[7:-1]])  # same timesteps
     assert r.exit_code == 2 and "sceneGraphs.json" in r.output and "Traceback" not in r.output
 
 
@@ -198,3 +199,16 @@ def test_a_run_whose_every_image_failed_the_psnr_check_says_what_to_change():
     assert any(hint in line and "--inversion noise" in line for line in lines)
     some = summary_lines(InvertResult(written=2, dropped=Counter({"low reconstruction PSNR": 3})))
     assert not any(hint in line for line in some)
+
+
+def test_a_cache_folder_keeps_one_set_of_recorded_timesteps(tmp_path, den):
+    # Was: a run with other --timesteps (or --steps) added entries of another shape beside the
+    # cached ones, and `l2s train` then refused the folder ("cache entries ... disagree").
+    from l2s.cache import CacheError
+
+    cfg = _cfg(tmp_path, limit=1, per_relation=(1, 1, 1))
+    assert run_invert(cfg, den).written == 2
+    other = replace(FAST, record_steps=(1, 4, 8))
+    with pytest.raises(CacheError, match=r"timesteps \[.*\] \(cached\) vs .*config\.yaml"):
+        run_invert(replace(cfg, inversion=other), den)
+    assert run_invert(cfg, den).skipped == 2  # the same settings still resume

@@ -182,16 +182,18 @@ def run_invert(cfg: InvertConfig, denoiser: Denoiser | None = None,
     return result
 
 
-# What every map in one backbone's cache folder shares. Neither is in the entry keys: the
+# What every map in one backbone's cache folder shares. None is in the entry keys: the
 # image size changes the image hash (new entries beside the old, mixed by `l2s train`), the
-# text length changes nothing in the key (the old entries would pass for the new maps).
-GEOMETRY = ("image_size", "text_len")
+# text length changes nothing in the key (the old entries would pass for the new maps); other
+# recorded timesteps (--timesteps, --steps) or map sizes give entries of another shape, which
+# `l2s train` refuses to mix.
+GEOMETRY = ("image_size", "text_len", "timesteps", "map_size")
 
 
 def check_same_geometry(cache: AttentionCache, meta: dict) -> None:
-    """Refuse a run whose image size or text length differs from the maps already cached
-    (as ``settings.json`` records them; a cache from before it recorded a field is not
-    checked on that field)."""
+    """Refuse a run whose image size, text length, recorded timesteps or map size differs from
+    the maps already cached (as ``settings.json`` records them; a cache from before it
+    recorded a field is not checked on that field)."""
     try:
         old = json.loads((cache.dir / "settings.json").read_text())
     except (OSError, ValueError):
@@ -201,9 +203,10 @@ def check_same_geometry(cache: AttentionCache, meta: dict) -> None:
             if isinstance(old, dict) and k in old and old[k] != meta[k]]
     if diff and maps.is_dir() and any(maps.iterdir()):
         raise CacheError(f"{cache.dir} holds maps of this backbone recorded at another "
-                         f"{'; '.join(diff)}: maps of different sizes or text lengths cannot "
-                         "train one classifier; pass another --cache-dir for this run, or "
-                         f"delete {cache.dir} to rebuild it")
+                         f"{'; '.join(diff)}: maps recorded differently cannot train one "
+                         "classifier; rerun with the cached settings (its config.yaml holds "
+                         "them), pass another --cache-dir for this run, or delete "
+                         f"{cache.dir} to rebuild it")
 
 
 def _seed_of(seed: int, source_id: str) -> int:
