@@ -289,6 +289,34 @@ def test_cli_table_and_errors(tmp_path, monkeypatch):
     assert r.exit_code == 2 and "--split must be one of hash, recorded" in r.output
 
 
+def test_cli_says_it_resumes_an_interrupted_run(tmp_path, monkeypatch):
+    # Was: a rerun continued silently (only the epoch bar started past 1).
+    import l2s.cli.train as cli_train
+
+    app = _cli(monkeypatch)
+    make_cache(tmp_path / "cache", n_images=24)
+    args = ["--cache-dir", str(tmp_path / "cache"), "--model", "synthetic", "--epochs", "3",
+            "--d-model", "32", "--depth", "1", "--out", str(tmp_path / "clf"), "--device", "cpu"]
+    whole = cli_train.run_train
+
+    def cut(cfg, den, callback=None, fresh=False):
+        def stop(ev):
+            callback(ev)
+            if ev["epoch"] == 1:
+                raise KeyboardInterrupt
+        return whole(cfg, den, callback=stop, fresh=fresh)
+
+    monkeypatch.setattr(cli_train, "run_train", cut)
+    assert CliRunner().invoke(app, args).exit_code != 0
+    monkeypatch.setattr(cli_train, "run_train", whole)
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert "resuming the interrupted run saved in" in r.output
+    assert "train-checkpoint.safetensors (--fresh starts over)" in " ".join(r.output.split())
+    r = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "other")])
+    assert "resuming" not in r.output
+
+
 def _blob_pair(centres, size=16, heads=3):
     """(B, 2, heads, S, S) Gaussian blobs at the given (subject, object) (x, y) centres."""
     ax = torch.arange(size, dtype=torch.float32) + 0.5

@@ -167,6 +167,10 @@ def train(
 
         def on_epoch(ev: dict) -> None:
             nonlocal task
+            if task is None and ev.get("resumed"):  # the first of the epochs already done
+                progress.console.print(f"resuming the interrupted run saved in "
+                                       f"{ev['checkpoint']} (--fresh starts over)",
+                                       highlight=False, soft_wrap=True)
             if task is None:
                 task = progress.add_task("epoch", total=epochs, train_loss=0.0, val_loss=0.0,
                                          val_acc=0.0, lr=ev["lr"])

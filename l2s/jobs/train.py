@@ -319,7 +319,7 @@ def run_train(cfg: TrainConfig, denoiser=None, callback: Callable[[dict], None] 
     st = load_epoch(checkpoint, identity, model, opt, plateau, order) or EpochState()
     for record in st.history:  # a resumed run shows the epochs it already has
         if callback:
-            callback({**record, "resumed": True})
+            callback({**record, "resumed": True, "checkpoint": str(checkpoint)})
     clock = time.perf_counter()
     setup_seconds = clock - start  # reading the maps (this process)
     first = st.epoch + 1
