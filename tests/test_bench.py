@@ -310,6 +310,10 @@ def test_cli_refuses_a_coco_suite_on_the_toy_and_runs_a_toy_suite(oracle, tmp_pa
     assert doc["methods"]["oracle"]["position_accuracy"] == 1.0
     r = runner.invoke(app, ["bench", "--shard", "3", "--out", str(tmp_path / "x")])
     assert r.exit_code == 2 and "I/N" in r.output
+    # a rerun says what it resumes (was: silent; the table alone)
+    r = runner.invoke(app, ["bench", "--method", "oracle", "--prompts", "4",
+                            "--out", str(tmp_path / "s")])
+    assert r.exit_code == 0 and "oracle: 3 of 4 images already scored in" in r.output
 
 
 @pytest.mark.parametrize("weights", ["weights", "weights-mmdit"])

@@ -136,6 +136,10 @@ def bench(
         tasks: dict[str, int] = {}
 
         def on_image(ev: dict) -> None:
+            if ev["method"] not in tasks and ev["done"] and not json_out:  # a rerun
+                left = "nothing left to do" if ev["done"] == ev["total"] else "resuming"
+                progress.console.print(f"{ev['method']}: {ev['done']} of {ev['total']} images "
+                                       f"already scored in {out}, {left}", highlight=False)
             if ev["method"] not in tasks:
                 tasks[ev["method"]] = progress.add_task(ev["method"], total=ev["total"],
                                                         completed=ev["done"])
