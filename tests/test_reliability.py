@@ -228,6 +228,12 @@ def test_uncached_hub_model_offline_fails_fast_with_the_fix():
     with pytest.raises(BackboneError, match="hf download org/model") as e:
         load_backbone("org/model", device="cpu")
     assert "HF_HUB_OFFLINE" in str(e.value)
+    # --random-weights builds presets only, and only speed (and classifier import) take it
+    # (was: "use --random-weights for speed work" for any hub id, on any command)
+    assert "random-weights" not in str(e.value)
+    with pytest.raises(BackboneError, match="hf download stabilityai/stable-diffusion-2-1-base"
+                                            ".*`l2s speed --model sd2.1-base --random-weights`"):
+        load_backbone("sd2.1-base", device="cpu")
 
 
 def test_error_messages_keep_their_brackets(tmp_path):

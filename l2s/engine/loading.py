@@ -136,9 +136,10 @@ def is_available_locally(model: str) -> bool:
     return _cached_file(repo, "model_index.json") is not None
 
 
-def _check_model_arg(model: str) -> None:
+def _check_model_arg(model: str, preset: str | None = None) -> None:
     """Fail early, with the fix, on a --model that is neither a folder nor a hub id, and on a
-    hub id that is not cached while the hub cannot be reached (instead of retrying for ~25 s)."""
+    hub id that is not cached while the hub cannot be reached (instead of retrying for ~25 s).
+    ``preset``: the preset whose hub id ``model`` is (only presets build with random weights)."""
     path = Path(model).expanduser()
     if path.is_file():
         raise BackboneError(f"--model {model} is a file: give a diffusers-layout folder (with "
@@ -157,8 +158,10 @@ def _check_model_arg(model: str) -> None:
                "the Hugging Face hub cannot be reached from here")
         raise BackboneError(f"{model} is not in the HF cache ({hf_cache_dir()}) and {why}: run "
                             f"`hf download {model}` on a connected machine and copy the cache "
-                            "(or point HF_HOME at it), pass --model PATH to a local diffusers "
-                            "folder, or use --random-weights for speed work")
+                            "(or point HF_HOME at it), or pass --model PATH to a local "
+                            "diffusers folder" + (
+                                f"; to time its architecture without the weights: `l2s speed "
+                                f"--model {preset} --random-weights`" if preset else ""))
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
@@ -193,7 +196,7 @@ def load_backbone(
     if preset is None and random_weights:
         random_weights_preset(None, presets().values())  # refuses, naming the presets
     if (preset is None or preset.repo_id) and not random_weights:
-        _check_model_arg(preset.repo_id if preset else model)
+        _check_model_arg(preset.repo_id if preset else model, preset.name if preset else None)
     if preset is not None:
         family, source = get_family(preset.family), preset.repo_id or model
     else:
