@@ -203,14 +203,27 @@ class Denoiser(ABC):
 
         ``guidance`` reaches the network only for ``guidance_mode == "embedded"``.
         """
-        g = guidance if self.guidance_mode == "embedded" else None
-        # Every forward of sampling, steering and inversion passes here. PyTorch picks the SDPA
-        # kernel when the forward runs and autograd records that kernel's own backward node
-        # (e.g. ScaledDotProductCudnnAttentionBackward0), so a steering iteration's backward,
-        # taken after this returns, runs the kernels chosen here.
-        with sdpa_kernels(resolve_sdpa_backends(self.sdpa_backends)):
-            out = self.model_output(latents.to(self.dtype), t, cond, g)
+        # Every eager forward of sampling, steering and inversion passes here (the compiled
+        # steering forward, l2s.engine.compiled, uses the same two calls). PyTorch picks the
+        # SDPA kernel when the forward runs and autograd records that kernel's own backward
+        # node (e.g. ScaledDotProductCudnnAttentionBackward0), so a steering iteration's
+        # backward, taken after this returns, runs the kernels chosen here.
+        with self.attention_kernels():
+            out = self.network_output(latents, t, cond, guidance)
         return self.schedule.to_prediction(out.float(), latents.float(), t)
+
+    def network_output(self, latents: torch.Tensor, t, cond: Conditioning,
+                       guidance: float | None = None) -> torch.Tensor:
+        """The network's raw output for one batch (run it inside ``attention_kernels()``);
+        ``guidance`` reaches the network only for ``guidance_mode == "embedded"``. ``t``: a
+        Python number, or a 0-d tensor (the compiled path's)."""
+        g = guidance if self.guidance_mode == "embedded" else None
+        return self.model_output(latents.to(self.dtype), t, cond, g)
+
+    def attention_kernels(self) -> contextlib.AbstractContextManager:
+        """The context allowing only this backbone's SDPA kernels (``sdpa_backends``, or
+        $L2S_SDPA_BACKENDS)."""
+        return sdpa_kernels(resolve_sdpa_backends(self.sdpa_backends))
 
     def step(self, pred: torch.Tensor, t: Timestep | None, t_next: Timestep | None,
              latents: torch.Tensor) -> torch.Tensor:

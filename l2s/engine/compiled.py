@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from l2s.engine.backbone import Conditioning, Denoiser, resolve_sdpa_backends, sdpa_kernels
+from l2s.engine.backbone import Conditioning, Denoiser
 from l2s.engine.hooks import AttentionRecorder
 from l2s.engine.schedules import Timestep
 
@@ -41,8 +41,7 @@ def check_compile_mode(mode: str) -> str:
 def _maps_forward(denoiser: Denoiser, rec: AttentionRecorder, z: torch.Tensor, t: torch.Tensor,
                   cond: Conditioning, guidance: float | None) -> torch.Tensor:
     """The recorded maps (B, G, C, S, S) of one forward; the network's output is unused."""
-    g = guidance if denoiser.guidance_mode == "embedded" else None
-    denoiser.model_output(z.to(denoiser.dtype), t, cond, g)
+    denoiser.network_output(z, t, cond, guidance)
     return rec.stacked()
 
 
@@ -82,7 +81,7 @@ def compiled_maps(denoiser: Denoiser, rec: AttentionRecorder, z: torch.Tensor, t
     # The SDPA kernels Denoiser.predict allows: the compiled graph and its backward are
     # traced with them. The timestep is filled on the device (a tensor made from the Python
     # number would be a copy from the host: a GPU sync at every iteration).
-    with sdpa_kernels(resolve_sdpa_backends(denoiser.sdpa_backends)):
+    with denoiser.attention_kernels():
         maps = _compiled_forward(mode, z.device)(
             denoiser, rec, z, torch.full((), t, device=z.device), cond, guidance)
     return maps[:r]
