@@ -33,9 +33,11 @@ def check_number(name: str, value: float | None, low: float, *, strict: bool = F
         raise ConfigError(f"{name} must be {'>' if strict else '>='} {low:g}, got {value:g}")
 
 
-def check_choice(name: str, value: str, choices) -> None:
+def check_choice(name: str, value: str, choices, error: type[Exception] = ConfigError) -> None:
+    """Refuse a value outside ``choices``, naming the option (``error``: the caller's own
+    exception type, e.g. a job's)."""
     if value not in choices:
-        raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+        raise error(f"{name} must be one of {', '.join(choices)}, got {value!r}")
 
 
 def check_generation(*, steps: int | None = None, guidance: float | None = None,

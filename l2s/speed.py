@@ -178,14 +178,13 @@ def run_speed(config: SpeedConfig, denoiser: Denoiser | None = None, on_unit=Non
         note("ours_eager_iteration", iteration(reference=False, eager=True))
     note("reference_iteration", iteration(reference=True))
 
-    n_steered = max(worst.steered_steps() - worst.steer_from, 0)
+    n_steered = worst.steered_count()
     report: dict = {
         "model": denoiser.name, "device": _device_name(denoiser.device),
         "dtype": str(next(denoiser.attention_model.parameters()).dtype).replace("torch.", ""),
         "image_size": list(denoiser.image_size), "text_len": denoiser.text_len,
         "prompt": prompt, "loss": loss_source,
-        # steps steer_from .. steered_steps() - 1 are steered (the toys skip step 0)
-        "steps": base.steps, "steered_steps": n_steered,
+        "steps": base.steps, "steered_steps": n_steered,  # a count (SteerSettings.steered_count)
         "iterations": base.iterations, "repeats": config.repeats,
         "config": asdict(config), "units": units,
     }

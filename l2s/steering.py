@@ -85,8 +85,13 @@ class SteerSettings:
         return math.inf if self.budget is None else self.budget
 
     def steered_steps(self) -> int:
+        """The step steering ends before (steps steer_from .. this - 1 are steered)."""
         n = self.steer_until * self.steps if self.steer_until < 1 else self.steer_until
         return min(self.steps, int(math.ceil(n)))
+
+    def steered_count(self) -> int:
+        """How many steps are steered (the toys skip step 0: one fewer than steered_steps)."""
+        return max(self.steered_steps() - self.steer_from, 0)
 
     def threshold(self, step: int) -> float:
         f = min(step / self.threshold_ramp, 1.0) if self.threshold_ramp else 1.0

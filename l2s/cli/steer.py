@@ -157,7 +157,7 @@ def steer(
             den = load_backbone(model, image_size=image_size)
         if show_tokens:
             console.print(_token_table(den, prompt))
-        n = max(s.steered_steps() - s.steer_from, 0)
+        n = s.steered_count()
         columns = (TextColumn("steering"), BarColumn(), MofNCompleteColumn(),
                    TextColumn("{task.fields[info]}"), TimeElapsedColumn())
         with Progress(*columns, console=console, transient=True,

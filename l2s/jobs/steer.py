@@ -124,7 +124,7 @@ def steer_settings(model: str, *, steps: int | None = None, guidance: float | No
         v.update(threshold_start=threshold, threshold_end=threshold)
     settings = SteerSettings(**v, budget=budget, compile=compile)
     last = settings.steered_steps()
-    if (steer_from is not None or steer_until is not None) and settings.steer_from >= last:
+    if (steer_from is not None or steer_until is not None) and not settings.steered_count():
         default = " (the model's default)" if steer_from is None else ""
         raise ConfigError(f"--steer-from {settings.steer_from}{default} leaves no step to "
                           f"steer: steering ends before step {last} (--steer-until "

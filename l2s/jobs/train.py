@@ -83,8 +83,7 @@ class TrainConfig:
                                        ("--augment", self.augment, AUGMENT_MODES),
                                        ("--arch", self.arch, ARCHITECTURES),
                                        ("--tokens", self.tokens, TOKEN_MODES)):
-            if value not in choices:
-                raise TrainError(f"{option} must be one of {', '.join(choices)}, got {value!r}")
+            check_choice(option, value, choices, TrainError)
         if not (0 < self.val_fraction < 1 and 0 < self.test_fraction < 1
                 and self.val_fraction + self.test_fraction < 1):
             raise TrainError(f"--val-fraction and --test-fraction ({self.val_fraction}, "
