@@ -4,6 +4,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from step_syncs import assert_step_syncs_do_not_grow
 
 from l2s.engine.sampling import seeded_latents
 from l2s.losses import CentroidLoss
@@ -257,25 +258,5 @@ def test_host_syncs_per_step_do_not_grow_with_iterations(den, schedule):
     table every iteration, if the step reads a counter or loss on its own (``.item()``,
     ``int(t)``: one sync each; the step used to read six), or if every step copies its
     images' indices to the device again."""
-    from l2s.engine.timing import OpCounter
-
-    p = "a dog left of a cat"
-    x = seeded_latents(den, [0])
-    syncs = {}
-    for n in (1, 4):
-        s = SteerSettings(steps=3, guidance=2.0, steer_until=1, iterations=n,
-                          relation_schedule=schedule,
-                          threshold_start=-1.0, threshold_end=-1.0)  # no early exit
-        st = Steerer(den, [p], [parse(p)], CentroidLoss(margin=0.3), s)
-        t = den.timesteps(3)[0]
-        with st.recorder() as rec:
-            with OpCounter() as c:
-                st.update(rec, x, t, 0)
-            with OpCounter() as again:  # the next steered step, the same images
-                st.update(rec, x, t, 1)
-        assert st.stats.steps[-1].iterations == n
-        syncs[n] = {k: c.counts()[k] for k in ("host_reads", "host_tensors")}
-        # The images' indices were copied to the device at the first step, not again.
-        assert again.counts()["host_tensors"] == 0
-    assert syncs[4] == syncs[1]
-    assert syncs[1]["host_reads"] == 0
+    assert_step_syncs_do_not_grow(den, "a dog left of a cat", iterations=(1, 4),
+                                  relation_schedule=schedule)
