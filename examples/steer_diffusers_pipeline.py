@@ -14,8 +14,8 @@ import argparse
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-from l2s.pipeline import steering_callback
-from l2s.steering import SteerSettings
+from l2s.steering.loop import SteerSettings
+from l2s.steering.pipeline import steering_callback
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--model", default=None, help="hub id or folder (default: tiny random parts)")

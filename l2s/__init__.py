@@ -15,17 +15,17 @@ __version__ = "0.1.0"
 # may also be a submodule of l2s: importing the submodule would rebind the package attribute
 # (tests/test_api.py checks this in a fresh interpreter).
 _API = {
-    "steer": ("l2s.jobs.steer", "steer"),
-    "SteerConfig": ("l2s.jobs.steer", "SteerConfig"),
-    "invert": ("l2s.jobs.invert", "run_invert"),
-    "InvertConfig": ("l2s.jobs.invert", "InvertConfig"),
-    "train": ("l2s.jobs.train", "run_train"),
-    "TrainConfig": ("l2s.jobs.train", "TrainConfig"),
+    "steer": ("l2s.steering.job", "steer"),
+    "SteerConfig": ("l2s.steering.job", "SteerConfig"),
+    "invert": ("l2s.inversion.job", "run_invert"),
+    "InvertConfig": ("l2s.inversion.job", "InvertConfig"),
+    "train": ("l2s.classifier.train", "run_train"),
+    "TrainConfig": ("l2s.classifier.train", "TrainConfig"),
     "run_bench": ("l2s.bench.run", "run_bench"),
     "BenchConfig": ("l2s.bench.run", "BenchConfig"),
     "load_backbone": ("l2s.engine.loading", "load_backbone"),
     "parse": ("l2s.relations", "parse"),
-    "steering_callback": ("l2s.pipeline", "steering_callback"),
+    "steering_callback": ("l2s.steering.pipeline", "steering_callback"),
 }
 __all__ = sorted(_API)
 

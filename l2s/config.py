@@ -52,7 +52,7 @@ def check_generation(*, steps: int | None = None, guidance: float | None = None,
     check_number("--step-size", step_size, 0, strict=True)
     check_number("--loss-threshold", loss_threshold, 0)
     if relation_schedule is not None:
-        from l2s.steering import RELATION_SCHEDULES
+        from l2s.steering.loop import RELATION_SCHEDULES
 
         check_choice("--relation-schedule", relation_schedule, RELATION_SCHEDULES)
 
@@ -118,7 +118,7 @@ def dump_yaml(values: Mapping, path: str | Path) -> Path:
     """Write ``values`` as YAML (atomically) so that ``--config path`` repeats the run."""
     import yaml
 
-    from l2s.cache import atomic_write_text
+    from l2s.inversion.cache import atomic_write_text
 
     p = Path(path)
     text = yaml.safe_dump(_plain(values), sort_keys=False, allow_unicode=True)

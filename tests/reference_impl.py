@@ -2,7 +2,7 @@
 
 Built from torch's own TransformerEncoderLayer / MultiheadAttention loaded with slices of a
 checkpoint's state dict, straight from the description in issue 13, so l2s's module
-(l2s/reference_classifier.py) and map layout are checked against something they share no code
+(l2s/classifier/reference.py) and map layout are checked against something they share no code
 with. Also the checkpoint files and tiny SD folders the import tests use.
 """
 
@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from l2s.reference_classifier import ReferenceClassifier, ReferenceConfig
+from l2s.classifier.reference import ReferenceClassifier, ReferenceConfig
 
 CLASSES = ("above", "below", "is", "to the left of", "to the right of")  # sorted, as published
 STEPS = [5, 10, 15, 20, 25, 49]

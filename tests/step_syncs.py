@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from l2s.engine.sampling import seeded_latents
 from l2s.engine.timing import OpCounter
-from l2s.losses import CentroidLoss
 from l2s.relations import parse
-from l2s.steering import Steerer, SteerSettings
+from l2s.steering.loop import Steerer, SteerSettings
+from l2s.steering.losses import CentroidLoss
 
 
 def assert_step_syncs_do_not_grow(den, prompt: str, iterations=(1, 3), **settings) -> None:

@@ -22,11 +22,11 @@ def test_api_names_resolve_to_functions_in_a_fresh_interpreter():
     code = (
         "import types\n"
         "from l2s import steer, SteerConfig, invert, train, run_bench\n"
-        "import l2s, l2s.jobs.steer, l2s.jobs.invert, l2s.jobs.train, l2s.bench\n"
+        "import l2s, l2s.steering.job, l2s.inversion.job, l2s.classifier.train, l2s.bench\n"
         "for f in (steer, invert, train, run_bench, l2s.steer, l2s.invert, l2s.train):\n"
         "    assert callable(f) and not isinstance(f, types.ModuleType), f\n"
-        "assert steer is l2s.jobs.steer.steer and invert is l2s.jobs.invert.run_invert\n"
-        "assert train is l2s.jobs.train.run_train and run_bench is l2s.bench.run_bench\n"
+        "assert steer is l2s.steering.job.steer and invert is l2s.inversion.job.run_invert\n"
+        "assert train is l2s.classifier.train.run_train and run_bench is l2s.bench.run_bench\n"
         "assert isinstance(l2s.bench, types.ModuleType)\n"
         "assert SteerConfig('a circle to the left of a square').model == 'toy'\n"
     )

@@ -7,8 +7,8 @@ import os
 import pytest
 import torch
 
-from l2s import cache as cache_mod
-from l2s.cache import AttentionCache, CacheError, content_key
+from l2s.inversion import cache as cache_mod
+from l2s.inversion.cache import AttentionCache, CacheError, content_key
 
 
 def _maps(seed=0):
@@ -112,7 +112,7 @@ def test_latents_round_trip_and_corruption(tmp_path):
 
 
 def test_atomic_write_text_replaces_the_file_whole_and_leaves_no_temp_file(tmp_path):
-    from l2s.cache import atomic_write_text
+    from l2s.inversion.cache import atomic_write_text
 
     path = tmp_path / "sub" / "settings.json"
     atomic_write_text(path, "first\n")

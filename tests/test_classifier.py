@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from l2s import classifier as cls_mod
-from l2s.classifier import (
+from l2s.classifier import model as cls_mod
+from l2s.classifier.model import (
     ClassifierConfig,
     ClassifierError,
     ClassifierMismatchError,

@@ -15,8 +15,8 @@ from reference_impl import (
 )
 from typer.testing import CliRunner
 
-from l2s.classifier import load_classifier, trained_classifier_dir
-from l2s.classifier_import import ImportRefused, import_classifier, read_checkpoint
+from l2s.classifier.importer import ImportRefused, import_classifier, read_checkpoint
+from l2s.classifier.model import load_classifier, trained_classifier_dir
 from l2s.cli import app
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -79,7 +79,7 @@ def test_installs_where_steer_looks_and_models_lists_it(tmp_path, sd_folder):
     pth = _save(tmp_path, make_checkpoint(rows=40))
     res = import_classifier(pth, str(sd_folder), denoiser=den)
     assert res.card_path == trained_classifier_dir(str(sd_folder)) / "card.json"
-    from l2s.classifier import default_classifier
+    from l2s.classifier.model import default_classifier
 
     assert default_classifier(str(sd_folder), den.fingerprint) == res.card_path
     with pytest.raises(ImportRefused, match="already holds a classifier: pass --force"):
@@ -264,8 +264,8 @@ def test_flux_layout_and_refusals(tmp_path, sd_folder):
 
 
 def test_flux_layout_on_the_published_block_list():
+    from l2s.classifier.layout import LayoutError, channels, flux_layout
     from l2s.engine.backbone import CrossAttnLayer
-    from l2s.map_layout import LayoutError, channels, flux_layout
 
     layers = ([CrossAttnLayer(f"transformer_blocks.{i}.attn", 24, (16, 16)) for i in range(19)]
               + [CrossAttnLayer(f"single_transformer_blocks.{j}.attn", 24, (16, 16))

@@ -11,9 +11,9 @@ import torch
 
 from l2s.engine.compiled import compiled_maps
 from l2s.engine.sampling import seeded_latents
-from l2s.losses import CentroidLoss
 from l2s.relations import parse
-from l2s.steering import Steerer, SteerSettings, steer_latents
+from l2s.steering.loop import Steerer, SteerSettings, steer_latents
+from l2s.steering.losses import CentroidLoss
 
 PROMPT = "a circle left of a square"
 
@@ -86,7 +86,7 @@ def test_unknown_compile_mode_is_refused():
 def test_compile_option_reaches_the_steering_settings(monkeypatch, tmp_path, one_thread):
     from typer.testing import CliRunner
 
-    import l2s.jobs.steer as job
+    import l2s.steering.job as job
     from l2s.cli import app
 
     seen = []
@@ -105,7 +105,7 @@ def test_compile_option_reaches_the_steering_settings(monkeypatch, tmp_path, one
 
 
 def test_speed_times_the_eager_iteration_beside_the_compiled_one(den, one_thread):
-    from l2s.speed import SpeedConfig, run_speed
+    from l2s.steering.speed import SpeedConfig, run_speed
 
     cfg = SpeedConfig(model="toy", steps=4, steer_until=2, iterations=2, repeats=1,
                       end_to_end=False, compile="reduce-overhead")
@@ -131,7 +131,7 @@ def test_compiled_steering_gives_the_eager_images_in_one_graph(den, one_thread):
     backward is wrong (l2s.engine.compiled)."""
     from torch._dynamo.utils import counters
 
-    from l2s.jobs.steer import build_loss, steer_settings
+    from l2s.steering.job import build_loss, steer_settings
 
     prompts = ["a circle left of a square", "a triangle above a ring",
                "a square below a circle"]

@@ -177,8 +177,8 @@ def test_the_toy_verdict_per_image_needs_every_relation_and_a_toy_world_backbone
     # steer's "achieved" on a toy-world backbone is that verdict, with every prompt relation.
     from types import SimpleNamespace
 
-    from l2s.jobs.steer import relation_achieved
-    from l2s.steering import SteerStats
+    from l2s.steering.job import relation_achieved
+    from l2s.steering.loop import SteerStats
 
     toy = SimpleNamespace(known_objects=CATEGORY_NAMES)
     got = relation_achieved(toy, np.stack([img]), [left], SteerStats())

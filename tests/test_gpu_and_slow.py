@@ -39,10 +39,10 @@ def test_fp16_unet_with_fp32_vae_decodes_finite_images():
 def test_steering_on_cuda_times_with_events_and_reports_peak_memory():
     from l2s.families.tiny import tiny_sd_components
     from l2s.families.unet import UNetDenoiser
-    from l2s.losses import CentroidLoss
     from l2s.relations import parse
-    from l2s.speed import SpeedConfig, run_speed
-    from l2s.steering import SteerSettings, steer_latents
+    from l2s.steering.loop import SteerSettings, steer_latents
+    from l2s.steering.losses import CentroidLoss
+    from l2s.steering.speed import SpeedConfig, run_speed
 
     unet, vae, te, tok, sch = tiny_sd_components()
     den = UNetDenoiser(unet.cuda().half(), te.cuda(), tok, sch, vae.cuda(), name="tiny-gpu")

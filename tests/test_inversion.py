@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from l2s.families.tiny import tiny_sd
-from l2s.inversion import (
+from l2s.inversion.loop import (
     InversionConfig,
     ddim_invert,
     noised_latents,

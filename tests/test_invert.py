@@ -8,12 +8,12 @@ from dataclasses import replace
 import pytest
 from typer.testing import CliRunner
 
-from l2s.cache import AttentionCache
 from l2s.cli import app
 from l2s.engine import loading
 from l2s.families.tiny import tiny_sd
-from l2s.inversion import InversionConfig
-from l2s.jobs.invert import InvertConfig, run_invert, sample_prompts
+from l2s.inversion.cache import AttentionCache
+from l2s.inversion.job import InvertConfig, run_invert, sample_prompts
+from l2s.inversion.loop import InversionConfig
 from l2s.relations import RELATIONS, Triplet
 
 FAST = InversionConfig(method="noise", steps=10, record_steps=(2, 5, 9))
@@ -144,7 +144,7 @@ def test_cli_invert_and_stats(tmp_path, den, monkeypatch):
 
 
 def test_progress_events_carry_the_expected_total(tmp_path, den):
-    from l2s.sources import SourceOptions, expected_samples
+    from l2s.inversion.sources import SourceOptions, expected_samples
 
     events = []
     run_invert(_cfg(tmp_path), den, callback=events.append)
@@ -162,9 +162,9 @@ def test_a_cache_folder_keeps_one_image_size_and_text_length(tmp_path):
     # Catches: (text length) a run over other text keys finding the same keys and skipping
     # every entry as cached, though its maps would differ; (image size) a run at another size
     # writing new entries beside the old ones, which `l2s train` then mixes in one classifier.
-    from l2s.cache import CacheError
     from l2s.families.flux import FluxDenoiser
     from l2s.families.mmdit_tiny import TINY_T5_TOKENS, tiny_flux_pipeline
+    from l2s.inversion.cache import CacheError
 
     p = tiny_flux_pipeline()
 
@@ -192,7 +192,7 @@ def test_a_run_whose_every_image_failed_the_psnr_check_says_what_to_change():
     from collections import Counter
 
     from l2s.cli.invert import summary_lines
-    from l2s.jobs.invert import InvertResult
+    from l2s.inversion.job import InvertResult
 
     hint = "every image reconstructed below --min-psnr"
     lines = summary_lines(InvertResult(dropped=Counter({"low reconstruction PSNR": 16})))
@@ -204,7 +204,7 @@ def test_a_run_whose_every_image_failed_the_psnr_check_says_what_to_change():
 def test_a_cache_folder_keeps_one_set_of_recorded_timesteps(tmp_path, den):
     # Was: a run with other --timesteps (or --steps) added entries of another shape beside the
     # cached ones, and `l2s train` then refused the folder ("cache entries ... disagree").
-    from l2s.cache import CacheError
+    from l2s.inversion.cache import CacheError
 
     cfg = _cfg(tmp_path, limit=1, per_relation=(1, 1, 1))
     assert run_invert(cfg, den).written == 2

@@ -91,7 +91,7 @@ def test_device_comes_from_the_argument_then_l2s_device(monkeypatch):
 def test_an_exception_with_an_empty_message_still_gives_a_one_line_error(tmp_path, monkeypatch):
     import pickle
 
-    import l2s.classifier_import as ci
+    import l2s.classifier.importer as ci
     from l2s.bench.detectors import DetectorError
     from l2s.engine.loading import from_pretrained, hf_load_error
     from l2s.errors import one_line

@@ -17,7 +17,7 @@ from l2s.families.mmdit_tiny import (
     tiny_sd3_pipeline,
 )
 from l2s.families.sd3 import SD3Denoiser
-from l2s.inversion import ddim_invert, reconstruct
+from l2s.inversion.loop import ddim_invert, reconstruct
 
 PROMPT = "a dog to the left of a cat"
 
@@ -371,7 +371,7 @@ def test_steer_image_size_and_text_length(tmp_path, folders):
 def test_text_length_follows_a_card_only_where_the_backbone_can(flux_pipe):
     from l2s.engine.backbone import BackboneError
     from l2s.engine.loading import load_backbone
-    from l2s.jobs.steer import SteerError, use_card_text_len
+    from l2s.steering.job import SteerError, use_card_text_len
 
     den = flux_denoiser(flux_pipe)
     use_card_text_len(den, {"text_len": 100}, "card.json")
@@ -396,9 +396,9 @@ def test_compiled_steering_forward_traces_without_a_graph_break(family, flux_pip
 
     import l2s.engine.compiled as compiled
     from l2s.engine.sampling import seeded_latents
-    from l2s.losses import CentroidLoss
     from l2s.relations import parse
-    from l2s.steering import Steerer, SteerSettings
+    from l2s.steering.loop import Steerer, SteerSettings
+    from l2s.steering.losses import CentroidLoss
 
     den = flux_denoiser(flux_pipe) if family == "flux" else sd3_denoiser(sd3_pipe)
     torch._dynamo.reset()

@@ -6,8 +6,8 @@ from diffusers import PNDMScheduler, StableDiffusionPipeline
 
 from l2s.engine.backbone import BackboneError
 from l2s.families.tiny import tiny_sd_components
-from l2s.pipeline import steering_callback
-from l2s.steering import SteerSettings
+from l2s.steering.loop import SteerSettings
+from l2s.steering.pipeline import steering_callback
 
 
 def _pipe():

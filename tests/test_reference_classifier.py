@@ -4,18 +4,18 @@ import pytest
 import torch
 from reference_impl import CLASSES, make_checkpoint, tiny_config, torch_reference_logits
 
-from l2s.classifier import num_parameters
-from l2s.engine.backbone import CrossAttnLayer
-from l2s.engine.registry import presets
-from l2s.families.unet import unet_cross_attention_layers
-from l2s.map_layout import MapLayout, bilinear_resize, resolution_order, unet_layout
-from l2s.reference_classifier import (
+from l2s.classifier.layout import MapLayout, bilinear_resize, resolution_order, unet_layout
+from l2s.classifier.model import num_parameters
+from l2s.classifier.reference import (
     ReferenceClassifier,
     ReferenceConfig,
     relation_of_class,
     sinusoid_table,
     step_time_input,
 )
+from l2s.engine.backbone import CrossAttnLayer
+from l2s.engine.registry import presets
+from l2s.families.unet import unet_cross_attention_layers
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -11,13 +11,13 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from l2s.cache import AttentionCache
-from l2s.classifier import ClassifierError, load_classifier
+from l2s.classifier.model import ClassifierError, load_classifier
 from l2s.cli import app
 from l2s.config import ConfigError, check_writable_dir
 from l2s.engine.backbone import BackboneError
 from l2s.engine.loading import load_backbone, resolve_device
-from l2s.jobs.steer import prompt_warnings
+from l2s.inversion.cache import AttentionCache
+from l2s.steering.job import prompt_warnings
 
 runner = CliRunner()
 PROMPT = "a circle to the left of a square"
@@ -151,10 +151,10 @@ def test_running_out_of_memory_is_a_one_line_error(tmp_path, monkeypatch, error)
     def boom(*args, **kwargs):
         raise error
 
-    monkeypatch.setattr("l2s.jobs.steer.seeded_latents", boom)
+    monkeypatch.setattr("l2s.steering.job.seeded_latents", boom)
     r = runner.invoke(app, ["steer", PROMPT, "--out", str(tmp_path / "o")])
     _clean_error(r, "error: out of memory (", "use a smaller --image-size")
-    monkeypatch.setattr("l2s.jobs.steer.seeded_latents", lambda *a, **k: 1 / 0)
+    monkeypatch.setattr("l2s.steering.job.seeded_latents", lambda *a, **k: 1 / 0)
     assert isinstance(runner.invoke(app, ["steer", PROMPT, "--out", str(tmp_path / "o")]
                                     ).exception, ZeroDivisionError)  # other bugs still raise
 
@@ -191,7 +191,7 @@ def test_binary_or_escaping_classifier_cards_are_clean_errors(tmp_path):
     card.write_bytes(bytes(range(256)) * 4)
     with pytest.raises(ClassifierError, match="not readable JSON"):
         load_classifier(card)
-    from l2s.classifier import CARD_FORMAT
+    from l2s.classifier.model import CARD_FORMAT
 
     (tmp_path / "model.safetensors").write_bytes(b"x")
     card.write_text(json.dumps({"format": CARD_FORMAT, "architecture": {},
@@ -301,8 +301,8 @@ def test_claims_split_work_and_dead_claims_are_taken_over(tmp_path):
 
 
 def test_invert_leaves_claimed_images_to_the_other_process(tmp_path, monkeypatch, one_thread):
-    from l2s.inversion import InversionConfig
-    from l2s.jobs.invert import InvertConfig, run_invert
+    from l2s.inversion.job import InvertConfig, run_invert
+    from l2s.inversion.loop import InversionConfig
 
     den = load_backbone("toy")
     cfg = InvertConfig(cache_dir=str(tmp_path / "c"), limit=2, batch_size=1,

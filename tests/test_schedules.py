@@ -6,7 +6,7 @@ import torch
 from l2s.engine.backbone import Conditioning, Denoiser
 from l2s.engine.sampling import denoise, guided_prediction
 from l2s.engine.schedules import DDPMSchedule, FlowMatchSchedule, shifted_sigmas
-from l2s.inversion import ddim_invert, noised_latents, reconstruct
+from l2s.inversion.loop import ddim_invert, noised_latents, reconstruct
 
 
 class Stub(Denoiser):

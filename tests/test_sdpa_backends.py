@@ -13,9 +13,9 @@ from l2s.engine.loading import load_backbone
 from l2s.families.flux import FluxDenoiser
 from l2s.families.mmdit_tiny import TINY_T5_TOKENS, tiny_flux_pipeline, tiny_sd3_pipeline
 from l2s.families.sd3 import SD3Denoiser
-from l2s.losses import CentroidLoss
 from l2s.relations import parse
-from l2s.steering import SteerSettings, steer_latents
+from l2s.steering.loop import SteerSettings, steer_latents
+from l2s.steering.losses import CentroidLoss
 
 FLAGS = {"cudnn": torch.backends.cuda.cudnn_sdp_enabled,
          "flash": torch.backends.cuda.flash_sdp_enabled,

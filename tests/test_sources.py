@@ -8,10 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-import l2s.sources as sources
+import l2s.inversion.sources as sources
 import l2s.toy.sources as toy_sources
-from l2s.relations import RELATIONS, geneval_relations, parse
-from l2s.sources import (
+from l2s.inversion.sources import (
     SOURCES,
     Sample,
     SourceError,
@@ -21,6 +20,7 @@ from l2s.sources import (
     is_plural,
     iter_samples,
 )
+from l2s.relations import RELATIONS, geneval_relations, parse
 from l2s.toy.scenes import CATEGORY_NAMES, layout_scene
 
 

@@ -5,7 +5,7 @@ import json
 import pytest
 from diffusers.models.attention_processor import AttnProcessor
 
-from l2s.speed import SpeedConfig, explicit_attention, run_speed
+from l2s.steering.speed import SpeedConfig, explicit_attention, run_speed
 
 
 def test_units_and_end_to_end_on_tiny_sd(den, one_thread):

@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 from l2s.cli import app
 from l2s.engine import loading
 from l2s.families.tiny import tiny_sd
-from l2s.jobs.steer import PromptError, SteerConfig, SteerError, check_prompt, steer, unique_dir
+from l2s.steering.job import PromptError, SteerConfig, SteerError, check_prompt, steer, unique_dir
 
 runner = CliRunner()
 STEP_KEYS = {"step", "t", "iterations", "image_updates", "loss_before", "loss_after", "p_target",
@@ -126,7 +126,7 @@ _RESOLVED = {
 
 @pytest.mark.parametrize("model", list(_RESOLVED))
 def test_each_models_steering_defaults_resolve_as_before(model):
-    from l2s.jobs.steer import steer_settings
+    from l2s.steering.job import steer_settings
 
     s = steer_settings(model)
     assert (s.steps, s.guidance, s.steer_from, s.steer_until, s.iterations, s.step_size,
@@ -147,7 +147,8 @@ def test_every_preset_is_pinned_above():
 def test_verify_with_save_attention_writes_the_steered_images_figures(tmp_path, tiny,
                                                                       monkeypatch):
     # Was: --verify dropped --save-attention (no figure, nothing said).
-    monkeypatch.setattr("l2s.verify.detector_check", lambda den, trip: lambda imgs: [True, False])
+    monkeypatch.setattr("l2s.steering.verify.detector_check",
+                        lambda den, trip: lambda imgs: [True, False])
     res = steer(_cfg(tmp_path, num_images=2, verify=True, save_attention=True), denoiser=tiny)
     assert res.report["verify"]["passed_plain"] == [True, False]
     assert [p.rsplit("/", 1)[1] for p in res.report["attention_figures"]] == [

@@ -7,9 +7,9 @@ import torch
 from step_syncs import assert_step_syncs_do_not_grow
 
 from l2s.engine.sampling import seeded_latents
-from l2s.losses import CentroidLoss
 from l2s.relations import parse
-from l2s.steering import Steerer, SteerSettings, _Optimizer, steer_latents
+from l2s.steering.loop import Steerer, SteerSettings, _Optimizer, steer_latents
+from l2s.steering.losses import CentroidLoss
 
 
 class Spy(CentroidLoss):

@@ -71,8 +71,8 @@ def test_shipped_classifier_fits_the_shipped_model_and_steers_on_its_flow_steps(
     """Catches a shipped classifier that no longer matches the shipped toy-mmdit (layers,
     fingerprint), one `l2s steer` does not find by default, or steering that reports DDPM
     timesteps (or none) for a rectified-flow model."""
-    from l2s.classifier import default_classifier
-    from l2s.jobs.steer import SteerConfig, steer
+    from l2s.classifier.model import default_classifier
+    from l2s.steering.job import SteerConfig, steer
 
     card = default_classifier("toy-mmdit", den.fingerprint)
     assert card is not None and card.parent.name == "toy-mmdit"

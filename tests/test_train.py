@@ -8,11 +8,11 @@ import torch
 import typer
 from typer.testing import CliRunner
 
-from l2s.cache import AttentionCache, content_key
-from l2s.classifier import load_classifier, trained_classifier_dir
+from l2s.classifier.data import TrainError, hash_split, load_maps, split_images
+from l2s.classifier.model import load_classifier, trained_classifier_dir
+from l2s.classifier.train import TrainConfig, run_train
 from l2s.engine.backbone import CrossAttnLayer
-from l2s.jobs.train import TrainConfig, run_train
-from l2s.map_data import TrainError, hash_split, load_maps, split_images
+from l2s.inversion.cache import AttentionCache, content_key
 from l2s.relations import RELATIONS
 
 LAYERS = (("down.attn2", 2), ("up.attn2", 3))  # C = 5 maps per object
@@ -127,7 +127,7 @@ def test_end_to_end_learns_geometry_not_words(tmp_path):
 
 
 def test_reference_arch_trains_from_the_cache(tmp_path):
-    from l2s.classifier import time_input
+    from l2s.classifier.model import time_input
 
     make_cache(tmp_path / "cache", n_images=48)
     # Fed raw sum-1 maps (tiny values), it plateaus for ~150 steps before reading them.
@@ -349,7 +349,7 @@ def _geometric_label(x):
 
 @pytest.mark.parametrize("mode", ["mirror", "all"])
 def test_augmentation_keeps_labels_true_to_the_geometry(mode):
-    from l2s.jobs.train import augment_batch
+    from l2s.classifier.train import augment_batch
 
     gen = torch.Generator().manual_seed(0)
     centres = [((3, 8), (12, 8)), ((12, 8), (3, 8)), ((8, 2), (8, 13)), ((8, 13), (8, 2))] * 16
@@ -386,7 +386,7 @@ def test_broken_entries_are_dropped_said_and_recorded_in_the_card(tmp_path, monk
 
 
 def test_train_data_inverts_what_the_cache_lacks_first(tmp_path, monkeypatch):
-    from l2s.jobs.invert import InvertResult
+    from l2s.inversion.job import InvertResult
 
     calls = []
 
@@ -431,7 +431,7 @@ def test_interrupted_training_resumes_to_the_weights_of_an_uninterrupted_run(tmp
     weights) or repeats or skips an epoch: each changes the final weights."""
     from safetensors.torch import load_file
 
-    from l2s.jobs.train_checkpoint import CHECKPOINT_NAME
+    from l2s.classifier.checkpoint import CHECKPOINT_NAME
 
     make_cache(tmp_path / "cache", n_images=32)
     cfg = _cfg(tmp_path, epochs=4, dropout=0.2, out=str(tmp_path / "whole"))
@@ -464,7 +464,7 @@ def test_interrupted_training_resumes_to_the_weights_of_an_uninterrupted_run(tmp
 
 
 def test_fresh_discards_an_interrupted_run_and_a_broken_checkpoint_is_refused(tmp_path):
-    from l2s.jobs.train_checkpoint import CHECKPOINT_NAME
+    from l2s.classifier.checkpoint import CHECKPOINT_NAME
 
     make_cache(tmp_path / "cache", n_images=24)
     cfg = _cfg(tmp_path, epochs=2)
@@ -481,7 +481,7 @@ def test_fresh_discards_an_interrupted_run_and_a_broken_checkpoint_is_refused(tm
 def test_checkpoint_round_trip_restores_every_part_of_the_state(tmp_path):
     """save_epoch -> load_epoch into fresh objects gives back each piece exactly (a piece left
     out, e.g. the plateau's bad-epoch count or a reduced lr, fails its own comparison)."""
-    from l2s.jobs.train_checkpoint import EpochState, load_epoch, save_epoch
+    from l2s.classifier.checkpoint import EpochState, load_epoch, save_epoch
 
     def fresh():
         torch.manual_seed(0)

@@ -6,9 +6,9 @@ import torch
 
 from l2s.engine.hooks import AttentionRecorder, resize_maps
 from l2s.engine.sampling import seeded_latents
-from l2s.losses import RelationLoss
 from l2s.relations import parse
-from l2s.steering import Steerer, SteerSettings
+from l2s.steering.loop import Steerer, SteerSettings
+from l2s.steering.losses import RelationLoss
 
 
 # --- attention capture ---------------------------------------------------------------------
@@ -178,7 +178,7 @@ def test_pipeline_callback_steers_every_image_of_a_prompt():
     from diffusers import StableDiffusionPipeline
 
     from l2s.families.tiny import tiny_sd_components
-    from l2s.pipeline import steering_callback
+    from l2s.steering.pipeline import steering_callback
 
     unet, vae, te, tok, sch = tiny_sd_components()
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet,
@@ -211,7 +211,7 @@ def test_pipeline_callback_steers_every_image_of_a_prompt():
 def test_steered_toy_image_slice_is_pinned():
     """Regression value: the centre row of a steered toy image (seed 0, 6 steps). A change of
     the sampler, the loss or the update moves these numbers."""
-    from l2s.jobs.steer import SteerConfig, steer
+    from l2s.steering.job import SteerConfig, steer
 
     res = steer(SteerConfig("a circle to the left of a square", steps=6, steer_until=3,
                             iterations=4, steer_from=0, optimizer="sgd", step_size=5.0))

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from l2s.engine.sampling import seeded_latents
-from l2s.losses import CentroidLoss
 from l2s.relations import parse
-from l2s.steering import SteerSettings, steer_latents
-from l2s.verify import generate_verified
+from l2s.steering.loop import SteerSettings, steer_latents
+from l2s.steering.losses import CentroidLoss
+from l2s.steering.verify import generate_verified
 
 PROMPTS = ["a dog left of a cat", "a cat above a bowl"]
 S = SteerSettings(steps=3, guidance=2.0, steer_until=2, iterations=2, step_size=3000.0,

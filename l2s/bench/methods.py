@@ -62,10 +62,10 @@ def register_method(name: str) -> Callable[[MethodFactory], MethodFactory]:
 def _steer_method(name: str) -> MethodFactory:
     """plain / l2s / centroid through `l2s steer`'s `generate`, with the run's settings, and
     l2s-verify: plain first, the images the detector fails regenerated with l2s from the same
-    seeds (``l2s.verify``)."""
+    seeds (``l2s.steering.verify``)."""
     def factory(ctx: MethodContext) -> Generate:
-        from l2s.jobs.steer import build_loss, generate, steer_settings
-        from l2s.verify import generate_verified
+        from l2s.steering.job import build_loss, generate, steer_settings
+        from l2s.steering.verify import generate_verified
 
         cfg = ctx.config
         verify = name == "l2s-verify"

@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image, PngImagePlugin
 
 from l2s.bench.suites import BenchError
-from l2s.cache import atomic_write, atomic_write_text
+from l2s.inversion.cache import atomic_write, atomic_write_text
 
 
 def prompt_dir(out: Path, method: str, index: int) -> Path:

@@ -31,8 +31,8 @@ from l2s.engine.compiled import COMPILE_MODES
 
 def _errors():
     from l2s.bench.detectors import DetectorError
-    from l2s.classifier import ClassifierError
-    from l2s.jobs.steer import SteerError
+    from l2s.classifier.model import ClassifierError
+    from l2s.steering.job import SteerError
 
     return (BackboneError, BenchError, SteerError, ClassifierError, DetectorError)
 

@@ -12,7 +12,7 @@ app = typer.Typer(help="Relation classifiers: import the published L2S checkpoin
 
 
 def _errors():
-    from l2s.classifier import ClassifierError
+    from l2s.classifier.model import ClassifierError
 
     return (BackboneError, ClassifierError)
 
@@ -40,7 +40,7 @@ def import_(
     unpickled. The checkpoints are the authors' (non-commercial licence): download them
     yourself; l2s converts, never redistributes.
     """
-    from l2s.classifier_import import import_classifier
+    from l2s.classifier.importer import import_classifier
 
     @user_errors(*_errors())
     def run() -> None:

@@ -12,12 +12,12 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from l2s.cache import AttentionCache, CacheError
 from l2s.cli.options import config_option, write_resolved
 from l2s.cli.output import console, emit_json, user_errors
 from l2s.engine.backbone import BackboneError
-from l2s.inversion import InversionConfig
-from l2s.jobs.invert import InvertConfig, run_invert
+from l2s.inversion.cache import AttentionCache, CacheError
+from l2s.inversion.job import InvertConfig, run_invert
+from l2s.inversion.loop import InversionConfig
 
 
 def _ints(text: str, name: str) -> tuple[int, ...]:
@@ -41,7 +41,7 @@ def _stats_table(stats: dict) -> Table:
 
 
 def _errors():
-    from l2s.sources import SourceError
+    from l2s.inversion.sources import SourceError
 
     return (BackboneError, CacheError, SourceError)
 

@@ -21,7 +21,7 @@ def models(
     if json_out:
         emit_json(rows)
         return
-    from l2s.classifier import card_origin
+    from l2s.classifier.model import card_origin
 
     table = Table(title="l2s backbones")
     for col in ("name", "source", "available", "classifier", "description"):

@@ -8,17 +8,17 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from l2s.cache import atomic_write_text
 from l2s.cli.options import compile_option, model_default_option
 from l2s.cli.output import console, emit_json, status, user_errors
 from l2s.config import check_writable_file
 from l2s.engine.backbone import BackboneError
-from l2s.speed import SpeedConfig, run_speed
+from l2s.inversion.cache import atomic_write_text
+from l2s.steering.speed import SpeedConfig, run_speed
 
 
 def _errors():
-    from l2s.classifier import ClassifierError
-    from l2s.jobs.steer import SteerError
+    from l2s.classifier.model import ClassifierError
+    from l2s.steering.job import SteerError
 
     return (BackboneError, SteerError, ClassifierError, ValueError)
 

@@ -18,12 +18,12 @@ from l2s.cli.output import console, emit_json, status, user_errors
 from l2s.config import check_writable_dir
 from l2s.engine.backbone import BackboneError
 from l2s.engine.tokens import TokenAlignmentError, triplet_tokens
-from l2s.jobs.steer import PromptError, SteerConfig, SteerError
-from l2s.jobs.steer import steer as run_steer
+from l2s.steering.job import PromptError, SteerConfig, SteerError
+from l2s.steering.job import steer as run_steer
 
 
 def _errors():
-    from l2s.classifier import ClassifierError
+    from l2s.classifier.model import ClassifierError
 
     return (BackboneError, PromptError, TokenAlignmentError, SteerError, ClassifierError)
 
@@ -138,9 +138,9 @@ def steer(
 
     @user_errors(*_errors())
     def body() -> None:
-        from l2s.classifier import card_origin
+        from l2s.classifier.model import card_origin
         from l2s.engine.loading import load_backbone
-        from l2s.jobs.steer import steer_settings
+        from l2s.steering.job import steer_settings
 
         cfg = SteerConfig(prompt=prompt, model=model, image_size=image_size, method=method,
                           classifier=classifier,

@@ -8,16 +8,16 @@ import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from l2s.cache import AttentionCache, CacheError
-from l2s.classifier import ClassifierError
+from l2s.classifier.model import ClassifierError
+from l2s.classifier.train import TrainConfig, TrainError, TrainResult, run_train
 from l2s.cli.invert import batch_progress, progress_columns, summary_lines
 from l2s.cli.options import config_option, write_resolved
 from l2s.cli.output import console, emit_json, status, user_errors
 from l2s.config import check_choice
 from l2s.engine.backbone import BackboneError
-from l2s.inversion import InversionConfig
-from l2s.jobs.invert import InvertConfig, run_invert
-from l2s.jobs.train import TrainConfig, TrainError, TrainResult, run_train
+from l2s.inversion.cache import AttentionCache, CacheError
+from l2s.inversion.job import InvertConfig, run_invert
+from l2s.inversion.loop import InversionConfig
 from l2s.relations import RELATIONS
 
 
@@ -51,7 +51,7 @@ INVERT_MODES = ("auto", "always", "never")
 
 
 def _errors():
-    from l2s.sources import SourceError
+    from l2s.inversion.sources import SourceError
 
     return (BackboneError, CacheError, ClassifierError, TrainError, SourceError)
 

@@ -109,7 +109,7 @@ class Denoiser(ABC):
     # Object words a closed-vocabulary model (the toy) can draw; None: open vocabulary.
     known_objects: tuple[str, ...] | None = None
     # The map layout the published L2S classifiers of this family read (a name in
-    # l2s.map_layout.REFERENCE_LAYOUTS, e.g. "unet"); None: they have none for it.
+    # l2s.classifier.layout.REFERENCE_LAYOUTS, e.g. "unet"); None: they have none for it.
     reference_layout: str | None = None
     # The longest text length ``set_text_len`` accepts (e.g. 512 for Flux's T5, FluxPipeline's
     # cap); None: the text length is fixed by the text encoder (CLIP's 77 for SD).

@@ -231,7 +231,7 @@ def hf_load_error(repo: str, local: Path | None, e: Exception) -> BackboneError:
 
 
 def _classifier_card(model: str) -> str | None:
-    from l2s.classifier import default_classifier
+    from l2s.classifier.model import default_classifier
 
     card = default_classifier(model)
     return str(card) if card else None
@@ -240,7 +240,7 @@ def _classifier_card(model: str) -> str | None:
 def describe_models() -> list[dict]:
     """One record per preset: what it is, its sampling and steering defaults, whether it loads
     offline, its default classifier."""
-    from l2s.classifier import card_origin
+    from l2s.classifier.model import card_origin
 
     return [
         {

@@ -42,7 +42,7 @@ class SteerDefaults:
     steer_from: int = 0  # first steered step (method.md: 0)
     steer_until: float = 0.5  # steer before this fraction (< 1) or step count (method.md: 0.5)
     optimizer: str = "sgd"  # latent update rule (method.md: sgd)
-    # how several relations of one prompt share a step's iterations (l2s.steering
+    # how several relations of one prompt share a step's iterations (l2s.steering.loop
     # RELATION_SCHEDULES; method.md: round robin)
     relation_schedule: str = "round-robin"
 

@@ -130,7 +130,7 @@ class FlowMatchSchedule(NoiseSchedule):
     the n sampling sigmas, noisiest first (default: :func:`shifted_sigmas` with ``shift``; a
     family with resolution-dependent shifting, such as Flux-dev, passes its own). The clean
     end is s = 0. Euler backwards with the same grid is the inversion (fixed-point refined by
-    :func:`l2s.inversion.ddim_invert`), and ``add_noise`` is flow noising.
+    :func:`l2s.inversion.loop.ddim_invert`), and ``add_noise`` is flow noising.
     """
 
     prediction = "velocity"

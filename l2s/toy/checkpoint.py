@@ -49,7 +49,7 @@ def replace_dir(tmp: Path, final: Path) -> None:
 
 def write_dir(final: Path, write: Callable[[Path], object]) -> None:
     """``write(tmp)`` into a fresh sibling folder, then swap it in (``replace_dir``): the
-    folder-sized ``l2s.cache.atomic_write``, for checkpoints and model exports."""
+    folder-sized ``l2s.inversion.cache.atomic_write``, for checkpoints and model exports."""
     final = Path(final)
     tmp = final.with_name(final.name + ".tmp")
     if tmp.exists():

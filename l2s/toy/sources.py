@@ -1,5 +1,6 @@
 """The toy world's data sources: "shapes" (rendered scenes) and "generated" (the toy model's
-images, verified by the toy detector); registered in ``l2s.sources.base.SOURCE_MODULES``."""
+images, verified by the toy detector); registered in
+``l2s.inversion.sources.base.SOURCE_MODULES``."""
 
 from __future__ import annotations
 
@@ -10,8 +11,7 @@ import numpy as np
 
 from l2s.engine.registry import generation_defaults
 from l2s.engine.sampling import sample, seeded_latents, to_uint8
-from l2s.relations import RELATIONS, Triplet, format_prompt, geneval_relations
-from l2s.sources.base import (
+from l2s.inversion.sources.base import (
     Sample,
     SourceError,
     SourceOptions,
@@ -20,6 +20,7 @@ from l2s.sources.base import (
     _strongest,
     per_relation,
 )
+from l2s.relations import RELATIONS, Triplet, format_prompt, geneval_relations
 
 # ---------------------------------------------------------------------------------------------
 # Toy shapes

@@ -263,8 +263,9 @@ class ToyTrainer:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    """A resumed run reads these back: never half-written (``l2s.cache.atomic_write_text``)."""
-    from l2s.cache import atomic_write_text
+    """A resumed run reads these back: never half-written
+    (``l2s.inversion.cache.atomic_write_text``)."""
+    from l2s.inversion.cache import atomic_write_text
 
     atomic_write_text(path, json.dumps(data, indent=1))
 

@@ -9,8 +9,8 @@ mkdir -p "$OUT"
 export L2S_CACHE_DIR="$OUT/cache"
 python - <<'PY'
 import collections, torch
-from l2s.classifier import num_parameters
-from l2s.reference_classifier import ReferenceClassifier, ReferenceConfig
+from l2s.classifier.model import num_parameters
+from l2s.classifier.reference import ReferenceClassifier, ReferenceConfig
 classes = ("above", "below", "is", "to the left of", "to the right of")
 torch.manual_seed(0)
 net = ReferenceClassifier(ReferenceConfig(n_maps=195, relations=classes, max_maps=1368))

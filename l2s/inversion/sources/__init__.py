@@ -64,7 +64,7 @@ that is least full, so a source that runs dry still has all three splits. A quot
 not fill is counted in `SourceReport.short`.
 """
 
-from l2s.sources.base import (
+from l2s.inversion.sources.base import (
     PER_RELATION,
     SOURCE_MODULES,
     SOURCES,
@@ -77,7 +77,7 @@ from l2s.sources.base import (
     iter_samples,
     per_relation,
 )
-from l2s.sources.gqa import gqa_pairs, is_hypernym_pair, is_plural
+from l2s.inversion.sources.gqa import gqa_pairs, is_hypernym_pair, is_plural
 
 __all__ = [
     "PER_RELATION", "SOURCES", "SOURCE_MODULES", "SPLITS", "Sample", "SourceError",

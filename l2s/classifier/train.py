@@ -20,7 +20,15 @@ import torch
 import torch.nn.functional as F
 
 from l2s import __version__
-from l2s.classifier import (
+from l2s.classifier.checkpoint import (
+    CHECKPOINT_NAME,
+    EpochState,
+    load_epoch,
+    run_identity,
+    save_epoch,
+)
+from l2s.classifier.data import SPLIT_MODES, MapData, TrainError, load_maps, split_images
+from l2s.classifier.model import (
     ARCHITECTURES,
     TOKEN_MODES,
     ClassifierConfig,
@@ -31,14 +39,6 @@ from l2s.classifier import (
 )
 from l2s.config import check_choice, check_number, check_writable_dir
 from l2s.engine.registry import TrainDefaults, get_preset
-from l2s.jobs.train_checkpoint import (
-    CHECKPOINT_NAME,
-    EpochState,
-    load_epoch,
-    run_identity,
-    save_epoch,
-)
-from l2s.map_data import SPLIT_MODES, MapData, TrainError, load_maps, split_images
 from l2s.relations import RELATIONS
 
 # Label-preserving symmetries of a (subject, object) map pair: "mirror" = left-right flip and
@@ -93,7 +93,7 @@ class TrainConfig:
                 raise TrainError(f"--{name.replace('_', '-')} must be >= 1, got "
                                  f"{getattr(self, name)}")
         check_number("--lr", self.lr, 0, strict=True)
-        from l2s.sources import SOURCES
+        from l2s.inversion.sources import SOURCES
 
         for d in self.data:
             check_choice("--data", d, SOURCES)
@@ -183,7 +183,7 @@ def _new_classifier(cfg: TrainConfig, data: MapData, d_model: int, depth: int
     """An untrained classifier of cfg.arch for these maps."""
     n_maps, size = data.maps.shape[2], data.maps.shape[-1]
     if cfg.arch == "reference":
-        from l2s.reference_classifier import ReferenceClassifier, ReferenceConfig
+        from l2s.classifier.reference import ReferenceClassifier, ReferenceConfig
 
         return ReferenceClassifier(ReferenceConfig(
             n_maps=n_maps, relations=RELATIONS, map_size=size, d_model=d_model,
@@ -263,7 +263,7 @@ def run_train(cfg: TrainConfig, denoiser=None, callback: Callable[[dict], None] 
 
     ``callback`` gets one dict per epoch: epoch, epochs, train_loss, val_loss, val_acc, lr, best
     (and ``resumed: True`` for the epochs a resumed run already had). The run's state is saved
-    after every epoch (``l2s.jobs.train_checkpoint``): the same call after an interruption
+    after every epoch (``l2s.classifier.checkpoint``): the same call after an interruption
     continues from the last finished epoch; ``fresh`` discards a saved state instead.
     """
     start = time.perf_counter()

@@ -1,7 +1,7 @@
 """Steer a stock diffusers Stable Diffusion pipeline through `callback_on_step_end`.
 
 The pipeline's loop stands in for ``l2s.engine.sampling.denoise``: its callback hands the
-same step state to the same :class:`l2s.steering.Steerer` callback.
+same step state to the same :class:`l2s.steering.loop.Steerer` callback.
 """
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ from collections.abc import Sequence
 
 from l2s.engine.backbone import BackboneError
 from l2s.families.unet import UNetDenoiser
-from l2s.losses import RelationLoss
 from l2s.relations import parse
-from l2s.steering import Steerer, SteerSettings
+from l2s.steering.loop import Steerer, SteerSettings
+from l2s.steering.losses import RelationLoss
 
 
 class PipelineSteerer:
@@ -56,7 +56,7 @@ def steering_callback(pipe, prompt: str | Sequence[str], *, method: str = "l2s",
                       ) -> PipelineSteerer:
     """Build the callback for ``pipe(prompt, ...)``: the l2s classifier loss (``classifier``
     card, or the registered default of ``model``) or the ``centroid`` baseline."""
-    from l2s.jobs.steer import build_loss
+    from l2s.steering.job import build_loss
 
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     prompts = [p for p in prompts for _ in range(num_images_per_prompt)]

@@ -5,7 +5,7 @@ objects from a diffusion model's own attention maps; at generation time the clas
 cross-entropy is the steering loss, so it runs, and is differentiated through, on every steering
 iteration. This module owns the network, its checkpoint format (safetensors weights + a JSON
 card) and where a backbone's default classifier lives. It does no I/O except save/load.
-Cards of the reference architecture (``l2s/reference_classifier.py``, trained by
+Cards of the reference architecture (``l2s/classifier/reference.py``, trained by
 `l2s train --arch reference` or converted by `l2s classifier import`) load through the same
 functions: ``architecture["kind"]`` says which network a card holds.
 """
@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from l2s.cache import atomic_write, atomic_write_text
+from l2s.inversion.cache import atomic_write, atomic_write_text
 from l2s.relations import RELATIONS
 
 CARD_FORMAT = "l2s-relation-classifier/1"  # bump when the card or weight layout changes
@@ -210,7 +210,7 @@ def time_input(card: Mapping) -> Callable[[int, int], int]:
     reads that timestep's row in the card's ``timesteps``; an imported published classifier
     (``clock: "step"``) reads the step-index table (``step_time_input``).
     """
-    from l2s.reference_classifier import step_time_input
+    from l2s.classifier.reference import step_time_input
 
     trained = [int(s) for s in card["timesteps"]]
     if card.get("clock", "timestep") == "step":
@@ -224,7 +224,7 @@ def build_classifier(architecture: Mapping) -> nn.Module:
     """An untrained network from a card's ``architecture`` (either kind)."""
     kind = architecture.get("kind", "l2s")
     if kind == "reference":
-        from l2s.reference_classifier import ReferenceClassifier, ReferenceConfig
+        from l2s.classifier.reference import ReferenceClassifier, ReferenceConfig
 
         return ReferenceClassifier(ReferenceConfig.from_dict(architecture))
     if kind != "l2s":
@@ -376,7 +376,7 @@ def _state_problems(expected: Mapping[str, torch.Tensor], got: Mapping[str, torc
 # ---------------------------------------------------------------------------------------------
 # Where classifiers live
 
-PACKAGE_CLASSIFIERS = Path(__file__).parent / "classifiers"  # shipped cards (e.g. the toy's)
+PACKAGE_CLASSIFIERS = Path(__file__).parents[1] / "classifiers"  # shipped cards (e.g. the toy's)
 
 
 def safe_model_name(model_name: str) -> str:
@@ -386,7 +386,7 @@ def safe_model_name(model_name: str) -> str:
 
 def trained_classifier_dir(model_name: str) -> Path:
     """Where `l2s train` writes a backbone's classifier by default."""
-    from l2s.cache import default_cache_dir
+    from l2s.inversion.cache import default_cache_dir
 
     return default_cache_dir() / "classifiers" / safe_model_name(model_name)
 

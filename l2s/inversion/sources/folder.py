@@ -1,4 +1,4 @@
-"""The folder source: images with an annotations.jsonl (format in l2s.sources)."""
+"""The folder source: images with an annotations.jsonl (format in l2s.inversion.sources)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from l2s.relations import RELATIONS, canonical_relation, geneval_relations
-from l2s.sources.base import (
+from l2s.inversion.sources.base import (
     SPLITS,
     Sample,
     SourceError,
@@ -21,6 +20,7 @@ from l2s.sources.base import (
     _unit,
     per_relation,
 )
+from l2s.relations import RELATIONS, canonical_relation, geneval_relations
 
 # ---------------------------------------------------------------------------------------------
 # Folder
@@ -99,7 +99,7 @@ def folder_source(options: SourceOptions, report: SourceReport, denoiser=None
     if options.folder is None:
         raise SourceError(
             f"the folder source needs --folder: a folder with your images and an {ANNOTATIONS} "
-            "(format in docs, or help(l2s.sources))"
+            "(format in docs, or help(l2s.inversion.sources))"
         )
     folder = Path(options.folder).expanduser()
     if not folder.is_dir():

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from l2s.classifier import check_maps
+from l2s.classifier.model import check_maps
 
 # The published checkpoints' class names -> l2s relation names; "is" (an attribute class) is
 # no relation: it stays in the softmax and is never a steering target.

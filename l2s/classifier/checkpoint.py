@@ -21,8 +21,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from l2s.cache import atomic_write
-from l2s.map_data import TrainError
+from l2s.classifier.data import TrainError
+from l2s.inversion.cache import atomic_write
 
 CHECKPOINT_NAME = "train-checkpoint.safetensors"
 RESUME_FIX = "rerun with --fresh to start over (or choose another --out)"

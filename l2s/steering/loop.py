@@ -5,7 +5,7 @@ forward the denoiser on the conditional branch with the latent requiring grad, r
 subject/object maps, take the loss against the wanted relation, step the latent, stop early
 once the loss is under a threshold; then take the normal guided step. The :class:`Steerer`
 is a step callback of the one sampling loop (``l2s.engine.sampling.denoise``) and of a stock
-diffusers pipeline (``l2s.pipeline``); it never runs a denoising loop of its own.
+diffusers pipeline (``l2s.steering.pipeline``); it never runs a denoising loop of its own.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from l2s.engine.registry import SteerDefaults
 from l2s.engine.sampling import sample
 from l2s.engine.timing import RegionTimer
 from l2s.engine.tokens import triplet_tokens
-from l2s.losses import RelationLoss
 from l2s.relations import Triplet
+from l2s.steering.losses import RelationLoss
 
 OPTIMIZERS = ("sgd", "adam", "normalized")
 # How the iterations of a step share an image's relations (one relation: all the same):
@@ -39,7 +39,7 @@ _SD = SteerDefaults()  # the defaults of a model without a preset (l2s.engine.re
 
 @dataclass(frozen=True)
 class SteerSettings:
-    """How hard and how long to steer (``l2s.jobs.steer.steer_settings``: from a model's
+    """How hard and how long to steer (``l2s.steering.job.steer_settings``: from a model's
     defaults and the user's values)."""
 
     steps: int = _SD.steps  # DDIM steps of the whole generation

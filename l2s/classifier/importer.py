@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 
 from l2s import __version__
-from l2s.classifier import (
+from l2s.classifier.layout import LayoutError, channels, reference_layout
+from l2s.classifier.model import (
     CARD_FILE,
     ClassifierError,
     _state_problems,
@@ -29,13 +30,12 @@ from l2s.classifier import (
     sha256_file,
     trained_classifier_dir,
 )
-from l2s.errors import one_line
-from l2s.map_layout import LayoutError, channels, reference_layout
-from l2s.reference_classifier import (
+from l2s.classifier.reference import (
     REFERENCE_CLASSES,
     ReferenceClassifier,
     ReferenceConfig,
 )
+from l2s.errors import one_line
 from l2s.relations import RELATIONS
 
 REQUIRED_KEYS = ("model_state_dict", "rel_name_to_idx", "config", "training_config")

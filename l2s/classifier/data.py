@@ -22,7 +22,7 @@ import torch
 from l2s.relations import RELATIONS
 
 if TYPE_CHECKING:
-    from l2s.jobs.train import TrainConfig
+    from l2s.classifier.train import TrainConfig
 
 SPLITS = ("train", "val", "test")
 SPLIT_MODES = ("hash", "recorded")
@@ -87,7 +87,7 @@ def load_maps(cache_dir: str | Path | None, fingerprint: str, *, name: str, mode
     Everything is held as float16: T x 2 x C x S x S x 2 bytes per entry (SD2.1, 6 timesteps:
     1.2 MB; 20k entries: ~24 GB), which keeps the epochs free of disk reads.
     """
-    from l2s.cache import AttentionCache, default_cache_dir
+    from l2s.inversion.cache import AttentionCache, default_cache_dir
 
     root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     if root.exists() and not root.is_dir():

@@ -16,9 +16,9 @@ import torch
 
 from l2s.engine.backbone import Denoiser
 from l2s.engine.sampling import sample, to_uint8
-from l2s.losses import RelationLoss
 from l2s.relations import Triplet
-from l2s.steering import Steerer, SteerSettings, SteerStats
+from l2s.steering.loop import Steerer, SteerSettings, SteerStats
+from l2s.steering.losses import RelationLoss
 
 # images (B, H, W, 3) in [0, 1] -> whether each shows its prompt's relations
 Check = Callable[[torch.Tensor], list[bool]]
@@ -87,7 +87,7 @@ def generate_verified(denoiser: Denoiser, prompts: list[str], triplets: list[lis
     detector, else the classifier on the plain pass) regenerated steered from their seeds.
     ``keep_maps``: the stats keep the steered images' maps (``SteerStats.attention``, in the
     order of the failing images)."""
-    from l2s.jobs.steer import generate
+    from l2s.steering.job import generate
 
     check = check or detector_check(denoiser, triplets)
     probe = None

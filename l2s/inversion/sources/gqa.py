@@ -1,4 +1,5 @@
-"""The gqa source: GQA scene graphs, their name filters, seeded sampling (see l2s.sources)."""
+"""The gqa source: GQA scene graphs, their name filters, seeded sampling
+(see l2s.inversion.sources)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from l2s.relations import RELATIONS, geneval_relations
-from l2s.sources.base import (
+from l2s.inversion.sources.base import (
     Sample,
     SourceError,
     SourceOptions,
@@ -19,6 +19,7 @@ from l2s.sources.base import (
     _unit,
     per_relation,
 )
+from l2s.relations import RELATIONS, geneval_relations
 
 GQA_DOWNLOAD = "https://cs.stanford.edu/people/dorarad/gqa/download.html"
 

@@ -32,9 +32,9 @@ import torch
 from l2s.engine.backbone import Denoiser
 from l2s.engine.sampling import guided_prediction, sample, seeded_latents
 from l2s.engine.timing import Clock
-from l2s.losses import RelationLoss
 from l2s.relations import parse
-from l2s.steering import Steerer, steer_latents
+from l2s.steering.loop import Steerer, steer_latents
+from l2s.steering.losses import RelationLoss
 
 
 @dataclass(frozen=True)
@@ -64,9 +64,9 @@ def timing_loss(denoiser: Denoiser, model: str, classifier: str | None) -> tuple
     A random classifier costs exactly what a trained one costs; the benchmark never reads its
     answers, it only disables the early exit.
     """
-    from l2s.classifier import ClassifierConfig, RelationClassifier
-    from l2s.jobs.steer import SteerError, build_loss
-    from l2s.losses import ClassifierLoss
+    from l2s.classifier.model import ClassifierConfig, RelationClassifier
+    from l2s.steering.job import SteerError, build_loss
+    from l2s.steering.losses import ClassifierLoss
 
     try:
         loss, card = build_loss("l2s", denoiser, model, classifier)
@@ -105,7 +105,7 @@ def _default_prompt(denoiser: Denoiser) -> str:
 def run_speed(config: SpeedConfig, denoiser: Denoiser | None = None, on_unit=None) -> dict:
     """Measure the units and the end-to-end generations; return the report (JSON-ready)."""
     from l2s.engine.loading import load_backbone
-    from l2s.jobs.steer import steer_settings
+    from l2s.steering.job import steer_settings
 
     if config.repeats < 1 or (config.iterations is not None and config.iterations < 1):
         raise ValueError("--repeats and --iterations must be at least 1")
@@ -118,7 +118,7 @@ def run_speed(config: SpeedConfig, denoiser: Denoiser | None = None, on_unit=Non
     if not triplets:
         raise ValueError(f"the prompt {prompt!r} states no steerable relation (left of, right "
                          "of, above, below): nothing to steer")
-    from l2s.jobs.steer import check_prompt
+    from l2s.steering.job import check_prompt
 
     check_prompt(denoiser, triplets)  # what steer refuses, speed refuses too
     loss, loss_source = timing_loss(denoiser, config.model, config.classifier)

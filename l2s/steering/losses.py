@@ -2,7 +2,7 @@
 
 A loss takes the (B, 2, C, S, S) subject/object maps of B images and their wanted relations
 and returns a loss and p(target) per image: the learned classifier's cross-entropy (the L2S
-loss) or a hand-crafted centroid baseline. ``l2s.steering`` steps the latent down its gradient.
+loss) or a hand-crafted centroid baseline. ``l2s.steering.loop`` steps the latent down its gradient.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ class ClassifierLoss(RelationLoss):
 
     ``time_fn(t, step)`` gives the network's time input; ``order`` (classifier channel c <-
     recorded channel order[c]) and ``resize`` adapt the recorded maps to the layout the
-    classifier was trained on (``l2s.map_layout``).
+    classifier was trained on (``l2s.classifier.layout``).
     """
 
     name = "l2s"

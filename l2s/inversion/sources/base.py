@@ -1,6 +1,6 @@
 """Data-source plumbing: Sample, options, reports, quotas, and the source registry.
 
-The sources themselves (and the format each reads) are described in ``l2s.sources``'s
+The sources themselves (and the format each reads) are described in ``l2s.inversion.sources``'s
 docstring; each lives in its own module: ``gqa``, ``folder`` here, ``shapes`` and
 ``generated`` beside the toy (``l2s.toy.sources``).
 """
@@ -19,8 +19,8 @@ from l2s.relations import RELATIONS
 
 # Source name -> module with its `<name>_source(options, report, denoiser)`, imported on use.
 SOURCE_MODULES = {
-    "gqa": "l2s.sources.gqa",
-    "folder": "l2s.sources.folder",
+    "gqa": "l2s.inversion.sources.gqa",
+    "folder": "l2s.inversion.sources.folder",
     "shapes": "l2s.toy.sources",
     "generated": "l2s.toy.sources",
 }

@@ -21,9 +21,9 @@ from l2s.engine.compiled import COMPILE_MODES
 from l2s.engine.registry import steer_defaults
 from l2s.engine.sampling import sample, seeded_latents, to_uint8
 from l2s.engine.timing import Clock, peak_memory_mb
-from l2s.losses import CentroidLoss, ClassifierLoss, RelationLoss
 from l2s.relations import Triplet, parse
-from l2s.steering import OPTIMIZERS, SteerSettings, SteerStats, steer_latents
+from l2s.steering.loop import OPTIMIZERS, SteerSettings, SteerStats, steer_latents
+from l2s.steering.losses import CentroidLoss, ClassifierLoss, RelationLoss
 
 STEER_METHODS = ("l2s", "centroid", "plain")
 
@@ -58,9 +58,9 @@ def build_loss(method: str, denoiser: Denoiser, model: str, classifier: str | No
         return None, None
     if method == "centroid":
         return CentroidLoss(), None
-    from l2s.classifier import default_classifier, load_classifier, time_input
-    from l2s.map_layout import LayoutError, MapLayout, reference_layout
-    from l2s.reference_classifier import relation_of_class
+    from l2s.classifier.layout import LayoutError, MapLayout, reference_layout
+    from l2s.classifier.model import default_classifier, load_classifier, time_input
+    from l2s.classifier.reference import relation_of_class
 
     path = classifier or default_classifier(model, denoiser.fingerprint)
     if path is None:
@@ -271,7 +271,7 @@ def steer(config: SteerConfig, denoiser: Denoiser | None = None, on_step=None) -
 
     def run():
         if config.verify and loss is not None:
-            from l2s.verify import generate_verified
+            from l2s.steering.verify import generate_verified
 
             return generate_verified(denoiser, prompts, [steerable] * len(seeds), latents,
                                      settings, loss, keep_maps=config.save_attention)
@@ -319,7 +319,7 @@ def steer(config: SteerConfig, denoiser: Denoiser | None = None, on_step=None) -
             Image.fromarray(img).save(result.paths[-1])
         report["images"] = [str(p) for p in result.paths]
         if config.save_attention and stats.attention:
-            from l2s.plots import attention_figure
+            from l2s.steering.plots import attention_figure
 
             first = steerable[0]
             # the steered images, in the order of the maps (--verify: only the failing ones)

@@ -13,11 +13,17 @@ from itertools import islice
 import numpy as np
 import torch
 
-from l2s.cache import AttentionCache, CacheError, atomic_write_text, content_key, image_hash
 from l2s.config import ConfigError, check_choice, check_number
 from l2s.engine.backbone import Denoiser
 from l2s.engine.tokens import TokenAlignmentError, pair_tokens
-from l2s.inversion import (
+from l2s.inversion.cache import (
+    AttentionCache,
+    CacheError,
+    atomic_write_text,
+    content_key,
+    image_hash,
+)
+from l2s.inversion.loop import (
     InversionConfig,
     ddim_invert,
     noised_latents,
@@ -46,7 +52,7 @@ class InvertConfig:
     per_relation: tuple[int, int, int] | None = None  # train/val/test per relation (None: default)
 
     def __post_init__(self) -> None:
-        from l2s.sources import SOURCES
+        from l2s.inversion.sources import SOURCES
 
         for d in self.data:
             check_choice("--data", d, SOURCES)
@@ -122,7 +128,7 @@ def run_invert(cfg: InvertConfig, denoiser: Denoiser | None = None,
     """Fill the cache for every sample of the sources; skips what exists, so it resumes."""
     import time
 
-    from l2s.sources import SourceOptions, SourceReport, expected_samples, iter_samples
+    from l2s.inversion.sources import SourceOptions, SourceReport, expected_samples, iter_samples
 
     t_start = time.perf_counter()
     if denoiser is None:
@@ -222,7 +228,7 @@ def _counts(r: InvertResult) -> dict:
 def _process(samples: list, denoiser: Denoiser, cache: AttentionCache, cfg: InvertConfig,
              common_meta: dict, result: InvertResult) -> None:
     """Claim the samples whose entries are missing (or broken), then build those entries."""
-    from l2s.sources import SourceError
+    from l2s.inversion.sources import SourceError
 
     inv = cfg.inversion
     items = []  # (sample, image tensor, hash, prompts, keys)

@@ -1,0 +1,3 @@
+"""The relation classifier: network and card files (`model`), the published network (`reference`)
+and its map layout (`layout`), `l2s classifier import` (`importer`), cached maps for training
+(`data`), the `l2s train` job (`train`) and its resumable checkpoint (`checkpoint`)."""
