@@ -1,7 +1,15 @@
-"""How an exception becomes part of a one-line error message: `one_line`; which exceptions
-mean the machine ran out of memory: `out_of_memory`."""
+"""The one base of every error l2s reports to a user (`L2SError`); how an exception becomes
+part of a one-line error message (`one_line`); which exceptions mean the machine ran out of memory
+(`out_of_memory`)."""
 
 from __future__ import annotations
+
+
+class L2SError(Exception):
+    """Base of every user-facing l2s error: its message says what was wrong and what to do.
+
+    The CLI turns exactly this type into a one-line error; each subclass also derives from the
+    builtin it has always been (ValueError, RuntimeError), so existing ``except`` clauses hold."""
 
 
 def one_line(e: BaseException, limit: int = 300) -> str:

@@ -23,6 +23,7 @@ from typing import Protocol
 import numpy as np
 
 from l2s.bench.geneval import GENEVAL_RULES, Detection, Rules
+from l2s.errors import L2SError
 
 # Aliases of --detector and the suites' defaults.
 DETECTOR_ALIASES = {
@@ -43,7 +44,7 @@ TOY_RULES = Rules(threshold=0.0, counting_threshold=0.0)
 OWL_RULES = Rules(threshold=0.1, counting_threshold=0.1)
 
 
-class DetectorError(ValueError):
+class DetectorError(L2SError, ValueError):
     """A detector cannot be found or loaded; says what to do."""
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 
 from l2s.bench.geneval import position_metadata
+from l2s.errors import L2SError
 from l2s.relations import RELATIONS, Triplet, format_prompt, parse
 
 # Suites scored with the toy detector (the toy world) and with real detectors.
@@ -31,7 +32,7 @@ COMPBENCH_PERSON = frozenset({"girl", "boy", "man", "woman"})
 MULTI_STRUCTURES = ((3, 2), (4, 3), (3, 2), (5, 3))
 
 
-class BenchError(ValueError):
+class BenchError(L2SError, ValueError):
     """A benchmark cannot start or resume as asked; says what to do."""
 
 

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from l2s.errors import L2SError
 from l2s.relations import RELATIONS
 
 if TYPE_CHECKING:
@@ -30,7 +31,7 @@ SPLIT_MODES = ("hash", "recorded")
 REQUIRED_META = ("relation", "polarity", "image_hash", "timesteps", "layers", "heads")
 
 
-class TrainError(ValueError):
+class TrainError(L2SError, ValueError):
     """Training cannot run on this data or with these settings; the message says what to do."""
 
 

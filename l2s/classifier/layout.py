@@ -18,12 +18,13 @@ import torch
 import torch.nn.functional as F
 
 from l2s.engine.backbone import CrossAttnLayer
+from l2s.errors import L2SError
 
 RESIZES = ("l2s", "bilinear")  # l2s: the recorder's own; bilinear: the reference's
 RENORMALISE = ("always", "resized")  # divide by (sum + 1e-8): every map, or resized ones only
 
 
-class LayoutError(ValueError):
+class LayoutError(L2SError, ValueError):
     """A classifier's map layout does not fit this backbone; the message says what to do."""
 
 

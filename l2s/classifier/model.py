@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from l2s.errors import L2SError
 from l2s.inversion.cache import atomic_write, atomic_write_text
 from l2s.relations import RELATIONS
 
@@ -33,7 +34,7 @@ TOKEN_MODES = ("map", "layer")
 ARCHITECTURES = ("l2s", "reference")  # --arch: ours, or the published checkpoints' network
 
 
-class ClassifierError(RuntimeError):
+class ClassifierError(L2SError, RuntimeError):
     """A classifier checkpoint cannot be used as asked; the message says what to do."""
 
 

@@ -21,9 +21,10 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from l2s.engine.schedules import NoiseSchedule, Timestep
+from l2s.errors import L2SError
 
 
-class BackboneError(RuntimeError):
+class BackboneError(L2SError, RuntimeError):
     """A backbone could not be loaded or used; the message says what to do."""
 
 

@@ -17,13 +17,14 @@ import torch
 import torch.nn.functional as F
 
 from l2s.engine.backbone import AttentionSink, CrossAttnLayer
+from l2s.errors import L2SError
 
 # Token groups: one list of token indices per recorded object ("teddy bear" -> [2, 3]), shared
 # by the whole batch, or one such list of groups per batch element.
 TokenGroups = Sequence[Sequence[int]] | Sequence[Sequence[Sequence[int]]]
 
 
-class HookError(RuntimeError):
+class HookError(L2SError, RuntimeError):
     """The model does not have the attention layers (or processors) the hooks expect."""
 
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from l2s.errors import L2SError
 from l2s.relations import Triplet
 
 
-class TokenAlignmentError(ValueError):
+class TokenAlignmentError(L2SError, ValueError):
     """A phrase cannot be found in, or the prompt does not fit, the tokenizer's view."""
 
 

@@ -40,8 +40,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from l2s.errors import L2SError
 
-class CacheError(RuntimeError):
+
+class CacheError(L2SError, RuntimeError):
     """The cache folder cannot be used as asked."""
 
 

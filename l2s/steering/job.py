@@ -21,6 +21,7 @@ from l2s.engine.compiled import COMPILE_MODES
 from l2s.engine.registry import steer_defaults
 from l2s.engine.sampling import sample, seeded_latents, to_uint8
 from l2s.engine.timing import Clock, peak_memory_mb
+from l2s.errors import L2SError
 from l2s.relations import Triplet, parse
 from l2s.steering.loop import OPTIMIZERS, SteerSettings, SteerStats, steer_latents
 from l2s.steering.losses import CentroidLoss, ClassifierLoss, RelationLoss
@@ -28,11 +29,11 @@ from l2s.steering.losses import CentroidLoss, ClassifierLoss, RelationLoss
 STEER_METHODS = ("l2s", "centroid", "plain")
 
 
-class PromptError(ValueError):
+class PromptError(L2SError, ValueError):
     """The prompt asks for something this backbone cannot draw or read."""
 
 
-class SteerError(RuntimeError):
+class SteerError(L2SError, RuntimeError):
     """Steering cannot run as asked (no classifier, out of memory, ...); says what to do."""
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from l2s.errors import L2SError
 from l2s.relations import RELATIONS
 
 # Source name -> module with its `<name>_source(options, report, denoiser)`, imported on use.
@@ -37,7 +38,7 @@ PER_RELATION: dict[str, tuple[int, int, int] | None] = {
     "generated": (800, 100, 70),
 }
 
-class SourceError(ValueError):
+class SourceError(L2SError, ValueError):
     """A data source cannot be read as asked; the message says what was wrong and what to do."""
 
 
