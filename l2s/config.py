@@ -33,6 +33,27 @@ def check_number(name: str, value: float | None, low: float, *, strict: bool = F
         raise ConfigError(f"{name} must be {'>' if strict else '>='} {low:g}, got {value:g}")
 
 
+def check_integer(name: str, value, low: int | None = None,
+                  error: type[Exception] = ConfigError, *, optional: bool = True) -> None:
+    """``value`` is a whole number (an int: not a bool, not a float) >= ``low``, or None when
+    ``optional`` (``error``: the caller's own exception type)."""
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise error(f"{name} must be a whole number, got {value!r}")
+    if low is not None and value < low:
+        raise error(f"{name} must be >= {low}, got {value}")
+
+
+def check_text(name: str, value, *, optional: bool = False, path: bool = False,
+               error: type[Exception] = ConfigError) -> None:
+    """``value`` is a non-empty string (or None when ``optional``; or a path when ``path``)."""
+    if (value is None and optional) or (path and isinstance(value, os.PathLike)):
+        return
+    if not isinstance(value, str) or not value.strip():
+        raise error(f"{name} must be a non-empty text, got {value!r}")
+
+
 def check_choice(name: str, value: str, choices, error: type[Exception] = ConfigError) -> None:
     """Refuse a value outside ``choices``, naming the option (``error``: the caller's own
     exception type, e.g. a job's)."""

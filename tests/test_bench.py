@@ -162,6 +162,18 @@ def test_resume_with_other_settings_is_refused(oracle, tmp_path):
                   denoiser=object())
 
 
+def test_a_launched_process_benches_its_rank_shard(oracle, tmp_path, monkeypatch):
+    """Catches a Python bench under accelerate launch / torchrun doing every prompt in every
+    process (only the CLI read RANK and WORLD_SIZE)."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    run_bench(BenchConfig(methods=("oracle",), prompts=4, images=1, out=str(tmp_path)),
+              denoiser=object())
+    assert [p.name for p in tmp_path.glob("results*.jsonl")] == ["results.shard-1-of-2.jsonl"]
+    assert len(oracle) and all(len(c) for c in oracle)
+    assert sum(len(c) for c in oracle) == 2  # prompts 1 and 3 of 4
+
+
 def test_shards_split_the_prompts_and_merge_into_one_summary(oracle, tmp_path):
     base = dict(methods=("oracle",), prompts=7, out=str(tmp_path))
     first = run_bench(BenchConfig(**base, shard=(0, 2)), denoiser=object())

@@ -111,16 +111,16 @@ def test_speed_times_the_eager_iteration_beside_the_compiled_one(den, one_thread
                       end_to_end=False, compile="reduce-overhead")
     with torch.compiler.set_stance("force_eager"):  # the plumbing, not the compiler
         rep = run_speed(cfg, denoiser=den)
-    assert list(rep["units"]) == ["plain_step", "ours_iteration", "ours_eager_iteration",
+    assert list(rep.units) == ["plain_step", "ours_iteration", "ours_eager_iteration",
                                   "reference_iteration"]
-    assert rep["ratios"]["compiled_vs_eager_iteration"] > 0
-    assert rep["ratios"]["compiled_vs_eager_update_error"] < 1e-5  # the same update
-    assert "ops" not in rep["units"]["ours_iteration"]  # a compiled region is not counted
-    assert rep["units"]["ours_iteration"]["warmup_ms"] > 0  # the compilation, on a device
+    assert rep.ratios["compiled_vs_eager_iteration"] > 0
+    assert rep.ratios["compiled_vs_eager_update_error"] < 1e-5  # the same update
+    assert "ops" not in rep.units["ours_iteration"]  # a compiled region is not counted
+    assert rep.units["ours_iteration"]["warmup_ms"] > 0  # the compilation, on a device
     plain = run_speed(replace(cfg, compile="off"), denoiser=den)
-    assert "ours_eager_iteration" not in plain["units"]
-    assert plain["ratios"]["compiled_vs_eager_iteration"] is None
-    assert plain["ratios"]["compiled_vs_eager_update_error"] is None
+    assert "ours_eager_iteration" not in plain.units
+    assert plain.ratios["compiled_vs_eager_iteration"] is None
+    assert plain.ratios["compiled_vs_eager_update_error"] is None
 
 
 @pytest.mark.slow

@@ -56,5 +56,5 @@ def test_steering_on_cuda_times_with_events_and_reports_peak_memory():
         assert rec.iterations == 3 and rec.forward_ms > 0 and rec.backward_ms > 0
     rep = run_speed(SpeedConfig(model="tiny-gpu", steps=4, steer_until=2, iterations=2,
                                 repeats=2), denoiser=den)
-    assert rep["ratios"]["reference_vs_ours_peak_memory"] > 0
-    assert rep["end_to_end"]["steered_worst_case"]["iterations_run"] == 4
+    assert rep.ratios["reference_vs_ours_peak_memory"] > 0
+    assert rep.end_to_end["steered_worst_case"]["iterations_run"] == 4

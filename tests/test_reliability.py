@@ -164,7 +164,7 @@ def test_speed_out_that_cannot_be_written_is_found_before_timing(tmp_path, monke
     blocker = tmp_path / "file"
     blocker.write_text("x")
     called = []
-    monkeypatch.setattr("l2s.cli.speed.run_speed", lambda *a, **k: called.append(1))
+    monkeypatch.setattr("l2s.engine.loading.load_backbone", lambda *a, **k: called.append(1))
     _clean_error(runner.invoke(app, ["speed", "--out", str(blocker / "r.json")]),
                  f"--out {blocker / 'r.json'}: {blocker} is a file, not a folder")
     _clean_error(runner.invoke(app, ["speed", "--out", str(tmp_path)]),

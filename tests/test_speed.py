@@ -14,25 +14,26 @@ def test_units_and_end_to_end_on_tiny_sd(den, one_thread):
     rep = run_speed(cfg, denoiser=den, on_unit=lambda name, res: seen.append(name))
     assert seen == ["plain_step", "ours_iteration", "reference_iteration", "plain",
                     "steered_worst_case", "steered_one_iteration"]
-    assert rep["loss"] == "random (timing only)"  # no classifier for this backbone
-    assert rep["text_len"] == den.tokenizer.model_max_length  # the prompt length timed
+    assert rep.loss == "random (timing only)"  # no classifier for this backbone
+    assert rep.text_len == den.tokenizer.model_max_length  # the prompt length timed
     for name in ("plain_step", "ours_iteration", "reference_iteration"):
-        u = rep["units"][name]
+        u = rep.units[name]
         assert u["ms"] > 0 and len(u["all_ms"]) == 2
     for name in ("ours_iteration", "reference_iteration"):
-        assert rep["units"][name]["forward_ms"] > 0 and rep["units"][name]["backward_ms"] > 0
-    e2e = rep["end_to_end"]
+        assert rep.units[name]["forward_ms"] > 0 and rep.units[name]["backward_ms"] > 0
+    e2e = rep.end_to_end
     # The early exit is off: every steered step runs every iteration.
     assert e2e["steered_worst_case"]["iterations_run"] == 2 * 3
     assert e2e["steered_one_iteration"]["iterations_run"] == 2
-    assert rep["ratios"]["reference_vs_ours_peak_memory"] is None  # CPU: no peak to compare
+    assert rep.ratios["reference_vs_ours_peak_memory"] is None  # CPU: no peak to compare
     # Launch counts: an iteration (forward + backward) launches more than a plain forward, and
     # the reference-style one (explicit attention everywhere) more than ours.
-    k = {name: rep["units"][name]["ops"]["kernels"] for name in rep["units"]}
+    k = {name: rep.units[name]["ops"]["kernels"] for name in rep.units}
     assert k["plain_step"] < k["ours_iteration"] < k["reference_iteration"]
-    assert rep["ratios"]["ours_iteration_vs_plain_step_kernels"] == \
+    assert rep.ratios["ours_iteration_vs_plain_step_kernels"] == \
         round(k["ours_iteration"] / k["plain_step"], 3)
-    json.dumps(rep)  # the report is JSON as it stands
+    assert rep.path is None  # no out: nothing written
+    assert json.loads(json.dumps(rep.to_json()))["units"] == rep.units  # the report is JSON
 
 
 def test_explicit_attention_covers_every_layer_and_restores(den):
@@ -65,6 +66,21 @@ def test_cli_speed_on_the_toy_writes_the_report(tmp_path, one_thread):
     assert "end_to_end" not in rep and rep["ratios"]["ours_iteration_vs_plain_step"] > 0
     # the toy steers steps 1..3 of 4 (steer_from 1): was 4, the end index, as the count
     assert rep["steps"] == 4 and rep["steered_steps"] == 3
+
+
+def test_the_library_writes_the_report_to_out(tmp_path, one_thread):
+    """Catches a report written only by the CLI (a Python run left no file) or a refusal of an
+    unwritable out found only after the timing."""
+    from l2s.config import ConfigError
+    from l2s.steering.speed import SpeedResult
+
+    out = tmp_path / "sub" / "speed.json"
+    res = run_speed(SpeedConfig(steps=4, repeats=1, end_to_end=False, out=str(out)))
+    assert isinstance(res, SpeedResult) and res.path == out
+    assert json.loads(out.read_text()) == res.to_json()
+    assert "end_to_end" not in res.to_json() and res.to_json()["steps"] == 4
+    with pytest.raises(ConfigError, match="is a folder"):
+        run_speed(SpeedConfig(out=str(tmp_path)), denoiser=object())  # before any timing
 
 
 def test_cli_speed_refuses_random_weights_for_the_toy():

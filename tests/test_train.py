@@ -184,7 +184,7 @@ def test_foreign_folder_and_unknown_source(tmp_path):
         run_train(_cfg(tmp_path), FakeBackbone())
     make_cache(tmp_path / "cache", n_images=8)
     with pytest.raises(TrainError, match=r"no cached maps of source\(s\) gqa .*'shapes': 16"):
-        run_train(_cfg(tmp_path, data=("gqa",)), FakeBackbone())
+        run_train(_cfg(tmp_path, data=("gqa",), invert="never"), FakeBackbone())
 
 
 def test_class_without_samples(tmp_path):
@@ -291,13 +291,13 @@ def test_cli_table_and_errors(tmp_path, monkeypatch):
 
 def test_cli_says_it_resumes_an_interrupted_run(tmp_path, monkeypatch):
     # Was: a rerun continued silently (only the epoch bar started past 1).
-    import l2s.cli.train as cli_train
+    import l2s.classifier.train as cli_train
 
     app = _cli(monkeypatch)
     make_cache(tmp_path / "cache", n_images=24)
     args = ["--cache-dir", str(tmp_path / "cache"), "--model", "synthetic", "--epochs", "3",
             "--d-model", "32", "--depth", "1", "--out", str(tmp_path / "clf"), "--device", "cpu"]
-    whole = cli_train.run_train
+    whole = cli_train.train
 
     def cut(cfg, den, callback=None, fresh=False):
         def stop(ev):
@@ -306,9 +306,9 @@ def test_cli_says_it_resumes_an_interrupted_run(tmp_path, monkeypatch):
                 raise KeyboardInterrupt
         return whole(cfg, den, callback=stop, fresh=fresh)
 
-    monkeypatch.setattr(cli_train, "run_train", cut)
+    monkeypatch.setattr(cli_train, "train", cut)
     assert CliRunner().invoke(app, args).exit_code != 0
-    monkeypatch.setattr(cli_train, "run_train", whole)
+    monkeypatch.setattr(cli_train, "train", whole)
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 0, r.output
     assert "resuming the interrupted run saved in" in r.output
@@ -395,7 +395,7 @@ def test_train_data_inverts_what_the_cache_lacks_first(tmp_path, monkeypatch):
         make_cache(tmp_path / "cache", n_images=24, source=cfg.data[0], seed=1)
         return InvertResult(written=48)
 
-    monkeypatch.setattr("l2s.cli.train.run_invert", fake_invert)
+    monkeypatch.setattr("l2s.inversion.job.invert", fake_invert)
     app = _cli(monkeypatch)
     base = ["--model", "synthetic", "--cache-dir", str(tmp_path / "cache"), "--epochs", "1",
             "--d-model", "32", "--depth", "1", "--device", "cpu", "--json"]

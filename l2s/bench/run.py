@@ -36,6 +36,7 @@ from l2s.bench.suites import (
 from l2s.engine.backbone import Denoiser
 from l2s.engine.registry import get_preset, steer_defaults
 from l2s.engine.sampling import to_uint8
+from l2s.launcher import resolve_shard
 
 SHEET_IMAGES = 40  # images per contact sheet
 TOY_FAMILIES = ("toy", "toy-mmdit")  # backbone families that draw the toy world (six shapes)
@@ -69,7 +70,9 @@ class BenchConfig:
     color_model: str = COLOR_MODEL  # CLIP for GenEval's colour tasks
     batch_size: int = 100  # images generated in one batch
     compile: str = "off"  # steered methods: torch.compile the steering forward
-    shard: tuple[int, int] | None = None  # (i, n): this process does prompts i, i+n, ...
+    # (i, n): this process does prompts i, i+n, ... (None: the launcher's RANK / WORLD_SIZE
+    # under accelerate launch or torchrun, else every prompt)
+    shard: tuple[int, int] | None = None
     out: str = "out/bench"  # folder for config.json, results, images and contact sheets
 
     def identity(self) -> dict:
@@ -149,6 +152,7 @@ def run_bench(cfg: BenchConfig, denoiser: Denoiser | None = None,
     _check(cfg, denoiser)
     defaults = steer_defaults(cfg.model)
     cfg = replace(cfg, images=cfg.images or SUITE_IMAGES[cfg.suite], detector=cfg.detector_name,
+                  shard=resolve_shard(cfg.shard),  # None: the launcher's rank, if any
                   iterations=defaults.iterations if cfg.iterations is None else cfg.iterations,
                   relation_schedule=cfg.relation_schedule or defaults.relation_schedule)
     out = Path(cfg.out)

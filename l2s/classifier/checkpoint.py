@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -40,10 +40,11 @@ class EpochState:
     seconds: float = 0.0  # training time spent before this process
 
 
-def run_identity(cfg, parts: dict[str, torch.Tensor], n_samples: int) -> dict:
-    """What must match for a checkpoint to continue this run: every resolved setting but
-    ``epochs`` (a run may be extended) and ``out``, and which samples fall on which side."""
-    settings = {k: v for k, v in asdict(cfg).items() if k not in ("epochs", "out")}
+def run_identity(settings: dict, parts: dict[str, torch.Tensor], n_samples: int) -> dict:
+    """What must match for a checkpoint to continue this run: every resolved training setting
+    (``TrainConfig.settings()``) but ``epochs`` (a run may be extended) and ``out``, and which
+    samples fall on which side."""
+    settings = {k: v for k, v in settings.items() if k not in ("epochs", "out")}
     digest = hashlib.sha256(str(n_samples).encode())
     for side in sorted(parts):
         digest.update(side.encode() + parts[side].to(torch.int64).numpy().tobytes())

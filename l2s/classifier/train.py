@@ -12,8 +12,8 @@ import functools
 import json
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -37,8 +37,19 @@ from l2s.classifier.model import (
     save_classifier,
     trained_classifier_dir,
 )
-from l2s.config import check_choice, check_number, check_writable_dir
+from l2s.config import (
+    CONFIG_FILE,
+    check_choice,
+    check_integer,
+    check_number,
+    check_text,
+    check_writable_dir,
+    dump_yaml,
+    load_yaml,
+)
 from l2s.engine.registry import TrainDefaults, get_preset
+from l2s.inversion.job import InvertConfig, InvertResult
+from l2s.inversion.loop import INVERSION_METHODS, InversionConfig
 from l2s.relations import RELATIONS
 
 # Label-preserving symmetries of a (subject, object) map pair: "mirror" = left-right flip and
@@ -50,9 +61,19 @@ _V_FLIP = {"above": "below", "below": "above"}
 _SWAP = {**_H_FLIP, **_V_FLIP}
 
 
+INVERT_MODES = ("auto", "always", "never")
+# The fields that say what to invert before training: not training settings (a resumed run may
+# change them), so the card's "training" and the checkpoint's identity leave them out.
+INVERT_FIELDS = ("invert", "gqa_root", "folder", "limit", "negatives", "inversion")
+# Fields without a `l2s train` option: config.yaml holds them only when a run changed them.
+_PYTHON_ONLY = ("weight_decay", "plateau_factor", "plateau_patience", "early_stop_patience",
+                "dropout")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
-    """One `l2s train` run; written, resolved, into the classifier card as ``training``."""
+    """One `l2s train` run; written, resolved, into the classifier card as ``training``, and
+    its options as config.yaml beside it (``TrainConfig.from_yaml`` or `--config` repeat it)."""
 
     model: str = "toy"  # backbone preset, hub id or folder whose cached maps are used
     data: tuple[str, ...] = ()  # sources to train on (gqa, shapes, ...); () = every source
@@ -73,30 +94,102 @@ class TrainConfig:
     depth: int | None = None  # classifier encoder layers (None: 2, or 1 for the toy)
     tokens: str = "map"  # "map" (one token per map) or "layer" (heads averaged per layer)
     dropout: float = 0.1
-    seed: int = 0  # initialisation, batch order and the hash split
-    device: str | None = None  # None: CUDA when present, else CPU
+    seed: int = 0  # initialisation, batch order, the hash split (and inverting: sampling)
+    device: str | None = None  # None: $L2S_DEVICE, the launcher's GPU, CUDA, else the CPU
     augment: str = "mirror"  # random symmetries of training batches: none, mirror or all
     arch: str = "l2s"  # "l2s" (ours) or "reference" (the published checkpoints' network)
+    # What of `data` is inverted first, as `l2s invert` would: "auto" (the sources the cache
+    # has nothing of, or whose invert was cut off), "always" (all of them, skipping cached
+    # entries) or "never"
+    invert: str = "auto"
+    gqa_root: str | None = None  # inverting gqa: folder with images/ and *_sceneGraphs.json
+    folder: str | None = None  # inverting folder: images + annotations.jsonl
+    limit: int | None = None  # inverting: at most this many samples per source
+    negatives: int = 1  # inverting: wrong-relation captions per image (0-3)
+    inversion: str = "ddim"  # inverting: "ddim" or "noise" (see InversionConfig)
 
     def __post_init__(self) -> None:
         for option, value, choices in (("--split", self.split, SPLIT_MODES),
                                        ("--augment", self.augment, AUGMENT_MODES),
                                        ("--arch", self.arch, ARCHITECTURES),
-                                       ("--tokens", self.tokens, TOKEN_MODES)):
+                                       ("--tokens", self.tokens, TOKEN_MODES),
+                                       ("--invert", self.invert, INVERT_MODES),
+                                       ("--inversion", self.inversion, INVERSION_METHODS)):
             check_choice(option, value, choices, TrainError)
+        check_text("--model", self.model, error=TrainError)
+        for option, value in (("--cache-dir", self.cache_dir), ("--out", self.out),
+                              ("--device", self.device), ("--gqa-root", self.gqa_root),
+                              ("--folder", self.folder)):
+            check_text(option, value, optional=True, path=True, error=TrainError)
+        for name in ("val_fraction", "test_fraction", "weight_decay", "plateau_factor",
+                     "dropout"):
+            check_number(f"--{name.replace('_', '-')}", getattr(self, name), 0)
         if not (0 < self.val_fraction < 1 and 0 < self.test_fraction < 1
                 and self.val_fraction + self.test_fraction < 1):
             raise TrainError(f"--val-fraction and --test-fraction ({self.val_fraction}, "
                              f"{self.test_fraction}) must each be in (0, 1) and sum under 1")
-        for name in ("epochs", "batch_size", "d_model", "depth"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise TrainError(f"--{name.replace('_', '-')} must be >= 1, got "
-                                 f"{getattr(self, name)}")
+        for name in ("epochs", "batch_size", "d_model", "depth", "plateau_patience",
+                     "early_stop_patience", "limit"):
+            check_integer(f"--{name.replace('_', '-')}", getattr(self, name), 1, TrainError,
+                          optional=name in ("d_model", "depth", "limit"))
+        check_integer("--seed", self.seed, error=TrainError, optional=False)
+        check_integer("--negatives", self.negatives, 0, TrainError, optional=False)
+        if self.negatives > len(RELATIONS) - 1:
+            raise TrainError(f"--negatives {self.negatives}: a caption has only "
+                             f"{len(RELATIONS) - 1} wrong relations, so at most "
+                             f"{len(RELATIONS) - 1} distinct negatives per image")
         check_number("--lr", self.lr, 0, strict=True)
+        if not 0 < self.plateau_factor < 1 or not 0 <= self.dropout < 1:
+            raise TrainError(f"plateau_factor ({self.plateau_factor}) must be in (0, 1) and "
+                             f"dropout ({self.dropout}) in [0, 1)")
+        if not isinstance(self.positive_only, bool):
+            raise TrainError(f"positive_only must be True or False, got {self.positive_only!r}")
         from l2s.inversion.sources import SOURCES
 
+        if isinstance(self.data, str) or not isinstance(self.data, tuple | list):
+            raise TrainError(f"--data takes sources ({', '.join(SOURCES)}); from Python a "
+                             f"tuple such as ('shapes',), got {self.data!r}")
         for d in self.data:
             check_choice("--data", d, SOURCES)
+
+    def options(self) -> dict:
+        """This run in `l2s train`'s option names and values: what config.yaml holds (the
+        fields without an option only where a run changed them)."""
+        values = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}
+        values["data"] = list(self.data)
+        return {k: v for k, v in values.items()
+                if k not in _PYTHON_ONLY or v != getattr(TrainConfig, k)}
+
+    @classmethod
+    def from_options(cls, values: Mapping) -> TrainConfig:
+        """The config of `l2s train`'s option values (``options()``, a --config file); None is
+        "not given" (an unset option, a YAML null): the default."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise TrainError(f"unknown train option(s) {', '.join(unknown)}: valid ones are "
+                             f"{', '.join(sorted(known))}")
+        values = {k: v for k, v in values.items() if v is not None}
+        if "data" in values:
+            values["data"] = (values["data"],) if isinstance(values["data"], str) \
+                else tuple(values["data"])
+        return cls(**values)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> TrainConfig:
+        """The config a run wrote as config.yaml (or any --config file of `l2s train`)."""
+        return cls.from_options(load_yaml(path))
+
+    def invert_config(self, sources: Sequence[str]) -> InvertConfig:
+        """How `sources` are inverted before training: as `l2s invert` with these options."""
+        return InvertConfig(data=tuple(sources), model=self.model, cache_dir=self.cache_dir,
+                            limit=self.limit, negatives=self.negatives, seed=self.seed,
+                            gqa_root=self.gqa_root, folder=self.folder,
+                            inversion=InversionConfig(method=self.inversion))
+
+    def settings(self) -> dict:
+        """The training settings (the card's "training"): every field but what to invert."""
+        return {k: v for k, v in asdict(self).items() if k not in INVERT_FIELDS}
 
     def _defaults(self) -> TrainDefaults:
         preset = get_preset(self.model)
@@ -113,12 +206,15 @@ class TrainConfig:
 
 @dataclass
 class TrainResult:
-    """What a run produced: the card (with metrics) and where it was written."""
+    """What a run produced: the card (with metrics), where it and the run's config.yaml were
+    written, and what was inverted first (None: nothing was missing, or ``invert="never"``)."""
 
     card_path: Path
     card: dict
     history: list[dict] = field(default_factory=list)  # one record per epoch
     seconds: float = 0.0
+    config_path: Path | None = None  # the run's options, beside the card
+    inverted: InvertResult | None = None
 
     @property
     def metrics(self) -> dict:
@@ -127,7 +223,9 @@ class TrainResult:
     def to_json(self) -> dict:
         return {"card": str(self.card_path), "metrics": self.metrics,
                 "data": self.card["data"], "training": self.card["training"],
-                "seconds": self.seconds}
+                "seconds": self.seconds,
+                "config": None if self.config_path is None else str(self.config_path),
+                "inverted": None if self.inverted is None else self.inverted.to_json()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,22 +355,53 @@ def _counts(data: MapData, parts: dict[str, torch.Tensor]) -> dict:
     }
 
 
-def run_train(cfg: TrainConfig, denoiser=None, callback: Callable[[dict], None] | None = None,
-              fresh: bool = False) -> TrainResult:
+def invert_missing(cfg: TrainConfig, denoiser, callback: Callable[[dict], None] | None = None
+                   ) -> InvertResult | None:
+    """Invert what the cache lacks of ``cfg.data`` (``cfg.invert``), as `l2s invert` would;
+    None when there is nothing to invert.
+
+    ``callback`` gets ``{"stage": "invert", "sources": [...]}`` first, then the invert job's
+    per-batch events, each with ``"stage": "invert"``, and last ``{"stage": "invert",
+    "result": InvertResult}``.
+    """
+    from l2s.inversion import job
+    from l2s.inversion.cache import AttentionCache
+
+    if not cfg.data or cfg.invert == "never":
+        return None
+    todo = list(cfg.data) if cfg.invert == "always" else \
+        AttentionCache(cfg.cache_dir, denoiser.fingerprint).sources_to_invert(cfg.data)
+    if not todo:
+        return None
+    if callback:
+        callback({"stage": "invert", "sources": todo})
+    on_batch = (lambda ev: callback({**ev, "stage": "invert"})) if callback else None
+    res = job.invert(cfg.invert_config(todo), denoiser, callback=on_batch)
+    if callback:
+        callback({"stage": "invert", "result": res})
+    return res
+
+
+def train(cfg: TrainConfig, denoiser=None, callback: Callable[[dict], None] | None = None,
+          fresh: bool = False) -> TrainResult:
     """Train a relation classifier on the cached maps of cfg.model and write it with its card.
 
-    ``callback`` gets one dict per epoch: epoch, epochs, train_loss, val_loss, val_acc, lr, best
-    (and ``resumed: True`` for the epochs a resumed run already had). The run's state is saved
+    First inverts what the cache lacks of ``cfg.data`` (``cfg.invert``, ``invert_missing``).
+    ``callback`` gets the inversion's events (``"stage": "invert"``), then one dict per epoch
+    (``"stage": "train"``): epoch, epochs, train_loss, val_loss, val_acc, lr, best (and
+    ``resumed: True`` for the epochs a resumed run already had). The run's state is saved
     after every epoch (``l2s.classifier.checkpoint``): the same call after an interruption
-    continues from the last finished epoch; ``fresh`` discards a saved state instead.
+    continues from the last finished epoch; ``fresh`` discards a saved state instead. The
+    run's options are written beside the card as config.yaml.
     """
     start = time.perf_counter()
     if denoiser is None:
         from l2s.engine.loading import load_backbone
 
-        denoiser = load_backbone(cfg.model)
+        denoiser = load_backbone(cfg.model, device=cfg.device)
     out = Path(cfg.out).expanduser() if cfg.out else trained_classifier_dir(denoiser.name)
-    check_writable_dir(out)  # before reading maps and training: the result must be savable
+    check_writable_dir(out)  # before inverting and training: the result must be savable
+    inverted = invert_missing(cfg, denoiser, callback)
     layers = [{"name": la.name, "heads": la.heads} for la in denoiser.cross_attention_layers()]
     backbone = {"name": denoiser.name, "fingerprint": denoiser.fingerprint, "layers": layers}
     data = load_maps(cfg.cache_dir, denoiser.fingerprint, name=denoiser.name, model=cfg.model,
@@ -312,13 +441,14 @@ def run_train(cfg: TrainConfig, denoiser=None, callback: Callable[[dict], None] 
     order = torch.Generator().manual_seed(cfg.seed)
 
     checkpoint = out / CHECKPOINT_NAME
-    identity = run_identity(resolved, parts, len(data.image))
+    identity = run_identity(resolved.settings(), parts, len(data.image))
     if fresh:
         checkpoint.unlink(missing_ok=True)
     st = load_epoch(checkpoint, identity, model, opt, plateau, order) or EpochState()
     for record in st.history:  # a resumed run shows the epochs it already has
         if callback:
-            callback({**record, "resumed": True, "checkpoint": str(checkpoint)})
+            callback({**record, "stage": "train", "resumed": True,
+                      "checkpoint": str(checkpoint)})
     clock = time.perf_counter()
     setup_seconds = clock - start  # reading the maps (this process)
     first = st.epoch + 1
@@ -352,7 +482,7 @@ def run_train(cfg: TrainConfig, denoiser=None, callback: Callable[[dict], None] 
         clock = time.perf_counter()
         save_epoch(checkpoint, identity, model, opt, plateau, order, st)
         if callback:
-            callback(record)
+            callback({**record, "stage": "train"})
         if epoch - st.best_epoch >= cfg.early_stop_patience:
             break
     history = st.history
@@ -376,12 +506,18 @@ def run_train(cfg: TrainConfig, denoiser=None, callback: Callable[[dict], None] 
         "data": {"cache_dir": data.cache_dir, **_counts(data, parts),
                  "corrupt_dropped": len(data.corrupt)},  # broken entries found and deleted
         "metrics": metrics,
-        "training": {**asdict(resolved), "epochs_run": len(history), "seconds": round(seconds, 1),
-                     "parameters": num_parameters(model)},
+        "training": {**resolved.settings(), "epochs_run": len(history),
+                     "seconds": round(seconds, 1), "parameters": num_parameters(model)},
         "history": history,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "l2s_version": __version__,
     }
     card_path = save_classifier(model.cpu(), card, out)
     checkpoint.unlink(missing_ok=True)  # the card is the result now
-    return TrainResult(card_path, json.loads(card_path.read_text()), history, seconds)
+    # The options as given (None: the model's default), the folder as used: --config repeats it
+    config_path = dump_yaml({**cfg.options(), "out": str(out)}, out / CONFIG_FILE)
+    return TrainResult(card_path, json.loads(card_path.read_text()), history, seconds,
+                       config_path, inverted)
+
+
+run_train = train  # the name before the API named every job by its command

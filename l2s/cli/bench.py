@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import typer
 from rich.progress import (
     BarColumn,
@@ -27,6 +25,7 @@ from l2s.cli.output import console, emit_json, user_errors
 from l2s.config import check_choice, check_generation, check_number, check_writable_dir
 from l2s.engine.backbone import BackboneError
 from l2s.engine.compiled import COMPILE_MODES
+from l2s.launcher import parse_shard
 
 
 def _errors():
@@ -47,26 +46,6 @@ def check_bench_values(prompts: int | None, images: int | None, batch_size: int,
     check_number("--image-size", image_size, 1)
     check_choice("--compile", compile, COMPILE_MODES)
     check_generation(**generation)
-
-
-def parse_shard(text: str | None) -> tuple[int, int] | None:
-    """--shard "i/n"; else the rank of `accelerate launch` / torchrun (RANK, WORLD_SIZE)."""
-    if text is None:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        if world <= 1:
-            return None
-        local = os.environ.get("LOCAL_RANK")
-        if local is not None and "L2S_DEVICE" not in os.environ:
-            import torch
-
-            if torch.cuda.is_available():  # one GPU per process
-                os.environ["L2S_DEVICE"] = f"cuda:{local}"
-        return int(os.environ.get("RANK", "0")), world
-    try:
-        i, n = (int(v) for v in text.split("/"))
-    except ValueError:
-        raise BenchError(f"--shard {text!r}: write it as I/N, e.g. 0/4") from None
-    return i, n
 
 
 @user_errors(*_errors())

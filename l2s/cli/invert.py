@@ -12,19 +12,11 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from l2s.cli.options import config_option, write_resolved
+from l2s.cli.options import config_option
 from l2s.cli.output import console, emit_json, user_errors
 from l2s.engine.backbone import BackboneError
+from l2s.inversion import job
 from l2s.inversion.cache import AttentionCache, CacheError
-from l2s.inversion.job import InvertConfig, run_invert
-from l2s.inversion.loop import InversionConfig
-
-
-def _ints(text: str, name: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(x) for x in text.split(","))
-    except ValueError:
-        raise typer.BadParameter(f"{name} takes comma-separated integers, got {text!r}") from None
 
 
 def _stats_table(stats: dict) -> Table:
@@ -55,7 +47,7 @@ def progress_columns() -> tuple:
 
 
 def batch_progress(progress: Progress):
-    """A run_invert callback that keeps one bar per source on ``progress``."""
+    """An invert-job callback that keeps one bar per source on ``progress``."""
     tasks: dict[str, int] = {}
 
     def on_batch(ev: dict) -> None:
@@ -145,29 +137,10 @@ def invert(
         else:
             console.print(_stats_table(s))
         return
-    shard_t = (0, 1)
-    if shard:
-        try:
-            i, n = (int(x) for x in shard.split("/"))
-            assert 0 <= i < n
-        except (ValueError, AssertionError):
-            raise typer.BadParameter(f"--shard takes i/n with 0 <= i < n, got {shard!r}") \
-                from None
-        shard_t = (i, n)
-    try:
-        inv = InversionConfig(method=inversion, steps=steps, fixed_point=fixed_point,
-                              record_steps=_ints(timesteps, "--timesteps"), min_psnr=min_psnr)
-    except ValueError as e:
-        raise typer.BadParameter(str(e)) from None
-    cfg = InvertConfig(
-        data=tuple(data), model=model, cache_dir=cache_dir, limit=limit, negatives=negatives,
-        seed=seed, batch_size=batch_size, shard=shard_t, gqa_root=gqa_root, folder=folder,
-        per_relation=_ints(per_relation, "--per-relation") if per_relation else None,
-        inversion=inv)
-    den = load_backbone(model)
+    cfg = job.InvertConfig.from_options({k: v for k, v in ctx.params.items()
+                                         if k not in ("stats", "config", "json_out")})
     with Progress(*progress_columns(), console=console, disable=json_out) as progress:
-        res = run_invert(cfg, den, callback=batch_progress(progress))
-    write_resolved(ctx, res.stats["dir"])
+        res = job.invert(cfg, callback=batch_progress(progress))
     if json_out:
         emit_json(res.to_json())
         return

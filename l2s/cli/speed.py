@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import typer
 from rich.table import Table
 
 from l2s.cli.options import compile_option, model_default_option
 from l2s.cli.output import console, emit_json, status, user_errors
-from l2s.config import check_writable_file
 from l2s.engine.backbone import BackboneError
-from l2s.inversion.cache import atomic_write_text
-from l2s.steering.speed import SpeedConfig, run_speed
+from l2s.steering import speed as speed_job
+from l2s.steering.speed import SpeedConfig
 
 
 def _errors():
@@ -67,13 +63,12 @@ def speed(
     than views; the same count on a CPU, where launch overhead cannot be timed) and its host
     reads (each one a GPU sync).
     """
-    if out:  # before the timing, which a report that cannot be written would waste
-        check_writable_file(out)
     cfg = SpeedConfig(model=model, prompt=prompt, random_weights=random_weights,
                       image_size=image_size, device=device, dtype=dtype, steps=steps,
                       steer_until=steer_until, iterations=iterations, repeats=repeats,
                       end_to_end=end_to_end, classifier=classifier,
-                      channels_last=channels_last, truncate=truncate, compile=compile)
+                      channels_last=channels_last, truncate=truncate, compile=compile,
+                      out=out)
 
     with status("timing", json_out) as spinner:
 
@@ -82,11 +77,7 @@ def speed(
                 value = f"{res['ms']:.1f} ms" if "ms" in res else f"{res['seconds']:.2f} s"
                 spinner.update(f"timing (last: {name} {value})")
 
-        report = run_speed(cfg, on_unit=on_unit)
-    if out:
-        path = Path(out).expanduser()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path, json.dumps(report, indent=2))
+        report = speed_job.speed(cfg, on_unit=on_unit).to_json()
     if json_out:
         emit_json(report)
         return

@@ -2,22 +2,18 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from l2s.classifier import train as train_job
 from l2s.classifier.model import ClassifierError
-from l2s.classifier.train import TrainConfig, TrainError, TrainResult, run_train
+from l2s.classifier.train import TrainConfig, TrainError, TrainResult
 from l2s.cli.invert import batch_progress, progress_columns, summary_lines
-from l2s.cli.options import config_option, write_resolved
+from l2s.cli.options import config_option
 from l2s.cli.output import console, emit_json, status, user_errors
-from l2s.config import check_choice
 from l2s.engine.backbone import BackboneError
-from l2s.inversion.cache import AttentionCache, CacheError
-from l2s.inversion.job import InvertConfig, run_invert
-from l2s.inversion.loop import InversionConfig
+from l2s.inversion.cache import CacheError
 from l2s.relations import RELATIONS
 
 
@@ -45,9 +41,6 @@ def diagnostic_tables(res: TrainResult) -> list[Table]:
     for r, row in zip(RELATIONS, m["confusion"], strict=True):
         conf.add_row(r, *(str(v) for v in row))
     return [diag, conf]
-
-
-INVERT_MODES = ("auto", "always", "never")
 
 
 def _errors():
@@ -113,7 +106,8 @@ def train(
                                   "network, ~2M parameters; compared in docs/results.md)."),
     seed: int = typer.Option(0, "--seed", help="Initialisation, batch order and split."),
     device: str = typer.Option(None, "--device",
-                               help="cuda, cpu, ... (default: $L2S_DEVICE, else CUDA if any)."),
+                               help="cuda, cpu, ... (default: $L2S_DEVICE, else CUDA if any: "
+                                    "under accelerate launch, each process's own GPU)."),
     fresh: bool = typer.Option(False, "--fresh",
                                help="Discard the saved state of an interrupted run in the "
                                     "classifier folder and start over."),
@@ -129,57 +123,53 @@ def train(
     """
     from l2s.engine.loading import load_backbone
 
-    try:
-        cfg = TrainConfig(model=model, data=tuple(data), cache_dir=cache_dir, out=out,
-                          positive_only=positive_only, split=split, val_fraction=val_fraction,
-                          test_fraction=test_fraction, epochs=epochs, lr=lr,
-                          batch_size=batch_size, d_model=d_model, depth=depth, tokens=tokens,
-                          seed=seed, device=device, augment=augment, arch=arch)
-    except TrainError as e:
-        raise typer.BadParameter(str(e)) from None
-    check_choice("--invert", invert, INVERT_MODES)
-    inv_cfg = None
-    if data and invert != "never":
-        inv_cfg = InvertConfig(data=tuple(data), model=model, cache_dir=cache_dir, limit=limit,
-                               negatives=negatives, seed=seed, gqa_root=gqa_root, folder=folder,
-                               inversion=InversionConfig(method=inversion))
-    with status(f"loading {model}", quiet=json_out):
-        den = load_backbone(model)
-    if inv_cfg is not None:
-        todo = list(data) if invert == "always" else \
-            AttentionCache(cache_dir, den.fingerprint).sources_to_invert(data)
-        if todo:
-            if not json_out:
-                console.print(f"inverting what the cache lacks of {', '.join(todo)} "
-                              "(resumable: rerun to continue)", highlight=False)
-            with Progress(*progress_columns(), console=console, disable=json_out) as progress:
-                inv_res = run_invert(replace(inv_cfg, data=tuple(todo)), den,
-                                     callback=batch_progress(progress))
-            if not json_out:
-                for line in summary_lines(inv_res):
-                    console.print(line, highlight=False, soft_wrap=True)
+    cfg = TrainConfig.from_options({k: v for k, v in ctx.params.items()
+                                    if k not in ("fresh", "config", "json_out")})
+    # The invert progress (bars per source), then the epoch bar; each made by its first event
+    inverting = Progress(*progress_columns(), console=console, disable=json_out)
+    on_batch = batch_progress(inverting)
     columns = (TextColumn("{task.description}"), BarColumn(),
                TextColumn("train loss {task.fields[train_loss]:.3f}  val loss "
                           "{task.fields[val_loss]:.3f}  val acc {task.fields[val_acc]:.1%}  "
                           "lr {task.fields[lr]:.1e}"), TimeElapsedColumn())
-    with Progress(*columns, console=console, disable=json_out) as progress:
-        task = None  # added at the first epoch: nothing is shown if loading the data fails
+    training = Progress(*columns, console=console, disable=json_out)
+    task = None  # added at the first epoch: nothing is shown if loading the data fails
 
-        def on_epoch(ev: dict) -> None:
-            nonlocal task
-            if task is None and ev.get("resumed"):  # the first of the epochs already done
-                progress.console.print(f"resuming the interrupted run saved in "
+    def on_event(ev: dict) -> None:
+        nonlocal task
+        if ev["stage"] == "invert":
+            if "sources" in ev:
+                if not json_out:
+                    console.print(f"inverting what the cache lacks of {', '.join(ev['sources'])} "
+                                  "(resumable: rerun to continue)", highlight=False)
+                inverting.start()
+            elif "result" in ev:
+                inverting.stop()
+                if not json_out:
+                    for line in summary_lines(ev["result"]):
+                        console.print(line, highlight=False, soft_wrap=True)
+            else:
+                on_batch(ev)
+            return
+        if task is None:
+            training.start()
+            if ev.get("resumed"):  # the first of the epochs already done
+                training.console.print(f"resuming the interrupted run saved in "
                                        f"{ev['checkpoint']} (--fresh starts over)",
                                        highlight=False, soft_wrap=True)
-            if task is None:
-                task = progress.add_task("epoch", total=epochs, train_loss=0.0, val_loss=0.0,
-                                         val_acc=0.0, lr=ev["lr"])
-            progress.update(task, completed=ev["epoch"], description=f"epoch {ev['epoch']}",
-                            train_loss=ev["train_loss"], val_loss=ev["val_loss"],
-                            val_acc=ev["val_acc"], lr=ev["lr"])
+            task = training.add_task("epoch", total=cfg.epochs, train_loss=0.0, val_loss=0.0,
+                                     val_acc=0.0, lr=ev["lr"])
+        training.update(task, completed=ev["epoch"], description=f"epoch {ev['epoch']}",
+                        train_loss=ev["train_loss"], val_loss=ev["val_loss"],
+                        val_acc=ev["val_acc"], lr=ev["lr"])
 
-        res = run_train(cfg, den, callback=on_epoch, fresh=fresh)
-    res.card["config"] = str(write_resolved(ctx, res.card_path.parent))
+    with status(f"loading {model}", quiet=json_out):
+        den = load_backbone(model, device=device)
+    try:
+        res = train_job.train(cfg, den, callback=on_event, fresh=fresh)
+    finally:
+        inverting.stop()
+        training.stop()
     if json_out:
         emit_json(res.to_json())
         return

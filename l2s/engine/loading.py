@@ -28,12 +28,13 @@ from l2s.errors import one_line
 
 
 def resolve_device(device: str | None = None) -> torch.device:
-    """The requested device, else $L2S_DEVICE, else CUDA when present, else the CPU; a device
-    this machine does not have is a BackboneError naming where the request came from."""
+    """The requested device, else $L2S_DEVICE, else this process's GPU under a launcher
+    (``rank_device``), else CUDA when present, else the CPU; a device this machine does not
+    have is a BackboneError naming where the request came from."""
     where = "--device" if device else "L2S_DEVICE"
     device = device or os.environ.get("L2S_DEVICE")
     if not device:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return rank_device() or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(device)
     except RuntimeError:
@@ -53,6 +54,20 @@ def resolve_device(device: str | None = None) -> torch.device:
     elif dev.type == "mps" and not torch.backends.mps.is_available():
         raise BackboneError(f"{where}={device} but MPS is not available here: use cpu")
     return dev
+
+
+def rank_device() -> torch.device | None:
+    """cuda:LOCAL_RANK when a launcher (`accelerate launch`, torchrun) started this process on a
+    CUDA machine, else None: one GPU per process, where every process would stack on cuda:0."""
+    local = os.environ.get("LOCAL_RANK")
+    if local is None or not torch.cuda.is_available():
+        return None
+    n = torch.cuda.device_count()
+    if not local.isdigit() or int(local) >= n:
+        raise BackboneError(f"LOCAL_RANK={local!r} names no GPU of this machine's {n} "
+                            f"(cuda:0..cuda:{n - 1}): start at most {n} processes per machine, "
+                            "or set L2S_DEVICE")
+    return torch.device("cuda", int(local))
 
 
 def allow_pickle() -> bool:

@@ -3,17 +3,25 @@
 from __future__ import annotations
 
 import json
-import os
 import random
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from itertools import islice
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from l2s.config import ConfigError, check_choice, check_number
+from l2s.config import (
+    CONFIG_FILE,
+    ConfigError,
+    check_choice,
+    check_integer,
+    check_text,
+    dump_yaml,
+    load_yaml,
+)
 from l2s.engine.backbone import Denoiser
 from l2s.engine.tokens import TokenAlignmentError, pair_tokens
 from l2s.inversion.cache import (
@@ -31,12 +39,14 @@ from l2s.inversion.loop import (
     reconstruct,
     record_maps,
 )
+from l2s.launcher import check_shard, format_shard, parse_shard, resolve_shard
 from l2s.relations import RELATIONS, Triplet, format_prompt
 
 
 @dataclass(frozen=True)
 class InvertConfig:
-    """One `l2s invert` run; `settings()` is written next to the cache's manifest."""
+    """One `l2s invert` run; `settings()` is written next to the cache's manifest, and the run's
+    options as config.yaml (``InvertConfig.from_yaml`` or `l2s invert --config` repeat it)."""
 
     data: tuple[str, ...] = ("shapes",)  # sources: gqa, folder, shapes, generated
     model: str = "toy"  # backbone preset, hub id or folder
@@ -45,7 +55,9 @@ class InvertConfig:
     negatives: int = 1  # wrong-relation prompts per sample
     seed: int = 0  # source sampling and negative relations
     batch_size: int = 16  # images inverted together
-    shard: tuple[int, int] = (0, 1)  # (index, count): this process takes samples i % count
+    # (index, count): this process takes samples i % count (None: the launcher's RANK and
+    # WORLD_SIZE under accelerate launch / torchrun, else every sample)
+    shard: tuple[int, int] | None = None
     inversion: InversionConfig = field(default_factory=InversionConfig)
     gqa_root: str | None = None  # GQA folder (images/, *_sceneGraphs.json)
     folder: str | None = None  # folder source with annotations.jsonl
@@ -54,19 +66,100 @@ class InvertConfig:
     def __post_init__(self) -> None:
         from l2s.inversion.sources import SOURCES
 
+        if isinstance(self.data, str) or not isinstance(self.data, tuple | list) \
+                or not self.data:
+            raise ConfigError(f"--data takes one or more sources ({', '.join(SOURCES)}); from "
+                              f"Python a tuple such as ('shapes',), got {self.data!r}")
         for d in self.data:
             check_choice("--data", d, SOURCES)
-        check_number("--limit", self.limit, 1)
-        check_number("--batch-size", self.batch_size, 1)
-        check_number("--negatives", self.negatives, 0)
+        check_text("--model", self.model)
+        check_text("--cache-dir", self.cache_dir, optional=True, path=True)
+        check_text("--gqa-root", self.gqa_root, optional=True, path=True)
+        check_text("--folder", self.folder, optional=True, path=True)
+        check_integer("--limit", self.limit, 1)
+        check_integer("--batch-size", self.batch_size, 1, optional=False)
+        check_integer("--negatives", self.negatives, 0, optional=False)
+        check_integer("--seed", self.seed, optional=False)
         if self.negatives > len(RELATIONS) - 1:
             raise ConfigError(f"--negatives {self.negatives}: a caption has only "
                               f"{len(RELATIONS) - 1} wrong relations, so at most "
                               f"{len(RELATIONS) - 1} distinct negatives per image")
+        check_shard(self.shard)
         if self.per_relation is not None and (
-                len(self.per_relation) != 3 or any(n < 0 for n in self.per_relation)):
-            raise ConfigError("--per-relation takes three counts train,val,test >= 0, got "
-                              f"{','.join(map(str, self.per_relation))}")
+                not isinstance(self.per_relation, tuple | list) or len(self.per_relation) != 3
+                or any(isinstance(n, bool) or not isinstance(n, int) or n < 0
+                       for n in self.per_relation)):
+            raise ConfigError("--per-relation takes three whole counts train,val,test >= 0, "
+                              f"got {self.per_relation!r}")
+        if not isinstance(self.inversion, InversionConfig):
+            raise ConfigError("inversion must be an l2s.inversion.loop.InversionConfig, got "
+                              f"{self.inversion!r}")
+
+    def options(self) -> dict:
+        """This run in `l2s invert`'s option names and values: what config.yaml holds."""
+        inv = self.inversion
+        values = {
+            "data": list(self.data), "model": self.model,
+            "cache_dir": None if self.cache_dir is None else str(self.cache_dir),
+            "gqa_root": self.gqa_root and str(self.gqa_root),
+            "folder": self.folder and str(self.folder), "limit": self.limit,
+            "negatives": self.negatives, "timesteps": _join(inv.record_steps),
+            "steps": inv.steps, "inversion": inv.method, "fixed_point": inv.fixed_point,
+            "min_psnr": inv.min_psnr,
+            "per_relation": None if self.per_relation is None else _join(self.per_relation),
+            "batch_size": self.batch_size, "shard": format_shard(self.shard), "seed": self.seed,
+        }
+        if inv.map_size != InversionConfig.map_size:  # no option: only a Python run sets it
+            values["map_size"] = inv.map_size
+        return values
+
+    @classmethod
+    def from_options(cls, values: Mapping) -> InvertConfig:
+        """The config of `l2s invert`'s option values (``options()``, a --config file)."""
+        values = dict(values)
+        known = set(cls().options()) | {"map_size"}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"unknown invert option(s) {', '.join(unknown)}: valid ones are "
+                              f"{', '.join(sorted(known))}")
+        inv_keys = {"timesteps": "record_steps", "steps": "steps", "inversion": "method",
+                    "fixed_point": "fixed_point", "min_psnr": "min_psnr",
+                    "map_size": "map_size"}
+        inv = {field: values.pop(key) for key, field in inv_keys.items()
+               if values.get(key) is not None}
+        if "record_steps" in inv:
+            inv["record_steps"] = parse_ints(inv["record_steps"], "--timesteps")
+        if values.get("per_relation") is not None:
+            values["per_relation"] = parse_ints(values["per_relation"], "--per-relation")
+        if "shard" in values:
+            values["shard"] = parse_shard(values["shard"])
+        if "data" in values:
+            values["data"] = (values["data"],) if isinstance(values["data"], str) \
+                else tuple(values["data"])
+        # None is "not given" (a YAML null, an unset option): the default
+        return cls(**{k: v for k, v in values.items() if v is not None},
+                   inversion=InversionConfig(**inv))
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> InvertConfig:
+        """The config a run wrote as config.yaml (or any --config file of `l2s invert`)."""
+        return cls.from_options(load_yaml(path))
+
+
+def parse_ints(text: str | Sequence[int], option: str) -> tuple[int, ...]:
+    """"5,10,15" (or a list of whole numbers) -> (5, 10, 15), naming ``option`` if it is not."""
+    items = text.split(",") if isinstance(text, str) else text
+    try:
+        if not isinstance(items, Sequence) or any(isinstance(x, bool | float) for x in items):
+            raise ValueError
+        return tuple(int(x) for x in items)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{option} takes comma-separated whole numbers, got {text!r}"
+                          ) from None
+
+
+def _join(values: Sequence[int]) -> str:
+    return ",".join(str(v) for v in values)
 
 
 @dataclass
@@ -104,16 +197,6 @@ def sample_prompts(triplet: Triplet, negatives: int, rng: random.Random
     return out
 
 
-def resolve_shard(shard: tuple[int, int] | None) -> tuple[int, int]:
-    """The explicit shard, else the one `accelerate launch` / torchrun set, else (0, 1)."""
-    if shard is not None and shard != (0, 1):
-        return shard
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:
-        return int(os.environ.get("RANK", "0")), world
-    return (0, 1)
-
-
 def _prepare_image(img: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
     """(H, W, 3) uint8 -> (1, h, w, 3) float in [0, 1] at the backbone's size."""
     from PIL import Image
@@ -123,9 +206,14 @@ def _prepare_image(img: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
     return torch.from_numpy(img.copy()).float().div(255).unsqueeze(0)
 
 
-def run_invert(cfg: InvertConfig, denoiser: Denoiser | None = None,
-               callback: Callable[[dict], None] | None = None) -> InvertResult:
-    """Fill the cache for every sample of the sources; skips what exists, so it resumes."""
+def invert(cfg: InvertConfig, denoiser: Denoiser | None = None,
+           callback: Callable[[dict], None] | None = None) -> InvertResult:
+    """Fill the cache for every sample of the sources; skips what exists, so it resumes.
+
+    Writes the run's options as config.yaml beside the cache's manifest. ``callback`` gets
+    one dict per batch: source, expected (an upper bound on the samples), done, written,
+    skipped, dropped (and ``final: True`` after a source's last batch).
+    """
     import time
 
     from l2s.inversion.sources import SourceOptions, SourceReport, expected_samples, iter_samples
@@ -137,7 +225,7 @@ def run_invert(cfg: InvertConfig, denoiser: Denoiser | None = None,
         denoiser = load_backbone(cfg.model)
     cache = AttentionCache(cfg.cache_dir, denoiser.fingerprint)
     inv = cfg.inversion
-    shard_index, shard_count = resolve_shard(cfg.shard)
+    shard_index, shard_count = resolve_shard(cfg.shard) or (0, 1)
     layers = denoiser.cross_attention_layers()
     ts = denoiser.timesteps(inv.steps)
     common_meta = {
@@ -151,6 +239,7 @@ def run_invert(cfg: InvertConfig, denoiser: Denoiser | None = None,
     check_same_geometry(cache, common_meta)
     settings = json.dumps(common_meta, indent=2)
     atomic_write_text(cache.dir / "settings.json", settings)
+    dump_yaml(cfg.options(), cache.dir / CONFIG_FILE)
     result = InvertResult()
     opts_kwargs = {"gqa_root": cfg.gqa_root, "folder": cfg.folder, "seed": cfg.seed}
     if cfg.per_relation is not None:
@@ -186,6 +275,9 @@ def run_invert(cfg: InvertConfig, denoiser: Denoiser | None = None,
     result.stats = cache.stats()
     result.seconds = time.perf_counter() - t_start
     return result
+
+
+run_invert = invert  # the name before the API named every job by its command
 
 
 # What every map in one backbone's cache folder shares. None is in the entry keys: the

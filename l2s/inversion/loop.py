@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from l2s.config import check_number
+from l2s.config import ConfigError, check_integer, check_number
 from l2s.engine.backbone import Conditioning, Denoiser
 from l2s.engine.hooks import AttentionRecorder
 from l2s.engine.sampling import denoise
@@ -35,15 +35,19 @@ class InversionConfig:
 
     def __post_init__(self) -> None:
         if self.method not in INVERSION_METHODS:
-            raise ValueError(f"unknown inversion {self.method!r}: use one of "
-                             f"{', '.join(INVERSION_METHODS)}")
-        check_number("--steps", self.steps, 1)
-        check_number("--fixed-point", self.fixed_point, 0)
+            raise ConfigError(f"unknown inversion {self.method!r}: use one of "
+                              f"{', '.join(INVERSION_METHODS)}")
+        check_integer("--steps", self.steps, 1, optional=False)
+        check_integer("--fixed-point", self.fixed_point, 0, optional=False)
+        check_integer("--map-size", self.map_size, 1, optional=False)
         check_number("--min-psnr", self.min_psnr, -math.inf)
+        if not isinstance(self.record_steps, tuple | list) or any(
+                isinstance(s, bool) or not isinstance(s, int) for s in self.record_steps):
+            raise ConfigError(f"--timesteps takes whole step indices, got {self.record_steps!r}")
         bad = [s for s in self.record_steps if not 0 <= s < self.steps]
         if bad or not self.record_steps:
-            raise ValueError(f"recorded steps {bad or '()'} must lie in 0..{self.steps - 1} "
-                             f"for a {self.steps}-step schedule")
+            raise ConfigError(f"recorded steps {bad or '()'} must lie in 0..{self.steps - 1} "
+                              f"for a {self.steps}-step schedule")
 
     def latent_settings(self) -> dict:
         """What the cached latent trajectory depends on (not the recorded steps)."""

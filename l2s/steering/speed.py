@@ -24,14 +24,18 @@ not depend on which machine ran it. Times use CUDA events on a GPU and perf_coun
 from __future__ import annotations
 
 import contextlib
+import json
 import statistics
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 
 import torch
 
+from l2s.config import check_writable_file
 from l2s.engine.backbone import Denoiser
 from l2s.engine.sampling import guided_prediction, sample, seeded_latents
 from l2s.engine.timing import Clock
+from l2s.inversion.cache import atomic_write_text
 from l2s.relations import parse
 from l2s.steering.loop import Steerer, steer_latents
 from l2s.steering.losses import RelationLoss
@@ -56,6 +60,36 @@ class SpeedConfig:
     channels_last: bool = False  # the attention model in channels_last (NHWC) memory format
     truncate: bool = True  # steering forwards stop after the last recorded layer
     compile: str = "off"  # torch.compile the steering forward (l2s.engine.compiled)
+    out: str | None = None  # also write the report JSON to this file
+
+
+@dataclass
+class SpeedResult:
+    """What `l2s speed` measured (``to_json()``: the report, as written to ``config.out``)."""
+
+    model: str  # the backbone's name
+    device: str  # the GPU's name, or the CPU with its thread count
+    dtype: str  # the attention model's parameters
+    image_size: list[int]  # (H, W) pixels
+    text_len: int | None  # text keys each map is softmaxed over
+    prompt: str
+    loss: str  # the classifier card steered with, or "random (timing only)"
+    steps: int
+    steered_steps: int  # a count (SteerSettings.steered_count)
+    iterations: int  # per steered step in the worst case
+    repeats: int  # timed repetitions of each unit
+    config: dict  # the SpeedConfig, as given
+    # unit -> ms (median), forward_ms, backward_ms, update_ms, peak_mb, ops (kernels, host reads)
+    units: dict[str, dict]
+    ratios: dict  # steered / plain, reference / ours, compiled / eager, memory
+    end_to_end: dict | None = None  # whole generations (None: --units-only)
+    path: Path | None = None  # where the report was written (None: nowhere)
+
+    def to_json(self) -> dict:
+        doc = {k: v for k, v in asdict(self).items() if k != "path"}
+        if self.end_to_end is None:  # the report has no key for what was not measured
+            del doc["end_to_end"]
+        return doc
 
 
 def timing_loss(denoiser: Denoiser, model: str, classifier: str | None) -> tuple[RelationLoss, str]:
@@ -102,13 +136,16 @@ def _default_prompt(denoiser: Denoiser) -> str:
     return "a dog to the right of a teddy bear"
 
 
-def run_speed(config: SpeedConfig, denoiser: Denoiser | None = None, on_unit=None) -> dict:
-    """Measure the units and the end-to-end generations; return the report (JSON-ready)."""
+def speed(config: SpeedConfig, denoiser: Denoiser | None = None, on_unit=None) -> SpeedResult:
+    """Measure the units and the end-to-end generations; write the report to ``config.out``
+    (checked before the timing, which an unwritable report would waste) and return it."""
     from l2s.engine.loading import load_backbone
     from l2s.steering.job import steer_settings
 
     if config.repeats < 1 or (config.iterations is not None and config.iterations < 1):
         raise ValueError("--repeats and --iterations must be at least 1")
+    if config.out:
+        check_writable_file(config.out)
     if denoiser is None:
         denoiser = load_backbone(config.model, device=config.device, dtype=config.dtype,
                                  random_weights=config.random_weights,
@@ -217,7 +254,15 @@ def run_speed(config: SpeedConfig, denoiser: Denoiser | None = None, on_unit=Non
     if config.end_to_end:
         report["end_to_end"] = _end_to_end(denoiser, prompt, triplets, loss, base, worst,
                                            one_iter, clock, on_unit)
-    return report
+    result = SpeedResult(**report)
+    if config.out:
+        result.path = Path(config.out).expanduser()
+        result.path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(result.path, json.dumps(result.to_json(), indent=2))
+    return result
+
+
+run_speed = speed  # the name before the API named every job by its command
 
 
 def _end_to_end(denoiser, prompt, triplets, loss, base, worst, one_iter, clock, on_unit
