@@ -89,8 +89,9 @@ class InvertConfig:
                 not isinstance(self.per_relation, tuple | list) or len(self.per_relation) != 3
                 or any(isinstance(n, bool) or not isinstance(n, int) or n < 0
                        for n in self.per_relation)):
-            raise ConfigError("--per-relation takes three whole counts train,val,test >= 0, "
-                              f"got {self.per_relation!r}")
+            got = _join(self.per_relation) if isinstance(self.per_relation, tuple | list) \
+                else repr(self.per_relation)
+            raise ConfigError(f"--per-relation takes three counts train,val,test >= 0, got {got}")
         if not isinstance(self.inversion, InversionConfig):
             raise ConfigError("inversion must be an l2s.inversion.loop.InversionConfig, got "
                               f"{self.inversion!r}")
