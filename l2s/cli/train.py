@@ -144,7 +144,7 @@ def train(
                                   "(resumable: rerun to continue)", highlight=False)
                 inverting.start()
             elif "result" in ev:
-                inverting.stop()
+                inverting.stop()  # before the summary: the bars end above it
                 if not json_out:
                     for line in summary_lines(ev["result"]):
                         console.print(line, highlight=False, soft_wrap=True)
@@ -168,8 +168,9 @@ def train(
     try:
         res = train_job.train(cfg, den, callback=on_event, fresh=fresh)
     finally:
-        inverting.stop()
-        training.stop()
+        for bars in (inverting, training):
+            if bars.live.is_started:  # stopping bars never started prints a blank line
+                bars.stop()
     if json_out:
         emit_json(res.to_json())
         return
