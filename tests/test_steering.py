@@ -8,8 +8,9 @@ from step_syncs import assert_step_syncs_do_not_grow
 
 from l2s.engine.sampling import seeded_latents
 from l2s.relations import parse
-from l2s.steering.loop import Steerer, SteerSettings, _Optimizer, steer_latents
+from l2s.steering.loop import SteerSettings, steer_latents
 from l2s.steering.losses import CentroidLoss
+from l2s.steering.optimizers import optimizers
 
 
 class Spy(CentroidLoss):
@@ -80,6 +81,8 @@ def test_settings():
     assert s.steered_steps() == 25
     assert SteerSettings(steps=50, steer_until=10).steered_steps() == 10
     assert s.threshold(0) == pytest.approx(1e-5) and s.threshold(5) == pytest.approx(7e-5)
+    # the early exit rises over 3 steps (fails if the ramp's length changes)
+    assert [s.threshold(k) for k in (1, 2, 3)] == pytest.approx([3e-5, 5e-5, 7e-5])
     with pytest.raises(ValueError, match="optimizer"):
         SteerSettings(optimizer="lbfgs")
 
@@ -161,27 +164,12 @@ def test_update_rules_per_image():
     g[1] *= 100
     rows = torch.arange(2)
     rms = lambda d: d.flatten(1).pow(2).mean(1).sqrt()  # noqa: E731
-    norm = _Optimizer(SteerSettings(optimizer="normalized", step_size=0.1), z)
+    norm = optimizers()["normalized"](0.1, z)
     torch.testing.assert_close(rms(norm.step(rows, z, g)), torch.full((2,), 0.1))
-    capped = _Optimizer(SteerSettings(step_size=1.0, max_update=0.5), z)
-    d = rms(capped.step(rows, z, g))
-    assert d[1] == pytest.approx(0.5) and d[0] <= 0.5 + 1e-6
-    adam = _Optimizer(SteerSettings(optimizer="adam", step_size=0.1), z)
+    adam = optimizers()["adam"](0.1, z)
     first = adam.step(rows[1:], z[1:], g[1:])  # image 1 only: image 0's moments stay zero
     assert rms(first)[0] == pytest.approx(0.1, rel=1e-3)  # Adam's first step: lr * sign
     assert adam.n.tolist() == [0.0, 1.0] and adam.m[0].abs().sum() == 0
-
-
-def test_keep_norm_rescales_updated_latents(den):
-    s = SteerSettings(steps=3, guidance=2.0, steer_until=1, iterations=2, step_size=5000.0,
-                      keep_norm=True, threshold_start=-1.0, threshold_end=-1.0)
-    p = "a dog left of a cat"
-    st = Steerer(den, [p], [parse(p)], CentroidLoss(margin=0.3), s)
-    x = seeded_latents(den, [0])
-    with st.recorder() as rec:
-        y = st.update(rec, x, den.timesteps(3)[0], 0)
-    assert not torch.allclose(x, y)
-    assert y.norm().item() == pytest.approx(x.norm().item(), rel=1e-5)
 
 
 class Held(Spy):
@@ -260,3 +248,90 @@ def test_host_syncs_per_step_do_not_grow_with_iterations(den, schedule):
     images' indices to the device again."""
     assert_step_syncs_do_not_grow(den, "a dog left of a cat", iterations=(1, 4),
                                   relation_schedule=schedule)
+
+
+def test_a_loss_registered_by_name_is_a_method_of_steer(den, monkeypatch):
+    """``register_loss`` makes a loss a ``--method`` choice: ``l2s steer`` builds it from its
+    factory and steers with it. Fails if the method choices are a fixed list, or the loss
+    steered with is not the registered one."""
+    from l2s.steering import losses as registry
+    from l2s.steering.job import SteerConfig, SteerError, steer
+
+    monkeypatch.setattr(registry, "_LOSSES", dict(registry._LOSSES))
+    spy, asked = Spy(), []
+    registry.register_loss("test-spy")(lambda request: asked.append(request) or spy)
+    res = steer(SteerConfig("a dog left of a cat", method="test-spy", steps=3, steer_until=2,
+                            iterations=2), denoiser=den)
+    assert res.report["method"] == "test-spy" and asked[0].denoiser is den
+    assert spy.calls and all(r == ["left of"] for r in spy.calls)
+    with pytest.raises(SteerError, match="unknown method 'nope'.*test-spy"):
+        registry.make_loss("nope", asked[0])
+
+
+def test_plugins_add_losses_and_optimizers_through_entry_points(den, monkeypatch):
+    """An installed plugin names a module under the ``l2s.losses`` / ``l2s.optimizers`` entry
+    points; loading it registers its loss or update rule, which then steers. Fails if the
+    registries do not read the entry points, or the loop does not take its update rule from
+    the registry."""
+    import importlib.metadata
+
+    from l2s.steering import losses, optimizers
+    from l2s.steering.job import SteerConfig, steer_methods
+
+    class Sign(optimizers.LatentOptimizer):
+        steps = 0
+
+        def step(self, rows, z, g):
+            Sign.steps += 1
+            return z - self.step_size * g.sign()
+
+    class EntryPoint:  # what importlib.metadata gives for an installed plugin
+        def __init__(self, register):
+            self.load = register
+
+    plugins = {"l2s.losses": [EntryPoint(lambda: losses.register_loss("test-plugin")(
+                   lambda request: CentroidLoss(margin=0.4)))],
+               "l2s.optimizers": [EntryPoint(lambda: optimizers.register_optimizer(
+                   "test-sign")(Sign))]}
+    monkeypatch.setattr(importlib.metadata, "entry_points",
+                        lambda group: plugins.get(group, []))
+    for module, table in ((losses, "_LOSSES"), (optimizers, "_OPTIMIZERS")):
+        monkeypatch.setattr(module, table, dict(getattr(module, table)))
+        monkeypatch.setattr(module, "_discovered", False)
+    assert "test-plugin" in steer_methods()
+    SteerConfig("a dog left of a cat", method="test-plugin", optimizer="test-sign")  # accepted
+    s = SteerSettings(steps=2, guidance=2.0, steer_until=1, iterations=2, step_size=0.01,
+                      optimizer="test-sign", threshold_start=-1.0, threshold_end=-1.0)
+    lat = seeded_latents(den, [0])
+    steered, _ = steer_latents(den, ["a dog left of a cat"], [parse("a dog left of a cat")],
+                               CentroidLoss(margin=0.3), s, lat)
+    plain, _ = steer_latents(den, ["a dog left of a cat"], [[]], CentroidLoss(), s, lat)
+    assert Sign.steps == 2 and not torch.allclose(steered, plain)
+
+
+def test_steering_modules_import_one_way():
+    """No import circle among the modules of ``l2s.steering``, imports inside functions
+    included (``verify`` used to import ``job``, which imports ``verify``). Fails on a new
+    circle."""
+    import ast
+    from graphlib import CycleError, TopologicalSorter
+    from pathlib import Path
+
+    import l2s.steering
+
+    folder = Path(l2s.steering.__file__).parent
+    graph = {}
+    for path in folder.glob("*.py"):
+        name = f"l2s.steering.{path.stem}" if path.stem != "__init__" else "l2s.steering"
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("l2s.steering"):
+                deps.add(node.module)
+            elif isinstance(node, ast.Import):
+                deps |= {a.name for a in node.names if a.name.startswith("l2s.steering")}
+        graph[name] = deps - {name}
+    assert "l2s.steering.loop" in graph["l2s.steering.verify"]  # the walk sees imports
+    try:
+        list(TopologicalSorter(graph).static_order())
+    except CycleError as e:
+        pytest.fail(f"import circle in l2s.steering: {e.args[1]}")

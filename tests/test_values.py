@@ -78,11 +78,11 @@ def _one_step(den, loss, settings, x, prompts):
 def _gradient(den, st, loss, x, t):
     """d(sum of losses)/dx by hand: the same maps recorded through a fresh recorder."""
     z = x.clone().requires_grad_(True)
-    with AttentionRecorder(den, st.layers, st.groups, keep_grad=True) as rec:
+    with AttentionRecorder(den, st.layers, st.plan.groups, keep_grad=True) as rec:
         den.predict(z, t, st.cond)
         maps = rec.stacked()
     sel = torch.stack([torch.stack((maps[b, i], maps[b, j]))
-                       for b, (i, j) in enumerate(p[0] for p in st.pairs)])
+                       for b, (i, j) in enumerate(p[0] for p in st.plan.pairs)])
     (g,) = torch.autograd.grad(loss.value(sel).sum(), z)
     return g
 
@@ -157,13 +157,13 @@ def test_round_robin_picks_each_images_own_maps_with_mixed_triplet_counts(den):
     st, t, _ = _one_step(den, loss, settings, x, prompts)
     assert [rels for rels, _ in loss.calls] == [["above", "left of"], ["left of", "left of"],
                                                ["above", "left of"]]
-    with torch.no_grad(), AttentionRecorder(den, st.layers, st.groups) as rec:
+    with torch.no_grad(), AttentionRecorder(den, st.layers, st.plan.groups) as rec:
         den.predict(x, t, st.cond)
         maps = rec.stacked()
     from l2s.engine.tokens import triplet_tokens
 
     def phrase_maps(b, phrase_tokens):
-        return maps[b, st.groups[b].index(list(phrase_tokens.indices))]
+        return maps[b, st.plan.groups[b].index(list(phrase_tokens.indices))]
 
     for it, (_, sel) in enumerate(loss.calls):
         for b, prompt in enumerate(prompts):

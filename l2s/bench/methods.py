@@ -61,8 +61,9 @@ def register_method(name: str) -> Callable[[MethodFactory], MethodFactory]:
 
 def _steer_method(name: str) -> MethodFactory:
     """plain / l2s / centroid through `l2s steer`'s `generate`, with the run's settings, and
-    l2s-verify: plain first, the images the detector fails regenerated with l2s from the same
-    seeds (``l2s.steering.verify``)."""
+    l2s-verify: plain first, the images the suite's checker fails (its detector and scorer:
+    the verdict the benchmark records) regenerated with l2s from the same seeds
+    (``l2s.steering.verify``)."""
     def factory(ctx: MethodContext) -> Generate:
         from l2s.steering.job import build_loss, generate, steer_settings
         from l2s.steering.verify import generate_verified
@@ -79,9 +80,10 @@ def _steer_method(name: str) -> MethodFactory:
         def run(prompts: Sequence[BenchPrompt], seeds: Sequence[int]) -> torch.Tensor:
             triplets = [[t for t in p.triplets if t.steerable] for p in prompts]
             texts, latents = [p.prompt for p in prompts], seeded_latents(ctx.denoiser, list(seeds))
-            if verify:
-                return generate_verified(ctx.denoiser, texts, triplets, latents, settings,
-                                         loss).images
+            if verify:  # judged as the benchmark will judge it: the suite's checker
+                return generate_verified(ctx.denoiser, texts, triplets, latents, settings, loss,
+                                         check=lambda images: ctx.check(images, prompts)
+                                         ).images
             images, _ = generate(ctx.denoiser, texts, triplets, latents, settings, loss)
             return images
 

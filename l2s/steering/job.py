@@ -7,7 +7,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from l2s.config import (
     ConfigError,
@@ -16,25 +15,22 @@ from l2s.config import (
     check_number,
     check_writable_dir,
 )
-from l2s.engine.backbone import BackboneError, Denoiser
+from l2s.engine.backbone import Denoiser
 from l2s.engine.compiled import COMPILE_MODES
 from l2s.engine.registry import steer_defaults
-from l2s.engine.sampling import sample, seeded_latents, to_uint8
+from l2s.engine.sampling import seeded_latents, to_uint8
 from l2s.engine.timing import Clock, peak_memory_mb
 from l2s.errors import L2SError
 from l2s.relations import Triplet, parse
-from l2s.steering.loop import OPTIMIZERS, SteerSettings, SteerStats, steer_latents
-from l2s.steering.losses import CentroidLoss, ClassifierLoss, RelationLoss
-
-STEER_METHODS = ("l2s", "centroid", "plain")
+from l2s.steering import SteerError as SteerError
+from l2s.steering.loop import SteerSettings, SteerStats, generate
+from l2s.steering.losses import LossRequest, RelationLoss, losses, make_loss
+from l2s.steering.losses import use_card_text_len as use_card_text_len
+from l2s.steering.optimizers import optimizers
 
 
 class PromptError(L2SError, ValueError):
     """The prompt asks for something this backbone cannot draw or read."""
-
-
-class SteerError(L2SError, RuntimeError):
-    """Steering cannot run as asked (no classifier, out of memory, ...); says what to do."""
 
 
 def check_prompt(denoiser: Denoiser, triplets: list[Triplet]) -> None:
@@ -50,60 +46,19 @@ def check_prompt(denoiser: Denoiser, triplets: list[Triplet]) -> None:
                     "vocabulary")
 
 
+def steer_methods() -> tuple[str, ...]:
+    """``--method`` choices: every registered loss (``l2s.steering.losses``), and plain."""
+    return (*losses(), "plain")
+
+
 def build_loss(method: str, denoiser: Denoiser, model: str, classifier: str | None = None
                ) -> tuple[RelationLoss | None, str | None]:
-    """(loss, classifier card path) for a method; plain has no loss."""
-    if method not in STEER_METHODS:
-        raise SteerError(f"unknown method {method!r}: use one of {', '.join(STEER_METHODS)}")
+    """(loss, where its weights came from: the classifier card) for a method; plain has no
+    loss."""
     if method == "plain":
         return None, None
-    if method == "centroid":
-        return CentroidLoss(), None
-    from l2s.classifier.layout import LayoutError, MapLayout, reference_layout
-    from l2s.classifier.model import default_classifier, load_classifier, time_input
-    from l2s.classifier.reference import relation_of_class
-
-    path = classifier or default_classifier(model, denoiser.fingerprint)
-    if path is None:
-        raise SteerError(
-            f"no relation classifier for {model!r}: build one with `l2s invert --model {model}` "
-            f"then `l2s train --model {model}`, import a published one with `l2s classifier "
-            f"import FILE --model {model}`, or pass --classifier PATH "
-            "(--method centroid steers with a hand-made loss instead)")
-    net, card = load_classifier(path, denoiser)
-    use_card_text_len(denoiser, card, path)
-    layout = MapLayout.from_dict(card.get("layout"))
-    try:
-        mismatch = layout.name != "l2s" and reference_layout(denoiser) != layout
-    except LayoutError as e:
-        raise SteerError(f"classifier {path}: {e}") from e
-    if mismatch:
-        raise SteerError(f"classifier {path} reads maps in another channel order than "
-                         f"{denoiser.name}'s layers give: re-import it with `l2s classifier "
-                         f"import --model {model}`")
-    # Published classifiers name classes "to the left of" ...; their extra classes ("is")
-    # stay in the softmax and are never a target.
-    classes = [relation_of_class(c) for c in card["classes"]]
-    return ClassifierLoss(net, classes, time_input(card), order=layout.order,
-                          resize=layout.resize_fn()), str(path)
-
-
-def use_card_text_len(denoiser: Denoiser, card: dict, path) -> None:
-    """Have the backbone encode prompts over the text length the classifier's maps were made
-    with (``card["text_len"]``: 512 T5 tokens for the published Flux classifiers, even on
-    flux-schnell, whose own default is 256), so every map spans the key set the classifier
-    saw. Cards without one (older ones) leave the backbone's length. This is the one place a
-    classifier meets the backbone before any prompt is encoded: steer, bench and speed runs
-    with the l2s loss all pass here."""
-    n = card.get("text_len")
-    if n is None:
-        return
-    try:
-        denoiser.set_text_len(int(n))
-    except BackboneError as e:
-        raise SteerError(f"classifier {path} was trained on maps over {n} text tokens, which "
-                         f"this backbone cannot give: {e}. Use a classifier made for "
-                         f"{denoiser.name} (`l2s invert` + `l2s train`)") from e
+    loss = make_loss(method, LossRequest(denoiser, model, classifier))
+    return loss, loss.source
 
 
 def steer_settings(model: str, *, steps: int | None = None, guidance: float | None = None,
@@ -132,23 +87,6 @@ def steer_settings(model: str, *, steps: int | None = None, guidance: float | No
                           f"{settings.steer_until:g} of {settings.steps} steps); pass a "
                           f"--steer-from below {last} or a larger --steer-until")
     return settings
-
-
-def generate(denoiser: Denoiser, prompts: list[str], triplets: list[list[Triplet]],
-             latents: torch.Tensor, settings: SteerSettings, loss: RelationLoss | None,
-             on_step=None, keep_maps: bool = False) -> tuple[torch.Tensor, SteerStats]:
-    """Images (B, H, W, 3) in [0, 1]: steered with ``loss``, or plain when it is None or no
-    prompt has a steerable relation (then no gradient is taken and no overhead is paid)."""
-    if loss is None or not any(triplets):
-        imgs = sample(denoiser, prompts, steps=settings.steps, guidance=settings.guidance,
-                      latents=latents)
-        return imgs, SteerStats()
-    try:
-        return steer_latents(denoiser, prompts, triplets, loss, settings, latents, on_step,
-                             keep_maps)
-    except torch.OutOfMemoryError as e:
-        raise SteerError("out of GPU memory while steering: lower --num-images (images are "
-                         "steered in one batch) or steer fewer steps (--steer-until)") from e
 
 
 @dataclass(frozen=True)
@@ -184,10 +122,10 @@ class SteerConfig:
         if not self.prompt.strip():
             raise PromptError('the prompt is empty: give one such as "a circle to the left of a '
                               'square"')
-        check_choice("--method", self.method, STEER_METHODS)
+        check_choice("--method", self.method, steer_methods())
         check_choice("--compile", self.compile, COMPILE_MODES)
         if self.optimizer is not None:
-            check_choice("--optimizer", self.optimizer, OPTIMIZERS)
+            check_choice("--optimizer", self.optimizer, tuple(optimizers()))
         check_number("--steer-from", self.steer_from, 0)
         check_number("--budget", self.budget, 0)
         check_number("--num-images", self.num_images, 1)

@@ -25,15 +25,17 @@ from l2s.engine.sampling import sample
 from l2s.engine.timing import RegionTimer
 from l2s.engine.tokens import triplet_tokens
 from l2s.relations import Triplet
+from l2s.steering import SteerError
 from l2s.steering.losses import RelationLoss
+from l2s.steering.optimizers import LatentOptimizer, optimizers
 
-OPTIMIZERS = ("sgd", "adam", "normalized")
 # How the iterations of a step share an image's relations (one relation: all the same):
 # "round-robin" (method.md): iteration i steers relation i mod n and the image stops once that
 # one relation's loss is under the threshold; "worst": every iteration scores all relations,
 # steers the one with the highest loss and stops once all are under the threshold; "sum": the
 # same stop, steering the sum of the losses still over the threshold.
 RELATION_SCHEDULES = ("round-robin", "worst", "sum")
+THRESHOLD_RAMP = 3  # steps over which SteerSettings' early-exit threshold rises
 _SD = SteerDefaults()  # the defaults of a model without a preset (l2s.engine.registry)
 
 
@@ -47,20 +49,18 @@ class SteerSettings:
     steer_until: float = _SD.steer_until  # steer steps [0, this): a fraction (< 1) or a count
     iterations: int = _SD.iterations  # max gradient iterations per steered step
     step_size: float = _SD.step_size  # latent update size (SGD: alpha; Adam: learning rate)
-    # "sgd" (z -= alpha grad), "adam" (state per image and steered step) or "normalized"
-    # (z -= alpha grad / RMS(grad) per image: a step of fixed size whatever the gradient's scale)
+    # the update rule (l2s.steering.optimizers): "sgd" (z -= alpha grad), "adam" (state per
+    # image and steered step), "normalized" (z -= alpha grad / RMS(grad) per image: a step of
+    # fixed size whatever the gradient's scale) or a registered one
     optimizer: str = _SD.optimizer
     relation_schedule: str = _SD.relation_schedule  # several relations: RELATION_SCHEDULES
     # Early exit (SteerDefaults.loss_threshold None: this schedule; a number: fixed).
     threshold_start: float = 1e-5  # early-exit loss at step 0 ...
-    threshold_end: float = 7e-5  # ... rising linearly to this from step 3 on
-    threshold_ramp: int = 3  # steps over which the threshold rises
+    threshold_end: float = 7e-5  # ... rising linearly to this from step THRESHOLD_RAMP on
 
     steer_from: int = _SD.steer_from  # first steered step: skip the noisiest steps, where the
     # classifier reads little layout (toy: 0.62 accuracy at t=899) and iterations buy little
     budget: int | None = None  # max iterations per image over the whole generation (None: no cap)
-    max_update: float | None = None  # cap on one update's RMS per latent element (None: no cap)
-    keep_norm: bool = False  # rescale each updated latent to its norm before the steered step
     # Stop steering forwards after the last recorded attention layer: the rest of the network
     # cannot change the maps the loss reads, so skipping it changes nothing but the cost.
     truncate_forward: bool = True
@@ -68,9 +68,9 @@ class SteerSettings:
     compile: str = "off"
 
     def __post_init__(self) -> None:
-        if self.optimizer not in OPTIMIZERS:
+        if self.optimizer not in optimizers():
             raise ValueError(f"unknown optimizer {self.optimizer!r}: use "
-                             f"{', '.join(OPTIMIZERS)}")
+                             f"{', '.join(optimizers())}")
         if self.relation_schedule not in RELATION_SCHEDULES:
             raise ValueError(f"unknown relation schedule {self.relation_schedule!r}: use "
                              f"{', '.join(RELATION_SCHEDULES)}")
@@ -94,7 +94,8 @@ class SteerSettings:
         return max(self.steered_steps() - self.steer_from, 0)
 
     def threshold(self, step: int) -> float:
-        f = min(step / self.threshold_ramp, 1.0) if self.threshold_ramp else 1.0
+        """The early-exit loss at denoising step ``step``."""
+        f = min(step / THRESHOLD_RAMP, 1.0)
         return self.threshold_start + f * (self.threshold_end - self.threshold_start)
 
 
@@ -129,49 +130,7 @@ class SteerStats:
     attention: list[tuple[int, torch.Tensor, torch.Tensor]] = field(default_factory=list)
 
 
-def _norms(z: torch.Tensor) -> torch.Tensor:
-    """Per-image L2 norm of a latent batch (B, ...) -> (B,)."""
-    return z.float().flatten(1).norm(dim=1)
-
-
-class _Optimizer:
-    """The latent update of one steered step, per image (rows of the step's latent batch).
-
-    Adam's moments live per image and restart at every steered step; an image that stopped
-    is never passed again, so its latent and its state stay where they were.
-    """
-
-    def __init__(self, settings: SteerSettings, z: torch.Tensor) -> None:
-        self.s = settings
-        if settings.optimizer == "adam":
-            self.m = torch.zeros_like(z, dtype=torch.float32)
-            self.v = torch.zeros_like(z, dtype=torch.float32)
-            self.n = torch.zeros(z.shape[0], device=z.device)
-
-    def step(self, rows: torch.Tensor, z: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-        """New latents of ``rows`` (M,) from their latents z and gradients g (M, ...)."""
-        s, shape = self.s, (-1, *[1] * (g.ndim - 1))
-        if s.optimizer == "sgd":
-            delta = s.step_size * g
-        elif s.optimizer == "normalized":
-            rms = g.flatten(1).pow(2).mean(1).sqrt().clamp_min(1e-12)
-            delta = s.step_size * g / rms.view(shape)
-        else:  # adam (Kingma & Ba, 2015), betas (0.9, 0.999)
-            b1, b2 = 0.9, 0.999
-            m = self.m[rows] * b1 + (1 - b1) * g
-            v = self.v[rows] * b2 + (1 - b2) * g * g
-            n = self.n[rows] + 1
-            self.m[rows], self.v[rows], self.n[rows] = m, v, n
-            mh = m / (1 - b1**n).view(shape)
-            vh = v / (1 - b2**n).view(shape)
-            delta = s.step_size * mh / (vh.sqrt() + 1e-8)
-        if s.max_update is not None:
-            rms = delta.flatten(1).pow(2).mean(1).sqrt()
-            delta = delta * (s.max_update / rms.clamp_min(1e-12)).clamp(max=1.0).view(shape)
-        return z - delta
-
-
-def object_groups(denoiser: Denoiser, prompt: str, triplets: Sequence[Triplet]
+def object_groups(tokenizer, prompt: str, triplets: Sequence[Triplet]
                   ) -> tuple[list[list[int]], list[tuple[int, int]]]:
     """Token groups of the distinct objects, and (subject, object) group indices per triplet."""
     groups: list[list[int]] = []
@@ -179,7 +138,7 @@ def object_groups(denoiser: Denoiser, prompt: str, triplets: Sequence[Triplet]
     pairs = []
     for t in triplets:
         ids = []
-        for pt in triplet_tokens(denoiser.tokenizer, prompt, t):
+        for pt in triplet_tokens(tokenizer, prompt, t):
             if pt.indices not in index:
                 index[pt.indices] = len(groups)
                 groups.append(list(pt.indices))
@@ -188,38 +147,117 @@ def object_groups(denoiser: Denoiser, prompt: str, triplets: Sequence[Triplet]
     return groups, pairs
 
 
+@dataclass(frozen=True)
+class RelationScores:
+    """The losses of the (image, relation) pairs one forward scored, K of them."""
+
+    loss: torch.Tensor  # (K,) the loss of each pair (in the graph when the maps are)
+    p_target: torch.Tensor  # (K,) how sure the loss is that the relation holds
+    maps: torch.Tensor  # (K, 2, C, S, S) the subject and object maps it read
+    rows: list[int]  # (K,) the row of the forward's maps each pair came from
+
+
+@dataclass(frozen=True)
+class RelationPlan:
+    """Which relation of which image is steered, the token groups the recorder reads, and the
+    losses of a forward's maps: what the :class:`Steerer`, ``--verify``'s classifier check and
+    ``l2s speed`` share.
+
+    Image b is steered towards ``relations[b]`` (its steerable triplets; none: it is generated
+    plainly). The recorder reads token groups ``groups[b]`` of it (the distinct objects, the
+    same number for every image: padded with a repeated group), and relation k reads groups
+    ``pairs[b][k]`` (subject, object) of them.
+    """
+
+    relations: tuple[tuple[Triplet, ...], ...]
+    groups: list[list[list[int]]]
+    pairs: tuple[tuple[tuple[int, int], ...], ...]
+    # "worst"/"sum": each row set's (R, n_max) index of its relations' losses, on the device,
+    # built when the rows change (not at every iteration: a copy to the device)
+    _tables: dict[tuple[tuple[int, ...], str], torch.Tensor] = field(
+        default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def build(cls, tokenizer, prompts: Sequence[str], triplets: Sequence[Sequence[Triplet]]
+              ) -> RelationPlan:
+        """The plan of prompts[b] steered towards the steerable ones of triplets[b]."""
+        relations = tuple(tuple(t for t in tl if t.steerable) for tl in triplets)
+        per_image = [object_groups(tokenizer, p, tl) if tl else ([[0]], [])
+                     for p, tl in zip(prompts, relations, strict=True)]
+        g_max = max(len(g) for g, _ in per_image)
+        return cls(relations, [g + [g[0]] * (g_max - len(g)) for g, _ in per_image],
+                   tuple(tuple(p) for _, p in per_image))
+
+    @property
+    def active(self) -> list[int]:
+        """The images with a relation to steer."""
+        return [b for b, rels in enumerate(self.relations) if rels]
+
+    def reading_every_token(self, seq_len: int) -> RelationPlan:
+        """The same plan with one more group per text token after the objects' groups (the
+        pairs stay valid): what an attention store that keeps every token's maps records."""
+        return RelationPlan(self.relations,
+                            [g + [[i] for i in range(seq_len)] for g in self.groups],
+                            self.pairs)
+
+    def score(self, loss_fn: RelationLoss, maps: torch.Tensor, images: Sequence[int], t: int,
+              step: int, relation: int | None = None) -> RelationScores:
+        """The losses of ``maps`` (R, G, C, S, S), row a being image ``images[a]``, at sampling
+        timestep ``t``, denoising step ``step``: relation ``relation`` mod n of each image (the
+        round robin's pick), or every relation of each (None), in image order."""
+        rows, picks, names = [], [], []  # one entry per scored (image, relation)
+        for a, img in enumerate(images):
+            n = len(self.pairs[img])
+            for k in (range(n) if relation is None else [relation % n]):
+                rows.append(a)
+                picks.append(self.pairs[img][k])
+                names.append(self.relations[img][k].relation)
+        sel = torch.stack([torch.stack((maps[a, i], maps[a, j]))
+                           for a, (i, j) in zip(rows, picks, strict=True)])  # (K, 2, C, S, S)
+        loss, p = loss_fn(sel, t, names, step=step)  # (K,), (K,)
+        return RelationScores(loss, p, sel, rows)
+
+    def table(self, images: Sequence[int], device: torch.device) -> torch.Tensor:
+        """(R, n_max) index of image images[a]'s relation losses in ``score(..., None)``,
+        padded with K (the index of one appended pad value); made once per image list."""
+        key = (tuple(images), str(device))
+        if key not in self._tables:
+            per_row = [list(range(len(self.pairs[img]))) for img in images]
+            start = 0
+            for ks in per_row:
+                ks[:] = [start + k for k in ks]
+                start += len(ks)
+            n_max = max(len(ks) for ks in per_row)
+            self._tables[key] = torch.tensor([ks + [start] * (n_max - len(ks)) for ks in per_row],
+                                             device=device)
+        return self._tables[key]
+
+
 class Steerer:
-    """Steering state for one batch: prompts, their triplets and token groups, the loss.
+    """Steering state for one batch: its relation plan, the prompts' conditioning, the loss.
 
     Called with the sampling loop's step state (``denoise(..., callback=steerer)``), it
     steers the latents of the steered steps, recording attention only then, and leaves the
     other steps alone. ``update(rec, x, t, step)`` is one steered step's latent updates.
+    ``plan``: the relation plan to steer by (default: ``RelationPlan.build`` of the prompts).
     """
 
     def __init__(self, denoiser: Denoiser, prompts: Sequence[str],
                  triplets: Sequence[Sequence[Triplet]], loss_fn: RelationLoss,
                  settings: SteerSettings, keep_maps: bool = False,
-                 on_step: Callable[[StepRecord], None] | None = None) -> None:
+                 on_step: Callable[[StepRecord], None] | None = None,
+                 plan: RelationPlan | None = None) -> None:
         self.denoiser, self.loss_fn, self.settings = denoiser, loss_fn, settings
         self.keep_maps = keep_maps  # keep each steered step's maps before/after (for plots)
         self.on_step = on_step  # called with each steered step's record
         self.stats = SteerStats()
         self.cond = denoiser.encode_prompt(list(prompts))
-        self.steerable = [[t for t in tl if t.steerable] for tl in triplets]
-        self.active = [i for i, tl in enumerate(self.steerable) if tl]
-        per_image = [object_groups(denoiser, p, tl) if tl else ([[0]], [])
-                     for p, tl in zip(prompts, self.steerable, strict=True)]
-        # The recorder needs the same number of groups per image: pad with a repeated group.
-        g_max = max(len(g) for g, _ in per_image)
-        self.groups = [g + [g[0]] * (g_max - len(g)) for g, _ in per_image]
-        self.pairs = [p for _, p in per_image]
+        self.plan = plan or RelationPlan.build(denoiser.tokenizer, prompts, triplets)
+        self.active = self.plan.active
         self.layers = denoiser.cross_attention_layers()
         self.timer = RegionTimer(denoiser.device)
-        self.spent = [0] * len(self.groups)  # iterations each image has used (for the budget)
+        self.spent = [0] * len(self.plan.groups)  # iterations each image has used (budget)
         self._weights: torch.Tensor | None = None
-        # "worst"/"sum": each row set's (R, n_max) index of its relations' losses, on the
-        # device, built when the rows change (not at every iteration: a copy to the device)
-        self._loss_tables: dict[tuple[int, ...], torch.Tensor] = {}
         self._indices: dict[tuple[int, ...], torch.Tensor] = {}
 
     def index(self, positions: Sequence[int]) -> torch.Tensor:
@@ -237,7 +275,7 @@ class Steerer:
         Built once for the batch: each iteration only gathers the rows it forwards."""
         if self._weights is None:
             seq_len = self.cond["states"].shape[1]
-            self._weights = token_weights(self.groups, seq_len).to(self.denoiser.device)
+            self._weights = token_weights(self.plan.groups, seq_len).to(self.denoiser.device)
         return self._weights[self.index(rows)]
 
     @property
@@ -250,7 +288,7 @@ class Steerer:
         return self.settings.steer_from <= step < self.steered_steps
 
     def recorder(self) -> AttentionRecorder:
-        return AttentionRecorder(self.denoiser, self.layers, self.groups, keep_grad=True,
+        return AttentionRecorder(self.denoiser, self.layers, self.plan.groups, keep_grad=True,
                                  resize=getattr(self.loss_fn, "resize", None))
 
     def forward_maps(self, rec: AttentionRecorder, z: torch.Tensor, t: int,
@@ -282,7 +320,7 @@ class Steerer:
     def update(self, rec: AttentionRecorder, x: torch.Tensor, t: int, step: int
                ) -> torch.Tensor:
         """Up to `iterations` latent updates of the active images at one denoising step."""
-        return _steer_step(self, rec, x, t, step)
+        return steer_step(self, rec, x, t, step)
 
 
 def steer_latents(
@@ -309,9 +347,26 @@ def steer_latents(
     return images, st.stats
 
 
-def _relation_losses(st: Steerer, maps: torch.Tensor, images: Sequence[int], it: int, t: int,
-                     step: int, threshold: float
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def generate(denoiser: Denoiser, prompts: list[str], triplets: list[list[Triplet]],
+             latents: torch.Tensor, settings: SteerSettings, loss: RelationLoss | None,
+             on_step=None, keep_maps: bool = False) -> tuple[torch.Tensor, SteerStats]:
+    """Images (B, H, W, 3) in [0, 1]: steered with ``loss``, or plain when it is None or no
+    prompt has a steerable relation (then no gradient is taken and no overhead is paid)."""
+    if loss is None or not any(triplets):
+        imgs = sample(denoiser, prompts, steps=settings.steps, guidance=settings.guidance,
+                      latents=latents)
+        return imgs, SteerStats()
+    try:
+        return steer_latents(denoiser, prompts, triplets, loss, settings, latents, on_step,
+                             keep_maps)
+    except torch.OutOfMemoryError as e:
+        raise SteerError("out of GPU memory while steering: lower --num-images (images are "
+                         "steered in one batch) or steer fewer steps (--steer-until)") from e
+
+
+def relation_losses(st: Steerer, maps: torch.Tensor, images: Sequence[int], it: int, t: int,
+                    step: int, threshold: float
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss to steer, loss deciding the early exit, p(target), maps) per row of ``maps``
     (R, G, C, S, S), row a being image ``images[a]``, at iteration ``it`` of a step.
 
@@ -319,39 +374,129 @@ def _relation_losses(st: Steerer, maps: torch.Tensor, images: Sequence[int], it:
     score every relation of the image from the same forward: the early exit reads the highest
     loss, p(target) is the least sure relation's, the maps (R, 2, C, S, S) are relation 0's.
     """
-    schedule = st.settings.relation_schedule
-    owner, picks, rels = [], [], []  # one entry per scored (image, relation)
-    for a, img in enumerate(images):
-        n = len(st.pairs[img])
-        for k in ([it % n] if schedule == "round-robin" else range(n)):
-            owner.append(a)
-            picks.append(st.pairs[img][k])
-            rels.append(st.steerable[img][k].relation)
-    sel = torch.stack([torch.stack((maps[a, i], maps[a, j]))
-                       for a, (i, j) in zip(owner, picks, strict=True)])  # (K, 2, C, S, S)
-    loss, p = st.loss_fn(sel, t, rels, step=step)  # (K,), (K,)
+    plan, schedule = st.plan, st.settings.relation_schedule
     if schedule == "round-robin":
-        return loss, loss, p, sel
-    # (R, n_max) table of each image's relation losses, padded with a loss of 0 (holds)
-    idx = st._loss_tables.get(tuple(images))
-    if idx is None:
-        per_row: list[list[int]] = [[] for _ in images]
-        for k, a in enumerate(owner):
-            per_row[a].append(k)
-        n_max, pad = max(len(ks) for ks in per_row), len(owner)
-        idx = torch.tensor([ks + [pad] * (n_max - len(ks)) for ks in per_row],
-                           device=loss.device)
-        st._loss_tables[tuple(images)] = idx
-    table = torch.cat((loss, loss.new_zeros(1)))[idx]
+        s = plan.score(st.loss_fn, maps, images, t, step, relation=it)
+        return s.loss, s.loss, s.p_target, s.maps
+    s = plan.score(st.loss_fn, maps, images, t, step)
+    idx = plan.table(images, s.loss.device)
+    table = torch.cat((s.loss, s.loss.new_zeros(1)))[idx]  # (R, n_max), padded with 0 (holds)
     worst = table.max(1).values
     steer = worst if schedule == "worst" else (table * (table.detach() > threshold)).sum(1)
-    p_min = torch.cat((p, p.new_ones(1)))[idx].min(1).values
-    return steer, worst, p_min, sel[idx[:, 0]]
+    p_min = torch.cat((s.p_target, s.p_target.new_ones(1)))[idx].min(1).values
+    return steer, worst, p_min, s.maps[idx[:, 0]]
 
 
-def _steer_step(st: Steerer, rec: AttentionRecorder, x: torch.Tensor, t: int, step: int
-                ) -> torch.Tensor:
-    """Latent updates of one steered step, image by image.
+@dataclass
+class _Step:
+    """The working state of one steered step: its images' latents, which of them still
+    iterate, the optimiser, and what the step's record will read (kept on the device)."""
+
+    images: list[int]  # the images this step steers
+    z: torch.Tensor  # (A, C, h, w) their current latents
+    cond: Conditioning  # their prompts' conditioning
+    weights: torch.Tensor  # (A, T, G) their recorder token weights, on the device
+    opt: LatentOptimizer
+    rows: list[int]  # positions in `images` still iterating
+    ridx: torch.Tensor  # the same on the device (rebuilt when rows change)
+    # Counters stay on the device until the step ends: reading them would synchronise.
+    skipped: torch.Tensor
+    applied: torch.Tensor
+    applied_iterations: torch.Tensor
+    loss_first: torch.Tensor | None = None  # (A,) each image's loss at its first forward
+    loss_last: torch.Tensor | None = None  # (A,) ... at its last
+    p_last: torch.Tensor | None = None
+    maps_before: torch.Tensor | None = None  # with keep_maps: (A, 2, S, S), first and last
+    maps_last: torch.Tensor | None = None
+    timings: list = field(default_factory=list)  # (forward, backward, update) per iteration
+
+
+def select_images(st: Steerer) -> list[int]:
+    """The images a steered step steers: those with a relation and budget left."""
+    return [i for i in st.active if st.spent[i] < st.settings.budget_or_inf]
+
+
+def _start(st: Steerer, x: torch.Tensor, images: list[int]) -> _Step:
+    idx = st.index(images)
+    z = x[idx].detach().clone()
+    zero = [torch.zeros((), dtype=torch.long, device=x.device) for _ in range(3)]
+    return _Step(images, z, st.cond.select(idx), st.token_weights(images),
+                 optimizers()[st.settings.optimizer](st.settings.step_size, z),
+                 list(range(len(images))),
+                 torch.arange(len(images), device=x.device), *zero)
+
+
+def score(st: Steerer, rec: AttentionRecorder, s: _Step, z: torch.Tensor, it: int, t: int,
+          step: int, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward of the rows still iterating (latents z, requiring grad): (loss to steer,
+    loss deciding the early exit), each (R,); notes the losses, p(target) and maps."""
+    maps = st.forward_maps(rec, z, t, s.cond.select(s.ridx), s.weights[s.ridx])
+    steer, loss, p, sel = relation_losses(st, maps, [s.images[r] for r in s.rows], it, t,
+                                          step, threshold)
+    if s.loss_first is None:
+        s.loss_first = loss.detach().float()
+        s.loss_last, s.p_last = s.loss_first.clone(), p.detach().float().clone()
+        if st.keep_maps:
+            s.maps_before = sel.detach().float().mean(2).cpu()
+            s.maps_last = s.maps_before.clone()
+    else:
+        s.loss_last[s.ridx] = loss.detach().float()
+        s.p_last[s.ridx] = p.detach().float()
+        if st.keep_maps:
+            s.maps_last[s.rows] = sel.detach().float().mean(2).cpu()
+    return steer, loss
+
+
+def update(st: Steerer, s: _Step, grad: torch.Tensor, go: list[bool]) -> None:
+    """Step the latents of the rows whose loss is over the threshold (``go``) down ``grad``;
+    the others stop here and leave the batch. A non-finite gradient skips its image."""
+    if all(go):
+        g = grad.float()
+    else:
+        keep_rows = [k for k, gk in enumerate(go) if gk]
+        g = grad[st.index(keep_rows)].float()
+        s.rows = [s.rows[k] for k in keep_rows]
+        s.ridx = st.index(s.rows)
+    finite = torch.isfinite(g).flatten(1).all(1)  # (M,) NaN guard on the device
+    g = torch.where(finite.view(-1, *[1] * (g.ndim - 1)), g, torch.zeros_like(g))
+    s.skipped += (~finite).sum()
+    s.applied += finite.sum()
+    s.applied_iterations += finite.any()
+    s.z[s.ridx] = s.opt.step(s.ridx, s.z[s.ridx].float(), g).to(s.z.dtype)
+    for r in s.rows:
+        st.spent[s.images[r]] += 1
+
+
+def record(st: Steerer, s: _Step, rec: StepRecord) -> None:
+    """Fill the step's record from its one read of the device and append it to the stats."""
+    stats, n_skipped = st.stats, 0
+    if s.loss_first is not None:
+        # After the step's last iteration: counters, mean losses and p(target) in one copy
+        # (float32: exact for the counts, and what every device has). It waits for the
+        # step's work, so the timers' CUDA events are complete when they are read below.
+        its, updates, n_skipped, l0, l1, p1 = torch.stack([
+            v.float() for v in (s.applied_iterations, s.applied, s.skipped, s.loss_first.mean(),
+                                 s.loss_last.mean(), s.p_last.mean())]).tolist()
+        rec.iterations, rec.image_updates = int(its), int(updates)
+        rec.loss_before, rec.loss_after, rec.p_target = l0, l1, p1
+        n_skipped = int(n_skipped)
+    rec.forward_ms = sum(f() for f, _, _ in s.timings)
+    rec.backward_ms = sum(b() for _, b, _ in s.timings if b is not None)
+    rec.update_ms = sum(u() for _, _, u in s.timings if u is not None)
+    if n_skipped:
+        stats.skipped_updates += n_skipped
+        if not stats.warnings:
+            stats.warnings.append("non-finite gradient: update skipped (counted in "
+                                  "skipped_updates)")
+    stats.steps.append(rec)
+    if st.keep_maps and s.maps_last is not None:
+        stats.attention.append((rec.step, s.maps_before, s.maps_last))
+
+
+def steer_step(st: Steerer, rec: AttentionRecorder, x: torch.Tensor, t: int, step: int
+               ) -> torch.Tensor:
+    """Latent updates of one steered step, image by image: select, then score and update
+    until every image is under the threshold, then record.
 
     Each iteration forwards only the images whose loss is still over the threshold (and whose
     budget is not spent): an image that stopped leaves the batch, so it neither moves again nor
@@ -359,58 +504,28 @@ def _steer_step(st: Steerer, rec: AttentionRecorder, x: torch.Tensor, t: int, st
     host reads the mask of images that go on once per iteration, and the step's counters and
     losses once at its end.
     """
-    settings, stats, timer = st.settings, st.stats, st.timer
-    record = StepRecord(step, t=float(t))
+    settings, timer = st.settings, st.timer
     threshold = settings.threshold(step)
-    active = [i for i in st.active if st.spent[i] < settings.budget_or_inf]
-    if not active:  # every image spent its budget
-        stats.steps.append(record)
+    images = select_images(st)
+    if not images:  # every image spent its budget
+        st.stats.steps.append(StepRecord(step, t=float(t)))
         return x
-    dev = x.device
-    n_act = len(active)
-    aidx = st.index(active)
-    z_all = x[aidx].detach().clone()  # (A, C, h, w) current latents
-    cond = st.cond.select(aidx)
-    weights = st.token_weights(active)  # (A, T, G) on the device
-    norm0 = _norms(z_all) if settings.keep_norm else None
-    opt = _Optimizer(settings, z_all)
-    loss_first = p_last = loss_last = None
-    keep = st.keep_maps
-    maps_last = None
-    rows = list(range(n_act))  # positions in `active` still iterating
-    ridx = torch.arange(n_act, device=dev)  # the same on the device (rebuilt when rows change)
-    # Counters stay on the device until the step ends: reading them would synchronise.
-    skipped, applied, applied_iterations = (torch.zeros((), dtype=torch.long, device=dev)
-                                            for _ in range(3))
-    timings = []
+    s = _start(st, x, images)
     for it in range(settings.iterations):
-        left = [r for r in rows if st.spent[active[r]] < settings.budget_or_inf]
+        left = [r for r in s.rows if st.spent[images[r]] < settings.budget_or_inf]
         if not left:
             break
-        if len(left) != len(rows):
-            rows, ridx = left, st.index(left)
-        z = z_all[ridx].requires_grad_(True)
+        if len(left) != len(s.rows):
+            s.rows, s.ridx = left, st.index(left)
+        z = s.z[s.ridx].requires_grad_(True)
         t0 = timer.start()
         with torch.enable_grad():  # pipelines call back under no_grad
-            maps = st.forward_maps(rec, z, t, cond.select(ridx), weights[ridx])
-            steer, loss, p, sel = _relation_losses(st, maps, [active[r] for r in rows],
-                                                   it, t, step, threshold)
+            steer, loss = score(st, rec, s, z, it, t, step, threshold)
         fwd = timer.stop(t0)
-        if loss_first is None:
-            loss_first = loss.detach().float()
-            loss_last, p_last = loss_first.clone(), p.detach().float().clone()
-            if keep:
-                before = sel.detach().float().mean(2).cpu()
-                maps_last = before.clone()
-        else:
-            loss_last[ridx] = loss.detach().float()
-            p_last[ridx] = p.detach().float()
-            if keep:
-                maps_last[rows] = sel.detach().float().mean(2).cpu()
         todo = loss.detach() > threshold  # (R,)
         go = todo.tolist()  # the one host read of the iteration
         if not any(go):
-            timings.append((fwd, None, None))
+            s.timings.append((fwd, None, None))
             break
         t1 = timer.start()
         with torch.enable_grad():
@@ -418,49 +533,9 @@ def _steer_step(st: Steerer, rec: AttentionRecorder, x: torch.Tensor, t: int, st
         bwd = timer.stop(t1)
         t2 = timer.start()
         with torch.no_grad():
-            if all(go):
-                g = grad.float()
-            else:  # the images under the threshold stop here and leave the batch
-                keep_rows = [k for k, gk in enumerate(go) if gk]
-                g = grad[st.index(keep_rows)].float()
-                rows = [rows[k] for k in keep_rows]
-                ridx = st.index(rows)
-            finite = torch.isfinite(g).flatten(1).all(1)  # (M,) NaN guard on the device
-            g = torch.where(finite.view(-1, *[1] * (g.ndim - 1)), g, torch.zeros_like(g))
-            skipped += (~finite).sum()
-            applied += finite.sum()
-            applied_iterations += finite.any()
-            new = opt.step(ridx, z_all[ridx].float(), g)
-            if norm0 is not None:
-                new = new * (norm0[ridx] / _norms(new).clamp_min(1e-12)).view(
-                    -1, *[1] * (new.ndim - 1))
-            z_all[ridx] = new.to(z_all.dtype)
-            for r in rows:
-                st.spent[active[r]] += 1
-        timings.append((fwd, bwd, timer.stop(t2)))
-    n_skipped = 0
-    if loss_first is not None:
-        # The step's one read of the device, after its last iteration: counters, mean losses
-        # and p(target) in one copy (float32: exact for the counts, and what every device
-        # has). It waits for the step's work, so the timers' CUDA events are complete when
-        # they are read below.
-        its, updates, n_skipped, l0, l1, p1 = torch.stack([
-            v.float() for v in (applied_iterations, applied, skipped, loss_first.mean(),
-                                 loss_last.mean(), p_last.mean())]).tolist()
-        record.iterations, record.image_updates = int(its), int(updates)
-        record.loss_before, record.loss_after, record.p_target = l0, l1, p1
-        n_skipped = int(n_skipped)
-    record.forward_ms = sum(f() for f, _, _ in timings)
-    record.backward_ms = sum(b() for _, b, _ in timings if b is not None)
-    record.update_ms = sum(u() for _, _, u in timings if u is not None)
-    if n_skipped:
-        stats.skipped_updates += n_skipped
-        if not stats.warnings:
-            stats.warnings.append("non-finite gradient: update skipped (counted in "
-                                  "skipped_updates)")
-    stats.steps.append(record)
-    if keep and maps_last is not None:
-        stats.attention.append((step, before, maps_last))
+            update(st, s, grad, go)
+        s.timings.append((fwd, bwd, timer.stop(t2)))
+    record(st, s, StepRecord(step, t=float(t)))
     x = x.detach().clone()
-    x[aidx] = z_all.to(x.dtype)
+    x[st.index(images)] = s.z.to(x.dtype)
     return x

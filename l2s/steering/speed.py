@@ -37,7 +37,7 @@ from l2s.engine.sampling import guided_prediction, sample, seeded_latents
 from l2s.engine.timing import Clock
 from l2s.inversion.cache import atomic_write_text
 from l2s.relations import parse
-from l2s.steering.loop import Steerer, steer_latents
+from l2s.steering.loop import RelationPlan, Steerer, steer_latents
 from l2s.steering.losses import RelationLoss
 
 
@@ -187,11 +187,12 @@ def speed(config: SpeedConfig, denoiser: Denoiser | None = None, on_unit=None) -
     def iteration(reference: bool, eager: bool = False):
         # The reference-style loop runs the whole network, eagerly, on every iteration.
         settings = replace(one_iter, truncate_forward=False) if reference else one_iter
+        plan = RelationPlan.build(denoiser.tokenizer, [prompt], [triplets])
+        if reference:  # every token's maps, after the objects' groups
+            plan = plan.reading_every_token(cond["states"].shape[1])
         st = Steerer(denoiser, [prompt], [triplets], loss,
-                     replace(settings, compile="off") if reference or eager else settings)
-        if reference:  # every token's maps, after the objects' groups (pairs stay valid)
-            seq = cond["states"].shape[1]
-            st.groups = [g + [[i] for i in range(seq)] for g in st.groups]
+                     replace(settings, compile="off") if reference or eager else settings,
+                     plan=plan)
         ctx = explicit_attention(denoiser.attention_model,
                                  denoiser.reference_processors()) if reference else \
             contextlib.nullcontext()

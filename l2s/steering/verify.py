@@ -17,7 +17,7 @@ import torch
 from l2s.engine.backbone import Denoiser
 from l2s.engine.sampling import sample, to_uint8
 from l2s.relations import Triplet
-from l2s.steering.loop import Steerer, SteerSettings, SteerStats
+from l2s.steering.loop import Steerer, SteerSettings, SteerStats, generate
 from l2s.steering.losses import RelationLoss
 
 # images (B, H, W, 3) in [0, 1] -> whether each shows its prompt's relations
@@ -52,31 +52,29 @@ def detector_check(denoiser: Denoiser, triplets: Sequence[Sequence[Triplet]]) ->
 
 
 class _ClassifierProbe:
-    """Step callback of the plain pass: at ``step``, the classifier's verdict per image."""
+    """Step callback of the plain pass: at ``step``, the loss's verdict on every relation of
+    every image from one truncated, gradient-free forward (``RelationPlan.score``): an image
+    passes when each of its relations' loss is at most the step's early-exit threshold."""
 
     def __init__(self, steerer: Steerer, step: int) -> None:
         self.st, self.step = steerer, step
-        self.passed = [True] * len(steerer.groups)
+        self.passed = [True] * len(steerer.plan.relations)
 
     def __call__(self, state: dict) -> None:
-        if state["step"] != self.step or not self.st.active:
+        st, plan = self.st, self.st.plan
+        active = plan.active
+        if state["step"] != self.step or not active:
             return None
-        st, active = self.st, self.st.active
-        aidx = torch.tensor(active, device=state["latents"].device)
+        aidx = st.index(active)
         with torch.no_grad(), st.recorder() as rec, rec.truncated():
             rec.set_weights(st.token_weights(active))
             st.denoiser.predict(state["latents"][aidx], state["t"], st.cond.select(aidx),
                                 guidance=st.settings.guidance)
-        maps = rec.stacked()  # (A, G, C, S, S)
-        threshold = st.settings.threshold(self.step)
-        for k in range(max(len(st.pairs[i]) for i in active)):  # every relation of an image
-            pick = [st.pairs[i][k % len(st.pairs[i])] for i in active]
-            rels = [st.steerable[i][k % len(st.steerable[i])].relation for i in active]
-            sel = torch.stack([torch.stack((maps[a, i], maps[a, j]))
-                               for a, (i, j) in enumerate(pick)])
-            loss, _ = st.loss_fn(sel, state["t"], rels, step=self.step)
-            for a, ok in zip(active, (loss <= threshold).tolist(), strict=True):
-                self.passed[a] = self.passed[a] and ok
+        with torch.no_grad():
+            scores = plan.score(st.loss_fn, rec.stacked(), active, state["t"], self.step)
+        held = (scores.loss <= st.settings.threshold(self.step)).tolist()
+        for a, ok in zip(scores.rows, held, strict=True):
+            self.passed[active[a]] = self.passed[active[a]] and ok
         return None
 
 
@@ -87,8 +85,6 @@ def generate_verified(denoiser: Denoiser, prompts: list[str], triplets: list[lis
     detector, else the classifier on the plain pass) regenerated steered from their seeds.
     ``keep_maps``: the stats keep the steered images' maps (``SteerStats.attention``, in the
     order of the failing images)."""
-    from l2s.steering.job import generate
-
     check = check or detector_check(denoiser, triplets)
     probe = None
     if check is None:
