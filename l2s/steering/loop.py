@@ -222,11 +222,10 @@ class RelationPlan:
         padded with K (the index of one appended pad value); made once per image list."""
         key = (tuple(images), str(device))
         if key not in self._tables:
-            per_row = [list(range(len(self.pairs[img]))) for img in images]
-            start = 0
-            for ks in per_row:
-                ks[:] = [start + k for k in ks]
-                start += len(ks)
+            per_row, start = [], 0
+            for img in images:
+                per_row.append(list(range(start, start + len(self.pairs[img]))))
+                start += len(self.pairs[img])
             n_max = max(len(ks) for ks in per_row)
             self._tables[key] = torch.tensor([ks + [start] * (n_max - len(ks)) for ks in per_row],
                                              device=device)
