@@ -17,8 +17,9 @@ def environment_report() -> dict:
     import torch
 
     from l2s.bench.detectors import describe_detectors
+    from l2s.classifier.model import describe_models
     from l2s.engine.backbone import BackboneError
-    from l2s.engine.loading import describe_models, hf_cache_dir, hf_offline, resolve_device
+    from l2s.engine.loading import hf_cache_dir, hf_offline, resolve_device
 
     def version(pkg: str) -> str | None:
         try:

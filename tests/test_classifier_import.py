@@ -88,13 +88,13 @@ def test_installs_where_steer_looks_and_models_lists_it(tmp_path, sd_folder):
 
 
 def test_models_shows_imported_classifier(tmp_path, monkeypatch):
-    from l2s.engine import loading
+    from l2s.classifier.model import describe_models
 
     pth = _save(tmp_path, make_checkpoint(rows=40))
     dest = trained_classifier_dir("sd2.1-base")
     dest.mkdir(parents=True)
     (dest / "card.json").write_text(json.dumps({"format": "x", "source": {"file": pth.name}}))
-    rows = {r["name"]: r for r in loading.describe_models()}
+    rows = {r["name"]: r for r in describe_models()}
     assert rows["sd2.1-base"]["classifier_origin"] == "imported from clf.pth"
     assert "published L2S SD2 classifier" in rows["sd2.1-base"]["description"]
     assert "does not fit" in rows["sd2.1"]["description"]

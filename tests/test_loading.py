@@ -117,3 +117,101 @@ def test_an_exception_with_an_empty_message_still_gives_a_one_line_error(tmp_pat
     monkeypatch.setattr(ci.torch, "load", unpickling)
     with pytest.raises(ci.ImportRefused, match="is not a PyTorch checkpoint"):
         ci.read_checkpoint(ckpt)
+
+
+PROMPT = "a dog to the left of a cat"
+
+
+def _pickled_folder(root, kind: str):
+    """A tiny Flux or SD3 pipeline saved as pickles (``safe_serialization=False``): every
+    network is a .bin file, no .safetensors anywhere (transformers 5 writes safetensors
+    regardless: its text encoders are pickled here by hand)."""
+    from safetensors.torch import load_file
+
+    from l2s.families.mmdit_tiny import tiny_flux_pipeline, tiny_sd3_pipeline
+
+    folder = root / kind
+    {"flux": tiny_flux_pipeline, "sd3": tiny_sd3_pipeline}[kind]().save_pretrained(
+        folder, safe_serialization=False)
+    for st in folder.rglob("model.safetensors"):
+        torch.save(load_file(st), st.parent / "pytorch_model.bin")
+        st.unlink()
+    assert not list(folder.rglob("*.safetensors")) and list(folder.rglob("*.bin"))
+    return folder
+
+
+@pytest.mark.parametrize("kind", ["flux", "sd3"])
+def test_pickled_flux_and_sd3_folders_need_allow_pickle(tmp_path, monkeypatch, kind):
+    """Was: the Flux and SD3 loaders called from_pretrained without use_safetensors, so a
+    folder of pickles (which can run code when loaded) loaded without --allow-pickle."""
+    from l2s.families.flux import FluxDenoiser
+    from l2s.families.sd3 import SD3Denoiser
+
+    folder = _pickled_folder(tmp_path, kind)
+    monkeypatch.delenv("L2S_ALLOW_PICKLE", raising=False)
+    with pytest.raises(BackboneError, match="has pickled weights") as e:
+        load_backbone(str(folder), device="cpu")
+    assert "--allow-pickle" in str(e.value) and "\n" not in str(e.value)
+    assert str(folder) in str(e.value)
+    monkeypatch.setenv("L2S_ALLOW_PICKLE", "1")
+    den = load_backbone(str(folder), device="cpu", image_size=32)
+    assert isinstance(den, FluxDenoiser if kind == "flux" else SD3Denoiser)
+
+
+@pytest.mark.parametrize("kind", ["flux", "sd3"])
+def test_cli_refuses_pickled_flux_and_sd3_folders_unless_allow_pickle(tmp_path, monkeypatch,
+                                                                      kind):
+    """The same through `l2s steer`: one line naming --allow-pickle, exit 2, no traceback; with
+    `l2s --allow-pickle` the folder loads and generates."""
+    from typer.testing import CliRunner
+
+    from l2s.cli import app
+
+    folder = _pickled_folder(tmp_path, kind)
+    monkeypatch.setenv("L2S_ALLOW_PICKLE", "0")  # restored after the test (the CLI sets it)
+    args = ["steer", PROMPT, "--model", str(folder), "--method", "plain", "--steps", "1",
+            "--image-size", "32", "--out", str(tmp_path / "out")]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 2, r.output
+    lines = r.output.strip().splitlines()
+    assert len(lines) == 1 and "--allow-pickle" in lines[0] and "Traceback" not in r.output
+    r = CliRunner().invoke(app, ["--allow-pickle", *args])
+    assert r.exit_code == 0, r.output
+    assert list((tmp_path / "out").rglob("*.png"))
+
+
+def _folder_of_pipeline(tmp_path, pipeline_class: str):
+    """A tiny SD folder (loadable by the SD family) whose model_index.json names
+    ``pipeline_class``."""
+    import json
+
+    folder = save_tiny_sd(tmp_path / "tiny")
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": pipeline_class}))
+    return folder
+
+
+def test_a_folder_of_an_unsupported_pipeline_is_refused_naming_the_supported_ones(tmp_path):
+    """Was: an SDXL folder was taken for SD (the fallback family) and died deep inside
+    diffusers (TypeError: argument of type 'NoneType' is not iterable); here the SD-shaped
+    folder would even have loaded, as the wrong model."""
+    folder = _folder_of_pipeline(tmp_path, "StableDiffusionXLPipeline")
+    with pytest.raises(BackboneError, match="StableDiffusionXLPipeline, which no l2s backbone "
+                                            "family loads; supported pipelines: FluxPipeline, "
+                                            "StableDiffusion3Pipeline, StableDiffusionPipeline"):
+        load_backbone(str(folder), device="cpu")
+    # the one the SD family claims loads
+    _folder_of_pipeline(tmp_path, "StableDiffusionPipeline")
+    assert load_backbone(str(folder), device="cpu").image_size == (32, 32)
+
+
+def test_cli_refuses_an_unsupported_pipeline_in_one_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from l2s.cli import app
+
+    folder = _folder_of_pipeline(tmp_path, "StableDiffusionXLPipeline")
+    r = CliRunner().invoke(app, ["steer", PROMPT, "--model", str(folder), "--method", "plain",
+                                 "--steps", "1", "--out", str(tmp_path / "out")])
+    assert r.exit_code == 2, r.output
+    lines = r.output.strip().splitlines()
+    assert len(lines) == 1 and "supported pipelines: FluxPipeline" in lines[0]

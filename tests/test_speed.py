@@ -83,10 +83,14 @@ def test_the_library_writes_the_report_to_out(tmp_path, one_thread):
         run_speed(SpeedConfig(out=str(tmp_path)), denoiser=object())  # before any timing
 
 
-def test_cli_speed_refuses_random_weights_for_the_toy():
+def test_cli_speed_refuses_random_weights_for_the_toys_naming_every_buildable_preset():
+    """Was: "--random-weights applies to the SD presets" (stale: Flux and SD3 build too), and
+    each toy family wrote its own refusal."""
     from typer.testing import CliRunner
 
     from l2s.cli import app
 
-    r = CliRunner().invoke(app, ["speed", "--random-weights"])
-    assert r.exit_code == 2 and "--random-weights applies to the SD presets" in r.output
+    for toy in ("toy", "toy-mmdit"):
+        r = CliRunner().invoke(app, ["speed", "--model", toy, "--random-weights"])
+        assert r.exit_code == 2 and f"the {toy} preset ships its trained weights" in r.output
+        assert "sd1.4, sd2.1, sd2.1-base, flux-schnell, flux-dev, sd3.5-medium" in r.output

@@ -425,3 +425,16 @@ def card_origin(card_path: str | Path) -> str:
             source = {}
         return f"imported from {source['file']}" if source.get("file") else "trained"
     return "shipped"
+
+
+def describe_models() -> list[dict]:
+    """One record per preset (``l2s.engine.loading.describe_presets``: what it is, its
+    defaults, whether it loads offline) with its default classifier and where that came from."""
+    from l2s.engine.loading import describe_presets
+
+    rows = describe_presets()
+    for row in rows:
+        card = default_classifier(row["name"])
+        row["classifier"] = str(card) if card else None
+        row["classifier_origin"] = card_origin(card) if card else None
+    return rows

@@ -6,8 +6,9 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
+from l2s.classifier.model import describe_models
 from l2s.cli.output import console, emit_json
-from l2s.engine.loading import describe_models, hf_cache_dir
+from l2s.engine.loading import hf_cache_dir
 
 
 def models(

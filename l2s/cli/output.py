@@ -38,14 +38,17 @@ def user_errors(*kinds: type[Exception]) -> Callable:
                 return fn(*args, **kwargs)
             except (ConfigError, *kinds) as e:
                 # escape: messages quote user input and examples with [brackets] in them
-                console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
+                # soft_wrap: one line at any terminal width, to read and to copy
+                console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False,
+                              soft_wrap=True)
                 raise typer.Exit(2) from None
             except (MemoryError, RuntimeError) as e:  # torch's OutOfMemoryError included
                 if not out_of_memory(e):
                     raise
                 console.print(f"[bold red]error:[/] out of memory ({escape(one_line(e, 200))}): "
                               "use a smaller --image-size, fewer images at once (--num-images, "
-                              "--batch-size) or a machine with more memory", highlight=False)
+                              "--batch-size) or a machine with more memory", highlight=False,
+                              soft_wrap=True)
                 raise typer.Exit(2) from None
 
         return wrapper

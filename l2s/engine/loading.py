@@ -1,30 +1,52 @@
-"""Turn a --model value (preset, hub id or local folder) into a ready Denoiser.
+"""Turn a --model value (preset, hub id or local folder) into a ready Denoiser, under one
+weight-loading policy that every family loads through.
 
-Which family loads it comes from the registry: a preset names its family; a hub id or folder
-goes to the family that claims its diffusers pipeline class (``model_index.json``), else to
-the fallback family. Device, dtype and HF-cache helpers shared by every family live here,
-and the loading of transformers models by hub id or folder (the benchmark detectors, CLIP).
+Which family loads a model comes from the registry: a preset names its family; a hub id or
+folder goes to the family that claims the diffusers pipeline class its ``model_index.json``
+names (``l2s.engine.registry.family_for_source``). The policy: weights load from safetensors
+only unless the user allows pickles (``l2s --allow-pickle``), since a pickle can run code when
+loaded (``load_components``, ``pickle_refusal``); a folder is checked for every component
+before anything loads (``check_folder``); ``--random-weights`` builds a preset's exact
+architecture, every network materialised once on the device, with tokenizers built from one
+word list (``random_weights_preset``, ``random_tokenizers``, ``build_random``). Device and
+dtype choices shared by every family live here too.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from l2s.engine.backbone import BackboneError, Denoiser, resolve_sdpa_backends
+from l2s.engine.hub import (
+    cached_file,
+    config_json,
+    hf_cache_dir,
+    hf_offline,
+    hub_file,
+    hub_reachable,
+    is_hub_id,
+)
 from l2s.engine.registry import (
     LoadRequest,
     Preset,
-    family_for_pipeline,
+    family_for_source,
     get_family,
     presets,
 )
 from l2s.errors import one_line
+
+__all__ = ["allow_pickle", "build_random", "check_folder", "clip_text_config", "config_json",
+           "describe_presets", "hf_cache_dir", "hf_load_error", "hf_offline", "hub_file",
+           "hub_reachable", "is_available_locally", "load_backbone", "load_components",
+           "pickle_refusal", "pickled_files", "quiet_loading", "RANDOM_WEIGHTS_WORDS",
+           "random_tokenizers", "random_weights_preset", "rank_device", "resolve_device",
+           "resolve_dtype", "weights_policy"]
 
 
 def resolve_device(device: str | None = None) -> torch.device:
@@ -70,12 +92,6 @@ def rank_device() -> torch.device | None:
     return torch.device("cuda", int(local))
 
 
-def allow_pickle() -> bool:
-    """Whether pickled (.bin) weights may be loaded: only when the user says so
-    (`l2s --allow-pickle ...` sets L2S_ALLOW_PICKLE=1)."""
-    return os.environ.get("L2S_ALLOW_PICKLE", "") not in ("", "0")
-
-
 def quiet_loading() -> None:
     """No "Loading weights" progress bars from transformers / diffusers on our stderr."""
     import diffusers
@@ -98,48 +114,6 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     return names[dtype]
 
 
-def hf_cache_dir() -> Path:
-    """Where huggingface_hub looks for downloaded models (honours HF_HOME / HF_HUB_CACHE)."""
-    from huggingface_hub import constants
-
-    return Path(constants.HF_HUB_CACHE)
-
-
-def hf_offline() -> bool:
-    from huggingface_hub import constants
-
-    return bool(constants.HF_HUB_OFFLINE)
-
-
-def _cached_file(repo: str, filename: str) -> str | None:
-    """A file of a hub repo in the local HF cache, or None (nothing is downloaded)."""
-    from huggingface_hub import try_to_load_from_cache
-
-    try:
-        hit = try_to_load_from_cache(repo, filename)
-    except Exception:  # not a valid repo id
-        return None
-    return hit if isinstance(hit, str) else None
-
-
-def config_json(source: str, filename: str) -> dict | None:
-    """A JSON file (``model_index.json``, ``transformer/config.json``) of a folder or of a hub
-    repo in the HF cache, or None when absent or unreadable (nothing is downloaded)."""
-    path = hub_file(source, filename)
-    if path is None:
-        return None
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
-def pipeline_class(source: str) -> str | None:
-    """The diffusers pipeline class a folder or cached hub repo declares, if any."""
-    return (config_json(source, "model_index.json") or {}).get("_class_name")
-
-
 def is_available_locally(model: str) -> bool:
     """Whether `model` can load with no network: shipped, a local folder, or in the HF cache."""
     preset = presets().get(model)
@@ -148,7 +122,7 @@ def is_available_locally(model: str) -> bool:
     repo = preset.repo_id if preset and preset.repo_id else model
     if Path(repo).expanduser().is_dir():
         return True
-    return _cached_file(repo, "model_index.json") is not None
+    return cached_file(repo, "model_index.json") is not None
 
 
 def _check_model_arg(model: str, preset: str | None = None) -> None:
@@ -165,7 +139,7 @@ def _check_model_arg(model: str, preset: str | None = None) -> None:
     if model.startswith((".", "/", "~")):
         raise BackboneError(f"no folder {model!r}: give a diffusers-layout folder, a hub id "
                             f"or a preset ({', '.join(presets())})")
-    if model.count("/") != 1:
+    if not is_hub_id(model):
         raise BackboneError(f"unknown model {model!r}: use a preset ({', '.join(presets())}), "
                             "a hub id such as org/name, or a local diffusers folder")
     if not is_available_locally(model) and (hf_offline() or not hub_reachable()):
@@ -177,21 +151,6 @@ def _check_model_arg(model: str, preset: str | None = None) -> None:
                             "diffusers folder" + (
                                 f"; to time its architecture without the weights: `l2s speed "
                                 f"--model {preset} --random-weights`" if preset else ""))
-
-
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether a TCP connection to the hub endpoint opens within ``timeout`` seconds."""
-    import socket
-    from urllib.parse import urlparse
-
-    from huggingface_hub import constants
-
-    url = urlparse(constants.ENDPOINT)
-    try:
-        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
-    except OSError:
-        return False
-    return True
 
 
 def load_backbone(
@@ -208,27 +167,157 @@ def load_backbone(
     resolve_sdpa_backends(None)  # a bad $L2S_SDPA_BACKENDS is refused before loading
     quiet_loading()
     preset = presets().get(model)
-    if preset is None and random_weights:
-        random_weights_preset(None, presets().values())  # refuses, naming the presets
-    if (preset is None or preset.repo_id) and not random_weights:
+    if random_weights:  # presets with a built-in architecture only; the rest are refused here
+        random_weights_preset(preset, presets().values())
+    elif preset is None or preset.repo_id:
         _check_model_arg(preset.repo_id if preset else model, preset.name if preset else None)
     if preset is not None:
         family, source = get_family(preset.family), preset.repo_id or model
     else:
-        family, source = family_for_pipeline(pipeline_class(model)), model
+        family, source = family_for_source(model), model
     return family.load(LoadRequest(model=model, preset=preset, source=source, device=dev,
                                    dtype=dt, image_size=image_size,
                                    random_weights=random_weights))
 
 
+# ------------------------------------------------------------------------ the loading policy
+
+def allow_pickle() -> bool:
+    """Whether pickled (.bin) weights may be loaded: only when the user says so
+    (`l2s --allow-pickle ...` sets L2S_ALLOW_PICKLE=1)."""
+    return os.environ.get("L2S_ALLOW_PICKLE", "") not in ("", "0")
+
+
+def weights_policy() -> dict:
+    """The keyword arguments every network's ``from_pretrained`` gets: safetensors only,
+    unless the user allowed pickles (a .bin file can run code when loaded)."""
+    return {"use_safetensors": None if allow_pickle() else True}
+
+
+# The names diffusers and transformers give pickled weights (single files and shard indexes).
+PICKLED_WEIGHTS = ("diffusion_pytorch_model.bin", "pytorch_model.bin",
+                   "diffusion_pytorch_model.bin.index.json", "pytorch_model.bin.index.json")
+
+
+def pickled_files(source: str, components: Iterable[str] = ("",)) -> list[str]:
+    """The pickled weight files of a folder (top level and one level down), or those of a hub
+    repo's ``components`` ("" for its top level) in the HF cache."""
+    local = Path(source).expanduser()
+    if local.is_dir():
+        return sorted(p.relative_to(local).as_posix()
+                      for p in [*local.glob("*.bin"), *local.glob("*/*.bin")])
+    names = [f"{c}/{w}" if c else w for c in components for w in PICKLED_WEIGHTS]
+    return [n for n in names if cached_file(source, n) is not None]
+
+
+def pickle_refusal(what: str, pickles: list[str]) -> str:
+    """The one message for weights l2s will not unpickle without ``--allow-pickle``."""
+    return (f"{what} has pickled weights ({', '.join(pickles[:3])}) and no .safetensors: l2s "
+            "loads safetensors only, since a pickle can run code when loaded. Convert them to "
+            "safetensors, or, if you trust the files, run `l2s --allow-pickle ...`")
+
+
+def check_folder(folder: Path, components: Iterable[str], kind: str) -> None:
+    """Refuse, naming what is missing, a folder that is not a diffusers ``kind`` pipeline."""
+    components = tuple(components)
+    missing = [c for c in components if not (folder / c).is_dir()]
+    if missing:
+        raise BackboneError(f"{folder} is not a diffusers {kind} folder: missing "
+                            f"{', '.join(m + '/' for m in missing)} "
+                            f"(expected {', '.join(components)})")
+
+
+def load_components(source: str, kind: str,
+                    parts: Mapping[str, tuple[Callable[..., object], dict]]) -> dict:
+    """The one way a family loads a folder or hub repo: ``{subfolder: (cls, kwargs)}`` ->
+    ``{subfolder: cls.from_pretrained(source, subfolder=..., **kwargs)}``.
+
+    A folder must hold every subfolder (``check_folder``); networks (``torch.nn.Module``
+    classes) load under ``weights_policy``; pickled weights without ``--allow-pickle`` and
+    any other failure become one-line BackboneErrors naming the fix.
+    """
+    local = Path(source).expanduser()
+    src = str(local) if local.is_dir() else source
+    networks = {sub for sub, (cls, _) in parts.items()
+                if isinstance(cls, type) and issubclass(cls, torch.nn.Module)}
+    if local.is_dir():
+        check_folder(local, parts, kind)
+        # refused before diffusers logs its own "no file named ...safetensors" error
+        pickles = [] if allow_pickle() else [
+            p for sub in sorted(networks) if not list((local / sub).glob("*.safetensors"))
+            for p in pickled_files(str(local)) if p.startswith(f"{sub}/")]
+        if pickles:
+            raise BackboneError(pickle_refusal(str(local), pickles))
+    out = {}
+    try:
+        for sub, (cls, kwargs) in parts.items():
+            out[sub] = cls.from_pretrained(
+                src, subfolder=sub, **{**(weights_policy() if sub in networks else {}), **kwargs})
+    except (OSError, ValueError) as e:
+        pickles = [] if allow_pickle() else pickled_files(source, parts)
+        if pickles:
+            raise BackboneError(pickle_refusal(str(local) if local.is_dir() else source,
+                                               pickles)) from e
+        raise hf_load_error(source, local if local.is_dir() else None, e) from e
+    return out
+
+
+# ------------------------------------------------------------------------ random weights
+
+# Words the random-weights tokenizers spell as single tokens: enough for benchmark prompts;
+# anything else falls back to characters (random weights read nothing).
+RANDOM_WEIGHTS_WORDS = (
+    "a an the of to on in at and photo left right above below top bottom next near side "
+    "over under beneath dog cat person car bird teddy bear"
+).split()
+
+
 def random_weights_preset(preset: Preset | None, candidates: Iterable[Preset]) -> Preset:
     """The preset a ``--random-weights`` load builds (its ``configs`` hold the exact
-    architecture); a hub id, a folder or a preset without one is refused, naming the presets
-    of ``candidates`` that have one. Every family's loader and ``load_backbone`` ask here."""
+    architecture); a hub id, a folder or a preset without one (the shipped toys) is refused,
+    naming the presets of ``candidates`` that have one. ``load_backbone`` and every family's
+    loader ask here."""
     if preset is None or not preset.configs:
-        raise BackboneError("--random-weights needs a preset with a built-in architecture: "
-                            + ", ".join(p.name for p in candidates if p.configs))
+        what = (f"the {preset.name} preset ships its trained weights" if preset is not None
+                else "a hub id or folder has no built-in architecture")
+        raise BackboneError(f"--random-weights builds a preset's exact architecture and {what}: "
+                            "use one of " + ", ".join(p.name for p in candidates if p.configs))
     return preset
+
+
+def random_tokenizers(configs: Mapping) -> tuple:
+    """(CLIP tokenizer, T5 tokenizer or None) of a random-weights build, spelling
+    ``RANDOM_WEIGHTS_WORDS`` as single tokens; the T5 one only when the preset's configs name
+    a ``max_sequence_length``."""
+    from l2s.engine.tokenizers import build_clip_tokenizer, build_t5_tokenizer
+
+    clip = build_clip_tokenizer(RANDOM_WEIGHTS_WORDS,
+                                vocab_size=configs["text_encoder"]["vocab_size"])
+    t5 = (build_t5_tokenizer(RANDOM_WEIGHTS_WORDS,
+                             model_max_length=configs["max_sequence_length"])
+          if "max_sequence_length" in configs else None)
+    return clip, t5
+
+
+def clip_text_config(config: Mapping, tokenizer):
+    """A CLIPTextConfig from a preset's text-encoder config, with ``tokenizer``'s special ids."""
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(**{**config, "eos_token_id": tokenizer.eos_token_id,
+                             "bos_token_id": tokenizer.bos_token_id,
+                             "pad_token_id": tokenizer.pad_token_id})
+
+
+def build_random(factories: Mapping[str, Callable[[], torch.nn.Module]], device: torch.device,
+                 dtype: torch.dtype, seed: int = 0) -> dict[str, torch.nn.Module]:
+    """Every network of a random-weights architecture, built on the meta device and
+    materialised once, in its dtype, on the device (``l2s.engine.materialise``): "vae" in
+    fp32 (as every family loads its VAE), the others in ``dtype``."""
+    from l2s.engine.materialise import materialise
+
+    return {name: materialise(make, device, torch.float32 if name == "vae" else dtype,
+                              seed=seed)
+            for name, make in factories.items()}
 
 
 def hf_load_error(repo: str, local: Path | None, e: Exception) -> BackboneError:
@@ -245,18 +334,9 @@ def hf_load_error(repo: str, local: Path | None, e: Exception) -> BackboneError:
                          f"({one_line(e, 200)})")
 
 
-def _classifier_card(model: str) -> str | None:
-    from l2s.classifier.model import default_classifier
-
-    card = default_classifier(model)
-    return str(card) if card else None
-
-
-def describe_models() -> list[dict]:
+def describe_presets() -> list[dict]:
     """One record per preset: what it is, its sampling and steering defaults, whether it loads
-    offline, its default classifier."""
-    from l2s.classifier.model import card_origin
-
+    offline, whether it builds with random weights."""
     return [
         {
             "name": p.name,
@@ -268,25 +348,14 @@ def describe_models() -> list[dict]:
             "training": asdict(p.training),  # classifier lr and size (TrainDefaults)
             "available": is_available_locally(p.name),
             "random_weights": bool(p.configs),
-            "classifier": card,
-            "classifier_origin": card_origin(card) if card else None,
         }
         for p in presets().values()
-        for card in [_classifier_card(p.name)]
     ]
 
 
 # ------------------------------------------------ transformers models (detectors, CLIP colours)
 
 SAFE_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
-PICKLED_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
-
-
-def hub_file(name: str, filename: str) -> Path | None:
-    """`filename` of a local folder or of a hub repo already in the HF cache, else None."""
-    local = Path(name).expanduser()
-    path = local / filename if local.is_dir() else _cached_file(name, filename)
-    return Path(path) if path is not None and Path(path).is_file() else None
 
 
 def hf_model_available(name: str) -> bool:
@@ -337,15 +406,11 @@ def from_pretrained(load: Callable[..., object], name: str, option: str, model: 
     local = Path(name).expanduser()
     src = str(local) if local.is_dir() else name
     if model:
-        overrides = {"use_safetensors": None if allow_pickle() else True, "dtype": torch.float32,
-                     **overrides}
+        overrides = {**weights_policy(), "dtype": torch.float32, **overrides}
     try:
         return load(src, **overrides)
     except (OSError, ValueError) as e:
-        pickled = [w for w in PICKLED_WEIGHTS if hub_file(name, w) is not None]
-        if pickled and not allow_pickle():
-            raise error(f"{option} {name} has pickled weights ({pickled[0]}) and no "
-                                ".safetensors: l2s loads safetensors only, since a pickle can run "
-                                "code when loaded; convert them, or, if you trust the source, "
-                                "run `l2s --allow-pickle ...`") from e
+        pickled = [] if allow_pickle() else pickled_files(name)
+        if pickled:
+            raise error(pickle_refusal(f"{option} {name}", pickled)) from e
         raise error(f"could not load {name} ({option}): {one_line(e)}") from e

@@ -161,18 +161,40 @@ def get_family(name: str) -> Family:
     return fams[name]
 
 
+def supported_pipelines() -> list[str]:
+    """Every diffusers pipeline class some registered family claims, sorted."""
+    return sorted(c for f in families().values() for c in f.pipelines)
+
+
 def family_for_pipeline(pipeline_class: str | None) -> Family:
-    """The family that loads a diffusers pipeline class, else the fallback family."""
+    """The family that claims a diffusers pipeline class; None (no ``model_index.json``, as
+    the toy's weights are saved) goes to the fallback family. A class no family claims is
+    refused, naming the supported ones (it would otherwise die deep inside diffusers)."""
     fams = families().values()
-    for fam in fams:
-        if pipeline_class and pipeline_class in fam.pipelines:
-            return fam
+    if pipeline_class is not None:
+        for fam in fams:
+            if pipeline_class in fam.pipelines:
+                return fam
+        raise BackboneError(f"its model_index.json names {pipeline_class}, which no l2s "
+                            "backbone family loads; supported pipelines: "
+                            f"{', '.join(supported_pipelines())}")
     for fam in fams:
         if fam.fallback:
             return fam
-    known = sorted(c for f in fams for c in f.pipelines)
-    raise BackboneError(f"no backbone family loads {pipeline_class!r}: known pipelines are "
-                        f"{', '.join(known)}")
+    raise BackboneError("a folder without model_index.json names no pipeline class: "
+                        f"supported pipelines are {', '.join(supported_pipelines())}")
+
+
+def family_for_source(source: str, fetch: bool = True) -> Family:
+    """The family that claims a hub id or folder, by the pipeline class its
+    ``model_index.json`` names (read from the folder, the HF cache, or, with ``fetch``, the
+    hub); refused with the supported pipelines when no family claims it."""
+    from l2s.engine.hub import pipeline_class
+
+    try:
+        return family_for_pipeline(pipeline_class(source, fetch=fetch))
+    except BackboneError as e:
+        raise BackboneError(f"--model {source}: {e}") from None
 
 
 def steer_defaults(model: str) -> SteerDefaults:
@@ -186,10 +208,8 @@ def steer_defaults(model: str) -> SteerDefaults:
 def _like_preset(model: str) -> Preset | None:
     """The preset a hub id or folder's family likens it to, read from its configs (a folder,
     or a repo in the HF cache; nothing is downloaded)."""
-    from l2s.engine.loading import pipeline_class  # loading imports this module
-
     try:
-        family = family_for_pipeline(pipeline_class(model))
+        family = family_for_source(model, fetch=False)
     except BackboneError:
         return None
     name = family.like_preset(model) if family.like_preset else None

@@ -9,26 +9,25 @@ dev gets the guidance scale as an input ("embedded"), schnell none; no CFG batch
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
-from torch import nn
 
 from l2s.engine.backbone import Conditioning, vae_scale
-from l2s.engine.loading import config_json, hf_load_error, random_weights_preset
-from l2s.engine.materialise import materialise
+from l2s.engine.hub import config_json
+from l2s.engine.loading import (
+    build_random,
+    clip_text_config,
+    load_components,
+    random_tokenizers,
+    random_weights_preset,
+)
 from l2s.engine.registry import Family, LoadRequest, Preset, SteerDefaults, register_family
-from l2s.engine.tokenizers import build_clip_tokenizer, build_t5_tokenizer
 from l2s.families.joint_attention import (
     FluxCaptureProcessor,
     flux_attention_layers,
 )
-from l2s.families.mmdit import RANDOM_WEIGHTS_WORDS, MMDiTDenoiser, check_folder, mmdit_dtype
+from l2s.families.mmdit import MMDiTDenoiser, mmdit_dtype
 from l2s.families.mmdit_configs import FLUX_DEV, FLUX_SCHNELL
-
-FLUX_COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2",
-                   "tokenizer_2", "scheduler")
 
 PRESETS = (
     Preset("flux-schnell", "flux", "black-forest-labs/FLUX.1-schnell",
@@ -150,24 +149,16 @@ def load_flux(source: str, *, name: str, device: torch.device, dtype: torch.dtyp
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
     from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
-    local = Path(source).expanduser()
-    src = str(local) if local.is_dir() else source
-    if local.is_dir():
-        check_folder(local, FLUX_COMPONENTS, "Flux")
     dtype = mmdit_dtype(dtype)
-    try:
-        transformer = FluxTransformer2DModel.from_pretrained(src, subfolder="transformer",
-                                                             torch_dtype=dtype)
-        vae = AutoencoderKL.from_pretrained(src, subfolder="vae", torch_dtype=torch.float32)
-        text_encoder = CLIPTextModel.from_pretrained(src, subfolder="text_encoder",
-                                                     torch_dtype=dtype)
-        text_encoder_2 = T5EncoderModel.from_pretrained(src, subfolder="text_encoder_2",
-                                                        torch_dtype=dtype)
-        tokenizer = CLIPTokenizer.from_pretrained(src, subfolder="tokenizer")
-        tokenizer_2 = T5TokenizerFast.from_pretrained(src, subfolder="tokenizer_2")
-        sched = FlowMatchEulerDiscreteScheduler.from_pretrained(src, subfolder="scheduler")
-    except (OSError, ValueError) as e:
-        raise hf_load_error(source, local if local.is_dir() else None, e) from e
+    c = load_components(source, "Flux", {
+        "transformer": (FluxTransformer2DModel, {"torch_dtype": dtype}),
+        "vae": (AutoencoderKL, {"torch_dtype": torch.float32}),
+        "text_encoder": (CLIPTextModel, {"torch_dtype": dtype}),
+        "tokenizer": (CLIPTokenizer, {}),
+        "text_encoder_2": (T5EncoderModel, {"torch_dtype": dtype}),
+        "tokenizer_2": (T5TokenizerFast, {}),
+        "scheduler": (FlowMatchEulerDiscreteScheduler, {})})
+    transformer, vae, tokenizer_2 = c["transformer"], c["vae"], c["tokenizer_2"]
     if preset is not None:
         image_size = image_size or preset.image_size
     else:
@@ -175,8 +166,9 @@ def load_flux(source: str, *, name: str, device: torch.device, dtype: torch.dtyp
         image_size = image_size or token_grid(preset) * vae_scale(vae) * 2  # 2x2 cells a token
     # A tokenizer limited below the preset's T5 length (a tiny test model's) caps it.
     max_len = min(preset.configs["max_sequence_length"], tokenizer_2.model_max_length)
-    return FluxDenoiser(transformer.to(device), vae.to(device), text_encoder.to(device),
-                        tokenizer, text_encoder_2.to(device), tokenizer_2, dict(sched.config),
+    return FluxDenoiser(transformer.to(device), vae.to(device), c["text_encoder"].to(device),
+                        c["tokenizer"], c["text_encoder_2"].to(device), tokenizer_2,
+                        dict(c["scheduler"].config),
                         name=name, image_size=image_size, max_sequence_length=max_len,
                         guidance=preset.defaults.guidance or 3.5)
 
@@ -193,25 +185,19 @@ def build_random_flux(preset: Preset, *, device: torch.device, dtype: torch.dtyp
     """A preset's exact architecture with random weights, each tensor allocated once, in
     its dtype, on the device (``l2s.engine.materialise``)."""
     from diffusers import AutoencoderKL, FluxTransformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+    from transformers import CLIPTextModel, T5Config, T5EncoderModel
 
     cfg, dtype = preset.configs, mmdit_dtype(dtype)
     max_len = cfg["max_sequence_length"]
-    tokenizer = build_clip_tokenizer(RANDOM_WEIGHTS_WORDS,
-                                     vocab_size=cfg["text_encoder"]["vocab_size"])
-    tokenizer_2 = build_t5_tokenizer(RANDOM_WEIGHTS_WORDS, model_max_length=max_len)
-    clip_cfg = CLIPTextConfig(**{**cfg["text_encoder"], "eos_token_id": tokenizer.eos_token_id,
-                                 "bos_token_id": tokenizer.bos_token_id,
-                                 "pad_token_id": tokenizer.pad_token_id})
-
-    def make(factory, dt=dtype) -> nn.Module:
-        return materialise(factory, device, dt, seed=seed)
-
-    transformer = make(lambda: FluxTransformer2DModel(**cfg["transformer"]))
-    text_encoder_2 = make(lambda: T5EncoderModel(T5Config(**cfg["text_encoder_2"])))
-    text_encoder = make(lambda: CLIPTextModel(clip_cfg))
-    vae = make(lambda: AutoencoderKL(**cfg["vae"]), torch.float32)
-    return FluxDenoiser(transformer, vae, text_encoder, tokenizer, text_encoder_2, tokenizer_2,
+    tokenizer, tokenizer_2 = random_tokenizers(cfg)
+    clip_cfg = clip_text_config(cfg["text_encoder"], tokenizer)
+    nets = build_random({
+        "transformer": lambda: FluxTransformer2DModel(**cfg["transformer"]),
+        "text_encoder_2": lambda: T5EncoderModel(T5Config(**cfg["text_encoder_2"])),
+        "text_encoder": lambda: CLIPTextModel(clip_cfg),
+        "vae": lambda: AutoencoderKL(**cfg["vae"])}, device, dtype, seed=seed)
+    return FluxDenoiser(nets["transformer"], nets["vae"], nets["text_encoder"], tokenizer,
+                        nets["text_encoder_2"], tokenizer_2,
                         cfg["scheduler"], name=f"{preset.name} (random weights)",
                         image_size=image_size or preset.image_size, max_sequence_length=max_len,
                         guidance=preset.defaults.guidance,

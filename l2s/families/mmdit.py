@@ -1,5 +1,5 @@
 """What the Flux.1 and SD3 families share: the flow-matching time grid their diffusers
-pipelines use, the 16-channel VAE's scale and shift, joint-attention capture, loading errors.
+pipelines use, the 16-channel VAE's scale and shift, joint-attention capture.
 
 Sampling is the engine's: rectified flow x_s = (1 - s) x0 + s noise, Euler moves on the
 velocity (``l2s.engine.schedules.FlowMatchSchedule``), inversion the same Euler ODE run
@@ -10,15 +10,12 @@ shift (and Flux-dev's resolution-dependent dynamic shift) cannot drift from thei
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import torch
 from torch import nn
 
 from l2s.engine.backbone import (
     AttentionSink,
-    BackboneError,
     CrossAttnLayer,
     Denoiser,
     checked_image_size,
@@ -28,13 +25,6 @@ from l2s.engine.backbone import (
 )
 from l2s.engine.hooks import HookError
 from l2s.engine.schedules import FlowMatchSchedule
-
-# Words the random-weights tokenizers spell as single tokens (as the SD family's): enough for
-# benchmark prompts; anything else falls back to characters (random weights read nothing).
-RANDOM_WEIGHTS_WORDS = (
-    "a an the of to on in at and photo left right above below top bottom next near side "
-    "over under beneath dog cat person car bird teddy bear"
-).split()
 
 
 def mmdit_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -80,15 +70,6 @@ def pipeline_sigmas(scheduler_config: dict, num_steps: int, image_seq_len: int, 
     else:
         sched.set_timesteps(num_steps, **kwargs)
     return [float(s) for s in sched.sigmas[:-1]]
-
-
-def check_folder(folder: Path, components: tuple[str, ...], kind: str) -> None:
-    """Refuse, naming what is missing, a folder that is not a diffusers ``kind`` pipeline."""
-    missing = [c for c in components if not (folder / c).is_dir()]
-    if missing:
-        raise BackboneError(f"{folder} is not a diffusers {kind} folder: missing "
-                            f"{', '.join(m + '/' for m in missing)} "
-                            f"(expected {', '.join(components)})")
 
 
 class MMDiTDenoiser(Denoiser):

@@ -12,13 +12,15 @@ from pathlib import Path
 
 import torch
 
-from l2s.engine.backbone import BackboneError
-from l2s.engine.loading import allow_pickle, hf_load_error, random_weights_preset
+from l2s.engine.loading import (
+    build_random,
+    clip_text_config,
+    load_components,
+    random_tokenizers,
+    random_weights_preset,
+)
 from l2s.engine.registry import Family, LoadRequest, Preset, SteerDefaults, register_family
-from l2s.engine.tokenizers import build_clip_tokenizer
 from l2s.families.unet import UNetDenoiser
-
-SD_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
 # Shared by SD 1.x and 2.x (the CompVis/Stability releases' scheduler configs).
 SD_SCHEDULER = {
@@ -101,57 +103,32 @@ PRESETS = (
     ),
 )
 
-# Words the locally built tokenizer of --random-weights spells as single tokens: enough for
-# benchmark prompts; anything else falls back to characters (random weights read nothing).
-_RANDOM_WEIGHTS_WORDS = (
-    "a an the of to on in at and photo left right above below top bottom next near side "
-    "over under beneath dog cat person car bird teddy bear"
-).split()
-
-
 def load_sd(repo: str, *, name: str, device: torch.device, dtype: torch.dtype,
             image_size: int | None = None) -> UNetDenoiser:
-    """Load a Stable Diffusion 1.x/2.x folder or hub repo (diffusers layout) with from_pretrained.
+    """Load a Stable Diffusion 1.x/2.x folder or hub repo (diffusers layout) under the loading
+    policy (``l2s.engine.loading.load_components``: safetensors only unless allowed).
 
     Downloads go through the HF cache; with HF_HUB_OFFLINE=1 only cached files are used.
     """
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    # Safetensors only, unless the user allowed pickles: a .bin file can run code when loaded.
-    safe = {"use_safetensors": None if allow_pickle() else True}
     local = Path(repo).expanduser()
-    src = str(local) if local.is_dir() else repo
     # A local folder without vae/ is a pixel-space model (as the toy is saved).
     pixel_space = local.is_dir() and not (local / "vae").exists()
-    if local.is_dir():
-        missing = [c for c in SD_COMPONENTS if not (local / c).is_dir()
-                   and not (c == "vae" and pixel_space)]
-        if missing:
-            raise BackboneError(f"{local} is not a diffusers Stable Diffusion folder: missing "
-                                f"{', '.join(m + '/' for m in missing)} "
-                                f"(expected {', '.join(SD_COMPONENTS)})")
-    try:
-        unet = UNet2DConditionModel.from_pretrained(src, subfolder="unet", torch_dtype=dtype,
-                                                    **safe)
-        # The VAE stays fp32 beside an fp16 UNet: SD VAEs overflow to inf/NaN in fp16 decoding.
-        vae = None if pixel_space else AutoencoderKL.from_pretrained(
-            src, subfolder="vae", torch_dtype=torch.float32, **safe)
-        text_encoder = CLIPTextModel.from_pretrained(src, subfolder="text_encoder",
-                                                     torch_dtype=dtype, **safe)
-        tokenizer = CLIPTokenizer.from_pretrained(src, subfolder="tokenizer")
-        scheduler = DDIMScheduler.from_pretrained(src, subfolder="scheduler")
-    except (OSError, ValueError) as e:
-        pickles = sorted(p.relative_to(local).as_posix() for p in local.glob("*/*.bin")) \
-            if local.is_dir() else []
-        if pickles and not allow_pickle():
-            raise BackboneError(f"{local} has pickled weights ({', '.join(pickles[:3])}) and no "
-                                ".safetensors: l2s loads safetensors only, since a pickle can "
-                                "run code when loaded. Convert them to safetensors, or, if you "
-                                "trust the files, run `l2s --allow-pickle ...`") from e
-        raise hf_load_error(repo, local if local.is_dir() else None, e) from e
-    return UNetDenoiser(unet.to(device), text_encoder.to(device), tokenizer, scheduler,
-                        vae.to(device) if vae is not None else None, name=name,
+    parts = {"unet": (UNet2DConditionModel, {"torch_dtype": dtype}),
+             # The VAE stays fp32 beside an fp16 UNet: SD VAEs overflow to inf/NaN in fp16
+             # decoding.
+             "vae": (AutoencoderKL, {"torch_dtype": torch.float32}),
+             "text_encoder": (CLIPTextModel, {"torch_dtype": dtype}),
+             "tokenizer": (CLIPTokenizer, {}),
+             "scheduler": (DDIMScheduler, {})}
+    if pixel_space:
+        del parts["vae"]
+    c = load_components(repo, "Stable Diffusion", parts)
+    vae = c.get("vae")
+    return UNetDenoiser(c["unet"].to(device), c["text_encoder"].to(device), c["tokenizer"],
+                        c["scheduler"], vae.to(device) if vae is not None else None, name=name,
                         image_size=image_size)
 
 
@@ -159,23 +136,17 @@ def build_random_sd(preset: Preset, *, device: torch.device, dtype: torch.dtype,
                     image_size: int | None = None, seed: int = 0) -> UNetDenoiser:
     """The exact architecture of an SD preset with random weights and a local tokenizer."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextModel
 
     cfg = preset.configs
-    tokenizer = build_clip_tokenizer(_RANDOM_WEIGHTS_WORDS,
-                                     vocab_size=cfg["text_encoder"]["vocab_size"])
-    torch.manual_seed(seed)
-    text_cfg = CLIPTextConfig(**{**cfg["text_encoder"], "eos_token_id": tokenizer.eos_token_id,
-                                 "bos_token_id": tokenizer.bos_token_id,
-                                 "pad_token_id": tokenizer.pad_token_id})
-    with torch.device(device):
-        # nn.Module.to: diffusers' own .to(dtype) warns about "modules that should be kept in
-        # float32: []" (none) on every build
-        unet = torch.nn.Module.to(UNet2DConditionModel(**cfg["unet"]), dtype)
-        vae = AutoencoderKL(**cfg["vae"])
-        text_encoder = CLIPTextModel(text_cfg).to(dtype)
-    scheduler = DDIMScheduler(**cfg["scheduler"])
-    return UNetDenoiser(unet, text_encoder, tokenizer, scheduler, vae,
+    tokenizer, _ = random_tokenizers(cfg)
+    text_cfg = clip_text_config(cfg["text_encoder"], tokenizer)
+    nets = build_random({"unet": lambda: UNet2DConditionModel(**cfg["unet"]),
+                         "vae": lambda: AutoencoderKL(**cfg["vae"]),
+                         "text_encoder": lambda: CLIPTextModel(text_cfg)},
+                        device, dtype, seed=seed)
+    return UNetDenoiser(nets["unet"], nets["text_encoder"], tokenizer,
+                        DDIMScheduler(**cfg["scheduler"]), nets["vae"],
                         name=f"{preset.name} (random weights)",
                         image_size=image_size or preset.image_size,
                         fingerprint=f"{preset.name}-random-{seed}")

@@ -10,23 +10,22 @@ first 77 of the text), softmaxed over all 333 text keys.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import JointAttnProcessor2_0
 
 from l2s.engine.backbone import Conditioning
-from l2s.engine.loading import hf_load_error, random_weights_preset
-from l2s.engine.materialise import materialise
+from l2s.engine.loading import (
+    build_random,
+    clip_text_config,
+    load_components,
+    random_tokenizers,
+    random_weights_preset,
+)
 from l2s.engine.registry import Family, LoadRequest, Preset, SteerDefaults, register_family
-from l2s.engine.tokenizers import build_clip_tokenizer, build_t5_tokenizer
 from l2s.families.joint_attention import SD3CaptureProcessor, sd3_attention_layers
-from l2s.families.mmdit import RANDOM_WEIGHTS_WORDS, MMDiTDenoiser, check_folder, mmdit_dtype
+from l2s.families.mmdit import MMDiTDenoiser, mmdit_dtype
 from l2s.families.mmdit_configs import SD35_MEDIUM
-
-SD3_COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2",
-                  "tokenizer_2", "text_encoder_3", "tokenizer_3", "scheduler")
 
 PRESETS = (
     # 40 steps and guidance 4.5: the model card's example settings.
@@ -107,28 +106,21 @@ def load_sd3(source: str, *, name: str, device: torch.device, dtype: torch.dtype
         T5TokenizerFast,
     )
 
-    local = Path(source).expanduser()
-    src = str(local) if local.is_dir() else source
-    if local.is_dir():
-        check_folder(local, SD3_COMPONENTS, "Stable Diffusion 3")
     dtype = mmdit_dtype(dtype)
-    try:
-        transformer = SD3Transformer2DModel.from_pretrained(src, subfolder="transformer",
-                                                            torch_dtype=dtype)
-        vae = AutoencoderKL.from_pretrained(src, subfolder="vae", torch_dtype=torch.float32)
-        encoders = [CLIPTextModelWithProjection.from_pretrained(src, subfolder=f,
-                                                                torch_dtype=dtype)
-                    for f in ("text_encoder", "text_encoder_2")]
-        encoders.append(T5EncoderModel.from_pretrained(src, subfolder="text_encoder_3",
-                                                       torch_dtype=dtype))
-        tokenizers = [CLIPTokenizer.from_pretrained(src, subfolder=f)
-                      for f in ("tokenizer", "tokenizer_2")]
-        tokenizers.append(T5TokenizerFast.from_pretrained(src, subfolder="tokenizer_3"))
-        sched = FlowMatchEulerDiscreteScheduler.from_pretrained(src, subfolder="scheduler")
-    except (OSError, ValueError) as e:
-        raise hf_load_error(source, local if local.is_dir() else None, e) from e
-    return SD3Denoiser(transformer.to(device), vae.to(device), [e.to(device) for e in encoders],
-                       tokenizers, dict(sched.config), name=name, image_size=image_size,
+    c = load_components(source, "Stable Diffusion 3", {
+        "transformer": (SD3Transformer2DModel, {"torch_dtype": dtype}),
+        "vae": (AutoencoderKL, {"torch_dtype": torch.float32}),
+        "text_encoder": (CLIPTextModelWithProjection, {"torch_dtype": dtype}),
+        "tokenizer": (CLIPTokenizer, {}),
+        "text_encoder_2": (CLIPTextModelWithProjection, {"torch_dtype": dtype}),
+        "tokenizer_2": (CLIPTokenizer, {}),
+        "text_encoder_3": (T5EncoderModel, {"torch_dtype": dtype}),
+        "tokenizer_3": (T5TokenizerFast, {}),
+        "scheduler": (FlowMatchEulerDiscreteScheduler, {})})
+    encoders = [c[f"text_encoder{s}"].to(device) for s in ("", "_2", "_3")]
+    tokenizers = [c[f"tokenizer{s}"] for s in ("", "_2", "_3")]
+    return SD3Denoiser(c["transformer"].to(device), c["vae"].to(device), encoders, tokenizers,
+                       dict(c["scheduler"].config), name=name, image_size=image_size,
                        max_sequence_length=min(max_sequence_length,
                                                tokenizers[2].model_max_length))
 
@@ -137,23 +129,18 @@ def build_random_sd3(preset: Preset, *, device: torch.device, dtype: torch.dtype
                      image_size: int | None = None, seed: int = 0) -> SD3Denoiser:
     """The preset's exact architecture with random weights, allocated once on the device."""
     from diffusers import AutoencoderKL, SD3Transformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+    from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
     cfg, dtype = preset.configs, mmdit_dtype(dtype)
-    clip_tok = build_clip_tokenizer(RANDOM_WEIGHTS_WORDS,
-                                    vocab_size=cfg["text_encoder"]["vocab_size"])
-    t5_tok = build_t5_tokenizer(RANDOM_WEIGHTS_WORDS,
-                                model_max_length=cfg["max_sequence_length"])
-    ids = {"eos_token_id": clip_tok.eos_token_id, "bos_token_id": clip_tok.bos_token_id,
-           "pad_token_id": clip_tok.pad_token_id}
-    encoders = [materialise(lambda c=c: CLIPTextModelWithProjection(
-        CLIPTextConfig(**{**cfg[c], **ids})), device, dtype, seed=seed)
-        for c in ("text_encoder", "text_encoder_2")]
-    encoders.append(materialise(lambda: T5EncoderModel(T5Config(**cfg["text_encoder_3"])),
-                                device, dtype, seed=seed))
-    transformer = materialise(lambda: SD3Transformer2DModel(**cfg["transformer"]), device, dtype,
-                              seed=seed)
-    vae = materialise(lambda: AutoencoderKL(**cfg["vae"]), device, torch.float32, seed=seed)
+    clip_tok, t5_tok = random_tokenizers(cfg)
+    nets = build_random({
+        **{c: lambda c=c: CLIPTextModelWithProjection(clip_text_config(cfg[c], clip_tok))
+           for c in ("text_encoder", "text_encoder_2")},
+        "text_encoder_3": lambda: T5EncoderModel(T5Config(**cfg["text_encoder_3"])),
+        "transformer": lambda: SD3Transformer2DModel(**cfg["transformer"]),
+        "vae": lambda: AutoencoderKL(**cfg["vae"])}, device, dtype, seed=seed)
+    transformer, vae = nets["transformer"], nets["vae"]
+    encoders = [nets[c] for c in ("text_encoder", "text_encoder_2", "text_encoder_3")]
     return SD3Denoiser(transformer, vae, encoders, [clip_tok, clip_tok, t5_tok],
                        cfg["scheduler"], name=f"{preset.name} (random weights)",
                        image_size=image_size or preset.image_size,

@@ -7,12 +7,14 @@ to load the shipped weights (a UNet, so the adapter is ``UNetDenoiser``).
 from __future__ import annotations
 
 from l2s.engine.backbone import BackboneError
+from l2s.engine.loading import random_weights_preset
 from l2s.engine.registry import (
     TOY_TRAINING,
     Family,
     LoadRequest,
     Preset,
     SteerDefaults,
+    presets,
     register_family,
 )
 from l2s.families.unet import UNetDenoiser
@@ -41,8 +43,7 @@ def available(preset: Preset) -> bool:
 def load(req: LoadRequest) -> UNetDenoiser:
     """The shipped toy weights on the requested device and dtype."""
     if req.random_weights:
-        raise BackboneError("--random-weights applies to the SD presets; the toy model "
-                            "ships its trained weights")
+        random_weights_preset(req.preset, presets().values())  # refuses: trained weights only
     from l2s.toy.model import DEFAULT_WEIGHTS_DIR, load_toy_components
     from l2s.toy.scenes import CATEGORY_NAMES
 

@@ -20,12 +20,14 @@ from __future__ import annotations
 import torch
 
 from l2s.engine.backbone import BackboneError, Conditioning
+from l2s.engine.loading import random_weights_preset
 from l2s.engine.registry import (
     TOY_TRAINING,
     Family,
     LoadRequest,
     Preset,
     SteerDefaults,
+    presets,
     register_family,
 )
 from l2s.families.flux import FluxDenoiser
@@ -79,8 +81,7 @@ def available(preset: Preset) -> bool:
 def load(req: LoadRequest) -> ToyMMDiTDenoiser:
     """The shipped toy-mmdit weights on the requested device and dtype."""
     if req.random_weights:
-        raise BackboneError("--random-weights applies to the SD, Flux and SD3 presets; the "
-                            "toy-mmdit model ships its trained weights")
+        random_weights_preset(req.preset, presets().values())  # refuses: trained weights only
     from l2s.families.mmdit import mmdit_dtype
     from l2s.toy.mmdit import DEFAULT_MMDIT_WEIGHTS_DIR, load_mmdit_components
     from l2s.toy.scenes import CATEGORY_NAMES
