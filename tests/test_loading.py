@@ -93,7 +93,8 @@ def test_an_exception_with_an_empty_message_still_gives_a_one_line_error(tmp_pat
 
     import l2s.classifier.importer as ci
     from l2s.bench.detectors import DetectorError
-    from l2s.engine.loading import from_pretrained, hf_load_error
+    from l2s.bench.hf_detectors import from_pretrained
+    from l2s.engine.loading import hf_load_error
     from l2s.errors import one_line
 
     assert one_line(OSError()) == "OSError"
@@ -215,3 +216,35 @@ def test_cli_refuses_an_unsupported_pipeline_in_one_line(tmp_path):
     assert r.exit_code == 2, r.output
     lines = r.output.strip().splitlines()
     assert len(lines) == 1 and "supported pipelines: FluxPipeline" in lines[0]
+
+
+def _imports(path) -> set[str]:
+    """Every l2s module a file imports, at module level or inside a function."""
+    import ast
+
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            out |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+        elif isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+    return {m for m in out if m.startswith("l2s.")}
+
+
+def test_engine_imports_nothing_above_it_and_loading_has_no_import_circle():
+    """Was: engine/loading.py imported l2s.classifier (describe_models) and held the
+    detectors' transformers helpers; loading <-> registry and bench.detectors <->
+    bench.hf_detectors imported each other (lazy imports included)."""
+    from pathlib import Path
+
+    pkg = Path(__file__).resolve().parents[1] / "l2s"
+    for f in sorted((pkg / "engine").glob("*.py")):
+        above = {m for m in _imports(f)
+                 if not m.startswith(("l2s.engine", "l2s.errors", "l2s.relations"))}
+        assert not above, f"engine/{f.name} imports {sorted(above)}"
+    pairs = [("engine/loading.py", "l2s.engine.registry", "engine/registry.py",
+              "l2s.engine.loading"),
+             ("bench/detectors.py", "l2s.bench.hf_detectors", "bench/hf_detectors.py",
+              "l2s.bench.detectors")]
+    for a, a_name, b, b_name in pairs:
+        assert not (b_name in _imports(pkg / b) and a_name in _imports(pkg / a)), (a, b)

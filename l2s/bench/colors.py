@@ -66,13 +66,9 @@ class ClipColors:
         """CLIP from a hub id (HF cache, HF_HUB_OFFLINE honoured) or a folder."""
         from transformers import AutoProcessor, CLIPModel
 
-        from l2s.bench.detectors import DetectorError
-        from l2s.engine.loading import (
-            from_pretrained,
-            model_config,
-            quiet_loading,
-            resolve_device,
-        )
+        from l2s.bench.detection import DetectorError
+        from l2s.bench.hf_detectors import from_pretrained, model_config
+        from l2s.engine.loading import quiet_loading, resolve_device
 
         kind = model_config(name, "--color-model", DetectorError).get("model_type")
         if kind != "clip":

@@ -17,13 +17,12 @@ The transformers adapters live in l2s.bench.hf_detectors and load only when aske
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
 
+from l2s.bench.detection import OWL_RULES, DetectorError, ImageDetections
 from l2s.bench.geneval import GENEVAL_RULES, Detection, Rules
-from l2s.errors import L2SError
 
 # Aliases of --detector and the suites' defaults.
 DETECTOR_ALIASES = {
@@ -39,28 +38,6 @@ COLOR_MODEL = "openai/clip-vit-large-patch14"  # GenEval's CLIP ViT-L/14 (OpenAI
 # The toy detector's confidence (colour purity x shape fit) is not a calibrated probability, and
 # the toy suites always took every detection: no threshold.
 TOY_RULES = Rules(threshold=0.0, counting_threshold=0.0)
-# OWLv2 sigmoid scores sit far lower than Mask2Former's: 0.1 is the threshold of its own
-# post-processing and model card (CompBench's UniDet used 0.5 on its own scale).
-OWL_RULES = Rules(threshold=0.1, counting_threshold=0.1)
-
-
-class DetectorError(L2SError, ValueError):
-    """A detector cannot be found or loaded; says what to do."""
-
-
-@dataclass(eq=False)
-class ImageDetections:
-    """What a detector found in one image."""
-
-    detections: list[Detection]
-    # (H, W) bool instance mask per detection, None where the detector gives boxes only
-    masks: list[np.ndarray | None] = field(default_factory=list)
-
-    def mask_of(self, det: Detection) -> np.ndarray | None:
-        for d, m in zip(self.detections, self.masks, strict=False):
-            if d is det:
-                return m
-        return None
 
 
 class Detector(Protocol):
@@ -107,7 +84,7 @@ def detector_available(name: str) -> bool:
     """Whether a detector loads with no network (shipped, a local folder or in the HF cache)."""
     if name == "toy":
         return True
-    from l2s.engine.loading import hf_model_available
+    from l2s.bench.hf_detectors import hf_model_available
 
     return hf_model_available(DETECTOR_ALIASES.get(name, name))
 

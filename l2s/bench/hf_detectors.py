@@ -11,20 +11,33 @@
   vocabulary, queried with the prompt's object names; every box comes back (threshold 0) in
   pixels of the original image, clipped to it; no masks (colour then reads the box crop).
 
-Models load with `from_pretrained` through the HF cache (HF_HUB_OFFLINE honoured), safetensors
-only unless `l2s --allow-pickle`.
+Models load with `from_pretrained` through the HF cache (HF_HUB_OFFLINE honoured), under the
+loading policy of every l2s model (`l2s.engine.loading`: safetensors only unless
+`l2s --allow-pickle`). `model_config` / `from_pretrained` / `hf_model_available` load any
+transformers model by hub id or folder (GenEval's CLIP colour model too).
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from l2s.bench.detectors import OWL_RULES, DetectorError, ImageDetections
+from l2s.bench.detection import OWL_RULES, DetectorError, ImageDetections
 from l2s.bench.geneval import GENEVAL_RULES, Detection
-from l2s.engine.loading import from_pretrained, model_config, quiet_loading, resolve_device
+from l2s.engine.hub import hf_cache_dir, hf_offline, hub_file, hub_reachable, is_hub_id
+from l2s.engine.loading import (
+    allow_pickle,
+    pickle_refusal,
+    pickled_files,
+    quiet_loading,
+    resolve_device,
+    weights_policy,
+)
+from l2s.errors import one_line
 
 # COCO names in detectron2's / transformers' id2label that GenEval's object_names.txt renames
 # (GenEval's own list is mmdet's COCO order with these three changed).
@@ -62,6 +75,70 @@ def clip_boxes(boxes: np.ndarray, width: int, height: int) -> np.ndarray:
     out[:, 0::2] = out[:, 0::2].clip(0, width)
     out[:, 1::2] = out[:, 1::2].clip(0, height)
     return out
+
+
+# ------------------------------------ transformers models by hub id or folder (+ CLIP colours)
+
+SAFE_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
+PICKLED_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def hf_model_available(name: str) -> bool:
+    """Whether a transformers model loads with no network: its config and weights (safetensors,
+    or pickles when allowed) are in a local folder or the HF cache."""
+    weights = SAFE_WEIGHTS + (PICKLED_WEIGHTS if allow_pickle() else ())
+    return hub_file(name, "config.json") is not None and any(
+        hub_file(name, w) is not None for w in weights)
+
+
+def model_config(name: str, option: str, error: type[Exception] = DetectorError) -> dict:
+    """The config.json of a folder or hub id (`option` is the flag that named it, for the
+    error), fetching it only when the hub can be reached; ``error`` says how to get it."""
+    local = Path(name).expanduser()
+    if local.is_dir():
+        if not (local / "config.json").is_file():
+            raise error(f"{option} {name}: the folder has no config.json; give a folder "
+                                "written by transformers' save_pretrained (config.json, weights "
+                                "and processor files) or a hub id")
+        return json.loads((local / "config.json").read_text())
+    if local.exists() or not is_hub_id(name):
+        raise error(f"{option} {name}: no such folder, and not a hub id (org/name)")
+    path = hub_file(name, "config.json")
+    if path is None:
+        if hf_offline() or not hub_reachable():
+            why = ("HF_HUB_OFFLINE=1 is set" if hf_offline() else
+                   "the Hugging Face hub cannot be reached from here")
+            raise error(
+                f"{name} is not in the HF cache ({hf_cache_dir()}) and {why}: run `hf download "
+                f"{name}` (older huggingface_hub: `huggingface-cli download {name}`) on a "
+                "machine with internet access and copy the cache (or point HF_HOME at it), or "
+                f"pass {option} PATH to a folder holding the model")
+        from huggingface_hub import hf_hub_download
+
+        try:
+            path = Path(hf_hub_download(name, "config.json"))
+        except Exception as e:  # not found, gated, network: one line, not a traceback
+            raise error(f"{option} {name}: could not fetch its config.json from the hub "
+                                f"({one_line(e)})") from e
+    return json.loads(path.read_text())
+
+
+def from_pretrained(load: Callable[..., object], name: str, option: str, model: bool = True,
+                    error: type[Exception] = DetectorError, **overrides):
+    """`load(name, **overrides)` (a from_pretrained) with one-line ``error``s; a model loads in
+    fp32 (scores as the checkpoint's authors computed them) from safetensors unless pickles are
+    allowed."""
+    local = Path(name).expanduser()
+    src = str(local) if local.is_dir() else name
+    if model:
+        overrides = {**weights_policy(), "dtype": torch.float32, **overrides}
+    try:
+        return load(src, **overrides)
+    except (OSError, ValueError) as e:
+        pickled = [] if allow_pickle() else pickled_files(name)
+        if pickled:
+            raise error(pickle_refusal(f"{option} {name}", pickled)) from e
+        raise error(f"could not load {name} ({option}): {one_line(e)}") from e
 
 
 def load_hf_detector(name: str, device: str | None = None):

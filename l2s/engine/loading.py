@@ -14,7 +14,6 @@ dtype choices shared by every family live here too.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict
@@ -351,66 +350,3 @@ def describe_presets() -> list[dict]:
         }
         for p in presets().values()
     ]
-
-
-# ------------------------------------------------ transformers models (detectors, CLIP colours)
-
-SAFE_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
-
-
-def hf_model_available(name: str) -> bool:
-    """Whether a transformers model loads with no network: its config and weights (safetensors,
-    or pickles when allowed) are in a local folder or the HF cache."""
-    weights = SAFE_WEIGHTS + (PICKLED_WEIGHTS if allow_pickle() else ())
-    return hub_file(name, "config.json") is not None and any(
-        hub_file(name, w) is not None for w in weights)
-
-
-def model_config(name: str, option: str, error: type[Exception] = BackboneError) -> dict:
-    """The config.json of a folder or hub id (`option` is the flag that named it, for the
-    error), fetching it only when the hub can be reached; ``error`` says how to get it."""
-    local = Path(name).expanduser()
-    if local.is_dir():
-        if not (local / "config.json").is_file():
-            raise error(f"{option} {name}: the folder has no config.json; give a folder "
-                                "written by transformers' save_pretrained (config.json, weights "
-                                "and processor files) or a hub id")
-        return json.loads((local / "config.json").read_text())
-    if local.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1:
-        raise error(f"{option} {name}: no such folder, and not a hub id (org/name)")
-    path = hub_file(name, "config.json")
-    if path is None:
-        if hf_offline() or not hub_reachable():
-            why = ("HF_HUB_OFFLINE=1 is set" if hf_offline() else
-                   "the Hugging Face hub cannot be reached from here")
-            raise error(
-                f"{name} is not in the HF cache ({hf_cache_dir()}) and {why}: run `hf download "
-                f"{name}` (older huggingface_hub: `huggingface-cli download {name}`) on a "
-                "machine with internet access and copy the cache (or point HF_HOME at it), or "
-                f"pass {option} PATH to a folder holding the model")
-        from huggingface_hub import hf_hub_download
-
-        try:
-            path = Path(hf_hub_download(name, "config.json"))
-        except Exception as e:  # not found, gated, network: one line, not a traceback
-            raise error(f"{option} {name}: could not fetch its config.json from the hub "
-                                f"({one_line(e)})") from e
-    return json.loads(path.read_text())
-
-
-def from_pretrained(load: Callable[..., object], name: str, option: str, model: bool = True,
-                    error: type[Exception] = BackboneError, **overrides):
-    """`load(name, **overrides)` (a from_pretrained) with one-line ``error``s; a model loads in
-    fp32 (scores as the checkpoint's authors computed them) from safetensors unless pickles are
-    allowed."""
-    local = Path(name).expanduser()
-    src = str(local) if local.is_dir() else name
-    if model:
-        overrides = {**weights_policy(), "dtype": torch.float32, **overrides}
-    try:
-        return load(src, **overrides)
-    except (OSError, ValueError) as e:
-        pickled = [] if allow_pickle() else pickled_files(name)
-        if pickled:
-            raise error(pickle_refusal(f"{option} {name}", pickled)) from e
-        raise error(f"could not load {name} ({option}): {one_line(e)}") from e

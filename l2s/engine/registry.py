@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from l2s.engine.backbone import BackboneError, Denoiser
+from l2s.engine.hub import pipeline_class
 
 # Modules that register the families shipped with l2s, imported on first registry use.
 BUILTIN_FAMILIES = ("l2s.families.toy", "l2s.families.toy_mmdit", "l2s.families.sd",
@@ -189,8 +190,6 @@ def family_for_source(source: str, fetch: bool = True) -> Family:
     """The family that claims a hub id or folder, by the pipeline class its
     ``model_index.json`` names (read from the folder, the HF cache, or, with ``fetch``, the
     hub); refused with the supported pipelines when no family claims it."""
-    from l2s.engine.hub import pipeline_class
-
     try:
         return family_for_pipeline(pipeline_class(source, fetch=fetch))
     except BackboneError as e:

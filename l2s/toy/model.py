@@ -146,8 +146,10 @@ def load_components(directory: str | Path, net_name: str, net_class, scheduler_c
             raise FileNotFoundError(f"{what} model file {directory / name} is missing; rebuild "
                                     f"the weights with `{rebuild}`")
     try:
-        net = net_class.from_pretrained(directory / net_name)
-        text_encoder = CLIPTextModel.from_pretrained(directory / "text_encoder")
+        # shipped weights are safetensors: never unpickle a .bin put beside them
+        net = net_class.from_pretrained(directory / net_name, use_safetensors=True)
+        text_encoder = CLIPTextModel.from_pretrained(directory / "text_encoder",
+                                                     use_safetensors=True)
         tokenizer = CLIPTokenizer.from_pretrained(directory / "tokenizer")
         scheduler = scheduler_class.from_pretrained(directory / "scheduler")
     except Exception as err:  # safetensors, json and config errors share no base class
