@@ -12,13 +12,9 @@ import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
-from l2s.errors import L2SError, one_line
+from l2s.errors import ConfigError, one_line
 
 CONFIG_FILE = "config.yaml"  # the resolved config every run writes beside its outputs
-
-
-class ConfigError(L2SError, ValueError):
-    """An option value or a config file is unusable; the message says which and what works."""
 
 
 def check_number(name: str, value: float | None, low: float, *, strict: bool = False) -> None:

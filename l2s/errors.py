@@ -1,4 +1,5 @@
-"""The one base of every error l2s reports to a user (`L2SError`); how an exception becomes
+"""The one base of every error l2s reports to a user (`L2SError`) and the error of an unusable
+option value or config file (`ConfigError`, raised from any layer); how an exception becomes
 part of a one-line error message (`one_line`); which exceptions mean the machine ran out of memory
 (`out_of_memory`)."""
 
@@ -10,6 +11,11 @@ class L2SError(Exception):
 
     The CLI turns exactly this type into a one-line error; each subclass also derives from the
     builtin it has always been (ValueError, RuntimeError), so existing ``except`` clauses hold."""
+
+
+class ConfigError(L2SError, ValueError):
+    """An option value or a config file is unusable; the message says which and what works.
+    (Here, not in ``l2s.config``, so that every layer, the engine included, can raise it.)"""
 
 
 def one_line(e: BaseException, limit: int = 300) -> str:

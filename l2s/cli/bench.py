@@ -13,7 +13,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from l2s.bench import SUITES, BenchConfig, BenchError, BenchResult, run_bench
+from l2s.bench import SUITES, BenchConfig, BenchResult, run_bench
 from l2s.cli.options import (
     compile_option,
     config_option,
@@ -23,17 +23,8 @@ from l2s.cli.options import (
 )
 from l2s.cli.output import console, emit_json, user_errors
 from l2s.config import check_choice, check_generation, check_number, check_writable_dir
-from l2s.engine.backbone import BackboneError
 from l2s.engine.compiled import COMPILE_MODES
 from l2s.launcher import parse_shard
-
-
-def _errors():
-    from l2s.bench.detectors import DetectorError
-    from l2s.classifier.model import ClassifierError
-    from l2s.steering.job import SteerError
-
-    return (BackboneError, BenchError, SteerError, ClassifierError, DetectorError)
 
 
 def check_bench_values(prompts: int | None, images: int | None, batch_size: int,
@@ -48,7 +39,7 @@ def check_bench_values(prompts: int | None, images: int | None, batch_size: int,
     check_generation(**generation)
 
 
-@user_errors(*_errors())
+@user_errors
 def bench(
     ctx: typer.Context,
     suite: str = typer.Option("shapes", "--suite", help="Prompt suite: " + ", ".join(SUITES)

@@ -5,16 +5,9 @@ from __future__ import annotations
 import typer
 
 from l2s.cli.output import console, emit_json, status, user_errors
-from l2s.engine.backbone import BackboneError
 
 app = typer.Typer(help="Relation classifiers: import the published L2S checkpoints.",
                   no_args_is_help=True)
-
-
-def _errors():
-    from l2s.classifier.model import ClassifierError
-
-    return (BackboneError, ClassifierError)
 
 
 @app.command("import")
@@ -42,7 +35,7 @@ def import_(
     """
     from l2s.classifier.importer import import_classifier
 
-    @user_errors(*_errors())
+    @user_errors
     def run() -> None:
         with status(f"importing {checkpoint} for {model}", quiet=json_out):
             res = import_classifier(checkpoint, model, out=out, force=force,

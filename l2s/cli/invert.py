@@ -14,9 +14,8 @@ from rich.table import Table
 
 from l2s.cli.options import config_option
 from l2s.cli.output import console, emit_json, user_errors
-from l2s.engine.backbone import BackboneError
 from l2s.inversion import job
-from l2s.inversion.cache import AttentionCache, CacheError
+from l2s.inversion.cache import AttentionCache
 
 
 def _stats_table(stats: dict) -> Table:
@@ -30,12 +29,6 @@ def _stats_table(stats: dict) -> Table:
             t.add_row(f"{group[3:]}: {k}", str(v))
     t.add_row("disk", f"{stats['bytes'] / 2**20:.1f} MiB")
     return t
-
-
-def _errors():
-    from l2s.inversion.sources import SourceError
-
-    return (BackboneError, CacheError, SourceError)
 
 
 def progress_columns() -> tuple:
@@ -86,7 +79,7 @@ def summary_lines(res) -> list[str]:
     return lines
 
 
-@user_errors(*_errors())
+@user_errors
 def invert(
     ctx: typer.Context,
     data: list[str] = typer.Option(["shapes"], "--data",

@@ -12,8 +12,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from l2s.config import ConfigError
-from l2s.errors import one_line, out_of_memory
+from l2s.errors import L2SError, one_line, out_of_memory
 
 console = Console(stderr=True)  # progress, tables and logs
 if not console.is_terminal and "COLUMNS" not in os.environ:
@@ -27,33 +26,31 @@ def emit_json(obj) -> None:
     sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
 
 
-def user_errors(*kinds: type[Exception]) -> Callable:
-    """Turn the listed library errors (and bad option values) into a one-line message and exit
-    code 2, no traceback."""
+def user_errors(fn: Callable) -> Callable:
+    """Turn every user-facing l2s error (``l2s.errors.L2SError``, the one base they all share)
+    into a one-line message and exit code 2, no traceback; so does running out of memory.
+    Anything else is a bug and keeps its traceback."""
 
-    def deco(fn):
-        @wraps(fn)
-        def wrapper(*args, **kwargs):
-            try:
-                return fn(*args, **kwargs)
-            except (ConfigError, *kinds) as e:
-                # escape: messages quote user input and examples with [brackets] in them
-                # soft_wrap: one line at any terminal width, to read and to copy
-                console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False,
-                              soft_wrap=True)
-                raise typer.Exit(2) from None
-            except (MemoryError, RuntimeError) as e:  # torch's OutOfMemoryError included
-                if not out_of_memory(e):
-                    raise
-                console.print(f"[bold red]error:[/] out of memory ({escape(one_line(e, 200))}): "
-                              "use a smaller --image-size, fewer images at once (--num-images, "
-                              "--batch-size) or a machine with more memory", highlight=False,
-                              soft_wrap=True)
-                raise typer.Exit(2) from None
+    @wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except L2SError as e:
+            # escape: messages quote user input and examples with [brackets] in them;
+            # soft_wrap: one line at any terminal width, to read and to copy
+            console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False,
+                          soft_wrap=True)
+            raise typer.Exit(2) from None
+        except (MemoryError, RuntimeError) as e:  # torch's OutOfMemoryError included
+            if not out_of_memory(e):
+                raise
+            console.print(f"[bold red]error:[/] out of memory ({escape(one_line(e, 200))}): "
+                          "use a smaller --image-size, fewer images at once (--num-images, "
+                          "--batch-size) or a machine with more memory", highlight=False,
+                          soft_wrap=True)
+            raise typer.Exit(2) from None
 
-        return wrapper
-
-    return deco
+    return wrapper
 
 
 def status(message: str, quiet: bool = False):

@@ -7,19 +7,11 @@ from rich.table import Table
 
 from l2s.cli.options import compile_option, model_default_option
 from l2s.cli.output import console, emit_json, status, user_errors
-from l2s.engine.backbone import BackboneError
 from l2s.steering import speed as speed_job
 from l2s.steering.speed import SpeedConfig
 
 
-def _errors():
-    from l2s.classifier.model import ClassifierError
-    from l2s.steering.job import SteerError
-
-    return (BackboneError, SteerError, ClassifierError, ValueError)
-
-
-@user_errors(*_errors())
+@user_errors
 def speed(
     model: str = typer.Option("toy", "--model", "-m", help="Preset, hub id or local folder."),
     prompt: str = typer.Option(None, "--prompt", help="Two-object prompt with a relation "

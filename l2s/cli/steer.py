@@ -16,16 +16,9 @@ from l2s.cli.options import (
 )
 from l2s.cli.output import console, emit_json, status, user_errors
 from l2s.config import check_writable_dir
-from l2s.engine.backbone import BackboneError
-from l2s.engine.tokens import TokenAlignmentError, triplet_tokens
-from l2s.steering.job import PromptError, SteerConfig, SteerError
+from l2s.engine.tokens import triplet_tokens
+from l2s.steering.job import SteerConfig
 from l2s.steering.job import steer as run_steer
-
-
-def _errors():
-    from l2s.classifier.model import ClassifierError
-
-    return (BackboneError, PromptError, TokenAlignmentError, SteerError, ClassifierError)
 
 
 def _token_table(den, prompt: str) -> Table:
@@ -136,7 +129,7 @@ def steer(
     relation was achieved.
     """
 
-    @user_errors(*_errors())
+    @user_errors
     def body() -> None:
         from l2s.classifier.model import card_origin
         from l2s.engine.loading import load_backbone

@@ -7,13 +7,10 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from l2s.classifier import train as train_job
-from l2s.classifier.model import ClassifierError
-from l2s.classifier.train import TrainConfig, TrainError, TrainResult
+from l2s.classifier.train import TrainConfig, TrainResult
 from l2s.cli.invert import batch_progress, progress_columns, summary_lines
 from l2s.cli.options import config_option
 from l2s.cli.output import console, emit_json, status, user_errors
-from l2s.engine.backbone import BackboneError
-from l2s.inversion.cache import CacheError
 from l2s.relations import RELATIONS
 
 
@@ -43,13 +40,7 @@ def diagnostic_tables(res: TrainResult) -> list[Table]:
     return [diag, conf]
 
 
-def _errors():
-    from l2s.inversion.sources import SourceError
-
-    return (BackboneError, CacheError, ClassifierError, TrainError, SourceError)
-
-
-@user_errors(*_errors())
+@user_errors
 def train(
     ctx: typer.Context,
     model: str = typer.Option("toy", "--model", "-m", help="Preset, hub id or local folder."),

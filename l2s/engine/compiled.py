@@ -22,6 +22,7 @@ import torch
 from l2s.engine.backbone import Conditioning, Denoiser
 from l2s.engine.hooks import AttentionRecorder
 from l2s.engine.schedules import Timestep
+from l2s.errors import ConfigError
 
 # "off": eager. The others are torch.compile modes: "default" (Inductor kernels),
 # "reduce-overhead" (Inductor + CUDA graphs: one launch per graph, for launch-bound GPUs),
@@ -34,7 +35,7 @@ _compiled: dict[tuple[str, str], object] = {}  # one torch.compile wrapper per (
 
 def check_compile_mode(mode: str) -> str:
     if mode not in COMPILE_MODES:
-        raise ValueError(f"unknown compile mode {mode!r}: use {', '.join(COMPILE_MODES)}")
+        raise ConfigError(f"unknown compile mode {mode!r}: use {', '.join(COMPILE_MODES)}")
     return mode
 
 

@@ -24,6 +24,7 @@ from l2s.engine.registry import SteerDefaults
 from l2s.engine.sampling import sample
 from l2s.engine.timing import RegionTimer
 from l2s.engine.tokens import triplet_tokens
+from l2s.errors import ConfigError
 from l2s.relations import Triplet
 from l2s.steering import SteerError
 from l2s.steering.losses import RelationLoss
@@ -69,16 +70,16 @@ class SteerSettings:
 
     def __post_init__(self) -> None:
         if self.optimizer not in optimizers():
-            raise ValueError(f"unknown optimizer {self.optimizer!r}: use "
-                             f"{', '.join(optimizers())}")
+            raise ConfigError(f"unknown optimizer {self.optimizer!r}: use "
+                              f"{', '.join(optimizers())}")
         if self.relation_schedule not in RELATION_SCHEDULES:
-            raise ValueError(f"unknown relation schedule {self.relation_schedule!r}: use "
-                             f"{', '.join(RELATION_SCHEDULES)}")
+            raise ConfigError(f"unknown relation schedule {self.relation_schedule!r}: use "
+                              f"{', '.join(RELATION_SCHEDULES)}")
         if self.steer_until <= 0 or self.iterations < 0:
-            raise ValueError("--steer-until must be > 0 and --iterations >= 0")
+            raise ConfigError("--steer-until must be > 0 and --iterations >= 0")
         check_compile_mode(self.compile)
         if self.steer_from < 0 or (self.budget is not None and self.budget < 0):
-            raise ValueError("--steer-from and --budget must be >= 0")
+            raise ConfigError("--steer-from and --budget must be >= 0")
 
     @property
     def budget_or_inf(self) -> float:

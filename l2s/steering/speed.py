@@ -35,6 +35,7 @@ from l2s.config import check_writable_file
 from l2s.engine.backbone import Denoiser
 from l2s.engine.sampling import guided_prediction, sample, seeded_latents
 from l2s.engine.timing import Clock
+from l2s.errors import ConfigError
 from l2s.inversion.cache import atomic_write_text
 from l2s.relations import parse
 from l2s.steering.loop import RelationPlan, Steerer, steer_latents
@@ -140,10 +141,10 @@ def speed(config: SpeedConfig, denoiser: Denoiser | None = None, on_unit=None) -
     """Measure the units and the end-to-end generations; write the report to ``config.out``
     (checked before the timing, which an unwritable report would waste) and return it."""
     from l2s.engine.loading import load_backbone
-    from l2s.steering.job import steer_settings
+    from l2s.steering.job import PromptError, steer_settings
 
     if config.repeats < 1 or (config.iterations is not None and config.iterations < 1):
-        raise ValueError("--repeats and --iterations must be at least 1")
+        raise ConfigError("--repeats and --iterations must be at least 1")
     if config.out:
         check_writable_file(config.out)
     if denoiser is None:
@@ -153,8 +154,8 @@ def speed(config: SpeedConfig, denoiser: Denoiser | None = None, on_unit=None) -
     prompt = config.prompt or _default_prompt(denoiser)
     triplets = [t for t in parse(prompt) if t.steerable]
     if not triplets:
-        raise ValueError(f"the prompt {prompt!r} states no steerable relation (left of, right "
-                         "of, above, below): nothing to steer")
+        raise PromptError(f"the prompt {prompt!r} states no steerable relation (left of, "
+                          "right of, above, below): nothing to steer")
     from l2s.steering.job import check_prompt
 
     check_prompt(denoiser, triplets)  # what steer refuses, speed refuses too
