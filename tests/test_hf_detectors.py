@@ -281,6 +281,28 @@ def test_folders_of_other_models_are_refused(tiny, tmp_path):
         load_detector(str(tmp_path))
 
 
+def test_pickled_detector_and_colour_model_need_allow_pickle(tiny, tmp_path, monkeypatch):
+    """The detectors and the colour model load under the one loading policy: a folder whose
+    weights are only a pickle is refused, naming --allow-pickle, and loads with it."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    folder = tmp_path / "clip"
+    shutil.copytree(tiny / "clip", folder)
+    st = folder / "model.safetensors"
+    torch.save(load_file(st), folder / "pytorch_model.bin")
+    st.unlink()
+    monkeypatch.delenv("L2S_ALLOW_PICKLE", raising=False)
+    with pytest.raises(DetectorError, match=r"--color-model .* has pickled weights "
+                                            r"\(pytorch_model.bin\).*--allow-pickle"):
+        ClipColors.load(str(folder))
+    assert not detector_available(str(folder))  # doctor does not offer what will not load
+    monkeypatch.setenv("L2S_ALLOW_PICKLE", "1")
+    assert detector_available(str(folder))
+    assert ClipColors.load(str(folder)).name == str(folder)
+
+
 def test_availability_reads_folders_and_the_cache(tiny):
     """Catches doctor reporting a usable folder as missing (or any folder as usable)."""
     assert detector_available(str(tiny / "m2f")) and detector_available(str(tiny / "clip"))
