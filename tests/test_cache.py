@@ -119,3 +119,33 @@ def test_atomic_write_text_replaces_the_file_whole_and_leaves_no_temp_file(tmp_p
     atomic_write_text(path, "é second\n")
     assert path.read_text(encoding="utf-8") == "é second\n"
     assert [p.name for p in path.parent.iterdir()] == ["settings.json"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_written_files_respect_the_umask_not_mkstemps_owner_only_mode(tmp_path, umask):
+    """Bug caught: the atomic writers kept mkstemp's 0600, so cache entries, classifier cards,
+    config files and bench images of a shared cache or a GenEval run were unreadable to others."""
+    import numpy as np
+
+    from l2s.bench import store
+    from l2s.classifier.model import ClassifierConfig, RelationClassifier, save_classifier
+    from l2s.inversion.cache import atomic_write_text
+
+    old = os.umask(umask)
+    try:
+        c = AttentionCache(tmp_path / "cache", "fp")
+        k = content_key("a", 1)
+        c.put(k, _maps(), _meta())
+        atomic_write_text(tmp_path / "config.yaml", "a: 1\n")
+        store.save_image(tmp_path / "bench" / "0000.png", np.zeros((4, 4, 3), np.uint8), 0, 0.1)
+        store.write_metadata(tmp_path / "bench", "plain", 0, {"prompt": "x"})
+        card = save_classifier(RelationClassifier(ClassifierConfig(n_maps=4, map_size=8, d_model=16,
+                                                                  head_hidden=16)),
+                               {}, tmp_path / "clf")
+        written = [c.map_path(k), tmp_path / "config.yaml", tmp_path / "bench" / "0000.png",
+                   store.prompt_dir(tmp_path / "bench", "plain", 0) / "metadata.jsonl",
+                   card, card.parent / "model.safetensors"]
+    finally:
+        os.umask(old)
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in written} == \
+        {p.name: oct(0o666 & ~umask) for p in written}

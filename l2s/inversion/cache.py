@@ -69,14 +69,30 @@ def image_hash(array) -> str:
     return hashlib.sha256(str(a.shape).encode() + a.tobytes()).hexdigest()[:32]
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where the OS allows (Linux)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: Path, write: Callable[[str], object]) -> None:
     """``write(tmp)`` into a temp file beside ``path``, then rename it into place: readers
-    and interrupted runs never see a half-written file."""
+    and interrupted runs never see a half-written file. The file gets the mode an ordinary
+    ``open`` would give it (0666 less the umask), not mkstemp's owner-only 0600, so a shared
+    cache or another user's evaluation can read it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
