@@ -173,3 +173,30 @@ def test_toy_scoring_matches_the_rule_the_published_toy_numbers_used():
         assert rec["correct"] == old and rec["both_present"] == (a is not None and b is not None)
         agree += old
     assert agree > 0  # some prompts hold by chance, so both branches ran
+
+
+def test_threshold_is_compared_in_float32_as_genevals_score_arrays_are():
+    """Bug caught: a score that is 0.3 in float32 (0.30000001 as a Python float) passed the
+    float64 test `> 0.3`; GenEval's `bbox[:, 4] > 0.3` on float32 scores drops it."""
+    meta = _first("single_object")  # a bench
+    at = float(np.float32(0.3))
+    assert at > 0.3  # the edge case: above the threshold in float64 only
+    assert kept(meta, [D("bench", (0, 0, 10, 10), at)]) == {}
+    assert not score(meta, [D("bench", (0, 0, 10, 10), at)]).correct
+    above = float(np.nextafter(np.float32(0.3), np.float32(1)))
+    assert score(meta, [D("bench", (0, 0, 10, 10), above)]).correct
+
+
+def test_tied_scores_keep_the_later_detection_first_as_numpys_reversed_argsort():
+    """Bug caught: l2s kept the earlier of two tied detections (a stable descending sort);
+    GenEval reverses an ascending argsort, so the later one leads, and with count 1 only it is
+    checked: here its position decides the verdict. Scores equal only in float32 tie too."""
+    meta = position_metadata([Triplet("dog", "left of", "cat")])
+    cat = D("cat", (100, 0, 120, 20), 0.9)
+    wrong = D("dog", (200, 0, 220, 20), 0.8)  # right of the cat
+    right = D("dog", (0, 0, 20, 20), 0.8)  # left of the cat
+    assert kept(meta, [cat, wrong, right])["dog"] == [right, wrong]
+    assert score(meta, [cat, wrong, right]).correct
+    assert not score(meta, [cat, right, wrong]).correct
+    close = D("dog", (0, 0, 20, 20), 0.8 + 1e-12)  # the same float32 score as `wrong`
+    assert kept(meta, [cat, close, wrong])["dog"] == [wrong, close]

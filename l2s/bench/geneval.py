@@ -19,6 +19,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
 from l2s.relations import Triplet, geneval_relations
 
 # GenEval's zero-shot colour classes and prompt templates (evaluate_images.py, COLORS and
@@ -63,15 +65,22 @@ GENEVAL_RULES = Rules()
 def kept(metadata: dict, detections: Sequence[Detection], rules: Rules = GENEVAL_RULES
          ) -> dict[str, list[Detection]]:
     """The detections GenEval reasons about: per class, above the task's threshold, most
-    confident first (stable for ties, as numpy's argsort reversed is not: ties are rare), at most
-    rules.max_objects."""
-    cut = rules.counting_threshold if metadata.get("tag") == "counting" else rules.threshold
+    confident first, at most rules.max_objects.
+
+    As evaluate_images.py does it on mmdet's float32 score arrays: the score is compared with
+    the threshold in float32 (``bbox[:, 4] > 0.3``, so a score of float32(0.3) is not above
+    0.3), and the order is a stable ascending argsort reversed, so of two tied scores the later
+    detection comes first."""
+    cut = np.float32(rules.counting_threshold if metadata.get("tag") == "counting"
+                     else rules.threshold)
+    scores = [np.float32(d.score) for d in detections]
+    order = sorted(range(len(detections)), key=lambda i: (scores[i], i), reverse=True)
     by_class: dict[str, list[Detection]] = {}
-    for d in sorted(detections, key=lambda d: -d.score):
-        if d.score > cut:
-            group = by_class.setdefault(d.label, [])
+    for i in order:
+        if scores[i] > cut:
+            group = by_class.setdefault(detections[i].label, [])
             if len(group) < rules.max_objects:
-                group.append(d)
+                group.append(detections[i])
     return by_class
 
 
