@@ -323,19 +323,29 @@ def geneval_relations(box_a: Box, box_b: Box) -> set[str]:
 
 
 COMPBENCH_IOU = 0.1  # above this overlap a directional score decays as 0.1 / IoU
-COMPBENCH_NEAR_PX = 150  # "next to" holds within this centre distance on either axis
+COMPBENCH_NEAR_PX = 150  # "next to" holds within this centre distance on either axis ...
+COMPBENCH_FRAME_PX = 479  # ... measured on the image resized to this side, as CompBench scores
 COMPBENCH_PASS = 0.5  # image scores under this count as 0
 
 
-def compbench_spatial_score(relation: str, box_subject: Box, box_object: Box) -> float:
+def compbench_spatial_score(relation: str, box_subject: Box, box_object: Box,
+                            image_size: tuple[int, int] | None = None) -> float:
     """T2I-CompBench's 2D position term (UniDet_eval/2D_spatial_eval.py, determine_position),
-    before detection-score weighting; `relation` canonical or a CompBench phrasing."""
+    before detection-score weighting; `relation` canonical or a CompBench phrasing.
+
+    Boxes are in pixels of an image of ``image_size`` (width, height). CompBench detects on its
+    images resized to COMPBENCH_FRAME_PX a side, so its 150 px "near" distance is one of that
+    frame: the centre offsets are rescaled to it first (None: boxes already in that frame).
+    The directional terms compare ratios and IoU, which the resize does not change."""
     relation = canonical_relation(relation)
     sx1, sy1, sx2, sy2 = _check_box(box_subject, "box_subject")
     ox1, oy1, ox2, oy2 = _check_box(box_object, "box_object")
     dx = (ox1 + ox2) / 2 - (sx1 + sx2) / 2  # c2.x - c1.x, c1 = subject
     dy = (oy1 + oy2) / 2 - (sy1 + sy2) / 2  # y down: dy > 0 means the subject is higher
     if relation == NEAR:
+        if image_size is not None:
+            dx = dx * COMPBENCH_FRAME_PX / image_size[0]
+            dy = dy * COMPBENCH_FRAME_PX / image_size[1]
         # CompBench's test is "or": close on either axis is enough.
         if abs(dx) < COMPBENCH_NEAR_PX or abs(dy) < COMPBENCH_NEAR_PX:
             return 1.0
@@ -366,15 +376,17 @@ def compbench_image_score(
     score_subject: float | None,
     box_object: Box | None,
     score_object: float | None,
+    image_size: tuple[int, int] | None = None,
 ) -> float:
     """One image's T2I-CompBench spatial score (UniDet_eval/2D_spatial_eval.py): 0.25 s1 + 0.25 s2
     + position / 2 with both objects found, 0.25 s for one, 0 for none; then 0 if under 0.5.
-    A missing object is passed as box None; scores are the detector's confidences."""
+    A missing object is passed as box None; scores are the detector's confidences; boxes are
+    pixels of an image of ``image_size`` (width, height; see compbench_spatial_score)."""
     relation = canonical_relation(relation)
     s1 = _detection_score(box_subject, score_subject, "subject")
     s2 = _detection_score(box_object, score_object, "object")
     if box_subject is not None and box_object is not None:
-        position = compbench_spatial_score(relation, box_subject, box_object)
+        position = compbench_spatial_score(relation, box_subject, box_object, image_size)
         score = 0.25 * s1 + 0.25 * s2 + position / 2
     else:
         score = 0.25 * (s1 + s2)  # the missing object's s is 0

@@ -419,3 +419,43 @@ def test_compbench_image_score():
         compbench_image_score("behind", None, None, None, None)
     with pytest.raises(ValueError, match="no detection score"):
         compbench_image_score("left of", SUBJECT, None, far_right, 0.8)
+
+
+def test_compbench_near_distance_is_measured_on_its_479px_frame():
+    """Bug caught: the 150 px "near" distance was applied to the generated image's own pixels;
+    CompBench measures it on images resized to 479 px, so at 1024 px a 300 px offset is near
+    (140 px there), and the image passes where the old rule gave it 0."""
+    box = (300, 300, 400, 400)  # centres 300 px apart on both axes
+    assert compbench_spatial_score("near", SUBJECT, box) == pytest.approx(0.5)  # in the frame
+    assert compbench_spatial_score("near", SUBJECT, box, (1024, 1024)) == 1.0
+    assert compbench_spatial_score("near", SUBJECT, box, (479, 479)) == pytest.approx(0.5)
+    # 0.25 * 0.1 * 2 + 1 / 2 = 0.55 passes; with position 0.5 it was 0.3, under 0.5 -> 0
+    assert compbench_image_score("near", SUBJECT, 0.1, box, 0.1, (1024, 1024)) == \
+        pytest.approx(0.55)
+    assert compbench_image_score("near", SUBJECT, 0.1, box, 0.1) == 0.0
+    # at 512 px, 155 px apart is 145 px of the frame: near, where the old rule gave 150/155
+    close = (155, 155, 255, 255)
+    assert compbench_spatial_score("next to", SUBJECT, close, (512, 512)) == 1.0
+
+
+def test_bench_scores_compbench_near_in_the_479px_frame_of_its_image():
+    """Bug caught: the benchmark's CompBench scorer did not tell the rule its image's size."""
+    import numpy as np
+
+    from l2s.bench.detectors import ImageDetections
+    from l2s.bench.geneval import Detection, Rules
+    from l2s.bench.scoring import score_image
+    from l2s.bench.suites import BenchPrompt
+
+    class Fixed:  # a detector that finds the two queried objects 300 px apart
+        name, rules = "fixed", Rules(threshold=0.0)
+
+        def detect(self, image, names):
+            return ImageDetections([Detection("dog", SUBJECT, 0.1),
+                                    Detection("cat", (300, 300, 400, 400), 0.1)])
+
+    meta = {"tag": "spatial", "prompt": "a dog near a cat", "relation": "near",
+            "subject": "dog", "object": "cat", "queries": ["dog", "cat"]}
+    prompt = BenchPrompt(0, meta["prompt"], meta)
+    rec = score_image(prompt, np.zeros((1024, 1024, 3), np.uint8), Fixed())
+    assert rec["correct"] and rec["score"] == pytest.approx(0.55)

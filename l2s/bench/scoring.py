@@ -44,7 +44,7 @@ def score_image(prompt: BenchPrompt, image: np.ndarray, detector: Detector,
     suite's extras (relations_held for multi-relation prompts; both_present/fused in the toy)."""
     found = detector.detect(image, object_names(prompt))
     if prompt.tag == "spatial":
-        return _compbench(prompt, found, detector)
+        return _compbench(prompt, found, detector, (image.shape[1], image.shape[0]))
     meta = prompt.metadata
     by_class = kept(meta, found.detections, detector.rules)
     # A detection that comes with its colour (Detection.color) is not classified again.
@@ -81,7 +81,8 @@ def _toy_extras(prompt: BenchPrompt, by_class: dict[str, list[Detection]], size:
     return {"both_present": len(dets) == len(names), "fused": bool(len(dets) > 1 and fused)}
 
 
-def _compbench(prompt: BenchPrompt, found: ImageDetections, detector: Detector) -> dict:
+def _compbench(prompt: BenchPrompt, found: ImageDetections, detector: Detector,
+               size: tuple[int, int]) -> dict:
     """T2I-CompBench's spatial score from the most confident detection of each query."""
     meta = prompt.metadata
     best: dict[str, Detection] = {}
@@ -90,7 +91,7 @@ def _compbench(prompt: BenchPrompt, found: ImageDetections, detector: Detector) 
             best[d.label] = d
     subj, obj = (best.get(q) for q in meta["queries"])
     value = compbench_image_score(meta["relation"], subj and subj.box, subj and subj.score,
-                                  obj and obj.box, obj and obj.score)
+                                  obj and obj.box, obj and obj.score, size)
     by_class = {d.label: [d] for d in best.values()}
     reason = "" if value > 0 else (
         "missing " + " and ".join(q for q, d in zip(meta["queries"], (subj, obj), strict=True)
