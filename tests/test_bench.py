@@ -342,3 +342,24 @@ def test_toy_multi_relation_prompts_fit_the_toy_text_encoders(weights):
     lengths = [len(tok(p.prompt).input_ids) for seed in range(3)
                for p in suite_prompts("shapes-multi", 200, seed)]
     assert max(lengths) <= tok.model_max_length == 24
+
+
+def test_toy_detector_on_a_real_suite_is_refused_before_generating(monkeypatch, tmp_path):
+    """Bug caught: `--detector toy --suite geneval` generated every image, then ended in a
+    traceback when the toy detector met COCO names; now one line, before anything loads."""
+    from typer.testing import CliRunner
+
+    from l2s.cli import app
+
+    def no_detector(name):
+        raise AssertionError(f"loaded detector {name} before refusing the pairing")
+
+    monkeypatch.setattr(bench.run, "load_detector", no_detector)
+    with pytest.raises(BenchError, match="--detector toy does not fit --suite geneval"):
+        run_bench(BenchConfig(suite="geneval", model="sd2.1", detector="toy",
+                              out=str(tmp_path / "a")), denoiser=object())
+    assert not (tmp_path / "a").exists()
+    r = CliRunner().invoke(app, ["bench", "--suite", "geneval", "--model", "sd2.1",
+                                 "--detector", "toy", "--out", str(tmp_path / "b")])
+    assert r.exit_code == 2 and "--detector toy does not fit" in r.output, r.output
+    assert "Traceback" not in r.output and r.output.count("error:") == 1

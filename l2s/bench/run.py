@@ -131,6 +131,12 @@ def _check(cfg: BenchConfig, denoiser: Denoiser | object) -> None:
         raise BenchError(f"--suite {cfg.suite} needs a model that can draw COCO objects; the toy "
                          "model only draws six coloured shapes: use --suite shapes or "
                          "shapes-multi with the toy, or --model sd2.1 (or another real model)")
+    if cfg.detector == "toy" and DEFAULT_DETECTORS[cfg.suite] != "toy":
+        raise BenchError(
+            f"--detector toy does not fit --suite {cfg.suite}: the toy detector reads only the "
+            "toy world's six shapes (suites shapes, shapes-multi); leave --detector out (the "
+            f"suite's default, {DEFAULT_DETECTORS[cfg.suite]}) or pass a COCO / open-vocabulary "
+            "detector")
 
 
 def _toy_world(model: str, denoiser: Denoiser | object | None) -> bool:
