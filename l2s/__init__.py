@@ -29,6 +29,7 @@ __version__ = "0.1.0"
 _API = {
     "steer": ("l2s.steering.job", "steer"),
     "SteerConfig": ("l2s.steering.job", "SteerConfig"),
+    "SteerOptions": ("l2s.steering.options", "SteerOptions"),
     "SteerResult": ("l2s.steering.job", "SteerResult"),
     "invert": ("l2s.inversion.job", "invert"),
     "InvertConfig": ("l2s.inversion.job", "InvertConfig"),

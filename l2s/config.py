@@ -15,6 +15,9 @@ from pathlib import Path
 from l2s.errors import ConfigError, one_line
 
 CONFIG_FILE = "config.yaml"  # the resolved config every run writes beside its outputs
+# The largest noise seed: torch's CPU generator keeps 32 bits of a seed, so 2**32 would draw
+# seed 0's noise again.
+MAX_SEED = 2**32 - 1
 
 
 def check_number(name: str, value: float | None, low: float, *, strict: bool = False) -> None:
@@ -30,15 +33,18 @@ def check_number(name: str, value: float | None, low: float, *, strict: bool = F
 
 
 def check_integer(name: str, value, low: int | None = None,
-                  error: type[Exception] = ConfigError, *, optional: bool = True) -> None:
-    """``value`` is a whole number (an int: not a bool, not a float) >= ``low``, or None when
-    ``optional`` (``error``: the caller's own exception type)."""
+                  error: type[Exception] = ConfigError, *, optional: bool = True,
+                  high: int | None = None) -> None:
+    """``value`` is a whole number (an int: not a bool, not a float) in [``low``, ``high``], or
+    None when ``optional`` (``error``: the caller's own exception type)."""
     if value is None and optional:
         return
     if isinstance(value, bool) or not isinstance(value, int):
         raise error(f"{name} must be a whole number, got {value!r}")
     if low is not None and value < low:
         raise error(f"{name} must be >= {low}, got {value}")
+    if high is not None and value > high:
+        raise error(f"{name} must be <= {high}, got {value}")
 
 
 def check_text(name: str, value, *, optional: bool = False, path: bool = False,
@@ -50,28 +56,26 @@ def check_text(name: str, value, *, optional: bool = False, path: bool = False,
         raise error(f"{name} must be a non-empty text, got {value!r}")
 
 
+def check_seeds(name: str, seed: int, count: int = 1, *, last: int | None = None) -> None:
+    """``seed`` is a whole number >= 0 and the last seed a run derives from it (``last``,
+    default ``seed + count - 1``) at most MAX_SEED, so no two images share their noise."""
+    if seed is None:
+        raise ConfigError(f"{name} must be a whole number, got None")
+    check_integer(name, seed, 0)
+    last = seed + count - 1 if last is None else last
+    if last > MAX_SEED:
+        raise ConfigError(f"{name} {seed} gives image seeds up to {last}, past {MAX_SEED} (2^32 "
+                          f"- 1), where the noise generator's seeds wrap around: pass a smaller "
+                          f"{name}")
+
+
+
+
 def check_choice(name: str, value: str, choices, error: type[Exception] = ConfigError) -> None:
     """Refuse a value outside ``choices``, naming the option (``error``: the caller's own
     exception type, e.g. a job's)."""
     if value not in choices:
         raise error(f"{name} must be one of {', '.join(choices)}, got {value!r}")
-
-
-def check_generation(*, steps: int | None = None, guidance: float | None = None,
-                     steer_until: float | None = None, iterations: int | None = None,
-                     step_size: float | None = None, loss_threshold: float | None = None,
-                     relation_schedule: str | None = None) -> None:
-    """The sampling and steering numbers steer and bench share (None: the model's default)."""
-    check_number("--steps", steps, 1)
-    check_number("--guidance", guidance, 0)
-    check_number("--steer-until", steer_until, 0, strict=True)
-    check_number("--iterations", iterations, 0)
-    check_number("--step-size", step_size, 0, strict=True)
-    check_number("--loss-threshold", loss_threshold, 0)
-    if relation_schedule is not None:
-        from l2s.steering.loop import RELATION_SCHEDULES
-
-        check_choice("--relation-schedule", relation_schedule, RELATION_SCHEDULES)
 
 
 def check_writable_dir(path: str | Path, option: str = "--out", *,

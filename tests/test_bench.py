@@ -66,7 +66,8 @@ def test_shapes_prompts_are_the_ones_the_published_numbers_used():
 def test_oracle_layouts_score_as_expected(monkeypatch, tmp_path, flip, accuracy):
     method, _ = _oracle(flip)
     monkeypatch.setitem(bench.METHODS, "oracle", method)
-    res = run_bench(BenchConfig(methods=("oracle",), prompts=12, images=2, out=str(tmp_path)),
+    res = run_bench(BenchConfig(methods=("oracle",), prompts=12, num_images=2,
+                                out=str(tmp_path)),
                     denoiser=object())
     m = res.to_json()["methods"]["oracle"]
     assert {k: m[k] for k in ("n_images", "both_present", "position_accuracy", "fused")} == {
@@ -82,7 +83,7 @@ def test_oracle_layouts_score_as_expected(monkeypatch, tmp_path, flip, accuracy)
 
 
 def test_geneval_layout_is_written_and_reads_back(oracle, tmp_path):
-    run_bench(BenchConfig(methods=("oracle",), prompts=3, images=2, out=str(tmp_path)),
+    run_bench(BenchConfig(methods=("oracle",), prompts=3, num_images=2, out=str(tmp_path)),
               denoiser=object())
     prompts = shapes_prompts(3, 0)
     for p in prompts:
@@ -96,7 +97,8 @@ def test_geneval_layout_is_written_and_reads_back(oracle, tmp_path):
 
 
 def test_interrupted_run_resumes_without_recomputing(oracle, tmp_path):
-    cfg = BenchConfig(methods=("oracle",), prompts=4, images=1, batch_size=2, out=str(tmp_path))
+    cfg = BenchConfig(methods=("oracle",), prompts=4, num_images=1, batch_size=2,
+                      out=str(tmp_path))
     run_bench(cfg, denoiser=object())
     assert sum(map(len, oracle)) == 4
     # A run cut mid-write: the truncated last line is dropped, its saved image scored again
@@ -105,7 +107,7 @@ def test_interrupted_run_resumes_without_recomputing(oracle, tmp_path):
     lines = path.read_text().splitlines()
     path.write_text("\n".join(lines[:-1]) + "\n" + lines[-1][:20])
     oracle.clear()
-    res = run_bench(BenchConfig(methods=("oracle",), prompts=6, images=1, batch_size=2,
+    res = run_bench(BenchConfig(methods=("oracle",), prompts=6, num_images=1, batch_size=2,
                                 out=str(tmp_path)), denoiser=object())
     assert sorted(s for c in oracle for s in c) == [image_seed(0, 4, 0), image_seed(0, 5, 0)]
     assert res.methods["oracle"]["n_images"] == 6
@@ -115,7 +117,7 @@ def test_interrupted_run_resumes_without_recomputing(oracle, tmp_path):
 
 def test_a_finished_run_reruns_without_loading_the_detector_or_colour_model(
         oracle, monkeypatch, tmp_path):
-    cfg = BenchConfig(methods=("oracle",), prompts=3, images=1, out=str(tmp_path))
+    cfg = BenchConfig(methods=("oracle",), prompts=3, num_images=1, out=str(tmp_path))
     first = run_bench(cfg, denoiser=object())
 
     def broken(*args, **kwargs):
@@ -129,7 +131,7 @@ def test_a_finished_run_reruns_without_loading_the_detector_or_colour_model(
     # With something left to score, the load still fails first, before config.json changes.
     config = (tmp_path / "config.json").read_text()
     with pytest.raises(BenchError, match="cannot load"):
-        run_bench(BenchConfig(methods=("oracle",), prompts=4, images=1, out=str(tmp_path)),
+        run_bench(BenchConfig(methods=("oracle",), prompts=4, num_images=1, out=str(tmp_path)),
                   denoiser=object())
     assert (tmp_path / "config.json").read_text() == config and not oracle
 
@@ -167,7 +169,7 @@ def test_a_launched_process_benches_its_rank_shard(oracle, tmp_path, monkeypatch
     process (only the CLI read RANK and WORLD_SIZE)."""
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
-    run_bench(BenchConfig(methods=("oracle",), prompts=4, images=1, out=str(tmp_path)),
+    run_bench(BenchConfig(methods=("oracle",), prompts=4, num_images=1, out=str(tmp_path)),
               denoiser=object())
     assert [p.name for p in tmp_path.glob("results*.jsonl")] == ["results.shard-1-of-2.jsonl"]
     assert len(oracle) and all(len(c) for c in oracle)
@@ -287,10 +289,10 @@ def test_multi_relation_toy_suite_scores_every_relation(monkeypatch, tmp_path):
 
 
 def test_unknown_suite_and_method(tmp_path):
-    with pytest.raises(BenchError, match="unknown suite"):
-        run_bench(BenchConfig(suite="coco", out=str(tmp_path)), denoiser=object())
-    with pytest.raises(BenchError, match="available methods are plain, l2s, centroid"):
-        run_bench(BenchConfig(methods=("magic",), out=str(tmp_path)), denoiser=object())
+    with pytest.raises(BenchError, match="--suite must be one of shapes, "):
+        BenchConfig(suite="coco", out=str(tmp_path))
+    with pytest.raises(BenchError, match="--method must be one of plain, l2s, centroid"):
+        BenchConfig(methods=("magic",), out=str(tmp_path))
 
 
 @pytest.mark.parametrize("model", ["toy", "toy-mmdit"])

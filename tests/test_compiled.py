@@ -14,6 +14,7 @@ from l2s.engine.sampling import seeded_latents
 from l2s.relations import parse
 from l2s.steering.loop import Steerer, SteerSettings, steer_latents
 from l2s.steering.losses import CentroidLoss
+from l2s.steering.options import SteerOptions
 
 PROMPT = "a circle left of a square"
 
@@ -99,7 +100,7 @@ def test_compile_option_reaches_the_steering_settings(monkeypatch, tmp_path, one
     res = CliRunner().invoke(app, ["steer", "a circle left of a square", "--compile",
                                    "reduce-overhead", "--out", str(tmp_path / "s")])
     assert seen == ["reduce-overhead"], res.output
-    assert job.steer_settings("toy", compile="default").compile == "default"
+    assert SteerOptions(compile="default").resolve("toy").compile == "default"
     bad = CliRunner().invoke(app, ["bench", "--compile", "fast", "--out", str(tmp_path / "b")])
     assert bad.exit_code != 0 and "--compile must be one of" in bad.output
 
@@ -107,8 +108,9 @@ def test_compile_option_reaches_the_steering_settings(monkeypatch, tmp_path, one
 def test_speed_times_the_eager_iteration_beside_the_compiled_one(den, one_thread):
     from l2s.steering.speed import SpeedConfig, run_speed
 
-    cfg = SpeedConfig(model="toy", steps=4, steer_until=2, iterations=2, repeats=1,
-                      end_to_end=False, compile="reduce-overhead")
+    cfg = SpeedConfig(model="toy", options=SteerOptions(steps=4, steer_until=2, iterations=2,
+                                                        compile="reduce-overhead"),
+                      repeats=1, end_to_end=False)
     with torch.compiler.set_stance("force_eager"):  # the plumbing, not the compiler
         rep = run_speed(cfg, denoiser=den)
     assert list(rep.units) == ["plain_step", "ours_iteration", "ours_eager_iteration",
@@ -117,7 +119,7 @@ def test_speed_times_the_eager_iteration_beside_the_compiled_one(den, one_thread
     assert rep.ratios["compiled_vs_eager_update_error"] < 1e-5  # the same update
     assert "ops" not in rep.units["ours_iteration"]  # a compiled region is not counted
     assert rep.units["ours_iteration"]["warmup_ms"] > 0  # the compilation, on a device
-    plain = run_speed(replace(cfg, compile="off"), denoiser=den)
+    plain = run_speed(replace(cfg, options=replace(cfg.options, compile="off")), denoiser=den)
     assert "ours_eager_iteration" not in plain.units
     assert plain.ratios["compiled_vs_eager_iteration"] is None
     assert plain.ratios["compiled_vs_eager_update_error"] is None
@@ -131,13 +133,13 @@ def test_compiled_steering_gives_the_eager_images_in_one_graph(den, one_thread):
     backward is wrong (l2s.engine.compiled)."""
     from torch._dynamo.utils import counters
 
-    from l2s.steering.job import build_loss, steer_settings
+    from l2s.steering.job import build_loss
 
     prompts = ["a circle left of a square", "a triangle above a ring",
                "a square below a circle"]
     triplets = [parse(p) for p in prompts]
     loss, _ = build_loss("l2s", den, "toy")
-    settings = steer_settings("toy")
+    settings = SteerOptions().resolve("toy")
     lat = seeded_latents(den, [0, 1, 2])
     torch._dynamo.reset()
     counters.clear()

@@ -42,6 +42,7 @@ def test_steering_on_cuda_times_with_events_and_reports_peak_memory():
     from l2s.relations import parse
     from l2s.steering.loop import SteerSettings, steer_latents
     from l2s.steering.losses import CentroidLoss
+    from l2s.steering.options import SteerOptions
     from l2s.steering.speed import SpeedConfig, run_speed
 
     unet, vae, te, tok, sch = tiny_sd_components()
@@ -54,7 +55,8 @@ def test_steering_on_cuda_times_with_events_and_reports_peak_memory():
     assert torch.isfinite(imgs).all() and len(stats.steps) == 2
     for rec in stats.steps:  # CUDA-event timings, read after a synchronise
         assert rec.iterations == 3 and rec.forward_ms > 0 and rec.backward_ms > 0
-    rep = run_speed(SpeedConfig(model="tiny-gpu", steps=4, steer_until=2, iterations=2,
-                                repeats=2), denoiser=den)
+    rep = run_speed(SpeedConfig(model="tiny-gpu", repeats=2,
+                                options=SteerOptions(steps=4, steer_until=2, iterations=2)),
+                    denoiser=den)
     assert rep.ratios["reference_vs_ours_peak_memory"] > 0
     assert rep.end_to_end["steered_worst_case"]["iterations_run"] == 4

@@ -263,7 +263,7 @@ def test_a_detector_that_cannot_load_stops_the_run_before_it_pins_its_folder(tmp
     with --detector PATH into the same --out would then be refused as other settings."""
     from l2s.bench import BenchConfig, run_bench
 
-    cfg = BenchConfig(suite="geneval-position", model="tiny", prompts=1, images=1,
+    cfg = BenchConfig(suite="geneval-position", model="tiny", prompts=1, num_images=1,
                       out=str(tmp_path / "run"))
     with pytest.raises(DetectorError, match="hf download"):
         run_bench(cfg, denoiser=object())
@@ -369,7 +369,7 @@ def test_real_model_suites_run_end_to_end_on_tiny_folders(tiny, tmp_path, monkey
     monkeypatch.setitem(bench.METHODS, "noise", noise)
     warnings = {}
     for suite, folder in (("geneval-position", "m2f"), ("compbench-spatial", "owl")):
-        cfg = BenchConfig(suite=suite, model="tiny", methods=("noise",), prompts=2, images=1,
+        cfg = BenchConfig(suite=suite, model="tiny", methods=("noise",), prompts=2, num_images=1,
                           detector=str(tiny / folder), color_model=str(tiny / "clip"),
                           out=str(tmp_path / suite))
         res = run_bench(cfg, denoiser=object())

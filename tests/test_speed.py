@@ -5,11 +5,13 @@ import json
 import pytest
 from diffusers.models.attention_processor import AttnProcessor
 
+from l2s.steering.options import SteerOptions
 from l2s.steering.speed import SpeedConfig, explicit_attention, run_speed
 
 
 def test_units_and_end_to_end_on_tiny_sd(den, one_thread):
-    cfg = SpeedConfig(model="tiny", steps=4, steer_until=2, iterations=3, repeats=2)
+    cfg = SpeedConfig(model="tiny", options=SteerOptions(steps=4, steer_until=2, iterations=3),
+                      repeats=2)
     seen = []
     rep = run_speed(cfg, denoiser=den, on_unit=lambda name, res: seen.append(name))
     assert seen == ["plain_step", "ours_iteration", "reference_iteration", "plain",
@@ -75,7 +77,8 @@ def test_the_library_writes_the_report_to_out(tmp_path, one_thread):
     from l2s.steering.speed import SpeedResult
 
     out = tmp_path / "sub" / "speed.json"
-    res = run_speed(SpeedConfig(steps=4, repeats=1, end_to_end=False, out=str(out)))
+    res = run_speed(SpeedConfig(options=SteerOptions(steps=4), repeats=1, end_to_end=False,
+                                out=str(out)))
     assert isinstance(res, SpeedResult) and res.path == out
     assert json.loads(out.read_text()) == res.to_json()
     assert "end_to_end" not in res.to_json() and res.to_json()["steps"] == 4

@@ -9,6 +9,7 @@ from l2s.cli import app
 from l2s.engine import loading
 from l2s.families.tiny import tiny_sd
 from l2s.steering.job import PromptError, SteerConfig, SteerError, check_prompt, steer, unique_dir
+from l2s.steering.options import SteerOptions
 
 runner = CliRunner()
 STEP_KEYS = {"step", "t", "iterations", "image_updates", "loss_before", "loss_after", "p_target",
@@ -23,8 +24,9 @@ def tiny(monkeypatch):
 
 
 def _cfg(tmp_path, **kw):
-    base = {"prompt": "a dog left of a cat", "method": "centroid", "steps": 4, "steer_from": 0,
-            "steer_until": 2, "iterations": 2, "step_size": 100.0, "out": str(tmp_path / "o")}
+    base = {"prompt": "a dog left of a cat", "method": "centroid", "out": str(tmp_path / "o"),
+            "options": SteerOptions(steps=4, steer_from=0, steer_until=2, iterations=2,
+                                    step_size=100.0)}
     return SteerConfig(**{**base, **kw})
 
 
@@ -126,14 +128,12 @@ _RESOLVED = {
 
 @pytest.mark.parametrize("model", list(_RESOLVED))
 def test_each_models_steering_defaults_resolve_as_before(model):
-    from l2s.steering.job import steer_settings
-
-    s = steer_settings(model)
+    s = SteerOptions().resolve(model)
     assert (s.steps, s.guidance, s.steer_from, s.steer_until, s.iterations, s.step_size,
             s.optimizer, s.threshold_start, s.threshold_end) == _RESOLVED[model]
     # A value given wins over the model's default, 0 and 0.0 included.
-    given = steer_settings(model, steps=3, guidance=0.0, steer_from=0, iterations=0,
-                           loss_threshold=0.0)
+    given = SteerOptions(steps=3, guidance=0.0, steer_from=0, iterations=0,
+                         loss_threshold=0.0).resolve(model)
     assert (given.steps, given.guidance, given.steer_from, given.iterations,
             given.threshold_start) == (3, 0.0, 0, 0, 0.0)
 

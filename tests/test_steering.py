@@ -256,12 +256,14 @@ def test_a_loss_registered_by_name_is_a_method_of_steer(den, monkeypatch):
     steered with is not the registered one."""
     from l2s.steering import losses as registry
     from l2s.steering.job import SteerConfig, SteerError, steer
+    from l2s.steering.options import SteerOptions
 
     monkeypatch.setattr(registry, "_LOSSES", dict(registry._LOSSES))
     spy, asked = Spy(), []
     registry.register_loss("test-spy")(lambda request: asked.append(request) or spy)
-    res = steer(SteerConfig("a dog left of a cat", method="test-spy", steps=3, steer_until=2,
-                            iterations=2), denoiser=den)
+    res = steer(SteerConfig("a dog left of a cat", method="test-spy",
+                            options=SteerOptions(steps=3, steer_until=2, iterations=2)),
+                denoiser=den)
     assert res.report["method"] == "test-spy" and asked[0].denoiser is den
     assert spy.calls and all(r == ["left of"] for r in spy.calls)
     with pytest.raises(SteerError, match="unknown method 'nope'.*test-spy"):

@@ -212,9 +212,12 @@ def test_steered_toy_image_slice_is_pinned():
     """Regression value: the centre row of a steered toy image (seed 0, 6 steps). A change of
     the sampler, the loss or the update moves these numbers."""
     from l2s.steering.job import SteerConfig, steer
+    from l2s.steering.options import SteerOptions
 
-    res = steer(SteerConfig("a circle to the left of a square", steps=6, steer_until=3,
-                            iterations=4, steer_from=0, optimizer="sgd", step_size=5.0))
+    res = steer(SteerConfig("a circle to the left of a square",
+                            options=SteerOptions(steps=6, steer_until=3, iterations=4,
+                                                 steer_from=0, optimizer="sgd",
+                                                 step_size=5.0)))
     row = torch.tensor(res.images[0, 16, 8:24:2].astype(int))  # (8, 3) uint8 as int
     expected = torch.tensor(EXPECTED_ROW)
     assert (row - expected).abs().max() <= 3, row.tolist()

@@ -65,17 +65,13 @@ def _steer_method(name: str) -> MethodFactory:
     the verdict the benchmark records) regenerated with l2s from the same seeds
     (``l2s.steering.verify``)."""
     def factory(ctx: MethodContext) -> Generate:
-        from l2s.steering.job import build_loss, generate, steer_settings
+        from l2s.steering.job import build_loss, generate
         from l2s.steering.verify import generate_verified
 
         cfg = ctx.config
         verify = name == "l2s-verify"
         loss, _ = build_loss("l2s" if verify else name, ctx.denoiser, cfg.model, cfg.classifier)
-        settings = steer_settings(cfg.model, steps=cfg.steps, guidance=cfg.guidance,
-                                  steer_until=cfg.steer_until, iterations=cfg.iterations,
-                                  step_size=cfg.step_size, loss_threshold=cfg.loss_threshold,
-                                  relation_schedule=cfg.relation_schedule,
-                                  compile=cfg.compile)
+        settings = cfg.options.resolve(cfg.model)
 
         def run(prompts: Sequence[BenchPrompt], seeds: Sequence[int]) -> torch.Tensor:
             triplets = [[t for t in p.triplets if t.steerable] for p in prompts]

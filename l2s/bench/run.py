@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from itertools import zip_longest
 from pathlib import Path
 
@@ -33,10 +33,12 @@ from l2s.bench.suites import (
     BenchPrompt,
     suite_prompts,
 )
+from l2s.config import ConfigError, check_choice, check_integer, check_seeds, check_text
 from l2s.engine.backbone import Denoiser
-from l2s.engine.registry import get_preset, steer_defaults
+from l2s.engine.registry import get_preset
 from l2s.engine.sampling import to_uint8
 from l2s.launcher import resolve_shard
+from l2s.steering.options import SteerOptions
 
 SHEET_IMAGES = 40  # images per contact sheet
 TOY_FAMILIES = ("toy", "toy-mmdit")  # backbone families that draw the toy world (six shapes)
@@ -51,34 +53,68 @@ class BenchConfig:
     image_size: int | None = None  # pixels a side (None: the model's default)
     methods: tuple[str, ...] = ("plain",)  # generation methods to compare on the same seeds
     prompts: int | None = None  # first N prompts (None: all of a fixed suite, 200 generated)
-    images: int | None = None  # images per prompt (None: the suite's, SUITE_IMAGES)
+    num_images: int | None = None  # images per prompt (None: the suite's, SUITE_IMAGES)
     seed: int = 0  # picks generated prompt sets and every image's noise seed
-    steps: int | None = None  # sampling steps (None: the model's default)
-    guidance: float | None = None  # classifier-free guidance scale (None: the model's default)
+    # Sampling and steering (steered methods). config.json holds iterations and
+    # relation_schedule resolved (runs written before they could be None did).
+    options: SteerOptions = field(default_factory=SteerOptions)
     classifier: str | None = None  # l2s: classifier card (None: the model's default)
-    # steered methods: fraction (< 1) or count of steered steps (None: the model's)
-    steer_until: float | None = None
-    # steered methods: max gradient iterations per step (None: the model's; config.json holds
-    # the resolved number, as runs written before it could be None did)
-    iterations: int | None = None
-    step_size: float | None = None  # steered methods: latent step (None: the model's)
-    loss_threshold: float | None = None  # steered methods: early exit (None: the model's)
-    # steered methods: how several relations share the iterations (None: the model's;
-    # config.json holds the resolved name)
-    relation_schedule: str | None = None
     detector: str | None = None  # "toy", alias, hub id or folder (None: the suite's default)
     color_model: str = COLOR_MODEL  # CLIP for GenEval's colour tasks
     batch_size: int = 100  # images generated in one batch
-    compile: str = "off"  # steered methods: torch.compile the steering forward
     # (i, n): this process does prompts i, i+n, ... (None: the launcher's RANK / WORLD_SIZE
     # under accelerate launch or torchrun, else every prompt)
     shard: tuple[int, int] | None = None
-    out: str = "out/bench"  # folder for config.json, results, images and contact sheets
+    device: str | None = None  # cuda, cpu, ... (None: $L2S_DEVICE, else CUDA if any)
+    dtype: str | None = None  # float16, bfloat16, float32 (None: fp16 on CUDA, else fp32)
+    # folder for config.json, results, images and contact sheets (None: out/bench-SUITE-MODEL,
+    # as the CLI)
+    out: str | None = None
+
+    def __post_init__(self) -> None:
+        check_choice("--suite", self.suite, SUITES, BenchError)
+        check_text("--model", self.model)
+        check_integer("--image-size", self.image_size, 1)
+        if isinstance(self.methods, str) or not self.methods:
+            raise ConfigError(f"--method: give a tuple of methods such as ('plain', 'l2s'), "
+                              f"got {self.methods!r}")
+        for m in self.methods:
+            check_choice("--method", m, METHODS, BenchError)
+        # image seeds are seed * 10^7 + prompt * 1000 + image: 10000 prompts of at most 1000
+        # images keep every image's seed its own
+        check_integer("--prompts", self.prompts, 1, high=10000)
+        check_integer("--num-images", self.num_images, 1, high=1000)
+        check_seeds("--seed", self.seed)
+        check_seeds("--seed", self.seed, last=image_seed(self.seed, 9999, 999))
+        if not isinstance(self.options, SteerOptions):
+            raise ConfigError(f"options must be a SteerOptions, got {self.options!r}")
+        for name in ("classifier", "detector", "out"):
+            check_text(f"--{name}", getattr(self, name), optional=True, path=True)
+        for name in ("device", "dtype"):
+            check_text(f"--{name}", getattr(self, name), optional=True)
+        check_integer("--batch-size", self.batch_size, 1, optional=False)
+        if self.shard is not None:
+            if (not isinstance(self.shard, tuple | list) or len(self.shard) != 2
+                    or not all(isinstance(v, int) and not isinstance(v, bool)
+                               for v in self.shard)
+                    or not 0 <= self.shard[0] < self.shard[1]):
+                raise BenchError(f"--shard {self.shard!r}: use I/N with 0 <= I < N, e.g. 0/4")
+        if self.out is None:
+            object.__setattr__(self, "out", f"out/bench-{self.suite}-"
+                                            f"{self.model.replace('/', '_')}")
+
+    def to_json(self) -> dict:
+        """The config as config.json holds it: flat, the steering options beside the others,
+        the image count under its first name ("images")."""
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "options"}
+        d["images"] = d.pop("num_images")
+        return {**d, **self.options.to_json()}
 
     def identity(self) -> dict:
         """The fields a resumed run (or another shard) must share with the run it continues."""
-        ident = {k: v for k, v in asdict(self).items()
-                 if k not in ("methods", "prompts", "batch_size", "compile", "shard", "out")}
+        ident = {k: v for k, v in self.to_json().items()
+                 if k not in ("methods", "prompts", "batch_size", "compile", "shard", "device",
+                              "out")}
         if ident["relation_schedule"] == "round-robin":  # what runs before the field steered
             del ident["relation_schedule"]
         return ident
@@ -115,18 +151,6 @@ def image_seed(seed: int, prompt_index: int, image_index: int) -> int:
 
 
 def _check(cfg: BenchConfig, denoiser: Denoiser | object) -> None:
-    if cfg.suite not in SUITES:
-        raise BenchError(f"unknown suite {cfg.suite!r}: available suites are {', '.join(SUITES)}")
-    unknown = [m for m in cfg.methods if m not in METHODS]
-    if unknown:
-        raise BenchError(f"unknown method {unknown[0]!r}: available methods are "
-                         f"{', '.join(METHODS)}")
-    if (cfg.prompts is not None and cfg.prompts < 1) or not 1 <= (cfg.images or 1) <= 9999:
-        raise BenchError("--prompts must be >= 1 and --images between 1 and 9999")
-    if cfg.batch_size < 1:
-        raise BenchError("--batch-size must be >= 1")
-    if cfg.shard is not None and not 0 <= cfg.shard[0] < cfg.shard[1]:
-        raise BenchError(f"--shard {cfg.shard[0]}/{cfg.shard[1]}: use i/n with 0 <= i < n")
     if cfg.suite in REAL_SUITES and _toy_world(cfg.model, denoiser):
         raise BenchError(f"--suite {cfg.suite} needs a model that can draw COCO objects; the toy "
                          "model only draws six coloured shapes: use --suite shapes or "
@@ -156,11 +180,11 @@ def run_bench(cfg: BenchConfig, denoiser: Denoiser | None = None,
     after each scored image. ``detector``/``colors`` override the configured ones (tests).
     """
     _check(cfg, denoiser)
-    defaults = steer_defaults(cfg.model)
-    cfg = replace(cfg, images=cfg.images or SUITE_IMAGES[cfg.suite], detector=cfg.detector_name,
+    cfg = replace(cfg, num_images=cfg.num_images or SUITE_IMAGES[cfg.suite],
+                  detector=cfg.detector_name,
                   shard=resolve_shard(cfg.shard),  # None: the launcher's rank, if any
-                  iterations=defaults.iterations if cfg.iterations is None else cfg.iterations,
-                  relation_schedule=cfg.relation_schedule or defaults.relation_schedule)
+                  options=cfg.options.with_model_defaults(cfg.model, "iterations",
+                                                          "relation_schedule"))
     out = Path(cfg.out)
     prompts = suite_prompts(cfg.suite, cfg.prompts, cfg.seed)
     mine = prompts if cfg.shard is None else prompts[cfg.shard[0]::cfg.shard[1]]
@@ -168,7 +192,7 @@ def run_bench(cfg: BenchConfig, denoiser: Denoiser | None = None,
     store.check_config(out, cfg.identity())
     records = store.read_records(out)
     done = {(r["method"], r["prompt_index"], r["image_index"]) for r in records}
-    jobs = [(p, k) for p in mine for k in range(cfg.images)]
+    jobs = [(p, k) for p in mine for k in range(cfg.num_images)]
     left = {p.index: p for m in cfg.methods for p, k in jobs if (m, p.index, k) not in done}
     # Work left per method: images to generate, and images saved but unscored (a kill between
     # the two), which are scored, not regenerated.
@@ -192,7 +216,7 @@ def run_bench(cfg: BenchConfig, denoiser: Denoiser | None = None,
                               for r in p.metadata.get("include", [])):
         lazy.colors()
     generators = {m: lazy.method(m) for m in cfg.methods if fresh[m]}
-    store.write_config(out, asdict(cfg), cfg.identity())
+    store.write_config(out, cfg.to_json(), cfg.identity())
     results = out / store.results_name(cfg.shard)
     counts, queues = {}, {}
 
@@ -256,7 +280,8 @@ class _Lazy:
         if self._denoiser is None:
             from l2s.engine.loading import load_backbone
 
-            self._denoiser = load_backbone(self.cfg.model, image_size=self.cfg.image_size)
+            self._denoiser = load_backbone(self.cfg.model, device=self.cfg.device,
+                                           dtype=self.cfg.dtype, image_size=self.cfg.image_size)
         return self._denoiser
 
     @property
@@ -308,11 +333,11 @@ def summarise_run(cfg: BenchConfig, prompts: list[BenchPrompt], records: list[di
     wanted = {p.index for p in prompts}
     by_method: dict[str, list[dict]] = {}
     for r in records:
-        if r["prompt_index"] in wanted and r["image_index"] < cfg.images:
+        if r["prompt_index"] in wanted and r["image_index"] < cfg.num_images:
             by_method.setdefault(r["method"], {})[(r["prompt_index"], r["image_index"])] = r
     by_method = {m: sorted(v.values(), key=lambda r: (r["prompt_index"], r["image_index"]))
                  for m, v in by_method.items() if m in cfg.methods}
-    expected = len(prompts) * cfg.images
+    expected = len(prompts) * cfg.num_images
     methods, warnings = {}, []
     for name in cfg.methods:
         recs = by_method.get(name, [])

@@ -6,6 +6,7 @@ import typer
 
 from l2s import __version__
 from l2s.cli import bench, classifier, doctor, invert, models, speed, steer, train
+from l2s.cli.options import SharedVocabulary
 
 app = typer.Typer(
     name="l2s",
@@ -47,11 +48,11 @@ def _root(
         torch.set_num_threads(threads)
 
 
-app.command("steer")(steer.steer)
-app.command("invert")(invert.invert)
-app.command("train")(train.train)
-app.command("bench")(bench.bench)
-app.command("speed")(speed.speed)
+app.command("steer", cls=SharedVocabulary)(steer.steer)
+app.command("invert", cls=SharedVocabulary)(invert.invert)
+app.command("train", cls=SharedVocabulary)(train.train)
+app.command("bench", cls=SharedVocabulary)(bench.bench)
+app.command("speed", cls=SharedVocabulary)(speed.speed)
 app.command("models")(models.models)
 app.command("doctor")(doctor.doctor)
 app.add_typer(classifier.app, name="classifier")

@@ -15,37 +15,28 @@ from rich.table import Table
 
 from l2s.bench import SUITES, BenchConfig, BenchResult, run_bench
 from l2s.cli.options import (
-    compile_option,
     config_option,
-    model_default_option,
+    device_option,
+    dtype_option,
+    image_size_option,
     resolved,
+    steer_options,
     write_resolved,
 )
 from l2s.cli.output import console, emit_json, user_errors
-from l2s.config import check_choice, check_generation, check_number, check_writable_dir
-from l2s.engine.compiled import COMPILE_MODES
+from l2s.config import check_writable_dir
 from l2s.launcher import parse_shard
-
-
-def check_bench_values(prompts: int | None, images: int | None, batch_size: int,
-                       image_size: int | None = None, compile: str = "off",
-                       **generation) -> None:
-    """The bench numbers, checked before anything is loaded or written."""
-    check_number("--prompts", prompts, 1)
-    check_number("--images", images, 1)
-    check_number("--batch-size", batch_size, 1)
-    check_number("--image-size", image_size, 1)
-    check_choice("--compile", compile, COMPILE_MODES)
-    check_generation(**generation)
+from l2s.steering.options import SteerOptions
 
 
 @user_errors
+@steer_options
 def bench(
     ctx: typer.Context,
     suite: str = typer.Option("shapes", "--suite", help="Prompt suite: " + ", ".join(SUITES)
                               + " (docs/benchmarks.md)."),
     model: str = typer.Option("toy", "--model", "-m", help="Preset, hub id or local folder."),
-    image_size: int = typer.Option(None, "--image-size", help="Pixels (default: the model's)."),
+    image_size: int = image_size_option(),
     method: list[str] = typer.Option(["plain"], "--method",
                                      help="Method to score, repeat to compare on the same "
                                           "seeds: plain, l2s, centroid, l2s-verify (plain "
@@ -53,19 +44,13 @@ def bench(
     prompts: int = typer.Option(None, "--prompts",
                                 help="First N prompts (default: all 553 / 100 / 300 of a fixed "
                                      "suite, 200 of a generated one)."),
-    images: int = typer.Option(None, "--images",
-                               help="Images per prompt (default: GenEval 4, CompBench 10, "
-                                    "multirel 4, toy 1)."),
+    num_images: int = typer.Option(None, "--num-images", "-n",
+                                   help="Images per prompt, at most 1000 (default: GenEval 4, "
+                                        "CompBench 10, multirel 4, toy 1)."),
     seed: int = typer.Option(0, "--seed", help="Chooses the prompts and the image seeds."),
-    steps: int = model_default_option("steps"),
-    guidance: float = model_default_option("guidance"),
+    options: SteerOptions = None,  # one flag per field (steer_options)
     classifier: str = typer.Option(None, "--classifier",
                                    help="l2s: classifier card.json (default: the model's)."),
-    steer_until: float = model_default_option("steer_until"),
-    iterations: int = model_default_option("iterations"),
-    loss_threshold: float = model_default_option("loss_threshold"),
-    step_size: float = model_default_option("step_size"),
-    relation_schedule: str = model_default_option("relation_schedule"),
     detector: str = typer.Option(None, "--detector",
                                  help="toy, mask2former, owlv2, a hub id or a folder (default: "
                                       "toy for shapes suites, mask2former for geneval suites "
@@ -73,11 +58,12 @@ def bench(
     color_model: str = typer.Option("openai/clip-vit-large-patch14", "--color-model",
                                     help="CLIP model for GenEval's colour tasks."),
     batch_size: int = typer.Option(100, "--batch-size", help="Images generated together."),
-    compile: str = compile_option(),
     shard: str = typer.Option(None, "--shard",
                               help="I/N: this process does prompts I, I+N, ... (default under "
                                    "accelerate launch: its rank); shards share --out and "
                                    "merge into one summary."),
+    device: str = device_option(),
+    dtype: str = dtype_option(),
     out: str = typer.Option(None, "--out", "-o",
                             help="Results folder (default: out/bench-SUITE-MODEL); an "
                                  "interrupted run there resumes."),
@@ -85,21 +71,13 @@ def bench(
     json_out: bool = typer.Option(False, "--json", help="Print the summary JSON on stdout."),
 ) -> None:
     """Generate and score a benchmark suite; rerunning with the same --out resumes."""
-    check_bench_values(prompts, images, batch_size, image_size, compile, steps=steps,
-                       guidance=guidance,
-                       steer_until=steer_until, iterations=iterations, step_size=step_size,
-                       loss_threshold=loss_threshold, relation_schedule=relation_schedule)
-    out = out or f"out/bench-{suite}-{model.replace('/', '_')}"
-    check_writable_dir(out)  # before generating: results that cannot be saved are lost
     cfg = BenchConfig(suite=suite, model=model, image_size=image_size, methods=tuple(method),
-                      prompts=prompts,
-                      images=images, seed=seed, steps=steps, guidance=guidance,
-                      classifier=classifier, steer_until=steer_until, iterations=iterations,
-                      step_size=step_size, loss_threshold=loss_threshold,
-                      relation_schedule=relation_schedule, detector=detector,
-                      color_model=color_model, batch_size=batch_size, compile=compile,
-                      shard=parse_shard(shard),
-                      out=out)
+                      prompts=prompts, num_images=num_images, seed=seed, options=options,
+                      classifier=classifier, detector=detector, color_model=color_model,
+                      batch_size=batch_size, shard=parse_shard(shard), device=device,
+                      dtype=dtype, out=out)
+    out = cfg.out  # out/bench-SUITE-MODEL when not given
+    check_writable_dir(out)  # before generating: results that cannot be saved are lost
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn())
     with Progress(*columns, console=console, disable=json_out, transient=True) as progress:

@@ -1,4 +1,6 @@
-"""Options the job commands share: `--config FILE.yaml` and the resolved config they write.
+"""Options the commands share: the steering options (one flag per SteerOptions field), the
+shared vocabulary (--device, --dtype, --image-size) with the old spellings of renamed flags,
+and `--config FILE.yaml` with the resolved config a run writes.
 
 A config file fills the click context's ``default_map`` before the other options are parsed,
 so a flag given on the command line wins over the file, and the file over the built-in default.
@@ -6,11 +8,44 @@ so a flag given on the command line wins over the file, and the file over the bu
 
 from __future__ import annotations
 
+import inspect
+import typing
+from collections.abc import Callable
+from dataclasses import fields
+from functools import wraps
 from pathlib import Path
 
 import typer
+from typer.core import TyperCommand
 
+from l2s.cli.output import user_errors
 from l2s.config import CONFIG_FILE, ConfigError, dump_yaml, load_yaml
+
+# Old spelling -> flag of the shared vocabulary. A command that has the new flag still takes
+# the old one (and a config file the old key) for one release; --help shows only the new one.
+OLD_SPELLINGS = {"--images": "--num-images"}
+
+
+def _key(flag: str) -> str:
+    return flag.lstrip("-").replace("-", "_")
+
+
+class SharedVocabulary(TyperCommand):
+    """A command that reads the old spellings of renamed flags as the new ones."""
+
+    def parse_args(self, ctx, args: list[str]) -> list[str]:
+        known = {o for p in self.params for o in p.opts}
+        renamed, rest = [], list(args)
+        while rest:
+            a = rest.pop(0)
+            if a == "--":  # what follows is arguments, not options
+                renamed += [a, *rest]
+                break
+            flag, eq, value = a.partition("=")
+            new = OLD_SPELLINGS.get(flag)
+            renamed.append(new + eq + value if new in known and flag not in known else a)
+        return super().parse_args(ctx, renamed)
+
 
 # Options that change what is shown, not what is computed: left out of the resolved config.
 _DISPLAY_ONLY = ("config", "json_out")
@@ -24,6 +59,9 @@ def _load(ctx: typer.Context, param: typer.CallbackParam, value: str | None) -> 
     except ConfigError as e:
         raise typer.BadParameter(str(e), ctx=ctx, param=param) from None
     params = {p.name: p for p in ctx.command.params if p.name not in _DISPLAY_ONLY}
+    for old, new in OLD_SPELLINGS.items():  # `images: 4` in a file written before the rename
+        if _key(old) in data and _key(new) in params and _key(old) not in params:
+            data[_key(new)] = data.pop(_key(old))
     unknown = sorted(set(data) - set(params))
     if unknown:
         raise typer.BadParameter(f"{value} has unknown key(s) {', '.join(unknown)}: valid keys "
@@ -35,47 +73,72 @@ def _load(ctx: typer.Context, param: typer.CallbackParam, value: str | None) -> 
     return value
 
 
-# Options whose default is the model's (``l2s.engine.registry.SteerDefaults``): one flag and
-# help text each, for every command that takes them (steer, bench, speed).
-_MODEL_DEFAULTS = {
-    "steps": ("--steps", "Sampling steps"),
-    "guidance": ("--guidance", "Guidance scale (CFG; Flux-dev: the embedded scale)"),
-    "steer_until": ("--steer-until", "Steer before this fraction of the steps (< 1) or this "
-                                     "step count (>= 1)"),
-    "steer_from": ("--steer-from", "First steered step"),
-    "iterations": ("--iterations", "Max gradient iterations per steered step"),
-    "step_size": ("--step-size", "Latent step size"),
-    "optimizer": ("--optimizer", "sgd, adam or normalized (fixed-size steps)"),
-    "loss_threshold": ("--loss-threshold", "Stop iterating below this loss"),
-    "relation_schedule": ("--relation-schedule",
-                          "Prompts with several relations: round-robin (iteration i steers "
-                          "relation i mod n, stop when it holds), worst (steer the relation "
-                          "with the highest loss, stop when all hold) or sum (the losses over "
-                          "the threshold summed, stop when all hold)"),
-}
-
-
-def model_default_option(name: str, text: str | None = None):
-    """The option for SteerDefaults field ``name``: None means the model's default, and
-    --help says so with the value a model without a preset gets (``text``: other words)."""
+def _option_help(f) -> str:
+    """--help of a SteerOptions field: its text, and for a model default what None means and
+    the value a model without a preset gets."""
+    words = f.metadata["help"]
+    if not f.metadata["model_default"]:
+        return words + "."
     from l2s.engine.registry import SteerDefaults
 
-    flag, words = _MODEL_DEFAULTS[name]
-    value = getattr(SteerDefaults(), name)
-    fallback = "1e-5 rising to 7e-5" if name == "loss_threshold" and value is None else value
-    return typer.Option(None, flag, help=f"{text or words} (default: the model's, listed by "
-                                         f"`l2s models --json`; {fallback} without a preset).")
+    value = getattr(SteerDefaults(), f.name)
+    fallback = "1e-5 rising to 7e-5" if f.name == "loss_threshold" and value is None else value
+    return (f"{words} (default: the model's, listed by `l2s models --json`; {fallback} "
+            "without a preset).")
 
 
-def compile_option():
-    """``--compile MODE``: torch.compile the steering forward (``l2s.engine.compiled``)."""
-    from l2s.engine.compiled import COMPILE_MODES
+def _option_type(hint):
+    """``int | None`` -> int: the type click converts the flag's text to."""
+    import types
 
-    return typer.Option("off", "--compile",
-                        help=f"torch.compile the steering forward: {', '.join(COMPILE_MODES)} "
-                             "(reduce-overhead adds CUDA graphs on a GPU). The first steered "
-                             "step of each batch shape pays the compilation (minutes on a "
-                             "CPU); results match eager to float rounding.")
+    args = [a for a in getattr(hint, "__args__", ()) if a is not type(None)]
+    return args[0] if isinstance(hint, types.UnionType) and len(args) == 1 else hint
+
+
+def steer_options(command: Callable) -> Callable:
+    """Give ``command`` one option per SteerOptions field (flag, type and help from the field)
+    in place of its ``options`` parameter, and call it with their values gathered into one
+    SteerOptions: every steering command takes the same flags, declared once."""
+    from l2s.steering.options import SteerOptions
+
+    hints = typing.get_type_hints(SteerOptions)
+    generated = [inspect.Parameter(
+        f.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=_option_type(hints[f.name]),
+        default=typer.Option(f.default, "--" + f.name.replace("_", "-"), help=_option_help(f)))
+        for f in fields(SteerOptions)]
+    names = [f.name for f in fields(SteerOptions)]
+    sig = inspect.signature(command)
+    params = list(sig.parameters.values())
+    at = [p.name for p in params].index("options")
+    params[at:at + 1] = generated
+
+    @wraps(command)
+    def wrapper(*args, **kwargs):
+        values = {n: kwargs.pop(n) for n in names}
+        options = user_errors(SteerOptions)(**values)  # a bad value: one line, exit 2
+        return command(*args, options=options, **kwargs)
+
+    wrapper.__signature__ = sig.replace(parameters=params)
+    wrapper.__annotations__ = {p.name: p.annotation for p in params}
+    return wrapper
+
+
+def device_option():
+    """``--device``: where the backbone runs."""
+    return typer.Option(None, "--device",
+                        help="cuda, cuda:N, cpu, mps (default: $L2S_DEVICE, else CUDA if any).")
+
+
+def dtype_option():
+    """``--dtype``: the backbone's floating-point type."""
+    return typer.Option(None, "--dtype", help="float16, bfloat16 or float32 (default: float16 "
+                                              "on CUDA, float32 on CPU; Flux and SD3 run fp16 "
+                                              "as bfloat16).")
+
+
+def image_size_option():
+    """``--image-size``: pixels a side of the generated images."""
+    return typer.Option(None, "--image-size", help="Pixels (default: the model's).")
 
 
 def config_option():

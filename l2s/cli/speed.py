@@ -5,13 +5,21 @@ from __future__ import annotations
 import typer
 from rich.table import Table
 
-from l2s.cli.options import compile_option, model_default_option
+from l2s.cli.options import (
+    config_option,
+    device_option,
+    dtype_option,
+    image_size_option,
+    steer_options,
+)
 from l2s.cli.output import console, emit_json, status, user_errors
 from l2s.steering import speed as speed_job
+from l2s.steering.options import SteerOptions
 from l2s.steering.speed import SpeedConfig
 
 
 @user_errors
+@steer_options
 def speed(
     model: str = typer.Option("toy", "--model", "-m", help="Preset, hub id or local folder."),
     prompt: str = typer.Option(None, "--prompt", help="Two-object prompt with a relation "
@@ -20,16 +28,10 @@ def speed(
                                         help="Presets (SD, Flux, SD3.5): exact architecture "
                                              "with random weights (no download; timing is "
                                              "the same)."),
-    image_size: int = typer.Option(None, "--image-size", help="Pixels (default: the model's)."),
-    device: str = typer.Option(None, "--device",
-                               help="cuda, cpu, ... (default: $L2S_DEVICE, else CUDA if any)."),
-    dtype: str = typer.Option(None, "--dtype", help="float16, bfloat16 or float32 (default: "
-                                                    "float16 on CUDA, float32 on CPU; Flux "
-                                                    "and SD3 run fp16 as bfloat16)."),
-    steps: int = model_default_option("steps"),
-    steer_until: float = model_default_option("steer_until"),
-    iterations: int = model_default_option(
-        "iterations", "Iterations per steered step in the worst case"),
+    image_size: int = image_size_option(),
+    device: str = device_option(),
+    dtype: str = dtype_option(),
+    options: SteerOptions = None,  # one flag per field (steer_options)
     repeats: int = typer.Option(5, "--repeats", help="Timed repetitions of each unit."),
     end_to_end: bool = typer.Option(True, "--end-to-end/--units-only",
                                     help="Also time whole generations (plain, worst case, "
@@ -42,8 +44,8 @@ def speed(
     truncate: bool = typer.Option(True, "--truncate/--full-forward",
                                   help="Steering forwards stop after the last recorded layer "
                                        "(default) or run the whole network."),
-    compile: str = compile_option(),
     out: str = typer.Option(None, "--out", "-o", help="Also write the report JSON here."),
+    config: str = config_option(),
     json_out: bool = typer.Option(False, "--json", help="Print the report JSON on stdout."),
 ) -> None:
     """Time plain and steered steps, ours and reference-style, side by side.
@@ -53,14 +55,13 @@ def speed(
     the same run, so they hold on the machine that ran it; on a GPU the times are
     CUDA-synchronised. Each unit also counts the kernels it launches (ATen operations other
     than views; the same count on a CPU, where launch overhead cannot be timed) and its host
-    reads (each one a GPU sync).
+    reads (each one a GPU sync). --iterations runs on every steered step (the worst case,
+    the early exit disabled).
     """
     cfg = SpeedConfig(model=model, prompt=prompt, random_weights=random_weights,
-                      image_size=image_size, device=device, dtype=dtype, steps=steps,
-                      steer_until=steer_until, iterations=iterations, repeats=repeats,
-                      end_to_end=end_to_end, classifier=classifier,
-                      channels_last=channels_last, truncate=truncate, compile=compile,
-                      out=out)
+                      image_size=image_size, device=device, dtype=dtype, options=options,
+                      repeats=repeats, end_to_end=end_to_end, classifier=classifier,
+                      channels_last=channels_last, truncate=truncate, out=out)
 
     with status("timing", json_out) as spinner:
 
@@ -93,8 +94,8 @@ def speed(
                   f"reference-style / ours: x{r['reference_vs_ours_iteration']} time"
                   + (f", x{r['reference_vs_ours_peak_memory']} peak memory"
                      if r["reference_vs_ours_peak_memory"] else ""))
-    if compile != "off":
-        console.print(f"compiled ({compile}) / eager iteration: "
+    if options.compile != "off":
+        console.print(f"compiled ({options.compile}) / eager iteration: "
                       f"x{r['compiled_vs_eager_iteration']} time, update error "
                       f"{r['compiled_vs_eager_update_error']:.2g} (rounding: ~1e-6 fp32, ~1e-3 "
                       "fp16); the first compiled iteration took "

@@ -8,10 +8,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from l2s.cli.options import (
-    compile_option,
     config_option,
-    model_default_option,
+    device_option,
+    dtype_option,
     resolved,
+    steer_options,
     write_resolved,
 )
 from l2s.cli.output import console, emit_json, status, user_errors
@@ -19,6 +20,7 @@ from l2s.config import check_writable_dir
 from l2s.engine.tokens import triplet_tokens
 from l2s.steering.job import SteerConfig
 from l2s.steering.job import steer as run_steer
+from l2s.steering.options import SteerOptions
 
 
 def _token_table(den, prompt: str) -> Table:
@@ -75,6 +77,7 @@ def _achieved(rep: dict, paths: list) -> str | None:
     return f"relation achieved? {a['by']}: {a['p_target']:.3f}"
 
 
+@steer_options
 def steer(
     ctx: typer.Context,
     prompt: str = typer.Argument(..., metavar="PROMPT",
@@ -89,23 +92,13 @@ def steer(
     num_images: int = typer.Option(1, "--num-images", "-n", help="Images, one batch."),
     image_size: int = typer.Option(None, "--image-size", help="Pixels (default: the model's)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the first image (then +1 each)."),
-    steps: int = model_default_option("steps"),
-    guidance: float = model_default_option("guidance"),
-    steer_until: float = model_default_option("steer_until"),
-    steer_from: int = model_default_option("steer_from"),
-    budget: int = typer.Option(None, "--budget",
-                               help="Max gradient iterations per image over the whole "
-                                    "generation (default: no cap)."),
-    iterations: int = model_default_option("iterations"),
-    loss_threshold: float = model_default_option("loss_threshold"),
-    step_size: float = model_default_option("step_size"),
-    optimizer: str = model_default_option("optimizer"),
-    relation_schedule: str = model_default_option("relation_schedule"),
+    options: SteerOptions = None,  # one flag per field (steer_options)
+    device: str = device_option(),
+    dtype: str = dtype_option(),
     verify: bool = typer.Option(False, "--verify",
                                 help="Generate plainly first, check each image (the toy's "
                                      "detector, else the classifier on the plain pass) and "
                                      "steer only the failing ones, from the same seeds."),
-    compile: str = compile_option(),
     compare_plain: bool = typer.Option(False, "--compare-plain",
                                        help="Also time plain generation of the same seeds."),
     save_attention: bool = typer.Option(False, "--save-attention",
@@ -133,24 +126,17 @@ def steer(
     def body() -> None:
         from l2s.classifier.model import card_origin
         from l2s.engine.loading import load_backbone
-        from l2s.steering.job import steer_settings
 
         cfg = SteerConfig(prompt=prompt, model=model, image_size=image_size, method=method,
-                          classifier=classifier,
-                          num_images=num_images, seed=seed, steps=steps, guidance=guidance,
-                          steer_until=steer_until, iterations=iterations, step_size=step_size,
-                          loss_threshold=loss_threshold, optimizer=optimizer,
-                          steer_from=steer_from, budget=budget,
-                          relation_schedule=relation_schedule, verify=verify,
-                          compile=compile, compare_plain=compare_plain,
-                          save_attention=save_attention, out=out)
+                          classifier=classifier, num_images=num_images, seed=seed,
+                          options=options, device=device, dtype=dtype, verify=verify,
+                          compare_plain=compare_plain, save_attention=save_attention, out=out)
         check_writable_dir(out)  # before loading and generating: nothing is lost
-        s = steer_settings(model, steps=steps, steer_until=steer_until, steer_from=steer_from)
+        n = options.resolve(model).steered_count()
         with status(f"loading {model}", json_out):
-            den = load_backbone(model, image_size=image_size)
+            den = load_backbone(model, device=device, dtype=dtype, image_size=image_size)
         if show_tokens:
             console.print(_token_table(den, prompt))
-        n = s.steered_count()
         columns = (TextColumn("steering"), BarColumn(), MofNCompleteColumn(),
                    TextColumn("{task.fields[info]}"), TimeElapsedColumn())
         with Progress(*columns, console=console, transient=True,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -11,22 +11,21 @@ import numpy as np
 from l2s.config import (
     ConfigError,
     check_choice,
-    check_generation,
-    check_number,
+    check_integer,
+    check_seeds,
+    check_text,
     check_writable_dir,
 )
 from l2s.engine.backbone import Denoiser
-from l2s.engine.compiled import COMPILE_MODES
-from l2s.engine.registry import steer_defaults
 from l2s.engine.sampling import seeded_latents, to_uint8
 from l2s.engine.timing import Clock, peak_memory_mb
 from l2s.errors import L2SError
 from l2s.relations import Triplet, parse
 from l2s.steering import SteerError as SteerError
-from l2s.steering.loop import SteerSettings, SteerStats, generate
+from l2s.steering.loop import SteerStats, generate
 from l2s.steering.losses import LossRequest, RelationLoss, losses, make_loss
 from l2s.steering.losses import use_card_text_len as use_card_text_len
-from l2s.steering.optimizers import optimizers
+from l2s.steering.options import SteerOptions
 
 
 class PromptError(L2SError, ValueError):
@@ -61,34 +60,6 @@ def build_loss(method: str, denoiser: Denoiser, model: str, classifier: str | No
     return loss, loss.source
 
 
-def steer_settings(model: str, *, steps: int | None = None, guidance: float | None = None,
-                   steer_until: float | None = None, iterations: int | None = None,
-                   step_size: float | None = None, optimizer: str | None = None,
-                   loss_threshold: float | None = None, steer_from: int | None = None,
-                   budget: int | None = None, relation_schedule: str | None = None,
-                   compile: str = "off") -> SteerSettings:
-    """SteerSettings from user values; each one left None is the model's default
-    (``l2s.engine.registry.steer_defaults``: its preset's or look-alike preset's, else SD's)."""
-    given = {"steps": steps, "guidance": guidance, "steer_until": steer_until,
-             "iterations": iterations, "step_size": step_size, "optimizer": optimizer,
-             "loss_threshold": loss_threshold, "steer_from": steer_from,
-             "relation_schedule": relation_schedule}
-    defaults = steer_defaults(model)
-    v = {k: getattr(defaults, k) if x is None else x for k, x in given.items()}
-    threshold = v.pop("loss_threshold")
-    if threshold is not None:  # a fixed early exit; None: SteerSettings' schedule
-        v.update(threshold_start=threshold, threshold_end=threshold)
-    settings = SteerSettings(**v, budget=budget, compile=compile)
-    last = settings.steered_steps()
-    if (steer_from is not None or steer_until is not None) and not settings.steered_count():
-        default = " (the model's default)" if steer_from is None else ""
-        raise ConfigError(f"--steer-from {settings.steer_from}{default} leaves no step to "
-                          f"steer: steering ends before step {last} (--steer-until "
-                          f"{settings.steer_until:g} of {settings.steps} steps); pass a "
-                          f"--steer-from below {last} or a larger --steer-until")
-    return settings
-
-
 @dataclass(frozen=True)
 class SteerConfig:
     """Settings of one `l2s steer` run; written into its report."""
@@ -100,40 +71,38 @@ class SteerConfig:
     classifier: str | None = None  # classifier card (None: the model's default)
     num_images: int = 1  # images generated in one batch, seeds seed..seed+n-1
     seed: int = 0  # noise seed of the first image
-    steps: int | None = None  # DDIM steps (None: the model's default)
-    guidance: float | None = None  # classifier-free guidance (None: the model's default)
-    # steer steps before this fraction (< 1) or step count (>= 1) (None: the model's default)
-    steer_until: float | None = None
-    iterations: int | None = None  # max gradient iterations per steered step (None: the model's)
-    step_size: float | None = None  # latent step (None: the model's default)
-    optimizer: str | None = None  # sgd, adam or normalized (None: the model's default)
-    steer_from: int | None = None  # first steered step (None: the model's default)
-    budget: int | None = None  # max iterations per image over the generation (None: no cap)
-    # several relations: how they share the iterations (None: the model's default)
-    relation_schedule: str | None = None
+    options: SteerOptions = field(default_factory=SteerOptions)  # sampling and steering
+    device: str | None = None  # cuda, cpu, ... (None: $L2S_DEVICE, else CUDA if any)
+    dtype: str | None = None  # float16, bfloat16, float32 (None: fp16 on CUDA, else fp32)
     verify: bool = False  # generate plainly, check, steer only the images that fail
-    loss_threshold: float | None = None  # early exit below this loss (None: the model's)
     compare_plain: bool = False  # also time the same seeds without steering
     save_attention: bool = False  # write attention_<seed>.png: maps before/after, loss curves
-    compile: str = "off"  # torch.compile the steering forward (l2s.engine.compiled)
     out: str | None = None  # folder for PNGs and report.json (None: write nothing)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.prompt, str):
+            raise PromptError(f'the prompt must be text such as "a circle to the left of a '
+                              f'square", got {self.prompt!r}')
         if not self.prompt.strip():
-            raise PromptError('the prompt is empty: give one such as "a circle to the left of a '
-                              'square"')
+            raise PromptError('the prompt is empty: give one such as "a circle to the left of '
+                              'a square"')
+        check_text("--model", self.model)
         check_choice("--method", self.method, steer_methods())
-        check_choice("--compile", self.compile, COMPILE_MODES)
-        if self.optimizer is not None:
-            check_choice("--optimizer", self.optimizer, tuple(optimizers()))
-        check_number("--steer-from", self.steer_from, 0)
-        check_number("--budget", self.budget, 0)
-        check_number("--num-images", self.num_images, 1)
-        check_number("--image-size", self.image_size, 1)
-        check_generation(steps=self.steps, guidance=self.guidance, steer_until=self.steer_until,
-                         iterations=self.iterations, step_size=self.step_size,
-                         loss_threshold=self.loss_threshold,
-                         relation_schedule=self.relation_schedule)
+        check_text("--classifier", self.classifier, optional=True, path=True)
+        check_integer("--num-images", self.num_images, 1, optional=False)
+        check_integer("--image-size", self.image_size, 1)
+        check_seeds("--seed", self.seed, self.num_images)
+        if not isinstance(self.options, SteerOptions):
+            raise ConfigError(f"options must be a SteerOptions, got {self.options!r}")
+        check_text("--device", self.device, optional=True)
+        check_text("--dtype", self.dtype, optional=True)
+        check_text("--out", self.out, optional=True, path=True)
+
+    def to_json(self) -> dict:
+        """The config as flat {option: value} (the steering options beside the others): the
+        "settings" keys of report.json."""
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "options"}
+        return {**d, **self.options.to_json()}
 
 
 def prompt_warnings(triplets: list[Triplet]) -> list[str]:
@@ -187,17 +156,12 @@ def steer(config: SteerConfig, denoiser: Denoiser | None = None, on_step=None) -
     triplets = parse(config.prompt)
     if config.out:  # before any work: a run whose images cannot be saved is lost
         check_writable_dir(config.out)
-    settings = steer_settings(config.model, steps=config.steps, guidance=config.guidance,
-                              steer_until=config.steer_until, iterations=config.iterations,
-                              step_size=config.step_size, optimizer=config.optimizer,
-                              loss_threshold=config.loss_threshold,
-                              steer_from=config.steer_from, budget=config.budget,
-                              relation_schedule=config.relation_schedule,
-                              compile=config.compile)
+    settings = config.options.resolve(config.model)
     if denoiser is None:
         from l2s.engine.loading import load_backbone
 
-        denoiser = load_backbone(config.model, image_size=config.image_size)
+        denoiser = load_backbone(config.model, device=config.device, dtype=config.dtype,
+                                 image_size=config.image_size)
     check_prompt(denoiser, triplets)
     steerable = [t for t in triplets if t.steerable]
     method = config.method if steerable else "plain"
@@ -227,7 +191,7 @@ def steer(config: SteerConfig, denoiser: Denoiser | None = None, on_step=None) -
                       "steerable": t.steerable} for t in triplets],
         "method": method,
         "classifier": card,
-        "settings": {**asdict(config), **asdict(settings)},
+        "settings": {**config.to_json(), **asdict(settings)},
         "image_size": list(denoiser.image_size),  # (H, W) pixels generated
         "text_len": denoiser.text_len,  # text tokens prompts were encoded as (the maps' keys)
         "seeds": seeds,

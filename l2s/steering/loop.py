@@ -42,8 +42,8 @@ _SD = SteerDefaults()  # the defaults of a model without a preset (l2s.engine.re
 
 @dataclass(frozen=True)
 class SteerSettings:
-    """How hard and how long to steer (``l2s.steering.job.steer_settings``: from a model's
-    defaults and the user's values)."""
+    """How hard and how long to steer (``l2s.steering.options.SteerOptions.resolve``: from a
+    model's defaults and the user's values)."""
 
     steps: int = _SD.steps  # DDIM steps of the whole generation
     guidance: float = _SD.guidance  # classifier-free guidance of the normal step

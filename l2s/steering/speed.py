@@ -26,12 +26,12 @@ from __future__ import annotations
 import contextlib
 import json
 import statistics
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
 
-from l2s.config import check_writable_file
+from l2s.config import check_integer, check_text, check_writable_file
 from l2s.engine.backbone import Denoiser
 from l2s.engine.sampling import guided_prediction, sample, seeded_latents
 from l2s.engine.timing import Clock
@@ -40,6 +40,7 @@ from l2s.inversion.cache import atomic_write_text
 from l2s.relations import parse
 from l2s.steering.loop import RelationPlan, Steerer, steer_latents
 from l2s.steering.losses import RelationLoss
+from l2s.steering.options import SteerOptions
 
 
 @dataclass(frozen=True)
@@ -50,18 +51,35 @@ class SpeedConfig:
     prompt: str | None = None  # None: a two-object prompt the model knows
     random_weights: bool = False  # SD presets: exact architecture, random weights (no download)
     image_size: int | None = None  # pixels (None: the model's default)
-    device: str | None = None  # None: CUDA if available
+    device: str | None = None  # None: $L2S_DEVICE, else CUDA if available
     dtype: str | None = None  # None: fp16 on CUDA, fp32 on CPU
-    steps: int | None = None  # DDIM steps (None: the model's default)
-    steer_until: float | None = None  # steered steps: fraction (< 1) or count (None: model's)
-    iterations: int | None = None  # worst case: iterations on every steered step (None: model's)
+    # Sampling and steering; iterations: run on every steered step (the worst case, the early
+    # exit disabled), at least 1.
+    options: SteerOptions = field(default_factory=SteerOptions)
     repeats: int = 5  # timed repetitions of each unit, after one warm-up
     end_to_end: bool = True  # also time whole generations (plain, worst case, 1 iteration)
     classifier: str | None = None  # None: the model's classifier, else a random one (timing)
     channels_last: bool = False  # the attention model in channels_last (NHWC) memory format
     truncate: bool = True  # steering forwards stop after the last recorded layer
-    compile: str = "off"  # torch.compile the steering forward (l2s.engine.compiled)
     out: str | None = None  # also write the report JSON to this file
+
+    def __post_init__(self) -> None:
+        check_text("--model", self.model)
+        check_text("--prompt", self.prompt, optional=True)
+        check_integer("--image-size", self.image_size, 1)
+        check_text("--device", self.device, optional=True)
+        check_text("--dtype", self.dtype, optional=True)
+        if not isinstance(self.options, SteerOptions):
+            raise ConfigError(f"options must be a SteerOptions, got {self.options!r}")
+        check_integer("--iterations", self.options.iterations, 1)
+        check_integer("--repeats", self.repeats, 1, optional=False)
+        check_text("--classifier", self.classifier, optional=True, path=True)
+        check_text("--out", self.out, optional=True, path=True)
+
+    def to_json(self) -> dict:
+        """The config as flat {option: value}: the report's "config"."""
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "options"}
+        return {**d, **self.options.to_json()}
 
 
 @dataclass
@@ -141,10 +159,8 @@ def speed(config: SpeedConfig, denoiser: Denoiser | None = None, on_unit=None) -
     """Measure the units and the end-to-end generations; write the report to ``config.out``
     (checked before the timing, which an unwritable report would waste) and return it."""
     from l2s.engine.loading import load_backbone
-    from l2s.steering.job import PromptError, steer_settings
+    from l2s.steering.job import PromptError
 
-    if config.repeats < 1 or (config.iterations is not None and config.iterations < 1):
-        raise ConfigError("--repeats and --iterations must be at least 1")
     if config.out:
         check_writable_file(config.out)
     if denoiser is None:
@@ -162,9 +178,7 @@ def speed(config: SpeedConfig, denoiser: Denoiser | None = None, on_unit=None) -
     loss, loss_source = timing_loss(denoiser, config.model, config.classifier)
     if config.channels_last:  # cuDNN's native layout: no NCHW<->NHWC conversions per conv
         denoiser.attention_model.to(memory_format=torch.channels_last)
-    base = replace(steer_settings(config.model, steps=config.steps,
-                                  steer_until=config.steer_until, iterations=config.iterations),
-                   truncate_forward=config.truncate, compile=config.compile)
+    base = replace(config.options.resolve(config.model), truncate_forward=config.truncate)
     # threshold < 0: a cross-entropy is never below it, so no early exit (worst case).
     worst = replace(base, threshold_start=-1.0, threshold_end=-1.0)
     one_iter = replace(worst, iterations=1)
@@ -213,7 +227,7 @@ def speed(config: SpeedConfig, denoiser: Denoiser | None = None, on_unit=None) -
     updates: list[torch.Tensor] = []  # the latent update of ours, compiled and eager
 
     note("ours_iteration", iteration(reference=False))
-    if config.compile != "off":  # the same iteration eager, timed in the same run
+    if base.compile != "off":  # the same iteration eager, timed in the same run
         note("ours_eager_iteration", iteration(reference=False, eager=True))
     note("reference_iteration", iteration(reference=True))
 
@@ -225,7 +239,7 @@ def speed(config: SpeedConfig, denoiser: Denoiser | None = None, on_unit=None) -
         "prompt": prompt, "loss": loss_source,
         "steps": base.steps, "steered_steps": n_steered,  # a count (SteerSettings.steered_count)
         "iterations": base.iterations, "repeats": config.repeats,
-        "config": asdict(config), "units": units,
+        "config": config.to_json(), "units": units,
     }
     plain_ms, ours_ms = units["plain_step"]["ms"], units["ours_iteration"]["ms"]
     ref_ms = units["reference_iteration"]["ms"]
@@ -236,7 +250,7 @@ def speed(config: SpeedConfig, denoiser: Denoiser | None = None, on_unit=None) -
         # Kernel launches bound a small batch on a GPU: this ratio is the same on any device
         # (counted on the eager iteration).
         "ours_iteration_vs_plain_step_kernels": round(
-            units["ours_eager_iteration" if config.compile != "off" else "ours_iteration"]
+            units["ours_eager_iteration" if base.compile != "off" else "ours_iteration"]
             ["ops"]["kernels"] / units["plain_step"]["ops"]["kernels"], 3),
         "compiled_vs_eager_iteration": round(ours_ms / units["ours_eager_iteration"]["ms"], 3)
         if "ours_eager_iteration" in units else None,
