@@ -279,6 +279,7 @@ def test_plugins_add_losses_and_optimizers_through_entry_points(den, monkeypatch
 
     from l2s.steering import losses, optimizers
     from l2s.steering.job import SteerConfig, steer_methods
+    from l2s.steering.options import SteerOptions
 
     class Sign(optimizers.LatentOptimizer):
         steps = 0
@@ -301,7 +302,8 @@ def test_plugins_add_losses_and_optimizers_through_entry_points(den, monkeypatch
         monkeypatch.setattr(module, table, dict(getattr(module, table)))
         monkeypatch.setattr(module, "_discovered", False)
     assert "test-plugin" in steer_methods()
-    SteerConfig("a dog left of a cat", method="test-plugin", optimizer="test-sign")  # accepted
+    SteerConfig("a dog left of a cat", method="test-plugin",
+                options=SteerOptions(optimizer="test-sign"))  # accepted
     s = SteerSettings(steps=2, guidance=2.0, steer_until=1, iterations=2, step_size=0.01,
                       optimizer="test-sign", threshold_start=-1.0, threshold_end=-1.0)
     lat = seeded_latents(den, [0])
