@@ -51,7 +51,7 @@ def test_speed_mistakes_are_l2s_errors():
     ValueError`, hiding bugs of that type too)."""
     from l2s.steering.speed import SpeedConfig, run_speed
 
-    with pytest.raises(L2SError, match="--repeats and --iterations must be at least 1"):
+    with pytest.raises(L2SError, match="--repeats must be >= 1"):
         run_speed(SpeedConfig(model="toy", repeats=0))
     with pytest.raises(L2SError, match="states no steerable relation"):
         run_speed(SpeedConfig(model="toy", prompt="a circle and a square", repeats=1))

@@ -18,7 +18,6 @@ from pathlib import Path
 import typer
 from typer.core import TyperCommand
 
-from l2s.cli.output import user_errors
 from l2s.config import CONFIG_FILE, ConfigError, dump_yaml, load_yaml
 
 # Old spelling -> flag of the shared vocabulary. A command that has the new flag still takes
@@ -115,7 +114,7 @@ def steer_options(command: Callable) -> Callable:
     @wraps(command)
     def wrapper(*args, **kwargs):
         values = {n: kwargs.pop(n) for n in names}
-        options = user_errors(SteerOptions)(**values)  # a bad value: one line, exit 2
+        options = SteerOptions(**values)  # a bad value: ConfigError, for user_errors
         return command(*args, options=options, **kwargs)
 
     wrapper.__signature__ = sig.replace(parameters=params)

@@ -77,6 +77,7 @@ def _achieved(rep: dict, paths: list) -> str | None:
     return f"relation achieved? {a['by']}: {a['p_target']:.3f}"
 
 
+@user_errors  # a bad steering option (SteerOptions); the rest is checked in body()
 @steer_options
 def steer(
     ctx: typer.Context,
