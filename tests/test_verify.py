@@ -9,6 +9,7 @@ from l2s.engine.sampling import seeded_latents
 from l2s.relations import Triplet, parse
 from l2s.steering.loop import SteerSettings, steer_latents
 from l2s.steering.losses import CentroidLoss
+from l2s.steering.options import SteerOptions
 from l2s.steering.verify import generate_verified
 
 PROMPTS = ["a dog left of a cat", "a cat above a bowl"]
@@ -83,7 +84,7 @@ def test_bench_l2s_verify_keeps_what_the_suites_checker_passes():
     from l2s.engine.loading import load_backbone
 
     toy = load_backbone("toy", device="cpu")
-    cfg = BenchConfig(model="toy", steps=3, steer_until=2, iterations=2)
+    cfg = BenchConfig(model="toy", options=SteerOptions(steps=3, steer_until=2, iterations=2))
     texts = ["a circle to the left of a square", "a triangle above a ring"]
     prompts = [BenchPrompt(i, p, {"tag": "position"}, tuple(parse(p)))
                for i, p in enumerate(texts)]
