@@ -29,9 +29,9 @@ toy-model:  ## retrain the shipped toy model (~1 h on a CPU; resumable): plain, 
 	    --export l2s/toy/weights
 
 # The toy-mmdit recipe (l2s/toy/mmdit.py): rectified flow with joint-attention supervision.
-# MMDIT_STEPS is the step the shipped run reached (scripts/gpu/train_toy_mmdit.sh stopped at its
-# 200 s limit on an H200); the learning rate is constant after warmup and batches are a function
-# of (seed, step), so a rerun to that step repeats it up to GPU nondeterminism. fp32 on
+# MMDIT_STEPS is the shipped weights' step (200 s of training on an H200,
+# scripts/gpu/train_toy_mmdit.sh); the learning rate is constant after warmup and batches are a
+# function of (seed, step), so a rerun to that step repeats it up to GPU nondeterminism. fp32 on
 # CUDA, no --bf16: bf16 autocast failed in backward (CUBLAS_STATUS_EXECUTION_FAILED, torch 2.11
 # + cu130) and the shipped weights were trained without it. On a CPU (DEVICE=cpu) it takes days.
 MMDIT_STEPS ?= 2696

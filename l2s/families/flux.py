@@ -53,7 +53,7 @@ class FluxDenoiser(MMDiTDenoiser):
     reference_layout = "flux"  # published Flux classifiers: channel = layer x 24 + head
     max_text_len = 512  # FluxPipeline refuses a longer max_sequence_length
     # No cuDNN attention: on torch 2.11 + CUDA 13 (H200) its backward died in every Flux
-    # steering iteration (illegal memory access, docs/results.md); flash / memory-efficient ran.
+    # steering iteration (illegal memory access, docs/design.md); flash / memory-efficient ran.
     sdpa_backends = ("flash", "mem_efficient", "math")
 
     def __init__(self, transformer, vae, text_encoder, tokenizer, text_encoder_2, tokenizer_2,

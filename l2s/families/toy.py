@@ -24,7 +24,7 @@ PRESET = Preset("toy", "toy", None, "tiny pixel-space shapes model shipped with 
                     steps=20, guidance=3.0, step_size=0.02,
                     # The toy stops once its classifier agrees: p(target) >= 0.9.
                     loss_threshold=0.105,
-                    # Measured (docs/results.md, "Steering cost"): step 0 (t=951) is where the
+                    # Measured (docs/design.md, "Steering loop"): step 0 (t=951) is where the
                     # classifier reads least (0.62) and where steering stretched objects; steps
                     # 1-4 with fixed-size (normalized) updates reach the same accuracy at x1.2.
                     steer_from=1, steer_until=5, optimizer="normalized",

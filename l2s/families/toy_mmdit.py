@@ -38,7 +38,7 @@ PRESET = Preset("toy-mmdit", "toy-mmdit", None,
                 32, SteerDefaults(
                     steps=20, guidance=1.0, step_size=0.04, optimizer="normalized",
                     # Tuned for the shipped (flow-inverted) classifier on 64 shapes prompts
-                    # of seed 1 (docs/results.md, "toy-mmdit"): steps 0-4 at step size 0.04
+                    # of seed 1 (docs/design.md, "Steering loop"): steps 0-4 at step size 0.04
                     # gave position 0.95 where the previous defaults (steps 0-2, 0.02) gave
                     # 0.84; stopping at p(target) >= 0.8 (loss 0.22) or 0.9 made no difference.
                     steer_until=5, loss_threshold=0.22),

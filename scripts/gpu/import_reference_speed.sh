@@ -1,14 +1,22 @@
 #!/usr/bin/env bash
-# Issue 13 on a GPU (~3-5 min on one H100; run from the repo root with PYTHONPATH=.): cost of one steering iteration on SD2.1-base
-# (exact architecture, random weights, fp16, 512 px) with our classifier vs the published
-# reference network (a random checkpoint at the published SD sizes, converted by
-# `l2s classifier import`). Writes $OUT/import13_*.json.
+# What the published classifier network costs in one steering iteration: `l2s speed` on
+# SD2.1-base (exact architecture, random weights, fp16, 512 px, batch 1, `--units-only`) once
+# with our classifier and once with the published network at its SD sizes (a randomly
+# initialised checkpoint in the published format, converted by `l2s classifier import`; costs do
+# not depend on the weights). About 3-5 minutes on one H100.
+#
+#   bash scripts/gpu/import_reference_speed.sh     # from the repository root
+#
+# Results: $OUT/speed_ours.json and $OUT/speed_reference.json (the `l2s speed` reports), the
+# converted classifier in $OUT/ref-clf, and a table of both on stdout. l2s installed (or
+# PYTHONPATH=.) and a CUDA build of torch.
 set -euo pipefail
-OUT=${OUT:-out/gpu}
+OUT=${OUT:-out/gpu-import-reference}
+PY=${PY:-python}
 mkdir -p "$OUT"
 export L2S_CACHE_DIR="$OUT/cache"
-python - <<'PY'
-import collections, torch
+"$PY" - "$OUT/random_sd2.pth" <<'PY'
+import collections, sys, torch
 from l2s.classifier.model import num_parameters
 from l2s.classifier.reference import ReferenceClassifier, ReferenceConfig
 classes = ("above", "below", "is", "to the left of", "to the right of")
@@ -23,18 +31,13 @@ torch.save({"model_state_dict": collections.OrderedDict(net.state_dict()),
             "rel_name_to_idx": {c: i for i, c in enumerate(classes)},
             "idx_to_rel_name": dict(enumerate(classes)), "input_channels": 1368,
             "config": cfg, "training_config": {"timesteps": [5, 10, 15, 20, 25, 49]}},
-           "/tmp/import13_random_sd2.pth")
+           sys.argv[1])
 print("parameters", num_parameters(net))
 PY
-python -m l2s classifier import /tmp/import13_random_sd2.pth --model sd2.1-base --random-weights \
-    --out "$OUT/ref-clf" --json > "$OUT/import13_import.json"
-python -m l2s speed --model sd2.1-base --random-weights --units-only --json \
-    > "$OUT/import13_speed_ours.json"
-python -m l2s speed --model sd2.1-base --random-weights --units-only --json \
-    --classifier "$OUT/ref-clf" > "$OUT/import13_speed_reference.json"
-python - "$OUT" <<'PY'
-import json, sys
-out = sys.argv[1]
-for k in ("ours", "reference"):
-    print(k, json.dumps(json.load(open(f"{out}/import13_speed_{k}.json")))[:2000])
-PY
+"$PY" -m l2s classifier import "$OUT/random_sd2.pth" --model sd2.1-base --random-weights \
+    --out "$OUT/ref-clf" --json > "$OUT/import.json"
+"$PY" -m l2s speed --model sd2.1-base --random-weights --units-only --json \
+    > "$OUT/speed_ours.json"
+"$PY" -m l2s speed --model sd2.1-base --random-weights --units-only --json \
+    --classifier "$OUT/ref-clf" > "$OUT/speed_reference.json"
+"$PY" scripts/gpu/speed_table.py "$OUT/speed_ours.json" "$OUT/speed_reference.json"

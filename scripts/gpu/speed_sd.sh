@@ -1,22 +1,31 @@
 #!/usr/bin/env bash
-# Issue 15 GPU levers: `l2s speed` on SD2.1-base-shaped (sd2.1 at 512 px) and SD1.4 UNets with
-# random weights at 512 px, ours vs the reference-style loop, with and without each lever
-# (truncated forward, channels_last, torch.compile). Results: $OUT/speed_<model>_<variant>.json.
-# Run from the repo root with PYTHONPATH=. on one GPU; ~3-4 min on an H100 (units: 5 repeats;
-# end to end only for the default variant; each compile variant adds a compilation, ~1-3 min).
-# Trimmed (scripts/gpu/session.sh):
-#   MODELS="sd2.1-base" VARIANTS="default channels-last" E2E=0 bash scripts/gpu/speed_sd.sh
+# Steering speed on Stable Diffusion UNets: `l2s speed` on SD2.1-base and SD1.4 with random
+# weights (exact architectures; costs do not depend on the weights) at 512 px, fp16, batch 1:
+# the plain CFG step, our steering iteration, a reference-style iteration and peak memory, with
+# and without each lever (truncated forward, channels_last, torch.compile). One line per run on
+# stdout; the full reports in $OUT/speed_<model>_<variant>.json.
+#
+#   bash scripts/gpu/speed_sd.sh                       # every model and variant, ~5-10 min
+#   MODELS="sd2.1-base" VARIANTS="default compile-cudagraphs" E2E=0 bash scripts/gpu/speed_sd.sh
+#
+# MODELS: presets to time (default "sd2.1-base sd1.4"). VARIANTS (default "default full-forward
+# channels-last compile-cudagraphs"): default (truncated forward, plus whole generations unless
+# E2E=0), full-forward (the truncation off), channels-last, compile-default (Inductor kernels),
+# compile-cudagraphs (Inductor + CUDA graphs, `--compile reduce-overhead`). A compile variant
+# pays one compilation (1-3 min) on its first iteration, outside the medians; read its
+# `compiled_vs_eager_update_error` first (~1e-3 is fp16 rounding, more is a wrong gradient).
+# Run from the repository root with l2s installed (or PYTHONPATH=.) and a CUDA build of torch.
 set -euo pipefail
-OUT=${OUT:-out/gpu}
-mkdir -p "$OUT"
-L2S="python -m l2s"
+OUT=${OUT:-out/gpu-speed-sd}
+PY=${PY:-python}
 E2E=${E2E:-1}  # 0: the default variant is timed --units-only too
+mkdir -p "$OUT"
 run() {  # model, variant name, extra flags...
   local model=$1 name=$2; shift 2
   echo "== $model $name" >&2
-  $L2S speed --model "$model" --random-weights --image-size 512 --json "$@" \
+  "$PY" -m l2s speed --model "$model" --random-weights --image-size 512 --json "$@" \
     > "$OUT/speed_${model}_${name}.json"
-  python - "$OUT/speed_${model}_${name}.json" <<'PY'
+  "$PY" - "$OUT/speed_${model}_${name}.json" <<'PYEOF'
 import json, sys
 r = json.load(open(sys.argv[1]))
 u, q = r["units"], r["ratios"]
@@ -33,21 +42,15 @@ if e:
     line += (f"; end to end: plain {e['plain']['seconds']:.2f} s, 1 it/step "
              f"x{e['ratios']['steered_one_iteration']}, worst x{e['ratios']['steered_worst_case']}")
 print(line)
-PY
+PYEOF
 }
-SD21=sd2.1-base
-python -c "from l2s.engine.registry import get_preset; import sys; sys.exit(get_preset('sd2.1-base') is None)" \
-  2>/dev/null || SD21=sd2.1   # before the sd2.1-base preset exists: sd2.1 at 512 px
-for model in ${MODELS:-$SD21 sd1.4}; do
+for model in ${MODELS:-sd2.1-base sd1.4}; do
   for variant in ${VARIANTS:-default full-forward channels-last compile-cudagraphs}; do
     case $variant in
-      default) if [ "$E2E" = 1 ]; then run "$model" default; else   # truncated forward
+      default) if [ "$E2E" = 1 ]; then run "$model" default; else
                  run "$model" default --units-only; fi ;;
-      full-forward) run "$model" full-forward --full-forward --units-only ;;  # lever off
+      full-forward) run "$model" full-forward --full-forward --units-only ;;
       channels-last) run "$model" channels-last --channels-last --units-only ;;
-      # torch.compile of the steering forward + backward (issue 15); the compilation is the
-      # first iteration, outside the medians ("compile" in the line): Inductor kernels, and
-      # Inductor + CUDA graphs (one graph replay instead of ~2,300 launches per iteration).
       compile-default) run "$model" compile-default --compile default --units-only ;;
       compile-cudagraphs) run "$model" compile-cudagraphs --compile reduce-overhead --units-only ;;
       *) echo "unknown variant $variant (default, full-forward, channels-last, compile-default," \
@@ -55,3 +58,5 @@ for model in ${MODELS:-$SD21 sd1.4}; do
     esac
   done
 done
+"$PY" scripts/gpu/speed_table.py "$OUT"/*.json > "$OUT/table.md"
+echo "table: $OUT/table.md" >&2
