@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 
 .PHONY: install test test-all lint demo toy-model toy-mmdit toy-classifier docs clean
 
-install:  ## virtualenv + CPU torch from this machine's disk + l2s with dev tools
+install:  ## virtualenv + CPU torch + l2s with dev tools
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0

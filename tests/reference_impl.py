@@ -1,7 +1,7 @@
 """An independent functional reading of the published L2S classifier, for tests only.
 
 Built from torch's own TransformerEncoderLayer / MultiheadAttention loaded with slices of a
-checkpoint's state dict, straight from the description in issue 13, so l2s's module
+checkpoint's state dict, straight from the published network's description, so l2s's module
 (l2s/classifier/reference.py) and map layout are checked against something they share no code
 with. Also the checkpoint files and tiny SD folders the import tests use.
 """

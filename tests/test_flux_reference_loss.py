@@ -1,5 +1,6 @@
 """Flux with an imported published-style classifier: `l2s steer`'s first loss is the reference's
-cross-entropy (issue 13), checked against a reading that shares no code with l2s's capture.
+cross-entropy (docs/classifier.md, "Published classifiers"), checked against a reading that
+shares no code with l2s's capture.
 
 The independent side runs diffusers' own FluxPipeline (its prompt encoding, seeded latent draw,
 packing, sigmas and guidance input) with diffusers' own attention processors, and reads the

@@ -114,7 +114,7 @@ def test_cli_user_errors_are_one_line(tmp_path):
 # wrong place) changes images and every benchmark number; this catches it.
 _RESOLVED = {
     "toy": (20, 3.0, 1, 5, 16, 0.02, "normalized", 0.105, 0.105),
-    "toy-mmdit": (20, 1.0, 0, 5, 16, 0.04, "normalized", 0.22, 0.22),  # retuned, round 4
+    "toy-mmdit": (20, 1.0, 0, 5, 16, 0.04, "normalized", 0.22, 0.22),  # flow-inverted classifier
     "sd1.4": (50, 7.5, 0, 0.5, 16, 7.5, "sgd", 1e-5, 7e-5),
     "sd2.1": (50, 7.5, 0, 0.5, 16, 5.0, "sgd", 1e-5, 7e-5),
     "sd2.1-base": (50, 7.5, 0, 0.5, 16, 5.0, "sgd", 1e-5, 7e-5),

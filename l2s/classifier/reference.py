@@ -1,10 +1,10 @@
 """The reference relation classifier: the architecture of L2S's published checkpoints.
 
 Written for l2s from the description of the published network (Yiflach et al., WACV 2026;
-issue 13), not from its code. Parameter names follow the published state dicts exactly, so a
-converted checkpoint loads with strict key checking. Per object (subject, object), with
-shared weights: every map (C, S, S) -> a token (Linear S*S -> d) + a sinusoidal position
-over the map index -> Transformer encoder layers with a learned embedding of the time input
+docs/classifier.md), not from its code. Parameter names follow the published state dicts
+exactly, so a converted checkpoint loads with strict key checking. Per object (subject,
+object), with shared weights: every map (C, S, S) -> a token (Linear S*S -> d) + a sinusoidal
+position over the map index -> Transformer encoder layers with a learned embedding of the time input
 added before each layer ("mid") -> attention pooling with a learned query -> one S x S map.
 The relation head reads the two pooled maps (one token, its own encoder layers), appends a
 small time embedding and runs an MLP to K logits. The time input is an integer index: the
