@@ -321,7 +321,7 @@ def test_a_flux_folder_gets_the_defaults_of_the_flux_it_is_like(tmp_path, folder
 
 
 def test_flux_schnell_steers_step_zero_only():
-    """method.md: schnell steers step 0 of 4 (half of 4 steps would steer two)."""
+    """The paper: schnell steers step 0 of 4 (half of 4 steps would steer two)."""
     from l2s.engine.registry import get_preset
 
     assert get_preset("flux-schnell").defaults.steer_until == 1

@@ -29,22 +29,22 @@ class SteerDefaults:
 
     A preset carries one; a hub id or folder no preset names gets its family's look-alike
     preset's (``Family.like_preset``: a Flux folder gets flux-dev's or flux-schnell's), else
-    these (method.md's SD values). Every option left None (CLI flag, SteerConfig,
+    these (the paper's SD values). Every option left None (CLI flag, SteerConfig,
     BenchConfig, SpeedConfig field) means "the model's default" and is read here
     (``steer_defaults``).
     """
 
     steps: int = 50  # sampling steps
     guidance: float = 7.5  # guidance scale (CFG, or the embedded scale)
-    step_size: float = 5.0  # steering step size (method.md: 7.5 for SD1.4, 5 for SD2.1)
-    iterations: int = 16  # max gradient iterations per steered step (method.md)
-    # Early-exit loss: None = method.md's schedule (1e-5 rising to 7e-5); a number = fixed.
+    step_size: float = 5.0  # steering step size (the paper: 7.5 for SD1.4, 5 for SD2.1)
+    iterations: int = 16  # max gradient iterations per steered step (the paper)
+    # Early-exit loss: None = the paper's schedule (1e-5 rising to 7e-5); a number = fixed.
     loss_threshold: float | None = None
-    steer_from: int = 0  # first steered step (method.md: 0)
-    steer_until: float = 0.5  # steer before this fraction (< 1) or step count (method.md: 0.5)
-    optimizer: str = "sgd"  # latent update rule (method.md: sgd)
+    steer_from: int = 0  # first steered step (the paper: 0)
+    steer_until: float = 0.5  # steer before this fraction (< 1) or step count (the paper: 0.5)
+    optimizer: str = "sgd"  # latent update rule (the paper: sgd)
     # how several relations of one prompt share a step's iterations (l2s.steering.loop
-    # RELATION_SCHEDULES; method.md: round robin)
+    # RELATION_SCHEDULES; the paper: round robin)
     relation_schedule: str = "round-robin"
 
 

@@ -32,7 +32,7 @@ from l2s.families.mmdit_configs import FLUX_DEV, FLUX_SCHNELL
 PRESETS = (
     Preset("flux-schnell", "flux", "black-forest-labs/FLUX.1-schnell",
            "FLUX.1-schnell (12B MMDiT, T5-XXL; timestep-distilled: 4 steps, no guidance; 256 px)",
-           256, SteerDefaults(steps=4, guidance=0.0, steer_until=1),  # step 0 only (method.md)
+           256, SteerDefaults(steps=4, guidance=0.0, steer_until=1),  # step 0 only (the paper)
            configs=FLUX_SCHNELL),
     Preset("flux-dev", "flux", "black-forest-labs/FLUX.1-dev",
            "FLUX.1-dev (12B MMDiT, T5-XXL; guidance-distilled: embedded scale 3.5; 512 px)",

@@ -66,7 +66,7 @@ PRESETS = (
     Preset(
         "sd1.4", "sd", "CompVis/stable-diffusion-v1-4",
         "Stable Diffusion 1.4 (CLIP ViT-L/14, epsilon prediction, 512 px)", 512,
-        SteerDefaults(step_size=7.5),  # method.md: 7.5 for SD1.4
+        SteerDefaults(step_size=7.5),  # the paper: 7.5 for SD1.4
         configs={
             "unet": {**_SD_UNET, "sample_size": 64, "cross_attention_dim": 768,
                      "attention_head_dim": 8},
@@ -81,7 +81,7 @@ PRESETS = (
         "sd2.1", "sd", "stabilityai/stable-diffusion-2-1",
         "Stable Diffusion 2.1 (OpenCLIP ViT-H, v-prediction, 768 px); the published L2S SD2 "
         "classifier does not fit it: use sd2.1-base", 768,
-        SteerDefaults(),  # method.md's SD values
+        SteerDefaults(),  # the paper's SD values
         configs={
             "unet": {**_SD2_UNET, "sample_size": 96, "upcast_attention": True},
             "vae": {**_SD_VAE, "sample_size": 768},
@@ -93,7 +93,7 @@ PRESETS = (
         "sd2.1-base", "sd", "stabilityai/stable-diffusion-2-1-base",
         "Stable Diffusion 2.1 base (OpenCLIP ViT-H, epsilon prediction, 512 px): the "
         "backbone of the published L2S SD2 classifier", 512,
-        SteerDefaults(),  # method.md's SD values
+        SteerDefaults(),  # the paper's SD values
         configs={
             "unet": {**_SD2_UNET, "sample_size": 64},
             "vae": {**_SD_VAE, "sample_size": 512},

@@ -1,6 +1,6 @@
 """The steering loop: gradient steps on the noisy latent from a loss on attention maps.
 
-Learn-to-Steer (Yiflach et al., WACV 2026), section 4 of docs/method: at each steered step,
+Learn-to-Steer (Yiflach et al., WACV 2026): at each steered step,
 forward the denoiser on the conditional branch with the latent requiring grad, read the
 subject/object maps, take the loss against the wanted relation, step the latent, stop early
 once the loss is under a threshold; then take the normal guided step. The :class:`Steerer`
@@ -31,7 +31,7 @@ from l2s.steering.losses import RelationLoss
 from l2s.steering.optimizers import LatentOptimizer, optimizers
 
 # How the iterations of a step share an image's relations (one relation: all the same):
-# "round-robin" (method.md): iteration i steers relation i mod n and the image stops once that
+# "round-robin" (the paper): iteration i steers relation i mod n and the image stops once that
 # one relation's loss is under the threshold; "worst": every iteration scores all relations,
 # steers the one with the highest loss and stops once all are under the threshold; "sum": the
 # same stop, steering the sum of the losses still over the threshold.
@@ -337,7 +337,7 @@ def steer_latents(
 
     Images whose triplet list is empty are generated plainly; if no image has one, no
     gradient is ever taken. Multiple relations of one image share the iterations as
-    ``settings.relation_schedule`` says (method.md's round robin: the i-th iteration uses
+    ``settings.relation_schedule`` says (the paper's round robin: the i-th iteration uses
     triplet i mod n). Returns clean images
     (B, H, W, 3) in [0, 1] and the per-step statistics.
     """

@@ -12,7 +12,7 @@ pixels of the image, y pointing down; "agrees with the boxes" always means GenEv
 Sources
 -------
 gqa
-    GQA scene graphs (method.md section 2), from `--gqa-root` holding `images/{image_id}.jpg`,
+    GQA scene graphs (the paper's real images), from `--gqa-root` holding `images/{image_id}.jpg`,
     `train_sceneGraphs.json` and `val_sceneGraphs.json` as GQA ships them. GQA's train graphs
     give the train and val splits (images split by a seeded hash, so both splits never share an
     image); GQA's val graphs give the test split, since GQA's test images have no scene graphs.

@@ -28,8 +28,8 @@ SOURCE_MODULES = {
 SOURCES = tuple(SOURCE_MODULES)
 SPLITS = ("train", "val", "test")
 
-# Samples per relation (train, val, test) when options.per_relation is None. gqa: method.md's
-# real-image counts for SD (Flux used 2000/400/200); generated: method.md's synthetic counts;
+# Samples per relation (train, val, test) when options.per_relation is None. gqa: the paper's
+# real-image counts for SD (Flux used 2000/400/200); generated: the paper's synthetic counts;
 # shapes: toy scenes are free, but the toy classifier needs far fewer; folder: None = every line.
 PER_RELATION: dict[str, tuple[int, int, int] | None] = {
     "gqa": (800, 200, 100),
