@@ -1,6 +1,6 @@
 """Which SDPA kernels a backbone's forwards may use (``Denoiser.sdpa_backends``,
 $L2S_SDPA_BACKENDS): Flux never runs cuDNN attention, whose backward crashed its steering
-iterations on torch 2.11 + CUDA 13 (docs/results.md). PyTorch's SDPA switches are plain
+iterations on torch 2.11 + CUDA 13 (docs/design.md). PyTorch's SDPA switches are plain
 process-wide flags on CPU builds too, so what the attention sees is observable here."""
 
 import contextlib
