@@ -15,15 +15,12 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 
 from l2s.errors import L2SError
 from l2s.relations import RELATIONS
-
-if TYPE_CHECKING:
-    from l2s.classifier.train import TrainConfig
 
 SPLITS = ("train", "val", "test")
 SPLIT_MODES = ("hash", "recorded")
@@ -200,7 +197,16 @@ def hash_split(image: str, seed: int, val_fraction: float, test_fraction: float)
     return "test" if u < test_fraction else "val" if u < test_fraction + val_fraction else "train"
 
 
-def split_images(data: MapData, cfg: TrainConfig) -> dict[str, torch.Tensor]:
+class SplitSettings(Protocol):
+    """What a split needs of a run's settings (``TrainConfig`` has these fields)."""
+
+    split: str  # "hash" (a seeded hash of each image) or "recorded" (the split invert wrote)
+    seed: int
+    val_fraction: float
+    test_fraction: float
+
+
+def split_images(data: MapData, cfg: SplitSettings) -> dict[str, torch.Tensor]:
     """Sample indices of each split; every image's samples land in exactly one split."""
     of_image: dict[str, str] = {}
     for img, rec in zip(data.image, data.split, strict=True):
