@@ -250,10 +250,10 @@ def test_host_syncs_per_step_do_not_grow_with_iterations(den, schedule):
                                   relation_schedule=schedule)
 
 
-def test_a_loss_registered_by_name_is_a_method_of_steer(den, monkeypatch):
-    """``register_loss`` makes a loss a ``--method`` choice: ``l2s steer`` builds it from its
-    factory and steers with it. Fails if the method choices are a fixed list, or the loss
-    steered with is not the registered one."""
+def test_a_loss_registered_by_name_is_a_method_of_steer_and_bench(den, monkeypatch):
+    """``register_loss`` makes a loss a ``--method`` choice: ``l2s steer`` and ``l2s bench``
+    build it from its factory and steer with it. Fails if the method choices are a fixed
+    list, or the loss steered with is not the registered one."""
     from l2s.steering import losses as registry
     from l2s.steering.job import SteerConfig, SteerError, steer
     from l2s.steering.options import SteerOptions
@@ -268,6 +268,18 @@ def test_a_loss_registered_by_name_is_a_method_of_steer(den, monkeypatch):
     assert spy.calls and all(r == ["left of"] for r in spy.calls)
     with pytest.raises(SteerError, match="unknown method 'nope'.*test-spy"):
         registry.make_loss("nope", asked[0])
+    # ... and of bench, scored the way l2s and centroid are
+    from l2s.bench.methods import MethodContext, methods
+    from l2s.bench.run import BenchConfig
+    from l2s.bench.suites import BenchPrompt
+
+    spy.calls.clear()
+    cfg = BenchConfig(model="toy", options=SteerOptions(steps=3, steer_until=2, iterations=2))
+    ctx = MethodContext(den, cfg, lambda images, prompts: [True] * len(images))
+    prompt = BenchPrompt(0, "a dog left of a cat", {"tag": "position"},
+                         tuple(parse("a dog left of a cat")))
+    images = methods()["test-spy"](ctx)([prompt], [0])
+    assert images.shape == (1, 32, 32, 3) and spy.calls
 
 
 def test_plugins_add_losses_and_optimizers_through_entry_points(den, monkeypatch):

@@ -90,3 +90,12 @@ def _steer_method(name: str) -> MethodFactory:
 
 for _name in ("plain", "l2s", "centroid", "l2s-verify"):
     register_method(_name)(_steer_method(_name))
+
+
+def methods() -> dict[str, MethodFactory]:
+    """Every method by name: the registered ones, then one per registered loss that no method
+    is named after (``l2s.steering.losses``: a plugin's loss is scored as l2s and centroid
+    are)."""
+    from l2s.steering.losses import losses
+
+    return {**METHODS, **{n: _steer_method(n) for n in losses() if n not in METHODS}}

@@ -21,7 +21,7 @@ from l2s.bench.detectors import (
     detector_notes,
     load_detector,
 )
-from l2s.bench.methods import METHODS, MethodContext
+from l2s.bench.methods import MethodContext, methods
 from l2s.bench.scoring import ColorClassifier, score_image
 from l2s.bench.sheets import contact_sheet
 from l2s.bench.stats import paired_difference, summarise
@@ -79,7 +79,7 @@ class BenchConfig:
             raise ConfigError(f"--method: give a tuple of methods such as ('plain', 'l2s'), "
                               f"got {self.methods!r}")
         for m in self.methods:
-            check_choice("--method", m, METHODS, BenchError)
+            check_choice("--method", m, tuple(methods()), BenchError)
         # image seeds are seed * 10^7 + prompt * 1000 + image: 10000 prompts of at most 1000
         # images keep every image's seed its own
         check_integer("--prompts", self.prompts, 1, high=10000)
@@ -298,7 +298,7 @@ class _Lazy:
         return self._colors
 
     def method(self, name: str):
-        return METHODS[name](MethodContext(self.denoiser, self.cfg, self.check))
+        return methods()[name](MethodContext(self.denoiser, self.cfg, self.check))
 
     def check(self, images: torch.Tensor, prompts: Sequence[BenchPrompt]) -> list[bool]:
         return [self.score(p, img)["correct"] for p, img in zip(prompts, to_uint8(images),
