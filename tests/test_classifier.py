@@ -187,3 +187,31 @@ def test_default_classifier_prefers_the_users_trained_one(tmp_path, monkeypatch)
     hub = save_classifier(model, _card(), trained_classifier_dir("org/some-model"))
     assert hub.parent.name == "org_some-model"
     assert default_classifier("org/some-model") == hub
+
+
+def _strings(value):
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield str(k)
+            yield from _strings(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _strings(v)
+    elif isinstance(value, str):
+        yield value
+
+
+def test_shipped_cards_hold_no_absolute_paths():
+    """Bug caught: the shipped toy cards recorded the build machine's cache and output folders
+    (data.cache_dir, training.cache_dir, training.out)."""
+    import re
+    from pathlib import Path
+
+    from l2s.classifier import model as cls_mod
+
+    cards = sorted(Path(cls_mod.PACKAGE_CLASSIFIERS).glob("*/card.json"))
+    assert len(cards) >= 3
+    for card in cards:
+        found = [s for s in _strings(json.loads(card.read_text()))
+                 if s.startswith(("/", "~")) or re.match(r"^[A-Za-z]:[\\\\/]", s)]
+        assert found == [], f"{card}: {found}"

@@ -118,6 +118,9 @@ def test_end_to_end_learns_geometry_not_words(tmp_path):
     assert entries["train"]["pos"] == card["data"]["images"]["train"]
     assert card["training"]["lr"] == 3e-3 and card["training"]["epochs_run"] == len(events)
     assert "test_accuracy_wrong_caption" in card["metrics"]
+    # a shared card names no folder of the machine that trained it (it held cache_dir and out)
+    assert str(tmp_path) not in res.card_path.read_text()
+    assert str(tmp_path) in (res.card_path.parent / "config.yaml").read_text()  # the rerun's
     model, _ = load_classifier(res.card_path, denoiser=FakeBackbone())
     x = torch.stack([torch.zeros(2, 5, 8, 8)])
     x[0, 0, :, 4, 1] = 1  # subject at the left

@@ -503,10 +503,13 @@ def train(cfg: TrainConfig, denoiser=None, callback: Callable[[dict], None] | No
         "timesteps": sorted(set(data.timesteps), reverse=True),
         # text keys each map was softmaxed over: steering encodes prompts so (None: unknown)
         "text_len": data.text_len,
-        "data": {"cache_dir": data.cache_dir, **_counts(data, parts),
+        # No machine's paths in a card that is shared (cache_dir, out): config.yaml beside it
+        # holds them for a rerun.
+        "data": {**_counts(data, parts),
                  "corrupt_dropped": len(data.corrupt)},  # broken entries found and deleted
         "metrics": metrics,
-        "training": {**resolved.settings(), "epochs_run": len(history),
+        "training": {**{k: v for k, v in resolved.settings().items()
+                        if k not in ("cache_dir", "out")}, "epochs_run": len(history),
                      "seconds": round(seconds, 1), "parameters": num_parameters(model)},
         "history": history,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
