@@ -365,3 +365,47 @@ def test_toy_detector_on_a_real_suite_is_refused_before_generating(monkeypatch, 
                                  "--detector", "toy", "--out", str(tmp_path / "b")])
     assert r.exit_code == 2 and "--detector toy does not fit" in r.output, r.output
     assert "Traceback" not in r.output and r.output.count("error:") == 1
+
+
+def _geneval_summary_scores(path) -> dict:
+    """GenEval's evaluation/summary_scores.py, its aggregation rewritten here: the records of one
+    results file, grouped by tag in order of appearance; each task's share of correct images;
+    the overall score is the mean over tasks; a prompt (by metadata) counts when any image is."""
+    recs = [json.loads(line) for line in path.read_text().splitlines()]
+    tags: dict[str, list[bool]] = {}
+    prompts: dict[str, list[bool]] = {}
+    for r in recs:
+        tags.setdefault(r["tag"], []).append(bool(r["correct"]))
+        prompts.setdefault(r["metadata"], []).append(bool(r["correct"]))
+    tasks = {t: sum(v) / len(v) for t, v in tags.items()}
+    return {"images": len(recs), "tasks": tasks, "overall": float(np.mean(list(tasks.values()))),
+            "correct_prompts": float(np.mean([any(v) for v in prompts.values()]))}
+
+
+def test_each_method_has_a_geneval_results_file_that_summary_scores_reads_as_its_score(
+        monkeypatch, tmp_path):
+    """Bug caught: results.jsonl pools every method, so GenEval's summary_scores.py gave one
+    score for plain and l2s together; each method's own file now gives that method's score."""
+    good, _ = _oracle()
+    method, _ = _oracle(flip=True)
+
+    def mixed(ctx):  # wrong on every third prompt: a score strictly between 0 and 1
+        def run(prompts, seeds):
+            right, wrong = good(ctx)(prompts, seeds), method(ctx)(prompts, seeds)
+            pick = torch.tensor([(s // 1000) % 3 == 0 for s in seeds])[:, None, None, None]
+            return torch.where(pick, wrong, right)
+        return run
+
+    monkeypatch.setitem(bench.METHODS, "oracle", good)
+    monkeypatch.setitem(bench.METHODS, "mixed", mixed)
+    res = run_bench(BenchConfig(methods=("oracle", "mixed"), prompts=6, num_images=2,
+                                out=str(tmp_path)))
+    pooled = _geneval_summary_scores(tmp_path / "results.jsonl")
+    scores = {m: _geneval_summary_scores(tmp_path / m / "results.jsonl") for m in res.methods}
+    assert scores["oracle"]["overall"] == res.methods["oracle"]["overall"] == 1.0
+    assert scores["mixed"]["overall"] == res.methods["mixed"]["overall"] == pytest.approx(4 / 6)
+    assert pooled["overall"] == pytest.approx(5 / 6)  # what GenEval read before: one pooled score
+    assert scores["mixed"]["images"] == 12 and scores["mixed"]["correct_prompts"] == 4 / 6
+    line = json.loads((tmp_path / "mixed" / "results.jsonl").read_text().splitlines()[0])
+    assert set(line) == {"filename", "tag", "prompt", "correct", "reason", "metadata", "details"}
+    assert (tmp_path / "mixed" / line["filename"]).is_file()  # relative to the imagedir

@@ -352,6 +352,8 @@ def summarise_run(cfg: BenchConfig, prompts: list[BenchPrompt], records: list[di
                 f"the threshold of {cfg.detector_name}: check the detector weights and device "
                 "before trusting these scores (the classic silent failure of these harnesses)")
         _sheets(out, name, recs)
+        if recs:
+            store.write_method_results(out, name, recs)
     lengths = sorted({r["text_len"] for recs in by_method.values() for r in recs
                       if r.get("text_len") is not None})
     if len(lengths) > 1:

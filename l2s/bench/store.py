@@ -5,6 +5,9 @@
     <out>/<method>/<00042>/samples/0000.png imagedir for GenEval's own evaluate_images.py
     <out>/results.jsonl                     one line per scored image (results.shard-I-of-N.jsonl
                                             per shard); GenEval's fields plus method and seed
+    <out>/<method>/results.jsonl            that method's images only, in GenEval's record format
+                                            (filename relative to <out>/<method>): what GenEval's
+                                            summary_scores.py reads as this method's score
     <out>/contact_<method>_<task>.png       contact sheets
 
 An image is written atomically (a hidden temporary name GenEval's `\\d+\\.png` never matches,
@@ -88,6 +91,24 @@ def append_record(path: Path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
         f.flush()
         os.fsync(f.fileno())
+
+
+GENEVAL_FIELDS = ("filename", "tag", "prompt", "correct", "reason", "metadata", "details")
+
+
+def write_method_results(out: Path, method: str, records: list[dict]) -> Path:
+    """Rewrite <out>/<method>/results.jsonl from the method's records: GenEval's fields only,
+    file names relative to the method's image folder, as its evaluate_images.py writes them.
+    results.jsonl pools every method (resume reads it), so GenEval's summary_scores.py run on
+    it would average plain and steered images into one score."""
+    path = out / method / "results.jsonl"
+    lines = []
+    for r in records:
+        rec = {k: r[k] for k in GENEVAL_FIELDS}
+        rec["filename"] = Path(r["filename"]).relative_to(method).as_posix()
+        lines.append(json.dumps(rec) + "\n")
+    atomic_write_text(path, "".join(lines))
+    return path
 
 
 def check_config(out: Path, identity: dict) -> None:
