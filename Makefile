@@ -28,7 +28,7 @@ toy-model:  ## retrain the shipped toy model (~1 h on a CPU; resumable): plain, 
 	$(BIN)/python -m l2s.toy.train --out runs/toy --resume --steps 1600 --attention-weight 0.02 \
 	    --export l2s/toy/weights
 
-# The toy-mmdit recipe (l2s/toy/mmdit.py): rectified flow with joint-attention supervision.
+# The toy-mmdit recipe (MMDiTToy in l2s/toy/backbones.py): rectified flow with joint-attention supervision.
 # MMDIT_STEPS is the shipped weights' step (200 s of training on an H200,
 # scripts/gpu/train_toy_mmdit.sh); the learning rate is constant after warmup and batches are a
 # function of (seed, step), so a rerun to that step repeats it up to GPU nondeterminism. fp32 on

@@ -1,4 +1,5 @@
-"""The toy-mmdit: packing, joint-attention capture, rectified-flow training, resume, save/load."""
+"""The toy-mmdit: packing, joint-attention capture, rectified-flow training through its engine
+adapter, resume, save/load."""
 
 from __future__ import annotations
 
@@ -9,19 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from l2s.engine.hooks import token_weights
-from l2s.toy.mmdit import (
-    JointAttentionMaps,
-    ToyMMDiTConfig,
-    build_mmdit_components,
-    encode_text,
-    image_ids,
-    load_mmdit_components,
-    pack,
-    unpack,
-    velocity,
-)
-from l2s.toy.train import ToyTrainer, TrainConfig, config_from_dict, main, train_toy
+from l2s.engine.hooks import AttentionRecorder, token_weights
+from l2s.toy.backbones import MMDiTToy
+from l2s.toy.mmdit import ToyMMDiTConfig, build_mmdit_components, load_mmdit_components
+from l2s.toy.train import ToyTrainConfig, ToyTrainer, config_from_dict, main, train_toy
 
 TINY = ToyMMDiTConfig(heads=2, head_dim=8, rope_axes=(2, 2, 4), double_layers=1,
                       single_layers=1, text_width=16, text_layers=1, text_heads=2, text_mlp=32)
@@ -35,41 +27,63 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def _run(tmp_path, **kw) -> TrainConfig:
-    return TrainConfig(out=str(tmp_path), backbone="mmdit", batch=4, warmup=2, eval_every=0,
-                       mmdit=TINY, **kw)
+def _run(tmp_path, **kw) -> ToyTrainConfig:
+    return ToyTrainConfig(out=str(tmp_path), backbone="mmdit", batch=4, warmup=2, eval_every=0,
+                          mmdit=TINY, **kw)
+
+
+def _denoiser(image_size: int = 32):
+    cfg = ToyTrainConfig(out="", backbone="mmdit",
+                         mmdit=dataclasses.replace(TINY, image_size=image_size))
+    return MMDiTToy(cfg).denoiser(*build_mmdit_components(TINY, seed=0))
 
 
 def test_pack_is_flux_packing_and_unpack_inverts_it():
+    """Catches a pixel-space packing other than Flux's (the shipped weights were trained on
+    it) and an unpack that does not invert it."""
+    den = _denoiser(image_size=4)
     x = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).view(2, 3, 4, 4)
-    p = pack(x)
+    p = den.pack(x)
     assert p.shape == (2, 4, 12)
     # token 1 is the 2x2 block at row 0, cols 2-3; channels major, then the 2x2 offsets
     assert p[0, 1].tolist() == x[0, :, 0:2, 2:4].reshape(-1).tolist()
-    assert torch.equal(unpack(p, 4), x)
-    ids = image_ids(4)
-    assert ids.tolist() == [[0, 0, 0], [0, 0, 1], [0, 1, 0], [0, 1, 1]]
+    assert torch.equal(den.unpack(p), x)
+    assert den._img_ids.tolist() == [[0, 0, 0], [0, 0, 1], [0, 1, 0], [0, 1, 1]]
 
 
 def test_capture_leaves_the_output_alone_and_maps_are_text_softmax_maps():
-    transformer, text_encoder, tokenizer, _ = build_mmdit_components(TINY, seed=0)
-    ids = tokenizer(["a circle left of a square"] * 2, padding="max_length",
-                    max_length=TINY.max_tokens, return_tensors="pt").input_ids
-    tokens, pooled = encode_text(text_encoder, ids)
-    x, s = torch.randn(2, 3, 32, 32), torch.tensor([0.2, 0.8])
-    with torch.no_grad():
-        plain = velocity(transformer, x, s, tokens, pooled)
-        with JointAttentionMaps(transformer, token_weights([[2], [6]], TINY.max_tokens),
-                                TINY.max_tokens, 32) as rec:
-            captured = velocity(transformer, x, s, tokens, pooled)
-    assert torch.allclose(plain, captured, atol=1e-5)
+    """The trainer's supervision maps come from the engine's recorder on the adapter: catches
+    a capture that changes the prediction, maps that are not per-group distributions over
+    the image grid, or processors left installed."""
+    den = _denoiser()
+    cond = den.encode_prompt(["a circle left of a square"] * 2)
+    x = den.pack(torch.randn(2, 3, 32, 32))
+    t = torch.tensor([200.0, 800.0])  # one model time per image, as the trainer passes them
+    plain = den.predict(x, t, cond)
+    rec = AttentionRecorder(den, den.cross_attention_layers(), (), map_size=16)
+    rec.set_weights(token_weights([[2], [6]], TINY.max_tokens))
+    with rec:
+        captured = den.predict(x, t, cond)
+    torch.testing.assert_close(plain, captured, rtol=0, atol=1e-5)
     maps = rec.stacked()
     blocks = TINY.double_layers + TINY.single_layers
     assert maps.shape == (2, 2, blocks * TINY.heads, 16, 16)
     assert torch.allclose(maps.sum((-2, -1)), torch.ones(2, 2, blocks * TINY.heads), atol=1e-5)
     # the processors are restored
     assert all(type(p).__name__ == "FluxAttnProcessor"
-               for p in transformer.attn_processors.values())
+               for p in den.transformer.attn_processors.values())
+
+
+def test_training_through_the_adapter_updates_both_networks(tmp_path):
+    """The adapter freezes what it wraps for inference: catches a trainer whose live
+    transformer or text encoder lost its gradients (a run that would learn nothing)."""
+    trainer = ToyTrainer(_run(tmp_path, attention_weight=0.5))
+    before = [p.detach().clone() for p in trainer.params]
+    trainer.train_step()
+    assert all(p.requires_grad for p in trainer.params)
+    for module in (trainer.net, trainer.text_encoder):
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.params, strict=True))
 
 
 def test_supervised_training_steps_and_resume_are_exact(tmp_path):
@@ -104,6 +118,16 @@ def test_train_export_load_and_evaluate(tmp_path):
     assert transformer.config.in_channels == 12 and not transformer.config.guidance_embeds
     saved = config_from_dict(json.loads((tmp_path / "config.json").read_text()))
     assert saved == cfg
+
+
+def test_cli_evaluates_a_toy_mmdit_export(tmp_path, capsys):
+    """``--evaluate`` picks the toy from the export's folders: catches a toy-mmdit export
+    read as a UNet toy (which would refuse it for a missing unet/)."""
+    cfg = dataclasses.replace(_run(tmp_path), steps=1, checkpoint_every=1)
+    model_dir = train_toy(cfg).model_dir
+    capsys.readouterr()
+    main(["--evaluate", model_dir, "--eval-prompts", "2", "--eval-steps", "1", "--guidance", "1"])
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["n"] == 2
 
 
 def test_missing_file_names_the_rebuild_command(tmp_path):

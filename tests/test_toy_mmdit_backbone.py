@@ -50,9 +50,7 @@ def test_two_steps_record_object_maps_with_gradient_to_the_latent(den):
                for p in den.transformer.attn_processors.values())
 
 
-def test_plain_generation_is_deterministic_and_is_the_toys_own_sampler(den):
-    from l2s.toy.mmdit import generate, load_mmdit_components
-
+def test_plain_generation_is_deterministic_and_follows_seed_and_guidance(den):
     def run(seed, guidance=1.0):
         lat = den.prepare_latents(1, torch.Generator().manual_seed(seed))
         return sample(den, [PROMPT], steps=2, guidance=guidance, latents=lat)
@@ -61,10 +59,6 @@ def test_plain_generation_is_deterministic_and_is_the_toys_own_sampler(den):
     torch.testing.assert_close(run(5), a, rtol=0, atol=0)
     assert (run(6) - a).abs().max() > 0.05
     assert (run(5, guidance=3.0) - a).abs().max() > 0.01  # CFG reaches the network
-    # The adapter samples exactly as the trainer's evaluation did (same noise, grid, text).
-    own = generate(*load_mmdit_components(), [PROMPT], steps=2,
-                   generator=torch.Generator().manual_seed(5))
-    torch.testing.assert_close(a, own, rtol=0, atol=1e-5)
 
 
 def test_shipped_classifier_fits_the_shipped_model_and_steers_on_its_flow_steps(den, tmp_path):

@@ -18,7 +18,7 @@ from l2s.toy.model import (
     save_toy,
 )
 from l2s.toy.scenes import VOCABULARY
-from l2s.toy.train import ToyTrainer, TrainConfig, main, train_toy
+from l2s.toy.train import ToyTrainConfig, ToyTrainer, main, train_toy
 
 TINY = ToyModelConfig(unet_channels=(16, 32, 32), attention_heads=2, text_width=32,
                       text_layers=1, text_heads=2, text_mlp=64)
@@ -122,8 +122,8 @@ def test_two_object_prompts_cover_every_pair_and_relation():
     assert two_object_prompts(10, seed=1) == items[:10]
 
 
-def _tiny_run(tmp_path, **kw) -> TrainConfig:
-    return TrainConfig(out=str(tmp_path), batch=4, warmup=2, eval_every=0, model=TINY, **kw)
+def _tiny_run(tmp_path, **kw) -> ToyTrainConfig:
+    return ToyTrainConfig(out=str(tmp_path), batch=4, warmup=2, eval_every=0, model=TINY, **kw)
 
 
 def _weights(trainer):

@@ -5,7 +5,8 @@ through the Flux family's ``FluxDenoiser`` (same 2x2 packing, position ids, join
 capture, timestep t / 1000, no guidance embedding) with what differs in the toy:
 
 * pixel space, no VAE: the unpacked latents are the RGB image in [-1, 1] (``MMDiTDenoiser``
-  with ``vae=None``), so a seed draws the same noise as ``l2s.toy.mmdit.generate``;
+  with ``vae=None``); the trainer forwards its live networks through this same adapter
+  (``trainable=True``), so training, evaluation and steering share packing, time and capture;
 * one toy CLIP text encoder gives both the token states the joint attention sees and the
   pooled vector of the modulation;
 * the sigma grid is the toy scheduler's own spacing (shift 1), as the toy was evaluated,
@@ -53,19 +54,36 @@ class ToyMMDiTDenoiser(FluxDenoiser):
     max_text_len = None  # its CLIP text encoder's positions fix the length
 
     def __init__(self, transformer, text_encoder, tokenizer, scheduler_config: dict, *,
-                 name: str = "toy-mmdit", image_size=None, known_objects=None) -> None:
+                 name: str = "toy-mmdit", image_size=None, known_objects=None,
+                 trainable: bool = False) -> None:
         super().__init__(transformer, None, text_encoder, tokenizer, text_encoder, tokenizer,
                          scheduler_config, name=name,
                          image_size=image_size or PRESET.image_size,
                          max_sequence_length=tokenizer.model_max_length, guidance=1.0)
         self.guidance_mode = "cfg"
         self.known_objects = known_objects
+        if trainable:  # the toy trainer's networks: gradients stay on (the base freezes them)
+            transformer.requires_grad_(True)
+            text_encoder.requires_grad_(True)
+
+    def pack(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W) in [-1, 1] -> latents (B, H/2 * W/2, 12), Flux's 2x2 packing."""
+        return self._our_latents(images)
+
+    def unpack(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents (B, H/2 * W/2, 12) -> images (B, 3, H, W): the inverse of ``pack``."""
+        return self._vae_latents(latents)
 
     def encode_prompt(self, prompts: list[str]) -> Conditioning:
         ids = self._tokenizer(list(prompts), padding="max_length", truncation=True,
                               max_length=self.text_len, return_tensors="pt").input_ids
         with torch.no_grad():
-            out = self.text_encoder(ids.to(self.text_encoder.device))
+            return self.encode_ids(ids)
+
+    def encode_ids(self, ids: torch.Tensor) -> Conditioning:
+        """Conditioning from token ids (B, T), in the autograd graph when gradients are on
+        (the trainer's text encoder learns with the transformer)."""
+        out = self.text_encoder(ids.to(self.text_encoder.device))
         return Conditioning(
             {"states": out.last_hidden_state.to(self.device, self.dtype),
              "pooled": out.pooler_output.to(self.device, self.dtype)},

@@ -34,16 +34,12 @@ class CaptionIds:
         return torch.stack([self._cache[c] for c in captions])  # (B, T)
 
 
-def image_size(cfg) -> int:
-    """The side of the training images of a TrainConfig's backbone."""
-    return cfg.mmdit.image_size if cfg.backbone == "mmdit" else cfg.model.image_size
-
-
-def training_batch(rng: np.random.Generator, gen: torch.Generator, cfg):
-    """(images (B, 3, H, W) in [-1, 1], captions with ~cond_drop of them emptied, scenes)."""
+def training_batch(rng: np.random.Generator, gen: torch.Generator, cfg, size: int):
+    """(images (B, 3, size, size) in [-1, 1], captions with ~cond_drop of them emptied,
+    scenes), for a ToyTrainConfig."""
     from l2s.toy.scenes import scene_batch
 
-    images, captions, scenes = scene_batch(rng, cfg.batch, image_size(cfg), cfg.relation_rate)
+    images, captions, scenes = scene_batch(rng, cfg.batch, size, cfg.relation_rate)
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
     drop = torch.rand(cfg.batch, generator=gen) < cfg.cond_drop
     captions = ["" if d else c for c, d in zip(captions, drop.tolist(), strict=True)]
@@ -77,19 +73,21 @@ def _caption_ids(max_tokens: int) -> CaptionIds:
 def flow_batch(cfg, step: int) -> FlowBatch:
     """The toy-mmdit batch of `step`: a pure function of (cfg, step)."""
     from l2s.engine.hooks import token_weights
-    from l2s.toy.mmdit import PATCH, sample_timesteps
+    from l2s.toy.losses import sample_timesteps
+    from l2s.toy.mmdit import PATCH
     from l2s.toy.supervision import object_targets
 
     rng = np.random.default_rng([cfg.seed, step])
     gen = torch.Generator().manual_seed(cfg.seed * 2**32 + step)
-    images, captions, scenes = training_batch(rng, gen, cfg)
+    size = cfg.mmdit.image_size
+    images, captions, scenes = training_batch(rng, gen, cfg, size)
     s = sample_timesteps(cfg.mmdit, cfg.batch, gen)
     noise = torch.randn(images.shape, generator=gen)
     ids = _caption_ids(cfg.mmdit.max_tokens)
     batch = FlowBatch(images, ids(captions), s, noise)
     if cfg.attention_weight > 0:
         groups, batch.targets, batch.valid = object_targets(
-            ids.tokenizer, captions, scenes, map_size=image_size(cfg) // PATCH)
+            ids.tokenizer, captions, scenes, map_size=size // PATCH)
         batch.weights = token_weights(groups, batch.ids.shape[1])
     return batch
 

@@ -1,9 +1,9 @@
 """Scoring a toy model while it trains: generate two-object prompts, detect, GenEval's rule.
 
-``evaluate_toy`` samples the UNet toy with guided DDIM, ``evaluate_mmdit`` the toy-mmdit with
-Euler flow matching; both score the images with ``score_generations`` (the toy detector: both
-objects present, GenEval position accuracy, clean layouts). ``l2s bench`` is the full benchmark;
-this is the trainer's quick check.
+``evaluate`` samples either toy through its engine adapter and the one sampling loop (the UNet
+toy with guided DDIM, the toy-mmdit with Euler flow matching) and scores the images with
+``score_generations`` (the toy detector: both objects present, GenEval position accuracy, clean
+layouts). ``l2s bench`` is the full benchmark; this is the trainer's quick check.
 """
 
 from __future__ import annotations
@@ -87,15 +87,13 @@ def score_generations(images: np.ndarray, items, start: float, grid: str | Path 
 
 
 @torch.no_grad()
-def evaluate_toy(unet, text_encoder, tokenizer, scheduler, *, prompts: int = 200,
-                 steps: int = 20, guidance: float = 3.0, seed: int = 0, batch: int = 100,
-                 grid: str | Path | None = None) -> ToyEval:
-    """Generate two-object prompts with the UNet toy (guided DDIM) and score them."""
+def evaluate(denoiser, *, prompts: int = 200, steps: int = 20, guidance: float = 3.0,
+             seed: int = 0, batch: int = 100, grid: str | Path | None = None) -> ToyEval:
+    """Generate two-object prompts with a toy's ``Denoiser`` and score them; the noise of all
+    chunks comes from one generator seeded with ``seed``."""
     from l2s.engine.sampling import sample
-    from l2s.families.unet import UNetDenoiser
 
     start = time.perf_counter()
-    denoiser = UNetDenoiser(unet, text_encoder, tokenizer, scheduler, name="toy")
     items = two_object_prompts(prompts, seed)
     gen = torch.Generator().manual_seed(seed)
     chunks = []
@@ -103,20 +101,4 @@ def evaluate_toy(unet, text_encoder, tokenizer, scheduler, *, prompts: int = 200
         chunk = [p for p, *_ in items[i:i + batch]]
         chunks.append(sample(denoiser, chunk, steps=steps, guidance=guidance,
                              generator=gen).float().cpu().numpy())
-    return score_generations(np.concatenate(chunks), items, start, grid)
-
-
-@torch.no_grad()
-def evaluate_mmdit(transformer, text_encoder, tokenizer, scheduler, *, prompts: int = 200,
-                   steps: int = 20, guidance: float = 1.0, seed: int = 0, batch: int = 100,
-                   grid: str | Path | None = None) -> ToyEval:
-    """Generate two-object prompts with the toy-mmdit (Euler flow matching) and score them."""
-    from l2s.toy.mmdit import generate
-
-    start = time.perf_counter()
-    items = two_object_prompts(prompts, seed)
-    gen = torch.Generator().manual_seed(seed)
-    chunks = [generate(transformer, text_encoder, tokenizer, scheduler,
-                       [p for p, *_ in items[i:i + batch]], steps=steps, guidance=guidance,
-                       generator=gen).numpy() for i in range(0, len(items), batch)]
     return score_generations(np.concatenate(chunks), items, start, grid)

@@ -1,8 +1,9 @@
-"""The toy UNet's training loss: its prediction target, the SNR loss weightings, the loss.
+"""The toys' training losses: the UNet toy's denoising loss, the toy-mmdit's rectified flow.
 
-x_t = sqrt(a) x0 + sqrt(1 - a) noise on the toy's DDPM schedule; the UNet predicts x0
+UNet toy: x_t = sqrt(a) x0 + sqrt(1 - a) noise on the toy's DDPM schedule; the UNet predicts x0
 ("sample"), epsilon or v, and each sample's MSE is weighted over noise levels (``WEIGHTINGS``).
-The toy-mmdit's rectified-flow loss is ``l2s.toy.mmdit.flow_loss``.
+toy-mmdit (``flow_loss``): x_s = (1 - s) x0 + s noise, the transformer predicts the velocity
+noise - x0 through its engine adapter, s drawn logit-normal (``sample_timesteps``, as SD3).
 """
 
 from __future__ import annotations
@@ -66,3 +67,22 @@ def diffusion_loss(unet, text_emb, images, t, noise, scheduler, weighting, gamma
     w = loss_weights(weighting, kind, snr(scheduler.alphas_cumprod.to(t.device), t).float(),
                      gamma)
     return (w * per_sample).mean()
+
+
+def sample_timesteps(cfg, n: int, generator: torch.Generator) -> torch.Tensor:
+    """Logit-normal timesteps s in (0, 1), (n,), as SD3 / Flux training (cfg: ToyMMDiTConfig)."""
+    return torch.sigmoid(cfg.logit_mean + cfg.logit_std * torch.randn(n, generator=generator))
+
+
+def flow_loss(denoiser, cond, images, s, noise) -> torch.Tensor:
+    """Rectified-flow loss: MSE between the velocity the denoiser predicts at
+    x_s = (1 - s) x0 + s noise and the true one, noise - x0.
+
+    ``denoiser`` is the toy-mmdit's adapter (``ToyMMDiTDenoiser``) over the networks being
+    trained; images and noise (B, 3, H, W), s (B,) in (0, 1), one per image.
+    """
+    sv = s.view(-1, 1, 1, 1).to(images.dtype)
+    x_s = (1 - sv) * images + sv * noise
+    # Model time is 1000 s (the flow families' convention); the adapter divides it back.
+    pred = denoiser.predict(denoiser.pack(x_s), s * 1000, cond)  # (B, N, 12)
+    return F.mse_loss(denoiser.unpack(pred).float(), (noise - images).float())

@@ -1,6 +1,6 @@
 """Training the toy text-to-image model on synthetic shape scenes, and scoring it.
 
-Recipe (chosen by short CPU experiments; every knob is in ``TrainConfig``): x0 ("sample")
+Recipe (chosen by short CPU experiments; every knob is in ``ToyTrainConfig``): x0 ("sample")
 prediction with a uniform x0 loss, on the cosine schedule (1000 steps, its last step pure
 noise) sampled with trailing DDIM steps, so flat colours on black come out clean and no colour
 cast survives; 10% of captions dropped to "" for classifier-free guidance; AdamW lr 1e-3
@@ -25,9 +25,10 @@ placement barely, which is the weakness Learn-to-Steer fixes.
 The toy-mmdit (``--backbone mmdit``, ``l2s.toy.mmdit``) trains in the same loop with rectified
 flow (velocity target, logit-normal timesteps), the same EMA, optimizer, caption dropout and
 evaluation, and attention supervision on the image-query x text-key softmax of its joint
-attention; its batches are a pure function of (seed, step) (``l2s.toy.batches``), so worker
-processes build them ahead of a GPU (``--workers``, ``--device cuda --bf16``). Its recipe is
-``make toy-mmdit``.
+attention, all through its engine adapter; its batches are a pure function of (seed, step)
+(``l2s.toy.batches``), so worker processes build them ahead of a GPU (``--workers``,
+``--device cuda --bf16``). Its recipe is ``make toy-mmdit``. What differs between the two toys
+is one strategy object each (``l2s.toy.backbones``); this module never asks which toy it trains.
 
 ``train_toy(config, callback)`` is the library entry point; ``python -m l2s.toy.train`` is a thin
 CLI over it. Training is seeded and resumable: a checkpoint holds the weights, the EMA weights,
@@ -48,26 +49,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from l2s.toy.batches import BatchStream, CaptionIds, training_batch
+from l2s.toy.backbones import TOYS, UNetToy
 from l2s.toy.checkpoint import load_checkpoint, save_checkpoint, write_dir
-from l2s.toy.evaluate import ToyEval, evaluate_mmdit, evaluate_toy
-from l2s.toy.losses import WEIGHTINGS, diffusion_loss
+from l2s.toy.evaluate import ToyEval, evaluate
+from l2s.toy.losses import WEIGHTINGS
 from l2s.toy.mmdit import ToyMMDiTConfig
-from l2s.toy.model import (
-    ToyModelConfig,
-    build_toy_components,
-    load_toy_components,
-    save_toy,
-)
+from l2s.toy.model import ToyModelConfig
 
 # A progress callback sees {"event": "step" | "eval" | "checkpoint" | "export", ...}.
 TrainCallback = Callable[[dict], None]
 
-BACKBONES = ("unet", "mmdit")  # the toy UNet (l2s.toy.model), the toy Flux (l2s.toy.mmdit)
+BACKBONES = tuple(TOYS)  # "unet": the toy UNet (l2s.toy.model); "mmdit": the toy Flux
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class ToyTrainConfig:
     """Everything a toy training run depends on; written to OUT/config.json."""
 
     out: str  # run folder: checkpoint/, eval/, best/ (best EMA model), model/ (final export)
@@ -101,8 +97,8 @@ class TrainConfig:
     bf16: bool = False  # bfloat16 autocast for the forward passes (fp32 weights, EMA, optimizer)
     workers: int = 0  # processes building mmdit batches ahead (0: inline)
     max_seconds: float = 0.0  # stop (checkpoint and export) after this much training; 0: never
-    model: ToyModelConfig = field(default_factory=ToyModelConfig)  # the UNet architecture
-    mmdit: ToyMMDiTConfig = field(default_factory=ToyMMDiTConfig)  # the transformer's
+    model: ToyModelConfig = field(default_factory=ToyModelConfig)  # the UNet toy's architecture
+    mmdit: ToyMMDiTConfig = field(default_factory=ToyMMDiTConfig)  # the toy-mmdit's
 
 
 @dataclass(frozen=True)
@@ -118,16 +114,16 @@ class TrainResult:
 # --- training --------------------------------------------------------------------------------
 
 
-def _ema_decay(cfg: TrainConfig, step: int) -> float:
+def _ema_decay(cfg: ToyTrainConfig, step: int) -> float:
     # Warmup: early EMA tracks the fast-moving weights, later it averages over ~1/(1-decay) steps.
     return min(cfg.ema_decay, (1 + step) / (10 + step))
 
 
-def _lr(cfg: TrainConfig, step: int) -> float:
+def _lr(cfg: ToyTrainConfig, step: int) -> float:
     return cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
 
 
-def _check(cfg: TrainConfig) -> None:
+def _check(cfg: ToyTrainConfig) -> None:
     if cfg.weighting not in WEIGHTINGS:
         raise ValueError(f"unknown weighting {cfg.weighting!r}: expected one of "
                          f"{', '.join(WEIGHTINGS)}")
@@ -139,22 +135,17 @@ def _check(cfg: TrainConfig) -> None:
 class ToyTrainer:
     """One training run's state: model, EMA copy, optimizer, random streams and step count.
 
-    ``net`` is the denoiser of the chosen backbone (the UNet or the Flux transformer); the text
-    encoder trains jointly with it in both.
+    ``toy`` is the chosen backbone's strategy (``l2s.toy.backbones``); ``net`` its denoising
+    network (the UNet or the Flux transformer); the text encoder trains jointly with it in both.
     """
 
-    def __init__(self, cfg: TrainConfig):
+    def __init__(self, cfg: ToyTrainConfig):
         import copy
 
         _check(cfg)
         self.cfg, self.device = cfg, torch.device(cfg.device)
-        if cfg.backbone == "mmdit":
-            from l2s.toy.mmdit import build_mmdit_components
-
-            self.net_name, built = "transformer", build_mmdit_components(cfg.mmdit, cfg.seed)
-        else:
-            self.net_name, built = "unet", build_toy_components(cfg.model, cfg.seed)
-        self.net, self.text_encoder, self.tokenizer, self.scheduler = built
+        self.toy = TOYS[cfg.backbone](cfg)
+        self.net, self.text_encoder, self.tokenizer, self.scheduler = self.toy.build()
         self.net.to(self.device)
         self.text_encoder.to(self.device)
         self.ema_net = copy.deepcopy(self.net).requires_grad_(False)
@@ -164,8 +155,7 @@ class ToyTrainer:
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.rng = np.random.default_rng(cfg.seed)  # scenes (UNet; mmdit: per step, batches.py)
         self.gen = torch.Generator().manual_seed(cfg.seed + 1)  # noise, timesteps, dropout
-        self.ids = CaptionIds(self.tokenizer)
-        self.batches = BatchStream(cfg, 0)  # the mmdit's batches, inline unless train_toy says
+        self.toy.start(self)
         self.step = 0
 
     @property
@@ -173,8 +163,9 @@ class ToyTrainer:
         return Path(self.cfg.out) / "checkpoint"
 
     def _modules(self) -> tuple[dict, dict]:
-        return ({self.net_name: self.net, "text_encoder": self.text_encoder},
-                {self.net_name: self.ema_net, "text_encoder": self.ema_text})
+        name = self.toy.net_name
+        return ({name: self.net, "text_encoder": self.text_encoder},
+                {name: self.ema_net, "text_encoder": self.ema_text})
 
     def save(self) -> None:
         save_checkpoint(self.checkpoint_dir, self.step, *self._modules(), self.optimizer,
@@ -188,42 +179,6 @@ class ToyTrainer:
                                     self.rng, self.gen)
         return True
 
-    def _unet_loss(self) -> torch.Tensor:
-        cfg, dev = self.cfg, self.device
-        images, captions, scenes = training_batch(self.rng, self.gen, cfg)
-        t = torch.randint(0, self.scheduler.config.num_train_timesteps, (cfg.batch,),
-                          generator=self.gen)
-        noise = torch.randn(images.shape, generator=self.gen)
-        images, t, noise = images.to(dev), t.to(dev), noise.to(dev)
-        text_emb = self.text_encoder(self.ids(captions).to(dev))[0]  # (B, T, D)
-        if cfg.attention_weight <= 0:
-            return diffusion_loss(self.net, text_emb, images, t, noise, self.scheduler,
-                                  cfg.weighting, cfg.snr_gamma)
-        from l2s.engine.hooks import AttentionRecorder
-        from l2s.families.unet import UNetAttention, unet_cross_attention_layers
-        from l2s.toy.supervision import attention_loss, object_targets
-
-        groups, targets, valid = object_targets(self.tokenizer, captions, scenes)
-        layers = unet_cross_attention_layers(self.net, images.shape[-2:])
-        with AttentionRecorder(UNetAttention(self.net), layers, groups, keep_grad=True) as rec:
-            loss = diffusion_loss(self.net, text_emb, images, t, noise, self.scheduler,
-                                  cfg.weighting, cfg.snr_gamma)
-            return loss + cfg.attention_weight * attention_loss(rec.stacked(), targets.to(dev),
-                                                                valid.to(dev))
-
-    def _flow_loss(self) -> torch.Tensor:
-        from l2s.toy.mmdit import JointAttentionMaps, encode_text, flow_loss
-        from l2s.toy.supervision import attention_loss
-
-        cfg, b = self.cfg, self.batches.get(self.step).to(self.device)
-        tokens, pooled = encode_text(self.text_encoder, b.ids)
-        if cfg.attention_weight <= 0:
-            return flow_loss(self.net, tokens, pooled, b.images, b.s, b.noise)
-        with JointAttentionMaps(self.net, b.weights, b.ids.shape[1], b.images.shape[-1]) as rec:
-            loss = flow_loss(self.net, tokens, pooled, b.images, b.s, b.noise)
-            return loss + cfg.attention_weight * attention_loss(rec.stacked(), b.targets,
-                                                                b.valid)
-
     def train_step(self) -> float:
         """One optimizer step on a fresh batch; returns the loss."""
         cfg = self.cfg
@@ -232,7 +187,7 @@ class ToyTrainer:
         for g in self.optimizer.param_groups:
             g["lr"] = _lr(cfg, self.step)
         with torch.autocast(self.device.type, torch.bfloat16, enabled=cfg.bf16):
-            loss = self._flow_loss() if cfg.backbone == "mmdit" else self._unet_loss()
+            loss = self.toy.loss(self.step)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
@@ -245,21 +200,14 @@ class ToyTrainer:
 
     def evaluate(self, prompts: int | None = None, grid: Path | None = None) -> ToyEval:
         cfg = self.cfg
-        run = evaluate_mmdit if cfg.backbone == "mmdit" else evaluate_toy
-        self.ema_net.eval()
-        self.ema_text.eval()
-        return run(self.ema_net, self.ema_text, self.tokenizer, self.scheduler,
-                   prompts=prompts or cfg.eval_prompts, steps=cfg.eval_steps,
-                   guidance=cfg.eval_guidance, seed=cfg.seed, grid=grid)
+        denoiser = self.toy.denoiser(self.ema_net, self.ema_text, self.tokenizer, self.scheduler)
+        return evaluate(denoiser, prompts=prompts or cfg.eval_prompts, steps=cfg.eval_steps,
+                        guidance=cfg.eval_guidance, seed=cfg.seed, grid=grid)
 
     def export(self, directory: Path) -> None:
-        if self.cfg.backbone == "mmdit":
-            from l2s.toy.mmdit import save_mmdit as save
-        else:
-            save = save_toy
         # A fresh folder swapped in: a reader never sees half a model.
-        write_dir(directory, lambda tmp: save(tmp, self.ema_net, self.ema_text, self.tokenizer,
-                                              self.scheduler))
+        write_dir(directory, lambda tmp: self.toy.save(tmp, self.ema_net, self.ema_text,
+                                                       self.tokenizer, self.scheduler))
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -275,7 +223,7 @@ def _eval_score(e: ToyEval) -> float:
     return e.both_present + 0.1 * e.clean
 
 
-def train_toy(cfg: TrainConfig, resume: bool = False, callback: TrainCallback | None = None
+def train_toy(cfg: ToyTrainConfig, resume: bool = False, callback: TrainCallback | None = None
               ) -> TrainResult:
     """Train (or continue) a toy model as `cfg` says; returns where the weights went."""
     torch.set_num_threads(cfg.threads)
@@ -289,15 +237,15 @@ def train_toy(cfg: TrainConfig, resume: bool = False, callback: TrainCallback | 
     best_file = out / "best.json"
     best = json.loads(best_file.read_text()) if best_file.is_file() else None
     best_eval = ToyEval(**best["eval"]) if best else None
-    if cfg.backbone == "mmdit" and cfg.workers:
-        trainer.batches = BatchStream(cfg, trainer.step, cfg.workers)
+    if cfg.workers:
+        trainer.toy.prefetch(trainer.step, cfg.workers)
     try:
         return _train_loop(cfg, trainer, out, best_eval, report)
     finally:
-        trainer.batches.close()
+        trainer.toy.close()
 
 
-def _train_loop(cfg: TrainConfig, trainer: ToyTrainer, out: Path, best_eval: ToyEval | None,
+def _train_loop(cfg: ToyTrainConfig, trainer: ToyTrainer, out: Path, best_eval: ToyEval | None,
                 report: TrainCallback) -> TrainResult:
     best_file = out / "best.json"
     losses, tick = [], time.perf_counter()
@@ -349,7 +297,7 @@ _RUN_OPTIONS = ("steps", "eval_every", "eval_prompts", "eval_steps", "eval_guida
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    d = TrainConfig(out="")
+    d = ToyTrainConfig(out="")
     p = argparse.ArgumentParser(prog="python -m l2s.toy.train", description=__doc__.split("\n")[0])
     p.add_argument("--out", help="run folder (checkpoints, evaluation grids, exports)")
     p.add_argument("--resume", action="store_true",
@@ -393,26 +341,25 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def config_from_dict(d: dict) -> TrainConfig:
-    """A TrainConfig from its asdict() form (as in OUT/config.json)."""
+def config_from_dict(d: dict) -> ToyTrainConfig:
+    """A ToyTrainConfig from its asdict() form (as in OUT/config.json)."""
     model = dict(d.get("model", {}))
     if "unet_channels" in model:
         model["unet_channels"] = tuple(model["unet_channels"])
     mmdit = dict(d.get("mmdit", {}))
     if "rope_axes" in mmdit:
         mmdit["rope_axes"] = tuple(mmdit["rope_axes"])
-    return TrainConfig(**{**d, "model": ToyModelConfig(**model),
-                          "mmdit": ToyMMDiTConfig(**mmdit)})
+    return ToyTrainConfig(**{**d, "model": ToyModelConfig(**model),
+                             "mmdit": ToyMMDiTConfig(**mmdit)})
 
 
-def _config_from_args(args: argparse.Namespace) -> TrainConfig:
+def _config_from_args(args: argparse.Namespace) -> ToyTrainConfig:
     model = dataclasses.replace(
         ToyModelConfig(), prediction_type=args.prediction,
         unet_channels=tuple(int(c) for c in args.channels.split(",")))
-    return TrainConfig(out=args.out, backbone=args.backbone, batch=args.batch, seed=args.seed,
-                       lr=args.lr,
-                       warmup=args.warmup, weighting=args.weighting, ema_decay=args.ema_decay,
-                       model=model)
+    return ToyTrainConfig(out=args.out, backbone=args.backbone, batch=args.batch,
+                          seed=args.seed, lr=args.lr, warmup=args.warmup,
+                          weighting=args.weighting, ema_decay=args.ema_decay, model=model)
 
 
 def _print_progress(event: dict) -> None:
@@ -427,21 +374,21 @@ def main(argv: list[str] | None = None) -> None:
     args = _parse(argv)
     overrides = {k: getattr(args, k) for k in _RUN_OPTIONS if getattr(args, k) is not None}
     if args.evaluate is not None:
-        d = TrainConfig(out="")
+        d = ToyTrainConfig(out="")
         torch.set_num_threads(d.threads)
-        if (Path(args.evaluate) / "transformer").is_dir():  # a toy-mmdit export
-            from l2s.toy.mmdit import load_mmdit_components
-
-            run, components = evaluate_mmdit, load_mmdit_components(args.evaluate)
-        else:
-            run, components = evaluate_toy, load_toy_components(args.evaluate)
+        # The toy whose network folder the export has (the UNet toy's load names what is
+        # missing when neither is there).
+        kind = next((t for t in TOYS.values() if (Path(args.evaluate) / t.net_name).is_dir()),
+                    UNetToy)
+        toy = kind(d)
         device = overrides.get("device", "cpu")
-        result = run(*(c.to(device) if isinstance(c, torch.nn.Module) else c
-                       for c in components),
-                     prompts=overrides.get("eval_prompts", 200),
-                     steps=overrides.get("eval_steps", d.eval_steps),
-                     guidance=overrides.get("eval_guidance", d.eval_guidance),
-                     seed=args.seed, grid=args.grid)
+        components = [c.to(device) if isinstance(c, torch.nn.Module) else c
+                      for c in toy.load(args.evaluate)]
+        result = evaluate(toy.denoiser(*components),
+                          prompts=overrides.get("eval_prompts", 200),
+                          steps=overrides.get("eval_steps", d.eval_steps),
+                          guidance=overrides.get("eval_guidance", d.eval_guidance),
+                          seed=args.seed, grid=args.grid)
         print(json.dumps(dataclasses.asdict(result)))
         return
     saved = Path(args.out) / "config.json"
