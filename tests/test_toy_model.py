@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from l2s.toy.checkpoint import CheckpointError
 from l2s.toy.evaluate import two_object_prompts
 from l2s.toy.losses import loss_weights
 from l2s.toy.model import (
@@ -60,13 +61,52 @@ def test_components_have_the_promised_shapes(components):
     assert scheduler.config.prediction_type == TINY.prediction_type
 
 
-@pytest.mark.xfail(reason="build_clip_tokenizer splits 'triangle': the 'an' merge outranks "
-                          "the 'tri'+'a' merge of its chain (l2s/engine/tokenizers.py)")
 def test_every_vocabulary_word_is_one_token(components):
+    """Was: 'triangle' came out as 6 pieces (the 'and' chain's a+n merge outranked the
+    tri+a merge of its own chain), so a new toy saw one word as six."""
     tokenizer = components[2]
     # One token per word, so each word has exactly one cross-attention map.
     for word in VOCABULARY:
         assert len(tokenizer(word, add_special_tokens=False).input_ids) == 1, word
+
+
+def test_competing_merge_chains_still_give_one_token_per_word():
+    """Catches a builder that trusts each word's own merge chain: earlier-ranked merges of
+    other words (a+n of "an", r+i of "ring") take letters the chain of "triangle" needs."""
+    from l2s.engine.tokenizers import build_clip_tokenizer
+
+    words = ["an", "ring", "triangle", "banana", "nab", "ban"]
+    tokenizer = build_clip_tokenizer(words)
+    for word in words:
+        ids = tokenizer(word, add_special_tokens=False).input_ids
+        assert tokenizer.convert_ids_to_tokens(ids) == [word + "</w>"], word
+
+
+def _split_words(tokenizer) -> set[str]:
+    return {w for w in VOCABULARY if len(tokenizer(w, add_special_tokens=False).input_ids) > 1}
+
+
+@pytest.mark.parametrize("folder", ["weights", "weights-mmdit"])
+def test_shipped_tokenizers_are_as_their_docstring_says(components, folder):
+    """build_toy_tokenizer's docstring says what the shipped tokenizers do: only 'triangle'
+    in pieces, every other word with the ids a new build gives, and 'triangle' still one
+    supervised / recorded group. Fails if the shipped files or the builder's ids drift."""
+    from transformers import CLIPTokenizer
+
+    from l2s.engine.tokens import phrase_tokens
+
+    path = DEFAULT_WEIGHTS_DIR.parent / folder / "tokenizer"
+    if not path.is_dir():
+        pytest.skip(f"no shipped tokenizer in {path}")
+    shipped, built = CLIPTokenizer.from_pretrained(path), components[2]
+    assert _split_words(shipped) == {"triangle"}
+    assert shipped.get_vocab() == built.get_vocab()  # new builds keep the shipped ids
+    for word in VOCABULARY:
+        if word != "triangle":
+            assert (shipped(word, add_special_tokens=False).input_ids
+                    == built(word, add_special_tokens=False).input_ids), word
+    pieces = phrase_tokens(shipped, "a triangle above a ring", "triangle").indices
+    assert len(pieces) == 6 and list(pieces) == list(range(pieces[0], pieces[0] + 6))
 
 
 def test_same_seed_same_weights():
@@ -142,6 +182,30 @@ def test_training_step_and_resume_are_exact(tmp_path):
     resumed.train_step()
     for a, b in zip(_weights(first), _weights(resumed), strict=True):
         assert torch.equal(a, b)
+
+
+def test_resume_refuses_a_checkpoint_tokenized_otherwise(tmp_path, capsys):
+    """A checkpoint from before one-token-per-word (no recorded spelling) or with another
+    spelling would pair its text encoder with other token ids: catches a silent resume."""
+    import json
+
+    cfg = _tiny_run(tmp_path)
+    first = ToyTrainer(cfg)
+    first.train_step()
+    first.save()
+    state_file = first.checkpoint_dir / "state.json"
+    state = json.loads(state_file.read_text())
+    state["spelling"]["triangle"] = [40, 139, 99, 14, 24, 11]  # the shipped tokenizer's
+    state_file.write_text(json.dumps(state))
+    with pytest.raises(CheckpointError, match="'triangle' tokenized as"):
+        ToyTrainer(cfg).resume()
+    del state["spelling"]
+    state_file.write_text(json.dumps(state))
+    with pytest.raises(CheckpointError, match="start the run afresh"):
+        ToyTrainer(cfg).resume()
+    (tmp_path / "config.json").write_text(json.dumps(dataclasses.asdict(cfg)))
+    with pytest.raises(SystemExit, match="error: .*does not record how its captions"):
+        main(["--out", str(tmp_path), "--steps", "2", "--resume"])
 
 
 def test_train_toy_reports_and_exports(tmp_path):

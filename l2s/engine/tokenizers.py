@@ -23,6 +23,14 @@ def build_clip_tokenizer(
     Each word becomes a single ``word</w>`` token (so a word-level model, such as the toy
     text encoder, sees one embedding per word); other words fall back to characters.
     ``vocab_size`` (e.g. 49408 for the SD text encoders) only checks that the ids fit.
+
+    Each word's left-to-right merge chain alone does not keep that promise: BPE applies the
+    lowest-ranked merge first, so an earlier word's merge can take letters a later chain
+    needs ("and" merges a+n before "triangle" merges tri+a, leaving 6 pieces). After the
+    chains, each word is spelt as BPE would spell it and the pieces left are joined by merges
+    ranked last; they join prefixes, already in the vocabulary, so ids stay as the chains gave
+    them (the toy tokenizers shipped with l2s were built before this step: see
+    ``l2s.toy.model.build_toy_tokenizer``).
     """
     vocab: dict[str, int] = {BOS: 0, EOS: 1}
     merges: list[tuple[str, str]] = []
@@ -47,10 +55,31 @@ def build_clip_tokenizer(
                 merges.append((pieces[0], pieces[1]))
             add(merged)
             pieces = [merged] + pieces[2:]
+    ranks = {pair: i for i, pair in enumerate(merges)}
+    for word in sorted({w.lower() for w in words}):
+        pieces = _bpe(word, ranks)
+        while len(pieces) > 1:  # ranked after every merge so far: no other spelling changes
+            ranks[(pieces[0], pieces[1])] = len(merges)
+            merges.append((pieces[0], pieces[1]))
+            pieces = _bpe(word, ranks)
     if vocab_size is not None and len(vocab) > vocab_size:
         raise ValueError(f"{len(vocab)} tokens do not fit a vocabulary of {vocab_size}")
     return CLIPTokenizer(vocab=vocab, merges=merges,
                          model_max_length=model_max_length)
+
+
+def _bpe(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:
+    """The pieces CLIP's BPE spells ``word`` as: the lowest-ranked adjacent pair is merged
+    first (leftmost on ties), until no pair has a merge."""
+    pieces = list(word[:-1]) + [word[-1] + "</w>"]
+    while len(pieces) > 1:
+        found = [(ranks[pair], i) for i, pair in enumerate(zip(pieces, pieces[1:], strict=False))
+                 if pair in ranks]
+        if not found:
+            break
+        _, i = min(found)
+        pieces[i:i + 2] = [pieces[i] + pieces[i + 1]]
+    return pieces
 
 
 def build_t5_tokenizer(words: Iterable[str], *, model_max_length: int = 512):

@@ -55,7 +55,14 @@ def _vocabulary() -> tuple[str, ...]:
 
 
 def build_toy_tokenizer(cfg: ToyModelConfig) -> CLIPTokenizer:
-    """The word-level CLIP tokenizer over the toy vocabulary (one token per known word)."""
+    """The word-level CLIP tokenizer over the toy vocabulary: one token per known word.
+
+    The tokenizers shipped with the weights (``weights/tokenizer``, ``weights-mmdit/tokenizer``)
+    were built before ``build_clip_tokenizer`` kept that promise: they spell "triangle" as 6
+    pieces (every other vocabulary word as one token, with the ids this builds). The shipped
+    models were trained with them, so they stay: the supervision and the recorded maps average
+    a word's pieces (``l2s.engine.tokens.phrase_tokens``), so "triangle" still has one map.
+    """
     return build_clip_tokenizer(_vocabulary(), model_max_length=cfg.max_tokens)
 
 

@@ -49,6 +49,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from l2s.errors import L2SError
 from l2s.toy.backbones import TOYS, UNetToy
 from l2s.toy.checkpoint import load_checkpoint, save_checkpoint, write_dir
 from l2s.toy.evaluate import ToyEval, evaluate
@@ -169,14 +170,20 @@ class ToyTrainer:
 
     def save(self) -> None:
         save_checkpoint(self.checkpoint_dir, self.step, *self._modules(), self.optimizer,
-                        self.rng, self.gen, self.cfg)
+                        self.rng, self.gen, self.cfg, self.spelling())
+
+    def spelling(self) -> dict[str, list[int]]:
+        """The token ids of every vocabulary word: what a checkpoint's text encoder learnt."""
+        from l2s.toy.scenes import VOCABULARY
+
+        return {w: self.tokenizer(w, add_special_tokens=False).input_ids for w in VOCABULARY}
 
     def resume(self) -> bool:
         """Load the run's checkpoint if there is one; whether it did."""
         if not (self.checkpoint_dir / "state.json").is_file():
             return False
         self.step = load_checkpoint(self.checkpoint_dir, *self._modules(), self.optimizer,
-                                    self.rng, self.gen)
+                                    self.rng, self.gen, self.spelling())
         return True
 
     def train_step(self) -> float:
@@ -397,7 +404,10 @@ def main(argv: list[str] | None = None) -> None:
     else:
         cfg = _config_from_args(args)
     cfg = dataclasses.replace(cfg, **overrides)
-    result = train_toy(cfg, resume=args.resume, callback=_print_progress)
+    try:
+        result = train_toy(cfg, resume=args.resume, callback=_print_progress)
+    except L2SError as err:
+        sys.exit(f"error: {err}")
     print(json.dumps(dataclasses.asdict(result)))
 
 
