@@ -176,6 +176,68 @@ def test_a_launched_process_benches_its_rank_shard(oracle, tmp_path, monkeypatch
     assert sum(len(c) for c in oracle) == 2  # prompts 1 and 3 of 4
 
 
+def _scores(res) -> dict:
+    """A result's numbers without its timings."""
+    return {m: {k: v for k, v in s.items() if "seconds" not in k} for m, s in res.methods.items()}
+
+
+@pytest.mark.parametrize("damage", ["null", "{}", "bytes", "missing field"])
+def test_a_damaged_results_line_is_dropped_and_its_image_scored_again(oracle, tmp_path, damage):
+    """Catches a results.jsonl line of `null` (was TypeError), `{}` (KeyError), non-UTF-8 bytes
+    (UnicodeDecodeError, never repaired) or a record without a field the summary reads."""
+    cfg = BenchConfig(methods=("oracle",), prompts=4, num_images=1, out=str(tmp_path))
+    first = run_bench(cfg, denoiser=object())
+    path = tmp_path / "results.jsonl"
+    lines = path.read_bytes().splitlines()
+    bad = {"null": b"null", "{}": b"{}", "bytes": lines[1][:10] + b"\xff\xfe" + lines[1][10:],
+           "missing field": json.dumps({k: v for k, v in json.loads(lines[1]).items()
+                                        if k != "score"}).encode()}[damage]
+    path.write_bytes(b"\n".join([lines[0], bad, *lines[2:]]) + b"\n")
+    oracle.clear()
+    again = run_bench(cfg, denoiser=object())
+    assert _scores(again) == _scores(first) and not oracle  # rescored from the saved image
+    recs = sorted((json.loads(x) for x in path.read_text().splitlines()),
+                  key=lambda r: r["prompt_index"])
+    assert [r["seed"] for r in recs] == [image_seed(0, i, 0) for i in range(4)]
+
+
+@pytest.mark.parametrize("damage", ["delete", "truncate"])
+def test_a_scored_image_deleted_or_truncated_is_generated_again(oracle, tmp_path, damage):
+    """Catches a scored image deleted or cut after scoring: every rerun failed in the contact
+    sheets (FileNotFoundError / "image file is truncated") and the image was never made again."""
+    cfg = BenchConfig(methods=("oracle",), prompts=3, num_images=1, out=str(tmp_path))
+    first = run_bench(cfg, denoiser=object())
+    image = tmp_path / "oracle" / "00001" / "samples" / "0000.png"
+    if damage == "delete":
+        image.unlink()
+    else:
+        image.write_bytes(image.read_bytes()[:-30])
+    oracle.clear()
+    again = run_bench(cfg, denoiser=object())
+    assert oracle == [[image_seed(0, 1, 0)]]
+    assert again.complete and _scores(again) == _scores(first)
+    assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 3
+    # An image saved but not yet scored, then damaged: generated again, not scored as is.
+    path = tmp_path / "results.jsonl"
+    path.write_text("".join(x + "\n" for x in path.read_text().splitlines()
+                            if json.loads(x)["prompt_index"] != 2))
+    other = tmp_path / "oracle" / "00002" / "samples" / "0000.png"
+    other.write_bytes(other.read_bytes()[:40])
+    oracle.clear()
+    assert _scores(run_bench(cfg, denoiser=object())) == _scores(first)
+    assert oracle == [[image_seed(0, 2, 0)]]
+
+
+def test_a_damaged_config_json_is_refused_in_one_line(oracle, tmp_path):
+    """Catches a truncated config.json ending in a JSONDecodeError traceback."""
+    cfg = BenchConfig(methods=("oracle",), prompts=2, num_images=1, out=str(tmp_path))
+    run_bench(cfg, denoiser=object())
+    config = tmp_path / "config.json"
+    config.write_text(config.read_text()[:25])
+    with pytest.raises(BenchError, match=r"config.json is damaged .* pass another --out"):
+        run_bench(cfg, denoiser=object())
+
+
 def test_shards_split_the_prompts_and_merge_into_one_summary(oracle, tmp_path):
     base = dict(methods=("oracle",), prompts=7, out=str(tmp_path))
     first = run_bench(BenchConfig(**base, shard=(0, 2)), denoiser=object())

@@ -191,15 +191,17 @@ def run_bench(cfg: BenchConfig, denoiser: Denoiser | None = None,
     lazy = _Lazy(cfg, denoiser, detector, colors)
     store.check_config(out, cfg.identity())
     records = store.read_records(out)
-    done = {(r["method"], r["prompt_index"], r["image_index"]) for r in records}
     jobs = [(p, k) for p in mine for k in range(cfg.num_images)]
+    records = _drop_lost_images(out, records, {(m, p.index, k) for m in cfg.methods
+                                               for p, k in jobs})
+    done = {(r["method"], r["prompt_index"], r["image_index"]) for r in records}
     left = {p.index: p for m in cfg.methods for p, k in jobs if (m, p.index, k) not in done}
     # Work left per method: images to generate, and images saved but unscored (a kill between
     # the two), which are scored, not regenerated.
     todo, saved, fresh = {}, {}, {}
     for m in cfg.methods:
         todo[m] = [(p, k) for p, k in jobs if (m, p.index, k) not in done]
-        saved[m] = [(p, k) for p, k in todo[m] if store.image_path(out, m, p.index, k).exists()]
+        saved[m] = [(p, k) for p, k in todo[m] if _saved(store.image_path(out, m, p.index, k))]
         on_disk = {(p.index, k) for p, k in saved[m]}
         fresh[m] = [(p, k) for p, k in todo[m] if (p.index, k) not in on_disk]
     # What cannot load fails here, before any generation and before config.json pins the
@@ -267,6 +269,30 @@ def run_bench(cfg: BenchConfig, denoiser: Denoiser | None = None,
                 scored(method, p, k, (each, each_cpu), img,
                        getattr(lazy.denoiser, "text_len", None))
     return summarise_run(cfg, prompts, records, out)
+
+
+def _saved(path: Path) -> bool:
+    """Whether an image is saved whole; a damaged one is deleted, to be generated again."""
+    if not path.exists():
+        return False
+    if store.image_readable(path):
+        return True
+    path.unlink()
+    return False
+
+
+def _drop_lost_images(out: Path, records: list[dict],
+                      mine: set[tuple[str, int, int]]) -> list[dict]:
+    """The records whose image is still whole; this run's images deleted or damaged since
+    they were scored lose their records (and the damaged file), so they are generated and
+    scored again instead of failing every rerun."""
+    lost = {(r["method"], r["prompt_index"], r["image_index"]) for r in records
+            if (r["method"], r["prompt_index"], r["image_index"]) in mine
+            and not _saved(out / r["filename"])}
+    if not lost:
+        return records
+    store.drop_records(out, lost)
+    return [r for r in records if (r["method"], r["prompt_index"], r["image_index"]) not in lost]
 
 
 class _Lazy:
@@ -380,6 +406,8 @@ def _sheets(out: Path, method: str, records: list[dict]) -> None:
     for r in records:
         by_task.setdefault(r["tag"], []).append(r)
     for task, recs in by_task.items():
-        recs = recs[:SHEET_IMAGES]
+        # Another shard's image damaged since it was scored is left out (that shard's rerun
+        # makes it again).
+        recs = [r for r in recs if store.image_readable(out / r["filename"])][:SHEET_IMAGES]
         imgs = [store.load_image(out / r["filename"])[0] for r in recs]
         contact_sheet(imgs, recs, out / f"contact_{method}_{task}.png")

@@ -68,22 +68,60 @@ def results_name(shard: tuple[int, int] | None) -> str:
         f"results.shard-{shard[0]}-of-{shard[1]}.jsonl"
 
 
+# What summarising and resuming read from a record; a line without them (`null`, `{}`, a
+# line cut by a kill or damaged on disk) is dropped and its image scored again.
+RECORD_FIELDS = {"filename": str, "tag": str, "score": (int, float), "correct": bool,
+                 "method": str, "prompt_index": int, "image_index": int, "n_detections": int}
+
+
+def _record(line: bytes) -> dict | None:
+    """A results line as a record, or None when it is not one (not UTF-8, not JSON, a field
+    missing or of another type)."""
+    try:
+        rec = json.loads(line.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(rec, dict) or any(
+            not isinstance(rec.get(k), t) or (t is int and isinstance(rec.get(k), bool))
+            for k, t in RECORD_FIELDS.items()):
+        return None
+    return rec
+
+
 def read_records(out: Path) -> list[dict]:
-    """Every finished record of every results file in `out` (shards merge here); a line cut by
-    a kill is dropped from its file, so that image is scored again."""
+    """Every finished record of every results file in `out` (shards merge here); a line that
+    is not a whole record (cut by a kill, damaged) is dropped from its file, so that image is
+    scored again."""
     records = []
     for path in sorted(out.glob("results*.jsonl")):
-        text = path.read_text()
-        good, bad = [], 0
-        for line in text.splitlines():
-            try:
-                good.append(json.loads(line))
-            except json.JSONDecodeError:
-                bad += 1
-        if bad or (text and not text.endswith("\n")):
+        data = path.read_bytes()
+        lines = data.splitlines()
+        good = [r for r in map(_record, lines) if r is not None]
+        if len(good) < len(lines) or (data and not data.endswith(b"\n")):
             atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in good))
         records += good
     return records
+
+
+def image_readable(path: Path) -> bool:
+    """Whether a saved image is whole: it exists and its PNG chunks check out."""
+    try:
+        with Image.open(path) as im:
+            im.verify()  # every chunk's CRC: finds truncated or altered files without decoding
+        return True
+    except Exception:  # noqa: BLE001 - any failure to parse means the file is damaged
+        return False
+
+
+def drop_records(out: Path, lost: set[tuple[str, int, int]]) -> None:
+    """Remove the records of ``lost`` (method, prompt_index, image_index) images from every
+    results file, so they are generated and scored again."""
+    for path in sorted(out.glob("results*.jsonl")):
+        recs = [r for r in map(_record, path.read_bytes().splitlines()) if r is not None]
+        keep = [r for r in recs
+                if (r["method"], r["prompt_index"], r["image_index"]) not in lost]
+        if len(keep) < len(recs):
+            atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
 
 
 def append_record(path: Path, record: dict) -> None:
@@ -115,7 +153,14 @@ def check_config(out: Path, identity: dict) -> None:
     """Refuse a folder that holds a run whose identity differs."""
     path = out / "config.json"
     if path.exists():
-        old = json.loads(path.read_text())
+        try:
+            old = json.loads(path.read_bytes().decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            old = e
+        if not isinstance(old, dict):
+            raise BenchError(f"{path} is damaged (not a JSON object of settings), so this run "
+                             "cannot check that it continues the same benchmark: pass another "
+                             "--out, or delete that folder to start over")
         diff = {k: (old.get(k), v) for k, v in identity.items() if old.get(k) != v}
         if diff:
             raise BenchError(f"{out} holds a run with other settings {diff}: pass another --out "
