@@ -481,6 +481,46 @@ def test_fresh_discards_an_interrupted_run_and_a_broken_checkpoint_is_refused(tm
     assert res.card["training"]["epochs_run"] == 2
 
 
+@pytest.mark.parametrize("damage", ["weight bit", "header field", "header field, no sha256",
+                                    "rng state, no sha256"])
+def test_a_damaged_checkpoint_is_refused_not_resumed(tmp_path, damage):
+    """Catches a flipped exponent bit in a weight resuming silently (final weights off by up to
+    0.03: the checkpoint had no checksum), a missing header field (`KeyError: 'plateau'`) and
+    a malformed random state (a RuntimeError traceback), also in checkpoints written before the
+    checksum existed."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from l2s.classifier.checkpoint import EpochState, load_epoch, save_epoch
+
+    def fresh():
+        model = torch.nn.Linear(4, 3)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        return model, opt, torch.optim.lr_scheduler.ReduceLROnPlateau(opt), torch.Generator()
+
+    ident = {"settings": {"lr": 1e-2}, "data": "abc"}
+    path = tmp_path / "ckpt.safetensors"
+    save_epoch(path, ident, *fresh(), EpochState(epoch=1))
+    with safe_open(str(path), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    header = json.loads(meta["l2s_train"])
+    if damage == "weight bit":
+        w = tensors["model.weight"].clone()
+        w.view(torch.int32)[0, 0] ^= 1 << 23  # the lowest exponent bit: x2 or /2
+        tensors["model.weight"] = w
+    elif damage.startswith("header field"):
+        del header["plateau"]
+    else:
+        tensors["rng.torch"] = tensors["rng.torch"][:7]
+    meta["l2s_train"] = json.dumps(header)
+    if "no sha256" in damage:
+        del meta["l2s_sha256"]
+    save_file(tensors, str(path), metadata=meta)
+    with pytest.raises(TrainError, match=r"checkpoint .* is damaged .*--fresh") as e:
+        load_epoch(path, ident, *fresh())
+    assert "\n" not in str(e.value)
+
+
 def test_checkpoint_round_trip_restores_every_part_of_the_state(tmp_path):
     """save_epoch -> load_epoch into fresh objects gives back each piece exactly (a piece left
     out, e.g. the plateau's bad-epoch count or a reduced lr, fails its own comparison)."""

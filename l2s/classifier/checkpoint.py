@@ -4,9 +4,11 @@
 optimizer's moment tensors and the random streams (the batch-order / augmentation generator
 and torch's global stream that dropout draws from); its header holds the epoch history, the
 plateau scheduler, the optimizer's plain settings and what the run is (its resolved settings
-and a digest of its data split). It is rewritten through ``atomic_write`` after every epoch, so
-a run cut at any moment resumes from its last finished epoch and ends with the same weights
-as a run never interrupted. The job deletes it once the card is written. Nothing is unpickled.
+and a digest of its data split), and a sha256 of the header and every tensor, so a damaged
+file (a flipped bit in a weight, an edited header) is refused instead of resumed. It is
+rewritten through ``atomic_write`` after every epoch, so a run cut at any moment resumes from
+its last finished epoch and ends with the same weights as a run never interrupted. The job
+deletes it once the card is written. Nothing is unpickled.
 """
 
 from __future__ import annotations
@@ -58,6 +60,16 @@ def _rng_tensors(order: torch.Generator, device: torch.device) -> dict[str, torc
     return out
 
 
+def _digest(header: str, tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 of the header text and every tensor's name, dtype, shape and bytes."""
+    h = hashlib.sha256(header.encode())
+    for k in sorted(tensors):
+        t = tensors[k].detach().cpu().contiguous()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def save_epoch(path: Path, identity: dict, model: torch.nn.Module, opt: torch.optim.Optimizer,
                plateau, order: torch.Generator, state: EpochState) -> None:
     """Write the run's state after ``state.epoch`` to ``path``, atomically."""
@@ -79,8 +91,9 @@ def save_epoch(path: Path, identity: dict, model: torch.nn.Module, opt: torch.op
                                                       "param_groups": opt_sd["param_groups"]},
               "plateau": plateau.state_dict()}
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    text = json.dumps(header)
     atomic_write(Path(path), lambda tmp: save_file(
-        tensors, tmp, metadata={"l2s_train": json.dumps(header)}))
+        tensors, tmp, metadata={"l2s_train": text, "l2s_sha256": _digest(text, tensors)}))
 
 
 def _differences(saved: dict, now: dict) -> list[str]:
@@ -104,11 +117,28 @@ def load_epoch(path: Path, identity: dict, model: torch.nn.Module, opt: torch.op
         return None
     try:
         with safe_open(str(path), framework="pt") as f:
-            header = json.loads(f.metadata()["l2s_train"])
+            meta = f.metadata() or {}
+            text = meta["l2s_train"]
             tensors = {k: f.get_tensor(k) for k in f.keys()}
+        header = json.loads(text)
     except (SafetensorError, OSError, KeyError, TypeError, ValueError) as e:
         raise TrainError(f"the training checkpoint {path} cannot be read ({e}): "
                          f"{RESUME_FIX}") from None
+    # Checkpoints written before the checksum existed have none; their parts are still
+    # checked as they are restored.
+    if "l2s_sha256" in meta and meta["l2s_sha256"] != _digest(text, tensors):
+        raise TrainError(f"the training checkpoint {path} is damaged (its sha256 does not match "
+                         f"its contents: the file changed after it was written): {RESUME_FIX}")
+    try:
+        return _restore(path, header, tensors, identity, model, opt, plateau, order)
+    except (KeyError, TypeError, ValueError, IndexError, RuntimeError, AttributeError) as e:
+        raise TrainError(f"the training checkpoint {path} is damaged ({type(e).__name__}: "
+                         f"{e}): {RESUME_FIX}") from None
+
+
+def _restore(path: Path, header: dict, tensors: dict[str, torch.Tensor], identity: dict,
+             model: torch.nn.Module, opt: torch.optim.Optimizer, plateau,
+             order: torch.Generator) -> EpochState:
     diff = _differences(header["identity"], identity)
     if diff:
         raise TrainError(f"{path} holds an interrupted run with other settings "
@@ -133,7 +163,7 @@ def load_epoch(path: Path, identity: dict, model: torch.nn.Module, opt: torch.op
     if device.type == "cuda" and "rng.cuda" in tensors:
         torch.cuda.set_rng_state(tensors["rng.cuda"], device)
     best = part("best.")
-    return EpochState(epoch=header["epoch"], history=header["history"],
-                      best_loss=header["best_loss"], best_epoch=header["best_epoch"],
+    return EpochState(epoch=int(header["epoch"]), history=list(header["history"]),
+                      best_loss=float(header["best_loss"]), best_epoch=int(header["best_epoch"]),
                       best_state={k: v.to(device) for k, v in best.items()} or None,
-                      seconds=header["seconds"])
+                      seconds=float(header["seconds"]))
