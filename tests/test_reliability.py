@@ -263,6 +263,49 @@ def test_entries_are_verified_by_content(tmp_path):
     assert not zeroed.exists() and not flipped.exists()  # deleted, so invert rebuilds them
 
 
+@pytest.mark.parametrize(("old", "new"), [(b"above", b"abxve"), (b"1a2b3c", b"1a2c3c")])
+def test_a_flipped_byte_in_an_entry_header_is_found_and_the_entry_rebuilt(tmp_path, old, new):
+    """Catches a header byte flipped (`below` -> `bdlow`; an image_hash digit, which counted
+    one image twice and could split its recordings across train and test): the sha256 covered
+    the tensor only, so invert reported "0 corrupt" and nothing repaired it."""
+    c = AttentionCache(tmp_path / "cache", "fp")
+    c.put("00key", torch.ones(2, 2, 3, 4, 4),
+          {"source": "shapes", "relation": "above", "image_hash": "1a2b3c"})
+    path = c.map_path("00key")
+    raw = path.read_bytes()
+    assert raw.count(old) == 1
+    path.write_bytes(raw.replace(old, new))
+    fresh = AttentionCache(tmp_path / "cache", "fp")
+    assert not fresh.has("00key") and fresh.corrupt == ["00key"] and not path.exists()
+
+
+def test_a_missing_or_damaged_settings_json_keeps_the_geometry_guard(tmp_path):
+    """Catches a truncated or deleted settings.json turning the geometry guard off, so entries
+    of another shape were written beside the cached ones again."""
+    from dataclasses import replace
+
+    from l2s.families.tiny import tiny_sd
+    from l2s.inversion.cache import CacheError
+    from l2s.inversion.job import InvertConfig, run_invert
+    from l2s.inversion.loop import InversionConfig
+
+    den = tiny_sd()
+    inv = InversionConfig(method="noise", steps=10, record_steps=(2, 5, 9))
+    cfg = InvertConfig(data=("shapes",), cache_dir=str(tmp_path), limit=1, batch_size=4,
+                       per_relation=(1, 1, 1), inversion=inv)
+    assert run_invert(cfg, den).written == 2
+    settings = tmp_path / den.fingerprint / "settings.json"
+    other = replace(cfg, inversion=replace(inv, record_steps=(1, 4, 8)))
+    for damage in ("truncate", "delete"):
+        if damage == "truncate":
+            settings.write_text(settings.read_text()[:20])
+        else:
+            settings.unlink()
+        with pytest.raises(CacheError, match=r"timesteps \[.*\] \(cached\) vs"):
+            run_invert(other, den)
+    assert run_invert(cfg, den).skipped == 2  # the cached settings still resume
+
+
 @pytest.mark.parametrize("damage", ["truncate", "zero", "delete", "binary", "duplicate"])
 def test_manifest_is_rebuilt_from_the_entries(tmp_path, damage):
     c = _cache(tmp_path)

@@ -14,13 +14,13 @@ leaves a half-written entry; manifest lines are appended with one O_APPEND write
 several processes can do at once.
 
 The cache repairs itself. An entry is trusted only after its content checks out (safetensors
-header, recorded shape and key, finite values, and the sha256 of its tensor recorded at write
-time); one that fails is deleted and reported, and the job that wanted it rebuilds it. The
-manifest is an index, not the truth: entries on disk that it does not list (it was truncated,
-zeroed or deleted) are read back into it, lines of missing or broken entries, duplicates and
-garbage are dropped, and the file is rewritten. Processes sharing a cache claim the images
-they work on (``claims/<key>``), so two `l2s invert` runs split the work instead of both
-doing all of it.
+header, recorded shape and key, finite values, the sha256 of its tensor and the sha256 of its
+metadata, both recorded at write time); one that fails is deleted and reported, and the job
+that wanted it rebuilds it. The manifest is an index, not the truth: entries on disk that it
+does not list (it was truncated, zeroed or deleted) are read back into it, lines of missing or
+broken entries, duplicates and garbage are dropped, and the file is rewritten. Processes
+sharing a cache claim the images they work on (``claims/<key>``), so two `l2s invert` runs
+split the work instead of both doing all of it.
 """
 
 from __future__ import annotations
@@ -171,7 +171,8 @@ class AttentionCache:
         if maps.ndim != 5 or maps.shape[1] != 2:
             raise ValueError(f"maps must be (T, 2, C, S, S), got {tuple(maps.shape)}")
         maps = maps.detach().to(torch.float16).cpu().contiguous()
-        meta = {**meta, "key": key, "shape": list(maps.shape), "sha256": tensor_sha256(maps)}
+        meta = sealed({**meta, "key": key, "shape": list(maps.shape),
+                       "sha256": tensor_sha256(maps)})
         _atomic_save({"maps": maps}, self.map_path(key), meta)
         self._verified.add(key)
         self._append(meta)
@@ -303,8 +304,8 @@ class AttentionCache:
         """One image's inverted DDIM trajectory (steps, C, h, w), stored as fp16."""
         latents = latents.detach().to(torch.float16).cpu().contiguous()
         _atomic_save({"latents": latents}, self.latent_path(key),
-                     {**meta, "key": key, "shape": list(latents.shape),
-                      "sha256": tensor_sha256(latents)})
+                     sealed({**meta, "key": key, "shape": list(latents.shape),
+                             "sha256": tensor_sha256(latents)}))
 
     def get_latents(self, key: str) -> tuple[torch.Tensor, dict] | None:
         """(latents, metadata) of an image, or None if absent or corrupt (then deleted)."""
@@ -328,9 +329,27 @@ class AttentionCache:
         }
 
 
+def meta_sha256(meta: dict) -> str:
+    """sha256 of an entry's metadata (all but this digest itself), as JSON with sorted keys."""
+    rest = {k: v for k, v in meta.items() if k != "meta_sha256"}
+    return hashlib.sha256(json.dumps(rest, sort_keys=True).encode()).hexdigest()
+
+
+def sealed(meta: dict) -> dict:
+    """``meta`` with its own sha256: a flipped byte in an entry's header (a relation, an
+    image_hash digit) is then found like a flipped byte in its tensor."""
+    meta = json.loads(json.dumps(meta))  # the digest covers what a reader will load
+    return {**meta, "meta_sha256": meta_sha256(meta)}
+
+
 def check_entry(tensor: torch.Tensor, meta: dict, key: str) -> None:
     """Raise ValueError unless a loaded entry is what was written: its recorded key and shape,
-    finite values, and (entries written since checksums were recorded) its sha256."""
+    finite values, and (entries written since checksums were recorded) the sha256 of its
+    tensor and of its metadata."""
+    if not isinstance(meta, dict):
+        raise ValueError("the header holds no metadata object")
+    if "meta_sha256" in meta and meta_sha256(meta) != meta["meta_sha256"]:
+        raise ValueError("metadata differs from its recorded sha256")
     if meta.get("key", key) != key:
         raise ValueError(f"the file holds key {meta.get('key')}, not {key}")
     if list(tensor.shape) != meta["shape"]:

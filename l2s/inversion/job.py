@@ -291,21 +291,36 @@ GEOMETRY = ("image_size", "text_len", "timesteps", "map_size")
 
 def check_same_geometry(cache: AttentionCache, meta: dict) -> None:
     """Refuse a run whose image size, text length, recorded timesteps or map size differs from
-    the maps already cached (as ``settings.json`` records them; a cache from before it
-    recorded a field is not checked on that field)."""
+    the maps already cached (as ``settings.json`` records them, or, when it is missing or
+    damaged, the header of a sound cached entry; a cache from before they recorded a field is
+    not checked on that field)."""
+    maps = cache.dir / "maps"
+    if not (maps.is_dir() and any(maps.iterdir())):
+        return
     try:
         old = json.loads((cache.dir / "settings.json").read_text())
     except (OSError, ValueError):
-        return
-    maps = cache.dir / "maps"
+        old = None
+    if not isinstance(old, dict) or not any(k in old for k in GEOMETRY):
+        old = _geometry_of_an_entry(cache)
     diff = [f"{k} {old[k]} (cached) vs {meta[k]} (this run)" for k in GEOMETRY
-            if isinstance(old, dict) and k in old and old[k] != meta[k]]
-    if diff and maps.is_dir() and any(maps.iterdir()):
+            if k in old and old[k] != meta[k]]
+    if diff:
         raise CacheError(f"{cache.dir} holds maps of this backbone recorded at another "
                          f"{'; '.join(diff)}: maps recorded differently cannot train one "
                          "classifier; rerun with the cached settings (its config.yaml holds "
                          "them), pass another --cache-dir for this run, or delete "
                          f"{cache.dir} to rebuild it")
+
+
+def _geometry_of_an_entry(cache: AttentionCache) -> dict:
+    """The geometry fields of the first sound map entry (broken ones are deleted on the way);
+    {} for a cache with none."""
+    for path in sorted((cache.dir / "maps").glob("*/*.safetensors")):
+        entry = cache.get(path.stem)
+        if entry is not None:
+            return {k: entry.meta[k] for k in GEOMETRY if k in entry.meta}
+    return {}
 
 
 def _seed_of(seed: int, source_id: str) -> int:
