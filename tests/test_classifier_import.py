@@ -151,6 +151,27 @@ def test_refuses_weights_that_do_not_match_the_config(tmp_path, sd_folder):
         read_checkpoint(_save(tmp_path, ckpt))
 
 
+@pytest.mark.parametrize(("cast", "needle"), [
+    (lambda v: torch.full_like(v, float("nan")), "holds NaN or infinite values"),
+    (lambda v: v.to(torch.int64), "is int64, not a float16"),
+    (lambda v: v > 0, "is bool, not a float16"),
+    (lambda v: v.to(torch.complex64), "is complex64, not a float16"),
+    (lambda v: v.to(torch.float8_e4m3fn), "is float8_e4m3fn, not a float16"),
+])
+def test_refuses_weights_it_would_cast_silently(tmp_path, sd_folder, cast, needle):
+    """Catches NaN, int64, bool, complex and float8 weights imported with a silent .float()
+    (a classifier that steers nothing, exit 0)."""
+    ckpt = make_checkpoint(rows=40)
+    state = ckpt["model_state_dict"]
+    name = next(k for k, v in state.items() if v.ndim == 2)
+    state[name] = cast(state[name])
+    res = _import(_save(tmp_path, ckpt), "--model", sd_folder, "--out", tmp_path / "x")
+    assert res.exit_code == 2, res.output
+    text = " ".join(res.output.split())
+    assert f"{name} {needle}" in text and "Traceback" not in text
+    assert not (tmp_path / "x" / "card.json").exists()
+
+
 def _independent_losses(folder, ckpt, prompt, seed, steps):
     """The reference's cross-entropy at step 0, computed without l2s's engine or module; and,
     to show the comparison can fail, the same with the maps in forward order and with another

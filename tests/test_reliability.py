@@ -200,6 +200,76 @@ def test_binary_or_escaping_classifier_cards_are_clean_errors(tmp_path):
         load_classifier(card)
 
 
+def _toy_card(tmp_path, card_edit=None, weights_edit=None):
+    """A copy of the shipped toy classifier with its card and/or weights changed (the card's
+    weights_sha256 follows the new weights, as a card written with them would)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from l2s.classifier.model import PACKAGE_CLASSIFIERS, sha256_file
+
+    folder = tmp_path / "clf"
+    shutil.copytree(PACKAGE_CLASSIFIERS / "toy", folder)
+    card = json.loads((folder / "card.json").read_text())
+    if weights_edit is not None:
+        state = load_file(folder / "model.safetensors")
+        weights_edit(state)
+        save_file(state, folder / "model.safetensors")
+        card["weights_sha256"] = sha256_file(folder / "model.safetensors")
+    if card_edit is not None:
+        card_edit(card)
+    (folder / "card.json").write_text(json.dumps(card))
+    return folder
+
+
+def _set(path, value):
+    def edit(card):
+        *parents, last = path.split(".")
+        d = card
+        for k in parents:
+            d = d[k]
+        d[last] = value
+    return edit
+
+
+def _nan(state):
+    state["embed.weight"] = torch.full_like(state["embed.weight"], float("nan"))
+
+
+def _int32(state):
+    state["embed.weight"] = state["embed.weight"].to(torch.int32)
+
+
+def _without_below(card):
+    card["classes"] = card["architecture"]["relations"] = ["left of", "right of", "above", "on"]
+
+
+@pytest.mark.parametrize(("card_edit", "weights_edit", "needle"), [
+    (_set("architecture.n_heads", 0), None, "n_heads must be an integer >= 1, got 0"),
+    (_set("architecture.d_model", -4), None, "d_model must be an integer >= 1, got -4"),
+    (_set("architecture.dropout", 2), None, "dropout must be a number in [0, 1)"),
+    (_set("text_len", "long"), None, "has text_len 'long'"),
+    (_set("timesteps", []), None, "has timesteps []"),
+    (_set("classes", ["left of", "right of"]), None, "not the 4 outputs its architecture"),
+    (_without_below, None, "lack 'below', which l2s steers"),
+    (None, _nan, "embed.weight holds NaN or infinite values"),
+    (None, _int32, "embed.weight is int32, not a float16, bfloat16 or float32 tensor"),
+])
+def test_a_card_or_weights_that_lie_are_refused_in_one_line(tmp_path, card_edit, weights_edit,
+                                                            needle):
+    """Catches cards that ended in tracebacks deep in torch or steering (ZeroDivisionError for
+    n_heads 0, a negative dimension, `'below' is not in list`) and weights that steered with a
+    NaN loss or were cast from int32 silently (exit 0, nothing steered)."""
+    folder = _toy_card(tmp_path, card_edit, weights_edit)
+    with pytest.raises(ClassifierError, match=re.escape(needle)) as e:
+        load_classifier(folder)
+    assert "\n" not in str(e.value) and str(folder) in str(e.value)
+    r = runner.invoke(app, ["steer", PROMPT, "--classifier", str(folder), "--steps", "4",
+                            "--out", str(tmp_path / "o")])
+    _clean_error(r, needle)
+
+
 def test_pickled_weights_in_a_local_folder_need_allow_pickle(tmp_path, monkeypatch):
     from safetensors.torch import load_file
 

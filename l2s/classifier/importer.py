@@ -29,6 +29,7 @@ from l2s.classifier.model import (
     save_classifier,
     sha256_file,
     trained_classifier_dir,
+    weight_problems,
 )
 from l2s.classifier.reference import (
     REFERENCE_CLASSES,
@@ -260,6 +261,10 @@ def import_classifier(checkpoint: str | Path, model: str, *, out: str | Path | N
                      f"{text_len} when steering with this classifier (card text_len): its "
                      f"images differ from plain {denoiser.name}'s at {own} tokens")
     net = ReferenceClassifier(arch)
+    bad = weight_problems(ckpt["model_state_dict"])
+    if bad:  # a silent cast would steer with garbage
+        raise ImportRefused(f"checkpoint weights cannot steer: {'; '.join(bad)}; download the "
+                            "checkpoint again")
     state = {k: v.float() for k, v in ckpt["model_state_dict"].items()}
     problems = _state_problems(net.state_dict(), state)
     if problems:

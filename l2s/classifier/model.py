@@ -42,6 +42,39 @@ class ClassifierMismatchError(ClassifierError):
     """The classifier was trained on another backbone's attention maps."""
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def check_sizes(cfg, names: Sequence[str], minimum: int = 1, *,
+                counts: Sequence[str] = ()) -> None:
+    """Raise ValueError unless each field of ``names`` is an integer >= ``minimum`` and each
+    of ``counts`` a non-empty sequence of integers >= 1; ``dropout`` (when ``cfg`` has one)
+    must lie in [0, 1). A card that says ``n_heads: 0`` or ``d_model: -4`` is refused here,
+    not by a ZeroDivisionError or a negative dimension inside torch."""
+    for name in names:
+        v = getattr(cfg, name)
+        if not _is_int(v) or v < minimum:
+            raise ValueError(f"{name} must be an integer >= {minimum}, got {v!r}")
+    for name in counts:
+        v = getattr(cfg, name)
+        if not isinstance(v, Sequence) or not v or not all(_is_int(x) and x >= 1 for x in v):
+            raise ValueError(f"{name} must be a non-empty list of integers >= 1, got {v!r}")
+    dropout = getattr(cfg, "dropout", 0.0)
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) \
+            or not 0 <= dropout < 1:
+        raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
+
+
+def check_relations(relations) -> None:
+    """Raise ValueError unless the class names are distinct strings."""
+    if not isinstance(relations, Sequence) or isinstance(relations, str) or not relations \
+            or not all(isinstance(r, str) for r in relations) \
+            or len(set(relations)) != len(relations):
+        raise ValueError(f"relations must be a non-empty list of distinct class names, "
+                         f"got {relations!r}")
+
+
 @dataclass(frozen=True)
 class ClassifierConfig:
     """Sizes of a RelationClassifier; written into its card as ``architecture``."""
@@ -61,6 +94,11 @@ class ClassifierConfig:
     dropout: float = 0.1  # in the encoder and the relation head (training only)
 
     def __post_init__(self) -> None:
+        check_sizes(self, ("n_maps", "map_size", "d_model", "depth", "n_heads", "mlp_ratio",
+                           "head_hidden"))
+        check_relations(self.relations)
+        if self.heads_per_layer is not None:
+            check_sizes(self, (), counts=("heads_per_layer",))
         if self.tokens not in TOKEN_MODES:
             raise ValueError(f"tokens must be one of {TOKEN_MODES}, got {self.tokens!r}")
         if self.d_model % self.n_heads:
@@ -325,9 +363,13 @@ def load_classifier(path: str | Path, denoiser=None, device: str | torch.device 
         check_backbone(card, denoiser, card_path)
     try:
         model = build_classifier(card["architecture"])
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise ClassifierError(f"card {card_path} has no usable architecture ({e}): retrain with "
                               "`l2s train`") from e
+    problem = card_problem(card)
+    if problem:
+        raise ClassifierError(f"card {card_path} {problem}: retrain with `l2s train` (or "
+                              "re-import it with `l2s classifier import`)")
     folder = card_path.parent.resolve()
     weights = (folder / str(card.get("weights", WEIGHTS_FILE))).resolve()
     if not weights.is_relative_to(folder):
@@ -347,7 +389,7 @@ def load_classifier(path: str | Path, denoiser=None, device: str | torch.device 
     except (SafetensorError, OSError) as e:
         raise ClassifierError(f"card {card_path} does not match its weights: {weights} is not "
                               f"a readable safetensors file ({e})") from e
-    problems = _state_problems(model.state_dict(), state)
+    problems = _state_problems(model.state_dict(), state) or weight_problems(state)
     if problems:
         raise ClassifierError(f"card {card_path} does not match its weights: "
                               f"{'; '.join(problems)}")
@@ -355,6 +397,48 @@ def load_classifier(path: str | Path, denoiser=None, device: str | torch.device 
     if device is None and denoiser is not None:
         device = denoiser.device
     return model.to(device or "cpu").eval(), card
+
+
+def card_problem(card: Mapping) -> str | None:
+    """What is wrong with a card's fields besides its architecture (which building the network
+    checks), as the rest of a sentence; None for a sound card. Each would otherwise fail deep
+    in steering: ``timesteps: []``, ``text_len: "long"``, ``classes`` that are not the
+    network's outputs or lack a relation l2s steers."""
+    from l2s.classifier.reference import relation_of_class
+
+    ts = card.get("timesteps")
+    if not isinstance(ts, list) or not ts or not all(_is_int(t) and t >= 0 for t in ts):
+        return f"has timesteps {ts!r}: a non-empty list of the trained timesteps (integers >= 0)"
+    text_len = card.get("text_len")
+    if text_len is not None and (not _is_int(text_len) or text_len < 1):
+        return f"has text_len {text_len!r}: the text tokens of its maps, an integer >= 1"
+    classes = card.get("classes")
+    logits = list(card["architecture"].get("relations", []))
+    if classes != logits:
+        return (f"has classes {classes!r}, not the {len(logits)} outputs its architecture "
+                f"names ({logits})")
+    lacking = [r for r in RELATIONS if r not in {relation_of_class(c) for c in classes}]
+    if lacking:
+        return f"has classes {classes} that lack {', '.join(map(repr, lacking))}, which l2s steers"
+    if card.get("clock", "timestep") not in ("timestep", "step"):
+        return f"has clock {card.get('clock')!r}: 'timestep' or 'step'"
+    return None
+
+
+def weight_problems(state: Mapping[str, torch.Tensor]) -> list[str]:
+    """Weights a classifier must not run with: not a float dtype l2s computes in (int, bool,
+    complex, float8 would be cast silently), or NaN / infinite values (a loss of NaN steers
+    nothing)."""
+    problems = []
+    for k, v in state.items():
+        if v.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+            problems.append(f"{k} is {str(v.dtype).removeprefix('torch.')}, not a float16, "
+                            "bfloat16 or float32 tensor")
+        elif not bool(torch.isfinite(v).all()):
+            problems.append(f"{k} holds NaN or infinite values")
+        if len(problems) == 3:
+            break
+    return problems
 
 
 def _state_problems(expected: Mapping[str, torch.Tensor], got: Mapping[str, torch.Tensor]

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from l2s.classifier.model import check_maps
+from l2s.classifier.model import check_maps, check_relations, check_sizes
 
 # The published checkpoints' class names -> l2s relation names; "is" (an attribute class) is
 # no relation: it stays in the softmax and is never a steering target.
@@ -55,6 +55,13 @@ class ReferenceConfig:
     dropout: float = 0.1  # training only
 
     def __post_init__(self) -> None:
+        check_sizes(self, ("n_maps", "map_size", "d_model", "n_times", "extractor_heads",
+                           "extractor_layers", "extractor_ff", "pool_heads", "relation_heads",
+                           "relation_layers", "relation_ff", "relation_positions"))
+        check_sizes(self, ("relation_time_dim",), minimum=0)
+        if self.max_maps is not None:
+            check_sizes(self, ("max_maps",))
+        check_relations(self.relations)
         if self.time_mode not in TIME_MODES:
             raise ValueError(f"time_mode must be one of {TIME_MODES}, got {self.time_mode!r}")
         for name in ("extractor_heads", "pool_heads", "relation_heads"):
@@ -83,7 +90,8 @@ class ReferenceConfig:
         unknown = set(kw) - {f.name for f in fields(cls)}
         if unknown:
             raise ValueError(f"unknown architecture fields {sorted(unknown)}")
-        kw["relations"] = tuple(kw["relations"])
+        if isinstance(kw.get("relations"), list):
+            kw["relations"] = tuple(kw["relations"])
         return cls(**kw)
 
 
