@@ -110,6 +110,35 @@ def check_writable_file(path: str | Path, option: str = "--out") -> None:
     check_writable_dir(p.parent, option, given=path)
 
 
+# A config is a short mapping of options: a file larger than this, or whose aliases expand to
+# more nodes than this, is refused rather than read (`/dev/zero`, a "billion laughs" file of
+# nested aliases: safe_load is safe from code, not from size).
+MAX_CONFIG_BYTES = 1 << 20
+MAX_CONFIG_NODES = 100_000
+
+
+def _expanded_nodes(node, seen: dict) -> int:
+    """Nodes of a composed YAML document with every alias expanded, counted without expanding
+    them (shared nodes are counted once per use, from a memo)."""
+    import yaml
+
+    if id(node) in seen:
+        return seen[id(node)]
+    seen[id(node)] = MAX_CONFIG_NODES + 1  # a node that contains itself never ends
+    children = []
+    if isinstance(node, yaml.SequenceNode):
+        children = node.value
+    elif isinstance(node, yaml.MappingNode):
+        children = [n for pair in node.value for n in pair]
+    total = 1
+    for child in children:
+        total += _expanded_nodes(child, seen)
+        if total > MAX_CONFIG_NODES:
+            break
+    seen[id(node)] = total
+    return total
+
+
 def load_yaml(path: str | Path) -> dict:
     """The mapping in a YAML config file (``yaml.safe_load``); keys with dashes read as
     underscores, so ``num-images`` and ``num_images`` are the same option."""
@@ -117,11 +146,28 @@ def load_yaml(path: str | Path) -> dict:
 
     p = Path(path).expanduser()
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        if p.exists() and not p.is_dir() and not p.is_file():
+            raise ConfigError(f"config file {path} is not a regular file (a device, FIFO or "
+                              "socket): pass a .yaml file")
+        with p.open("rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise ConfigError(f"config file {path} is larger than {MAX_CONFIG_BYTES >> 20} MiB: "
+                              "a config holds a few options; pass the .yaml file l2s wrote")
+        text = raw.decode("utf-8")
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        if node is not None and _expanded_nodes(node, {}) > MAX_CONFIG_NODES:
+            raise ConfigError(f"config file {path} expands to more than {MAX_CONFIG_NODES} "
+                              "values through its aliases (&anchor / *alias): write the "
+                              "options out plainly")
+        data = yaml.safe_load(text)
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
     except IsADirectoryError:
         raise ConfigError(f"config file {path} is a folder: pass the .yaml file") from None
+    except OSError as e:
+        raise ConfigError(f"config file {path} cannot be read ({e.strerror}): pass a readable "
+                          ".yaml file") from None
     except UnicodeDecodeError:
         raise ConfigError(f"config file {path} is not UTF-8 text: pass a YAML file") from None
     except yaml.YAMLError as e:

@@ -465,6 +465,31 @@ def test_yaml_config_unknown_keys_and_bad_files_are_clean_errors(tmp_path):
                  "does not exist")
 
 
+BILLION_LAUGHS = "a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
+    f"{b}: &{b} [{', '.join(['*' + a] * 9)}]\n"
+    for a, b in zip("abcdefgh", "bcdefghi", strict=True))
+
+
+@pytest.mark.parametrize("kind", ["aliases", "huge", "device", "fifo"])
+def test_yaml_config_bombs_are_refused_without_reading_them_whole(tmp_path, kind):
+    """Catches `--config` files that made l2s grow without bound or block: nested aliases
+    (billion laughs, ~45 MB/s), `/dev/zero`, a file of many megabytes, a FIFO nobody writes."""
+    path = tmp_path / "c.yaml"
+    if kind == "aliases":
+        path.write_text(BILLION_LAUGHS + "prompt: *i\n")
+        needle = "expands to more than"
+    elif kind == "huge":
+        path.write_text("# padding\n" * 200_000 + "steps: 4\n")
+        needle = "is larger than 1 MiB"
+    elif kind == "device":
+        path, needle = "/dev/zero", "is not a regular file"
+    else:
+        os.mkfifo(path)
+        needle = "is not a regular file"
+    r = runner.invoke(app, ["steer", "--config", str(path), PROMPT])
+    _clean_error(r, needle)
+
+
 def test_invert_reads_a_config_and_writes_it_beside_the_cache(tmp_path, one_thread):
     import yaml
 

@@ -1,6 +1,7 @@
 """Data sources: GQA filters and sampling, annotated folders, toy shapes, generate-and-verify."""
 
 import json
+import os
 from collections import Counter
 
 import numpy as np
@@ -333,6 +334,41 @@ def test_folder_missing_and_unreadable(tmp_path):
     for s in (broken, gone):
         with pytest.raises(SourceError, match=f"cannot read image .*{s.image_path.split('/')[-1]}"):
             s.load_image()
+
+
+def test_folder_sources_that_lie_are_refused_or_read_right(tmp_path):
+    """Catches a FIFO named as an image (invert blocked forever), a 16-bit PNG clipped to white
+    instead of scaled, boxes negative or outside the image taken as labels, subject == object
+    recorded silently, and objects a closed-vocabulary model cannot tokenize cached anyway."""
+    good = {"image": "a.png", "subject": "dog", "object": "cat",
+            "subject_box": L_BOX, "object_box": R_BOX}
+    folder = _write_folder(tmp_path / "data", [
+        good, {**good, "image": "pipe.png"}, {**good, "image": "deep.png"},
+        {**good, "object_box": [80, 20, 1e300, 50]}])
+    os.mkfifo(folder / "pipe.png")
+    deep = np.full((80, 120), 32896, np.uint16)  # 16-bit grey at 50.2%
+    Image.fromarray(deep).save(folder / "deep.png")
+    ok, pipe, grey, outside = _run("folder", SourceOptions(folder=str(folder)))[0]
+    assert ok.load_image().shape == (80, 120, 3)
+    with pytest.raises(SourceError, match="not a regular file"):
+        pipe.load_image()  # at once: the FIFO is never opened
+    assert (grey.load_image() == 128).all()
+    with pytest.raises(SourceError, match=r"object_box .* lies outside its image .*120x80"):
+        outside.load_image()
+    for bad, message in (({**good, "subject_box": [-5, 20, 30, 50]}, "0 <= x1 <= x2"),
+                         ({**good, "object": "Dog"}, "subject and object are both 'dog'")):
+        folder = _write_folder(tmp_path / "bad", [bad], images=())
+        with pytest.raises(SourceError, match=message):
+            iter_samples("folder", SourceOptions(folder=str(folder)), SourceReport())
+
+    class Toy:
+        known_objects = ("dog", "cat")
+
+    folder = _write_folder(tmp_path / "toy", [good, {**good, "object": "teddy bear"}],
+                           images=())
+    samples, report = _run("folder", SourceOptions(folder=str(folder)), Toy())
+    assert [s.object for s in samples] == ["cat"]
+    assert report.dropped == Counter({"object the model does not know": 1})
 
 
 # ---------------------------------------------------------------------------------------------

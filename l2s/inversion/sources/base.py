@@ -12,6 +12,7 @@ import importlib
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -71,14 +72,33 @@ class Sample:
             return self.image_array
         from PIL import Image
 
+        if not Path(self.image_path).is_file():  # a FIFO or device would block or never end
+            raise SourceError(
+                f"cannot read image {self.image_path} of sample {self.source_id} (missing, or "
+                "not a regular file): replace it with a JPEG or PNG, or remove the sample")
         try:
             with Image.open(self.image_path) as image:
-                array = np.asarray(image.convert("RGB"), dtype=np.uint8)
+                if image.mode == "I" or image.mode.startswith("I;16"):
+                    # 16-bit grey: PIL's convert("RGB") clips at 255 (a white image); scale
+                    gray = np.asarray(image, dtype=np.float64) / 257.0
+                    array = np.repeat(gray.clip(0, 255).round().astype(np.uint8)[..., None],
+                                      3, axis=-1)
+                else:
+                    array = np.asarray(image.convert("RGB"), dtype=np.uint8)
         except (OSError, ValueError, Image.DecompressionBombError) as err:
             raise SourceError(
                 f"cannot read image {self.image_path} of sample {self.source_id} ({err}): "
                 "replace the file with a readable JPEG or PNG, or remove the sample"
             ) from err
+        # Boxes a user wrote (the folder source) must lie in the image; a dataset's are taken
+        # as published.
+        height, width = array.shape[:2]
+        for name, box in (("subject_box", self.subject_box), ("object_box", self.object_box)):
+            if self.source == "folder" and (box[2] > width or box[3] > height):
+                raise SourceError(
+                    f"{name} {list(box)} of sample {self.source_id} lies outside its image "
+                    f"{self.image_path} ({width}x{height} pixels): fix the box in pixels of "
+                    "that image, or remove the sample")
         return array
 
 
@@ -153,7 +173,8 @@ def iter_samples(
     """The samples of `source` in seeded order; counts go to `report` as they happen.
 
     Missing inputs raise SourceError here, before the first sample. `denoiser` is the generator
-    of the "generated" source (the toy model) and is ignored by the others.
+    of the "generated" source (the toy model); the folder source drops objects a
+    closed-vocabulary denoiser does not know; the others ignore it.
     """
     if source not in SOURCE_MODULES:
         raise SourceError(f"unknown data source {source!r}: use one of {', '.join(SOURCES)}")

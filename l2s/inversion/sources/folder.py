@@ -34,10 +34,11 @@ def _line_box(value, key: str, where: str) -> tuple[float, float, float, float]:
         box = tuple(float(v) for v in value)
     except (TypeError, ValueError):
         box = ()
-    if len(box) != 4 or not all(np.isfinite(box)) or box[2] < box[0] or box[3] < box[1]:
+    if len(box) != 4 or not all(np.isfinite(box)) or box[2] < box[0] or box[3] < box[1] \
+            or box[0] < 0 or box[1] < 0:
         raise SourceError(
-            f"{where}: {key} must be [x1, y1, x2, y2] in pixels with x1 <= x2 and y1 <= y2, "
-            f"got {value!r}"
+            f"{where}: {key} must be [x1, y1, x2, y2] in pixels with 0 <= x1 <= x2 and "
+            f"0 <= y1 <= y2, got {value!r}"
         )
     return box
 
@@ -62,6 +63,10 @@ def _folder_line(line: str, where: str, report: SourceReport) -> dict | None:
     for key in ("image", "subject", "object"):
         if not isinstance(entry[key], str) or not entry[key].strip():
             raise SourceError(f"{where}: {key} must be a non-empty string, got {entry[key]!r}")
+    if _normalise(entry["subject"]) == _normalise(entry["object"]):
+        raise SourceError(f"{where}: subject and object are both {entry['subject']!r}: a "
+                          "relation needs two different objects (their maps would come from "
+                          "the same word)")
     box_a = _line_box(entry["subject_box"], "subject_box", where)
     box_b = _line_box(entry["object_box"], "object_box", where)
     split = entry.get("split")
@@ -117,9 +122,16 @@ def folder_source(options: SourceOptions, report: SourceReport, denoiser=None
     except (OSError, UnicodeDecodeError) as err:
         raise SourceError(f"cannot read {path} ({err}): save it as UTF-8 text") from err
     entries = []  # (line number, normalised entry)
+    # A closed-vocabulary model (the toy) cannot tokenize other words: steer refuses them, so
+    # their maps would teach the classifier nothing it can use.
+    known = getattr(denoiser, "known_objects", None)
     for number, line in enumerate(lines, 1):
         if line.strip():
             entry = _folder_line(line, f"{path} line {number}", report)
+            if entry is not None and known is not None and not {
+                    entry["subject"], entry["object"]} <= set(known):
+                report.dropped["object the model does not know"] += 1
+                entry = None
             if entry is not None:
                 entries.append((number, entry))
     return _folder_samples(folder, entries, per_relation("folder", options), options.seed,
