@@ -56,6 +56,33 @@ def test_steer_refuses_bad_numbers_before_loading_anything(tmp_path, args, needl
     assert not out.exists()
 
 
+def test_threads_past_the_machine_are_refused_before_torch_sees_them():
+    """Catches --threads 2000 (no output, hung) and 100000 (a segfault in OpenBLAS)."""
+    import torch
+
+    from l2s.cli import max_threads
+
+    before = torch.get_num_threads()
+    for n in (2000, 100000):
+        _clean_error(runner.invoke(app, ["--threads", str(n), "models"]),
+                     f"--threads': {n} is more than {max_threads()}")
+    assert torch.get_num_threads() == before
+
+
+def test_a_diverging_generation_is_an_error_not_a_black_image(tmp_path, one_thread):
+    """Catches --guidance 1e30 writing an all-black image with exit 0 (NaN latents turned into
+    zeros by the uint8 cast); any diverging latent (e.g. from --step-size) ends the same way."""
+    from l2s.engine.sampling import GenerationError, to_uint8
+
+    with pytest.raises(GenerationError, match="1 of 2 images hold NaN"):
+        to_uint8(torch.tensor([0.5, float("nan")]).view(2, 1, 1, 1).expand(2, 2, 2, 3))
+    out = tmp_path / "o"
+    r = runner.invoke(app, ["steer", PROMPT, "--guidance", "1e30", "--steps", "4",
+                            "--steer-until", "3", "--out", str(out)])
+    _clean_error(r, "generation diverged", "--guidance or --step-size")
+    assert not list(out.glob("*/*.png")) and not list(out.glob("*.png"))
+
+
 def test_empty_prompt_is_an_error_and_same_object_prompts_warn():
     r = runner.invoke(app, ["steer", "  "])
     _clean_error(r, "the prompt is empty")

@@ -366,10 +366,6 @@ def load_classifier(path: str | Path, denoiser=None, device: str | torch.device 
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise ClassifierError(f"card {card_path} has no usable architecture ({e}): retrain with "
                               "`l2s train`") from e
-    problem = card_problem(card)
-    if problem:
-        raise ClassifierError(f"card {card_path} {problem}: retrain with `l2s train` (or "
-                              "re-import it with `l2s classifier import`)")
     folder = card_path.parent.resolve()
     weights = (folder / str(card.get("weights", WEIGHTS_FILE))).resolve()
     if not weights.is_relative_to(folder):
@@ -379,6 +375,10 @@ def load_classifier(path: str | Path, denoiser=None, device: str | torch.device 
     if not weights.is_file():
         raise ClassifierError(f"card {card_path} does not match its weights: {weights} is "
                               "missing; copy the whole classifier folder")
+    problem = card_problem(card)
+    if problem:
+        raise ClassifierError(f"card {card_path} {problem}: retrain with `l2s train` (or "
+                              "re-import it with `l2s classifier import`)")
     expected_sha = card.get("weights_sha256")
     if expected_sha and sha256_file(weights) != expected_sha:
         raise ClassifierError(f"card {card_path} does not match its weights: {weights.name} "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import typer
 
 from l2s import __version__
@@ -24,11 +26,25 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
+def max_threads() -> int:
+    """The most --threads l2s takes: 4 per CPU of this machine (at most 256); past the cores
+    torch gains nothing, and thousands of threads hang (2000) or crash OpenBLAS (100000)."""
+    return min(256, 4 * (os.cpu_count() or 1))
+
+
+def _threads(value: int | None) -> int | None:
+    if value is not None and value > max_threads():
+        raise typer.BadParameter(f"{value} is more than {max_threads()} (4 x the "
+                                 f"{os.cpu_count()} CPUs of this machine, at most 256): pass "
+                                 "at most the number of cores")
+    return value
+
+
 @app.callback()
 def _root(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
                                  help="Print the version and exit."),
-    threads: int = typer.Option(None, "--threads", min=1,
+    threads: int = typer.Option(None, "--threads", min=1, callback=_threads,
                                 help="CPU threads for torch (default: torch's choice). 1 is "
                                      "often fastest for the toy or when other jobs share the "
                                      "CPU."),

@@ -14,6 +14,7 @@ import torch
 
 from l2s.engine.backbone import Conditioning, Denoiser
 from l2s.engine.schedules import Timestep
+from l2s.errors import L2SError
 
 
 def uses_uncond(denoiser: Denoiser, guidance: float) -> bool:
@@ -109,6 +110,20 @@ def seeded_latents(denoiser: Denoiser, seeds: list[int]) -> torch.Tensor:
                       for s in seeds])
 
 
+class GenerationError(L2SError, ArithmeticError):
+    """Generation diverged: the images hold NaN or infinite values."""
+
+
 def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """Images (B, H, W, 3) in [0, 1] -> uint8 arrays for PNGs and the detector."""
-    return (images.float().cpu().numpy() * 255).round().astype(np.uint8)
+    """Images (B, H, W, 3) in [0, 1] -> uint8 arrays for PNGs and the detector.
+
+    Raises GenerationError on NaN or infinite values, which would otherwise become a black
+    image saved and scored with exit 0."""
+    a = images.float().cpu().numpy()
+    if not np.isfinite(a).all():
+        bad = int((~np.isfinite(a)).reshape(len(a), -1).any(1).sum())
+        raise GenerationError(
+            f"generation diverged: {bad} of {len(a)} images hold NaN or infinite values (a "
+            "--guidance or --step-size far too large for this model makes the latents "
+            "overflow): use smaller values (the model's defaults work)")
+    return (a * 255).round().astype(np.uint8)
