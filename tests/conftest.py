@@ -39,3 +39,22 @@ def den():
     from l2s.families.tiny import tiny_sd
 
     return tiny_sd()
+
+
+@pytest.fixture
+def full_disk(monkeypatch):
+    """``full_disk.arm(n, errno.ENOSPC)``: the n-th file write from then on, and every later
+    one, fails as on a full disk (``errno.EROFS``: a read-only one); ``disarm()`` frees it
+    (``tests/faults.py``)."""
+    from faults import DiskFaults
+
+    return DiskFaults(monkeypatch)
+
+
+@pytest.fixture
+def corrupt():
+    """``corrupt(folder, n, how, pattern)``: damage the n-th file of an output folder (flip a
+    bit, truncate, zero, delete; ``tests/faults.py``)."""
+    from faults import corrupt_nth
+
+    return corrupt_nth

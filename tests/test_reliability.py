@@ -83,6 +83,22 @@ def test_a_diverging_generation_is_an_error_not_a_black_image(tmp_path, one_thre
     assert not list(out.glob("*/*.png")) and not list(out.glob("*.png"))
 
 
+def test_report_json_is_valid_json_with_nan(capsys):
+    """Catches `"p_target": NaN` in report.json / --json (steering with a NaN classifier):
+    NaN is not JSON, so strict readers refused the file."""
+    from l2s.cli.output import emit_json
+    from l2s.inversion.cache import finite_json
+
+    def strict(text):
+        return json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in the JSON"))
+
+    report = {"steps": [{"p_target": float("nan"), "loss": float("inf")}], "n": (1, 2.5)}
+    assert strict(json.dumps(finite_json(report))) == \
+        {"steps": [{"p_target": None, "loss": None}], "n": [1, 2.5]}
+    emit_json(report)
+    assert strict(capsys.readouterr().out)["steps"][0]["p_target"] is None
+
+
 def test_empty_prompt_is_an_error_and_same_object_prompts_warn():
     r = runner.invoke(app, ["steer", "  "])
     _clean_error(r, "the prompt is empty")

@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from l2s.inversion.cache import atomic_write
+
 TILE = 128  # tile side in pixels: toy images grow (nearest), large ones shrink
 
 
@@ -36,4 +38,4 @@ def contact_sheet(images: list[np.ndarray], records: list[dict], path: Path,
                 right, bottom = x0 + 1 + bx2 * scale, y0 + 1 + by2 * scale
                 draw.rectangle([left, top, max(left, right), max(top, bottom)],
                                outline=(255, 255, 255))
-    sheet.save(path)
+    atomic_write(Path(path), lambda tmp: sheet.save(tmp, format="PNG"))

@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image, PngImagePlugin
 
 from l2s.bench.suites import BenchError
-from l2s.inversion.cache import atomic_write, atomic_write_text
+from l2s.inversion.cache import atomic_write, atomic_write_text, writing
 
 
 def prompt_dir(out: Path, method: str, index: int) -> Path:
@@ -125,7 +125,8 @@ def drop_records(out: Path, lost: set[tuple[str, int, int]]) -> None:
 
 
 def append_record(path: Path, record: dict) -> None:
-    with path.open("a") as f:
+    """Append one record and sync it (a line cut by a full disk is dropped on resume)."""
+    with writing(path), path.open("a") as f:
         f.write(json.dumps(record) + "\n")
         f.flush()
         os.fsync(f.fileno())

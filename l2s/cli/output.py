@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from l2s.errors import L2SError, one_line, out_of_memory
+from l2s.errors import L2SError, is_write_failure, one_line, out_of_memory
 
 console = Console(stderr=True)  # progress, tables and logs
 if not console.is_terminal and "COLUMNS" not in os.environ:
@@ -23,7 +23,10 @@ if not console.is_terminal and "COLUMNS" not in os.environ:
 
 def emit_json(obj) -> None:
     """Write one JSON document to stdout."""
-    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+    from l2s.inversion.cache import finite_json
+
+    # NaN would make the document invalid JSON
+    sys.stdout.write(json.dumps(finite_json(obj), indent=2, default=str) + "\n")
 
 
 def user_errors(fn: Callable) -> Callable:
@@ -40,6 +43,15 @@ def user_errors(fn: Callable) -> Callable:
             # soft_wrap: one line at any terminal width, to read and to copy
             console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False,
                           soft_wrap=True)
+            raise typer.Exit(2) from None
+        except OSError as e:  # a full or read-only disk met outside l2s's own writers
+            if not is_write_failure(e):
+                raise
+            where = f" ({e.filename})" if e.filename else ""
+            console.print(f"[bold red]error:[/] cannot write{escape(where)}: "
+                          f"{escape(e.strerror or one_line(e))}: free space on that disk (or "
+                          "make it writable), or write elsewhere, then run the command again",
+                          highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except (MemoryError, RuntimeError) as e:  # torch's OutOfMemoryError included
             if not out_of_memory(e):

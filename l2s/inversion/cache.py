@@ -25,14 +25,17 @@ split the work instead of both doing all of it.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import math
 import os
 import socket
 import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,7 +43,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from l2s.errors import L2SError
+from l2s.errors import L2SError, WriteError, is_write_failure, write_failed
 
 
 class CacheError(L2SError, RuntimeError):
@@ -87,21 +90,53 @@ def atomic_write(path: Path, write: Callable[[str], object]) -> None:
     and interrupted runs never see a half-written file. The file gets the mode an ordinary
     ``open`` would give it (0666 less the umask), not mkstemp's owner-only 0600, so a shared
     cache or another user's evaluation can read it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
-    os.close(fd)
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
+        os.close(fd)
+        try:
+            write(tmp)
+            os.chmod(tmp, 0o666 & ~_umask())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+@contextmanager
+def writing(path: str | Path):
+    """Turn a full or read-only disk met while writing ``path`` into a one-line WriteError
+    naming the file and its folder (other errors pass through)."""
     try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        yield
+    except WriteError:
         raise
+    except OSError as e:
+        if not is_write_failure(e):
+            raise
+        raise write_failed(e, path) from None
+    except SafetensorError as e:  # safetensors reports a failed write as its own error
+        if "No space left" not in str(e) and "Read-only" not in str(e):
+            raise
+        raise write_failed(OSError(errno.ENOSPC if "space" in str(e) else errno.EROFS,
+                                   str(e)), path) from None
 
 
 def atomic_write_text(path: Path, text: str) -> None:
     """``text`` (UTF-8) into ``path`` through ``atomic_write``: never half-written."""
     atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def finite_json(obj):
+    """``obj`` with every NaN or infinite float as None: what ``json.dumps`` writes is then
+    valid JSON (it writes NaN, which JSON does not have, e.g. a p_target of a NaN loss)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [finite_json(v) for v in obj]
+    return obj
 
 
 def tensor_sha256(t: torch.Tensor) -> str:
@@ -179,11 +214,12 @@ class AttentionCache:
 
     def _append(self, meta: dict) -> None:
         line = (json.dumps({k: meta[k] for k in MANIFEST_FIELDS if k in meta}) + "\n").encode()
-        fd = os.open(self.manifest_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        try:
-            os.write(fd, line)  # one write per line: concurrent appenders never interleave
-        finally:
-            os.close(fd)
+        with writing(self.manifest_path):
+            fd = os.open(self.manifest_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            try:
+                os.write(fd, line)  # one write per line: concurrent appenders never interleave
+            finally:
+                os.close(fd)
 
     def _read(self, path: Path, name: str, key: str) -> tuple[torch.Tensor, dict] | None:
         """(tensor, metadata) of a cache file; None if absent. A file whose content does not
@@ -256,7 +292,9 @@ class AttentionCache:
     def begin_source(self, source: str) -> None:
         """Mark ``source`` as being inverted (until ``end_source``): a killed run leaves the
         mark, so `l2s train --data SOURCE` knows to resume it."""
-        (self.dir / f"inverting-{source}").write_text(f"{socket.gethostname()} {os.getpid()}\n")
+        with writing(self.dir / f"inverting-{source}"):
+            (self.dir / f"inverting-{source}").write_text(
+                f"{socket.gethostname()} {os.getpid()}\n")
 
     def end_source(self, source: str) -> None:
         (self.dir / f"inverting-{source}").unlink(missing_ok=True)
@@ -281,7 +319,7 @@ class AttentionCache:
                     return False
                 path.unlink(missing_ok=True)
                 continue
-            with os.fdopen(fd, "w") as f:
+            with writing(path), os.fdopen(fd, "w") as f:
                 f.write(f"{socket.gethostname()} {os.getpid()}\n")
             self._claims.add(key)
             return True

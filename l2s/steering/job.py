@@ -20,6 +20,7 @@ from l2s.engine.backbone import Denoiser
 from l2s.engine.sampling import seeded_latents, to_uint8
 from l2s.engine.timing import Clock, peak_memory_mb
 from l2s.errors import L2SError
+from l2s.inversion.cache import atomic_write, atomic_write_text, finite_json
 from l2s.relations import Triplet, parse
 from l2s.steering import SteerError as SteerError
 from l2s.steering.loop import SteerStats, generate
@@ -219,7 +220,8 @@ def steer(config: SteerConfig, denoiser: Denoiser | None = None, on_step=None) -
         out.mkdir(parents=True, exist_ok=True)
         for s, img in zip(seeds, arr, strict=True):
             result.paths.append(out / f"image_{s:04d}.png")
-            Image.fromarray(img).save(result.paths[-1])
+            atomic_write(result.paths[-1],  # never a 0-byte PNG on a full disk
+                         lambda tmp, img=img: Image.fromarray(img).save(tmp, format="PNG"))
         report["images"] = [str(p) for p in result.paths]
         if config.save_attention and stats.attention:
             from l2s.steering.plots import attention_figure
@@ -233,7 +235,7 @@ def steer(config: SteerConfig, denoiser: Denoiser | None = None, on_step=None) -
                 report["steps"], (first.subject, first.object),
                 out / f"attention_{seeds[i]:04d}.png")) for b, i in enumerate(steered)]
         report["out"] = str(out)
-        (out / "report.json").write_text(json.dumps(report, indent=2))
+        atomic_write_text(out / "report.json", json.dumps(finite_json(report), indent=2))
         result.out = out
     return result
 

@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from l2s.inversion.cache import atomic_write
+
 CELL = 128  # pixel side of one overlay tile
 
 
@@ -74,5 +76,5 @@ def attention_figure(image: np.ndarray, attention: Sequence[tuple[int, np.ndarra
                            "p(target)": [r["p_target"] for r in records]}, width),
               (0, header + len(rows) * CELL))
     path = Path(path)
-    fig.save(path)
+    atomic_write(path, lambda tmp: fig.save(tmp, format="PNG"))  # never a 0-byte PNG
     return path
