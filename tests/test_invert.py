@@ -201,6 +201,13 @@ def test_a_run_whose_every_image_failed_the_psnr_check_says_what_to_change():
     assert not any(hint in line for line in some)
 
 
+def test_a_limit_past_sys_maxsize_draws_every_sample(tmp_path, den):
+    """Catches `--limit 99999999999999999999`: a ValueError traceback from islice."""
+    cfg = _cfg(tmp_path, limit=10**20, per_relation=(1, 0, 0))
+    assert run_invert(cfg, den).written == run_invert(_cfg(tmp_path / "b", limit=None,
+                                                           per_relation=(1, 0, 0)), den).written
+
+
 def test_a_cache_folder_keeps_one_set_of_recorded_timesteps(tmp_path, den):
     # Was: a run with other --timesteps (or --steps) added entries of another shape beside the
     # cached ones, and `l2s train` then refused the folder ("cache entries ... disagree").

@@ -113,6 +113,8 @@ def test_empty_prompt_is_an_error_and_same_object_prompts_warn():
     (["--negatives", "99"], "at most 3 distinct negatives"),
     (["--limit", "-1"], "--limit must be >= 1"),
     (["--limit", "0"], "--limit must be >= 1"),
+    # was: one timestep recorded, stored and trained on three times
+    (["--timesteps", "1,1,1"], "--timesteps lists step 1 more than once"),
     (["--batch-size", "0"], "--batch-size must be >= 1"),
     (["--data", "nosuch"], "--data must be one of gqa, folder, shapes, generated"),
     # were: --steps 0 "recorded steps [0] must lie in 0..-1"; --per-relation 1,2 named

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -255,7 +256,9 @@ def invert(cfg: InvertConfig, denoiser: Denoiser | None = None,
         batch: list = []
         seen = 0
         # islice stops before drawing sample limit + 1, so the source's counts match the run's
-        samples = islice(iter_samples(source, options, report, denoiser=denoiser), cfg.limit)
+        # (a --limit past sys.maxsize draws every sample, as islice cannot count that far)
+        samples = islice(iter_samples(source, options, report, denoiser=denoiser),
+                         None if cfg.limit is None else min(cfg.limit, sys.maxsize))
         for i, sample in enumerate(samples):
             seen += 1
             if i % shard_count != shard_index:

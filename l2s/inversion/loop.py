@@ -48,6 +48,10 @@ class InversionConfig:
         if bad or not self.record_steps:
             raise ConfigError(f"recorded steps {bad or '()'} must lie in 0..{self.steps - 1} "
                               f"for a {self.steps}-step schedule")
+        twice = sorted({s for s in self.record_steps if list(self.record_steps).count(s) > 1})
+        if twice:  # each would be recorded, stored and trained on again
+            raise ConfigError(f"--timesteps lists step {twice[0]} more than once: give each "
+                              "recorded step once")
 
     def latent_settings(self) -> dict:
         """What the cached latent trajectory depends on (not the recorded steps)."""
