@@ -84,6 +84,11 @@ def check_writable_dir(path: str | Path, option: str = "--out", *,
     Messages quote ``given`` (default ``path``): the value the user passed to ``option``."""
     p = Path(path).expanduser()
     path = path if given is None else given
+    dangling = next((a for a in (p, *p.parents) if a.is_symlink() and not a.exists()), None)
+    if dangling is not None:  # mkdir would fail with FileExistsError after the work is done
+        raise ConfigError(f"{option} {path}: {dangling} is a symbolic link to "
+                          f"{os.readlink(dangling)}, which does not exist: create its target "
+                          f"or pass another {option}")
     probe = p
     while not probe.exists():
         if probe.parent == probe:

@@ -185,6 +185,17 @@ def test_unwritable_out_is_found_before_generating(tmp_path, monkeypatch):
     assert called == []  # nothing was loaded, so nothing was generated and lost
 
 
+@pytest.mark.parametrize("command", ["steer", "bench"])
+def test_a_dangling_symlink_as_out_is_found_before_the_work(tmp_path, command):
+    """Catches --out naming a symbolic link whose target is gone: FileExistsError after every
+    image was generated."""
+    link = tmp_path / "out"
+    link.symlink_to(tmp_path / "gone")
+    args = [PROMPT] if command == "steer" else ["--prompts", "1"]
+    _clean_error(runner.invoke(app, [command, *args, "--out", str(link)]),
+                 f"{link} is a symbolic link to {tmp_path / 'gone'}, which does not exist")
+
+
 @pytest.mark.parametrize("error", [
     RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't "
                  "allocate memory: you tried to allocate 120000000000 bytes."),
