@@ -7,7 +7,11 @@ import pytest
 import torch
 
 from l2s import bench
-from l2s.bench import BenchConfig, BenchError, run_bench, shapes_prompts, suite_prompts
+from l2s.bench import BenchConfig, BenchError, run_bench, suite_prompts
+
+
+def shapes_prompts(n, seed):
+    return suite_prompts("shapes", n, seed)
 from l2s.bench.run import image_seed
 from l2s.relations import RELATIONS, geneval_relations
 from l2s.toy.scenes import layout_scene

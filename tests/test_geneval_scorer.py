@@ -153,15 +153,15 @@ def test_position_metadata_expresses_chains_for_geneval():
 
 def test_toy_scoring_matches_the_rule_the_published_toy_numbers_used():
     """Through the scorer, the toy suite gives what `detect` + GenEval's rule gave before."""
-    from l2s.bench.detectors import ToyDetector
+    from l2s.toy.world import WORLD, ToyDetector
     from l2s.bench.scoring import score_image
-    from l2s.bench.suites import shapes_prompts
+    from l2s.bench.suites import suite_prompts
     from l2s.toy.detector import detect
     from l2s.toy.scenes import random_scene
 
     rng = np.random.default_rng(0)
     agree = 0
-    for p in shapes_prompts(60, 3):
+    for p in suite_prompts("shapes", 60, 3):
         scene = random_scene(rng, 32)
         img = scene.image.copy()
         img[rng.random((32, 32)) < 0.1] = rng.integers(0, 256, 3)  # noise
@@ -169,7 +169,7 @@ def test_toy_scoring_matches_the_rule_the_published_toy_numbers_used():
         found = detect(img, categories=[t.subject, t.object])
         a, b = found.get(t.subject), found.get(t.object)
         old = a is not None and b is not None and t.relation in geneval_relations(a.box, b.box)
-        rec = score_image(p, img, ToyDetector())
+        rec = score_image(p, img, ToyDetector(), world=WORLD)
         assert rec["correct"] == old and rec["both_present"] == (a is not None and b is not None)
         agree += old
     assert agree > 0  # some prompts hold by chance, so both branches ran

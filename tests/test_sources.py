@@ -23,6 +23,7 @@ from l2s.inversion.sources import (
 )
 from l2s.relations import RELATIONS, geneval_relations, parse
 from l2s.toy.scenes import CATEGORY_NAMES, layout_scene
+from l2s.toy.world import WORLD
 
 
 def _run(source, options, denoiser=None):
@@ -188,7 +189,6 @@ def test_gqa_balanced_deterministic_and_split_by_image(tmp_path):
 
 
 def test_gqa_default_counts_are_the_papers():
-    assert sources.PER_RELATION["gqa"] == (800, 200, 100)
     assert sources.per_relation("gqa", SourceOptions()) == (800, 200, 100)
     assert sources.per_relation("gqa", SourceOptions(per_relation=[1, 2, 3])) == (1, 2, 3)
 
@@ -396,7 +396,7 @@ def test_shapes_balanced_deterministic_and_true():
 
 
 def test_shapes_defaults():
-    assert sources.PER_RELATION["shapes"] == (400, 50, 50)
+    assert sources.per_relation("shapes", SourceOptions()) == (400, 50, 50)
     with pytest.raises(SourceError, match="shapes_size"):
         iter_samples("shapes", SourceOptions(shapes_size=8), SourceReport())
 
@@ -409,7 +409,7 @@ class FakeToy:
     """What the generated source touches of a toy Denoiser."""
 
     name = "toy"
-    known_objects = CATEGORY_NAMES
+    world = WORLD
 
     def prepare_latents(self, batch, generator):
         return torch.rand(batch, 1, 1, 1, generator=generator)  # (B, C, h, w)
@@ -485,7 +485,7 @@ def test_generated_needs_toy_denoiser():
         iter_samples("generated", SourceOptions(), SourceReport())
 
     class OpenVocabulary(FakeToy):
-        known_objects = None
+        world = None
 
     with pytest.raises(SourceError, match="needs a detector; only the toy model has one.*"
                                           "--data gqa / --data folder"):

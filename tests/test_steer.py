@@ -74,10 +74,12 @@ def test_l2s_without_a_classifier_says_how_to_train_one(tmp_path, tiny):
         steer(_cfg(tmp_path, method="l2s"), denoiser=tiny)
 
 
-def test_closed_vocabulary_names_known_objects(tiny):
+def test_closed_vocabulary_names_known_objects(tiny, monkeypatch):
+    from l2s.engine.registry import World
     from l2s.relations import parse
 
-    tiny.known_objects = ("circle", "square")
+    monkeypatch.setattr(tiny, "world", World("two", ("circle", "square"), lambda im, ts: []),
+                        raising=False)
     with pytest.raises(PromptError, match="known objects are circle, square.*sd2.1"):
         check_prompt(tiny, parse("a dog left of a square"))
 

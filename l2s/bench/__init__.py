@@ -9,9 +9,23 @@ bootstrap), `sheets` (contact sheets), `run` (the job).
 from l2s.bench.geneval import Detection, GenevalScore, score
 from l2s.bench.methods import METHODS, MethodContext, register_method
 from l2s.bench.run import BenchConfig, BenchResult, image_seed, run_bench
-from l2s.bench.scoring import score_shapes
-from l2s.bench.suites import SUITES, BenchError, BenchPrompt, shapes_prompts, suite_prompts
+from l2s.bench.scoring import score_relation
+from l2s.bench.suites import (
+    BenchError,
+    BenchPrompt,
+    Suite,
+    register_suite,
+    suite_names,
+    suite_prompts,
+)
 
 __all__ = ["METHODS", "SUITES", "BenchConfig", "BenchError", "BenchPrompt", "BenchResult",
-           "Detection", "GenevalScore", "MethodContext", "image_seed", "register_method",
-           "run_bench", "score", "score_shapes", "shapes_prompts", "suite_prompts"]
+           "Detection", "GenevalScore", "MethodContext", "Suite", "image_seed",
+           "register_method", "register_suite", "run_bench", "score", "score_relation",
+           "suite_names", "suite_prompts"]
+
+
+def __getattr__(name: str):
+    if name == "SUITES":  # the names, once every suite has registered
+        return suite_names()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,12 +1,13 @@
-"""Detectors behind one interface: the toy world's colour detector and transformers models.
+"""Detectors behind one interface, and their registry (`--detector`).
 
 A detector turns an image and the object names a prompt mentions into raw `Detection`s (plus
 instance masks where it has them, for the colour classifier) and carries the thresholds its
-scores need (`rules`). Which detector each suite uses by default, and each one's thresholds:
+scores need (`rules`). The transformers ones registered here, the suites using each by
+default, and their thresholds (a family's world registers the detector its suites score with; other packages list theirs under the ``l2s.detectors``
+entry-point group):
 
 | name (`--detector`) | model | used by | rules |
 |---|---|---|---|
-| toy | l2s.toy.detector (colour components) | shapes, shapes-multi | every detection kept |
 | mask2former | facebook/mask2former-swin-small-coco-instance | geneval*, multirel | 0.3 / 0.9 |
 | owlv2 | google/owlv2-base-patch16-ensemble | compbench-spatial | 0.1 (OWLv2's own default) |
 
@@ -16,28 +17,22 @@ The transformers adapters live in l2s.bench.hf_detectors and load only when aske
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 
 from l2s.bench.detection import OWL_RULES, DetectorError, ImageDetections
 from l2s.bench.geneval import GENEVAL_RULES, Detection, Rules
+from l2s.engine.registry import Registry
 
-# Aliases of --detector and the suites' defaults.
+# Aliases of --detector: the transformers models the suites score with by default.
 DETECTOR_ALIASES = {
     "mask2former": "facebook/mask2former-swin-small-coco-instance",
     "owlv2": "google/owlv2-base-patch16-ensemble",
 }
-DEFAULT_DETECTORS = {
-    "shapes": "toy", "shapes-multi": "toy",
-    "geneval": "mask2former", "geneval-position": "mask2former", "multirel": "mask2former",
-    "compbench-spatial": "owlv2",
-}
 COLOR_MODEL = "openai/clip-vit-large-patch14"  # GenEval's CLIP ViT-L/14 (OpenAI weights)
-# The toy detector's confidence (colour purity x shape fit) is not a calibrated probability, and
-# the toy suites always took every detection: no threshold.
-TOY_RULES = Rules(threshold=0.0, counting_threshold=0.0)
 
 
 class Detector(Protocol):
@@ -51,42 +46,58 @@ class Detector(Protocol):
         ...
 
 
-class ToyDetector:
-    """The toy world's colour detector (l2s.toy.detector) as a Detector."""
+@dataclass(frozen=True)
+class RegisteredDetector:
+    """A detector `--detector` names: how it loads and where it comes from."""
 
-    name = "toy"
-    rules = TOY_RULES
-    open_vocabulary = False
-
-    def detect(self, image: np.ndarray, names: Sequence[str]) -> ImageDetections:
-        from l2s.toy.detector import detect
-
-        found = detect(image, categories=list(names) or None)
-        return ImageDetections([toy_detection(d) for d in found.values()],
-                               [None] * len(found))
+    name: str  # what --detector names
+    load: Callable[[str | None], Detector]  # device (None: the default) -> the detector
+    repo: str  # where it comes from (hub id or module), for `l2s doctor`
+    available: Callable[[], bool] = lambda: True  # loads with no network (default: shipped)
 
 
-def toy_detection(d) -> Detection:
-    """A toy detector result (l2s.toy.detector.Detection) as a scorer Detection."""
-    return Detection(d.category, tuple(float(v) for v in d.box), float(d.confidence))
+DETECTOR_REGISTRY: Registry[RegisteredDetector] = Registry("detector", "l2s.detectors")
+
+
+def register_detector(detector: RegisteredDetector) -> None:
+    """Make a detector known to `--detector` (a module calls this at import)."""
+    DETECTOR_REGISTRY.register(detector.name, detector)
 
 
 def load_detector(name: str, device: str | None = None) -> Detector:
-    """`--detector`: "toy", an alias of DETECTOR_ALIASES, a hub id or a local folder."""
-    if name == "toy":
-        return ToyDetector()
+    """`--detector`: a registered name (an alias of DETECTOR_ALIASES, a world's detector), a
+    hub id or a local folder."""
+    registered = DETECTOR_REGISTRY.get(name)
+    if registered is not None:
+        return registered.load(device)
     from l2s.bench.hf_detectors import load_hf_detector
 
-    return load_hf_detector(DETECTOR_ALIASES.get(name, name), device)
+    return load_hf_detector(name, device)
+
+
+def _hf_available(repo: str) -> bool:
+    from l2s.bench.hf_detectors import hf_model_available
+
+    return hf_model_available(repo)
 
 
 def detector_available(name: str) -> bool:
     """Whether a detector loads with no network (shipped, a local folder or in the HF cache)."""
-    if name == "toy":
-        return True
-    from l2s.bench.hf_detectors import hf_model_available
+    registered = DETECTOR_REGISTRY.get(name)
+    return registered.available() if registered is not None else _hf_available(name)
 
-    return hf_model_available(DETECTOR_ALIASES.get(name, name))
+
+def _hf(alias: str, repo: str) -> RegisteredDetector:
+    def load(device: str | None) -> Detector:
+        from l2s.bench.hf_detectors import load_hf_detector
+
+        return load_hf_detector(repo, device)
+
+    return RegisteredDetector(alias, load, repo, lambda: _hf_available(repo))
+
+
+for _alias, _repo in DETECTOR_ALIASES.items():
+    register_detector(_hf(_alias, _repo))
 
 
 def detector_notes(suite: str, detector: str) -> list[str]:
@@ -106,14 +117,13 @@ def detector_notes(suite: str, detector: str) -> list[str]:
 
 def describe_detectors() -> dict[str, dict]:
     """Each known detector (and the colour model): its repo and whether it is usable offline."""
-    out = {"toy": {"repo": "l2s.toy.detector", "available": True}}
-    for alias, repo in DETECTOR_ALIASES.items():
-        out[alias] = {"repo": repo, "available": detector_available(repo)}
+    out = {name: {"repo": d.repo, "available": d.available()}
+           for name, d in DETECTOR_REGISTRY.all().items()}
     out["clip-colors"] = {"repo": COLOR_MODEL, "available": detector_available(COLOR_MODEL)}
     return out
 
 
-__all__ = ["COLOR_MODEL", "DEFAULT_DETECTORS", "DETECTOR_ALIASES", "GENEVAL_RULES", "OWL_RULES",
-           "TOY_RULES", "Detector", "DetectorError", "ImageDetections", "ToyDetector",
+__all__ = ["COLOR_MODEL", "DETECTOR_ALIASES", "DETECTOR_REGISTRY", "GENEVAL_RULES", "OWL_RULES",
+           "Detector", "DetectorError", "ImageDetections", "RegisteredDetector",
            "describe_detectors", "detector_available", "detector_notes", "load_detector",
-           "toy_detection"]
+           "register_detector"]

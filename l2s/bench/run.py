@@ -16,7 +16,6 @@ import torch
 from l2s.bench import store
 from l2s.bench.detectors import (
     COLOR_MODEL,
-    DEFAULT_DETECTORS,
     Detector,
     detector_notes,
     load_detector,
@@ -26,22 +25,21 @@ from l2s.bench.scoring import ColorClassifier, score_image
 from l2s.bench.sheets import contact_sheet
 from l2s.bench.stats import paired_difference, summarise
 from l2s.bench.suites import (
-    REAL_SUITES,
-    SUITE_IMAGES,
-    SUITES,
+    DEFAULT_DETECTORS,
     BenchError,
     BenchPrompt,
+    get_suite,
+    suite_names,
     suite_prompts,
 )
 from l2s.config import ConfigError, check_choice, check_integer, check_seeds, check_text
 from l2s.engine.backbone import Denoiser
-from l2s.engine.registry import get_preset
+from l2s.engine.registry import World, presets, world_of
 from l2s.engine.sampling import to_uint8
 from l2s.launcher import resolve_shard
 from l2s.steering.options import SteerOptions
 
 SHEET_IMAGES = 40  # images per contact sheet
-TOY_FAMILIES = ("toy", "toy-mmdit")  # backbone families that draw the toy world (six shapes)
 
 
 @dataclass(frozen=True)
@@ -53,7 +51,7 @@ class BenchConfig:
     image_size: int | None = None  # pixels a side (None: the model's default)
     methods: tuple[str, ...] = ("plain",)  # generation methods to compare on the same seeds
     prompts: int | None = None  # first N prompts (None: all of a fixed suite, 200 generated)
-    num_images: int | None = None  # images per prompt (None: the suite's, SUITE_IMAGES)
+    num_images: int | None = None  # images per prompt (None: the suite's, Suite.images)
     seed: int = 0  # picks generated prompt sets and every image's noise seed
     # Sampling and steering (steered methods). config.json holds iterations and
     # relation_schedule resolved (runs written before they could be None did).
@@ -72,7 +70,7 @@ class BenchConfig:
     out: str | None = None
 
     def __post_init__(self) -> None:
-        check_choice("--suite", self.suite, SUITES, BenchError)
+        check_choice("--suite", self.suite, suite_names(), BenchError)
         check_text("--model", self.model)
         check_integer("--image-size", self.image_size, 1)
         if isinstance(self.methods, str) or not self.methods:
@@ -151,24 +149,24 @@ def image_seed(seed: int, prompt_index: int, image_index: int) -> int:
 
 
 def _check(cfg: BenchConfig, denoiser: Denoiser | object) -> None:
-    if cfg.suite in REAL_SUITES and _toy_world(cfg.model, denoiser):
-        raise BenchError(f"--suite {cfg.suite} needs a model that can draw COCO objects; the toy "
-                         "model only draws six coloured shapes: use --suite shapes or "
-                         "shapes-multi with the toy, or --model sd2.1 (or another real model)")
-    if cfg.detector == "toy" and DEFAULT_DETECTORS[cfg.suite] != "toy":
+    world = world_of(cfg.model, denoiser)
+    if world is not None and cfg.suite not in world.suites:
+        raise BenchError(f"--suite {cfg.suite} needs a model that can draw its objects; "
+                         f"{cfg.model} only draws {world.description or ', '.join(world.objects)}"
+                         f" (the {world.name} world): use --suite "
+                         f"{' or '.join(world.suites) or '...'} with it, or --model sd2.1 "
+                         "(or another open-vocabulary model)")
+    # A world's detector reads only that world's objects: refused on other suites.
+    worlds = {p.world.detector: p.world for p in presets().values()
+              if p.world is not None and p.world.detector}
+    default = DEFAULT_DETECTORS[cfg.suite]
+    if cfg.detector in worlds and default != cfg.detector:
+        w = worlds[cfg.detector]
         raise BenchError(
-            f"--detector toy does not fit --suite {cfg.suite}: the toy detector reads only the "
-            "toy world's six shapes (suites shapes, shapes-multi); leave --detector out (the "
-            f"suite's default, {DEFAULT_DETECTORS[cfg.suite]}) or pass a COCO / open-vocabulary "
-            "detector")
-
-
-def _toy_world(model: str, denoiser: Denoiser | object | None) -> bool:
-    """Whether the backbone draws the toy world's six shapes: a preset of a toy family (by name
-    or hub id, before anything loads), or a given denoiser that lists its known objects."""
-    preset = get_preset(model)
-    return ((preset is not None and preset.family in TOY_FAMILIES)
-            or getattr(denoiser, "known_objects", None) is not None)
+            f"--detector {cfg.detector} does not fit --suite {cfg.suite}: the {cfg.detector} "
+            f"detector reads only the {w.name} world's {w.description or 'objects'} (suites "
+            f"{', '.join(w.suites)}); leave --detector out (the suite's default, {default}) or "
+            "pass a COCO / open-vocabulary detector")
 
 
 def run_bench(cfg: BenchConfig, denoiser: Denoiser | None = None,
@@ -180,7 +178,7 @@ def run_bench(cfg: BenchConfig, denoiser: Denoiser | None = None,
     after each scored image. ``detector``/``colors`` override the configured ones (tests).
     """
     _check(cfg, denoiser)
-    cfg = replace(cfg, num_images=cfg.num_images or SUITE_IMAGES[cfg.suite],
+    cfg = replace(cfg, num_images=cfg.num_images or get_suite(cfg.suite).images,
                   detector=cfg.detector_name,
                   shard=resolve_shard(cfg.shard),  # None: the launcher's rank, if any
                   options=cfg.options.with_model_defaults(cfg.model, "iterations",
@@ -335,8 +333,13 @@ class _Lazy:
         detector gives colours itself)."""
         return self.colors()(image, detections, masks)
 
+    @property
+    def world(self) -> World | None:
+        """The world the images are drawn in (its extras join each record)."""
+        return world_of(self.cfg.model, self._denoiser)
+
     def score(self, prompt: BenchPrompt, image: np.ndarray) -> dict:
-        return score_image(prompt, image, self.detector, self.classify)
+        return score_image(prompt, image, self.detector, self.classify, self.world)
 
 
 def _record(method: str, p: BenchPrompt, k: int, cfg: BenchConfig,

@@ -16,7 +16,8 @@ import numpy as np
 from l2s.bench.detectors import Detector, ImageDetections
 from l2s.bench.geneval import Detection, kept, needs_color, position_metadata, score
 from l2s.bench.suites import BenchPrompt
-from l2s.relations import compbench_image_score
+from l2s.engine.registry import World
+from l2s.relations import compbench_image_score, format_prompt
 
 # (image (H, W, 3) uint8, detections to label, their masks) -> one colour name each
 ColorClassifier = Callable[[np.ndarray, Sequence[Detection], Sequence[np.ndarray | None]],
@@ -39,9 +40,10 @@ def _details(by_class: dict[str, list[Detection]]) -> str:
 
 
 def score_image(prompt: BenchPrompt, image: np.ndarray, detector: Detector,
-                colors: ColorClassifier | None = None) -> dict:
+                colors: ColorClassifier | None = None, world: World | None = None) -> dict:
     """Record fields for one image: correct, reason, details, score, n_detections and the
-    suite's extras (relations_held for multi-relation prompts; both_present/fused in the toy)."""
+    extras (relations_held for multi-relation prompts; those of the world the image was drawn
+    in, ``World.extras``)."""
     found = detector.detect(image, object_names(prompt))
     if prompt.tag == "spatial":
         return _compbench(prompt, found, detector, (image.shape[1], image.shape[0]))
@@ -64,21 +66,9 @@ def score_image(prompt: BenchPrompt, image: np.ndarray, detector: Detector,
     if len(prompt.triplets) > 1:
         rec["relations_held"] = [score(position_metadata([t]), detections, detector.rules).correct
                                  for t in prompt.triplets]
-    if detector.name == "toy":
-        rec.update(_toy_extras(prompt, by_class, max(image.shape[:2])))
+    if world is not None and world.extras is not None:
+        rec.update(world.extras(object_names(prompt), by_class, max(image.shape[:2])))
     return rec
-
-
-def _toy_extras(prompt: BenchPrompt, by_class: dict[str, list[Detection]], size: int) -> dict:
-    """Every prompt object found (both_present) and whether any two touch or one is a merged
-    blob (fused): the toy world's failure modes (l2s.toy.detector)."""
-    from l2s.toy.detector import objects_touch, oversized
-
-    names = object_names(prompt)
-    dets = [by_class[n][0] for n in names if n in by_class]
-    fused = any(oversized(d, size) for d in dets) or any(
-        objects_touch(a, b) for i, a in enumerate(dets) for b in dets[i + 1:])
-    return {"both_present": len(dets) == len(names), "fused": bool(len(dets) > 1 and fused)}
 
 
 def _compbench(prompt: BenchPrompt, found: ImageDetections, detector: Detector,
@@ -101,14 +91,10 @@ def _compbench(prompt: BenchPrompt, found: ImageDetections, detector: Detector,
             "score": value, "n_detections": len(best)}
 
 
-def score_shapes(image: np.ndarray, triplet) -> dict:
-    """One toy-world relation on an (H, W, 3) image, through the toy detector and GenEval's
-    rules: the record fields of score_image (correct, both_present, fused, details, ...).
-    Its verdict is ``l2s.toy.detector.score_pair``'s (one detection per shape, every
-    confidence > 0; tests/test_detector.py checks they agree)."""
-    from l2s.bench.detectors import ToyDetector
-    from l2s.relations import format_prompt
-
+def score_relation(image: np.ndarray, triplet, detector: Detector,
+                   world: World | None = None) -> dict:
+    """One relation "a A REL a B" on an (H, W, 3) image through ``detector`` and GenEval's
+    rules: the record fields of score_image (correct, details, the world's extras, ...)."""
     prompt = format_prompt([triplet], style="plain")
     return score_image(BenchPrompt(0, prompt, position_metadata([triplet], prompt), (triplet,)),
-                       np.asarray(image), ToyDetector())
+                       np.asarray(image), detector, world=world)

@@ -2,29 +2,24 @@
 
 Suites: `geneval` (all 553 GenEval prompts, six tasks), `geneval-position` (its 100 position
 prompts), `compbench-spatial` (the 300 T2I-CompBench spatial validation prompts), `multirel`
-(l2s's multi-relation stress test over GenEval's 80 object names) and the toy world's `shapes`
-and `shapes-multi`. Prompt i of a generated suite depends only on (seed, i).
+(l2s's multi-relation stress test over GenEval's 80 object names); a family's world registers
+its own (``register_suite``), and other packages list theirs under the ``l2s.suites``
+entry-point group. Prompt i of a generated suite depends only on (seed, i).
 """
 
 from __future__ import annotations
 
 import json
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 
 from l2s.bench.geneval import position_metadata
+from l2s.engine.registry import Registry
 from l2s.errors import L2SError
 from l2s.relations import RELATIONS, Triplet, format_prompt, parse
 
-# Suites scored with the toy detector (the toy world) and with real detectors.
-TOY_SUITES = ("shapes", "shapes-multi")
-REAL_SUITES = ("geneval", "geneval-position", "compbench-spatial", "multirel")
-SUITES: tuple[str, ...] = TOY_SUITES + REAL_SUITES
-# Images per prompt by default: GenEval renders 4, T2I-CompBench 10; the toy world 1.
-SUITE_IMAGES = {"shapes": 1, "shapes-multi": 1, "geneval": 4, "geneval-position": 4,
-                "multirel": 4, "compbench-spatial": 10}
 GENERATED_PROMPTS = 200  # default size of the generated suites (shapes, shapes-multi, multirel)
 # T2I-CompBench queries its detector with these nouns as "person" (UniDet_eval/2D_spatial_eval.py).
 COMPBENCH_PERSON = frozenset({"girl", "boy", "man", "woman"})
@@ -104,14 +99,12 @@ def compbench_query(noun: str) -> str:
     return "person" if noun in COMPBENCH_PERSON else noun
 
 
-def shapes_prompts(n: int, seed: int) -> list[BenchPrompt]:
-    """Prompts "a A REL a B" over the toy categories; prompt i depends only on (seed, i)."""
-    from l2s.toy.scenes import CATEGORY_NAMES
-
+def pair_prompts(names: Sequence[str], n: int, seed: int) -> list[BenchPrompt]:
+    """Prompts "a A REL a B" over distinct `names`; prompt i depends only on (seed, i)."""
     out = []
     for i in range(n):
         rng = random.Random(seed * 1_000_003 + i)
-        a, b = rng.sample(CATEGORY_NAMES, 2)
+        a, b = rng.sample(names, 2)
         t = Triplet(a, rng.choice(RELATIONS), b)
         prompt = format_prompt([t], style="plain")
         out.append(BenchPrompt(i, prompt, position_metadata([t], prompt), (t,)))
@@ -139,20 +132,78 @@ def multi_prompts(names: Sequence[str], n: int, seed: int, style: str) -> list[B
     return out
 
 
+@dataclass(frozen=True)
+class Suite:
+    """A registered prompt suite: its prompts, and how it is rendered and scored by default."""
+
+    name: str  # what --suite names
+    # (n or None, seed) -> the first n prompts (None: all of a fixed suite, GENERATED_PROMPTS
+    # of a generated one)
+    prompts: Callable[[int | None, int], list[BenchPrompt]]
+    images: int  # images per prompt by default (GenEval renders 4, T2I-CompBench 10)
+    detector: str  # the --detector it scores with by default
+
+
+SUITE_REGISTRY: Registry[Suite] = Registry("suite", "l2s.suites")
+
+
+def register_suite(suite: Suite) -> None:
+    """Make a suite known to `l2s bench --suite` (a module calls this at import)."""
+    SUITE_REGISTRY.register(suite.name, suite)
+
+
+def suite_names() -> tuple[str, ...]:
+    """Every registered suite's name."""
+    return SUITE_REGISTRY.names()
+
+
+def get_suite(name: str) -> Suite:
+    found = SUITE_REGISTRY.get(name)
+    if found is None:
+        raise BenchError(f"unknown suite {name!r}: available suites are "
+                         f"{', '.join(suite_names())}")
+    return found
+
+
+class _SuiteDetectors(Mapping):
+    """Suite name -> the detector it scores with by default, read from the registry."""
+
+    def __getitem__(self, suite: str) -> str:
+        return get_suite(suite).detector
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(suite_names())
+
+    def __len__(self) -> int:
+        return len(suite_names())
+
+
+DEFAULT_DETECTORS: Mapping[str, str] = _SuiteDetectors()
+
+
+def _fixed(prompts: Callable[[], list[BenchPrompt]]):
+    return lambda n, seed: prompts() if n is None else prompts()[:n]
+
+
+for _suite in (
+    Suite("geneval", _fixed(geneval_prompts), 4, "mask2former"),
+    Suite("geneval-position", _fixed(lambda: geneval_prompts(position_only=True)), 4,
+          "mask2former"),
+    Suite("compbench-spatial", _fixed(compbench_prompts), 10, "owlv2"),
+    Suite("multirel", lambda n, seed: multi_prompts(
+        geneval_names(), GENERATED_PROMPTS if n is None else n, seed, "geneval"),
+        4, "mask2former"),
+):
+    register_suite(_suite)
+
+
+def __getattr__(name: str):
+    if name == "SUITES":  # the names, once every suite has registered
+        return suite_names()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def suite_prompts(suite: str, n: int | None, seed: int) -> list[BenchPrompt]:
     """The first `n` prompts of a suite (None: a fixed suite's full set, GENERATED_PROMPTS
     of a generated one)."""
-    if suite not in SUITES:
-        raise BenchError(f"unknown suite {suite!r}: available suites are {', '.join(SUITES)}")
-    count = GENERATED_PROMPTS if n is None else n
-    if suite == "shapes":
-        return shapes_prompts(count, seed)
-    if suite == "shapes-multi":
-        from l2s.toy.scenes import CATEGORY_NAMES
-
-        return multi_prompts(CATEGORY_NAMES, count, seed, "short")
-    if suite == "multirel":
-        return multi_prompts(geneval_names(), count, seed, "geneval")
-    fixed = (compbench_prompts() if suite == "compbench-spatial"
-             else geneval_prompts(position_only=suite == "geneval-position"))
-    return fixed if n is None else fixed[:n]
+    return get_suite(suite).prompts(n, seed)

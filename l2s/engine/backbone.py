@@ -15,6 +15,7 @@ import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -22,6 +23,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from l2s.engine.schedules import NoiseSchedule, Timestep
 from l2s.errors import L2SError
+
+if TYPE_CHECKING:
+    from l2s.engine.registry import World
 
 
 class BackboneError(L2SError, RuntimeError):
@@ -107,8 +111,9 @@ class Denoiser(ABC):
     # How guidance reaches the network: "cfg" (a [uncond; cond] batch mixed by the scale),
     # "embedded" (the scale is a network input, e.g. Flux-dev), "none" (e.g. Flux-schnell).
     guidance_mode: str = "cfg"
-    # Object words a closed-vocabulary model (the toy) can draw; None: open vocabulary.
-    known_objects: tuple[str, ...] | None = None
+    # What a closed-vocabulary model draws and how its images are judged
+    # (l2s.engine.registry.World); None: open vocabulary.
+    world: World | None = None
     # The map layout the published L2S classifiers of this family read (a name in
     # l2s.classifier.layout.REFERENCE_LAYOUTS, e.g. "unet"); None: they have none for it.
     reference_layout: str | None = None
@@ -166,6 +171,11 @@ class Denoiser(ABC):
     @abstractmethod
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """Clean float32 latents from images (B, H, W, 3) float in [0, 1]."""
+
+    @property
+    def known_objects(self) -> tuple[str, ...] | None:
+        """The object words its world draws; None: open vocabulary."""
+        return None if self.world is None else self.world.objects
 
     @property
     def text_len(self) -> int:

@@ -5,6 +5,11 @@ A family module (``l2s/families/<name>.py``) calls :func:`register_family` at im
 imports the built-in family modules named in ``BUILTIN_FAMILIES`` (and any module listed
 under the ``l2s.families`` entry-point group) on first use; nothing else in the core imports
 a family. See docs/architecture.md, "Adding a backbone family".
+
+A family may attach a :class:`World` to its presets: the closed set of objects its models
+draw and a judge of relations in their images (the toy's six shapes). Sources, detectors and
+suites register themselves in a :class:`Registry` each, found the same way: the modules a
+family imports (its world's) and those listed under the registry's entry-point group.
 """
 
 from __future__ import annotations
@@ -12,11 +17,17 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 import torch
 
 from l2s.engine.backbone import BackboneError, Denoiser
 from l2s.engine.hub import pipeline_class
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from l2s.relations import Triplet
 
 # Modules that register the families shipped with l2s, imported on first registry use.
 BUILTIN_FAMILIES = ("l2s.families.toy", "l2s.families.toy_mmdit", "l2s.families.sd",
@@ -58,9 +69,26 @@ class TrainDefaults:
     size: tuple[int, int] = (256, 2)
 
 
-# The shipped toys: a small clean data set (a larger step converges in minutes) and ~130k
-# parameters, enough for the toy's clean shapes and fast on a CPU.
-TOY_TRAINING = TrainDefaults(lr=1e-3, size=(64, 1))
+@dataclass(frozen=True)
+class World:
+    """What a closed-vocabulary family's models draw, and how their images are judged.
+
+    Attached to presets (``Preset.world``) and to the loaded backbone (``Denoiser.world``):
+    steer's "achieved", ``--verify``, bench's refusals and its per-image extras ask it, never
+    a family or detector name. An open-vocabulary model has none.
+    """
+
+    name: str  # e.g. "toy"
+    objects: tuple[str, ...]  # the object words its models can draw (steer refuses others)
+    # (N, H, W, 3) uint8 images, each image's triplets -> whether each shows all of them
+    judge: Callable[[np.ndarray, Sequence[Sequence[Triplet]]], list[bool]]
+    judged_by: str = ""  # how reports name the judge ("toy detector")
+    description: str = ""  # what its models draw, for refusals ("six coloured shapes")
+    suites: tuple[str, ...] = ()  # its benchmark suites (bench refuses others for its models)
+    sources: tuple[str, ...] = ()  # its inversion data sources
+    detector: str | None = None  # the detector its suites score with
+    # bench fields per image: (object names, kept detections by class, image side) -> dict
+    extras: Callable[[Sequence[str], dict, int], dict] | None = None
 
 
 @dataclass(frozen=True)
@@ -74,6 +102,7 @@ class Preset:
     image_size: int  # default generation size in pixels
     defaults: SteerDefaults = SteerDefaults()  # its sampling and steering defaults
     training: TrainDefaults = TrainDefaults()  # its classifier-training defaults
+    world: World | None = None  # what a closed-vocabulary model draws (None: open vocabulary)
     # Family-specific data, e.g. exact architecture configs for --random-weights.
     configs: dict = field(default_factory=dict, compare=False, repr=False)
 
@@ -129,10 +158,54 @@ def _discover() -> None:
     _discovered = True
     for module in BUILTIN_FAMILIES:
         importlib.import_module(module)
+    load_entry_points("l2s.families")
+
+
+def load_entry_points(group: str) -> None:
+    """Import every module listed under an entry-point group (each registers itself)."""
     from importlib.metadata import entry_points
 
-    for ep in entry_points(group="l2s.families"):
+    for ep in entry_points(group=group):
         ep.load()
+
+
+T = TypeVar("T")
+
+
+class Registry(Generic[T]):
+    """Named extensions of one kind (data sources, detectors, suites), found as families are.
+
+    Built-in ones register at import of the module that owns the registry; a family's world
+    registers its own when the family registry imports the family; other packages list their
+    module under ``group`` (e.g. ``[project.entry-points."l2s.suites"]``), imported on first
+    use.
+    """
+
+    def __init__(self, kind: str, group: str) -> None:
+        self.kind, self.group = kind, group  # "suite", "l2s.suites"
+        self._items: dict[str, T] = {}
+        self._discovered = False
+
+    def register(self, name: str, item: T) -> None:
+        self._items[name] = item
+
+    def _discover(self) -> None:
+        if self._discovered:
+            return
+        self._discovered = True
+        families()  # family modules import their worlds, which register here
+        load_entry_points(self.group)
+
+    def all(self) -> dict[str, T]:
+        """Every registered one by name, in registration order."""
+        self._discover()
+        return dict(self._items)
+
+    def names(self) -> tuple[str, ...]:
+        return tuple(self.all())
+
+    def get(self, name: str) -> T | None:
+        return self.all().get(name)
 
 
 def families() -> dict[str, Family]:
@@ -213,6 +286,16 @@ def _like_preset(model: str) -> Preset | None:
         return None
     name = family.like_preset(model) if family.like_preset else None
     return presets().get(name) if name else None
+
+
+def world_of(model: str, denoiser: Denoiser | object | None = None) -> World | None:
+    """The world a backbone draws: the loaded one's (``Denoiser.world``) when it has one, else
+    its preset's (by name or hub id, before anything loads); None: open vocabulary."""
+    world = getattr(denoiser, "world", None)
+    if world is not None:
+        return world
+    preset = get_preset(model)
+    return preset.world if preset else None
 
 
 def generation_defaults(model: str, steps: int | None = None, guidance: float | None = None

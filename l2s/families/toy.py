@@ -9,7 +9,6 @@ from __future__ import annotations
 from l2s.engine.backbone import BackboneError
 from l2s.engine.loading import random_weights_preset
 from l2s.engine.registry import (
-    TOY_TRAINING,
     Family,
     LoadRequest,
     Preset,
@@ -18,6 +17,7 @@ from l2s.engine.registry import (
     register_family,
 )
 from l2s.families.unet import UNetDenoiser
+from l2s.toy.world import TRAINING, WORLD
 
 PRESET = Preset("toy", "toy", None, "tiny pixel-space shapes model shipped with l2s (offline)",
                 32, SteerDefaults(
@@ -31,7 +31,7 @@ PRESET = Preset("toy", "toy", None, "tiny pixel-space shapes model shipped with 
                     # Several relations (shapes-multi, docs/results.md): steering the summed
                     # losses of those that fail, until all hold, beat the round robin.
                     relation_schedule="sum"),
-                training=TOY_TRAINING)
+                training=TRAINING, world=WORLD)
 
 
 def available(preset: Preset) -> bool:
@@ -45,7 +45,6 @@ def load(req: LoadRequest) -> UNetDenoiser:
     if req.random_weights:
         random_weights_preset(req.preset, presets().values())  # refuses: trained weights only
     from l2s.toy.model import DEFAULT_WEIGHTS_DIR, load_toy_components
-    from l2s.toy.scenes import CATEGORY_NAMES
 
     try:
         unet, text_encoder, tokenizer, scheduler = load_toy_components(DEFAULT_WEIGHTS_DIR)
@@ -54,7 +53,7 @@ def load(req: LoadRequest) -> UNetDenoiser:
     dev, dt = req.device, req.dtype
     unet = unet.to(dev) if dt == unet.dtype else unet.to(dev, dt)
     return UNetDenoiser(unet, text_encoder.to(dev), tokenizer, scheduler, name="toy",
-                        image_size=req.image_size, known_objects=CATEGORY_NAMES)
+                        image_size=req.image_size, world=WORLD)
 
 
 register_family(Family("toy", load, available=available), [PRESET])

@@ -23,7 +23,6 @@ import torch
 from l2s.engine.backbone import BackboneError, Conditioning
 from l2s.engine.loading import random_weights_preset
 from l2s.engine.registry import (
-    TOY_TRAINING,
     Family,
     LoadRequest,
     Preset,
@@ -32,6 +31,7 @@ from l2s.engine.registry import (
     register_family,
 )
 from l2s.families.flux import FluxDenoiser
+from l2s.toy.world import TRAINING, WORLD
 
 PRESET = Preset("toy-mmdit", "toy-mmdit", None,
                 "tiny Flux-architecture (MMDiT) pixel-space shapes model shipped with l2s "
@@ -43,7 +43,7 @@ PRESET = Preset("toy-mmdit", "toy-mmdit", None,
                     # gave position 0.95 where the previous defaults (steps 0-2, 0.02) gave
                     # 0.84; stopping at p(target) >= 0.8 (loss 0.22) or 0.9 made no difference.
                     steer_until=5, loss_threshold=0.22),
-                training=TOY_TRAINING)
+                training=TRAINING, world=WORLD)
 
 
 class ToyMMDiTDenoiser(FluxDenoiser):
@@ -54,14 +54,14 @@ class ToyMMDiTDenoiser(FluxDenoiser):
     max_text_len = None  # its CLIP text encoder's positions fix the length
 
     def __init__(self, transformer, text_encoder, tokenizer, scheduler_config: dict, *,
-                 name: str = "toy-mmdit", image_size=None, known_objects=None,
+                 name: str = "toy-mmdit", image_size=None, world=None,
                  trainable: bool = False) -> None:
         super().__init__(transformer, None, text_encoder, tokenizer, text_encoder, tokenizer,
                          scheduler_config, name=name,
                          image_size=image_size or PRESET.image_size,
                          max_sequence_length=tokenizer.model_max_length, guidance=1.0)
         self.guidance_mode = "cfg"
-        self.known_objects = known_objects
+        self.world = world
         if trainable:  # the toy trainer's networks: gradients stay on (the base freezes them)
             transformer.requires_grad_(True)
             text_encoder.requires_grad_(True)
@@ -102,7 +102,6 @@ def load(req: LoadRequest) -> ToyMMDiTDenoiser:
         random_weights_preset(req.preset, presets().values())  # refuses: trained weights only
     from l2s.families.mmdit import mmdit_dtype
     from l2s.toy.mmdit import DEFAULT_MMDIT_WEIGHTS_DIR, load_mmdit_components
-    from l2s.toy.scenes import CATEGORY_NAMES
 
     try:
         transformer, text_encoder, tokenizer, scheduler = load_mmdit_components(
@@ -114,7 +113,7 @@ def load(req: LoadRequest) -> ToyMMDiTDenoiser:
         req.device, dt)
     return ToyMMDiTDenoiser(transformer, text_encoder.to(req.device),
                             tokenizer, dict(scheduler.config), image_size=req.image_size,
-                            known_objects=CATEGORY_NAMES)
+                            world=WORLD)
 
 
 register_family(Family("toy-mmdit", load, available=available), [PRESET])

@@ -187,14 +187,14 @@ class UNetDenoiser(Denoiser):
         name: str,
         image_size: int | tuple[int, int] | None = None,
         fingerprint: str | None = None,
-        known_objects: tuple[str, ...] | None = None,
+        world=None,
     ) -> None:
         self.unet, self.text_encoder, self._tokenizer, self.vae = unet, text_encoder, tokenizer, vae
         self.scheduler = scheduler
         self.schedule = DDPMSchedule(scheduler)
         self.prediction_type = self.schedule.prediction_type
         self.name = name
-        self.known_objects = known_objects
+        self.world = world  # l2s.engine.registry.World of a closed-vocabulary model
         self.vae_scale = vae_scale(vae)
         image_size = checked_image_size(
             unet.config.sample_size * self.vae_scale if image_size is None else image_size,

@@ -115,19 +115,18 @@ def prompt_warnings(triplets: list[Triplet]) -> list[str]:
 
 def relation_achieved(denoiser: Denoiser, images: np.ndarray, triplets: list[Triplet],
                       stats: SteerStats, method: str = "l2s") -> dict | None:
-    """Whether the images show the prompt's relations: judged by the toy world's detector on
-    the toy model (GenEval's position rule), else by the steering loss's last p(target) (the
-    classifier's probability for l2s, the share of images whose attention centroids are in
-    order for centroid; mean over the images still steered at the last steered step). None
-    when there is nothing to judge by."""
+    """Whether the images show the prompt's relations: judged by the backbone's world
+    (``Denoiser.world``: the toy's detector with GenEval's position rule) when it draws one,
+    else by the steering loss's last p(target) (the classifier's probability for l2s, the
+    share of images whose attention centroids are in order for centroid; mean over the images
+    still steered at the last steered step). None when there is nothing to judge by."""
     if not triplets:
         return None
-    from l2s.toy.detector import draws_toy_world, relations_hold
-
-    if draws_toy_world(denoiser.known_objects):  # a toy-world model: its detector can tell
-        per_image = relations_hold(images, [triplets] * len(images))
-        return {"by": "toy detector", "per_image": per_image, "count": sum(per_image),
-                "of": len(per_image)}
+    world = denoiser.world
+    if world is not None:  # a closed world: its judge can tell
+        per_image = world.judge(images, [triplets] * len(images))
+        return {"by": world.judged_by or f"{world.name} world", "per_image": per_image,
+                "count": sum(per_image), "of": len(per_image)}
     last = next((r.p_target for r in reversed(stats.steps) if r.p_target is not None), None)
     by = {"l2s": "the classifier's final p(target)",
           "centroid": "share of images whose attention centroids are in order"}.get(method)

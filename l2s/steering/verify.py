@@ -1,8 +1,8 @@
 """Steer only what fails: generate plainly, check each image, regenerate the failures steered.
 
-What a service would do when most plain images are already right: the check is the
-backbone's detector where one is configured (the toy world's colour detector with GenEval's
-position rule), else the relation classifier's verdict on the maps of the plain pass (one
+What a service would do when most plain images are already right: the check is the judge of
+the backbone's world where it draws one (``Denoiser.world``: the toy's colour detector with
+GenEval's position rule), else the relation classifier's verdict on the maps of the plain pass (one
 truncated, gradient-free forward at the last steered step). Failing images are generated
 again from the same seed with steering; passing ones keep their plain pixels.
 """
@@ -39,14 +39,13 @@ class Verified:
 
 
 def detector_check(denoiser: Denoiser, triplets: Sequence[Sequence[Triplet]]) -> Check | None:
-    """The toy world's detector + GenEval's rule when the backbone draws the toy's shapes."""
-    from l2s.toy.detector import draws_toy_world, relations_hold
-
-    if not draws_toy_world(denoiser.known_objects):
+    """The judge of the backbone's world (``Denoiser.world``), None when it draws none."""
+    world = denoiser.world
+    if world is None:
         return None
 
     def check(images: torch.Tensor) -> list[bool]:
-        return relations_hold(to_uint8(images), triplets)
+        return world.judge(to_uint8(images), triplets)
 
     return check
 

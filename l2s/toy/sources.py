@@ -1,6 +1,18 @@
 """The toy world's data sources: "shapes" (rendered scenes) and "generated" (the toy model's
-images, verified by the toy detector); registered in
-``l2s.inversion.sources.base.SOURCE_MODULES``."""
+images, verified by the toy detector); registered by ``l2s.toy.world``.
+
+shapes
+    Toy scenes (`l2s.toy.scenes.random_scene`) of exactly two shapes, scene i seeded by
+    (seed, i); the relation is the one GenEval's rule gives for the first shape relative to the
+    second (the stronger axis when two hold); scenes where none holds are dropped ("no relation
+    holds"). Images are kept in memory.
+generated
+    Generate and verify: prompts "a A REL a B" over the model's known toy shapes, images from
+    `l2s.engine.sampling.sample`, then the toy detector; an image is kept when both shapes are
+    found, apart ("objects touch" otherwise), and their detected boxes satisfy REL ("object not
+    detected", "relation not verified" otherwise). Boxes are the detected ones. Only a model of
+    the toy world (its ``Denoiser.world``) can be verified offline, so other models are refused.
+"""
 
 from __future__ import annotations
 
@@ -76,21 +88,23 @@ def _shapes_samples(options: SourceOptions, counts, report: SourceReport) -> Ite
 def generated_source(options: SourceOptions, report: SourceReport, denoiser
                      ) -> Iterator[Sample]:
     from l2s.toy.scenes import CATEGORY_NAMES
+    from l2s.toy.world import WORLD
 
     if denoiser is None:
         raise SourceError(
             "the generated source needs a model to generate with: load one "
             "(l2s.engine.loading.load_backbone) and pass it as denoiser, or use --data shapes"
         )
-    known = getattr(denoiser, "known_objects", None)
-    if known is None or not set(known) <= set(CATEGORY_NAMES):
+    world = getattr(denoiser, "world", None)
+    if world is None or world.name != WORLD.name:
         raise SourceError(
             "the generated source needs a detector; only the toy model has one offline: "
             "use --model toy (or toy-mmdit), or --data gqa / --data folder for real images"
         )
-    categories = [c for c in CATEGORY_NAMES if c in known]
+    categories = [c for c in CATEGORY_NAMES if c in world.objects]
     if len(categories) < 2:
-        raise SourceError(f"the generated source needs two known shapes, the model has {known}")
+        raise SourceError(f"the generated source needs two known shapes, the model has "
+                          f"{world.objects}")
     return _generated_samples(options, per_relation("generated", options), report, denoiser,
                               categories)
 
@@ -123,7 +137,8 @@ def _generated_samples(options: SourceOptions, counts, report: SourceReport, den
                        categories: list[str]) -> Iterator[Sample]:
     quota = _Quota(counts)
     steps, guidance = generation_defaults(
-        options.generated_model, options.generated_steps, options.generated_guidance
+        options.generated_model or denoiser.name, options.generated_steps,
+        options.generated_guidance
     )
     seed = options.seed
     tried = Counter()  # relation -> candidates generated

@@ -1,5 +1,5 @@
-"""Where inversion data comes from: GQA, a folder of annotated images, toy scenes,
-generated-and-verified images.
+"""Where inversion data comes from: GQA, a folder of annotated images, and the sources a
+family's world or another package registers.
 
 Every source yields `Sample`s: an image (a file read lazily, or an array in memory), a subject
 and an object with their boxes, the TRUE relation of the subject to the object (one of
@@ -47,40 +47,39 @@ folder
     of one image share a split. Blank lines are skipped; any other malformed line stops the run
     with an error naming its line number. By default every line is used, in file order; with
     `per_relation` set, at most that many per relation and split, chosen in seeded order.
-shapes
-    Toy scenes (`l2s.toy.scenes.random_scene`) of exactly two shapes, scene i seeded by
-    (seed, i); the relation is the one GenEval's rule gives for the first shape relative to the
-    second (the stronger axis when two hold); scenes where none holds are dropped ("no relation
-    holds"). Images are kept in memory.
-generated
-    Generate and verify: prompts "a A REL a B" over the model's known toy shapes, images from
-    `l2s.engine.sampling.sample`, then the toy detector; an image is kept when both shapes are
-    found, apart ("objects touch" otherwise), and their detected boxes satisfy REL ("object not
-    detected", "relation not verified" otherwise). Boxes are the detected ones. Only the toy
-    model has an offline detector, so other models are refused.
+(others)
+    A family's world registers its own, e.g. the toy's "shapes" and "generated"
+    (``l2s.toy.sources``); packages list theirs under the ``l2s.sources`` entry-point group.
 
-Splits fill in proportion: a kept shapes or generated sample goes to the split of its relation
+Splits fill in proportion: a kept sample of a generating source goes to the split of its relation
 that is least full, so a source that runs dry still has all three splits. A quota a source could
 not fill is counted in `SourceReport.short`.
 """
 
 from l2s.inversion.sources.base import (
-    PER_RELATION,
-    SOURCE_MODULES,
-    SOURCES,
+    SOURCE_REGISTRY,
     SPLITS,
     Sample,
+    Source,
     SourceError,
     SourceOptions,
     SourceReport,
     expected_samples,
     iter_samples,
     per_relation,
+    register_source,
+    sources,
 )
 from l2s.inversion.sources.gqa import gqa_pairs, is_hypernym_pair, is_plural
 
 __all__ = [
-    "PER_RELATION", "SOURCES", "SOURCE_MODULES", "SPLITS", "Sample", "SourceError",
-    "SourceOptions", "SourceReport", "expected_samples", "gqa_pairs", "is_hypernym_pair",
-    "is_plural", "iter_samples", "per_relation",
+    "SOURCES", "SOURCE_REGISTRY", "SPLITS", "Sample", "Source", "SourceError", "SourceOptions",
+    "SourceReport", "expected_samples", "gqa_pairs", "is_hypernym_pair", "is_plural",
+    "iter_samples", "per_relation", "register_source", "sources",
 ]
+
+
+def __getattr__(name: str):
+    if name == "SOURCES":  # the names, once every source has registered
+        return sources()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

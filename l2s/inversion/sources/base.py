@@ -1,8 +1,9 @@
 """Data-source plumbing: Sample, options, reports, quotas, and the source registry.
 
 The sources themselves (and the format each reads) are described in ``l2s.inversion.sources``'s
-docstring; each lives in its own module: ``gqa``, ``folder`` here, ``shapes`` and
-``generated`` beside the toy (``l2s.toy.sources``).
+docstring; each lives in its own module: ``gqa`` and ``folder`` here; a family's world
+registers its own (``register_source``), and other packages list theirs under the
+``l2s.sources`` entry-point group.
 """
 
 from __future__ import annotations
@@ -10,34 +11,18 @@ from __future__ import annotations
 import hashlib
 import importlib
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from l2s.engine.registry import Registry
 from l2s.errors import L2SError
 from l2s.relations import RELATIONS
 
-# Source name -> module with its `<name>_source(options, report, denoiser)`, imported on use.
-SOURCE_MODULES = {
-    "gqa": "l2s.inversion.sources.gqa",
-    "folder": "l2s.inversion.sources.folder",
-    "shapes": "l2s.toy.sources",
-    "generated": "l2s.toy.sources",
-}
-SOURCES = tuple(SOURCE_MODULES)
 SPLITS = ("train", "val", "test")
 
-# Samples per relation (train, val, test) when options.per_relation is None. gqa: the paper's
-# real-image counts for SD (Flux used 2000/400/200); generated: the paper's synthetic counts;
-# shapes: toy scenes are free, but the toy classifier needs far fewer; folder: None = every line.
-PER_RELATION: dict[str, tuple[int, int, int] | None] = {
-    "gqa": (800, 200, 100),
-    "folder": None,
-    "shapes": (400, 50, 50),
-    "generated": (800, 100, 70),
-}
 
 class SourceError(L2SError, ValueError):
     """A data source cannot be read as asked; the message says what was wrong and what to do."""
@@ -47,7 +32,7 @@ class SourceError(L2SError, ValueError):
 class Sample:
     """One image with a subject, an object and the true relation between them."""
 
-    source: str  # "gqa" | "folder" | "shapes" | "generated"
+    source: str  # the registered source's name, e.g. "gqa"
     source_id: str  # stable and unique within the source, e.g. "gqa:2354786:1232-1233"
     subject: str
     object: str
@@ -133,7 +118,8 @@ class SourceOptions:
     per_relation: tuple[int, int, int] | None = None
     seed: int = 0  # fixes every choice and the order; same seed, same samples
     shapes_size: int = 32  # shapes: image side in pixels (match the model's image size)
-    generated_model: str = "toy"  # generated: preset whose steps/guidance are the defaults
+    # generated: preset whose steps/guidance are the defaults (None: the generating model's)
+    generated_model: str | None = None
     generated_steps: int | None = None  # generated: sampling steps (None: the preset's)
     generated_guidance: float | None = None  # generated: CFG scale (None: the preset's)
     generated_candidates: int = 8000  # generated: most images generated per relation
@@ -152,9 +138,62 @@ class SourceOptions:
             raise SourceError("generated_batch must be >= 1 and generated_candidates >= 0")
 
 
+@dataclass(frozen=True)
+class Source:
+    """A registered data source: its samples, and how many it yields by default."""
+
+    name: str  # what --data names
+    # (options, report, denoiser or None) -> samples in seeded order; SourceError before the
+    # first one when an input is missing
+    samples: Callable[[SourceOptions, SourceReport, object], Iterator[Sample]]
+    # (train, val, test) samples per relation when options.per_relation is None; None: no cap
+    per_relation: tuple[int, int, int] | None = None
+
+
+SOURCE_REGISTRY: Registry[Source] = Registry("data source", "l2s.sources")
+
+
+def register_source(source: Source) -> None:
+    """Make a data source known to `l2s invert --data` (a module calls this at import)."""
+    SOURCE_REGISTRY.register(source.name, source)
+
+
+def sources() -> tuple[str, ...]:
+    """Every registered source's name."""
+    return SOURCE_REGISTRY.names()
+
+
+def _in_module(module: str, function: str) -> Callable:
+    """A source function imported on first call (its module imports this one)."""
+    def samples(options, report, denoiser=None):
+        return getattr(importlib.import_module(module), function)(options, report, denoiser)
+    return samples
+
+
+# gqa: method.md's real-image counts for SD (Flux used 2000/400/200); folder: every line.
+register_source(Source("gqa", _in_module("l2s.inversion.sources.gqa", "gqa_source"),
+                       (800, 200, 100)))
+register_source(Source("folder", _in_module("l2s.inversion.sources.folder", "folder_source")))
+
+
+def __getattr__(name: str):
+    if name == "SOURCES":  # the names, once every source has registered
+        return sources()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _source(name: str) -> Source:
+    found = SOURCE_REGISTRY.get(name)
+    if found is None:
+        raise SourceError(f"unknown data source {name!r}: use one of {', '.join(sources())}")
+    return found
+
+
 def per_relation(source: str, options: SourceOptions) -> tuple[int, int, int] | None:
     """(train, val, test) samples per relation for `source`; None: no cap (folder default)."""
-    return options.per_relation if options.per_relation is not None else PER_RELATION[source]
+    if options.per_relation is not None:
+        return options.per_relation
+    return _source(source).per_relation
 
 
 def expected_samples(source: str, options: SourceOptions, limit: int | None = None
@@ -172,14 +211,11 @@ def iter_samples(
 ) -> Iterator[Sample]:
     """The samples of `source` in seeded order; counts go to `report` as they happen.
 
-    Missing inputs raise SourceError here, before the first sample. `denoiser` is the generator
-    of the "generated" source (the toy model); the folder source drops objects a
-    closed-vocabulary denoiser does not know; the others ignore it.
+    Missing inputs raise SourceError here, before the first sample. `denoiser` is the model
+    of a source that generates its images (a world's "generated"); the folder source drops
+    objects a closed-vocabulary denoiser does not know; the others ignore it.
     """
-    if source not in SOURCE_MODULES:
-        raise SourceError(f"unknown data source {source!r}: use one of {', '.join(SOURCES)}")
-    module = importlib.import_module(SOURCE_MODULES[source])
-    return getattr(module, f"{source}_source")(options, report, denoiser)
+    return _source(source).samples(options, report, denoiser)
 
 
 # ---------------------------------------------------------------------------------------------
