@@ -8,13 +8,13 @@ import torch
 
 from l2s import bench
 from l2s.bench import BenchConfig, BenchError, run_bench, suite_prompts
+from l2s.bench.run import image_seed
+from l2s.relations import RELATIONS, geneval_relations
+from l2s.toy.scenes import layout_scene
 
 
 def shapes_prompts(n, seed):
     return suite_prompts("shapes", n, seed)
-from l2s.bench.run import image_seed
-from l2s.relations import RELATIONS, geneval_relations
-from l2s.toy.scenes import layout_scene
 
 # Boxes for "A REL B" on a 32 px canvas: A's box first.
 _LAYOUT = {"left of": ((2, 12, 12, 22), (20, 12, 30, 22)),

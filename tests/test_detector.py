@@ -144,9 +144,9 @@ def test_touching_objects_and_merged_blobs():
 def test_score_pair_agrees_with_the_benchmarks_scorer():
     """The toy world's two-object verdict (score_pair: generated source, trainer evaluation,
     steer's "achieved", --verify) is the benchmark's (GenEval's rule on toy detections)."""
-    from l2s.toy.world import score_shapes
     from l2s.relations import RELATIONS, Triplet
     from l2s.toy.detector import score_pair
+    from l2s.toy.world import score_shapes
 
     rng = np.random.default_rng(0)
     seen = set()
@@ -179,7 +179,6 @@ def test_the_toy_verdict_per_image_needs_every_relation_and_a_toy_world_backbone
 
     from l2s.steering.job import relation_achieved
     from l2s.steering.loop import SteerStats
-
     from l2s.toy.world import WORLD
 
     toy = SimpleNamespace(world=WORLD)

@@ -153,11 +153,11 @@ def test_position_metadata_expresses_chains_for_geneval():
 
 def test_toy_scoring_matches_the_rule_the_published_toy_numbers_used():
     """Through the scorer, the toy suite gives what `detect` + GenEval's rule gave before."""
-    from l2s.toy.world import WORLD, ToyDetector
     from l2s.bench.scoring import score_image
     from l2s.bench.suites import suite_prompts
     from l2s.toy.detector import detect
     from l2s.toy.scenes import random_scene
+    from l2s.toy.world import WORLD, ToyDetector
 
     rng = np.random.default_rng(0)
     agree = 0

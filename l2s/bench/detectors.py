@@ -3,8 +3,8 @@
 A detector turns an image and the object names a prompt mentions into raw `Detection`s (plus
 instance masks where it has them, for the colour classifier) and carries the thresholds its
 scores need (`rules`). The transformers ones registered here, the suites using each by
-default, and their thresholds (a family's world registers the detector its suites score with; other packages list theirs under the ``l2s.detectors``
-entry-point group):
+default, and their thresholds (a family's world registers the detector its suites score
+with; other packages list theirs under the ``l2s.detectors`` entry-point group):
 
 | name (`--detector`) | model | used by | rules |
 |---|---|---|---|
