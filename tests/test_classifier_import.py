@@ -285,8 +285,9 @@ def test_flux_layout_and_refusals(tmp_path, sd_folder):
 
 
 def test_flux_layout_on_the_published_block_list():
-    from l2s.classifier.layout import LayoutError, channels, flux_layout
+    from l2s.classifier.layout import LayoutError, channels
     from l2s.engine.backbone import CrossAttnLayer
+    from l2s.families.flux import flux_layout
 
     layers = ([CrossAttnLayer(f"transformer_blocks.{i}.attn", 24, (16, 16)) for i in range(19)]
               + [CrossAttnLayer(f"single_transformer_blocks.{j}.attn", 24, (16, 16))

@@ -4,7 +4,7 @@ import pytest
 import torch
 from reference_impl import CLASSES, make_checkpoint, tiny_config, torch_reference_logits
 
-from l2s.classifier.layout import MapLayout, bilinear_resize, resolution_order, unet_layout
+from l2s.classifier.layout import MapLayout, bilinear_resize, resolution_order
 from l2s.classifier.model import num_parameters
 from l2s.classifier.reference import (
     ReferenceClassifier,
@@ -15,7 +15,7 @@ from l2s.classifier.reference import (
 )
 from l2s.engine.backbone import CrossAttnLayer
 from l2s.engine.registry import presets
-from l2s.families.unet import unet_cross_attention_layers
+from l2s.families.unet import unet_cross_attention_layers, unet_layout
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

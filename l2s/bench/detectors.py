@@ -24,7 +24,7 @@ from typing import Protocol
 import numpy as np
 
 from l2s.bench.detection import OWL_RULES, DetectorError, ImageDetections
-from l2s.bench.geneval import GENEVAL_RULES, Detection, Rules
+from l2s.bench.geneval import GENEVAL_RULES, Rules
 from l2s.engine.registry import Registry
 
 # Aliases of --detector: the transformers models the suites score with by default.

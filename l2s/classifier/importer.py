@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from l2s import __version__
-from l2s.classifier.layout import LayoutError, channels, reference_layout
+from l2s.classifier.layout import LayoutError, channels, reference_for
 from l2s.classifier.model import (
     CARD_FILE,
     ClassifierError,
@@ -44,10 +44,6 @@ LICENCE_NOTE = ("The published L2S classifiers are the authors' work under a non
                 "licence: this converted copy is for its user's own non-commercial use; do not "
                 "redistribute it.")
 _PLAIN = (str, int, float, bool, type(None))
-# Text keys the published classifiers' maps were softmaxed over, by layout (the reference's
-# run.py): 512 T5 tokens for Flux, schnell as well as dev. SD ones read all of the UNet's CLIP
-# keys, whatever their count (77 on SD), so a UNet's own length is kept.
-REFERENCE_TEXT_LEN = {"flux": 512}
 
 
 class ImportRefused(ClassifierError):
@@ -216,9 +212,28 @@ def reference_config(ckpt: Mapping, n_maps: int) -> tuple[ReferenceConfig, list[
     return arch, sorted(steps)
 
 
-def _flux_shaped(arch: ReferenceConfig) -> bool:
-    """The published Flux classifiers' sizes (extractor 4 layers, feed-forward 512)."""
-    return arch.extractor_layers == 4 and arch.extractor_ff == 512
+def _check_shape(ref, arch: ReferenceConfig, name: str) -> None:
+    """Refuse a checkpoint whose sizes are another family's published classifiers' (each
+    family's ``ReferenceLayout.shaped``; one without a test takes the sizes none claims)."""
+    from l2s.engine.registry import families
+
+    declared = {f.reference_layout.name: (f.name, f.reference_layout)
+                for f in families().values() if f.reference_layout is not None}
+    claims = [r for _, r in declared.values() if r.shaped is not None and r.shaped(arch)]
+    if ref.shaped is not None and ref.shaped(arch) or ref.shaped is None and not claims:
+        return
+    if claims:
+        other = claims[0]
+        raise ImportRefused(f"this checkpoint has the published {other.label} classifiers' "
+                            f"shape ({other.shape}): {other.label} classifiers need the "
+                            f"{declared[other.name][0]} family, and {name} is not a "
+                            f"{other.label} backbone (use --model {' or '.join(other.presets)})")
+    rest = [r for _, r in declared.values() if r.shaped is None]
+    raise ImportRefused(f"this checkpoint has the published "
+                        f"{' or '.join(r.label for r in rest) or 'other'} classifiers' shape, "
+                        f"not the {ref.label} one ({ref.shape}): {name} is a {ref.label} "
+                        "backbone; import it with --model "
+                        f"{' or '.join(p for r in rest for p in r.presets)}")
 
 
 def import_classifier(checkpoint: str | Path, model: str, *, out: str | Path | None = None,
@@ -233,24 +248,17 @@ def import_classifier(checkpoint: str | Path, model: str, *, out: str | Path | N
 
         denoiser = load_backbone(model, device="cpu", dtype="fp32",
                                  random_weights=random_weights)
+    layers = denoiser.cross_attention_layers()
     try:
-        layout = reference_layout(denoiser)
+        ref = reference_for(denoiser)
+        layout = ref.layout(layers)
     except LayoutError as e:
         raise ImportRefused(str(e)) from e
-    layers = denoiser.cross_attention_layers()
     arch, steps = reference_config(ckpt, channels(layers))
-    if _flux_shaped(arch) and layout.name != "flux":
-        raise ImportRefused("this checkpoint has the published Flux classifier's shape "
-                            "(extractor 4 layers, ff 512): Flux classifiers need the flux "
-                            f"family, and {denoiser.name} is not a Flux backbone (use "
-                            "--model flux-schnell or flux-dev)")
-    if layout.name == "flux" and not _flux_shaped(arch):
-        raise ImportRefused("this checkpoint has the published SD classifiers' shape, not the "
-                            f"Flux one (extractor 4 layers, ff 512): {denoiser.name} is a Flux "
-                            "backbone; import it with --model sd1.4 or sd2.1-base")
+    _check_shape(ref, arch, denoiser.name)
     notes = []
     own = denoiser.text_len
-    text_len = REFERENCE_TEXT_LEN.get(layout.name, own)
+    text_len = ref.text_len or own
     if text_len != own and not text_len <= (denoiser.max_text_len or 0):
         raise ImportRefused(f"the published classifier read maps over {text_len} text tokens; "
                             f"{denoiser.name} encodes prompts as {own}, which it cannot change")

@@ -1,11 +1,13 @@
-"""Map layouts: which recorded map feeds which classifier channel, and how maps are resized.
+"""Map layouts: which recorded map feeds which classifier channel, and how maps are resized;
+the shapes a classifier's input and sizes must have (``check_maps``, ``check_sizes``).
 
 l2s records a backbone's maps in forward order (layer-major, head-minor) and resizes them its
 own way (area when shrinking, bilinear when growing, renormalised); classifiers `l2s train`
 writes read exactly that ("l2s" layout). The published L2S classifiers read another order and
-resizing: a backbone family declares its reference layout by name (``Denoiser.reference_layout``)
-and this module turns the backbone's own layer list into the channel permutation, so any
-SD-layout UNet (a fine-tune, a tiny test model) gets the order its blocks imply.
+resizing: a backbone family declares its reference layout (``Family.reference_layout``: a
+function of the backbone's own layer list, so any SD-layout UNet, a fine-tune or a tiny test
+model, gets the order its blocks imply) and its backbones name it
+(``Denoiser.reference_layout``).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ class LayoutError(L2SError, ValueError):
 class MapLayout:
     """How a classifier's C input channels come from a backbone's recorded maps."""
 
-    name: str  # "l2s", or the family's reference layout ("unet", "flux", ...)
+    name: str  # "l2s", or the family's reference layout (ReferenceLayout.name)
     order: tuple[int, ...] | None = None  # classifier channel c <- recorded channel order[c]
     resize: str = "l2s"  # how the recorder brings maps to S x S
     renormalise: str = "always"  # with resize "bilinear": which maps are divided by their sum
@@ -82,6 +84,47 @@ def bilinear_resize(maps: torch.Tensor, size: int, renormalise: str = "always"
     return x.reshape(*lead, size, size)
 
 
+def is_int(v) -> bool:
+    """An int that is not a bool (a card's ``true`` is no size)."""
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def check_sizes(cfg, names: Sequence[str], minimum: int = 1, *,
+                counts: Sequence[str] = ()) -> None:
+    """Raise ValueError unless each field of ``names`` is an integer >= ``minimum`` and each
+    of ``counts`` a non-empty sequence of integers >= 1; ``dropout`` (when ``cfg`` has one)
+    must lie in [0, 1). A card that says ``n_heads: 0`` or ``d_model: -4`` is refused here,
+    not by a ZeroDivisionError or a negative dimension inside torch."""
+    for name in names:
+        v = getattr(cfg, name)
+        if not is_int(v) or v < minimum:
+            raise ValueError(f"{name} must be an integer >= {minimum}, got {v!r}")
+    for name in counts:
+        v = getattr(cfg, name)
+        if not isinstance(v, Sequence) or not v or not all(is_int(x) and x >= 1 for x in v):
+            raise ValueError(f"{name} must be a non-empty list of integers >= 1, got {v!r}")
+    dropout = getattr(cfg, "dropout", 0.0)
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) \
+            or not 0 <= dropout < 1:
+        raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
+
+
+def check_relations(relations) -> None:
+    """Raise ValueError unless the class names are distinct strings."""
+    if not isinstance(relations, Sequence) or isinstance(relations, str) or not relations \
+            or not all(isinstance(r, str) for r in relations) \
+            or len(set(relations)) != len(relations):
+        raise ValueError(f"relations must be a non-empty list of distinct class names, "
+                         f"got {relations!r}")
+
+
+def check_maps(maps: torch.Tensor, n_maps: int, map_size: int) -> None:
+    """Refuse classifier input that is not (B, 2, n_maps, map_size, map_size)."""
+    if maps.ndim != 5 or maps.shape[1:] != (2, n_maps, map_size, map_size):
+        raise ValueError(f"maps must be (B, 2, {n_maps}, {map_size}, {map_size}), "
+                         f"got {tuple(maps.shape)}")
+
+
 def channels(layers: Sequence[CrossAttnLayer]) -> int:
     return sum(la.heads for la in layers)
 
@@ -101,35 +144,33 @@ def resolution_order(layers: Sequence[CrossAttnLayer]) -> tuple[int, ...]:
     return tuple(starts[i] + h for i in ranked for h in range(layers[i].heads))
 
 
-def unet_layout(layers: Sequence[CrossAttnLayer]) -> MapLayout:
-    """The published SD classifiers' layout over a UNet's cross-attention layers."""
-    return MapLayout("unet", resolution_order(layers), "bilinear", "always")
+def reference_for(denoiser):
+    """The published classifiers' layout declaration of this backbone's family
+    (``l2s.engine.registry.ReferenceLayout``); LayoutError when it has none."""
+    from l2s.engine.registry import reference_layouts
+
+    known = reference_layouts()
+    name = getattr(denoiser, "reference_layout", None)
+    if name not in known:
+        raise LayoutError(f"{denoiser.name} declares no reference map layout, so the published "
+                          "classifiers cannot read its maps: they fit "
+                          f"{published_presets() or 'no registered backbone'}")
+    return known[name]
 
 
-def flux_layout(layers: Sequence[CrossAttnLayer]) -> MapLayout:
-    """The published Flux classifiers' layout: the 19 double-stream then 38 single-stream
-    blocks, 24 heads each, channel = layer x 24 + head (l2s's forward order already); 16x16
-    maps (schnell at 256 px) are used as they are, larger ones (dev at 512 px: 32x32) resized
-    bilinearly and renormalised."""
-    if not any(la.name.startswith("single_transformer_blocks.") for la in layers):
-        raise LayoutError("the published Flux classifiers read all 57 blocks, double- and "
-                          "single-stream: record every layer (FluxDenoiser layers='all')")
-    return MapLayout("flux", None, "bilinear", "resized")
+def published_presets(notes: bool = False) -> str:
+    """The presets published classifiers exist for, as one phrase ("a, b (note), c or d"),
+    from the families' declarations; ``notes`` adds each family's note after its last."""
+    from l2s.engine.registry import reference_layouts
 
-
-# Reference layouts by the name a family declares in ``Denoiser.reference_layout``.
-REFERENCE_LAYOUTS: dict[str, Callable[[Sequence[CrossAttnLayer]], MapLayout]] = {
-    "unet": unet_layout,
-    "flux": flux_layout,
-}
+    items = []
+    for ref in reference_layouts().values():
+        for i, preset in enumerate(ref.presets):
+            last = i == len(ref.presets) - 1
+            items.append(f"{preset} ({ref.note})" if notes and last and ref.note else preset)
+    return ", ".join(items[:-1]) + " or " + items[-1] if len(items) > 1 else "".join(items)
 
 
 def reference_layout(denoiser) -> MapLayout:
     """The layout the published classifiers of this backbone's family read."""
-    name = getattr(denoiser, "reference_layout", None)
-    if name not in REFERENCE_LAYOUTS:
-        raise LayoutError(f"{denoiser.name} declares no reference map layout, so the published "
-                          "classifiers cannot read its maps: they fit Stable Diffusion UNets "
-                          "(--model sd1.4, sd2.1-base or a diffusers SD folder) and Flux.1 "
-                          "(flux-schnell, flux-dev)")
-    return REFERENCE_LAYOUTS[name](denoiser.cross_attention_layers())
+    return reference_for(denoiser).layout(denoiser.cross_attention_layers())

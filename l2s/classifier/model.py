@@ -23,6 +23,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from l2s.classifier.layout import is_int, check_maps, check_relations, check_sizes
+from l2s.classifier.reference import (
+    ReferenceClassifier,
+    ReferenceConfig,
+    step_time_input,
+)
 from l2s.errors import L2SError
 from l2s.inversion.cache import atomic_write, atomic_write_text
 from l2s.relations import RELATIONS
@@ -40,39 +46,6 @@ class ClassifierError(L2SError, RuntimeError):
 
 class ClassifierMismatchError(ClassifierError):
     """The classifier was trained on another backbone's attention maps."""
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def check_sizes(cfg, names: Sequence[str], minimum: int = 1, *,
-                counts: Sequence[str] = ()) -> None:
-    """Raise ValueError unless each field of ``names`` is an integer >= ``minimum`` and each
-    of ``counts`` a non-empty sequence of integers >= 1; ``dropout`` (when ``cfg`` has one)
-    must lie in [0, 1). A card that says ``n_heads: 0`` or ``d_model: -4`` is refused here,
-    not by a ZeroDivisionError or a negative dimension inside torch."""
-    for name in names:
-        v = getattr(cfg, name)
-        if not _is_int(v) or v < minimum:
-            raise ValueError(f"{name} must be an integer >= {minimum}, got {v!r}")
-    for name in counts:
-        v = getattr(cfg, name)
-        if not isinstance(v, Sequence) or not v or not all(_is_int(x) and x >= 1 for x in v):
-            raise ValueError(f"{name} must be a non-empty list of integers >= 1, got {v!r}")
-    dropout = getattr(cfg, "dropout", 0.0)
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) \
-            or not 0 <= dropout < 1:
-        raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
-
-
-def check_relations(relations) -> None:
-    """Raise ValueError unless the class names are distinct strings."""
-    if not isinstance(relations, Sequence) or isinstance(relations, str) or not relations \
-            or not all(isinstance(r, str) for r in relations) \
-            or len(set(relations)) != len(relations):
-        raise ValueError(f"relations must be a non-empty list of distinct class names, "
-                         f"got {relations!r}")
 
 
 @dataclass(frozen=True)
@@ -153,13 +126,6 @@ def map_moments(maps: torch.Tensor, size: int) -> torch.Tensor:
     sx = (px @ coords**2 - mx**2).clamp_min(1e-8).sqrt()
     sy = (py @ coords**2 - my**2).clamp_min(1e-8).sqrt()
     return torch.stack([mx, my, sx, sy], dim=-1)
-
-
-def check_maps(maps: torch.Tensor, n_maps: int, map_size: int) -> None:
-    """Refuse classifier input that is not (B, 2, n_maps, map_size, map_size)."""
-    if maps.ndim != 5 or maps.shape[1:] != (2, n_maps, map_size, map_size):
-        raise ValueError(f"maps must be (B, 2, {n_maps}, {map_size}, {map_size}), "
-                         f"got {tuple(maps.shape)}")
 
 
 class RelationClassifier(nn.Module):
@@ -249,8 +215,6 @@ def time_input(card: Mapping) -> Callable[[int, int], int]:
     reads that timestep's row in the card's ``timesteps``; an imported published classifier
     (``clock: "step"``) reads the step-index table (``step_time_input``).
     """
-    from l2s.classifier.reference import step_time_input
-
     trained = [int(s) for s in card["timesteps"]]
     if card.get("clock", "timestep") == "step":
         return lambda t, step: step_time_input(trained, step)
@@ -263,8 +227,6 @@ def build_classifier(architecture: Mapping) -> nn.Module:
     """An untrained network from a card's ``architecture`` (either kind)."""
     kind = architecture.get("kind", "l2s")
     if kind == "reference":
-        from l2s.classifier.reference import ReferenceClassifier, ReferenceConfig
-
         return ReferenceClassifier(ReferenceConfig.from_dict(architecture))
     if kind != "l2s":
         raise ValueError(f"unknown classifier kind {kind!r} (known: {', '.join(ARCHITECTURES)})")
@@ -407,10 +369,10 @@ def card_problem(card: Mapping) -> str | None:
     from l2s.classifier.reference import relation_of_class
 
     ts = card.get("timesteps")
-    if not isinstance(ts, list) or not ts or not all(_is_int(t) and t >= 0 for t in ts):
+    if not isinstance(ts, list) or not ts or not all(is_int(t) and t >= 0 for t in ts):
         return f"has timesteps {ts!r}: a non-empty list of the trained timesteps (integers >= 0)"
     text_len = card.get("text_len")
-    if text_len is not None and (not _is_int(text_len) or text_len < 1):
+    if text_len is not None and (not is_int(text_len) or text_len < 1):
         return f"has text_len {text_len!r}: the text tokens of its maps, an integer >= 1"
     classes = card.get("classes")
     logits = list(card["architecture"].get("relations", []))

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from l2s.classifier.model import check_maps, check_relations, check_sizes
+from l2s.classifier.layout import check_maps, check_relations, check_sizes
 
 # The published checkpoints' class names -> l2s relation names; "is" (an attribute class) is
 # no relation: it stays in the softmax and is never a steering target.

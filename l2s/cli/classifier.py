@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from l2s.classifier.layout import published_presets
 from l2s.cli.output import console, emit_json, status, user_errors
 
 app = typer.Typer(help="Relation classifiers: import the published L2S checkpoints.",
@@ -15,8 +16,9 @@ def import_(
     checkpoint: str = typer.Argument(..., help="The downloaded .pth file (e.g. ~/Downloads/"
                                                "sd2.pth)."),
     model: str = typer.Option(..., "--model", "-m",
-                              help="Backbone it was trained on: sd1.4, sd2.1-base, flux-schnell, "
-                                   "flux-dev, or a local diffusers folder / hub id."),
+                              help="Backbone it was trained on: "
+                                   + published_presets().replace(" or ", ", ")
+                                   + ", or a local diffusers folder / hub id."),
     out: str = typer.Option(None, "--out", "-o",
                             help="Install here (default: where `l2s steer --model MODEL` "
                                  "looks)."),

@@ -39,6 +39,7 @@ def models(
                           highlight=False)
     console.print(f"HF cache: {hf_cache_dir()}  (models not available: `hf download REPO` "
                   "while online; presets also run with --random-weights for speed work)")
+    from l2s.classifier.layout import published_presets
+
     console.print("Published L2S classifiers: `l2s classifier import FILE --model M` with M = "
-                  "sd1.4, sd2.1-base (their SD2 classifier; not sd2.1, the 768 px "
-                  "v-prediction model), flux-schnell or flux-dev")
+                  + published_presets(notes=True))

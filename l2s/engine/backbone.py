@@ -114,8 +114,8 @@ class Denoiser(ABC):
     # What a closed-vocabulary model draws and how its images are judged
     # (l2s.engine.registry.World); None: open vocabulary.
     world: World | None = None
-    # The map layout the published L2S classifiers of this family read (a name in
-    # l2s.classifier.layout.REFERENCE_LAYOUTS, e.g. "unet"); None: they have none for it.
+    # The map layout the published L2S classifiers of this family read (the name of the
+    # ReferenceLayout its family declares, e.g. "unet"); None: none are published for it.
     reference_layout: str | None = None
     # The longest text length ``set_text_len`` accepts (e.g. 512 for Flux's T5, FluxPipeline's
     # cap); None: the text length is fixed by the text encoder (CLIP's 77 for SD).

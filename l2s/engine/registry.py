@@ -17,11 +17,11 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import torch
 
-from l2s.engine.backbone import BackboneError, Denoiser
+from l2s.engine.backbone import BackboneError, CrossAttnLayer, Denoiser
 from l2s.engine.hub import pipeline_class
 
 if TYPE_CHECKING:
@@ -92,6 +92,30 @@ class World:
 
 
 @dataclass(frozen=True)
+class ReferenceLayout:
+    """How the published L2S classifiers of a family read its maps (`l2s classifier import`).
+
+    A family declares it (``Family.reference_layout``); its backbones name it in
+    ``Denoiser.reference_layout`` (a variant without published classifiers, as toy-mmdit,
+    names none).
+    """
+
+    name: str  # what Denoiser.reference_layout names and cards record ("unet", "flux")
+    label: str  # how messages name the classifiers ("SD", "Flux")
+    # the backbone's layer list -> l2s.classifier.layout.MapLayout (channel order, resizing);
+    # raises LayoutError when the published classifiers cannot read these layers
+    layout: Callable[[Sequence[CrossAttnLayer]], Any]
+    # text keys the published maps were softmaxed over (None: the backbone's own length)
+    text_len: int | None = None
+    # whether a checkpoint's network (l2s.classifier.reference.ReferenceConfig) has this
+    # family's published sizes; None: any sizes no other family's test claims
+    shaped: Callable[[Any], bool] | None = None
+    shape: str = ""  # those sizes in words, for refusals ("extractor 4 layers, ff 512")
+    presets: tuple[str, ...] = ()  # presets the published classifiers were trained on
+    note: str = ""  # what users should know when choosing among those presets
+
+
+@dataclass(frozen=True)
 class Preset:
     """A backbone users can name with ``--model``."""
 
@@ -135,6 +159,8 @@ class Family:
     # The preset whose defaults a hub id or folder of this family gets when no preset names
     # it (a local FLUX.1-dev snapshot: "flux-dev"), from its configs; None: SteerDefaults().
     like_preset: Callable[[str], str | None] | None = None
+    # How the published L2S classifiers read this family's maps; None: none are published.
+    reference_layout: ReferenceLayout | None = None
 
 
 _FAMILIES: dict[str, Family] = {}
@@ -225,6 +251,12 @@ def get_preset(name: str) -> Preset | None:
     preset's steps, guidance and step size); None for other hub ids and folders."""
     known = presets()
     return known.get(name) or next((p for p in known.values() if p.repo_id == name), None)
+
+
+def reference_layouts() -> dict[str, ReferenceLayout]:
+    """Every family's published-classifier layout by its name, in registration order."""
+    return {f.reference_layout.name: f.reference_layout for f in families().values()
+            if f.reference_layout is not None}
 
 
 def get_family(name: str) -> Family:

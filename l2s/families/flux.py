@@ -21,7 +21,14 @@ from l2s.engine.loading import (
     random_tokenizers,
     random_weights_preset,
 )
-from l2s.engine.registry import Family, LoadRequest, Preset, SteerDefaults, register_family
+from l2s.engine.registry import (
+    Family,
+    LoadRequest,
+    Preset,
+    ReferenceLayout,
+    SteerDefaults,
+    register_family,
+)
 from l2s.families.joint_attention import (
     FluxCaptureProcessor,
     flux_attention_layers,
@@ -228,5 +235,29 @@ def like_preset(source: str) -> str | None:
     return None if cfg is None else look_alike(cfg)
 
 
-register_family(Family("flux", load, pipelines=("FluxPipeline",), like_preset=like_preset),
+def flux_layout(layers):
+    """The published Flux classifiers' layout: the 19 double-stream then 38 single-stream
+    blocks, 24 heads each, channel = layer x 24 + head (l2s's forward order already); 16x16
+    maps (schnell at 256 px) are used as they are, larger ones (dev at 512 px: 32x32) resized
+    bilinearly and renormalised."""
+    from l2s.classifier.layout import LayoutError, MapLayout
+
+    if not any(la.name.startswith("single_transformer_blocks.") for la in layers):
+        raise LayoutError("the published Flux classifiers read all 57 blocks, double- and "
+                          "single-stream: record every layer (FluxDenoiser layers='all')")
+    return MapLayout("flux", None, "bilinear", "resized")
+
+
+def flux_shaped(arch) -> bool:
+    """The published Flux classifiers' sizes (extractor 4 layers, feed-forward 512)."""
+    return arch.extractor_layers == 4 and arch.extractor_ff == 512
+
+
+# Their maps were softmaxed over 512 T5 keys (the reference's run.py), schnell's as dev's.
+REFERENCE = ReferenceLayout("flux", "Flux", flux_layout, text_len=512, shaped=flux_shaped,
+                            shape="extractor 4 layers, ff 512",
+                            presets=("flux-schnell", "flux-dev"))
+
+register_family(Family("flux", load, pipelines=("FluxPipeline",), like_preset=like_preset,
+                       reference_layout=REFERENCE),
                 PRESETS)

@@ -19,8 +19,15 @@ from l2s.engine.loading import (
     random_tokenizers,
     random_weights_preset,
 )
-from l2s.engine.registry import Family, LoadRequest, Preset, SteerDefaults, register_family
-from l2s.families.unet import UNetDenoiser
+from l2s.engine.registry import (
+    Family,
+    LoadRequest,
+    Preset,
+    ReferenceLayout,
+    SteerDefaults,
+    register_family,
+)
+from l2s.families.unet import UNetDenoiser, unet_layout
 
 # Shared by SD 1.x and 2.x (the CompVis/Stability releases' scheduler configs).
 SD_SCHEDULER = {
@@ -161,5 +168,11 @@ def load(req: LoadRequest) -> UNetDenoiser:
                    image_size=req.image_size)
 
 
-register_family(Family("sd", load, pipelines=("StableDiffusionPipeline",), fallback=True),
+# The published SD classifiers read the UNet's own CLIP keys (77), whatever their count.
+REFERENCE = ReferenceLayout("unet", "SD", unet_layout, presets=("sd1.4", "sd2.1-base"),
+                            note="their SD2 classifier; not sd2.1, the 768 px v-prediction "
+                                 "model")
+
+register_family(Family("sd", load, pipelines=("StableDiffusionPipeline",), fallback=True,
+                       reference_layout=REFERENCE),
                 PRESETS)

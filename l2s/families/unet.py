@@ -7,6 +7,8 @@ the cross-attention (``attn2``) probabilities.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import diffusers
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -166,6 +168,14 @@ class UNetAttention:
 
     def capture_processor(self, layer: CrossAttnLayer, original, sink: AttentionSink):
         return unet_capture_processor(layer, original, sink)
+
+
+def unet_layout(layers: Sequence[CrossAttnLayer]):
+    """The published SD classifiers' layout over a UNet's cross-attention layers: channels
+    regrouped by map resolution, coarsest first, bilinear resizing, every map renormalised."""
+    from l2s.classifier.layout import MapLayout, resolution_order
+
+    return MapLayout("unet", resolution_order(layers), "bilinear", "always")
 
 
 class UNetDenoiser(Denoiser):
