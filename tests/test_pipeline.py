@@ -1,5 +1,6 @@
 """Steering a stock diffusers StableDiffusionPipeline through its step callback."""
 
+import numpy as np
 import pytest
 import torch
 from diffusers import PNDMScheduler, StableDiffusionPipeline
@@ -45,3 +46,42 @@ def test_scaled_latent_schedulers_are_refused():
     pipe.scheduler.init_noise_sigma = 2.0
     with pytest.raises(BackboneError, match="DDIMScheduler"):
         steering_callback(pipe, "a dog left of a cat", method="centroid")
+
+
+def _run_mmdit(pipe, cb, **extra):
+    from l2s.families.mmdit_tiny import TINY_T5_TOKENS
+
+    return pipe("a dog left of a cat", num_inference_steps=4, height=32, width=32,
+                max_sequence_length=TINY_T5_TOKENS, output_type="np", callback_on_step_end=cb,
+                callback_on_step_end_tensor_inputs=["latents"],
+                generator=torch.Generator().manual_seed(0), **extra).images
+
+
+@pytest.mark.parametrize("kind", ["flux", "sd3"])
+def test_callback_steers_flux_and_sd3_pipelines_through_their_family(kind):
+    """Catches pipeline.py building a UNetDenoiser whatever the pipeline (a Flux or SD3
+    pipeline has no .unet), and a callback that disturbs the latents it does not steer."""
+    from l2s.families.mmdit_tiny import TINY_T5_TOKENS, tiny_flux_pipeline, tiny_sd3_pipeline
+
+    pipe = tiny_flux_pipeline() if kind == "flux" else tiny_sd3_pipeline()
+    extra = {"guidance_scale": 2.0} if kind == "sd3" else {}
+    plain = _run_mmdit(pipe, None, **extra)
+    cb = steering_callback(pipe, "a dog left of a cat", method="centroid",
+                           text_len=TINY_T5_TOKENS,
+                           settings=SteerSettings(steps=4, steer_until=3, iterations=2,
+                                                  step_size=3000.0))
+    assert type(cb.denoiser).__name__ == {"flux": "FluxDenoiser", "sd3": "SD3Denoiser"}[kind]
+    steered = _run_mmdit(pipe, cb, **extra)
+    assert [r.step for r in cb.stats.steps] == [1, 2]
+    # The model time of each steered step is the scheduler's own (sigma x 1000, a float).
+    assert [r.t for r in cb.stats.steps] == pytest.approx(
+        [float(t) for t in pipe.scheduler.timesteps[1:3]], abs=1e-4)
+    assert steered.shape == plain.shape and not np.allclose(steered, plain)
+    # The hooks are gone afterwards: the pipeline again gives its plain images.
+    np.testing.assert_array_equal(_run_mmdit(pipe, None, **extra), plain)
+    # A callback that steers no step hands the latents back untouched.
+    idle = steering_callback(pipe, "a dog left of a cat", method="centroid",
+                             text_len=TINY_T5_TOKENS,
+                             settings=SteerSettings(steps=4, steer_until=1, iterations=2,
+                                                    step_size=3000.0))
+    np.testing.assert_array_equal(_run_mmdit(pipe, idle, **extra), plain)

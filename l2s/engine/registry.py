@@ -161,6 +161,10 @@ class Family:
     like_preset: Callable[[str], str | None] | None = None
     # How the published L2S classifiers read this family's maps; None: none are published.
     reference_layout: ReferenceLayout | None = None
+    # (a loaded diffusers pipeline of a class in ``pipelines``, name, image side or None,
+    # text length or None) -> the Denoiser over its components, for steering through the
+    # pipeline's own loop (l2s.steering.pipeline); None: not supported.
+    from_pipeline: Callable[[Any, str, int | None, int | None], Denoiser] | None = None
 
 
 _FAMILIES: dict[str, Family] = {}

@@ -258,6 +258,17 @@ REFERENCE = ReferenceLayout("flux", "Flux", flux_layout, text_len=512, shaped=fl
                             shape="extractor 4 layers, ff 512",
                             presets=("flux-schnell", "flux-dev"))
 
+def from_pipeline(pipe, name: str, image_size: int | None = None,
+                  text_len: int | None = None) -> FluxDenoiser:
+    """A FluxPipeline's components behind ``Denoiser``; ``text_len``: the call's
+    max_sequence_length (None: FluxPipeline's 512, or less where its T5 tokenizer stops)."""
+    return FluxDenoiser(pipe.transformer, pipe.vae, pipe.text_encoder, pipe.tokenizer,
+                        pipe.text_encoder_2, pipe.tokenizer_2, dict(pipe.scheduler.config),
+                        name=name, image_size=image_size,
+                        max_sequence_length=text_len or min(
+                            pipe.tokenizer_2.model_max_length, FluxDenoiser.max_text_len))
+
+
 register_family(Family("flux", load, pipelines=("FluxPipeline",), like_preset=like_preset,
-                       reference_layout=REFERENCE),
+                       reference_layout=REFERENCE, from_pipeline=from_pipeline),
                 PRESETS)

@@ -173,6 +173,13 @@ REFERENCE = ReferenceLayout("unet", "SD", unet_layout, presets=("sd1.4", "sd2.1-
                             note="their SD2 classifier; not sd2.1, the 768 px v-prediction "
                                  "model")
 
+def from_pipeline(pipe, name: str, image_size: int | None = None,
+                  text_len: int | None = None) -> UNetDenoiser:
+    """A StableDiffusionPipeline's components behind ``Denoiser`` (CLIP fixes the length)."""
+    return UNetDenoiser(pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.scheduler, pipe.vae,
+                        name=name, image_size=image_size)
+
+
 register_family(Family("sd", load, pipelines=("StableDiffusionPipeline",), fallback=True,
-                       reference_layout=REFERENCE),
+                       reference_layout=REFERENCE, from_pipeline=from_pipeline),
                 PRESETS)

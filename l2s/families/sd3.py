@@ -158,4 +158,17 @@ def load(req: LoadRequest) -> SD3Denoiser:
                     image_size=req.image_size or (p.image_size if p else None))
 
 
-register_family(Family("sd3", load, pipelines=("StableDiffusion3Pipeline",)), PRESETS)
+def from_pipeline(pipe, name: str, image_size: int | None = None,
+                  text_len: int | None = None) -> SD3Denoiser:
+    """A StableDiffusion3Pipeline's components behind ``Denoiser``; ``text_len``: the call's
+    T5 max_sequence_length (None: the pipeline's 256, or less where its T5 tokenizer stops)."""
+    return SD3Denoiser(pipe.transformer, pipe.vae,
+                       [pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3],
+                       [pipe.tokenizer, pipe.tokenizer_2, pipe.tokenizer_3],
+                       dict(pipe.scheduler.config), name=name, image_size=image_size,
+                       max_sequence_length=text_len or min(pipe.tokenizer_3.model_max_length,
+                                                           256))
+
+
+register_family(Family("sd3", load, pipelines=("StableDiffusion3Pipeline",),
+                       from_pipeline=from_pipeline), PRESETS)
