@@ -114,7 +114,7 @@ class SourceOptions:
 
     gqa_root: str | None = None  # gqa: folder with images/ and {train,val}_sceneGraphs.json
     folder: str | None = None  # folder: folder with annotations.jsonl and its images
-    # Samples per relation for (train, val, test); None: the source's default in PER_RELATION.
+    # Samples per relation for (train, val, test); None: the source's default (Source.per_relation).
     per_relation: tuple[int, int, int] | None = None
     seed: int = 0  # fixes every choice and the order; same seed, same samples
     shapes_size: int = 32  # shapes: image side in pixels (match the model's image size)
