@@ -189,6 +189,17 @@ def _discover() -> None:
     for module in BUILTIN_FAMILIES:
         importlib.import_module(module)
     load_entry_points("l2s.families")
+    # One order whatever imported a family first (toy-mmdit imports flux; a world's suites
+    # may be asked for before any family): the built-ins' order, then the rest as registered.
+    rank = {m: i for i, m in enumerate(BUILTIN_FAMILIES)}
+    ordered = sorted(_FAMILIES.values(),
+                     key=lambda f: rank.get(f.load.__module__, len(rank)))
+    by_family = {f.name: i for i, f in enumerate(ordered)}
+    presets_ = sorted(_PRESETS.values(), key=lambda p: by_family.get(p.family, len(by_family)))
+    _PRESETS.clear()
+    _PRESETS.update({p.name: p for p in presets_})
+    _FAMILIES.clear()
+    _FAMILIES.update({f.name: f for f in ordered})
 
 
 def load_entry_points(group: str) -> None:
