@@ -355,7 +355,7 @@ def test_multi_relation_toy_suite_scores_every_relation(monkeypatch, tmp_path):
 
 
 def test_unknown_suite_and_method(tmp_path):
-    with pytest.raises(BenchError, match="--suite must be one of shapes, "):
+    with pytest.raises(BenchError, match="--suite must be one of geneval, .*shapes-multi"):
         BenchConfig(suite="coco", out=str(tmp_path))
     with pytest.raises(BenchError, match="--method must be one of plain, l2s, centroid"):
         BenchConfig(methods=("magic",), out=str(tmp_path))
