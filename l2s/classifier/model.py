@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from l2s.classifier.layout import is_int, check_maps, check_relations, check_sizes
+from l2s.classifier.layout import check_maps, check_relations, check_sizes, is_int
 from l2s.classifier.reference import (
     ReferenceClassifier,
     ReferenceConfig,
