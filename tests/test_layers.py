@@ -18,8 +18,6 @@ import ast
 import sys
 from pathlib import Path
 
-import pytest
-
 PKG = Path(__file__).resolve().parents[1] / "l2s"
 ENGINE_MAY_IMPORT = ("l2s.engine", "l2s.errors", "l2s.relations")
 NOT_CORE = ("l2s.families", "l2s.toy", "l2s.cli")
@@ -146,19 +144,6 @@ def test_the_parser_sees_every_kind_of_import(tmp_path, monkeypatch):
     ]
 
 
-# What main still breaks (strict: the test fails once these are gone, so the mark goes with them).
-KNOWN = """import circle: l2s.bench.methods <-> l2s.bench.run
-import circle: l2s.classifier.checkpoint <-> l2s.classifier.data <-> l2s.classifier.train
-import circle: l2s.classifier.model <-> l2s.classifier.reference
-core imports a family or the toy: l2s.bench.detectors -> l2s.toy.detector
-core imports a family or the toy: l2s.bench.scoring -> l2s.toy.detector
-core imports a family or the toy: l2s.bench.suites -> l2s.toy.scenes
-core imports a family or the toy: l2s.steering.job -> l2s.toy.detector
-core imports a family or the toy: l2s.steering.pipeline -> l2s.families.unet
-core imports a family or the toy: l2s.steering.verify -> l2s.toy.detector"""
-
-
-@pytest.mark.xfail(strict=True, reason="layer violations on main:\n" + KNOWN)
 def test_imports_point_one_way():
     """Catches an import circle between l2s modules, an engine module importing anything
     above the engine, and a core module naming a family or the toy."""

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
@@ -29,10 +29,18 @@ from l2s.engine.backbone import Denoiser
 from l2s.engine.sampling import seeded_latents
 
 if TYPE_CHECKING:
-    from l2s.bench.run import BenchConfig
     from l2s.bench.suites import BenchPrompt
+    from l2s.steering.options import SteerOptions
 
 Generate = Callable[[Sequence["BenchPrompt"], Sequence[int]], torch.Tensor]
+
+
+class MethodSettings(Protocol):
+    """What a method reads of the run's settings (``l2s.bench.run.BenchConfig`` has these)."""
+
+    model: str  # backbone preset, hub id or folder
+    classifier: str | None  # classifier card (None: the model's default)
+    options: SteerOptions  # steering options, resolved against the model by each method
 
 
 @dataclass(frozen=True)
@@ -40,7 +48,7 @@ class MethodContext:
     """What a method may use: the backbone, the run's settings and the suite's checker."""
 
     denoiser: Denoiser
-    config: BenchConfig
+    config: MethodSettings
     # images (B, H, W, 3) in [0, 1] and their prompts -> whether each image is correct under
     # the suite's detector and scorer (the verdict the benchmark itself will record)
     check: Callable[[torch.Tensor, Sequence[BenchPrompt]], list[bool]]

@@ -25,7 +25,7 @@ from l2s.engine.schedules import NoiseSchedule, Timestep
 from l2s.errors import L2SError
 
 if TYPE_CHECKING:
-    from l2s.engine.registry import World
+    from l2s.engine.world import World
 
 
 class BackboneError(L2SError, RuntimeError):
@@ -112,7 +112,7 @@ class Denoiser(ABC):
     # "embedded" (the scale is a network input, e.g. Flux-dev), "none" (e.g. Flux-schnell).
     guidance_mode: str = "cfg"
     # What a closed-vocabulary model draws and how its images are judged
-    # (l2s.engine.registry.World); None: open vocabulary.
+    # (l2s.engine.world.World); None: open vocabulary.
     world: World | None = None
     # The map layout the published L2S classifiers of this family read (the name of the
     # ReferenceLayout its family declares, e.g. "unet"); None: none are published for it.

@@ -23,11 +23,11 @@ import torch
 
 from l2s.engine.backbone import BackboneError, CrossAttnLayer, Denoiser
 from l2s.engine.hub import pipeline_class
+from l2s.engine.world import World
 
 if TYPE_CHECKING:
-    import numpy as np
 
-    from l2s.relations import Triplet
+    pass
 
 # Modules that register the families shipped with l2s, imported on first registry use.
 BUILTIN_FAMILIES = ("l2s.families.toy", "l2s.families.toy_mmdit", "l2s.families.sd",
@@ -67,28 +67,6 @@ class TrainDefaults:
     # (d_model, depth) of our classifier ("l2s" arch); the reference network always keeps its
     # published sizes (256, 2): ~2M parameters at SD's 128-195 maps, as in L2S
     size: tuple[int, int] = (256, 2)
-
-
-@dataclass(frozen=True)
-class World:
-    """What a closed-vocabulary family's models draw, and how their images are judged.
-
-    Attached to presets (``Preset.world``) and to the loaded backbone (``Denoiser.world``):
-    steer's "achieved", ``--verify``, bench's refusals and its per-image extras ask it, never
-    a family or detector name. An open-vocabulary model has none.
-    """
-
-    name: str  # e.g. "toy"
-    objects: tuple[str, ...]  # the object words its models can draw (steer refuses others)
-    # (N, H, W, 3) uint8 images, each image's triplets -> whether each shows all of them
-    judge: Callable[[np.ndarray, Sequence[Sequence[Triplet]]], list[bool]]
-    judged_by: str = ""  # how reports name the judge ("toy detector")
-    description: str = ""  # what its models draw, for refusals ("six coloured shapes")
-    suites: tuple[str, ...] = ()  # its benchmark suites (bench refuses others for its models)
-    sources: tuple[str, ...] = ()  # its inversion data sources
-    detector: str | None = None  # the detector its suites score with
-    # bench fields per image: (object names, kept detections by class, image side) -> dict
-    extras: Callable[[Sequence[str], dict, int], dict] | None = None
 
 
 @dataclass(frozen=True)

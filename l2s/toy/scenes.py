@@ -38,6 +38,7 @@ CATEGORIES = (
     Category("ring", (0, 255, 255)),
 )
 CATEGORY_NAMES = tuple(c.name for c in CATEGORIES)
+WORLD_NAME = "toy"  # the name of the world these shapes make (l2s.toy.world.WORLD)
 _BY_NAME = {c.name: c for c in CATEGORIES}
 
 # How captions may phrase each GenEval relation (subject REL object).

@@ -87,8 +87,7 @@ def _shapes_samples(options: SourceOptions, counts, report: SourceReport) -> Ite
 
 def generated_source(options: SourceOptions, report: SourceReport, denoiser
                      ) -> Iterator[Sample]:
-    from l2s.toy.scenes import CATEGORY_NAMES
-    from l2s.toy.world import WORLD
+    from l2s.toy.scenes import CATEGORY_NAMES, WORLD_NAME
 
     if denoiser is None:
         raise SourceError(
@@ -96,7 +95,7 @@ def generated_source(options: SourceOptions, report: SourceReport, denoiser
             "(l2s.engine.loading.load_backbone) and pass it as denoiser, or use --data shapes"
         )
     world = getattr(denoiser, "world", None)
-    if world is None or world.name != WORLD.name:
+    if world is None or world.name != WORLD_NAME:
         raise SourceError(
             "the generated source needs a detector; only the toy model has one offline: "
             "use --model toy (or toy-mmdit), or --data gqa / --data folder for real images"

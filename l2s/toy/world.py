@@ -20,7 +20,7 @@ from l2s.bench.suites import GENERATED_PROMPTS, Suite, multi_prompts, pair_promp
 from l2s.engine.registry import TrainDefaults, World
 from l2s.inversion.sources.base import Source, register_source
 from l2s.relations import Triplet
-from l2s.toy.scenes import CATEGORY_NAMES
+from l2s.toy.scenes import CATEGORY_NAMES, WORLD_NAME
 
 # The shipped toys: a small clean data set (a larger step converges in minutes) and ~130k
 # parameters, enough for the toy's clean shapes and fast on a CPU.
@@ -70,7 +70,7 @@ def toy_detection(d) -> Detection:
 
 
 WORLD = World(
-    "toy", CATEGORY_NAMES, judge, judged_by="toy detector",
+    WORLD_NAME, CATEGORY_NAMES, judge, judged_by="toy detector",
     description="six coloured shapes", suites=("shapes", "shapes-multi"),
     sources=("shapes", "generated"), detector="toy", extras=extras)
 
