@@ -198,6 +198,23 @@ def dump_yaml(values: Mapping, path: str | Path) -> Path:
     return p
 
 
+def option_values(config, renames: Mapping[str, str] | None = None) -> dict:
+    """A job config as its command's option values, what its config.yaml holds: every field,
+    a nested options dataclass (``SteerOptions``) flattened into its fields, keys renamed where
+    the command spells a field otherwise (``renames``: field -> option name)."""
+    from dataclasses import fields, is_dataclass
+
+    renames = renames or {}
+    values: dict = {}
+    for f in fields(config):
+        v = getattr(config, f.name)
+        if is_dataclass(v) and not isinstance(v, type):
+            values.update({g.name: getattr(v, g.name) for g in fields(v)})
+        else:
+            values[renames.get(f.name, f.name)] = v
+    return _plain(values)
+
+
 def _plain(v):
     """Tuples as lists, paths as strings: what safe_dump writes and safe_load reads back."""
     if isinstance(v, Mapping):

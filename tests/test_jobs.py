@@ -216,3 +216,33 @@ def test_python_train_inverts_what_the_cache_lacks_then_trains(tmp_path, one_thr
     assert "invert" not in res.card["training"]  # how data was gathered is not a setting
     assert json.loads(json.dumps(res.to_json()))["inverted"]["written"] == 48
     assert train(cfg).inverted is None  # the cache has shapes now: nothing to invert
+
+
+def test_python_steer_and_bench_write_the_config_their_commands_repeat(tmp_path, one_thread):
+    """Catches steer's and bench's config.yaml written only by the CLI: a Python run (or a
+    nested option such as SteerOptions.steps) could not be repeated with `--config`."""
+    import json
+
+    import yaml
+    from typer.testing import CliRunner
+
+    from l2s import BenchConfig, SteerConfig, SteerOptions, benchmark, steer
+    from l2s.cli import app
+
+    fast = SteerOptions(steps=4, steer_until=2, iterations=2)
+    res = steer(SteerConfig("a circle to the left of a square", seed=3, options=fast,
+                            out=str(tmp_path / "s")))
+    written = yaml.safe_load((res.out / "config.yaml").read_text())
+    assert written["steps"] == 4 and written["seed"] == 3 and "options" not in written
+    r = CliRunner().invoke(app, ["steer", "--config", str(res.out / "config.yaml"), "--json"])
+    assert r.exit_code == 0, r.output
+    again = json.loads(r.stdout)
+    assert again["settings"] == res.report["settings"] and again["seeds"] == [3]
+
+    bench_out = tmp_path / "b"
+    benchmark(BenchConfig(methods=("plain",), prompts=2, options=fast, out=str(bench_out)))
+    written = yaml.safe_load((bench_out / "config.yaml").read_text())
+    assert written["method"] == ["plain"] and written["steps"] == 4
+    r = CliRunner().invoke(app, ["bench", "--config", str(bench_out / "config.yaml"), "--json"])
+    assert r.exit_code == 0, r.output  # same settings: the finished run is found, not refused
+    assert json.loads(r.stdout)["methods"]["plain"]["n_images"] == 2

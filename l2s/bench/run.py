@@ -32,11 +32,20 @@ from l2s.bench.suites import (
     suite_names,
     suite_prompts,
 )
-from l2s.config import ConfigError, check_choice, check_integer, check_seeds, check_text
+from l2s.config import (
+    CONFIG_FILE,
+    ConfigError,
+    check_choice,
+    check_integer,
+    check_seeds,
+    check_text,
+    dump_yaml,
+    option_values,
+)
 from l2s.engine.backbone import Denoiser
 from l2s.engine.registry import World, presets, world_of
 from l2s.engine.sampling import to_uint8
-from l2s.launcher import resolve_shard
+from l2s.launcher import format_shard, resolve_shard
 from l2s.steering.options import SteerOptions
 
 SHEET_IMAGES = 40  # images per contact sheet
@@ -217,6 +226,9 @@ def run_bench(cfg: BenchConfig, denoiser: Denoiser | None = None,
         lazy.colors()
     generators = {m: lazy.method(m) for m in cfg.methods if fresh[m]}
     store.write_config(out, cfg.to_json(), cfg.identity())
+    # the run in `l2s bench`'s option names: `l2s bench --config out/config.yaml` repeats it
+    dump_yaml({**option_values(cfg, {"methods": "method"}), "shard": format_shard(cfg.shard)},
+              out / CONFIG_FILE)
     results = out / store.results_name(cfg.shard)
     counts, queues = {}, {}
 

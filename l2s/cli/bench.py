@@ -19,9 +19,7 @@ from l2s.cli.options import (
     device_option,
     dtype_option,
     image_size_option,
-    resolved,
     steer_options,
-    write_resolved,
 )
 from l2s.cli.output import console, emit_json, user_errors
 from l2s.config import check_writable_dir
@@ -94,7 +92,6 @@ def bench(
             progress.update(tasks[ev["method"]], completed=ev["done"])
 
         res = run_bench(cfg, callback=on_image)
-    write_resolved(ctx, out, {**resolved(ctx), "out": out})
     for w in res.warnings:
         console.print(f"[bold red]warning:[/] {w}", highlight=False)
     for n in res.notes:

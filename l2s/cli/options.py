@@ -13,12 +13,11 @@ import typing
 from collections.abc import Callable
 from dataclasses import fields
 from functools import wraps
-from pathlib import Path
 
 import typer
 from typer.core import TyperCommand
 
-from l2s.config import CONFIG_FILE, ConfigError, dump_yaml, load_yaml
+from l2s.config import CONFIG_FILE, ConfigError, load_yaml
 
 # Old spelling -> flag of the shared vocabulary. A command that has the new flag still takes
 # the old one (and a config file the old key) for one release; --help shows only the new one.
@@ -146,14 +145,3 @@ def config_option():
                         help="YAML file of option values, keys named like the options "
                              "(num_images: 4); flags on the command line win. Each run writes "
                              f"its resolved {CONFIG_FILE} beside its outputs.")
-
-
-def resolved(ctx: typer.Context) -> dict:
-    """Every option value of this run (file, flags and defaults merged), display-only ones
-    left out: what `--config` needs to repeat it."""
-    return {k: v for k, v in ctx.params.items() if k not in _DISPLAY_ONLY}
-
-
-def write_resolved(ctx: typer.Context, folder: str | Path, values: dict | None = None) -> Path:
-    """Write the run's resolved config as ``folder/config.yaml`` and return its path."""
-    return dump_yaml(values if values is not None else resolved(ctx), Path(folder) / CONFIG_FILE)

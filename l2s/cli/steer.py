@@ -11,12 +11,10 @@ from l2s.cli.options import (
     config_option,
     device_option,
     dtype_option,
-    resolved,
     steer_options,
-    write_resolved,
 )
 from l2s.cli.output import console, emit_json, status, user_errors
-from l2s.config import check_writable_dir
+from l2s.config import CONFIG_FILE, check_writable_dir
 from l2s.engine.tokens import triplet_tokens
 from l2s.steering.job import SteerConfig
 from l2s.steering.job import steer as run_steer
@@ -152,7 +150,7 @@ def steer(
             res = run_steer(cfg, den, on_step=on_step)
         rep = res.report
         if res.out:
-            rep["config"] = str(write_resolved(ctx, res.out, {**resolved(ctx), "out": out}))
+            rep["config"] = str(res.out / CONFIG_FILE)  # written by the job
         if json_out:
             emit_json(rep)
             return

@@ -9,12 +9,15 @@ from pathlib import Path
 import numpy as np
 
 from l2s.config import (
+    CONFIG_FILE,
     ConfigError,
     check_choice,
     check_integer,
     check_seeds,
     check_text,
     check_writable_dir,
+    dump_yaml,
+    option_values,
 )
 from l2s.engine.backbone import Denoiser
 from l2s.engine.sampling import seeded_latents, to_uint8
@@ -235,6 +238,8 @@ def steer(config: SteerConfig, denoiser: Denoiser | None = None, on_step=None) -
                 out / f"attention_{seeds[i]:04d}.png")) for b, i in enumerate(steered)]
         report["out"] = str(out)
         atomic_write_text(out / "report.json", json.dumps(finite_json(report), indent=2))
+        # the run in `l2s steer`'s option names: `l2s steer --config out/config.yaml` repeats it
+        dump_yaml(option_values(config), out / CONFIG_FILE)
         result.out = out
     return result
 
