@@ -246,3 +246,26 @@ def test_python_steer_and_bench_write_the_config_their_commands_repeat(tmp_path,
     r = CliRunner().invoke(app, ["bench", "--config", str(bench_out / "config.yaml"), "--json"])
     assert r.exit_code == 0, r.output  # same settings: the finished run is found, not refused
     assert json.loads(r.stdout)["methods"]["plain"]["n_images"] == 2
+
+
+def test_invert_takes_device_and_dtype_like_every_job_command(tmp_path, monkeypatch):
+    """Catches --device/--dtype missing on invert (the shared vocabulary): the backbone must be
+    loaded where the run says, from the CLI and from a config file."""
+    from typer.testing import CliRunner
+
+    from l2s.cli import app
+    from l2s.engine import loading
+
+    seen = []
+
+    def stop(model, **kw):
+        seen.append((kw.get("device"), kw.get("dtype")))
+        raise loading.BackboneError("stopped before loading")
+
+    monkeypatch.setattr(loading, "load_backbone", stop)
+    r = CliRunner().invoke(app, ["invert", "--cache-dir", str(tmp_path), "--device", "cpu",
+                                 "--dtype", "float32"])
+    assert r.exit_code != 0 and "stopped before loading" in r.output
+    assert seen == [("cpu", "float32")]
+    cfg = InvertConfig(device="cpu", dtype="bfloat16")
+    assert InvertConfig.from_options(cfg.options()) == cfg

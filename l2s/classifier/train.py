@@ -184,7 +184,7 @@ class TrainConfig:
         """How `sources` are inverted before training: as `l2s invert` with these options."""
         return InvertConfig(data=tuple(sources), model=self.model, cache_dir=self.cache_dir,
                             limit=self.limit, negatives=self.negatives, seed=self.seed,
-                            gqa_root=self.gqa_root, folder=self.folder,
+                            gqa_root=self.gqa_root, folder=self.folder, device=self.device,
                             inversion=InversionConfig(method=self.inversion))
 
     def settings(self) -> dict:

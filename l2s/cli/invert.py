@@ -12,7 +12,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from l2s.cli.options import config_option
+from l2s.cli.options import config_option, device_option, dtype_option
 from l2s.cli.output import console, emit_json, user_errors
 from l2s.inversion import job
 from l2s.inversion.cache import AttentionCache
@@ -110,6 +110,8 @@ def invert(
                               help="i/n: take every n-th sample from i (accelerate launch "
                                    "sets this per process)."),
     seed: int = typer.Option(0, "--seed", help="Sampling and negative-relation seed."),
+    device: str = device_option(),
+    dtype: str = dtype_option(),
     stats: bool = typer.Option(False, "--stats", help="Only show what the cache holds."),
     config: str = config_option(),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
@@ -123,7 +125,7 @@ def invert(
     from l2s.engine.loading import load_backbone
 
     if stats:
-        den = load_backbone(model)
+        den = load_backbone(model, device=device, dtype=dtype)
         s = AttentionCache(cache_dir, den.fingerprint).stats()
         if json_out:
             emit_json(s)

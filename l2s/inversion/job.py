@@ -63,6 +63,8 @@ class InvertConfig:
     gqa_root: str | None = None  # GQA folder (images/, *_sceneGraphs.json)
     folder: str | None = None  # folder source with annotations.jsonl
     per_relation: tuple[int, int, int] | None = None  # train/val/test per relation (None: default)
+    device: str | None = None  # None: $L2S_DEVICE, the launcher's GPU, CUDA, else the CPU
+    dtype: str | None = None  # float16, bfloat16, float32 (None: fp16 on CUDA, else fp32)
 
     def __post_init__(self) -> None:
         from l2s.inversion.sources import SOURCES
@@ -110,6 +112,7 @@ class InvertConfig:
             "min_psnr": inv.min_psnr,
             "per_relation": None if self.per_relation is None else _join(self.per_relation),
             "batch_size": self.batch_size, "shard": format_shard(self.shard), "seed": self.seed,
+            "device": self.device, "dtype": self.dtype,
         }
         if inv.map_size != InversionConfig.map_size:  # no option: only a Python run sets it
             values["map_size"] = inv.map_size
@@ -224,7 +227,7 @@ def invert(cfg: InvertConfig, denoiser: Denoiser | None = None,
     if denoiser is None:
         from l2s.engine.loading import load_backbone
 
-        denoiser = load_backbone(cfg.model)
+        denoiser = load_backbone(cfg.model, device=cfg.device, dtype=cfg.dtype)
     cache = AttentionCache(cfg.cache_dir, denoiser.fingerprint)
     inv = cfg.inversion
     shard_index, shard_count = resolve_shard(cfg.shard) or (0, 1)
