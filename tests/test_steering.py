@@ -258,7 +258,7 @@ def test_a_loss_registered_by_name_is_a_method_of_steer_and_bench(den, monkeypat
     from l2s.steering.job import SteerConfig, SteerError, steer
     from l2s.steering.options import SteerOptions
 
-    monkeypatch.setattr(registry, "_LOSSES", dict(registry._LOSSES))
+    monkeypatch.setattr(registry._LOSSES, "_items", dict(registry._LOSSES._items))
     spy, asked = Spy(), []
     registry.register_loss("test-spy")(lambda request: asked.append(request) or spy)
     res = steer(SteerConfig("a dog left of a cat", method="test-spy",
@@ -311,8 +311,9 @@ def test_plugins_add_losses_and_optimizers_through_entry_points(den, monkeypatch
     monkeypatch.setattr(importlib.metadata, "entry_points",
                         lambda group: plugins.get(group, []))
     for module, table in ((losses, "_LOSSES"), (optimizers, "_OPTIMIZERS")):
-        monkeypatch.setattr(module, table, dict(getattr(module, table)))
-        monkeypatch.setattr(module, "_discovered", False)
+        reg = getattr(module, table)
+        monkeypatch.setattr(reg, "_items", dict(reg._items))
+        monkeypatch.setattr(reg, "_discovered", False)
     assert "test-plugin" in steer_methods()
     SteerConfig("a dog left of a cat", method="test-plugin",
                 options=SteerOptions(optimizer="test-sign"))  # accepted

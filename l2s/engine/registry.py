@@ -192,7 +192,8 @@ T = TypeVar("T")
 
 
 class Registry(Generic[T]):
-    """Named extensions of one kind (data sources, detectors, suites), found as families are.
+    """Named extensions of one kind (data sources, detectors, suites, losses, optimisers), found
+    as families are.
 
     Built-in ones register at import of the module that owns the registry; a family's world
     registers its own when the family registry imports the family; other packages list their

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from l2s.engine.backbone import BackboneError, Denoiser
+from l2s.engine.registry import Registry
 from l2s.steering import SteerError
 
 
@@ -115,14 +116,13 @@ class LossRequest:
 
 
 LossFactory = Callable[[LossRequest], RelationLoss]
-_LOSSES: dict[str, LossFactory] = {}
-_discovered = False
+_LOSSES: Registry[LossFactory] = Registry("loss", "l2s.losses")
 
 
 def register_loss(name: str) -> Callable[[LossFactory], LossFactory]:
     """Decorator adding a loss factory under ``name`` (``--method NAME``)."""
     def add(factory: LossFactory) -> LossFactory:
-        _LOSSES[name] = factory
+        _LOSSES.register(name, factory)
         return factory
 
     return add
@@ -130,14 +130,7 @@ def register_loss(name: str) -> Callable[[LossFactory], LossFactory]:
 
 def losses() -> dict[str, LossFactory]:
     """Every registered loss factory by name: the built-in ones, then the plugins'."""
-    global _discovered
-    if not _discovered:
-        _discovered = True
-        from importlib.metadata import entry_points
-
-        for ep in entry_points(group="l2s.losses"):
-            ep.load()
-    return dict(_LOSSES)
+    return _LOSSES.all()
 
 
 def make_loss(name: str, request: LossRequest) -> RelationLoss:

@@ -20,6 +20,8 @@ from collections.abc import Callable
 
 import torch
 
+from l2s.engine.registry import Registry
+
 
 class LatentOptimizer:
     """Plain gradient descent, z - step_size * g, and the interface of every update rule."""
@@ -33,14 +35,13 @@ class LatentOptimizer:
         return z - self.step_size * g
 
 
-_OPTIMIZERS: dict[str, type[LatentOptimizer]] = {}
-_discovered = False
+_OPTIMIZERS: Registry[type[LatentOptimizer]] = Registry("optimizer", "l2s.optimizers")
 
 
 def register_optimizer(name: str) -> Callable[[type[LatentOptimizer]], type[LatentOptimizer]]:
     """Class decorator adding an update rule under ``name`` (``--optimizer NAME``)."""
     def add(cls: type[LatentOptimizer]) -> type[LatentOptimizer]:
-        _OPTIMIZERS[name] = cls
+        _OPTIMIZERS.register(name, cls)
         return cls
 
     return add
@@ -48,14 +49,7 @@ def register_optimizer(name: str) -> Callable[[type[LatentOptimizer]], type[Late
 
 def optimizers() -> dict[str, type[LatentOptimizer]]:
     """Every registered update rule by name: the built-in ones, then the plugins'."""
-    global _discovered
-    if not _discovered:
-        _discovered = True
-        from importlib.metadata import entry_points
-
-        for ep in entry_points(group="l2s.optimizers"):
-            ep.load()
-    return dict(_OPTIMIZERS)
+    return _OPTIMIZERS.all()
 
 
 register_optimizer("sgd")(LatentOptimizer)
