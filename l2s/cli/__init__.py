@@ -49,9 +49,10 @@ def _root(
                                      "often fastest for the toy or when other jobs share the "
                                      "CPU."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle",
-                                      help="Also load pickled .bin model weights from local "
-                                           "folders (they can run code: only for files you "
-                                           "trust). By default only safetensors load."),
+                                      help="Also load pickled .bin weights of a backbone or "
+                                           "detector, local or from the hub (they can run "
+                                           "code: only for files you trust). By default only "
+                                           "safetensors load."),
 ) -> None:
     """Learn-to-Steer command line."""
     if allow_pickle:
