@@ -201,8 +201,11 @@ class Registry(Generic[T]):
     use.
     """
 
-    def __init__(self, kind: str, group: str) -> None:
+    def __init__(self, kind: str, group: str, *, from_worlds: bool = True) -> None:
         self.kind, self.group = kind, group  # "suite", "l2s.suites"
+        # whether families' worlds add to it (sources, detectors, suites): finding those
+        # imports every family; losses and optimisers come only from l2s and entry points
+        self.from_worlds = from_worlds
         self._items: dict[str, T] = {}
         self._discovered = False
 
@@ -213,7 +216,8 @@ class Registry(Generic[T]):
         if self._discovered:
             return
         self._discovered = True
-        families()  # family modules import their worlds, which register here
+        if self.from_worlds:
+            families()  # family modules import their worlds, which register here
         load_entry_points(self.group)
 
     def all(self) -> dict[str, T]:

@@ -116,7 +116,7 @@ class LossRequest:
 
 
 LossFactory = Callable[[LossRequest], RelationLoss]
-_LOSSES: Registry[LossFactory] = Registry("loss", "l2s.losses")
+_LOSSES: Registry[LossFactory] = Registry("loss", "l2s.losses", from_worlds=False)
 
 
 def register_loss(name: str) -> Callable[[LossFactory], LossFactory]:

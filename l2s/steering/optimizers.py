@@ -35,7 +35,8 @@ class LatentOptimizer:
         return z - self.step_size * g
 
 
-_OPTIMIZERS: Registry[type[LatentOptimizer]] = Registry("optimizer", "l2s.optimizers")
+_OPTIMIZERS: Registry[type[LatentOptimizer]] = Registry("optimizer", "l2s.optimizers",
+                                                          from_worlds=False)
 
 
 def register_optimizer(name: str) -> Callable[[type[LatentOptimizer]], type[LatentOptimizer]]:
