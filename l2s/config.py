@@ -32,6 +32,12 @@ def check_number(name: str, value: float | None, low: float, *, strict: bool = F
         raise ConfigError(f"{name} must be {'>' if strict else '>='} {low:g}, got {value:g}")
 
 
+def is_whole(value) -> bool:
+    """An int that is not a bool (a YAML ``true`` is no count): what every whole-number option
+    and card field must be."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def check_integer(name: str, value, low: int | None = None,
                   error: type[Exception] = ConfigError, *, optional: bool = True,
                   high: int | None = None) -> None:
@@ -39,7 +45,7 @@ def check_integer(name: str, value, low: int | None = None,
     None when ``optional`` (``error``: the caller's own exception type)."""
     if value is None and optional:
         return
-    if isinstance(value, bool) or not isinstance(value, int):
+    if not is_whole(value):
         raise error(f"{name} must be a whole number, got {value!r}")
     if low is not None and value < low:
         raise error(f"{name} must be >= {low}, got {value}")
@@ -67,8 +73,6 @@ def check_seeds(name: str, seed: int, count: int = 1, *, last: int | None = None
         raise ConfigError(f"{name} {seed} gives image seeds up to {last}, past {MAX_SEED} (2^32 "
                           f"- 1), where the noise generator's seeds wrap around: pass a smaller "
                           f"{name}")
-
-
 
 
 def check_choice(name: str, value: str, choices, error: type[Exception] = ConfigError) -> None:

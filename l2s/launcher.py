@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-from l2s.config import ConfigError
+from l2s.config import ConfigError, is_whole
 
 
 def parse_shard(text: str | None, option: str = "--shard") -> tuple[int, int] | None:
@@ -31,7 +31,7 @@ def check_shard(shard: tuple[int, int] | None, option: str = "--shard") -> None:
     if shard is None:
         return
     if (not isinstance(shard, tuple | list) or len(shard) != 2
-            or not all(isinstance(v, int) and not isinstance(v, bool) for v in shard)):
+            or not all(is_whole(v) for v in shard)):
         raise ConfigError(f"{option} must be two integers (i, n), got {shard!r}")
     i, n = shard
     if not 0 <= i < n:

@@ -40,6 +40,7 @@ from l2s.config import (
     check_seeds,
     check_text,
     dump_yaml,
+    is_whole,
     option_values,
 )
 from l2s.engine.backbone import Denoiser
@@ -102,8 +103,7 @@ class BenchConfig:
         check_integer("--batch-size", self.batch_size, 1, optional=False)
         if self.shard is not None:
             if (not isinstance(self.shard, tuple | list) or len(self.shard) != 2
-                    or not all(isinstance(v, int) and not isinstance(v, bool)
-                               for v in self.shard)
+                    or not all(is_whole(v) for v in self.shard)
                     or not 0 <= self.shard[0] < self.shard[1]):
                 raise BenchError(f"--shard {self.shard!r}: use I/N with 0 <= I < N, e.g. 0/4")
         if self.out is None:

@@ -19,6 +19,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
+from l2s.config import is_whole
 from l2s.engine.backbone import CrossAttnLayer
 from l2s.errors import L2SError
 
@@ -84,11 +85,6 @@ def bilinear_resize(maps: torch.Tensor, size: int, renormalise: str = "always"
     return x.reshape(*lead, size, size)
 
 
-def is_int(v) -> bool:
-    """An int that is not a bool (a card's ``true`` is no size)."""
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 def check_sizes(cfg, names: Sequence[str], minimum: int = 1, *,
                 counts: Sequence[str] = ()) -> None:
     """Raise ValueError unless each field of ``names`` is an integer >= ``minimum`` and each
@@ -97,11 +93,11 @@ def check_sizes(cfg, names: Sequence[str], minimum: int = 1, *,
     not by a ZeroDivisionError or a negative dimension inside torch."""
     for name in names:
         v = getattr(cfg, name)
-        if not is_int(v) or v < minimum:
+        if not is_whole(v) or v < minimum:
             raise ValueError(f"{name} must be an integer >= {minimum}, got {v!r}")
     for name in counts:
         v = getattr(cfg, name)
-        if not isinstance(v, Sequence) or not v or not all(is_int(x) and x >= 1 for x in v):
+        if not isinstance(v, Sequence) or not v or not all(is_whole(x) and x >= 1 for x in v):
             raise ValueError(f"{name} must be a non-empty list of integers >= 1, got {v!r}")
     dropout = getattr(cfg, "dropout", 0.0)
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) \

@@ -23,12 +23,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from l2s.classifier.layout import check_maps, check_relations, check_sizes, is_int
+from l2s.classifier.layout import check_maps, check_relations, check_sizes
 from l2s.classifier.reference import (
     ReferenceClassifier,
     ReferenceConfig,
     step_time_input,
 )
+from l2s.config import is_whole
 from l2s.errors import L2SError
 from l2s.inversion.cache import atomic_write, atomic_write_text
 from l2s.relations import RELATIONS
@@ -369,10 +370,10 @@ def card_problem(card: Mapping) -> str | None:
     from l2s.classifier.reference import relation_of_class
 
     ts = card.get("timesteps")
-    if not isinstance(ts, list) or not ts or not all(is_int(t) and t >= 0 for t in ts):
+    if not isinstance(ts, list) or not ts or not all(is_whole(t) and t >= 0 for t in ts):
         return f"has timesteps {ts!r}: a non-empty list of the trained timesteps (integers >= 0)"
     text_len = card.get("text_len")
-    if text_len is not None and (not is_int(text_len) or text_len < 1):
+    if text_len is not None and (not is_whole(text_len) or text_len < 1):
         return f"has text_len {text_len!r}: the text tokens of its maps, an integer >= 1"
     classes = card.get("classes")
     logits = list(card["architecture"].get("relations", []))

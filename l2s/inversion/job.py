@@ -21,6 +21,7 @@ from l2s.config import (
     check_integer,
     check_text,
     dump_yaml,
+    is_whole,
     load_yaml,
 )
 from l2s.engine.backbone import Denoiser
@@ -90,7 +91,7 @@ class InvertConfig:
         check_shard(self.shard)
         if self.per_relation is not None and (
                 not isinstance(self.per_relation, tuple | list) or len(self.per_relation) != 3
-                or any(isinstance(n, bool) or not isinstance(n, int) or n < 0
+                or any(not is_whole(n) or n < 0
                        for n in self.per_relation)):
             got = _join(self.per_relation) if isinstance(self.per_relation, tuple | list) \
                 else repr(self.per_relation)

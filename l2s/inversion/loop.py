@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from l2s.config import ConfigError, check_integer, check_number
+from l2s.config import ConfigError, check_integer, check_number, is_whole
 from l2s.engine.backbone import Conditioning, Denoiser
 from l2s.engine.hooks import AttentionRecorder
 from l2s.engine.sampling import denoise
@@ -42,7 +42,7 @@ class InversionConfig:
         check_integer("--map-size", self.map_size, 1, optional=False)
         check_number("--min-psnr", self.min_psnr, -math.inf)
         if not isinstance(self.record_steps, tuple | list) or any(
-                isinstance(s, bool) or not isinstance(s, int) for s in self.record_steps):
+                not is_whole(s) for s in self.record_steps):
             raise ConfigError(f"--timesteps takes whole step indices, got {self.record_steps!r}")
         bad = [s for s in self.record_steps if not 0 <= s < self.steps]
         if bad or not self.record_steps:
