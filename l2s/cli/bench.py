@@ -30,7 +30,6 @@ from l2s.steering.options import SteerOptions
 @user_errors
 @steer_options
 def bench(
-    ctx: typer.Context,
     suite: str = typer.Option("shapes", "--suite", help="Prompt suite: " + ", ".join(SUITES)
                               + " (docs/benchmarks.md)."),
     model: str = typer.Option("toy", "--model", "-m", help="Preset, hub id or local folder."),

@@ -78,7 +78,6 @@ def _achieved(rep: dict, paths: list) -> str | None:
 @user_errors  # a bad steering option (SteerOptions); the rest is checked in body()
 @steer_options
 def steer(
-    ctx: typer.Context,
     prompt: str = typer.Argument(..., metavar="PROMPT",
                                  help='e.g. "a circle to the left of a square"'),
     model: str = typer.Option("toy", "--model", "-m",
