@@ -475,3 +475,31 @@ def test_each_method_has_a_geneval_results_file_that_summary_scores_reads_as_its
     line = json.loads((tmp_path / "mixed" / "results.jsonl").read_text().splitlines()[0])
     assert set(line) == {"filename", "tag", "prompt", "correct", "reason", "metadata", "details"}
     assert (tmp_path / "mixed" / line["filename"]).is_file()  # relative to the imagedir
+
+
+def test_a_method_argument_reaches_its_factory_and_names_a_safe_folder(monkeypatch, tmp_path):
+    """Bugs caught: `l2s:CARD` refused as an unknown method, the CARD dropped (both l2s runs
+    steering with the run's classifier), or a CARD with '/' nesting the method's images in
+    folders the GenEval layout does not have."""
+    good, _ = _oracle()
+    seen = []
+
+    def with_arg(ctx):
+        seen.append(ctx.argument)
+        return good(ctx)
+
+    monkeypatch.setitem(bench.METHODS, "oracle", with_arg)
+    monkeypatch.setitem(bench.METHOD_ARGUMENTS, "oracle", "anything")
+    res = run_bench(BenchConfig(methods=("oracle", "oracle:cards/a b"), prompts=2,
+                                num_images=1, out=str(tmp_path)))
+    assert set(seen) == {"cards/a b", None} and len(seen) == 2
+    assert set(res.methods) == {"oracle", "oracle:cards/a b"}
+    folders = {p.name for p in tmp_path.iterdir() if p.is_dir()}
+    assert "oracle" in folders and len(folders) == 2
+    other = next(f for f in folders if f != "oracle")
+    assert "/" not in other and " " not in other and other.startswith("oracle_cards_a_b-")
+    assert (tmp_path / other / "results.jsonl").is_file()
+    with pytest.raises(BenchError, match="plain takes no argument after ':'.*l2s:ARG"):
+        BenchConfig(methods=("plain:x",), out=str(tmp_path / "x"))
+    with pytest.raises(BenchError, match="nothing after ':'"):
+        BenchConfig(methods=("l2s:",), out=str(tmp_path / "y"))

@@ -7,7 +7,7 @@ bootstrap), `sheets` (contact sheets), `run` (the job).
 """
 
 from l2s.bench.geneval import Detection, GenevalScore, score
-from l2s.bench.methods import METHODS, MethodContext, register_method
+from l2s.bench.methods import METHOD_ARGUMENTS, METHODS, MethodContext, register_method
 from l2s.bench.run import BenchConfig, BenchResult, image_seed, run_bench
 from l2s.bench.scoring import score_relation
 from l2s.bench.suites import (
@@ -19,7 +19,8 @@ from l2s.bench.suites import (
     suite_prompts,
 )
 
-__all__ = ["METHODS", "SUITES", "BenchConfig", "BenchError", "BenchPrompt", "BenchResult",
+__all__ = ["METHOD_ARGUMENTS", "METHODS", "SUITES", "BenchConfig", "BenchError", "BenchPrompt",
+           "BenchResult",
            "Detection", "GenevalScore", "MethodContext", "Suite", "image_seed",
            "register_method", "register_suite", "run_bench", "score", "score_relation",
            "suite_names", "suite_prompts"]

@@ -15,12 +15,16 @@ A method factory gets a MethodContext once per run and returns the batch generat
             ok = ctx.check(images, prompts)  # list[bool], one per image
             ...
         return run
+
+A method may take an argument after a colon, ``NAME:ARG`` (``l2s:CARD`` steers with the
+classifier card or folder CARD): register it with ``argument="what ARG is"``; the factory
+reads it as ``ctx.argument`` (None when the name is given bare).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Protocol
 
 import torch
@@ -52,23 +56,61 @@ class MethodContext:
     # images (B, H, W, 3) in [0, 1] and their prompts -> whether each image is correct under
     # the suite's detector and scorer (the verdict the benchmark itself will record)
     check: Callable[[torch.Tensor, Sequence[BenchPrompt]], list[bool]]
+    argument: str | None = None  # ARG of a method named NAME:ARG
 
 
 MethodFactory = Callable[[MethodContext], Generate]
 METHODS: dict[str, MethodFactory] = {}
+# name -> what its argument is (NAME:ARG), for the methods that take one
+METHOD_ARGUMENTS: dict[str, str] = {}
 
 
-def register_method(name: str) -> Callable[[MethodFactory], MethodFactory]:
-    """Decorator adding a factory to METHODS under `name` (`l2s bench --method NAME`)."""
+def register_method(name: str, argument: str | None = None
+                    ) -> Callable[[MethodFactory], MethodFactory]:
+    """Decorator adding a factory to METHODS under `name` (`l2s bench --method NAME`);
+    `argument` says what ARG is when the method may be named NAME:ARG."""
     def add(factory: MethodFactory) -> MethodFactory:
         METHODS[name] = factory
+        if argument is not None:
+            METHOD_ARGUMENTS[name] = argument
         return factory
 
     return add
 
 
+def split_method(name: str) -> tuple[str, str | None]:
+    """"l2s:cards/mine" -> ("l2s", "cards/mine"); "plain" -> ("plain", None)."""
+    base, sep, arg = name.partition(":")
+    return (base, arg) if sep else (name, None)
+
+
+def check_method(name: str, error: type[Exception]) -> None:
+    """Raise `error` naming the fix unless `name` is a method, or NAME:ARG of one taking ARG."""
+    from l2s.config import check_choice
+
+    base, arg = split_method(name)
+    check_choice("--method", base, tuple(methods()), error)
+    if arg is not None and base not in METHOD_ARGUMENTS:
+        takes = ", ".join(f"{n}:ARG ({what})" for n, what in METHOD_ARGUMENTS.items())
+        raise error(f"--method {name}: {base} takes no argument after ':'; "
+                    f"methods that do: {takes}")
+    if arg is not None and not arg.strip():
+        raise error(f"--method {name}: nothing after ':'; give {base}:ARG with ARG "
+                    f"{METHOD_ARGUMENTS[base]}, or {base} alone")
+
+
+def method_factory(name: str) -> MethodFactory:
+    """The factory of a method name, NAME:ARG passing ARG as the context's argument."""
+    base, arg = split_method(name)
+    factory = methods()[base]
+    if arg is None:
+        return factory
+    return lambda ctx: factory(replace(ctx, argument=arg))
+
+
 def _steer_method(name: str) -> MethodFactory:
-    """plain / l2s / centroid through `l2s steer`'s `generate`, with the run's settings, and
+    """plain / l2s / centroid through `l2s steer`'s `generate`, with the run's settings (l2s:CARD
+    and l2s-verify:CARD steer with the classifier card or folder CARD instead of the run's), and
     l2s-verify: plain first, the images the suite's checker fails (its detector and scorer:
     the verdict the benchmark records) regenerated with l2s from the same seeds
     (``l2s.steering.verify``)."""
@@ -78,7 +120,8 @@ def _steer_method(name: str) -> MethodFactory:
 
         cfg = ctx.config
         verify = name == "l2s-verify"
-        loss, _ = build_loss("l2s" if verify else name, ctx.denoiser, cfg.model, cfg.classifier)
+        loss, _ = build_loss("l2s" if verify else name, ctx.denoiser, cfg.model,
+                             ctx.argument or cfg.classifier)
         settings = cfg.options.resolve(cfg.model)
 
         def run(prompts: Sequence[BenchPrompt], seeds: Sequence[int]) -> torch.Tensor:
@@ -96,8 +139,10 @@ def _steer_method(name: str) -> MethodFactory:
     return factory
 
 
+CARD = "a classifier card or folder to steer with instead of the run's --classifier"
 for _name in ("plain", "l2s", "centroid", "l2s-verify"):
-    register_method(_name)(_steer_method(_name))
+    register_method(_name, CARD if _name in ("l2s", "l2s-verify") else None)(
+        _steer_method(_name))
 
 
 def methods() -> dict[str, MethodFactory]:

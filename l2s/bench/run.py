@@ -20,7 +20,7 @@ from l2s.bench.detectors import (
     detector_notes,
     load_detector,
 )
-from l2s.bench.methods import MethodContext, methods
+from l2s.bench.methods import MethodContext, check_method, method_factory
 from l2s.bench.scoring import ColorClassifier, score_image
 from l2s.bench.sheets import contact_sheet
 from l2s.bench.stats import paired_difference, summarise
@@ -87,7 +87,7 @@ class BenchConfig:
             raise ConfigError(f"--method: give a tuple of methods such as ('plain', 'l2s'), "
                               f"got {self.methods!r}")
         for m in self.methods:
-            check_choice("--method", m, tuple(methods()), BenchError)
+            check_method(m, BenchError)
         # image seeds are seed * 10^7 + prompt * 1000 + image: 10000 prompts of at most 1000
         # images keep every image's seed its own
         check_integer("--prompts", self.prompts, 1, high=10000)
@@ -334,7 +334,7 @@ class _Lazy:
         return self._colors
 
     def method(self, name: str):
-        return methods()[name](MethodContext(self.denoiser, self.cfg, self.check))
+        return method_factory(name)(MethodContext(self.denoiser, self.cfg, self.check))
 
     def check(self, images: torch.Tensor, prompts: Sequence[BenchPrompt]) -> list[bool]:
         return [self.score(p, img)["correct"] for p, img in zip(prompts, to_uint8(images),
@@ -359,7 +359,7 @@ def _record(method: str, p: BenchPrompt, k: int, cfg: BenchConfig,
     """GenEval's result fields (filename, tag, prompt, correct, reason, metadata, details) plus
     method, seed, indices, generation (wall, CPU) seconds and the suite's extras."""
     scored = lazy.score(p, image)
-    return {"filename": str(Path(method) / f"{p.index:05d}" / "samples" / f"{k:04d}.png"),
+    return {"filename": str(store.image_path(Path(), method, p.index, k)),
             "tag": p.tag, "prompt": p.prompt, "correct": bool(scored.pop("correct")),
             "reason": scored.pop("reason"), "metadata": json.dumps(p.metadata),
             "details": scored.pop("details"), "method": method,
@@ -425,4 +425,4 @@ def _sheets(out: Path, method: str, records: list[dict]) -> None:
         # makes it again).
         recs = [r for r in recs if store.image_readable(out / r["filename"])][:SHEET_IMAGES]
         imgs = [store.load_image(out / r["filename"])[0] for r in recs]
-        contact_sheet(imgs, recs, out / f"contact_{method}_{task}.png")
+        contact_sheet(imgs, recs, out / f"contact_{store.method_folder(method)}_{task}.png")

@@ -18,8 +18,10 @@ and an image saved but not yet scored is scored on resume, not generated again.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -29,8 +31,17 @@ from l2s.bench.suites import BenchError
 from l2s.inversion.cache import atomic_write, atomic_write_text, writing
 
 
+def method_folder(method: str) -> str:
+    """The folder name of a method's images: the name itself, unless it holds characters a
+    folder name cannot (``l2s:path/to/card``), then a readable form plus a short hash of it."""
+    if re.fullmatch(r"[A-Za-z0-9._+-]+", method):
+        return method
+    readable = re.sub(r"[^A-Za-z0-9._+-]+", "_", method).strip("._")[-40:]
+    return f"{readable}-{hashlib.sha256(method.encode()).hexdigest()[:8]}"
+
+
 def prompt_dir(out: Path, method: str, index: int) -> Path:
-    return out / method / f"{index:05d}"
+    return out / method_folder(method) / f"{index:05d}"
 
 
 def image_path(out: Path, method: str, index: int, image: int) -> Path:
@@ -140,11 +151,11 @@ def write_method_results(out: Path, method: str, records: list[dict]) -> Path:
     file names relative to the method's image folder, as its evaluate_images.py writes them.
     results.jsonl pools every method (resume reads it), so GenEval's summary_scores.py run on
     it would average plain and steered images into one score."""
-    path = out / method / "results.jsonl"
+    path = out / method_folder(method) / "results.jsonl"
     lines = []
     for r in records:
         rec = {k: r[k] for k in GENEVAL_FIELDS}
-        rec["filename"] = Path(r["filename"]).relative_to(method).as_posix()
+        rec["filename"] = Path(r["filename"]).relative_to(method_folder(method)).as_posix()
         lines.append(json.dumps(rec) + "\n")
     atomic_write_text(path, "".join(lines))
     return path

@@ -2,9 +2,10 @@
 
 A family module (``l2s/families/<name>.py``) calls :func:`register_family` at import with its
 :class:`Family` (a loader returning a ``Denoiser``) and its :class:`Preset` list. The registry
-imports the built-in family modules named in ``BUILTIN_FAMILIES`` (and any module listed
-under the ``l2s.families`` entry-point group) on first use; nothing else in the core imports
-a family. See docs/architecture.md, "Adding a backbone family".
+imports every module of the ``l2s.families`` package (and any module listed under the
+``l2s.families`` entry-point group) on first use, so a new family is one new module and no
+edit elsewhere; nothing else in the core imports a family. See docs/architecture.md,
+"Adding a backbone family".
 
 A family may attach a :class:`World` to its presets: the closed set of objects its models
 draw and a judge of relations in their images (the toy's six shapes). Sources, detectors and
@@ -15,6 +16,7 @@ family imports (its world's) and those listed under the registry's entry-point g
 from __future__ import annotations
 
 import importlib
+import pkgutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
@@ -29,9 +31,17 @@ if TYPE_CHECKING:
 
     pass
 
-# Modules that register the families shipped with l2s, imported on first registry use.
-BUILTIN_FAMILIES = ("l2s.families.toy", "l2s.families.toy_mmdit", "l2s.families.sd",
-                    "l2s.families.flux", "l2s.families.sd3")
+# The package whose modules register the families shipped with l2s (every module in it is
+# imported on first registry use; its LISTING_ORDER puts the first families first in listings).
+BUILTIN_PACKAGE = "l2s.families"
+
+
+def builtin_family_modules() -> list[str]:
+    """The modules of the built-in family package, LISTING_ORDER's first, then by name."""
+    package = importlib.import_module(BUILTIN_PACKAGE)
+    found = sorted(m.name for m in pkgutil.iter_modules(package.__path__))
+    first = [m for m in getattr(package, "LISTING_ORDER", ()) if m in found]
+    return [f"{BUILTIN_PACKAGE}.{m}" for m in first + [m for m in found if m not in first]]
 
 
 @dataclass(frozen=True)
@@ -164,12 +174,13 @@ def _discover() -> None:
     if _discovered:
         return
     _discovered = True
-    for module in BUILTIN_FAMILIES:
+    builtins = builtin_family_modules()
+    for module in builtins:
         importlib.import_module(module)
     load_entry_points("l2s.families")
     # One order whatever imported a family first (toy-mmdit imports flux; a world's suites
     # may be asked for before any family): the built-ins' order, then the rest as registered.
-    rank = {m: i for i, m in enumerate(BUILTIN_FAMILIES)}
+    rank = {m: i for i, m in enumerate(builtins)}
     ordered = sorted(_FAMILIES.values(),
                      key=lambda f: rank.get(f.load.__module__, len(rank)))
     by_family = {f.name: i for i, f in enumerate(ordered)}
