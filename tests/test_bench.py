@@ -503,3 +503,118 @@ def test_a_method_argument_reaches_its_factory_and_names_a_safe_folder(monkeypat
         BenchConfig(methods=("plain:x",), out=str(tmp_path / "x"))
     with pytest.raises(BenchError, match="nothing after ':'"):
         BenchConfig(methods=("l2s:",), out=str(tmp_path / "y"))
+
+
+def test_records_of_other_sampling_settings_are_refused_when_config_json_is_gone(
+        oracle, tmp_path):
+    """Catches `rm OUT/config.json` then a rerun with other --steps/--guidance: old and new
+    records were summarised together (records held neither steps nor guidance)."""
+    from l2s.steering.options import SteerOptions
+
+    cfg = BenchConfig(methods=("oracle",), prompts=2, num_images=1, out=str(tmp_path))
+    run_bench(cfg, denoiser=object())
+    rec = json.loads((tmp_path / "results.jsonl").read_text().splitlines()[0])
+    assert rec["steps"] and "guidance" in rec and rec["settings"]
+    (tmp_path / "config.json").unlink()
+    other = BenchConfig(methods=("oracle",), prompts=3, num_images=1, out=str(tmp_path),
+                        options=SteerOptions(steps=rec["steps"] + 3))
+    with pytest.raises(BenchError, match=rf"2 results made with other settings \(steps "
+                                         rf"{rec['steps']} \(this run: {rec['steps'] + 3}\)\)"
+                                         ".*config.json.* is gone"):
+        run_bench(other, denoiser=object())
+    assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 2
+    # The same settings resume: nothing is made twice.
+    oracle.clear()
+    res = run_bench(BenchConfig(methods=("oracle",), prompts=3, num_images=1,
+                                out=str(tmp_path)), denoiser=object())
+    assert res.methods["oracle"]["n_images"] == 3 and oracle == [[image_seed(0, 2, 0)]]
+
+
+def test_a_run_that_wrote_no_result_takes_new_settings(oracle, monkeypatch, tmp_path):
+    """Catches a run stopped before its first image (e.g. out of memory) pinning its
+    settings: the rerun with the fix was refused as "a run with other settings"."""
+    def out_of_memory(ctx):
+        def run(prompts, seeds):
+            raise MemoryError
+        return run
+
+    monkeypatch.setitem(bench.METHODS, "oom", out_of_memory)
+    with pytest.raises(MemoryError):
+        run_bench(BenchConfig(methods=("oom",), prompts=2, image_size=64, out=str(tmp_path)),
+                  denoiser=object())
+    assert (tmp_path / "config.json").exists()
+    res = run_bench(BenchConfig(methods=("oracle",), prompts=2, image_size=32,
+                                out=str(tmp_path)), denoiser=object())
+    assert res.complete
+    assert json.loads((tmp_path / "config.json").read_text())["image_size"] == 32
+
+
+def _card_method(path):
+    """A method steering (as far as the bench can tell) with the card at ``path``."""
+    def factory(ctx):
+        run = _oracle()[0](ctx)
+
+        def generate(prompts, seeds):
+            return run(prompts, seeds)
+        generate.classifier = str(path)
+        return generate
+    return factory
+
+
+def test_a_resume_with_another_classifier_is_refused(monkeypatch, tmp_path):
+    """Catches a bench interrupted, another default classifier installed, then resumed: half
+    the images were steered with each, no warning."""
+    card = tmp_path / "cls" / "card.json"
+    card.parent.mkdir()
+    from l2s.classifier.model import CARD_FORMAT
+
+    card.write_text(json.dumps({"format": CARD_FORMAT, "weights_sha256": "a" * 64}))
+    monkeypatch.setitem(bench.METHODS, "steered", _card_method(card))
+    out = tmp_path / "b"
+    run_bench(BenchConfig(methods=("steered",), prompts=2, out=str(out)), denoiser=object())
+    recs = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+    assert {r["classifier"] for r in recs} == {str(card)}
+    card.write_text(json.dumps({"format": CARD_FORMAT, "weights_sha256": "b" * 64}))  # retrained
+    with pytest.raises(BenchError, match=r"the steered images already there were steered with "
+                                         r"the classifier .*card.json .* pass --classifier"):
+        run_bench(BenchConfig(methods=("steered",), prompts=3, out=str(out)),
+                  denoiser=object())
+    card.write_text(json.dumps({"format": CARD_FORMAT, "weights_sha256": "a" * 64}))  # resumes
+    res = run_bench(BenchConfig(methods=("steered",), prompts=3, out=str(out)),
+                    denoiser=object())
+    assert res.complete and res.methods["steered"]["n_images"] == 3
+
+
+def test_two_benches_on_one_out_are_refused_and_a_dead_ones_lock_is_taken_over(
+        oracle, tmp_path):
+    """Catches two `bench` on one --out generating and scoring every image twice (32 lines
+    for 16), and a killed run's lock blocking the folder."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from l2s.bench.store import lock_path
+    from l2s.locks import LockError, process_start
+
+    cfg = BenchConfig(methods=("oracle",), prompts=2, num_images=1, out=str(tmp_path))
+    lock = lock_path(tmp_path, None)
+    tmp_path.mkdir(exist_ok=True)
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock.write_text(f"{socket.gethostname()} {other.pid} {process_start(other.pid)}\n")
+        with pytest.raises(LockError, match=rf"in use by another l2s bench \(pid {other.pid}, "
+                                            r"running for .*pass another --out"):
+            run_bench(cfg, denoiser=object())
+        assert not oracle and not (tmp_path / "results.jsonl").exists()
+        # Another shard is another lock: shards of one folder run side by side.
+        run_bench(BenchConfig(methods=("oracle",), prompts=2, num_images=1, shard=(0, 2),
+                              out=str(tmp_path)), denoiser=object())
+    finally:
+        other.kill()
+        other.wait()
+    # The holder is dead (or its pid now runs another process): taken over at once.
+    run_bench(cfg, denoiser=object())
+    assert not lock.exists()  # released at the end
+    lock.write_text(f"{socket.gethostname()} {os.getpid()} not-my-start-time\n")
+    assert run_bench(cfg, denoiser=object()).complete

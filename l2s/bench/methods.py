@@ -120,8 +120,8 @@ def _steer_method(name: str) -> MethodFactory:
 
         cfg = ctx.config
         verify = name == "l2s-verify"
-        loss, _ = build_loss("l2s" if verify else name, ctx.denoiser, cfg.model,
-                             ctx.argument or cfg.classifier)
+        loss, card = build_loss("l2s" if verify else name, ctx.denoiser, cfg.model,
+                                ctx.argument or cfg.classifier)
         settings = cfg.options.resolve(cfg.model)
 
         def run(prompts: Sequence[BenchPrompt], seeds: Sequence[int]) -> torch.Tensor:
@@ -134,6 +134,7 @@ def _steer_method(name: str) -> MethodFactory:
             images, _ = generate(ctx.denoiser, texts, triplets, latents, settings, loss)
             return images
 
+        run.classifier = card  # the card it steers with: a resume must keep it
         return run
 
     return factory

@@ -3,6 +3,7 @@ image as it comes, resume after a kill, shard across processes, summarise and co
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -193,11 +194,28 @@ def run_bench(cfg: BenchConfig, denoiser: Denoiser | None = None,
                   options=cfg.options.with_model_defaults(cfg.model, "iterations",
                                                           "relation_schedule"))
     out = Path(cfg.out)
+    # one process per shard of a folder: two would generate and score every image twice
+    with store.holding(out, cfg.shard):
+        return _run(cfg, out, denoiser, detector, colors, callback)
+
+
+def _run(cfg: BenchConfig, out: Path, denoiser: Denoiser | None, detector: Detector | None,
+         colors: ColorClassifier | None, callback: Callable[[dict], None] | None
+         ) -> BenchResult:
     prompts = suite_prompts(cfg.suite, cfg.prompts, cfg.seed)
     mine = prompts if cfg.shard is None else prompts[cfg.shard[0]::cfg.shard[1]]
     lazy = _Lazy(cfg, denoiser, detector, colors)
-    store.check_config(out, cfg.identity())
     records = store.read_records(out)
+    # a folder with no result yet (a run that stopped before its first image, e.g. out of
+    # memory) takes the new settings; one with results keeps its own
+    started = bool(records) or store.has_images(out)
+    store.check_config(out, cfg.identity(), started)
+    # every record names the settings it was made with: records of other settings are
+    # refused even when config.json, which would have said so, is gone
+    settings = store.settings_digest(cfg.identity())
+    sampling = cfg.options.with_model_defaults(cfg.model, "steps", "guidance")
+    made = {"settings": settings, "steps": sampling.steps, "guidance": sampling.guidance}
+    store.check_records(out, records, made, config_checked=(out / "config.json").exists())
     jobs = [(p, k) for p in mine for k in range(cfg.num_images)]
     records = _drop_lost_images(out, records, {(m, p.index, k) for m in cfg.methods
                                                for p, k in jobs})
@@ -225,7 +243,11 @@ def run_bench(cfg: BenchConfig, denoiser: Denoiser | None = None,
                               for r in p.metadata.get("include", [])):
         lazy.colors()
     generators = {m: lazy.method(m) for m in cfg.methods if fresh[m]}
-    store.write_config(out, cfg.to_json(), cfg.identity())
+    # the classifier each steered method uses: a resume must steer with the one its images
+    # were steered with (another default classifier may have been installed since)
+    cards = {m: _card(getattr(g, "classifier", None)) for m, g in generators.items()}
+    _check_cards(out, records, cards)
+    store.write_config(out, cfg.to_json(), cfg.identity(), started)
     # the run in `l2s bench`'s option names: `l2s bench --config out/config.yaml` repeats it
     dump_yaml({**option_values(cfg, {"methods": "method"}), "shard": format_shard(cfg.shard)},
               out / CONFIG_FILE)
@@ -233,12 +255,16 @@ def run_bench(cfg: BenchConfig, denoiser: Denoiser | None = None,
     counts, queues = {}, {}
 
     def scored(method: str, p: BenchPrompt, k: int, seconds: tuple[float, float],
-               img: np.ndarray, text_len: int | None = None) -> None:
-        """Score one image, append its record (with the text length its prompt was encoded
-        as, when it was generated here), count it and report progress."""
-        rec = _record(method, p, k, cfg, seconds, img, lazy)
-        if text_len is not None:
-            rec["text_len"] = text_len
+               img: np.ndarray, generated: bool = False) -> None:
+        """Score one image, append its record (with the settings it was made with and, when
+        it was generated here, the text length its prompt was encoded as and the classifier
+        it was steered with), count it and report progress."""
+        rec = {**_record(method, p, k, cfg, seconds, img, lazy), **made}
+        if generated:
+            text_len = getattr(lazy.denoiser, "text_len", None)
+            if text_len is not None:
+                rec["text_len"] = text_len
+            rec.update(cards.get(method) or {})
         store.append_record(results, rec)
         records.append(rec)
         counts[method] += 1
@@ -276,9 +302,40 @@ def run_bench(cfg: BenchConfig, denoiser: Denoiser | None = None,
                 store.save_image(store.image_path(out, method, p.index, k), img, s, each,
                                  each_cpu)
             for (p, k), img in zip(batch, imgs, strict=True):
-                scored(method, p, k, (each, each_cpu), img,
-                       getattr(lazy.denoiser, "text_len", None))
+                scored(method, p, k, (each, each_cpu), img, generated=True)
     return summarise_run(cfg, prompts, records, out)
+
+
+def _card(source: str | None) -> dict | None:
+    """{"classifier": card path, "classifier_sha256": a fingerprint of the card and its
+    weights} of the card a method steers with; None for a method without one."""
+    if source is None:
+        return None
+    from l2s.classifier.model import WEIGHTS_FILE, read_card, sha256_file
+
+    path, card = read_card(source)
+    h = hashlib.sha256(path.read_bytes())
+    if not card.get("weights_sha256"):  # a card that does not pin its weights
+        h.update(sha256_file(path.parent / str(card.get("weights", WEIGHTS_FILE))).encode())
+    return {"classifier": str(path), "classifier_sha256": h.hexdigest()}
+
+
+def _check_cards(out: Path, records: list[dict], cards: dict[str, dict | None]) -> None:
+    """Refuse a run whose method would steer with another classifier than the images of that
+    method already in ``out`` were steered with."""
+    for method, card in cards.items():
+        if card is None:
+            continue
+        old = {(r.get("classifier"), r["classifier_sha256"]) for r in records
+               if r["method"] == method and r.get("classifier_sha256")}
+        other = sorted((p, h) for p, h in old if h != card["classifier_sha256"])
+        if other:
+            raise BenchError(
+                f"{out}: the {method} images already there were steered with the classifier "
+                f"{other[0][0]} (sha256 {other[0][1][:12]}), this run steers with "
+                f"{card['classifier']} (sha256 {card['classifier_sha256'][:12]}): one run "
+                f"steers with one classifier; pass --classifier {other[0][0]} (or that card "
+                "back in place), another --out, or delete that folder to start over")
 
 
 def _saved(path: Path) -> bool:

@@ -22,11 +22,13 @@ import hashlib
 import json
 import os
 import re
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, PngImagePlugin
 
+from l2s import locks
 from l2s.bench.suites import BenchError
 from l2s.inversion.cache import atomic_write, atomic_write_text, writing
 
@@ -161,8 +163,9 @@ def write_method_results(out: Path, method: str, records: list[dict]) -> Path:
     return path
 
 
-def check_config(out: Path, identity: dict) -> None:
-    """Refuse a folder that holds a run whose identity differs."""
+def check_config(out: Path, identity: dict, started: bool = True) -> None:
+    """Refuse a folder that holds a run whose identity differs (unless that run has not
+    ``started``: no result or image of it exists, so nothing would mix)."""
     path = out / "config.json"
     if path.exists():
         try:
@@ -170,17 +173,80 @@ def check_config(out: Path, identity: dict) -> None:
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             old = e
         if not isinstance(old, dict):
+            if not started:
+                return
             raise BenchError(f"{path} is damaged (not a JSON object of settings), so this run "
                              "cannot check that it continues the same benchmark: pass another "
                              "--out, or delete that folder to start over")
         diff = {k: (old.get(k), v) for k, v in identity.items() if old.get(k) != v}
-        if diff:
+        if diff and started:
             raise BenchError(f"{out} holds a run with other settings {diff}: pass another --out "
                              "or delete that folder")
 
 
-def write_config(out: Path, config: dict, identity: dict) -> None:
+def write_config(out: Path, config: dict, identity: dict, started: bool = True) -> None:
     """Write config.json, refusing a folder that holds a run whose identity differs."""
-    check_config(out, identity)
+    check_config(out, identity, started)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "config.json", json.dumps(config, indent=2))
+
+
+def has_images(out: Path) -> bool:
+    """Whether any method's image is saved in ``out``."""
+    return next(out.glob("*/*/samples/*.png"), None) is not None
+
+
+def settings_digest(identity: dict) -> str:
+    """A short digest of a run's identity: each record carries it. Numbers count by value,
+    as config.json's check compares them (``--steer-until 2`` from a file is ``2.0`` from the
+    command line)."""
+    def plain(v):
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        if isinstance(v, list | tuple):
+            return [plain(x) for x in v]
+        return float(v) if isinstance(v, int | float) and not isinstance(v, bool) else v
+
+    return hashlib.sha256(json.dumps(plain(identity), sort_keys=True, default=str).encode()
+                          ).hexdigest()[:16]
+
+
+def check_records(out: Path, records: list[dict], made: dict, config_checked: bool) -> None:
+    """Refuse results made with other settings than ``made`` ({"settings": digest, "steps",
+    "guidance"}). Records of an older l2s carry no digest: config.json vouches for them, and
+    without it (deleted) they cannot be trusted to match."""
+    other = [r for r in records if r.get("settings", None if config_checked else "?")
+             not in (None, made["settings"])]
+    if not other:
+        return
+    said = {k: sorted({str(r.get(k, "?")) for r in other}) for k in ("steps", "guidance")}
+    diff = [f"{k} {', '.join(v)} (this run: {made[k]})" for k, v in said.items()
+            if v != [str(made[k])]]
+    what = f" ({'; '.join(diff)})" if diff else ""
+    gone = "" if config_checked else ", and its config.json, which records them, is gone"
+    raise BenchError(f"{out} holds {len(other)} results made with other settings{what}{gone}: "
+                     "rerun with the settings of that run, pass another --out, or delete that "
+                     "folder to start over")
+
+
+def lock_path(out: Path, shard: tuple[int, int] | None) -> Path:
+    """The lock file of one shard's run in ``out``."""
+    return out / f".{results_name(shard).removesuffix('.jsonl')}.lock"
+
+
+@contextmanager
+def holding(out: Path, shard: tuple[int, int] | None):
+    """Hold ``out``'s lock of this shard for the body (another live process holding it: a
+    LockError naming it); folders made for the lock alone are removed again when nothing
+    was written into them (a run that could not load)."""
+    made = [p for p in (out, *out.parents) if not p.exists()]
+    try:
+        with locks.exclusive(lock_path(out, shard), "l2s bench"
+                             + (f" of shard {shard[0]}/{shard[1]}" if shard else ""), out):
+            yield
+    finally:
+        for p in made:  # deepest first
+            try:
+                p.rmdir()
+            except OSError:
+                break

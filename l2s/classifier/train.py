@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from l2s import __version__
+from l2s import __version__, locks
 from l2s.classifier.checkpoint import (
     CHECKPOINT_NAME,
     EpochState,
@@ -48,6 +48,8 @@ from l2s.config import (
     load_yaml,
 )
 from l2s.engine.registry import TrainDefaults, get_preset
+from l2s.inversion.cache import default_cache_dir
+from l2s.inversion.cache import writers as cache_writers
 from l2s.inversion.job import InvertConfig, InvertResult
 from l2s.inversion.loop import INVERSION_METHODS, InversionConfig
 from l2s.relations import RELATIONS
@@ -382,6 +384,9 @@ def invert_missing(cfg: TrainConfig, denoiser, callback: Callable[[dict], None] 
     return res
 
 
+LOCK_NAME = ".lock"  # held in the output folder while a run writes it
+
+
 def train(cfg: TrainConfig, denoiser=None, callback: Callable[[dict], None] | None = None,
           fresh: bool = False) -> TrainResult:
     """Train a relation classifier on the cached maps of cfg.model and write it with its card.
@@ -401,7 +406,17 @@ def train(cfg: TrainConfig, denoiser=None, callback: Callable[[dict], None] | No
         denoiser = load_backbone(cfg.model, device=cfg.device)
     out = Path(cfg.out).expanduser() if cfg.out else trained_classifier_dir(denoiser.name)
     check_writable_dir(out)  # before inverting and training: the result must be savable
+    # one run per folder: a second would interleave epochs in one checkpoint
+    with locks.exclusive(out / LOCK_NAME, "l2s train", out):
+        return _train(cfg, denoiser, callback, fresh, out, start)
+
+
+def _train(cfg: TrainConfig, denoiser, callback: Callable[[dict], None] | None, fresh: bool,
+           out: Path, start: float) -> TrainResult:
     inverted = invert_missing(cfg, denoiser, callback)
+    # another process still inverting into the cache: its images are not all there yet
+    writers = cache_writers(Path(cfg.cache_dir or default_cache_dir()).expanduser()
+                            / denoiser.fingerprint)
     layers = [{"name": la.name, "heads": la.heads} for la in denoiser.cross_attention_layers()]
     backbone = {"name": denoiser.name, "fingerprint": denoiser.fingerprint, "layers": layers}
     data = load_maps(cfg.cache_dir, denoiser.fingerprint, name=denoiser.name, model=cfg.model,
@@ -506,7 +521,9 @@ def train(cfg: TrainConfig, denoiser=None, callback: Callable[[dict], None] | No
         # No machine's paths in a card that is shared (cache_dir, out): config.yaml beside it
         # holds them for a rerun.
         "data": {**_counts(data, parts),
-                 "corrupt_dropped": len(data.corrupt)},  # broken entries found and deleted
+                 "corrupt_dropped": len(data.corrupt),  # broken entries found and deleted
+                 # the cache was still being written (by these processes) when it was read
+                 **({"cache_being_written": writers} if writers else {})},
         "metrics": metrics,
         "training": {**{k: v for k, v in resolved.settings().items()
                         if k not in ("cache_dir", "out")}, "epochs_run": len(history),

@@ -171,6 +171,12 @@ def train(
         console.print(f"[yellow]warning:[/] {corrupt} broken cache entries were deleted and "
                       "left out (recorded in the card); `l2s invert` with the same options "
                       "rebuilds them", highlight=False)
+    busy = res.card["data"].get("cache_being_written")
+    if busy:
+        console.print(f"[yellow]warning:[/] the cache was still being written by "
+                      f"{', '.join(busy)} when this run read it: trained on the entries already "
+                      "there (recorded in the card); rerun `l2s train` when that process has "
+                      "finished to train on all of them", highlight=False)
     console.print(f"trained {tr['epochs_run']} epochs in {res.seconds:.1f} s; best epoch "
                   f"{res.metrics['best_epoch']} (val acc {_pct(res.metrics['val_accuracy'])}); "
                   f"{tr['parameters']:,} parameters")

@@ -32,7 +32,6 @@ import math
 import os
 import socket
 import tempfile
-import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -43,6 +42,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from l2s import locks
 from l2s.errors import L2SError, WriteError, is_write_failure, write_failed
 
 
@@ -148,9 +148,6 @@ def tensor_sha256(t: torch.Tensor) -> str:
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict) -> None:
     atomic_write(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()},
                                              tmp, metadata={"l2s": json.dumps(metadata)}))
-
-
-CLAIM_STALE_S = 6 * 3600  # a claim older than this from another machine is taken over
 
 
 @dataclass(frozen=True)
@@ -293,8 +290,7 @@ class AttentionCache:
         """Mark ``source`` as being inverted (until ``end_source``): a killed run leaves the
         mark, so `l2s train --data SOURCE` knows to resume it."""
         with writing(self.dir / f"inverting-{source}"):
-            (self.dir / f"inverting-{source}").write_text(
-                f"{socket.gethostname()} {os.getpid()}\n")
+            (self.dir / f"inverting-{source}").write_text(locks.owner_text())
 
     def end_source(self, source: str) -> None:
         (self.dir / f"inverting-{source}").unlink(missing_ok=True)
@@ -308,27 +304,21 @@ class AttentionCache:
     # --- claims: processes sharing a cache split the work --------------------------------
     def claim(self, key: str) -> bool:
         """Take the work on ``key`` (an image's latent key) unless another live process has;
-        a claim left by a process that died is taken over."""
-        path = self.dir / "claims" / key
-        path.parent.mkdir(exist_ok=True)
-        for _ in range(2):
-            try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            except FileExistsError:
-                if not _stale(path):
-                    return False
-                path.unlink(missing_ok=True)
-                continue
-            with writing(path), os.fdopen(fd, "w") as f:
-                f.write(f"{socket.gethostname()} {os.getpid()}\n")
-            self._claims.add(key)
-            return True
-        return False
+        a claim left by a process that is gone is taken over (``l2s.locks``: at once on this
+        machine, after ten minutes without its heartbeat from another)."""
+        if locks.take(self.dir / "claims" / key) is not None:
+            return False
+        self._claims.add(key)
+        return True
 
     def release(self, key: str) -> None:
         if key in self._claims:
-            (self.dir / "claims" / key).unlink(missing_ok=True)
+            locks.release(self.dir / "claims" / key)
             self._claims.discard(key)
+
+    def writers(self) -> list[str]:
+        """The processes writing into this cache now (``writers``)."""
+        return writers(self.dir)
 
     def entries(self) -> Iterator[Entry]:
         """Every readable entry listed in the manifest (corrupt ones are dropped)."""
@@ -367,6 +357,17 @@ class AttentionCache:
         }
 
 
+def writers(folder: Path) -> list[str]:
+    """The processes writing into a backbone's cache folder now, as ``pid N (on HOST)``: the
+    live holders of its claims and of its sources' inverting marks (this process excluded).
+    Reads only: a read-only cache has none."""
+    me = (socket.gethostname(), os.getpid())
+    paths = [*folder.glob("inverting-*"), *folder.glob("claims/*")]
+    live = {str(h) for h in map(locks.holder, paths)
+            if h is not None and (h.host, h.pid) != me and not locks.is_gone(h)}
+    return sorted(live)
+
+
 def meta_sha256(meta: dict) -> str:
     """sha256 of an entry's metadata (all but this digest itself), as JSON with sorted keys."""
     rest = {k: v for k, v in meta.items() if k != "meta_sha256"}
@@ -396,24 +397,6 @@ def check_entry(tensor: torch.Tensor, meta: dict, key: str) -> None:
         raise ValueError("non-finite values")
     if "sha256" in meta and tensor_sha256(tensor) != meta["sha256"]:
         raise ValueError("content differs from its recorded sha256")
-
-
-def _stale(claim: Path) -> bool:
-    """A claim whose process is gone (same machine), or too old (another machine)."""
-    try:
-        host, pid = claim.read_text().split()
-        age = time.time() - claim.stat().st_mtime
-    except (OSError, ValueError):
-        return True  # unreadable or half-written: nobody can own it
-    if host != socket.gethostname():
-        return age > CLAIM_STALE_S
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except (PermissionError, ValueError):
-        return False
-    return False
 
 
 # What the manifest lists of each entry (enough to select and split without opening files).

@@ -254,6 +254,7 @@ def invert(cfg: InvertConfig, denoiser: Denoiser | None = None,
 
     for source in cfg.data:
         cache.begin_source(source)
+        left_before = result.left_to_others
         report = SourceReport()
         # "expected" (an upper bound on the samples) lets progress bars show an ETA.
         event = {"source": source, "expected": expected_samples(source, options, cfg.limit)}
@@ -278,7 +279,8 @@ def invert(cfg: InvertConfig, denoiser: Denoiser | None = None,
         if callback:
             callback({**event, "done": seen, "final": True, **_counts(result)})
         result.sources[source] = report.to_dict()
-        cache.end_source(source)
+        if result.left_to_others == left_before:  # else the mark stays until they are in
+            cache.end_source(source)
     result.corrupt_rebuilt = len(cache.corrupt)
     result.stats = cache.stats()
     result.seconds = time.perf_counter() - t_start

@@ -1,0 +1,156 @@
+"""Owner files (``l2s.locks``): one run per output folder, claims in a shared cache, and when
+a holder counts as gone (a dead or reused pid at once, another machine's silence after ten
+minutes)."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from l2s import locks
+from l2s.inversion.cache import AttentionCache, writers
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+@pytest.fixture
+def sleeper():
+    p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    yield p
+    p.kill()
+    p.wait()
+
+
+def _age(path, seconds):
+    t = time.time() - seconds
+    os.utime(path, (t, t))
+
+
+def test_a_live_holder_keeps_its_file_and_a_dead_or_reused_pid_loses_it_at_once(
+        tmp_path, sleeper):
+    """Catches a reused pid keeping a dead process's claim alive (pid alone was checked)."""
+    path = tmp_path / "claim"
+    here = socket.gethostname()
+    path.write_text(f"{here} {sleeper.pid} {locks.process_start(sleeper.pid)}\n")
+    assert locks.take(path).pid == sleeper.pid
+    path.write_text(f"{here} {sleeper.pid} 1\n")  # that pid now runs another process
+    assert locks.take(path) is None
+    assert path.read_text().split()[:2] == [here, str(os.getpid())]
+    locks.release(path)
+    path.write_text(f"{here} {_dead_pid()}\n")  # an old claim of a dead process
+    assert locks.take(path) is None
+    locks.release(path)
+    assert not path.exists()
+
+
+def test_another_machines_file_is_taken_over_after_ten_minutes_without_a_heartbeat(
+        tmp_path, monkeypatch):
+    """Catches an invert killed on another host blocking its images for six hours."""
+    path = tmp_path / "claim"
+    path.write_text("elsewhere 123 4567\n")
+    _age(path, 60)
+    assert locks.take(path).host == "elsewhere"  # its heartbeat is recent: alive
+    _age(path, locks.STALE_S + 1)
+    assert locks.take(path) is None
+    locks.release(path)
+    path.write_text("elsewhere 123\n")  # written before heartbeats: the old six hours
+    _age(path, locks.STALE_S + 1)
+    assert locks.take(path) is not None
+    _age(path, locks.OLD_STALE_S + 1)
+    assert locks.take(path) is None
+    # The heartbeat touches what this process holds, so others never see it as silent.
+    monkeypatch.setattr(locks, "HEARTBEAT_S", 0.05)
+    monkeypatch.setattr(locks, "_thread", None)
+    locks.release(path)
+    assert locks.take(path) is None
+    _age(path, 3600)
+    deadline = time.time() + 5
+    while time.time() - path.stat().st_mtime > 60 and time.time() < deadline:
+        time.sleep(0.05)
+    assert time.time() - path.stat().st_mtime < 60
+    locks.release(path)
+
+
+def test_cache_claims_use_the_same_rules_and_writers_names_live_ones(tmp_path, sleeper):
+    a = AttentionCache(tmp_path / "cache", "fp")
+    (a.dir / "claims").mkdir()
+    (a.dir / "claims" / "img").write_text(
+        f"{socket.gethostname()} {sleeper.pid} {locks.process_start(sleeper.pid)}\n")
+    assert not a.claim("img") and writers(a.dir) == [f"pid {sleeper.pid}"]
+    (a.dir / "claims" / "img").write_text(f"{socket.gethostname()} {sleeper.pid} 1\n")
+    assert a.claim("img") and writers(a.dir) == []  # taken over; this process is no other
+    a.release("img")
+
+
+def test_an_invert_that_left_images_to_another_process_keeps_the_source_unfinished(
+        tmp_path, monkeypatch, one_thread):
+    """Catches the inverting mark removed while another process still held claims: `train
+    --data` then trained on 28 of 32 images without a word."""
+    from l2s.engine.loading import load_backbone
+    from l2s.inversion.job import InvertConfig, run_invert
+    from l2s.inversion.loop import InversionConfig
+
+    den = load_backbone("toy")
+    cfg = InvertConfig(cache_dir=str(tmp_path / "c"), limit=2, batch_size=1,
+                       inversion=InversionConfig(method="noise"))
+    claim = AttentionCache.claim
+    taken = []
+
+    def one_taken(self, key):  # another process holds the first image
+        if not taken:
+            taken.append(key)
+            return False
+        return claim(self, key)
+
+    monkeypatch.setattr(AttentionCache, "claim", one_taken)
+    res = run_invert(cfg, den)
+    assert res.left_to_others == 2 and res.written == 2
+    cache = AttentionCache(tmp_path / "c", den.fingerprint)
+    assert cache.sources_to_invert(["shapes"]) == ["shapes"]  # not finished
+    monkeypatch.undo()
+    res = run_invert(cfg, den)
+    assert res.written == 2 and cache.sources_to_invert(["shapes"]) == []
+
+
+def test_two_trainings_on_one_out_are_refused_naming_the_other(tmp_path, sleeper, one_thread):
+    """Catches two `l2s train` on one --out writing one checkpoint's epochs in turn."""
+    from test_train import FakeBackbone, _cfg, make_cache
+
+    from l2s.classifier.train import LOCK_NAME, run_train
+
+    make_cache(tmp_path / "cache", n_images=24)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / LOCK_NAME).write_text(
+        f"{socket.gethostname()} {sleeper.pid} {locks.process_start(sleeper.pid)}\n")
+    with pytest.raises(locks.LockError, match=rf"in use by another l2s train \(pid "
+                                              rf"{sleeper.pid}, .*delete .*\.lock"):
+        run_train(_cfg(tmp_path, epochs=1), FakeBackbone())
+    sleeper.kill()
+    sleeper.wait()
+    res = run_train(_cfg(tmp_path, epochs=1), FakeBackbone())
+    assert res.card_path.exists() and not (out / LOCK_NAME).exists()
+    assert "cache_being_written" not in res.card["data"]
+
+
+def test_training_while_another_process_writes_the_cache_says_so(tmp_path, sleeper,
+                                                                  one_thread):
+    """Catches `train --invert never` on a cache being written training on a partial
+    snapshot without a warning."""
+    from test_train import FP, FakeBackbone, _cfg, make_cache
+
+    from l2s.classifier.train import run_train
+
+    cache = make_cache(tmp_path / "cache", n_images=24)
+    assert cache.dir.name == FP
+    (cache.dir / "inverting-shapes").write_text(
+        f"{socket.gethostname()} {sleeper.pid} {locks.process_start(sleeper.pid)}\n")
+    res = run_train(_cfg(tmp_path, epochs=1, invert="never"), FakeBackbone())
+    assert res.card["data"]["cache_being_written"] == [f"pid {sleeper.pid}"]
