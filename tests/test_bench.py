@@ -618,3 +618,20 @@ def test_two_benches_on_one_out_are_refused_and_a_dead_ones_lock_is_taken_over(
     assert not lock.exists()  # released at the end
     lock.write_text(f"{socket.gethostname()} {os.getpid()} not-my-start-time\n")
     assert run_bench(cfg, denoiser=object()).complete
+
+
+def test_a_results_line_altered_but_still_parsing_is_found_and_scored_again(oracle, tmp_path):
+    """Catches a damaged results line that is still a valid record (one score digit or a
+    `true` altered on disk): it was summarised as if the image had scored so."""
+    cfg = BenchConfig(methods=("oracle",), prompts=3, num_images=1, out=str(tmp_path))
+    first = run_bench(cfg, denoiser=object())
+    path = tmp_path / "results.jsonl"
+    lines = path.read_text().splitlines()
+    rec = json.loads(lines[1])
+    assert rec["correct"] is True and rec["check"]
+    lines[1] = lines[1].replace('"correct": true', '"correct": false')
+    path.write_text("\n".join(lines) + "\n")
+    oracle.clear()
+    again = run_bench(cfg, denoiser=object())
+    assert _scores(again) == _scores(first) and not oracle  # rescored from the saved image
+    assert all(json.loads(x)["correct"] for x in path.read_text().splitlines())

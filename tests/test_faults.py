@@ -143,20 +143,34 @@ def test_a_damaged_cache_entry_is_rebuilt_by_the_next_invert(tmp_path, corrupt, 
                                               ("samples/*.png", "truncate"),
                                               ("samples/*.png", "delete"),
                                               ("results.jsonl", "zero"),
-                                              ("results.jsonl", "flip")])
+                                              ("results.jsonl", "flip"),
+                                              ("results.jsonl", "truncate"),
+                                              ("plain/results.jsonl", "zero"),
+                                              ("plain/results.jsonl", "flip"),
+                                              ("plain/results.jsonl", "truncate"),
+                                              ("plain/results.jsonl", "delete")])
 def test_a_damaged_bench_file_is_regenerated_by_the_rerun(tmp_path, corrupt, pattern, how):
-    """Catches a damaged image or results file sticking a benchmark (a traceback on every
-    rerun) or counting an image twice."""
+    """Catches a damaged image or results file (the pooled <out>/results.jsonl or a method's
+    GenEval <out>/<method>/results.jsonl) sticking a benchmark (a traceback on every rerun),
+    counting an image twice, or left damaged for GenEval's summary_scores.py."""
     args = ["bench", "--method", "plain", "--prompts", "3", "--images", "1", "--steps", "4",
             "--json", "--out", str(tmp_path)]
     first = json.loads(runner.invoke(app, args).stdout)
-    corrupt(tmp_path, 1 if pattern.endswith(".png") else 0, how, pattern)
+    geneval = (tmp_path / "plain" / "results.jsonl").read_bytes()
+    if pattern == "results.jsonl":  # the pooled file (rglob also finds plain/results.jsonl)
+        n = files_of(tmp_path, pattern).index(tmp_path / "results.jsonl")
+    else:
+        n = 1 if pattern.endswith(".png") else 0
+    corrupt(tmp_path, n, how, pattern)
     r = runner.invoke(app, args)
     assert r.exit_code == 0, r.output
     again = json.loads(r.stdout)
     assert again["complete"] and again["methods"]["plain"]["n_images"] == 3
     assert again["methods"]["plain"]["overall"] == first["methods"]["plain"]["overall"]
     assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 3
+    method_file = (tmp_path / "plain" / "results.jsonl").read_bytes()
+    assert [json.loads(x) for x in method_file.splitlines()] == \
+        [json.loads(x) for x in geneval.splitlines()]
 
 
 @pytest.mark.parametrize("how", ["flip", "truncate", "zero"])

@@ -509,3 +509,39 @@ def test_unknown_source_and_options():
     report.dropped["plural name"] += 2
     assert report.to_dict() == {"kept": {}, "kept_total": 0, "dropped": {"plural name": 2},
                                 "short": {}}
+
+
+@pytest.mark.parametrize("value, ok", [("40", True), (" 12.5 ", True), ("forty", False),
+                                       ("nan", False), (None, False), (True, False),
+                                       ([1], False)])
+def test_gqa_numbers_given_as_strings(tmp_path, value, ok):
+    """Catches a scene graph with a string where a number belongs: a ValueError traceback.
+    Numeric strings are read as numbers; anything else is refused naming the file, image,
+    object and field."""
+    graph = _good_graph(1000)
+    graph["objects"]["2"]["w"] = value
+    root = tmp_path / "gqa"
+    _write_gqa(root, [1000], [], extra={"1000": graph})
+    options = SourceOptions(gqa_root=str(root), per_relation=(5, 0, 0))
+    if ok:
+        samples, _ = _run("gqa", options)
+        assert ("gqa:1000:1-2", "dog", "cat") in {(s.source_id, s.subject, s.object)
+                                                  for s in samples}
+        return
+    with pytest.raises(SourceError) as e:
+        _run("gqa", options)
+    msg = str(e.value)
+    assert "train_sceneGraphs.json: image 1000 object 2 field 'w' is" in msg
+    assert "not a number" in msg and "\n" not in msg
+
+
+@pytest.mark.parametrize("graph", [[1, 2], {"objects": [1]}, {"objects": {"1": "dog"}},
+                                   {"objects": {"1": {"name": 3}}},
+                                   {"objects": {"1": {"name": "dog", "relations": [1]}}},
+                                   {"width": "wide", "objects": {}}])
+def test_gqa_graphs_of_another_shape_are_refused_in_one_line(tmp_path, graph):
+    """Catches AttributeError/TypeError tracebacks from a scene graph of another shape."""
+    root = tmp_path / "gqa"
+    _write_gqa(root, [1000], [], extra={"1001": graph})
+    with pytest.raises(SourceError, match=r"train_sceneGraphs.json: image 1001 "):
+        _run("gqa", SourceOptions(gqa_root=str(root), per_relation=(5, 0, 0)))

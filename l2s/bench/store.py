@@ -87,9 +87,16 @@ RECORD_FIELDS = {"filename": str, "tag": str, "score": (int, float), "correct": 
                  "method": str, "prompt_index": int, "image_index": int, "n_detections": int}
 
 
+def record_digest(record: dict) -> str:
+    """A short sha256 of a record's fields (all but ``check``, where it is kept): a byte of a
+    results line altered on disk that still parses (a score digit) is found by it."""
+    rest = {k: v for k, v in record.items() if k != "check"}
+    return hashlib.sha256(json.dumps(rest, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def _record(line: bytes) -> dict | None:
     """A results line as a record, or None when it is not one (not UTF-8, not JSON, a field
-    missing or of another type)."""
+    missing or of another type, or fields that differ from its ``check`` digest)."""
     try:
         rec = json.loads(line.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError):
@@ -97,6 +104,8 @@ def _record(line: bytes) -> dict | None:
     if not isinstance(rec, dict) or any(
             not isinstance(rec.get(k), t) or (t is int and isinstance(rec.get(k), bool))
             for k, t in RECORD_FIELDS.items()):
+        return None
+    if "check" in rec and rec["check"] != record_digest(rec):
         return None
     return rec
 
@@ -139,6 +148,7 @@ def drop_records(out: Path, lost: set[tuple[str, int, int]]) -> None:
 
 def append_record(path: Path, record: dict) -> None:
     """Append one record and sync it (a line cut by a full disk is dropped on resume)."""
+    record = {**record, "check": record_digest(record)}
     with writing(path), path.open("a") as f:
         f.write(json.dumps(record) + "\n")
         f.flush()

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -193,21 +194,53 @@ class _GqaPair:
     object_box: tuple[float, float, float, float]
 
 
-def _gqa_box(obj: dict, width: float, height: float) -> tuple[float, float, float, float]:
+def _number(value, where: str) -> float:
+    """A scene-graph number: a JSON number or a string of one ("12", "3.5"), finite; anything
+    else is refused naming ``where`` (the file, image, object and field)."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        v = float(value)
+    elif isinstance(value, str):
+        try:
+            v = float(value.strip())
+        except ValueError:
+            v = math.nan
+    else:
+        v = math.nan
+    if not math.isfinite(v):
+        raise SourceError(f"{where} is {value!r}, not a number: fix or delete that entry of the "
+                          f"file, or download the scene graphs again from {GQA_DOWNLOAD}")
+    return v
+
+
+def _gqa_box(obj: dict, width: float, height: float, where: str = "GQA object"
+             ) -> tuple[float, float, float, float]:
     """GQA's (x, y, w, h) as (x1, y1, x2, y2), clipped to the image (GQA boxes may overshoot)."""
-    x, y, w, h = (float(obj[k]) for k in ("x", "y", "w", "h"))
+    x, y, w, h = (_number(obj.get(k), f"{where} field {k!r}") for k in ("x", "y", "w", "h"))
     x1, y1 = min(max(x, 0.0), width), min(max(y, 0.0), height)
     return x1, y1, min(max(x + w, x1), width), min(max(y + h, y1), height)
 
 
-def gqa_pairs(graphs: dict, report: SourceReport) -> list[_GqaPair]:
+def gqa_pairs(graphs: dict, report: SourceReport, path: Path | str = "GQA scene graphs"
+              ) -> list[_GqaPair]:
     """Every (subject, relation, object) of GQA scene graphs that passes the filters, in image
-    and object id order; each drop counted in `report` (reasons in the module docstring)."""
+    and object id order; each drop counted in `report` (reasons in the module docstring). A
+    graph or object of another shape, or a number that is not one, is refused naming
+    ``path``, the image and the object."""
     pairs = []
     for image_id in sorted(graphs):
         graph = graphs[image_id]
-        objects = graph.get("objects", {})
-        width, height = float(graph.get("width", 0)), float(graph.get("height", 0))
+        objects = graph.get("objects", {}) if isinstance(graph, dict) else None
+        if not isinstance(objects, dict) or not all(
+                isinstance(o, dict) and isinstance(o.get("name", ""), str)
+                and isinstance(o.get("relations", []), list)
+                and all(isinstance(r, dict) and isinstance(r.get("name", ""), str)
+                        for r in o.get("relations", []))
+                for o in objects.values()):
+            raise SourceError(f"{path}: image {image_id} is not a GQA scene graph (a mapping "
+                              "with objects {id: {name, x, y, w, h, relations}}): download the "
+                              f"scene graphs again from {GQA_DOWNLOAD}")
+        width, height = (_number(graph.get(k, 0), f"{path}: image {image_id} field {k!r}")
+                         for k in ("width", "height"))
         names = {oid: _normalise(o.get("name", "")) for oid, o in objects.items()}
         instances = Counter(names.values())
         seen: set[frozenset[str]] = set()
@@ -236,8 +269,9 @@ def gqa_pairs(graphs: dict, report: SourceReport) -> list[_GqaPair]:
                     elif is_hypernym_pair(a, b):
                         reason = "hypernym pair"
                 if reason is None:
-                    box_a = _gqa_box(objects[sid], width, height)
-                    box_b = _gqa_box(objects[oid], width, height)
+                    box_a, box_b = (_gqa_box(objects[i], width, height,
+                                             f"{path}: image {image_id} object {i}")
+                                    for i in (sid, oid))
                     if any(box[2] <= box[0] or box[3] <= box[1] for box in (box_a, box_b)):
                         reason = "empty box"
                     elif relation not in geneval_relations(box_a, box_b):
@@ -300,7 +334,7 @@ def _gqa_samples(root: Path, files, counts, seed: int, report: SourceReport
             ) from err
         if not isinstance(graphs, dict):
             raise SourceError(f"{path} is not GQA scene graphs ({{image_id: graph}} expected)")
-        pairs = gqa_pairs(graphs, report)
+        pairs = gqa_pairs(graphs, report, path)
         del graphs  # the train graphs are large; keep only the pairs
         ranked = sorted(
             pairs, key=lambda p: _unit(seed, "rank", p.image_id, p.subject_id, p.object_id)
