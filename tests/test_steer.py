@@ -96,9 +96,12 @@ def test_cli_json_timing_table_and_show_tokens(tmp_path, tiny):
     assert "[2, 3]" in r.output and "overhead" in r.output
     # a compact summary by default, the per-step table with --table
     assert "steered 1 of 3 steps" in r.output and "steering, centroid" not in r.output
-    assert "relation achieved? share of images whose attention centroids" in r.output
+    # --compare-plain: each image, plain and steered, judged by the loss
+    assert "plain: relation achieved (the centroid loss: its loss at the last" in r.output
+    assert "compare.png" in r.output
     r = runner.invoke(app, base + ["--table"])
     assert r.exit_code == 0 and "steering, centroid" in r.output and "steered 3 of" not in r.output
+    assert "relation achieved? share of images whose attention centroids" in r.output
 
 
 def test_cli_user_errors_are_one_line(tmp_path):

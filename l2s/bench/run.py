@@ -23,7 +23,7 @@ from l2s.bench.detectors import (
 )
 from l2s.bench.methods import MethodContext, check_method, method_factory
 from l2s.bench.scoring import ColorClassifier, score_image
-from l2s.bench.sheets import contact_sheet
+from l2s.bench.sheets import disagreement_sheet, method_sheets
 from l2s.bench.stats import paired_difference, summarise
 from l2s.bench.suites import (
     DEFAULT_DETECTORS,
@@ -49,8 +49,6 @@ from l2s.engine.registry import World, presets, world_of
 from l2s.engine.sampling import to_uint8
 from l2s.launcher import format_shard, resolve_shard
 from l2s.steering.options import SteerOptions
-
-SHEET_IMAGES = 40  # images per contact sheet
 
 
 @dataclass(frozen=True)
@@ -449,9 +447,10 @@ def summarise_run(cfg: BenchConfig, prompts: list[BenchPrompt], records: list[di
                 f"DETECTOR HEALTH: {empty} of {len(recs)} {name} images have no detection above "
                 f"the threshold of {cfg.detector_name}: check the detector weights and device "
                 "before trusting these scores (the classic silent failure of these harnesses)")
-        _sheets(out, name, recs)
+        method_sheets(out, name, recs)
         if recs:
             store.write_method_results(out, name, recs)
+    disagreement_sheet(out, {m: by_method.get(m, []) for m in cfg.methods})
     lengths = sorted({r["text_len"] for recs in by_method.values() for r in recs
                       if r.get("text_len") is not None})
     if len(lengths) > 1:
@@ -471,15 +470,3 @@ def summarise_run(cfg: BenchConfig, prompts: list[BenchPrompt], records: list[di
     complete = all(len(by_method.get(m, [])) == expected for m in cfg.methods)
     return BenchResult(cfg.suite, methods, out, cfg.detector_name, warnings, complete,
                        detector_notes(cfg.suite, cfg.detector_name))
-
-
-def _sheets(out: Path, method: str, records: list[dict]) -> None:
-    by_task: dict[str, list[dict]] = {}
-    for r in records:
-        by_task.setdefault(r["tag"], []).append(r)
-    for task, recs in by_task.items():
-        # Another shard's image damaged since it was scored is left out (that shard's rerun
-        # makes it again).
-        recs = [r for r in recs if store.image_readable(out / r["filename"])][:SHEET_IMAGES]
-        imgs = [store.load_image(out / r["filename"])[0] for r in recs]
-        contact_sheet(imgs, recs, out / f"contact_{store.method_folder(method)}_{task}.png")

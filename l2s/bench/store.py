@@ -8,7 +8,7 @@
     <out>/<method>/results.jsonl            that method's images only, in GenEval's record format
                                             (filename relative to <out>/<method>): what GenEval's
                                             summary_scores.py reads as this method's score
-    <out>/contact_<method>_<task>.png       contact sheets
+    <out>/contact_<method>_<task>.png       contact sheets, paged (-2.png, ...); disagreements.png
 
 An image is written atomically (a hidden temporary name GenEval's `\\d+\\.png` never matches,
 then renamed) with its seed and generation seconds in PNG text chunks, and its result line is

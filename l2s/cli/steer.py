@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -63,16 +65,19 @@ def _summary(rep: dict) -> list[str]:
             f"{mean['backward_ms']:.1f} ms, update {mean['update_ms']:.1f} ms (means)"]
 
 
-def _achieved(rep: dict, paths: list) -> str | None:
-    a = rep.get("achieved")
+def _achieved(rep: dict, paths: list, key: str = "achieved") -> str | None:
+    a = rep.get(key)
     if not a:
         return None
+    which = "plain: " if key == "achieved_plain" else ""
     if "per_image" in a:
-        names = ", ".join(f"{p.name if p else i}: {'yes' if ok else 'no'}"
+        names = ", ".join(f"{p.name if p else i}: "
+                          f"{'yes' if ok else 'no' if ok is not None else 'not judged'}"
                           for i, (p, ok) in enumerate(zip(paths or [None] * a["of"],
                                                           a["per_image"], strict=True)))
-        return f"relation achieved ({a['by']}): {a['count']} of {a['of']} images ({names})"
-    return f"relation achieved? {a['by']}: {a['p_target']:.3f}"
+        return (f"{which}relation achieved ({a['by']}): {a['count']} of {a['of']} images "
+                f"({names})")
+    return f"{which}relation achieved? {a['by']}: {a['p_target']:.3f}"
 
 
 @user_errors  # a bad steering option (SteerOptions); the rest is checked in body()
@@ -98,7 +103,10 @@ def steer(
                                      "detector, else the classifier on the plain pass) and "
                                      "steer only the failing ones, from the same seeds."),
     compare_plain: bool = typer.Option(False, "--compare-plain",
-                                       help="Also time plain generation of the same seeds."),
+                                       help="Also generate the same seeds plainly: timed "
+                                            "(the overhead), saved as plain_<seed>.png, judged "
+                                            "like the steered ones and shown beside them in "
+                                            "compare.png."),
     save_attention: bool = typer.Option(False, "--save-attention",
                                         help="Also write attention_<seed>.png: subject/object "
                                              "maps before/after steering, loss curves."),
@@ -164,9 +172,13 @@ def steer(
             console.print(line, highlight=False, soft_wrap=True)
         for w in rep["warnings"]:
             console.print(f"[yellow]warning:[/] {escape(w)}")
-        achieved = _achieved(rep, res.paths)
-        if achieved:
-            console.print(achieved, highlight=False)
+        plain_paths = [Path(p) for p in rep.get("plain_images", [])]
+        for line in (_achieved(rep, plain_paths, "achieved_plain"), _achieved(rep, res.paths)):
+            if line:
+                console.print(line, highlight=False, soft_wrap=True)
+        if rep.get("compare_grid"):
+            console.print(f"plain vs steered: {rep['compare_grid']}", highlight=False,
+                          soft_wrap=True)
         line = f"{len(res.paths)} image(s) in {res.out}, total {rep['total_s']:.2f} s"
         if "plain_s" in rep:
             line += f", plain {rep['plain_s']:.2f} s, overhead x{rep['overhead']:.2f}"

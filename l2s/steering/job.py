@@ -79,7 +79,9 @@ class SteerConfig:
     device: str | None = None  # cuda, cpu, ... (None: $L2S_DEVICE, else CUDA if any)
     dtype: str | None = None  # float16, bfloat16, float32 (None: fp16 on CUDA, else fp32)
     verify: bool = False  # generate plainly, check, steer only the images that fail
-    compare_plain: bool = False  # also time the same seeds without steering
+    # also generate the same seeds plainly: timed, saved (plain_<seed>.png), judged, and set
+    # beside the steered images in compare.png
+    compare_plain: bool = False
     save_attention: bool = False  # write attention_<seed>.png: maps before/after, loss curves
     out: str | None = None  # folder for PNGs and report.json (None: write nothing)
 
@@ -117,12 +119,14 @@ def prompt_warnings(triplets: list[Triplet]) -> list[str]:
 
 
 def relation_achieved(denoiser: Denoiser, images: np.ndarray, triplets: list[Triplet],
-                      stats: SteerStats, method: str = "l2s") -> dict | None:
+                      stats: SteerStats, method: str = "l2s",
+                      held: list[bool | None] | None = None) -> dict | None:
     """Whether the images show the prompt's relations: judged by the backbone's world
     (``Denoiser.world``: the toy's detector with GenEval's position rule) when it draws one,
-    else by the steering loss's last p(target) (the classifier's probability for l2s, the
-    share of images whose attention centroids are in order for centroid; mean over the images
-    still steered at the last steered step). None when there is nothing to judge by."""
+    else by ``held`` when given (per image, the loss's verdict at the last steered step), else
+    by the steering loss's last p(target) (the classifier's probability for l2s, the share of
+    images whose attention centroids are in order for centroid; mean over the images still
+    steered at the last steered step). None when there is nothing to judge by."""
     if not triplets:
         return None
     world = denoiser.world
@@ -130,10 +134,68 @@ def relation_achieved(denoiser: Denoiser, images: np.ndarray, triplets: list[Tri
         per_image = world.judge(images, [triplets] * len(images))
         return {"by": world.judged_by or f"{world.name} world", "per_image": per_image,
                 "count": sum(per_image), "of": len(per_image)}
+    if held is not None:
+        by = {"l2s": "the classifier"}.get(method, f"the {method} loss")
+        return {"by": f"{by}: its loss at the last steered step under the threshold",
+                "per_image": held, "count": sum(bool(h) for h in held), "of": len(held)}
     last = next((r.p_target for r in reversed(stats.steps) if r.p_target is not None), None)
     by = {"l2s": "the classifier's final p(target)",
           "centroid": "share of images whose attention centroids are in order"}.get(method)
     return None if last is None or by is None else {"by": by, "p_target": round(last, 4)}
+
+
+def _steered_held(stats: SteerStats, n: int, passed_plain: list[bool] | None
+                  ) -> list[bool | None]:
+    """Per image of the batch, the loss's verdict at its last steered step (None: never
+    steered); with --verify, images that passed plainly pass and the others are the steered
+    batch's images in order."""
+    if passed_plain is None:
+        return [stats.held.get(i) for i in range(n)]
+    redo = iter(range(n))
+    return [True if ok else stats.held.get(next(redo)) for ok in passed_plain]
+
+
+def _plain_pass(denoiser: Denoiser, prompts: list[str], triplets: list[Triplet],
+                latents, settings, loss: RelationLoss | None, clock: Clock
+                ) -> tuple[float, np.ndarray, list[bool] | None]:
+    """(milliseconds, images, the loss's verdicts or None) of plain generation from the same
+    latents: without a world to judge the images, the loss judges them at the last steered
+    step (one gradient-free forward, whose time is not counted)."""
+    from l2s.engine.sampling import sample
+
+    probe = None
+    if denoiser.world is None and loss is not None and triplets:
+        from l2s.steering.verify import classifier_probe
+
+        probe = classifier_probe(denoiser, prompts, [triplets] * len(prompts), loss, settings)
+    spent = [0.0]
+
+    def judged(state):  # the probe's time is the verdict's, not plain generation's
+        ms, out = clock.timed_call(lambda: probe(state))
+        spent[0] += ms
+        return out
+
+    ms, images = clock.timed_call(lambda: sample(
+        denoiser, prompts, steps=settings.steps, guidance=settings.guidance, latents=latents,
+        callback=judged if probe is not None else None))
+    return ms - spent[0], to_uint8(images), None if probe is None else probe.passed
+
+
+def compare_grid(prompt: str, seeds: list[int], plain: np.ndarray, steered: np.ndarray,
+                 achieved: tuple[dict | None, dict | None], method: str, path: Path) -> Path:
+    """One labelled PNG: the prompt, the plain row over the steered row (a column per seed),
+    each image with its verdict."""
+    from l2s.grids import Cell, grid
+
+    def row(images, a):
+        verdicts = a["per_image"] if a and "per_image" in a else [None] * len(images)
+        return [Cell(img, (), v) for img, v in zip(images, verdicts, strict=True)]
+
+    judge = next((a["by"] for a in achieved if a), "not judged")
+    return grid([row(plain, achieved[0]), row(steered, achieved[1])], path,
+                title=f'"{prompt}": plain vs {method} (judged by {judge})',
+                row_labels=["plain", method], col_labels=[f"seed {s}" for s in seeds],
+                label_width=70, verdict_words=("achieved", "missed"))
 
 
 @dataclass
@@ -207,13 +269,20 @@ def steer(config: SteerConfig, denoiser: Denoiser | None = None, on_step=None) -
     }
     if verified is not None:
         report["verify"] = verified.to_json()
+    arr = to_uint8(images)
+    plain = None
     if config.compare_plain:
-        plain_ms, _ = clock.timed_call(
-            lambda: generate(denoiser, prompts, [[]] * len(seeds), latents, settings, None))
+        plain_ms, plain, plain_held = _plain_pass(denoiser, prompts, steerable, latents,
+                                                  settings, loss, clock)
         report["plain_s"] = round(plain_ms / 1000, 4)
         report["overhead"] = round(total / max(report["plain_s"], 1e-9), 3)
-    arr = to_uint8(images)
-    report["achieved"] = relation_achieved(denoiser, arr, steerable, stats, method)
+        report["achieved_plain"] = relation_achieved(denoiser, plain, steerable, SteerStats(),
+                                                     method, plain_held)
+        held = None if plain_held is None else \
+            _steered_held(stats, len(seeds), None if verified is None else verified.passed_plain)
+        report["achieved"] = relation_achieved(denoiser, arr, steerable, stats, method, held)
+    else:
+        report["achieved"] = relation_achieved(denoiser, arr, steerable, stats, method)
     result = SteerResult(arr, report)
     if config.out:
         from PIL import Image
@@ -225,6 +294,15 @@ def steer(config: SteerConfig, denoiser: Denoiser | None = None, on_step=None) -
             atomic_write(result.paths[-1],  # never a 0-byte PNG on a full disk
                          lambda tmp, img=img: Image.fromarray(img).save(tmp, format="PNG"))
         report["images"] = [str(p) for p in result.paths]
+        if plain is not None:  # --compare-plain: the plain images beside them, and the grid
+            report["plain_images"] = []
+            for s, img in zip(seeds, plain, strict=True):
+                report["plain_images"].append(str(out / f"plain_{s:04d}.png"))
+                atomic_write(Path(report["plain_images"][-1]),
+                             lambda tmp, img=img: Image.fromarray(img).save(tmp, format="PNG"))
+            report["compare_grid"] = str(compare_grid(
+                config.prompt, seeds, plain, arr, (report["achieved_plain"], report["achieved"]),
+                method, out / "compare.png"))
         if config.save_attention and stats.attention:
             from l2s.steering.plots import attention_figure
 

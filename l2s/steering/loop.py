@@ -129,6 +129,9 @@ class SteerStats:
     warnings: list[str] = field(default_factory=list)
     # With keep_maps: (step, maps before, maps after), each (A, 2, S, S) averaged over C.
     attention: list[tuple[int, torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    # Per steered image (its index in the batch): whether its loss at its last steered
+    # forward was at most that step's early-exit threshold (the loss's verdict on it).
+    held: dict[int, bool] = field(default_factory=dict)
 
 
 def object_groups(tokenizer, prompt: str, triplets: Sequence[Triplet]
@@ -474,9 +477,11 @@ def record(st: Steerer, s: _Step, rec: StepRecord) -> None:
         # After the step's last iteration: counters, mean losses and p(target) in one copy
         # (float32: exact for the counts, and what every device has). It waits for the
         # step's work, so the timers' CUDA events are complete when they are read below.
-        its, updates, n_skipped, l0, l1, p1 = torch.stack([
+        held = s.loss_last <= st.settings.threshold(rec.step)
+        its, updates, n_skipped, l0, l1, p1, *per_image = torch.cat([torch.stack([
             v.float() for v in (s.applied_iterations, s.applied, s.skipped, s.loss_first.mean(),
-                                 s.loss_last.mean(), s.p_last.mean())]).tolist()
+                                 s.loss_last.mean(), s.p_last.mean())]), held.float()]).tolist()
+        stats.held.update({i: bool(h) for i, h in zip(s.images, per_image, strict=True)})
         rec.iterations, rec.image_updates = int(its), int(updates)
         rec.loss_before, rec.loss_after, rec.p_target = l0, l1, p1
         n_skipped = int(n_skipped)

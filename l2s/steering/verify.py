@@ -77,6 +77,14 @@ class _ClassifierProbe:
         return None
 
 
+def classifier_probe(denoiser: Denoiser, prompts: list[str], triplets: list[list[Triplet]],
+                     loss: RelationLoss, settings: SteerSettings) -> _ClassifierProbe:
+    """A step callback for a plain pass of these prompts: its ``passed`` ends as the loss's
+    verdict on each image at the last steered step (the check of --verify without a world)."""
+    return _ClassifierProbe(Steerer(denoiser, prompts, triplets, loss, settings),
+                            max(settings.steered_steps() - 1, settings.steer_from))
+
+
 def generate_verified(denoiser: Denoiser, prompts: list[str], triplets: list[list[Triplet]],
                       latents: torch.Tensor, settings: SteerSettings, loss: RelationLoss,
                       check: Check | None = None, keep_maps: bool = False) -> Verified:
@@ -85,10 +93,8 @@ def generate_verified(denoiser: Denoiser, prompts: list[str], triplets: list[lis
     ``keep_maps``: the stats keep the steered images' maps (``SteerStats.attention``, in the
     order of the failing images)."""
     check = check or detector_check(denoiser, triplets)
-    probe = None
-    if check is None:
-        probe = _ClassifierProbe(Steerer(denoiser, prompts, triplets, loss, settings),
-                                 max(settings.steered_steps() - 1, settings.steer_from))
+    probe = None if check is not None else \
+        classifier_probe(denoiser, prompts, triplets, loss, settings)
     with torch.no_grad():
         images = sample(denoiser, prompts, steps=settings.steps, guidance=settings.guidance,
                         latents=latents, callback=probe)
