@@ -30,8 +30,8 @@ def test_missing_hub_model_offline_says_where_it_looked_and_how_to_get_it():
 
 
 def test_bad_model_values_get_one_line_errors(tmp_path):
-    with pytest.raises(BackboneError, match="unknown model 'sdxl'"):
-        load_backbone("sdxl", device="cpu")
+    with pytest.raises(BackboneError, match="unknown model 'sd9'"):  # (sdxl is a preset now)
+        load_backbone("sd9", device="cpu")
     with pytest.raises(BackboneError, match="no folder"):
         load_backbone("./nowhere", device="cpu")
     (tmp_path / "unet").mkdir()
@@ -192,13 +192,19 @@ def _folder_of_pipeline(tmp_path, pipeline_class: str):
 
 
 def test_a_folder_of_an_unsupported_pipeline_is_refused_naming_the_supported_ones(tmp_path):
-    """Was: an SDXL folder was taken for SD (the fallback family) and died deep inside
-    diffusers (TypeError: argument of type 'NoneType' is not iterable); here the SD-shaped
-    folder would even have loaded, as the wrong model."""
-    folder = _folder_of_pipeline(tmp_path, "StableDiffusionXLPipeline")
-    with pytest.raises(BackboneError, match="StableDiffusionXLPipeline, which no l2s backbone "
-                                            "family loads; supported pipelines: FluxPipeline, "
-                                            "StableDiffusion3Pipeline, StableDiffusionPipeline"):
+    """Was: an SDXL folder (before the sdxl family) was taken for SD (the fallback family)
+    and died deep inside diffusers (TypeError: argument of type 'NoneType' is not iterable);
+    here the SD-shaped folder would even have loaded, as the wrong model. PixArt stands for
+    any class no family claims."""
+    import re
+
+    from l2s.engine.registry import supported_pipelines
+
+    folder = _folder_of_pipeline(tmp_path, "PixArtAlphaPipeline")
+    assert "StableDiffusionXLPipeline" in supported_pipelines()
+    with pytest.raises(BackboneError, match="PixArtAlphaPipeline, which no l2s backbone "
+                                            "family loads; supported pipelines: "
+                                            + re.escape(", ".join(supported_pipelines()))):
         load_backbone(str(folder), device="cpu")
     # the one the SD family claims loads
     _folder_of_pipeline(tmp_path, "StableDiffusionPipeline")
@@ -210,12 +216,13 @@ def test_cli_refuses_an_unsupported_pipeline_in_one_line(tmp_path):
 
     from l2s.cli import app
 
-    folder = _folder_of_pipeline(tmp_path, "StableDiffusionXLPipeline")
+    folder = _folder_of_pipeline(tmp_path, "PixArtAlphaPipeline")
     r = CliRunner().invoke(app, ["steer", PROMPT, "--model", str(folder), "--method", "plain",
                                  "--steps", "1", "--out", str(tmp_path / "out")])
     assert r.exit_code == 2, r.output
     lines = r.output.strip().splitlines()
-    assert len(lines) == 1 and "supported pipelines: FluxPipeline" in lines[0]
+    assert len(lines) == 1 and "supported pipelines: " in lines[0]
+    assert "StableDiffusionPipeline" in lines[0]
 
 
 def _imports(path) -> set[str]:

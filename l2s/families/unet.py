@@ -255,7 +255,12 @@ class UNetDenoiser(Denoiser):
             dtype = torch.float64 if isinstance(t, float) else torch.int64
             t = torch.full((), t, device=latents.device,
                            dtype=maybe_adjust_dtype_for_device(dtype, latents.device))
-        return self.unet(latents, t, encoder_hidden_states=cond["states"]).sample
+        return self.unet(latents, t, **self.unet_inputs(cond)).sample
+
+    def unet_inputs(self, cond: Conditioning) -> dict:
+        """The UNet's keyword inputs besides latents and time: SD's text states (SDXL adds
+        its pooled vector and size ids, ``families/sdxl.py``)."""
+        return {"encoder_hidden_states": cond["states"]}
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         x = latents.float()
