@@ -191,6 +191,29 @@ def test_gradient_of_a_map_loss_reaches_the_latent(den):
                for p in den.unet.attn_processors.values())  # the originals are back
 
 
+def test_pipeline_callback_steers_a_stable_diffusion_xl_pipeline(pipe):
+    """Catches the family's from_pipeline missing or building the wrong adapter: a stock
+    StableDiffusionXLPipeline (DDIM scheduler) steered through callback_on_step_end gives
+    another image than the same call without the callback."""
+    from l2s.steering.loop import SteerSettings
+    from l2s.steering.pipeline import steering_callback
+
+    def run(cb):
+        return pipe(PROMPT, num_inference_steps=4, guidance_scale=5.0, height=SIZE, width=SIZE,
+                    output_type="np", callback_on_step_end=cb,
+                    callback_on_step_end_tensor_inputs=["latents"],
+                    generator=torch.Generator().manual_seed(0)).images
+
+    plain = run(None)
+    cb = steering_callback(pipe, PROMPT, method="centroid",
+                           settings=SteerSettings(steps=4, steer_until=3, iterations=2,
+                                                  step_size=3000.0))
+    assert isinstance(cb.denoiser, SDXLDenoiser) and cb.denoiser.zero_uncond
+    steered = run(cb)
+    assert plain.shape == steered.shape == (1, SIZE, SIZE, 3)
+    assert cb.stats and not np.allclose(steered, plain)
+
+
 # --- inversion ------------------------------------------------------------------------------
 def test_inversion_round_trip_on_the_tiny_sdxl():
     """Catches inversion and sampling disagreeing on conditioning (pooled vector, size ids)
@@ -369,6 +392,21 @@ def test_the_preset_configs_are_sdxl_base(tmp_path):
     layers = unet_cross_attention_layers(unet, (128, 128))
     assert len(layers) == 70 and sum(la.heads for la in layers) == 1300
     assert {la.resolution for la in layers} == {(64, 64), (32, 32)}
+
+
+def test_cli_invert_ddim_writes_maps_of_a_tiny_sdxl_folder(tmp_path, folder):
+    """`l2s invert` (DDIM, the default) on the SDXL folder writes cache entries; the PSNR
+    gate is off because a random network does not reconstruct."""
+    from typer.testing import CliRunner
+
+    from l2s.cli import app
+
+    r = CliRunner().invoke(app, ["invert", "--data", "shapes", "--model", str(folder),
+                                 "--cache-dir", str(tmp_path / "cache"), "--limit", "1",
+                                 "--per-relation", "1,1,1", "--steps", "4", "--timesteps",
+                                 "1,3", "--min-psnr", "0", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["written"] >= 1
 
 
 def test_cli_train_on_a_folder_source_with_a_tiny_sdxl(tmp_path, folder):
