@@ -442,3 +442,29 @@ def test_cli_train_on_a_folder_source_with_a_tiny_sdxl(tmp_path, folder):
     from l2s.engine.loading import load_backbone
 
     assert card["backbone"]["fingerprint"] == load_backbone(str(folder)).fingerprint
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_random_weights_sdxl_on_cuda_records_1300_maps_with_a_gradient_at_1024_px():
+    """The full preset (`--random-weights`, fp16 UNet and encoders, fp32 VAE) on a GPU:
+    catches a config the real-size networks reject, maps that are not the 70 layers' 1300
+    at 64x64 / 32x32, fp16 overflow in the maps or their gradient, and a VAE decode that
+    overflows."""
+    from l2s.engine.loading import load_backbone
+
+    den = load_backbone("sdxl", random_weights=True, device="cuda", dtype="float16")
+    assert den.image_size == (1024, 1024) and den.vae.dtype == torch.float32
+    layers = den.cross_attention_layers()
+    assert sum(la.heads for la in layers) == 1300
+    dog, cat = pair_tokens(den.tokenizer, PROMPT, "dog", "cat")
+    x = den.prepare_latents(1, torch.Generator().manual_seed(0)).requires_grad_(True)
+    with torch.enable_grad(), AttentionRecorder(
+            den, layers, [list(dog.indices), list(cat.indices)], keep_grad=True) as rec:
+        den.predict(x, den.timesteps(50)[0], den.encode_prompt([PROMPT]))
+        maps = rec.stacked()
+        assert maps.shape == (1, 2, 1300, 16, 16) and torch.isfinite(maps).all()
+        (grad,) = torch.autograd.grad(maps[:, 0, :, :, :8].sum(), x)
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+    with torch.no_grad():
+        assert torch.isfinite(den.decode(x.detach())).all()
