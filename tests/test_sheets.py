@@ -158,3 +158,50 @@ def test_bench_sheets_show_every_image_paged_and_where_methods_disagree(monkeypa
     first, second = (Image.open(tmp_path / n) for n in ("disagreements.png",
                                                          "disagreements-2.png"))
     assert first.height > second.height  # two rows, then one
+
+
+def test_attention_figure_draws_each_images_own_curves_from_before_the_first_update(
+        tmp_path, tiny, monkeypatch, one_thread):
+    """Catches the batch-wide curves drawn in every image's figure, starting after the first
+    update: each figure gets its own image's loss and p(target) per steered step, before the
+    step's updates and after them; their mean over the images is the step's record."""
+    from l2s.steering import plots
+
+    got = {}
+    real = plots.attention_figure
+
+    def spy(image, attention, values, names, path, title="", **kw):
+        got[title.split(":")[0]] = (values, len(attention))
+        return real(image, attention, values, names, path, title, **kw)
+
+    monkeypatch.setattr(plots, "attention_figure", spy)
+    res = steer(SteerConfig(prompt=PROMPT, method="centroid", out=str(tmp_path / "o"),
+                            num_images=2, save_attention=True,
+                            options=replace(OPTIONS, step_size=3000.0)), denoiser=tiny)
+    steps = res.report["steps"]
+    (a, na), (b, nb) = got["seed 0"], got["seed 1"]
+    assert na == nb == len(steps) == len(a) == len(b)
+    assert [v.step for v in a] == [r["step"] for r in steps]
+    assert [v.loss_before for v in a] != [v.loss_before for v in b]  # each image its own
+    for r, va, vb in zip(steps, a, b, strict=True):
+        assert (va.loss_before + vb.loss_before) / 2 == pytest.approx(r["loss_before"], rel=1e-4)
+        assert (va.loss_after + vb.loss_after) / 2 == pytest.approx(r["loss_after"], rel=1e-4)
+        assert (va.p_after + vb.p_after) / 2 == pytest.approx(r["p_target"], rel=1e-4, abs=1e-6)
+    # the first point is before any update: the updates of step 0 lowered the loss
+    assert a[0].loss_before > a[0].loss_after or b[0].loss_before > b[0].loss_after
+
+
+def test_steer_summary_gives_before_and_after_of_the_same_quantity():
+    """Catches "loss 15.21 -> 0.0144, p(target) 1.000 -> 0.986": the first step's loss
+    before its updates beside the last step's loss after them, and p(target) values of
+    different steps as if one moved to the other."""
+    from l2s.cli.steer import _summary
+
+    rec = {"iterations": 2, "forward_ms": 1.0, "backward_ms": 1.0, "update_ms": 1.0}
+    rep = {"settings": {"steps": 10}, "steps": [
+        {**rec, "step": 0, "loss_before": 15.21, "loss_after": 0.5, "p_target": 0.9},
+        {**rec, "step": 3, "loss_before": 0.2, "loss_after": 0.0144, "p_target": 0.986}]}
+    line = _summary(rep)[0]
+    assert "step 0 15.21 -> 0.5, step 3 0.2 -> 0.0144" in line
+    assert "15.21 -> 0.0144" not in line and "0.900 -> 0.986" not in line
+    assert "p(target) after the last steered step 0.986" in line

@@ -58,9 +58,14 @@ def _summary(rep: dict) -> list[str]:
     iters = sum(r["iterations"] for r in steps)
     mean = {k: sum(r[k] for r in steps) / len(steps) for k in ("forward_ms", "backward_ms",
                                                                 "update_ms")}
+    # Before and after of one quantity: a step's loss before its updates and after them
+    # (the loss of a later step starts from another, less noisy latent).
+    moved = f"step {first['step']} {first['loss_before']:.4g} -> {first['loss_after']:.4g}"
+    if last is not first:
+        moved += f", step {last['step']} {last['loss_before']:.4g} -> {last['loss_after']:.4g}"
     return [f"steered {len(steps)} of {rep['settings']['steps']} steps, {iters} iterations; "
-            f"loss {first['loss_before']:.4g} -> {last['loss_after']:.4g}, p(target) "
-            f"{first['p_target']:.3f} -> {last['p_target']:.3f} (--table: every step)",
+            f"loss before -> after each step's updates: {moved}; p(target) after the last "
+            f"steered step {last['p_target']:.3f} (--table: every step)",
             f"per steered step: forward {mean['forward_ms']:.1f} ms, backward "
             f"{mean['backward_ms']:.1f} ms, update {mean['update_ms']:.1f} ms (means)"]
 
@@ -109,7 +114,8 @@ def steer(
                                             "compare.png."),
     save_attention: bool = typer.Option(False, "--save-attention",
                                         help="Also write attention_<seed>.png: subject/object "
-                                             "maps before/after steering, loss curves."),
+                                             "maps before/after steering, and the image's "
+                                             "loss and p(target) per steered step."),
     out: str = typer.Option("out/steer", "--out", "-o",
                             help="Folder for PNGs, report.json and config.yaml (a used one "
                                  "gets a -N suffix)."),

@@ -82,7 +82,7 @@ class SteerConfig:
     # also generate the same seeds plainly: timed, saved (plain_<seed>.png), judged, and set
     # beside the steered images in compare.png
     compare_plain: bool = False
-    save_attention: bool = False  # write attention_<seed>.png: maps before/after, loss curves
+    save_attention: bool = False  # attention_<seed>.png: maps before/after, the image's curves
     out: str | None = None  # folder for PNGs and report.json (None: write nothing)
 
     def __post_init__(self) -> None:
@@ -304,16 +304,21 @@ def steer(config: SteerConfig, denoiser: Denoiser | None = None, on_step=None) -
                 config.prompt, seeds, plain, arr, (report["achieved_plain"], report["achieved"]),
                 method, out / "compare.png"))
         if config.save_attention and stats.attention:
-            from l2s.steering.plots import attention_figure
+            from l2s.steering.plots import attention_figure, image_curves
 
             first = steerable[0]
-            # the steered images, in the order of the maps (--verify: only the failing ones)
+            # the steered images, in the order of the steered batch (--verify: only the
+            # failing ones); a step's maps hold the images it steered, in its curves' order
             steered = range(len(seeds)) if verified is None else \
                 [i for i, ok in enumerate(verified.passed_plain) if not ok]
             report["attention_figures"] = [str(attention_figure(
-                arr[i], [(s, before[b], after[b]) for s, before, after in stats.attention],
-                report["steps"], (first.subject, first.object),
-                out / f"attention_{seeds[i]:04d}.png")) for b, i in enumerate(steered)]
+                arr[i], [(s, before[images.index(b)], after[images.index(b)])
+                         for (s, before, after), (_, images, *_) in zip(
+                             stats.attention, stats.curves, strict=True) if b in images],
+                image_curves(stats.curves, b), (first.subject, first.object),
+                out / f"attention_{seeds[i]:04d}.png",
+                title=f'seed {seeds[i]}: "{config.prompt}", {method}; maps of {first}'))
+                for b, i in enumerate(steered)]
         report["out"] = str(out)
         atomic_write_text(out / "report.json", json.dumps(finite_json(report), indent=2))
         # the run in `l2s steer`'s option names: `l2s steer --config out/config.yaml` repeats it

@@ -132,6 +132,10 @@ class SteerStats:
     # Per steered image (its index in the batch): whether its loss at its last steered
     # forward was at most that step's early-exit threshold (the loss's verdict on it).
     held: dict[int, bool] = field(default_factory=dict)
+    # With keep_maps, per steered step: (step, its images' batch indices, and per image the
+    # loss and p(target) at the step's first forward and at its last).
+    curves: list[tuple[int, list[int], list[float], list[float], list[float], list[float]]] = \
+        field(default_factory=list)
 
 
 def object_groups(tokenizer, prompt: str, triplets: Sequence[Triplet]
@@ -408,6 +412,7 @@ class _Step:
     applied_iterations: torch.Tensor
     loss_first: torch.Tensor | None = None  # (A,) each image's loss at its first forward
     loss_last: torch.Tensor | None = None  # (A,) ... at its last
+    p_first: torch.Tensor | None = None
     p_last: torch.Tensor | None = None
     maps_before: torch.Tensor | None = None  # with keep_maps: (A, 2, S, S), first and last
     maps_last: torch.Tensor | None = None
@@ -438,7 +443,8 @@ def score(st: Steerer, rec: AttentionRecorder, s: _Step, z: torch.Tensor, it: in
                                           step, threshold)
     if s.loss_first is None:
         s.loss_first = loss.detach().float()
-        s.loss_last, s.p_last = s.loss_first.clone(), p.detach().float().clone()
+        s.p_first = p.detach().float()
+        s.loss_last, s.p_last = s.loss_first.clone(), s.p_first.clone()
         if st.keep_maps:
             s.maps_before = sel.detach().float().mean(2).cpu()
             s.maps_last = s.maps_before.clone()
@@ -496,6 +502,8 @@ def record(st: Steerer, s: _Step, rec: StepRecord) -> None:
     stats.steps.append(rec)
     if st.keep_maps and s.maps_last is not None:
         stats.attention.append((rec.step, s.maps_before, s.maps_last))
+        stats.curves.append((rec.step, list(s.images), *(v.tolist() for v in (
+            s.loss_first, s.loss_last, s.p_first, s.p_last))))
 
 
 def steer_step(st: Steerer, rec: AttentionRecorder, x: torch.Tensor, t: int, step: int
