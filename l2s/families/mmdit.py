@@ -10,6 +10,8 @@ shift (and Flux-dev's resolution-dependent dynamic shift) cannot drift from thei
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
 from torch import nn
@@ -33,18 +35,25 @@ def mmdit_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.bfloat16 if dtype == torch.float16 else dtype
 
 
-def _calculate_shift():
-    """diffusers' ``calculate_shift`` (FluxPipeline's mu). Importing its module imports the
-    pipeline's image processors, and without torchvision transformers then warns on stderr
-    about processors l2s never uses: the import runs with transformers' warnings off."""
+@contextlib.contextmanager
+def quiet_transformers():
+    """transformers' warnings off while a diffusers pipeline module is imported for one of its
+    functions: the import pulls in the pipeline's image processors, and without torchvision
+    transformers warns on stderr about processors l2s never uses."""
     from transformers.utils import logging as hf_logging
 
     level = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
-        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+        yield
     finally:
         hf_logging.set_verbosity(level)
+
+
+def _calculate_shift():
+    """diffusers' ``calculate_shift`` (FluxPipeline's mu), imported quietly."""
+    with quiet_transformers():
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
     return calculate_shift
 
 
