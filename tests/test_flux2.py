@@ -284,23 +284,32 @@ def test_token_alignment_inside_the_chat_template_for_every_benchmark_prompt(cha
 
 
 def test_token_alignment_refuses_a_prompt_the_text_length_cannot_hold(words):
-    chat_tok = ChatTokenizer(random_chat_tokenizer("mistral", words=words), "mistral", 40)
+    chat_tok = ChatTokenizer(random_chat_tokenizer("mistral", words=words), "mistral", 30)
     with pytest.raises(TokenAlignmentError, match="inside the chat template"):
         pair_tokens(chat_tok, PROMPT, "dog", "cat")
 
 
-def test_inversion_round_trip_on_the_tiny_model(pipes):
+def test_inversion_round_trip_on_the_tiny_model(words):
     """Euler inversion with fixed-point refinement, then sampling, gives back the image's
-    latents (the schedule, packing and encode/decode agree)."""
-    den = denoiser(pipes["klein"])
+    latents through the adapter (schedule, packing, encode). The tiny random network's
+    output is scaled down: at full scale its velocity field changes faster than the
+    fixed-point iteration of the last (largest) step can follow, a property of random
+    weights, not of the inversion."""
+    pipe = tiny_pipeline("klein", words)
+    with torch.no_grad():
+        pipe.transformer.proj_out.weight.mul_(0.05)
+    den = denoiser(pipe)
     images = sample(den, [PROMPT], steps=4, guidance=1.0,
                     generator=torch.Generator().manual_seed(3))
     x0 = den.encode_image(images)
     assert x0.shape == (1, *den.latent_shape)
     cond = den.encode_prompt([PROMPT])
-    traj = ddim_invert(den, x0, cond, steps=4, fixed_point=20)
-    back = reconstruct(den, traj[0], cond, steps=4)
-    torch.testing.assert_close(back, x0, rtol=0, atol=2e-3)
+    back = reconstruct(den, ddim_invert(den, x0, cond, steps=4, fixed_point=30)[0], cond,
+                       steps=4)
+    torch.testing.assert_close(back, x0, rtol=0, atol=1e-4)
+    # Without refinement the explicit backward Euler is not the forward step's inverse.
+    rough = reconstruct(den, ddim_invert(den, x0, cond, steps=4)[0], cond, steps=4)
+    assert (rough - x0).abs().max() > 1e-2
 
 
 def test_random_weights_builder_runs_the_preset_path_on_shrunk_configs():
@@ -327,7 +336,8 @@ def _shrunk(configs: dict) -> dict:
     return {**configs, "max_sequence_length": 48,
             "transformer": {**configs["transformer"], "in_channels": 4, "num_layers": 1,
                             "num_single_layers": 1, "attention_head_dim": 16,
-                            "num_attention_heads": 2, "joint_attention_dim": 48},
+                            "num_attention_heads": 2, "joint_attention_dim": 48,
+                            "axes_dims_rope": [4, 4, 4, 4]},
             "text_encoder": {**configs["text_encoder"], **small},
             "vae": {**configs["vae"], "block_out_channels": [4], "latent_channels": 1,
                     "norm_num_groups": 1, "layers_per_block": 1, "sample_size": 32,
@@ -374,38 +384,57 @@ def test_a_folder_loads_and_gets_the_klein_defaults(folder):
     assert steer_defaults(str(folder)) == PRESETS[0].defaults
 
 
-def test_cli_steer_moves_the_latent_on_a_tiny_folder(tmp_path, folder):
-    r = _cli("steer", PROMPT, "--model", folder, "--method", "centroid", "--steps", "2",
-             "--steer-until", "1", "--iterations", "2", "--out", tmp_path / "steer", "--json")
-    rep = json.loads(r.stdout)
-    step = rep["steps"][0]
-    assert step["iterations"] == 2
-    moved = [v for k, v in step.items() if "norm" in k or "moved" in k or "update" in k]
-    assert moved and any(float(v) > 0 for v in moved if isinstance(v, int | float)), step
-
-
-def test_cli_invert_and_train_on_a_folder_of_images(tmp_path, folder):
+def _image_folder(root):
+    """12 random images with a dog and a cat in each of the four relations, 4 per split, as
+    the folder source reads them (annotations.jsonl)."""
     from PIL import Image
 
-    data = tmp_path / "data"
-    data.mkdir()
+    root.mkdir()
     rng = np.random.default_rng(0)
+    boxes = {"left of": ([1, 4, 6, 12], [9, 4, 15, 12]),
+             "right of": ([9, 4, 15, 12], [1, 4, 6, 12]),
+             "above": ([4, 1, 12, 6], [4, 9, 12, 15]),
+             "below": ([4, 9, 12, 15], [4, 1, 12, 6])}
     lines = []
-    for i in range(4):
+    for i in range(12):
+        a, b = boxes[list(boxes)[i % 4]]
         Image.fromarray(rng.integers(0, 255, (SIZE, SIZE, 3), dtype=np.uint8)).save(
-            data / f"{i}.png")
-        left, right = [1, 4, 6, 12], [9, 4, 15, 12]
-        a, b = (left, right) if i % 2 == 0 else (right, left)
+            root / f"{i}.png")
         lines.append(json.dumps({"image": f"{i}.png", "subject": "dog", "object": "cat",
-                                 "subject_box": a, "object_box": b}))
-    (data / "annotations.jsonl").write_text("\n".join(lines) + "\n")
+                                 "subject_box": a, "object_box": b,
+                                 "split": ("train", "val", "test")[i // 4]}))
+    (root / "annotations.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def test_cli_train_on_a_folder_then_steer_with_that_classifier(tmp_path, folder):
+    """`l2s train --data folder --model <tiny FLUX.2>` inverts the images (flow noising),
+    records their maps and writes a card over the klein's layers; `l2s steer` with that card
+    then updates the latent at the steered step and lowers the classifier's loss there."""
+    data = _image_folder(tmp_path / "data")
     r = _cli("train", "--model", folder, "--data", "folder", "--folder", data, "--cache-dir",
-             tmp_path / "cache", "--out", tmp_path / "clf", "--epochs", "1", "--d-model", "16",
-             "--depth", "1", "--val-fraction", "0.25", "--test-fraction", "0.25", "--json")
+             tmp_path / "cache", "--out", tmp_path / "clf", "--epochs", "2", "--d-model", "16",
+             "--depth", "1", "--inversion", "noise", "--split", "recorded", "--json")
     res = json.loads(r.stdout)
-    card = json.loads((tmp_path / "clf" / "classifier.json").read_text()) \
-        if (tmp_path / "clf" / "classifier.json").exists() else res
-    assert "flux2" in json.dumps(card) or str(folder) in json.dumps(res)
+    assert res["inverted"]["written"] == 24
+    assert res["data"]["images"] == {"train": 4, "val": 4, "test": 4}
+    card = json.loads((tmp_path / "clf" / "card.json").read_text())
+    assert [la["name"] for la in card["backbone"]["layers"]] == [
+        "transformer_blocks.0.attn", "single_transformer_blocks.0.attn"]
+    assert card["text_len"] == 512
+    r = _cli("steer", PROMPT, "--model", folder, "--classifier", tmp_path / "clf", "--steps",
+             "2", "--steer-until", "1", "--iterations", "2", "--out", tmp_path / "steer",
+             "--json")
+    step = json.loads(r.stdout)["steps"][0]
+    assert step["image_updates"] == 2 and step["loss_after"] < step["loss_before"]
+
+
+def test_cli_invert_records_euler_inversion_of_a_folder(tmp_path, folder):
+    data = _image_folder(tmp_path / "data")
+    r = _cli("invert", "--data", "folder", "--folder", data, "--model", folder, "--cache-dir",
+             tmp_path / "cache", "--steps", "4", "--timesteps", "1,3", "--min-psnr", "0",
+             "--json")
+    assert json.loads(r.stdout)["written"] == 24  # true and wrong caption of each image
 
 
 def test_cli_speed_runs_on_a_tiny_folder_and_random_weights_wiring(tmp_path, folder,
