@@ -128,6 +128,8 @@ _RESOLVED = {
     "black-forest-labs/FLUX.1-schnell": (4, 0.0, 0, 1, 16, 5.0, "sgd", 1e-5, 7e-5),
     "flux-dev": (50, 3.5, 0, 0.5, 16, 5.0, "sgd", 1e-5, 7e-5),
     "sd3.5-medium": (40, 4.5, 0, 0.5, 16, 5.0, "sgd", 1e-5, 7e-5),
+    "flux2-klein": (4, 1.0, 0, 1, 16, 5.0, "sgd", 1e-5, 7e-5),  # not yet tuned (as schnell)
+    "flux2-dev": (50, 4.0, 0, 0.5, 16, 5.0, "sgd", 1e-5, 7e-5),  # not yet tuned (as flux-dev)
     "someone/unknown-model": (50, 7.5, 0, 0.5, 16, 5.0, "sgd", 1e-5, 7e-5),
 }
 
