@@ -329,6 +329,34 @@ def test_random_weights_builder_runs_the_preset_path_on_shrunk_configs():
         assert images.shape == (1, 32, 32, 3) and torch.isfinite(images).all()
 
 
+@pytest.mark.parametrize("kind", ["klein", "dev"])
+def test_callback_steers_both_flux2_pipelines_through_the_family(kind, pipes):
+    """steering_callback finds the flux2 family from the pipeline's class (from_pipeline),
+    steers the latents the pipeline hands it at the steered steps, and leaves the pipeline
+    plain again afterwards."""
+    from l2s.steering.loop import SteerSettings
+    from l2s.steering.pipeline import steering_callback
+
+    pipe = pipes[kind]
+
+    def run(cb):
+        return pipe(prompt=PROMPT, height=SIZE, width=SIZE, num_inference_steps=4,
+                    guidance_scale=4.0, max_sequence_length=TEXT, output_type="np",
+                    text_encoder_out_layers=(1,), callback_on_step_end=cb,
+                    callback_on_step_end_tensor_inputs=["latents"],
+                    generator=torch.Generator().manual_seed(0)).images
+
+    plain = run(None)
+    cb = steering_callback(pipe, PROMPT, method="centroid", image_size=SIZE, text_len=TEXT,
+                           settings=SteerSettings(steps=4, steer_until=3, iterations=2,
+                                                  step_size=3000.0))
+    assert isinstance(cb.denoiser, Flux2Denoiser)
+    steered = run(cb)
+    assert [r.step for r in cb.stats.steps] == [1, 2]
+    assert not np.allclose(steered, plain)
+    assert np.allclose(run(None), plain)
+
+
 def _shrunk(configs: dict) -> dict:
     small = dict(hidden_size=16, intermediate_size=16, num_hidden_layers=4,
                  num_attention_heads=2, num_key_value_heads=2, head_dim=8,

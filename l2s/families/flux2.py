@@ -20,9 +20,9 @@ diffusers' image:
 Maps: joint attention as Flux.1 (text first; 5 + 20 double/single-stream blocks for klein
 4B, 8 + 48 for dev), image queries x text keys softmaxed over all text keys. The prompt's
 words are found inside the template (``ChatTokenizer``); system, template and padding tokens
-map to no word. The capture's softmax (``joint_attention.text_key_probs_light``) keeps no
-(image x text) tensor for the backward, so a recorded layer holds only the recorded tokens'
-maps, not one column per text token.
+map to no word. The capture's softmax (``TextKeySoftmax``) keeps no (image x text) tensor
+for the backward, so a recorded layer holds only the recorded tokens' maps, not one column
+per text token.
 """
 
 from __future__ import annotations
@@ -54,9 +54,12 @@ from l2s.families.mmdit import MMDiTDenoiser, mmdit_dtype, quiet_transformers
 
 CHATS = ("qwen3", "mistral")  # klein's and dev's text encoders and chat templates
 
-# Exact architectures (for --random-weights): the hub repos' <component>/config.json.
-# FLUX.2 transformer defaults are FLUX.2 [dev]'s; [klein] 4B: hidden 3072 = 24 heads x 128,
-# 5 double + 20 single blocks, context 3 x 2560 (Qwen3-4B), no guidance embedding.
+# Exact architectures (for --random-weights), as published: FLUX.2 [dev] is diffusers'
+# Flux2Transformer2DModel default (8 + 48 blocks, 48 heads x 128, context 3 x 5120);
+# [klein] 4B has hidden 3072 = 24 heads x 128, 5 double + 20 single blocks, context
+# 3 x 2560 (Qwen3-4B), no guidance embedding (cross-checked against independent FLUX.2
+# ports; the hub files themselves could not be read offline). The VAE is
+# AutoencoderKLFlux2's defaults, which diffusers gives as FLUX.2's.
 _FLUX2_VAE = {
     "in_channels": 3, "out_channels": 3, "latent_channels": 32, "layers_per_block": 2,
     "act_fn": "silu", "block_out_channels": [128, 256, 512, 512], "norm_num_groups": 32,
