@@ -451,10 +451,15 @@ def test_cli_train_on_a_folder_then_steer_with_that_classifier(tmp_path, folder)
         "transformer_blocks.0.attn", "single_transformer_blocks.0.attn"]
     assert card["text_len"] == 512
     r = _cli("steer", PROMPT, "--model", folder, "--classifier", tmp_path / "clf", "--steps",
-             "2", "--steer-until", "1", "--iterations", "2", "--out", tmp_path / "steer",
-             "--json")
+             "2", "--steer-until", "1", "--iterations", "2", "--compare-plain", "--out",
+             tmp_path / "steer", "--json")
     step = json.loads(r.stdout)["steps"][0]
     assert step["image_updates"] == 2 and step["loss_after"] < step["loss_before"]
+    from PIL import Image
+
+    steered, plain = (np.asarray(Image.open(tmp_path / "steer" / name)).astype(int)
+                      for name in ("image_0000.png", "plain_0000.png"))
+    assert np.abs(steered - plain).max() > 0  # the moved latent gives another image
 
 
 def test_cli_invert_records_euler_inversion_of_a_folder(tmp_path, folder):
