@@ -17,8 +17,14 @@ A method factory gets a MethodContext once per run and returns the batch generat
         return run
 
 A method may take an argument after a colon, ``NAME:ARG`` (``l2s:CARD`` steers with the
-classifier card or folder CARD): register it with ``argument="what ARG is"``; the factory
-reads it as ``ctx.argument`` (None when the name is given bare).
+classifier card or folder CARD): register it with ``argument="what ARG is"`` (and
+``check=``, a function refusing a bad ARG before the run starts); the factory reads it as
+``ctx.argument`` (None when the name is given bare).
+
+A generator may return a :class:`Generated` instead of bare images: fields to join each
+image's record, and the candidates a search chose among, which the run judges with the
+suite's checker after the method's time is taken (``best-of`` does: its records say how
+often the verifier agreed with the judge).
 """
 
 from __future__ import annotations
@@ -36,7 +42,21 @@ if TYPE_CHECKING:
     from l2s.bench.suites import BenchPrompt
     from l2s.steering.options import SteerOptions
 
-Generate = Callable[[Sequence["BenchPrompt"], Sequence[int]], torch.Tensor]
+
+
+@dataclass
+class Generated:
+    """A method's images with what the run should record beside them."""
+
+    images: torch.Tensor  # (B, H, W, 3) in [0, 1]: one per (prompt, seed), as a bare return
+    records: list[dict]  # (B,) fields joined to each image's result record
+    # (B, N, H, W, 3) in [0, 1]: the images a search chose among; each is judged by the
+    # suite's checker outside the method's seconds, its verdicts joining the image's record
+    # as "candidates_correct" (None: nothing to judge)
+    candidates: torch.Tensor | None = None
+
+
+Generate = Callable[[Sequence["BenchPrompt"], Sequence[int]], "torch.Tensor | Generated"]
 
 
 class MethodSettings(Protocol):
@@ -63,16 +83,22 @@ MethodFactory = Callable[[MethodContext], Generate]
 METHODS: dict[str, MethodFactory] = {}
 # name -> what its argument is (NAME:ARG), for the methods that take one
 METHOD_ARGUMENTS: dict[str, str] = {}
+# name -> (option, ARG) -> None, raising an L2SError for an ARG the method cannot take
+ARGUMENT_CHECKS: dict[str, Callable[[str, str], object]] = {}
 
 
-def register_method(name: str, argument: str | None = None
+def register_method(name: str, argument: str | None = None,
+                    check: Callable[[str, str], object] | None = None
                     ) -> Callable[[MethodFactory], MethodFactory]:
     """Decorator adding a factory to METHODS under `name` (`l2s bench --method NAME`);
-    `argument` says what ARG is when the method may be named NAME:ARG."""
+    `argument` says what ARG is when the method may be named NAME:ARG, `check(option, ARG)`
+    refuses a bad one with a one-line error."""
     def add(factory: MethodFactory) -> MethodFactory:
         METHODS[name] = factory
         if argument is not None:
             METHOD_ARGUMENTS[name] = argument
+        if check is not None:
+            ARGUMENT_CHECKS[name] = check
         return factory
 
     return add
@@ -97,6 +123,8 @@ def check_method(name: str, error: type[Exception]) -> None:
     if arg is not None and not arg.strip():
         raise error(f"--method {name}: nothing after ':'; give {base}:ARG with ARG "
                     f"{METHOD_ARGUMENTS[base]}, or {base} alone")
+    if arg is not None and base in ARGUMENT_CHECKS:
+        ARGUMENT_CHECKS[base](f"--method {name}", arg)
 
 
 def method_factory(name: str) -> MethodFactory:
@@ -144,6 +172,40 @@ CARD = "a classifier card or folder to steer with instead of the run's --classif
 for _name in ("plain", "l2s", "centroid", "l2s-verify"):
     register_method(_name, CARD if _name in ("l2s", "l2s-verify") else None)(
         _steer_method(_name))
+
+
+def _check_candidates(option: str, arg: str) -> int:
+    from l2s.steering.search import check_candidates
+
+    return check_candidates(option, arg)
+
+
+@register_method("best-of", argument="the number of plain candidates per image (default 4)",
+                 check=_check_candidates)
+def best_of_method(ctx: MethodContext) -> Generate:
+    """best-of:N: N plain candidates per image from distinct seeds (candidate 0: the image's
+    own), the run's classifier reading the maps of the plain pass keeps the most probable one
+    (``l2s.steering.search``); the suite's checker is never the verifier. Each record gets
+    the search ("best_of": seeds, verifier p, the kept candidate) and, judged after the
+    method's time is taken, every candidate's verdict ("candidates_correct")."""
+    from l2s.steering.job import build_loss
+    from l2s.steering.search import DEFAULT_CANDIDATES, best_of
+
+    cfg = ctx.config
+    n = DEFAULT_CANDIDATES if ctx.argument is None else \
+        _check_candidates(f"--method best-of:{ctx.argument}", ctx.argument)
+    loss, card = build_loss("l2s", ctx.denoiser, cfg.model, cfg.classifier)
+    settings = cfg.options.resolve(cfg.model)
+
+    def run(prompts: Sequence[BenchPrompt], seeds: Sequence[int]) -> Generated:
+        triplets = [[t for t in p.triplets if t.steerable] for p in prompts]
+        found = best_of(ctx.denoiser, [p.prompt for p in prompts], triplets, seeds, n,
+                        settings, loss)
+        return Generated(found.images, [{"best_of": found.image_json(i)}
+                                        for i in range(len(prompts))], found.candidates)
+
+    run.classifier = card  # the card it verifies with: a resume must keep it
+    return run
 
 
 def methods() -> dict[str, MethodFactory]:

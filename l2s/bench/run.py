@@ -21,10 +21,10 @@ from l2s.bench.detectors import (
     detector_notes,
     load_detector,
 )
-from l2s.bench.methods import MethodContext, check_method, method_factory
+from l2s.bench.methods import Generated, MethodContext, check_method, method_factory
 from l2s.bench.scoring import ColorClassifier, score_image
 from l2s.bench.sheets import disagreement_sheet, method_sheets
-from l2s.bench.stats import paired_difference, summarise
+from l2s.bench.stats import paired_difference, summarise, verifier_summary
 from l2s.bench.suites import (
     DEFAULT_DETECTORS,
     BenchError,
@@ -141,6 +141,7 @@ class BenchResult:
     warnings: list[str] = field(default_factory=list)
     complete: bool = True  # every shard's images are scored
     notes: list[str] = field(default_factory=list)  # how the scoring departs from the original
+    plot: Path | None = None  # frontier.png: position accuracy against seconds per image
 
     @property
     def seconds(self) -> dict[str, float]:
@@ -148,7 +149,8 @@ class BenchResult:
 
     def to_json(self) -> dict:
         return {"suite": self.suite, "detector": self.detector, "methods": self.methods,
-                "warnings": self.warnings, "complete": self.complete, "notes": self.notes}
+                "warnings": self.warnings, "complete": self.complete, "notes": self.notes,
+                "plot": None if self.plot is None else str(self.plot)}
 
 
 def image_seed(seed: int, prompt_index: int, image_index: int) -> int:
@@ -253,16 +255,18 @@ def _run(cfg: BenchConfig, out: Path, denoiser: Denoiser | None, detector: Detec
     counts, queues = {}, {}
 
     def scored(method: str, p: BenchPrompt, k: int, seconds: tuple[float, float],
-               img: np.ndarray, generated: bool = False) -> None:
+               img: np.ndarray, generated: bool = False, extra: dict | None = None
+               ) -> None:
         """Score one image, append its record (with the settings it was made with and, when
-        it was generated here, the text length its prompt was encoded as and the classifier
-        it was steered with), count it and report progress."""
+        it was generated here, the text length its prompt was encoded as, the classifier it
+        was steered with and the method's own fields), count it and report progress."""
         rec = {**_record(method, p, k, cfg, seconds, img, lazy), **made}
         if generated:
             text_len = getattr(lazy.denoiser, "text_len", None)
             if text_len is not None:
                 rec["text_len"] = text_len
             rec.update(cards.get(method) or {})
+        rec.update(extra or {})
         store.append_record(results, rec)
         records.append(rec)
         counts[method] += 1
@@ -293,14 +297,16 @@ def _run(cfg: BenchConfig, out: Path, denoiser: Denoiser | None, detector: Detec
                 continue
             seeds = [image_seed(cfg.seed, p.index, k) for p, k in batch]
             t0, c0 = time.perf_counter(), time.process_time()
-            imgs = to_uint8(generators[method]([p for p, _ in batch], seeds))
+            output = generators[method]([p for p, _ in batch], seeds)
+            imgs = to_uint8(output.images if isinstance(output, Generated) else output)
             each = (time.perf_counter() - t0) / len(batch)
             each_cpu = (time.process_time() - c0) / len(batch)
+            extras = _extras(output, [p for p, _ in batch], lazy)  # after the timing
             for (p, k), s, img in zip(batch, seeds, imgs, strict=True):
                 store.save_image(store.image_path(out, method, p.index, k), img, s, each,
                                  each_cpu)
-            for (p, k), img in zip(batch, imgs, strict=True):
-                scored(method, p, k, (each, each_cpu), img, generated=True)
+            for (p, k), img, extra in zip(batch, imgs, extras, strict=True):
+                scored(method, p, k, (each, each_cpu), img, generated=True, extra=extra)
     return summarise_run(cfg, prompts, records, out)
 
 
@@ -334,6 +340,18 @@ def _check_cards(out: Path, records: list[dict], cards: dict[str, dict | None]) 
                 f"{card['classifier']} (sha256 {card['classifier_sha256'][:12]}): one run "
                 f"steers with one classifier; pass --classifier {other[0][0]} (or that card "
                 "back in place), another --out, or delete that folder to start over")
+
+
+def _extras(output, prompts: list[BenchPrompt], lazy: _Lazy) -> list[dict]:
+    """Per image, the fields a method's ``Generated`` adds to its record, with every
+    candidate's verdict under the suite's checker ("candidates_correct")."""
+    if not isinstance(output, Generated):
+        return [{} for _ in prompts]
+    extras = [dict(r) for r in output.records]
+    if output.candidates is not None:
+        for extra, p, cands in zip(extras, prompts, output.candidates, strict=True):
+            extra["candidates_correct"] = lazy.check(cands, [p] * len(cands))
+    return extras
 
 
 def _saved(path: Path) -> bool:
@@ -440,6 +458,8 @@ def summarise_run(cfg: BenchConfig, prompts: list[BenchPrompt], records: list[di
         s = summarise(recs)
         for key in ("seconds", "cpu_seconds"):  # records written before cpu_seconds: nan
             s[key] = float(np.nansum([r.get(key, np.nan) for r in recs]))
+            s[f"{key}_per_image"] = s[key] / len(recs) if recs else None
+        s.update(verifier_summary(recs))
         methods[name] = s
         empty = sum(r["n_detections"] == 0 for r in recs)
         if recs and empty > len(recs) / 2:
@@ -468,5 +488,9 @@ def summarise_run(cfg: BenchConfig, prompts: list[BenchPrompt], records: list[di
                 methods[name]["vs_plain"] = paired_difference(by_method.get(name, []),
                                                               by_method.get("plain", []))
     complete = all(len(by_method.get(m, [])) == expected for m in cfg.methods)
+    from l2s.bench.frontier import frontier_plot
+
+    plot = frontier_plot(methods, out / "frontier.png",
+                         title=f"{cfg.suite} on {cfg.model}, {len(prompts)} prompts")
     return BenchResult(cfg.suite, methods, out, cfg.detector_name, warnings, complete,
-                       detector_notes(cfg.suite, cfg.detector_name))
+                       detector_notes(cfg.suite, cfg.detector_name), plot)

@@ -26,7 +26,8 @@ def task_accuracy(records: list[dict]) -> dict[str, float]:
 def summarise(records: list[dict]) -> dict:
     """One method's numbers: n_images, tasks, overall (mean of tasks), and the suite's extras:
     position_accuracy (an image counts when every relation it asks for holds), relation_accuracy
-    (share of single relations that hold), both_present and fused (the toy world)."""
+    (share of single relations that hold) with position_ci95 (its 95% Wilson interval),
+    both_present and fused (the toy world)."""
     n = len(records)
     out: dict = {"n_images": n}
     if n == 0:
@@ -39,12 +40,55 @@ def summarise(records: list[dict]) -> dict:
     relational = [r for r in records if _relations(r)]
     if relational:
         out["position_accuracy"] = sum(r["correct"] for r in relational) / len(relational)
+        out["position_ci95"] = wilson_interval(out["position_accuracy"], len(relational))
     if "fused" in records[0]:
         out["fused"] = sum(r["fused"] for r in records) / n
     held = [h for r in records for h in r.get("relations_held", [])]
     if held:
         out["relation_accuracy"] = sum(held) / len(held)
     return out
+
+
+def wilson_interval(p: float, n: int, z: float = 1.96) -> list[float]:
+    """The 95% Wilson score interval of a proportion ``p`` measured on ``n`` images (Wilson,
+    1927): never outside [0, 1], and not of width 0 at p = 0 or 1 as the normal one is."""
+    if n <= 0:
+        return [0.0, 1.0]
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * float(np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)))
+    return [max(0.0, centre - half), min(1.0, centre + half)]
+
+
+def verifier_summary(records: list[dict]) -> dict:
+    """How a search method's verifier agreed with the benchmark's judge, over the images whose
+    records hold the search ("best_of": the verifier's p per candidate, the kept one) and
+    every candidate's verdict under the judge ("candidates_correct"); {} for other methods.
+
+    verifier_accuracy: share of all candidates where the verifier's verdict (p >= 0.5 that
+    every relation holds) equals the judge's. Under "verifier": the same, candidates and
+    images counted, chosen_correct (the judge accepts the kept candidate), oracle (it accepts
+    at least one candidate: what a perfect verifier would keep), first_correct (it accepts
+    candidate 0, plain's image), random_pick (the mean share of accepted candidates: a blind
+    pick), picked_when_possible (chosen_correct among the images where oracle holds).
+    """
+    rows = [r for r in records if (r.get("best_of") or {}).get("p") is not None
+            and r.get("candidates_correct") is not None]
+    if not rows:
+        return {}
+    agree = [(p >= 0.5) == ok for r in rows
+             for p, ok in zip(r["best_of"]["p"], r["candidates_correct"], strict=True)]
+    chosen = [r["candidates_correct"][r["best_of"]["chosen"]] for r in rows]
+    possible = [any(r["candidates_correct"]) for r in rows]
+    n = len(rows)
+    picked = [c for c, ok in zip(chosen, possible, strict=True) if ok]
+    acc = sum(agree) / len(agree)
+    return {"verifier_accuracy": acc,
+            "verifier": {"verifier_accuracy": acc, "candidates": len(agree), "images": n,
+                         "chosen_correct": sum(chosen) / n, "oracle": sum(possible) / n,
+                         "first_correct": sum(r["candidates_correct"][0] for r in rows) / n,
+                         "random_pick": float(np.mean([np.mean(r["candidates_correct"])
+                                                       for r in rows])),
+                         "picked_when_possible": sum(picked) / len(picked) if picked else None}}
 
 
 def _relations(record: dict) -> bool:

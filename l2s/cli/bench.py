@@ -37,10 +37,13 @@ def bench(
     method: list[str] = typer.Option(["plain"], "--method",
                                      help="Method to score, repeat to compare on the same "
                                           "seeds: plain, l2s, centroid, l2s-verify (plain "
-                                          "first, steer what the detector fails). l2s:CARD "
+                                          "first, steer what the detector fails), best-of:N "
+                                          "(N plain candidates, the classifier keeps the most "
+                                          "probable; bare: 4). l2s:CARD "
                                           "and l2s-verify:CARD steer with the classifier "
                                           "card or folder CARD, so one run compares "
-                                          "classifiers."),
+                                          "classifiers. Writes frontier.png (accuracy vs "
+                                          "seconds per image) in --out."),
     prompts: int = typer.Option(None, "--prompts",
                                 help="First N prompts (default: all 553 / 100 / 300 of a fixed "
                                      "suite, 200 of a generated one)."),

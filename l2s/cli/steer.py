@@ -93,7 +93,9 @@ def steer(
     model: str = typer.Option("toy", "--model", "-m",
                               help="Preset (l2s models lists them), hub id or local folder."),
     method: str = typer.Option("l2s", "--method",
-                               help="l2s (learned loss), centroid (hand-made loss) or plain."),
+                               help="l2s (learned loss), centroid (hand-made loss), plain, "
+                                    "or best-of (--candidates plain images, the classifier "
+                                    "keeps the most probable)."),
     classifier: str = typer.Option(None, "--classifier",
                                    help="Classifier card.json (default: the one `l2s train` "
                                         "wrote for the model, else the shipped one)."),
@@ -107,6 +109,9 @@ def steer(
                                 help="Generate plainly first, check each image (the toy's "
                                      "detector, else the classifier on the plain pass) and "
                                      "steer only the failing ones, from the same seeds."),
+    candidates: int = typer.Option(None, "--candidates",
+                                   help="best-of: plain candidates per image, generated in one "
+                                        "batch (default 4)."),
     compare_plain: bool = typer.Option(False, "--compare-plain",
                                        help="Also generate the same seeds plainly: timed "
                                             "(the overhead), saved as plain_<seed>.png, judged "
@@ -142,7 +147,8 @@ def steer(
         cfg = SteerConfig(prompt=prompt, model=model, image_size=image_size, method=method,
                           classifier=classifier, num_images=num_images, seed=seed,
                           options=options, device=device, dtype=dtype, verify=verify,
-                          compare_plain=compare_plain, save_attention=save_attention, out=out)
+                          candidates=candidates, compare_plain=compare_plain,
+                          save_attention=save_attention, out=out)
         check_writable_dir(out)  # before loading and generating: nothing is lost
         n = options.resolve(model).steered_count()
         with status(f"loading {model}", json_out):
@@ -152,7 +158,7 @@ def steer(
         columns = (TextColumn("steering"), BarColumn(), MofNCompleteColumn(),
                    TextColumn("{task.fields[info]}"), TimeElapsedColumn())
         with Progress(*columns, console=console, transient=True,
-                      disable=json_out or method == "plain") as progress:
+                      disable=json_out or method in ("plain", "best-of")) as progress:
             task = progress.add_task("steer", total=n, info="")
 
             def on_step(r) -> None:
@@ -178,6 +184,11 @@ def steer(
             console.print(line, highlight=False, soft_wrap=True)
         for w in rep["warnings"]:
             console.print(f"[yellow]warning:[/] {escape(w)}")
+        for i, b in enumerate(rep.get("best_of") or []):
+            if b["p"] is not None:
+                console.print(f"best-of {b['candidates']}, image {i}: kept candidate "
+                              f"{b['chosen']} (verifier p {b['p'][b['chosen']]:.3f})",
+                              highlight=False)
         plain_paths = [Path(p) for p in rep.get("plain_images", [])]
         for line in (_achieved(rep, plain_paths, "achieved_plain"), _achieved(rep, res.paths)):
             if line:

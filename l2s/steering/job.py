@@ -50,16 +50,19 @@ def check_prompt(denoiser: Denoiser, triplets: list[Triplet]) -> None:
 
 
 def steer_methods() -> tuple[str, ...]:
-    """``--method`` choices: every registered loss (``l2s.steering.losses``), and plain."""
-    return (*losses(), "plain")
+    """``--method`` choices: every registered loss (``l2s.steering.losses``), plain, and
+    best-of (plain candidates, the classifier picking one: ``l2s.steering.search``)."""
+    return (*losses(), "plain", "best-of")
 
 
 def build_loss(method: str, denoiser: Denoiser, model: str, classifier: str | None = None
                ) -> tuple[RelationLoss | None, str | None]:
     """(loss, where its weights came from: the classifier card) for a method; plain has no
-    loss."""
+    loss; best-of verifies with the l2s classifier's."""
     if method == "plain":
         return None, None
+    if method == "best-of":
+        method = "l2s"
     loss = make_loss(method, LossRequest(denoiser, model, classifier))
     return loss, loss.source
 
@@ -71,7 +74,9 @@ class SteerConfig:
     prompt: str  # the text prompt, relations included ("a circle to the left of a square")
     model: str = "toy"  # backbone preset, hub id or local folder
     image_size: int | None = None  # pixels a side (None: the model's default)
-    method: str = "l2s"  # l2s (learned loss), centroid (hand-made baseline) or plain
+    # l2s (learned loss), centroid (hand-made baseline), plain, or best-of (plain candidates,
+    # the classifier keeping the most probable one)
+    method: str = "l2s"
     classifier: str | None = None  # classifier card (None: the model's default)
     num_images: int = 1  # images generated in one batch, seeds seed..seed+n-1
     seed: int = 0  # noise seed of the first image
@@ -79,6 +84,7 @@ class SteerConfig:
     device: str | None = None  # cuda, cpu, ... (None: $L2S_DEVICE, else CUDA if any)
     dtype: str | None = None  # float16, bfloat16, float32 (None: fp16 on CUDA, else fp32)
     verify: bool = False  # generate plainly, check, steer only the images that fail
+    candidates: int | None = None  # best-of: plain candidates per image (None: 4)
     # also generate the same seeds plainly: timed, saved (plain_<seed>.png), judged, and set
     # beside the steered images in compare.png
     compare_plain: bool = False
@@ -98,6 +104,16 @@ class SteerConfig:
         check_integer("--num-images", self.num_images, 1, optional=False)
         check_integer("--image-size", self.image_size, 1)
         check_seeds("--seed", self.seed, self.num_images)
+        if self.candidates is not None:
+            from l2s.steering.search import check_candidates
+
+            if self.method != "best-of":
+                raise ConfigError(f"--candidates applies to --method best-of only (got --method "
+                                  f"{self.method}): drop it, or use --method best-of")
+            check_candidates("--candidates", self.candidates)
+        if self.verify and self.method == "best-of":
+            raise ConfigError("--verify and --method best-of both choose among plain images: "
+                              "use one of them")
         if not isinstance(self.options, SteerOptions):
             raise ConfigError(f"options must be a SteerOptions, got {self.options!r}")
         check_text("--device", self.device, optional=True)
@@ -238,6 +254,11 @@ def steer(config: SteerConfig, denoiser: Denoiser | None = None, on_step=None) -
     clock = Clock(denoiser.device)
 
     def run():
+        if method == "best-of":
+            from l2s.steering.search import DEFAULT_CANDIDATES, best_of
+
+            return best_of(denoiser, prompts, [steerable] * len(seeds), seeds,
+                           config.candidates or DEFAULT_CANDIDATES, settings, loss)
         if config.verify and loss is not None:
             from l2s.steering.verify import generate_verified
 
@@ -249,7 +270,11 @@ def steer(config: SteerConfig, denoiser: Denoiser | None = None, on_step=None) -
     total_ms, ran = clock.timed_call(run)
     total = total_ms / 1000
     verified = ran if config.verify and loss is not None else None
-    images, stats = (verified.images, verified.stats) if verified is not None else ran
+    search = ran if method == "best-of" else None
+    if search is not None:
+        images, stats = search.images, SteerStats()
+    else:
+        images, stats = (verified.images, verified.stats) if verified is not None else ran
     report = {
         "prompt": config.prompt,
         "triplets": [{"subject": t.subject, "relation": t.relation, "object": t.object,
@@ -269,6 +294,8 @@ def steer(config: SteerConfig, denoiser: Denoiser | None = None, on_step=None) -
     }
     if verified is not None:
         report["verify"] = verified.to_json()
+    if search is not None:  # per image: the candidates' seeds, verifier p, the kept one
+        report["best_of"] = [search.image_json(i) for i in range(len(seeds))]
     arr = to_uint8(images)
     plain = None
     if config.compare_plain:

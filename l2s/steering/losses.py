@@ -41,21 +41,30 @@ class RelationLoss:
         sampling timestep ``t``, denoising step index ``step``."""
         raise NotImplementedError
 
+    def verdict_steps(self, timesteps: Sequence[float]) -> list[int]:
+        """The denoising steps (indices into the schedule ``timesteps``) whose maps this loss
+        reads best, for a verdict on a finished generation (``l2s.steering.search``): here the
+        last step."""
+        return [len(timesteps) - 1]
+
 
 class ClassifierLoss(RelationLoss):
     """Cross-entropy of the learned relation classifier (the L2S loss), over all its classes.
 
     ``time_fn(t, step)`` gives the network's time input; ``order`` (classifier channel c <-
     recorded channel order[c]) and ``resize`` adapt the recorded maps to the layout the
-    classifier was trained on (``l2s.classifier.layout``).
+    classifier was trained on (``l2s.classifier.layout``). ``trained``: the card's trained
+    timesteps, sampling timesteps or (``clock="step"``, an imported classifier) step indices.
     """
 
     name = "l2s"
 
     def __init__(self, model: torch.nn.Module, classes: Sequence[str],
                  time_fn: Callable[[int, int], int], *, order: Sequence[int] | None = None,
-                 resize: Callable[[torch.Tensor, int], torch.Tensor] | None = None) -> None:
+                 resize: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
+                 trained: Sequence[int] = (), clock: str = "timestep") -> None:
         self.model, self.classes, self.time_fn = model, list(classes), time_fn
+        self.trained, self.clock = [int(s) for s in trained], clock
         self.order = None if order is None else torch.tensor(list(order))
         self.resize = resize
         self._targets: dict = {}
@@ -79,6 +88,20 @@ class ClassifierLoss(RelationLoss):
         loss = torch.nn.functional.cross_entropy(logits, target, reduction="none")
         p = logits.softmax(-1).gather(1, target[:, None])[:, 0]
         return loss, p.detach()
+
+    def verdict_steps(self, timesteps):
+        """The steps the classifier was trained at: per trained timestep the step whose
+        timestep is nearest (per trained step index within the schedule, for ``clock="step"``);
+        the last step when the card lists none."""
+        n = len(timesteps)
+        if not self.trained:
+            return super().verdict_steps(timesteps)
+        if self.clock == "step":
+            steps = {s for s in self.trained if 0 <= s < n} or {n - 1}
+        else:
+            ts = [float(t) for t in timesteps]
+            steps = {min(range(n), key=lambda i: (abs(ts[i] - s), -i)) for s in self.trained}
+        return sorted(steps)
 
 
 class CentroidLoss(RelationLoss):
@@ -171,7 +194,8 @@ def classifier_loss(request: LossRequest) -> ClassifierLoss:
     # stay in the softmax and are never a target.
     classes = [relation_of_class(c) for c in card["classes"]]
     loss = ClassifierLoss(net, classes, time_input(card), order=layout.order,
-                          resize=layout.resize_fn())
+                          resize=layout.resize_fn(), trained=card.get("timesteps", ()),
+                          clock=card.get("clock", "timestep"))
     loss.source = str(path)
     return loss
 
