@@ -43,9 +43,11 @@ def _blob(centre, size, g):
 
 
 def make_cache(root, n_images=48, size=8, timesteps=(801, 401), relations=RELATIONS,
-               negatives=True, source="shapes", seed=0, text_len=None):
+               negatives=True, source="shapes", seed=0, text_len=None, leak_at=()):
     """Subject and object blobs placed by the true relation; each image is recorded under its
-    true caption and one wrong caption with the SAME geometry, both labelled with the truth."""
+    true caption and one wrong caption with the SAME geometry, both labelled with the truth.
+    At the timesteps of ``leak_at`` the blobs are placed by the CAPTION's relation instead:
+    maps that carry the relation word, not the layout (relation leakage)."""
     cache = AttentionCache(root, FP)
     g = torch.Generator().manual_seed(seed)
     c = sum(h for _, h in LAYERS)
@@ -53,13 +55,14 @@ def make_cache(root, n_images=48, size=8, timesteps=(801, 401), relations=RELATI
         rel = relations[i % len(relations)]
         centre = size / 2 - 0.5 + (torch.rand(2, generator=g) - 0.5) * 2
         gap = size * 0.35 * (0.8 + 0.4 * torch.rand(1, generator=g).item())
-        d = torch.tensor(OFFSETS[rel], dtype=torch.float) * gap / 2
         others = [r for r in RELATIONS if r != rel]
         prompts = [("pos", rel)] + ([("neg", others[i % 3])] if negatives else [])
         for polarity, prompt_rel in prompts:
+            ds = [torch.tensor(OFFSETS[prompt_rel if t in leak_at else rel],
+                               dtype=torch.float) * gap / 2 for t in timesteps]
             maps = torch.stack([torch.stack([torch.stack([_blob(p, size, g) for _ in range(c)])
                                              for p in (centre + d, centre - d)])
-                                for _ in timesteps])  # (T, 2, C, S, S)
+                                for d in ds])  # (T, 2, C, S, S)
             cache.put(content_key(FP, seed, i, polarity, timesteps), maps, {
                 "relation": rel, "prompt_relation": prompt_rel, "polarity": polarity,
                 "image_hash": f"img{seed}-{i}", "source": source, "source_id": str(i),
@@ -560,3 +563,71 @@ def test_checkpoint_round_trip_restores_every_part_of_the_state(tmp_path):
     assert (got.epoch, got.history, got.best_loss, got.best_epoch, got.seconds) == \
         (4, [{"epoch": 4}], 1.0, 1, 3.5)
     assert load_epoch(tmp_path / "none.safetensors", ident, *fresh()) is None
+
+
+def _diagnosed(pred_of, n=60, timesteps=(901, 701, 501, 301)):
+    """relation_metrics on n images x timesteps, each under its true and one wrong caption;
+    ``pred_of(y, caption_relation, t)`` is what the classifier predicts."""
+    from types import SimpleNamespace
+
+    from l2s.classifier.train import relation_metrics
+
+    rows = [(i % 4, neg, (i % 4 + 1 + i % 3) % 4 if neg else i % 4, t)
+            for i in range(n) for neg in (False, True) for t in timesteps]
+    y, neg, py, t = (torch.tensor(c) for c in zip(*rows, strict=True))
+    data = SimpleNamespace(y=y, neg=neg, prompt_y=py, t=t)
+    pred = torch.tensor([pred_of(a, b, c) for a, _, b, c in rows])
+    return relation_metrics(pred, data, torch.arange(len(rows)))
+
+
+def test_leakage_verdict_flags_a_word_reader_not_a_layout_reader():
+    """A classifier that returns the caption's relation must be called leaky (share predicted as
+    the caption's relation 1.0, wrong-caption accuracy 0), one that reads the layout must not."""
+    word = _diagnosed(lambda y, caption, t: caption)
+    assert word["leakage"]["leaky"]
+    assert word["test_wrong_caption_predicts_caption"] == 1.0
+    assert word["test_leakage_by_timestep"]["901"]["wrong_caption"] == 0.0
+    layout = _diagnosed(lambda y, caption, t: y)
+    assert not layout["leakage"]["leaky"] and layout["leakage"]["reasons"] == []
+    assert layout["test_leakage_by_timestep"]["301"] == {
+        "true_caption": 1.0, "wrong_caption": 1.0, "wrong_caption_predicts_caption": 0.0,
+        "samples": {"true_caption": 60, "wrong_caption": 60}}
+    assert list(layout["test_leakage_by_timestep"]) == ["901", "701", "501", "301"]
+
+
+def test_leakage_verdict_catches_a_leak_at_one_noisy_timestep():
+    """Leakage confined to the noisiest timestep is diluted under the threshold overall
+    (0.5 / 4 = 0.125 < 0.15); the per-timestep check must still flag it."""
+    m = _diagnosed(lambda y, caption, t: caption if t == 901 and caption % 2 else y)
+    assert m["test_wrong_caption_predicts_caption"] < 0.15
+    assert m["leakage"]["leaky"]
+    flagged = {r.split(":")[0] for r in m["leakage"]["reasons"]}
+    assert "t=901" in flagged and not flagged & {"t=701", "t=501", "t=301"}
+
+
+def test_leakage_verdict_does_not_call_a_chance_level_timestep_leaky():
+    """At a timestep where the classifier is wrong regardless of the caption, a third of
+    wrong-caption samples land on the caption's relation by chance: that must not count as
+    leakage, since each other wrong relation gets as many."""
+    m = _diagnosed(lambda y, caption, t: (y + 1) % 4 if t == 901 else y)
+    noisy = m["test_leakage_by_timestep"]["901"]
+    assert noisy["wrong_caption_predicts_caption"] >= 0.15  # above the bare threshold
+    assert not m["leakage"]["leaky"], m["leakage"]["reasons"]
+
+
+def test_cli_warns_when_a_positive_only_classifier_reads_the_word(tmp_path, monkeypatch):
+    """Maps that follow the caption at t=801: trained on true captions only, the classifier reads
+    them and `l2s train` must warn (a silent leaky classifier steers nothing); the card records
+    the verdict and the per-timestep diagnostic names t=801."""
+    app = _cli(monkeypatch)
+    make_cache(tmp_path / "cache", n_images=160, leak_at=(801,))
+    args = ["--cache-dir", str(tmp_path / "cache"), "--model", "synthetic", "--epochs", "6",
+            "--lr", "3e-3", "--batch-size", "32", "--d-model", "32", "--depth", "1",
+            "--device", "cpu", "--positive-only", "--out", str(tmp_path / "po")]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert "relation leakage" in r.output and "leakage per timestep" in r.output
+    m = json.loads((tmp_path / "po" / "card.json").read_text())["metrics"]
+    assert m["leakage"]["leaky"]
+    assert m["test_leakage_by_timestep"]["801"]["wrong_caption_predicts_caption"] > 0.5
+    assert m["test_leakage_by_timestep"]["401"]["wrong_caption_predicts_caption"] < 0.15

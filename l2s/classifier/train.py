@@ -234,10 +234,52 @@ class TrainResult:
 # Metrics
 
 
+# The leakage warning (docs/classifier.md, "Relation leakage"). A wrong caption's relation is
+# drawn uniformly from the three the image does not show, independently of the image, so a
+# classifier that ignores the caption lands on the caption's relation for a third of its errors on
+# wrong-caption samples, exactly as often as on each of the two other wrong relations, and is as
+# accurate on wrong captions as on true ones. A classifier that reads the relation word lands on
+# the caption's relation far more often than on the others, and loses accuracy on wrong captions.
+LEAK_FOLLOWS = 0.15  # share of wrong-caption samples predicted as the caption's relation ...
+LEAK_RATIO = 2.0  # ... and over this many times the share predicted as each other wrong relation
+LEAK_GAP = 0.10  # true-caption accuracy minus wrong-caption accuracy
+LEAK_MIN_SAMPLES = 50  # wrong-caption samples a timestep needs before it is judged on its own
+
+
+def leakage_verdict(overall: dict, by_timestep: Mapping[str, dict]) -> dict:
+    """Whether the diagnostic looks leaky, over all samples or at a timestep with at least
+    LEAK_MIN_SAMPLES wrong-caption samples: the share of wrong-caption samples predicted as the
+    caption's relation above LEAK_FOLLOWS and LEAK_RATIO times the share of each other wrong
+    relation (a caption-blind classifier at chance, 25% accurate, predicts the caption's relation
+    for 25% of the samples, and each other wrong relation as often), or wrong-caption accuracy
+    more than LEAK_GAP under true-caption accuracy."""
+    reasons = []
+    for where, m in [("all timesteps", overall)] + [(f"t={t}", m) for t, m in
+                                                     by_timestep.items()]:
+        if where != "all timesteps" and m["samples"]["wrong_caption"] < LEAK_MIN_SAMPLES:
+            continue
+        follows, true, wrong = (m["wrong_caption_predicts_caption"], m["true_caption"],
+                                m["wrong_caption"])
+        if follows is not None and wrong is not None:
+            other = max(0.0, 1 - wrong - follows) / 2  # each of the two other wrong relations
+            if follows > LEAK_FOLLOWS and follows > LEAK_RATIO * other:
+                reasons.append(f"{where}: {follows:.0%} of wrong-caption samples predicted as "
+                               f"the caption's relation (> {LEAK_FOLLOWS:.0%}; each other wrong "
+                               f"relation {other:.0%})")
+        if true is not None and wrong is not None and true - wrong > LEAK_GAP:
+            reasons.append(f"{where}: accuracy {true:.0%} on true captions vs {wrong:.0%} on "
+                           f"wrong ones (gap > {LEAK_GAP:.0%})")
+    return {"leaky": bool(reasons), "reasons": reasons,
+            "thresholds": {"wrong_caption_predicts_caption": LEAK_FOLLOWS,
+                           "over_other_wrong_relations": LEAK_RATIO, "accuracy_gap": LEAK_GAP,
+                           "min_samples": LEAK_MIN_SAMPLES}}
+
+
 def relation_metrics(pred: torch.Tensor, data: MapData, idx: torch.Tensor) -> dict:
     """Test metrics with the leakage diagnostic (L2S sec. 2): accuracy on true-caption and on
-    wrong-caption samples, how often a wrong caption's relation was predicted, confusion
-    matrices (rows: true relation, columns: predicted) and accuracy per timestep."""
+    wrong-caption samples, how often a wrong caption's relation was predicted (over all samples
+    and per timestep), the leakage verdict (``leakage_verdict``), confusion matrices (rows:
+    true relation, columns: predicted) and accuracy per timestep."""
     k = len(RELATIONS)
     y, neg, py, t = data.y[idx], data.neg[idx], data.prompt_y[idx], data.t[idx]
     ok = pred == y
@@ -250,21 +292,36 @@ def relation_metrics(pred: torch.Tensor, data: MapData, idx: torch.Tensor) -> di
         cm.index_put_((y[mask], pred[mask]), torch.ones_like(y[mask]), accumulate=True)
         return cm.tolist()
 
+    def follows(mask: torch.Tensor) -> float | None:
+        m = mask & neg
+        return round((pred[m] == py[m]).float().mean().item(), 4) if m.any() else None
+
+    def diagnostic(mask: torch.Tensor) -> dict:
+        return {"true_caption": acc(mask & ~neg), "wrong_caption": acc(mask & neg),
+                "wrong_caption_predicts_caption": follows(mask),
+                "samples": {"true_caption": int((mask & ~neg).sum()),
+                            "wrong_caption": int((mask & neg).sum())}}
+
     every = torch.ones_like(neg)
-    follows = (pred[neg] == py[neg]).float().mean().item() if neg.any() else None
+    overall = diagnostic(every)
+    by_timestep = {str(int(s)): diagnostic(t == s)
+                   for s in sorted(t.unique().tolist(), reverse=True)}
     return {
         "test_accuracy": acc(every),
         "test_accuracy_true_caption": acc(~neg),
         "test_accuracy_wrong_caption": acc(neg),
         # Share of wrong-caption samples classified as the caption's (wrong) relation: near 0
         # when the classifier reads geometry, high when it reads the relation word.
-        "test_wrong_caption_predicts_caption": None if follows is None else round(follows, 4),
+        "test_wrong_caption_predicts_caption": overall["wrong_caption_predicts_caption"],
         "test_samples": {"true_caption": int((~neg).sum()), "wrong_caption": int(neg.sum())},
         "confusion": confusion(every),
         "confusion_true_caption": confusion(~neg),
         "confusion_wrong_caption": confusion(neg),
         "confusion_axes": "rows: true relation, columns: predicted; order = classes",
         "test_accuracy_by_timestep": {str(int(s)): acc(t == s) for s in t.unique().tolist()},
+        # Per timestep (noisiest first): where a classifier reads the word instead of the layout.
+        "test_leakage_by_timestep": by_timestep,
+        "leakage": leakage_verdict(overall, by_timestep),
     }
 
 

@@ -31,13 +31,30 @@ def diagnostic_tables(res: TrainResult) -> list[Table]:
     diag.add_row("all", str(n["true_caption"] + n["wrong_caption"]), _pct(m["test_accuracy"]))
     diag.add_row("wrong caption -> caption's relation", str(n["wrong_caption"]),
                  _pct(m["test_wrong_caption_predicts_caption"]))
+    by_t = Table(title="leakage per timestep (noisiest first)")
+    for col in ("timestep", "true caption", "wrong caption", "wrong -> caption's relation"):
+        by_t.add_column(col)
+    for ts, d in m.get("test_leakage_by_timestep", {}).items():
+        by_t.add_row(ts, _pct(d["true_caption"]), _pct(d["wrong_caption"]),
+                     _pct(d["wrong_caption_predicts_caption"]))
     conf = Table(title="test confusion (rows: true, columns: predicted)")
     conf.add_column("")
     for r in RELATIONS:
         conf.add_column(r, justify="right")
     for r, row in zip(RELATIONS, m["confusion"], strict=True):
         conf.add_row(r, *(str(v) for v in row))
-    return [diag, conf]
+    return [diag, by_t, conf]
+
+
+def leakage_warning(res: TrainResult) -> str | None:
+    """One line when the diagnostic looks leaky (``l2s.classifier.train.leakage_verdict``)."""
+    verdict = res.metrics.get("leakage") or {}
+    if not verdict.get("leaky"):
+        return None
+    return ("the classifier reads the relation word, not the layout (relation leakage): "
+            + "; ".join(verdict["reasons"][:3])
+            + ". As a steering loss it will report the prompt's relation as satisfied; train on "
+              "true- and wrong-caption maps (without --positive-only, --negatives >= 1)")
 
 
 @user_errors
@@ -182,4 +199,7 @@ def train(
                   f"{tr['parameters']:,} parameters")
     for table in diagnostic_tables(res):
         console.print(table)
+    warning = leakage_warning(res)
+    if warning:
+        console.print(f"[yellow]warning:[/] {warning}", highlight=False)
     console.print(f"classifier card: {res.card_path}", highlight=False, soft_wrap=True)
