@@ -270,3 +270,23 @@ def test_toy_backbone_runs_two_steps_with_attention_capture():
     c = sum(la.heads for la in den.cross_attention_layers())
     assert {la.resolution for la in den.cross_attention_layers()} == {(16, 16), (8, 8)}
     assert maps.shape == (2, 2, c, 16, 16)  # the last forward: the CFG batch of 2
+
+
+def test_init_from_starts_from_the_exported_weights(tmp_path):
+    """--init-from copies an export into the live and EMA networks (a fine-tune, not a fresh
+    model); catches a trainer that ignores it or leaves the EMA on the random weights. A run of
+    another architecture is refused with the option's name, not a state-dict traceback."""
+    from l2s.errors import L2SError
+
+    source = train_toy(dataclasses.replace(_tiny_run(tmp_path / "a"), steps=1, seed=3))
+    saved = [p.detach() for m in load_toy_components(source.model_dir)[:2] for p in m.parameters()]
+    cfg = _tiny_run(tmp_path / "b", init_from=source.model_dir, relation_rate=0.9)
+    tuned = ToyTrainer(cfg)
+    for live, ema, want in zip(tuned.params, tuned.ema_params, saved, strict=True):
+        assert torch.equal(live, want) and torch.equal(ema, want)
+    fresh = ToyTrainer(_tiny_run(tmp_path / "c"))
+    assert not all(torch.equal(a, b) for a, b in zip(fresh.params, saved, strict=True))
+    wide = dataclasses.replace(TINY, unet_channels=tuple(2 * c for c in TINY.unet_channels))
+    with pytest.raises(L2SError, match="--init-from .* do not fit"):
+        ToyTrainer(dataclasses.replace(_tiny_run(tmp_path / "d", init_from=source.model_dir),
+                                       model=wide))

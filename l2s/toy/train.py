@@ -85,6 +85,9 @@ class ToyTrainConfig:
     # 0.02 after step 900 (see the module docstring).
     attention_weight: float = 0.0
     relation_rate: float = 0.15  # share of captions that state a relation (scenes.scene_batch)
+    # Start from these trained weights (an export such as l2s/toy/weights) instead of random
+    # ones: fine-tuning a shipped toy into a variant. The optimizer and EMA start afresh.
+    init_from: str | None = None
     checkpoint_every: int = 100  # steps between checkpoints (~5 min on a busy 2-core CPU)
     eval_every: int = 500  # steps between evaluations of the EMA model (0: never)
     eval_prompts: int = 64  # two-object prompts per evaluation
@@ -153,11 +156,28 @@ class ToyTrainer:
         self.ema_text = copy.deepcopy(self.text_encoder).requires_grad_(False)
         self.params = [p for m in (self.net, self.text_encoder) for p in m.parameters()]
         self.ema_params = [p for m in (self.ema_net, self.ema_text) for p in m.parameters()]
+        if cfg.init_from:
+            self._init_from(Path(cfg.init_from))
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.rng = np.random.default_rng(cfg.seed)  # scenes (UNet; mmdit: per step, batches.py)
         self.gen = torch.Generator().manual_seed(cfg.seed + 1)  # noise, timesteps, dropout
         self.toy.start(self)
         self.step = 0
+
+    def _init_from(self, directory: Path) -> None:
+        """Copy an export's weights into the live and EMA networks (same architecture)."""
+        try:
+            net, text_encoder, _, _ = self.toy.load(directory)
+        except OSError as e:
+            raise L2SError(f"--init-from {directory}: {e}") from e
+        for live, ema, saved in ((self.net, self.ema_net, net),
+                                 (self.text_encoder, self.ema_text, text_encoder)):
+            try:
+                live.load_state_dict(saved.state_dict())
+            except RuntimeError as e:
+                raise L2SError(f"--init-from {directory}: its weights do not fit this run's "
+                               f"architecture (--backbone, --channels): {e}") from e
+            ema.load_state_dict(saved.state_dict())
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -322,6 +342,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--channels", default=",".join(map(str, d.model.unet_channels)),
                    help="UNet widths per level, comma separated")
     p.add_argument("--ema-decay", type=float, default=d.ema_decay)
+    p.add_argument("--relation-rate", type=float, default=d.relation_rate,
+                   help=f"share of captions that state a true relation (default {d.relation_rate})")
+    p.add_argument("--init-from", metavar="MODEL_DIR",
+                   help="start from these weights (an export, e.g. l2s/toy/weights): fine-tune")
     p.add_argument("--attention-weight", type=float,
                    help=f"attention supervision weight (default {d.attention_weight}; the shipped "
                         "model: 0.02 from step 900, given with --resume)")
@@ -366,7 +390,9 @@ def _config_from_args(args: argparse.Namespace) -> ToyTrainConfig:
         unet_channels=tuple(int(c) for c in args.channels.split(",")))
     return ToyTrainConfig(out=args.out, backbone=args.backbone, batch=args.batch,
                           seed=args.seed, lr=args.lr, warmup=args.warmup,
-                          weighting=args.weighting, ema_decay=args.ema_decay, model=model)
+                          weighting=args.weighting, ema_decay=args.ema_decay,
+                          relation_rate=args.relation_rate, init_from=args.init_from,
+                          model=model)
 
 
 def _print_progress(event: dict) -> None:
