@@ -30,6 +30,11 @@ attention, all through its engine adapter; its batches are a pure function of (s
 ``--device cuda --bf16``). Its recipe is ``make toy-mmdit``. What differs between the two toys
 is one strategy object each (``l2s.toy.backbones``); this module never asks which toy it trains.
 
+``--init-from MODEL_DIR`` starts from an export instead of random weights (a fine-tune; the
+optimizer and the EMA's warmup start afresh) and ``--relation-rate`` sets the share of captions
+that state a true relation: fine-tunes of the shipped toy at rate 0.9 were the candidate for a
+toy whose maps leak the relation word (docs/classifier.md, "Relation leakage on the toy").
+
 ``train_toy(config, callback)`` is the library entry point; ``python -m l2s.toy.train`` is a thin
 CLI over it. Training is seeded and resumable: a checkpoint holds the weights, the EMA weights,
 the optimizer, the step and every random state, so a resumed run continues bit for bit.
