@@ -126,6 +126,26 @@ def test_refuses_a_pickle_holding_objects(tmp_path):
         read_checkpoint(_save(tmp_path, ckpt))
 
 
+class Payload:
+    """A pickle that would run a command when unpickled (never unpickled here)."""
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("echo unpickled",))
+
+
+def test_a_malicious_pickle_is_named_as_such(tmp_path):
+    """Catches torch 2.13's wording of a blocked module ("unsupported GLOBAL posix.system
+    whose module posix is blocked") taken for a file that is no checkpoint: "download it
+    again" was the advice."""
+    ckpt = make_checkpoint(rows=40)
+    ckpt["config"] = Payload()
+    with pytest.raises(ImportRefused, match=r"holds a call of (posix|nt)\.system, which loading "
+                                            r"it as a pickle would run.*may be malicious"):
+        read_checkpoint(_save(tmp_path, ckpt))
+
+
 @pytest.mark.parametrize("content", [b"<!DOCTYPE html><html>Sign in</html>", b"", b"PK\x03\x04"])
 def test_a_file_that_is_no_checkpoint_says_so(tmp_path, content):
     # Was, for a text file: "holds a Python object of type Check the documentation of

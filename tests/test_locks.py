@@ -154,3 +154,41 @@ def test_training_while_another_process_writes_the_cache_says_so(tmp_path, sleep
         f"{socket.gethostname()} {sleeper.pid} {locks.process_start(sleeper.pid)}\n")
     res = run_train(_cfg(tmp_path, epochs=1, invert="never"), FakeBackbone())
     assert res.card["data"]["cache_being_written"] == [f"pid {sleeper.pid}"]
+
+
+def test_a_read_only_cache_trains_with_invert_never(tmp_path, monkeypatch, one_thread):
+    """Catches `train --invert never` refusing a cache it only reads ("cache folder ... is
+    not writable"): a read-only mount or another user's shared cache. A broken entry there is
+    left out, not deleted."""
+    import builtins
+    import errno
+    import io
+
+    from test_train import FP, FakeBackbone, _cfg, make_cache
+
+    from l2s.classifier.train import run_train
+
+    cache = make_cache(tmp_path / "cache", n_images=24)
+    broken = sorted((cache.dir / "maps").glob("*/*.safetensors"))[0]
+    broken.write_bytes(broken.read_bytes()[:100])
+    real_open, real_unlink, real_replace = builtins.open, os.unlink, os.replace
+    frozen = str(cache.dir)
+
+    def refuse(path):
+        if str(path).startswith(frozen):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+
+    def ro_open(file, mode="r", *args, **kwargs):
+        if not isinstance(file, int) and any(c in mode for c in "wax+"):
+            refuse(file)
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", ro_open)
+    monkeypatch.setattr(io, "open", ro_open)
+    monkeypatch.setattr(os, "unlink", lambda p, *a, **k: (refuse(p), real_unlink(p, *a, **k)))
+    monkeypatch.setattr(os, "replace", lambda s, d, *a, **k: (refuse(d),
+                                                              real_replace(s, d, *a, **k)))
+    res = run_train(_cfg(tmp_path, epochs=1, invert="never"), FakeBackbone())
+    assert res.card["data"]["corrupt_dropped"] == 1 and broken.exists()
+    with pytest.raises(Exception, match="is not writable"):  # inverting into it still fails
+        AttentionCache(tmp_path / "cache", FP)

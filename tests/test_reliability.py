@@ -215,6 +215,26 @@ def test_running_out_of_memory_is_a_one_line_error(tmp_path, monkeypatch, error)
                                     ).exception, ZeroDivisionError)  # other bugs still raise
 
 
+@pytest.mark.parametrize("command, target, says", [
+    (["classifier", "import", "x.pth", "--model", "toy"],
+     "l2s.classifier.importer.import_classifier", "import on a machine with more memory"),
+    (["train", "--model", "toy"], "l2s.classifier.train.train", "use a smaller --batch-size"),
+    (["invert", "--model", "toy"], "l2s.inversion.job.invert", "use a smaller --batch-size"),
+])
+def test_out_of_memory_advice_names_only_the_commands_own_options(monkeypatch, command, target,
+                                                                  says):
+    """Catches `classifier import` (and train, invert) advising --image-size and --num-images,
+    options they do not have."""
+    def boom(*args, **kwargs):
+        raise MemoryError
+
+    monkeypatch.setattr(target, boom)
+    monkeypatch.setattr("l2s.engine.loading.load_backbone", lambda *a, **k: object())
+    r = runner.invoke(app, command)
+    _clean_error(r, "error: out of memory (", says)
+    assert "--image-size" not in r.output and "--num-images" not in r.output
+
+
 def test_speed_out_that_cannot_be_written_is_found_before_timing(tmp_path, monkeypatch):
     # Was: a FileExistsError / IsADirectoryError traceback after the whole timing run.
     blocker = tmp_path / "file"
@@ -572,3 +592,42 @@ def test_train_checks_out_and_cache_dir_first(tmp_path, one_thread):
                  "is a file, not a folder: pass the --cache-dir")
     _clean_error(runner.invoke(app, ["train", "--out", str(f / "clf")]),
                  "is a file, not a folder: pass another --out")
+
+
+@pytest.mark.parametrize("args", [["classifier", "import", "", "--model", "toy"],
+                                  ["classifier", "import", "x.pth", "--model", ""],
+                                  ["classifier", "import", "x.pth", "--model", "toy", "--out", ""],
+                                  ["steer", "--config", "", PROMPT]])
+def test_empty_strings_are_refused_not_taken_as_unset(args):
+    """Catches `classifier import ''` looking for the checkpoint '.', `--model ''` / `--out ''`
+    taken as unset, and `--config ''` silently reading no file."""
+    r = runner.invoke(app, args)
+    assert r.exit_code == 2 and "Traceback" not in r.output
+    assert re.search(r"must be a non-empty text, got ''|an empty name names none",
+                     " ".join(r.output.replace("│", " ").split()))
+
+
+def test_options_a_method_does_not_read_are_reported(tmp_path, one_thread):
+    """Catches `--method plain --step-size 3 --classifier x` (and bench's plain-only runs)
+    ignoring the steering options without a word."""
+    r = runner.invoke(app, ["steer", PROMPT, "--method", "plain", "--step-size", "3",
+                            "--classifier", "x", "--steps", "4", "--out", str(tmp_path / "s"),
+                            "--json"])
+    assert r.exit_code == 0, r.output
+    assert any("--method plain does not use --step-size, --classifier" in w
+               for w in json.loads(r.stdout)["warnings"])
+    r = runner.invoke(app, ["steer", PROMPT, "--method", "plain", "--steps", "4", "--out",
+                            str(tmp_path / "t"), "--json"])
+    assert json.loads(r.stdout)["warnings"] == []  # --steps is plain's own
+    args = ["bench", "--method", "plain", "--iterations", "3", "--steps", "4", "--prompts", "1",
+            "--images", "1", "--out", str(tmp_path / "b"), "--json"]
+    r = runner.invoke(app, args)
+    assert any("does not use --iterations" in w for w in json.loads(r.stdout)["warnings"])
+    # a config.yaml a run wrote holds the model's resolved defaults: no false warning
+    r = runner.invoke(app, ["bench", "--method", "plain", "--steps", "4", "--prompts", "1",
+                            "--images", "1", "--out", str(tmp_path / "c")])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["bench", "--config", str(tmp_path / "c" / "config.yaml"),
+                            "--json"])
+    assert r.exit_code == 0, r.output
+    assert not any("does not use" in w for w in json.loads(r.stdout)["warnings"])

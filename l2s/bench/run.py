@@ -187,7 +187,10 @@ def run_bench(cfg: BenchConfig, denoiser: Denoiser | None = None,
     Finished images are never recomputed; ``callback`` receives {"method", "done", "total"}
     after each scored image. ``detector``/``colors`` override the configured ones (tests).
     """
+    from l2s.steering.job import unused_options
+
     _check(cfg, denoiser)
+    ignored = unused_options(cfg.methods, cfg.options, cfg.classifier, cfg.model)
     cfg = replace(cfg, num_images=cfg.num_images or get_suite(cfg.suite).images,
                   detector=cfg.detector_name,
                   shard=resolve_shard(cfg.shard),  # None: the launcher's rank, if any
@@ -196,7 +199,9 @@ def run_bench(cfg: BenchConfig, denoiser: Denoiser | None = None,
     out = Path(cfg.out)
     # one process per shard of a folder: two would generate and score every image twice
     with store.holding(out, cfg.shard):
-        return _run(cfg, out, denoiser, detector, colors, callback)
+        res = _run(cfg, out, denoiser, detector, colors, callback)
+    res.warnings += ignored
+    return res
 
 
 def _run(cfg: BenchConfig, out: Path, denoiser: Denoiser | None, detector: Detector | None,

@@ -99,7 +99,7 @@ def load_maps(cache_dir: str | Path | None, fingerprint: str, *, name: str, mode
             raise TrainError(f"{root} is not an l2s attention cache (no <fingerprint>/"
                              "manifest.jsonl inside): pass the --cache-dir `l2s invert` wrote")
         raise _fail_empty(root, name, fingerprint, model)
-    cache = AttentionCache(root, fingerprint)
+    cache = AttentionCache(root, fingerprint, readable_only=True)  # reading is enough
     rows = cache.manifest()
     if sources:
         have = Counter(r.get("source") for r in rows)

@@ -36,6 +36,7 @@ from l2s.classifier.reference import (
     ReferenceClassifier,
     ReferenceConfig,
 )
+from l2s.config import check_text
 from l2s.errors import one_line
 from l2s.relations import RELATIONS
 
@@ -77,11 +78,19 @@ def read_checkpoint(path: str | Path) -> dict:
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        m = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        # torch's wordings: "Unsupported global: GLOBAL mod.Name was not an allowed
+        # global" (a class), "unsupported GLOBAL posix.system whose module posix is
+        # blocked" (torch 2.13: a function of a module never allowed, such as os.system)
+        m = re.search(r"unsupported global:?\s+(?:GLOBAL\s+)?([\w.]+)", str(e), re.IGNORECASE)
         if m is None:  # not a pickle of objects: not a checkpoint at all (text, HTML, ...)
             raise ImportRefused(f"{p} is not a PyTorch checkpoint (the unpickler stopped "
                                 f"at its first bytes): {_REDOWNLOAD}") from e
         what = m.group(1)
+        if "is blocked" in str(e):
+            raise ImportRefused(
+                f"{p} holds a call of {what}, which loading it as a pickle would run: do not "
+                "load this file with torch.load outside l2s (it may be malicious); l2s never "
+                f"unpickles objects (torch.load weights_only=True): {_REDOWNLOAD}") from e
         raise ImportRefused(
             f"{p} holds a Python object of type {what}, not only tensors and plain data; "
             "l2s never unpickles objects (torch.load weights_only=True): re-save the "
@@ -241,6 +250,9 @@ def import_classifier(checkpoint: str | Path, model: str, *, out: str | Path | N
                       ) -> ImportResult:
     """Convert a published checkpoint for backbone ``model`` and install it (``out``, else
     where `l2s steer --model model` looks); returns the card."""
+    check_text("CHECKPOINT", checkpoint, path=True, error=ImportRefused)
+    check_text("--model", model, error=ImportRefused)
+    check_text("--out", out, optional=True, path=True, error=ImportRefused)
     src = Path(checkpoint).expanduser()
     ckpt = read_checkpoint(src)
     if denoiser is None:

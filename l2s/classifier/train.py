@@ -429,7 +429,8 @@ def invert_missing(cfg: TrainConfig, denoiser, callback: Callable[[dict], None] 
     if not cfg.data or cfg.invert == "never":
         return None
     todo = list(cfg.data) if cfg.invert == "always" else \
-        AttentionCache(cfg.cache_dir, denoiser.fingerprint).sources_to_invert(cfg.data)
+        AttentionCache(cfg.cache_dir, denoiser.fingerprint,
+                       readable_only=True).sources_to_invert(cfg.data)
     if not todo:
         return None
     if callback:

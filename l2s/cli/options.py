@@ -50,8 +50,11 @@ _DISPLAY_ONLY = ("config", "json_out")
 
 
 def _load(ctx: typer.Context, param: typer.CallbackParam, value: str | None) -> str | None:
-    if not value:
+    if value is None:
         return value
+    if not value.strip():  # was: taken as no --config
+        raise typer.BadParameter("give a YAML file of option values (an empty name names none)",
+                                 ctx=ctx, param=param)
     try:
         data = load_yaml(value)
     except ConfigError as e:

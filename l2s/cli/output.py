@@ -29,10 +29,26 @@ def emit_json(obj) -> None:
     sys.stdout.write(json.dumps(finite_json(obj), indent=2, default=str) + "\n")
 
 
+# What to do when a command runs out of memory, in the options each command has, by the
+# module of l2s.cli that defines the command.
+MEMORY_ADVICE = {
+    "steer": "use a smaller --image-size, fewer --num-images or a machine with more memory",
+    "bench": "use a smaller --batch-size or --image-size, or a machine with more memory",
+    "speed": "use a smaller --image-size or a machine with more memory",
+    "invert": "use a smaller --batch-size or a machine with more memory",
+    "train": "use a smaller --batch-size (or --d-model, --depth), fewer samples (--limit, "
+             "--data) or a machine with more memory",
+    "classifier": "import on a machine with more memory (the backbone is loaded to check "
+                         "the checkpoint against it; L2S_DEVICE=cpu loads it in main memory)",
+}
+
+
 def user_errors(fn: Callable) -> Callable:
     """Turn every user-facing l2s error (``l2s.errors.L2SError``, the one base they all share)
-    into a one-line message and exit code 2, no traceback; so does running out of memory.
-    Anything else is a bug and keeps its traceback."""
+    into a one-line message and exit code 2, no traceback; so does running out of memory
+    (with the advice of the command ``fn`` belongs to, ``MEMORY_ADVICE``). Anything else is a
+    bug and keeps its traceback."""
+    memory_advice = MEMORY_ADVICE.get(fn.__module__.rsplit(".", 1)[-1], MEMORY_ADVICE["steer"])
 
     @wraps(fn)
     def wrapper(*args, **kwargs):
@@ -57,9 +73,7 @@ def user_errors(fn: Callable) -> Callable:
             if not out_of_memory(e):
                 raise
             console.print(f"[bold red]error:[/] out of memory ({escape(one_line(e, 200))}): "
-                          "use a smaller --image-size, fewer images at once (--num-images, "
-                          "--batch-size) or a machine with more memory", highlight=False,
-                          soft_wrap=True)
+                          f"{memory_advice}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper

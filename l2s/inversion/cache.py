@@ -162,10 +162,16 @@ class Entry:
 class AttentionCache:
     """The cache of one backbone (by fingerprint) under a cache folder."""
 
-    def __init__(self, root: str | Path | None, fingerprint: str) -> None:
+    def __init__(self, root: str | Path | None, fingerprint: str, *,
+                 readable_only: bool = False) -> None:
+        """``readable_only``: a folder that exists but cannot be written (a read-only mount, a
+        shared cache of another user) is opened for reading (``self.read_only``): broken
+        entries are skipped instead of deleted, the manifest is not rewritten. Otherwise an
+        unwritable folder is refused."""
         self.root = Path(root) if root else default_cache_dir()
         self.fingerprint = fingerprint
         self.dir = self.root / fingerprint
+        self.read_only = False
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
             probe = self.dir / ".write-probe"
@@ -176,8 +182,10 @@ class AttentionCache:
             if file is not None:
                 raise CacheError(f"cache folder {self.root}: {file} is a file, not a folder: "
                                  "pass another --cache-dir (or $L2S_CACHE_DIR)") from e
-            raise CacheError(f"cache folder {self.dir} is not writable ({e.strerror}): pass "
-                             "--cache-dir to a writable folder") from e
+            if not (readable_only and self.dir.is_dir()):
+                raise CacheError(f"cache folder {self.dir} is not writable ({e.strerror}): "
+                                 "pass --cache-dir to a writable folder") from e
+            self.read_only = True
         self.manifest_path = self.dir / "manifest.jsonl"
         self.corrupt: list[str] = []  # keys found broken and deleted during this session
         self._verified: set[str] = set()  # keys whose content checked out in this session
@@ -229,7 +237,8 @@ class AttentionCache:
                 meta = json.loads(f.metadata()["l2s"])
             check_entry(tensor, meta, key)
         except (SafetensorError, OSError, ValueError, KeyError, TypeError, AttributeError):
-            path.unlink(missing_ok=True)
+            if not self.read_only:
+                path.unlink(missing_ok=True)
             self.corrupt.append(key)
             self._verified.discard(key)
             return None
@@ -259,7 +268,7 @@ class AttentionCache:
         for key in rows.keys() - on_disk:
             del rows[key]
             dirty = True
-        if dirty:
+        if dirty and not self.read_only:
             text = "".join(json.dumps(r) + "\n" for r in rows.values())
             atomic_write_text(self.manifest_path, text)
         return list(rows.values())

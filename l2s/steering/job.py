@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from l2s.config import (
     option_values,
 )
 from l2s.engine.backbone import Denoiser
+from l2s.engine.registry import steer_defaults
 from l2s.engine.sampling import seeded_latents, to_uint8
 from l2s.engine.timing import Clock, peak_memory_mb
 from l2s.errors import L2SError
@@ -125,6 +127,27 @@ class SteerConfig:
         "settings" keys of report.json."""
         d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "options"}
         return {**d, **self.options.to_json()}
+
+
+def unused_options(methods: Sequence[str], options: SteerOptions, classifier: str | None,
+                   model: str) -> list[str]:
+    """Warnings for options set that none of ``methods`` reads: plain generation does not
+    steer (every steering option but --steps and --guidance, unless at the model's default,
+    as a written config.yaml holds some), plain and centroid load no classifier (was: ignored
+    without a word)."""
+    unused, defaults = [], steer_defaults(model)
+    if all(m == "plain" for m in methods):
+        unused = [f"--{f.name.replace('_', '-')}" for f in fields(SteerOptions)
+                  if f.name not in ("steps", "guidance")
+                  and getattr(options, f.name) not in (f.default,
+                                                       getattr(defaults, f.name, f.default))]
+    if classifier is not None and all(m in ("plain", "centroid") for m in methods):
+        unused.append("--classifier")
+    if not unused:
+        return []
+    return [f"--method {' and '.join(dict.fromkeys(methods))} does not use "
+            f"{', '.join(unused)}: those options were ignored (they apply to steered methods, "
+            "--classifier to l2s)"]
 
 
 def prompt_warnings(triplets: list[Triplet]) -> list[str]:
@@ -288,7 +311,9 @@ def steer(config: SteerConfig, denoiser: Denoiser | None = None, on_step=None) -
         "notice": notice,
         "steps": [r.to_json() for r in stats.steps],
         "skipped_updates": stats.skipped_updates,
-        "warnings": prompt_warnings(triplets) + stats.warnings,
+        "warnings": (prompt_warnings(triplets) + stats.warnings
+                     + unused_options([config.method], config.options, config.classifier,
+                                    config.model)),
         "total_s": round(total, 4),
         "peak_memory_mb": round(peak_memory_mb(denoiser.device), 1),
     }
