@@ -9,6 +9,7 @@ import typer
 from l2s import __version__
 from l2s.cli import bench, classifier, doctor, invert, models, speed, steer, train
 from l2s.cli.options import SharedVocabulary
+from l2s.cli.output import output_options
 
 app = typer.Typer(
     name="l2s",
@@ -65,13 +66,13 @@ def _root(
         torch.set_num_threads(threads)
 
 
-app.command("steer", cls=SharedVocabulary)(steer.steer)
-app.command("invert", cls=SharedVocabulary)(invert.invert)
-app.command("train", cls=SharedVocabulary)(train.train)
-app.command("bench", cls=SharedVocabulary)(bench.bench)
-app.command("speed", cls=SharedVocabulary)(speed.speed)
-app.command("models")(models.models)
-app.command("doctor")(doctor.doctor)
+app.command("steer", cls=SharedVocabulary)(output_options(steer.steer))
+app.command("invert", cls=SharedVocabulary)(output_options(invert.invert))
+app.command("train", cls=SharedVocabulary)(output_options(train.train))
+app.command("bench", cls=SharedVocabulary)(output_options(bench.bench))
+app.command("speed", cls=SharedVocabulary)(output_options(speed.speed))
+app.command("models")(output_options(models.models))
+app.command("doctor")(output_options(doctor.doctor))
 app.add_typer(classifier.app, name="classifier")
 
 

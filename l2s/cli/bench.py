@@ -6,7 +6,6 @@ import typer
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
-    Progress,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
@@ -21,7 +20,7 @@ from l2s.cli.options import (
     image_size_option,
     steer_options,
 )
-from l2s.cli.output import console, emit_json, user_errors
+from l2s.cli.output import console, emit_json, progress, user_errors
 from l2s.config import check_writable_dir
 from l2s.launcher import parse_shard
 from l2s.steering.options import SteerOptions
@@ -83,18 +82,18 @@ def bench(
     check_writable_dir(out)  # before generating: results that cannot be saved are lost
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn())
-    with Progress(*columns, console=console, disable=json_out, transient=True) as progress:
+    with progress(*columns, json_out=json_out, transient=True) as bars:
         tasks: dict[str, int] = {}
 
         def on_image(ev: dict) -> None:
             if ev["method"] not in tasks and ev["done"] and not json_out:  # a rerun
                 left = "nothing left to do" if ev["done"] == ev["total"] else "resuming"
-                progress.console.print(f"{ev['method']}: {ev['done']} of {ev['total']} images "
-                                       f"already scored in {out}, {left}", highlight=False)
+                bars.console.print(f"{ev['method']}: {ev['done']} of {ev['total']} images "
+                                   f"already scored in {out}, {left}", highlight=False)
             if ev["method"] not in tasks:
-                tasks[ev["method"]] = progress.add_task(ev["method"], total=ev["total"],
-                                                        completed=ev["done"])
-            progress.update(tasks[ev["method"]], completed=ev["done"])
+                tasks[ev["method"]] = bars.add_task(ev["method"], total=ev["total"],
+                                                    completed=ev["done"])
+            bars.update(tasks[ev["method"]], completed=ev["done"])
 
         res = run_bench(cfg, callback=on_image)
     for w in res.warnings:

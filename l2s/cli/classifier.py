@@ -5,13 +5,14 @@ from __future__ import annotations
 import typer
 
 from l2s.classifier.layout import published_presets
-from l2s.cli.output import console, emit_json, status, user_errors
+from l2s.cli.output import console, emit_json, output_options, status, user_errors
 
 app = typer.Typer(help="Relation classifiers: import the published L2S checkpoints.",
                   no_args_is_help=True)
 
 
 @app.command("import")
+@output_options
 def import_(
     checkpoint: str = typer.Argument(..., help="The downloaded .pth file (e.g. ~/Downloads/"
                                                "sd2.pth)."),

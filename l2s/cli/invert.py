@@ -5,7 +5,6 @@ from __future__ import annotations
 import typer
 from rich.progress import (
     BarColumn,
-    Progress,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
@@ -13,7 +12,7 @@ from rich.progress import (
 from rich.table import Table
 
 from l2s.cli.options import config_option, device_option, dtype_option
-from l2s.cli.output import console, emit_json, user_errors
+from l2s.cli.output import console, emit_json, progress, user_errors
 from l2s.inversion import job
 from l2s.inversion.cache import AttentionCache
 
@@ -39,7 +38,13 @@ def progress_columns() -> tuple:
             TimeRemainingColumn())
 
 
-def batch_progress(progress: Progress):
+def invert_info(fields: dict) -> str:
+    """The invert counts of a one-line status."""
+    return (f"written {fields['written']} skipped {fields['skipped']} dropped "
+            f"{fields['dropped']}")
+
+
+def batch_progress(progress):
     """An invert-job callback that keeps one bar per source on ``progress``."""
     tasks: dict[str, int] = {}
 
@@ -134,8 +139,8 @@ def invert(
         return
     cfg = job.InvertConfig.from_options({k: v for k, v in ctx.params.items()
                                          if k not in ("stats", "config", "json_out")})
-    with Progress(*progress_columns(), console=console, disable=json_out) as progress:
-        res = job.invert(cfg, callback=batch_progress(progress))
+    with progress(*progress_columns(), info=invert_info, json_out=json_out) as bars:
+        res = job.invert(cfg, callback=batch_progress(bars))
     if json_out:
         emit_json(res.to_json())
         return

@@ -46,7 +46,7 @@ class SharedVocabulary(TyperCommand):
 
 
 # Options that change what is shown, not what is computed: left out of the resolved config.
-_DISPLAY_ONLY = ("config", "json_out")
+_DISPLAY_ONLY = ("config", "json_out", "quiet", "verbose")
 
 
 def _load(ctx: typer.Context, param: typer.CallbackParam, value: str | None) -> str | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import sys
@@ -55,6 +56,10 @@ def user_errors(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except L2SError as e:
+            if _verbosity > 0:  # --verbose: where it was raised, for a bug report
+                import traceback
+
+                console.print(traceback.format_exc().rstrip(), markup=False, highlight=False)
             # escape: messages quote user input and examples with [brackets] in them;
             # soft_wrap: one line at any terminal width, to read and to copy
             console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False,
@@ -79,10 +84,176 @@ def user_errors(fn: Callable) -> Callable:
     return wrapper
 
 
+# How much a command tells on stderr while it works: -1 --quiet, 0 default, 1 --verbose.
+_verbosity = 0
+PROGRESS_EVERY = 10.0  # seconds between one-line statuses off a terminal (and with --json)
+
+
+def verbosity() -> int:
+    return _verbosity
+
+
+def output_options(command: Callable) -> Callable:
+    """Give ``command`` --quiet and --verbose, which set how much it tells on stderr while it
+    works (its results, warnings and errors always print): every command takes them, declared
+    once here."""
+    sig = inspect.signature(command)
+    added = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=bool,
+                               default=typer.Option(False, flag, help=text))
+             for name, flag, text in (
+                 ("quiet", "--quiet", "No progress or status lines on stderr (results, "
+                                      "warnings and errors still print)."),
+                 ("verbose", "--verbose", "A status line at every step of progress, also on "
+                                          "a terminal, and the traceback of an error."))]
+    params = list(sig.parameters.values())
+    # keyword-only parameters go last; typer reads the order for --help only
+    params = [p.replace(kind=inspect.Parameter.POSITIONAL_OR_KEYWORD) for p in params] + \
+        [p.replace(kind=inspect.Parameter.POSITIONAL_OR_KEYWORD) for p in added]
+
+    @wraps(command)
+    def wrapper(*args, quiet: bool = False, verbose: bool = False, **kwargs):
+        global _verbosity
+        if quiet and verbose:
+            raise typer.BadParameter("--quiet and --verbose contradict each other: give one")
+        ctx = kwargs.get("ctx")
+        if ctx is not None:  # commands that build their config from ctx.params
+            ctx.params.pop("quiet", None)
+            ctx.params.pop("verbose", None)
+        before, _verbosity = _verbosity, -1 if quiet else 1 if verbose else 0
+        try:
+            return command(*args, **kwargs)
+        finally:
+            _verbosity = before
+
+    wrapper.__signature__ = sig.replace(parameters=params)
+    wrapper.__annotations__ = {**getattr(command, "__annotations__", {}),
+                               "quiet": bool, "verbose": bool}
+    return wrapper
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    return f"{h}:{rest // 60:02d}:{rest % 60:02d}" if h else f"{rest // 60}:{rest % 60:02d}"
+
+
+class LineProgress:
+    """The part of ``rich.progress.Progress`` the commands use, told as one-line statuses on
+    stderr: "<task>: done/total (percent), rate/s, ETA m:ss, <info>", at a task's first
+    update, then at most every ``every`` seconds and when it completes. For logs, pipes and
+    --json, where a bar would be control codes or nothing."""
+
+    def __init__(self, info: Callable[[dict], str] | None = None, every: float = PROGRESS_EVERY,
+                 enabled: bool = True) -> None:
+        import time
+        from types import SimpleNamespace
+
+        self.info, self.every, self.enabled = info, every, enabled
+        self.console = console
+        self.live = SimpleNamespace(is_started=False)
+        self._tasks: list[dict] = []
+        self._now = time.monotonic
+
+    def __enter__(self) -> LineProgress:
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        self.live.is_started = True
+
+    def stop(self) -> None:
+        self.live.is_started = False
+
+    def add_task(self, description: str, total: float | None = None, completed: float = 0,
+                 **fields) -> int:
+        now = self._now()
+        self._tasks.append({"description": description, "total": total, "completed": completed,
+                            "fields": fields, "start": now, "start_done": completed,
+                            "said": None, "said_done": None})
+        return len(self._tasks) - 1
+
+    def update(self, task_id: int, completed: float | None = None, total: float | None = None,
+               description: str | None = None, **fields) -> None:
+        t = self._tasks[task_id]
+        if completed is not None:
+            t["completed"] = completed
+        if total is not None:
+            t["total"] = total
+        if description is not None:
+            t["description"] = description
+        t["fields"].update(fields)
+        now = self._now()
+        done = t["total"] is not None and t["completed"] >= t["total"]
+        due = t["said"] is None or now - t["said"] >= self.every or \
+            (done and t["said_done"] != t["completed"])
+        if self.enabled and due:
+            t["said"], t["said_done"] = now, t["completed"]
+            console.print(self.line(t, now), highlight=False, soft_wrap=True, markup=False)
+
+    def line(self, t: dict, now: float) -> str:
+        done, total = t["completed"], t["total"]
+        parts = [f"{done:g}/{total:g} ({100 * done / total:.0f}%)" if total else f"{done:g}"]
+        elapsed = now - t["start"]
+        rate = (done - t["start_done"]) / elapsed if elapsed > 0 else 0.0
+        if rate > 0:
+            parts.append(f"{rate:.3g}/s")
+            if total:
+                parts.append(f"ETA {_clock(max(total - done, 0) / rate)}")
+        parts.append(f"elapsed {_clock(elapsed)}")
+        if self.info is not None:
+            parts.append(self.info(t["fields"]))
+        return f"{t['description']}: " + ", ".join(p for p in parts if p)
+
+
+def progress(*columns, info: Callable[[dict], str] | None = None, transient: bool = False,
+             json_out: bool = False, enabled: bool = True):
+    """The progress display of a command: rich bars (``columns``) on a terminal; one-line
+    statuses (``info`` formats a task's fields) off a terminal, with --json and with
+    --verbose (then at every update); nothing with --quiet or when not ``enabled``."""
+    from rich.progress import Progress
+
+    if _verbosity < 0 or not enabled:
+        return LineProgress(info, enabled=False)
+    if console.is_terminal and not json_out and _verbosity == 0:
+        return Progress(*columns, console=console, transient=transient)
+    return LineProgress(info, every=0.0 if _verbosity > 0 else PROGRESS_EVERY)
+
+
+class _LineStatus:
+    """``console.status`` off a terminal: the message once as a line, then updates as lines
+    at most every PROGRESS_EVERY seconds (every one with --verbose)."""
+
+    def __init__(self, message: str) -> None:
+        import time
+
+        self.message, self._now = message, time.monotonic
+        self.every = 0.0 if _verbosity > 0 else PROGRESS_EVERY
+
+    def __enter__(self) -> _LineStatus:
+        console.print(f"{self.message} ...", highlight=False, soft_wrap=True, markup=False)
+        self.said = self._now()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def update(self, message: str) -> None:
+        if self._now() - self.said >= self.every:
+            self.said = self._now()
+            console.print(message, highlight=False, soft_wrap=True, markup=False)
+
+
 def status(message: str, quiet: bool = False):
-    """A spinner on stderr, or nothing in --json mode or off a terminal."""
+    """A spinner on stderr on a terminal; off a terminal (and with --json: ``quiet``) the
+    message as a line and its updates at most every PROGRESS_EVERY seconds; nothing with
+    --quiet."""
     from contextlib import nullcontext
 
-    if quiet or not console.is_terminal:
+    if _verbosity < 0:
         return nullcontext()
-    return console.status(message)
+    if console.is_terminal and not quiet and _verbosity == 0:
+        return console.status(message)
+    return _LineStatus(message)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from l2s.cli.options import (
@@ -16,6 +16,7 @@ from l2s.cli.options import (
     steer_options,
 )
 from l2s.cli.output import console, emit_json, status, user_errors
+from l2s.cli.output import progress as progress_display
 from l2s.config import CONFIG_FILE, check_writable_dir
 from l2s.engine.tokens import triplet_tokens
 from l2s.steering.job import SteerConfig
@@ -157,14 +158,18 @@ def steer(
             console.print(_token_table(den, prompt))
         columns = (TextColumn("steering"), BarColumn(), MofNCompleteColumn(),
                    TextColumn("{task.fields[info]}"), TimeElapsedColumn())
-        with Progress(*columns, console=console, transient=True,
-                      disable=json_out or method in ("plain", "best-of")) as progress:
+        with progress_display(*columns, info=lambda f: f["info"], transient=True,
+                              json_out=json_out,
+                              enabled=method not in ("plain", "best-of")) as progress:
             task = progress.add_task("steer", total=n, info="")
+
+            seen = [0]  # steered steps so far (steering may start past step 0)
 
             def on_step(r) -> None:
                 info = "" if r.loss_after is None else \
                     f"loss {r.loss_after:.3g}  p(target) {r.p_target:.3f}  {r.iterations} it"
-                progress.update(task, completed=r.step + 1, info=info)
+                seen[0] += 1
+                progress.update(task, completed=seen[0], info=info)
 
             res = run_steer(cfg, den, on_step=on_step)
         rep = res.report

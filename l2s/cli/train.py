@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import typer
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from l2s.classifier import train as train_job
 from l2s.classifier.train import TrainConfig, TrainResult
-from l2s.cli.invert import batch_progress, progress_columns, summary_lines
+from l2s.cli.invert import batch_progress, invert_info, progress_columns, summary_lines
 from l2s.cli.options import config_option
-from l2s.cli.output import console, emit_json, status, user_errors
+from l2s.cli.output import console, emit_json, progress, status, user_errors
 from l2s.relations import RELATIONS
 
 
@@ -134,13 +134,15 @@ def train(
     cfg = TrainConfig.from_options({k: v for k, v in ctx.params.items()
                                     if k not in ("fresh", "config", "json_out")})
     # The invert progress (bars per source), then the epoch bar; each made by its first event
-    inverting = Progress(*progress_columns(), console=console, disable=json_out)
+    inverting = progress(*progress_columns(), info=invert_info, json_out=json_out)
     on_batch = batch_progress(inverting)
     columns = (TextColumn("{task.description}"), BarColumn(),
                TextColumn("train loss {task.fields[train_loss]:.3f}  val loss "
                           "{task.fields[val_loss]:.3f}  val acc {task.fields[val_acc]:.1%}  "
                           "lr {task.fields[lr]:.1e}"), TimeElapsedColumn())
-    training = Progress(*columns, console=console, disable=json_out)
+    training = progress(*columns, json_out=json_out, info=lambda f: (
+        f"train loss {f['train_loss']:.3f}, val loss {f['val_loss']:.3f}, val acc "
+        f"{f['val_acc']:.1%}, lr {f['lr']:.1e}"))
     task = None  # added at the first epoch: nothing is shown if loading the data fails
 
     def on_event(ev: dict) -> None:
