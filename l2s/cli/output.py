@@ -223,8 +223,8 @@ def progress(*columns, info: Callable[[dict], str] | None = None, transient: boo
 
 
 class _LineStatus:
-    """``console.status`` off a terminal: the message once as a line, then updates as lines
-    at most every PROGRESS_EVERY seconds (every one with --verbose)."""
+    """``console.status`` off a terminal: its updates as lines at most every PROGRESS_EVERY
+    seconds; with --verbose the message first and every update."""
 
     def __init__(self, message: str) -> None:
         import time
@@ -233,8 +233,9 @@ class _LineStatus:
         self.every = 0.0 if _verbosity > 0 else PROGRESS_EVERY
 
     def __enter__(self) -> _LineStatus:
-        console.print(f"{self.message} ...", highlight=False, soft_wrap=True, markup=False)
-        self.said = self._now()
+        if _verbosity > 0:
+            console.print(f"{self.message} ...", highlight=False, soft_wrap=True, markup=False)
+        self.said = self._now() - self.every  # the first update is due at once
         return self
 
     def __exit__(self, *exc) -> None:
@@ -247,8 +248,8 @@ class _LineStatus:
 
 
 def status(message: str, quiet: bool = False):
-    """A spinner on stderr on a terminal; off a terminal (and with --json: ``quiet``) the
-    message as a line and its updates at most every PROGRESS_EVERY seconds; nothing with
+    """A spinner on stderr on a terminal; off a terminal (and with --json: ``quiet``) its
+    updates as lines at most every PROGRESS_EVERY seconds (``_LineStatus``); nothing with
     --quiet."""
     from contextlib import nullcontext
 
