@@ -12,13 +12,14 @@ returns a typed result.
     l2s train     train                TrainConfig -> TrainResult (card, metrics)
     l2s bench     benchmark            BenchConfig -> BenchResult (summary per method)
     l2s speed     speed                SpeedConfig -> SpeedResult (times, ratios)
+    l2s distill   distillation         DistillConfig -> DistillResult (LoRA folder, card)
     l2s doctor    environment_report   -> dict (JSON-ready)
 
 invert and train write the run's options as config.yaml beside their outputs
 (``TrainConfig.from_yaml(path)`` or ``l2s train --config path`` repeat it); speed writes its
 report to ``SpeedConfig.out``. The bench job is ``benchmark``: ``l2s.bench`` is the benchmark
-package. ``run_invert``, ``run_train``, ``run_bench`` and ``run_speed`` are the jobs' former
-names, kept as aliases.
+package; the distill job is ``distillation`` (``l2s.distill`` is its package). ``run_invert``,
+``run_train``, ``run_bench`` and ``run_speed`` are the jobs' former names, kept as aliases.
 """
 
 __version__ = "0.1.0"
@@ -43,6 +44,9 @@ _API = {
     "speed": ("l2s.steering.speed", "speed"),
     "SpeedConfig": ("l2s.steering.speed", "SpeedConfig"),
     "SpeedResult": ("l2s.steering.speed", "SpeedResult"),
+    "distillation": ("l2s.distill.job", "distill"),
+    "DistillConfig": ("l2s.distill.job", "DistillConfig"),
+    "DistillResult": ("l2s.distill.job", "DistillResult"),
     "environment_report": ("l2s.environment", "environment_report"),
     "load_backbone": ("l2s.engine.loading", "load_backbone"),
     "parse": ("l2s.relations", "parse"),

@@ -64,6 +64,7 @@ class MethodSettings(Protocol):
 
     model: str  # backbone preset, hub id or folder
     classifier: str | None  # classifier card (None: the model's default)
+    lora: str | None  # the +lora methods' LoRA folder (None: the model's shipped one)
     options: SteerOptions  # steering options, resolved against the model by each method
 
 
@@ -206,6 +207,27 @@ def best_of_method(ctx: MethodContext) -> Generate:
 
     run.classifier = card  # the card it verifies with: a resume must keep it
     return run
+
+
+def _lora_method(base: str) -> MethodFactory:
+    """plain+lora / l2s+lora: ``base`` on the backbone with a LoRA merged into a copy of its
+    network (``l2s.distill.lora.with_lora``; the run's --lora, by default the model's shipped
+    one; NAME:DIR names another folder): the other methods keep the base model, and merged
+    weights cost what the base costs."""
+    def factory(ctx: MethodContext) -> Generate:
+        from l2s.distill.lora import resolve_lora, with_lora
+
+        cfg = ctx.config
+        folder = resolve_lora(ctx.argument or getattr(cfg, "lora", None), cfg.model)
+        adapted = with_lora(ctx.denoiser, folder)
+        return _steer_method(base)(replace(ctx, denoiser=adapted, argument=None))
+
+    return factory
+
+
+LORA = "a LoRA folder (written by `l2s distill`) instead of the run's --lora"
+for _name in ("plain", "l2s"):
+    register_method(f"{_name}+lora", LORA)(_lora_method(_name))
 
 
 def methods() -> dict[str, MethodFactory]:

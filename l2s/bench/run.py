@@ -66,6 +66,7 @@ class BenchConfig:
     # relation_schedule resolved (runs written before they could be None did).
     options: SteerOptions = field(default_factory=SteerOptions)
     classifier: str | None = None  # l2s: classifier card (None: the model's default)
+    lora: str | None = None  # plain+lora, l2s+lora: LoRA folder (None: the model's shipped one)
     detector: str | None = None  # "toy", alias, hub id or folder (None: the suite's default)
     color_model: str = COLOR_MODEL  # CLIP for GenEval's colour tasks
     batch_size: int = 100  # images generated in one batch
@@ -95,7 +96,7 @@ class BenchConfig:
         check_seeds("--seed", self.seed, last=image_seed(self.seed, 9999, 999))
         if not isinstance(self.options, SteerOptions):
             raise ConfigError(f"options must be a SteerOptions, got {self.options!r}")
-        for name in ("classifier", "detector", "out"):
+        for name in ("classifier", "lora", "detector", "out"):
             check_text(f"--{name}", getattr(self, name), optional=True, path=True)
         for name in ("device", "dtype"):
             check_text(f"--{name}", getattr(self, name), optional=True)
@@ -121,6 +122,8 @@ class BenchConfig:
         ident = {k: v for k, v in self.to_json().items()
                  if k not in ("methods", "prompts", "batch_size", "compile", "shard", "device",
                               "out")}
+        if ident.get("lora") is None:  # what runs before the field generated
+            ident.pop("lora", None)
         if ident["relation_schedule"] == "round-robin":  # what runs before the field steered
             del ident["relation_schedule"]
         return ident

@@ -7,7 +7,7 @@ import os
 import typer
 
 from l2s import __version__
-from l2s.cli import bench, classifier, doctor, invert, models, speed, steer, train
+from l2s.cli import bench, classifier, distill, doctor, invert, models, speed, steer, train
 from l2s.cli.options import SharedVocabulary
 from l2s.cli.output import output_options
 
@@ -71,6 +71,7 @@ app.command("invert", cls=SharedVocabulary)(output_options(invert.invert))
 app.command("train", cls=SharedVocabulary)(output_options(train.train))
 app.command("bench", cls=SharedVocabulary)(output_options(bench.bench))
 app.command("speed", cls=SharedVocabulary)(output_options(speed.speed))
+app.command("distill")(output_options(distill.distill))
 app.command("models")(output_options(models.models))
 app.command("doctor")(output_options(doctor.doctor))
 app.add_typer(classifier.app, name="classifier")

@@ -41,8 +41,10 @@ def bench(
                                           "probable; bare: 4). l2s:CARD "
                                           "and l2s-verify:CARD steer with the classifier "
                                           "card or folder CARD, so one run compares "
-                                          "classifiers. Writes frontier.png (accuracy vs "
-                                          "seconds per image) in --out."),
+                                          "classifiers. plain+lora and l2s+lora: with the "
+                                          "--lora LoRA merged (`l2s distill`). Writes "
+                                          "frontier.png (accuracy vs seconds per image) in "
+                                          "--out."),
     prompts: int = typer.Option(None, "--prompts",
                                 help="First N prompts (default: all 553 / 100 / 300 of a fixed "
                                      "suite, 200 of a generated one)."),
@@ -53,6 +55,9 @@ def bench(
     options: SteerOptions = None,  # one flag per field (steer_options)
     classifier: str = typer.Option(None, "--classifier",
                                    help="l2s: classifier card.json (default: the model's)."),
+    lora: str = typer.Option(None, "--lora",
+                             help="LoRA folder of the +lora methods (default: the model's "
+                                  "shipped one: `--lora toy`)."),
     detector: str = typer.Option(None, "--detector",
                                  help="toy, mask2former, owlv2, a hub id or a folder (default: "
                                       "toy for shapes suites, mask2former for geneval suites "
@@ -75,7 +80,7 @@ def bench(
     """Generate and score a benchmark suite; rerunning with the same --out resumes."""
     cfg = BenchConfig(suite=suite, model=model, image_size=image_size, methods=tuple(method),
                       prompts=prompts, num_images=num_images, seed=seed, options=options,
-                      classifier=classifier, detector=detector, color_model=color_model,
+                      classifier=classifier, lora=lora, detector=detector, color_model=color_model,
                       batch_size=batch_size, shard=parse_shard(shard), device=device,
                       dtype=dtype, out=out)
     out = cfg.out  # out/bench-SUITE-MODEL when not given

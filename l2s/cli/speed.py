@@ -36,6 +36,9 @@ def speed(
     end_to_end: bool = typer.Option(True, "--end-to-end/--units-only",
                                     help="Also time whole generations (plain, worst case, "
                                          "one iteration per steered step)."),
+    lora: str = typer.Option(None, "--lora",
+                             help="LoRA folder merged into the model before timing (`l2s "
+                                  "distill`), or a model name for its shipped LoRA."),
     classifier: str = typer.Option(None, "--classifier", help="Classifier card.json (default: "
                                    "the model's; a random one of the same shape if none)."),
     channels_last: bool = typer.Option(False, "--channels-last",
@@ -60,7 +63,7 @@ def speed(
     """
     cfg = SpeedConfig(model=model, prompt=prompt, random_weights=random_weights,
                       image_size=image_size, device=device, dtype=dtype, options=options,
-                      repeats=repeats, end_to_end=end_to_end, classifier=classifier,
+                      repeats=repeats, end_to_end=end_to_end, classifier=classifier, lora=lora,
                       channels_last=channels_last, truncate=truncate, out=out)
 
     with status("timing", json_out) as spinner:

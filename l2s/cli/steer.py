@@ -100,6 +100,9 @@ def steer(
     classifier: str = typer.Option(None, "--classifier",
                                    help="Classifier card.json (default: the one `l2s train` "
                                         "wrote for the model, else the shipped one)."),
+    lora: str = typer.Option(None, "--lora",
+                             help="LoRA folder merged into the model (`l2s distill`), or a "
+                                  "model name for its shipped LoRA (`--lora toy`)."),
     num_images: int = typer.Option(1, "--num-images", "-n", help="Images, one batch."),
     image_size: int = typer.Option(None, "--image-size", help="Pixels (default: the model's)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the first image (then +1 each)."),
@@ -146,7 +149,7 @@ def steer(
         from l2s.engine.loading import load_backbone
 
         cfg = SteerConfig(prompt=prompt, model=model, image_size=image_size, method=method,
-                          classifier=classifier, num_images=num_images, seed=seed,
+                          classifier=classifier, lora=lora, num_images=num_images, seed=seed,
                           options=options, device=device, dtype=dtype, verify=verify,
                           candidates=candidates, compare_plain=compare_plain,
                           save_attention=save_attention, out=out)

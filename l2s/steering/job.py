@@ -80,6 +80,8 @@ class SteerConfig:
     # the classifier keeping the most probable one)
     method: str = "l2s"
     classifier: str | None = None  # classifier card (None: the model's default)
+    # LoRA folder merged into the network (``l2s distill``; a preset name: its shipped LoRA)
+    lora: str | None = None
     num_images: int = 1  # images generated in one batch, seeds seed..seed+n-1
     seed: int = 0  # noise seed of the first image
     options: SteerOptions = field(default_factory=SteerOptions)  # sampling and steering
@@ -103,6 +105,7 @@ class SteerConfig:
         check_text("--model", self.model)
         check_choice("--method", self.method, steer_methods())
         check_text("--classifier", self.classifier, optional=True, path=True)
+        check_text("--lora", self.lora, optional=True, path=True)
         check_integer("--num-images", self.num_images, 1, optional=False)
         check_integer("--image-size", self.image_size, 1)
         check_seeds("--seed", self.seed, self.num_images)
@@ -266,6 +269,10 @@ def steer(config: SteerConfig, denoiser: Denoiser | None = None, on_step=None) -
 
         denoiser = load_backbone(config.model, device=config.device, dtype=config.dtype,
                                  image_size=config.image_size)
+    if config.lora is not None:
+        from l2s.distill.lora import resolve_lora, with_lora
+
+        denoiser = with_lora(denoiser, resolve_lora(config.lora, config.model))
     check_prompt(denoiser, triplets)
     steerable = [t for t in triplets if t.steerable]
     method = config.method if steerable else "plain"

@@ -59,6 +59,7 @@ class SpeedConfig:
     repeats: int = 5  # timed repetitions of each unit, after one warm-up
     end_to_end: bool = True  # also time whole generations (plain, worst case, 1 iteration)
     classifier: str | None = None  # None: the model's classifier, else a random one (timing)
+    lora: str | None = None  # LoRA folder merged into the network (a preset name: its own)
     channels_last: bool = False  # the attention model in channels_last (NHWC) memory format
     truncate: bool = True  # steering forwards stop after the last recorded layer
     out: str | None = None  # also write the report JSON to this file
@@ -74,6 +75,7 @@ class SpeedConfig:
         check_integer("--iterations", self.options.iterations, 1)
         check_integer("--repeats", self.repeats, 1, optional=False)
         check_text("--classifier", self.classifier, optional=True, path=True)
+        check_text("--lora", self.lora, optional=True, path=True)
         check_text("--out", self.out, optional=True, path=True)
 
     def to_json(self) -> dict:
@@ -167,6 +169,10 @@ def speed(config: SpeedConfig, denoiser: Denoiser | None = None, on_unit=None) -
         denoiser = load_backbone(config.model, device=config.device, dtype=config.dtype,
                                  random_weights=config.random_weights,
                                  image_size=config.image_size)
+    if config.lora is not None:
+        from l2s.distill.lora import resolve_lora, with_lora
+
+        denoiser = with_lora(denoiser, resolve_lora(config.lora, config.model))
     prompt = config.prompt or _default_prompt(denoiser)
     triplets = [t for t in parse(prompt) if t.steerable]
     if not triplets:

@@ -1,0 +1,154 @@
+"""Self-distillation data: steered images of relation prompts that the relation classifier
+accepts, written in chunks so a killed run resumes where it stopped.
+
+Prompts are "a A REL a B" (the shapes suite's wording) over the model's objects minus the
+held-out ones: no pair containing a held-out object is ever generated, so the benchmark can
+measure the LoRA on pairs it never saw. Each chunk is generated with l2s steering from seeded
+noise, then each image is judged by the relation classifier (never the benchmark's judge):
+the image is noised again to the last steered step and the classifier reads the maps of one
+forward; the image is kept when every relation's loss is under that step's early-exit
+threshold.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from l2s.engine.backbone import Denoiser
+from l2s.engine.sampling import seeded_latents, to_uint8
+from l2s.relations import RELATIONS, Triplet, format_prompt
+from l2s.steering.loop import Steerer, SteerSettings, generate
+from l2s.steering.losses import RelationLoss
+
+CHUNK_PATTERN = "chunk-{:05d}.safetensors"
+
+
+@dataclass(frozen=True)
+class DistillPrompt:
+    prompt: str
+    triplet: Triplet
+
+
+def pair_prompt(names: Sequence[str], rng: random.Random) -> DistillPrompt:
+    a, b = rng.sample(list(names), 2)
+    t = Triplet(a, rng.choice(RELATIONS), b)
+    return DistillPrompt(format_prompt([t], style="plain"), t)
+
+
+def distill_prompts(objects: Sequence[str], hold_out: Sequence[str], n: int, seed: int,
+                    start: int = 0) -> list[DistillPrompt]:
+    """Prompts start..start+n-1 over ``objects`` without ``hold_out``; prompt i depends only
+    on (seed, i)."""
+    names = [o for o in objects if o not in set(hold_out)]
+    return [pair_prompt(names, random.Random(seed * 1_000_003 + i))
+            for i in range(start, start + n)]
+
+
+def image_seed(seed: int, i: int) -> int:
+    """The noise seed of distillation image i (apart from the benchmark's seed * 10^7 + ...:
+    an odd offset keeps the two families of seeds from meeting)."""
+    return 7_919 + seed * 1_000_003 + 2 * i + 1
+
+
+def classifier_accepts(denoiser: Denoiser, images: torch.Tensor, prompts: Sequence[str],
+                       triplets: Sequence[Sequence[Triplet]], loss: RelationLoss,
+                       settings: SteerSettings, seeds: Sequence[int]) -> list[bool]:
+    """The relation classifier's verdict on finished images (B, H, W, 3) in [0, 1]: each image
+    noised to the last steered step (seeded noise), one truncated forward, every relation's
+    loss at most that step's early-exit threshold."""
+    st = Steerer(denoiser, list(prompts), [list(t) for t in triplets], loss, settings)
+    active = st.plan.active
+    ok = [True] * len(prompts)
+    if not active:
+        return ok
+    step = max(settings.steered_steps() - 1, settings.steer_from)
+    t = denoiser.timesteps(settings.steps)[step]
+    x0 = denoiser.encode_image(images.to(denoiser.device))
+    noise = seeded_latents(denoiser, [s + 1 for s in seeds])
+    x_t = denoiser.add_noise(x0.float(), noise.to(x0.device), t)
+    aidx = st.index(active)
+    with torch.no_grad(), st.recorder() as rec, rec.truncated():
+        rec.set_weights(st.token_weights(active))
+        denoiser.predict(x_t[aidx], t, st.cond.select(aidx), guidance=settings.guidance)
+    with torch.no_grad():
+        scores = st.plan.score(loss, rec.stacked(), active, t, step)
+    held = (scores.loss <= settings.threshold(step)).tolist()
+    for a, h in zip(scores.rows, held, strict=True):
+        ok[active[a]] = ok[active[a]] and h
+    return ok
+
+
+def chunk_path(folder: Path, index: int) -> Path:
+    return folder / CHUNK_PATTERN.format(index)
+
+
+def read_chunk(path: Path) -> tuple[torch.Tensor, list[str], list[bool]] | None:
+    """(images uint8 (B, H, W, 3), prompts, accepted) of a chunk; None when it is damaged."""
+    try:
+        tensors = load_file(str(path))
+        meta = json.loads(path.with_suffix(".json").read_text())
+    except (OSError, ValueError, SafetensorError):
+        return None
+    return tensors["images"], meta["prompts"], [bool(a) for a in tensors["accepted"].tolist()]
+
+
+def generate_chunks(denoiser: Denoiser, loss: RelationLoss, settings: SteerSettings,
+                    folder: Path, *, objects: Sequence[str], hold_out: Sequence[str],
+                    images: int, chunk: int, seed: int,
+                    callback: Callable[[dict], None] | None = None) -> dict:
+    """Generate (or find) every chunk of ``images`` steered images in ``folder``; returns
+    {"generated", "accepted"} counts over all chunks."""
+    from l2s.inversion.cache import atomic_write, atomic_write_text
+
+    folder.mkdir(parents=True, exist_ok=True)
+    n_chunks = -(-images // chunk)
+    total = accepted = 0
+    for c in range(n_chunks):
+        start, n = c * chunk, min(chunk, images - c * chunk)
+        path = chunk_path(folder, c)
+        found = read_chunk(path) if path.is_file() else None
+        if found is None or len(found[1]) != n:
+            ps = distill_prompts(objects, hold_out, n, seed, start)
+            seeds = [image_seed(seed, i) for i in range(start, start + n)]
+            texts, trips = [p.prompt for p in ps], [[p.triplet] for p in ps]
+            imgs, _ = generate(denoiser, texts, trips, seeded_latents(denoiser, seeds),
+                               settings, loss)
+            ok = classifier_accepts(denoiser, imgs, texts, trips, loss, settings, seeds)
+            u8 = torch.as_tensor(to_uint8(imgs))
+            atomic_write_text(path.with_suffix(".json"),
+                              json.dumps({"prompts": texts, "seeds": seeds}) + "\n")
+            atomic_write(path, lambda tmp, u8=u8, ok=ok: save_file(
+                {"images": u8.contiguous(), "accepted": torch.tensor(ok, dtype=torch.uint8)},
+                tmp))
+            found = (u8, texts, ok)
+        total += len(found[1])
+        accepted += sum(found[2])
+        if callback:
+            callback({"phase": "data", "done": total, "total": images, "accepted": accepted})
+    return {"generated": total, "accepted": accepted}
+
+
+def load_accepted(folder: Path, chunks: int) -> tuple[torch.Tensor, list[str], list[int]]:
+    """Every accepted image (N, H, W, 3) uint8, its prompt and its noise seed, from the first
+    ``chunks`` chunks."""
+    imgs, prompts, seeds = [], [], []
+    for c in range(chunks):
+        path = chunk_path(folder, c)
+        found = read_chunk(path)
+        if found is None:
+            continue
+        u8, texts, ok = found
+        chunk_seeds = json.loads(path.with_suffix(".json").read_text())["seeds"]
+        keep = [i for i, a in enumerate(ok) if a]
+        imgs.append(u8[keep])
+        prompts += [texts[i] for i in keep]
+        seeds += [chunk_seeds[i] for i in keep]
+    return (torch.cat(imgs) if imgs else torch.zeros(0, dtype=torch.uint8)), prompts, seeds

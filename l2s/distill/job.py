@@ -1,0 +1,284 @@
+"""The `l2s distill` job (``l2s.distill``): fine-tune a LoRA so that plain generation obeys
+relations, by self-distillation of l2s steering.
+
+Recipe "self" (the one built): (1) generate with l2s steering on relation prompts whose object
+pairs avoid the held-out objects, keep the images the relation classifier accepts
+(``l2s.distill.data``); (2) fine-tune a LoRA on the backbone's network with its ordinary
+denoising loss on them (``l2s.distill.train``); (3) write the LoRA folder in diffusers'
+format with its card (base model fingerprint, recipe, data, settings) and, where the model
+draws a world with a judge (the toys), the judge's verdict on plain vs plain+LoRA over fresh
+prompts, held-out pairs apart. The classifier only selects data: every number on the card
+comes from the judge. Each phase resumes: chunks of data already written are kept, training
+continues from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+
+from l2s.config import (
+    CONFIG_FILE,
+    check_integer,
+    check_number,
+    check_text,
+    dump_yaml,
+    load_yaml,
+)
+from l2s.distill.lora import DEFAULT_TARGETS, LoRAError, LoRASpec
+from l2s.engine.backbone import Denoiser
+
+RECIPES = ("self",)  # self-distillation of l2s steering (the classifier-loss reward: not built)
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """Settings of one `l2s distill` run; written as the run's config.yaml."""
+
+    model: str = "toy"  # backbone preset, hub id or folder
+    out: str | None = None  # the LoRA folder (None: runs/distill-MODEL)
+    recipe: str = "self"  # RECIPES
+    classifier: str | None = None  # classifier card steering and selection use (None: default)
+    images: int = 3000  # steered images generated (those the classifier accepts are kept)
+    chunk: int = 50  # images generated per batch (and per resumable data file)
+    # objects whose pairs are never distilled on (None: the model's last object: the toy's
+    # ring); "" holds out nothing
+    hold_out: tuple[str, ...] | None = None
+    rank: int = 8  # LoRA rank
+    alpha: float = 8.0  # LoRA scale numerator (update scaled by alpha / rank)
+    targets: tuple[str, ...] = DEFAULT_TARGETS  # module names the LoRA adapts
+    steps: int = 2000  # training steps
+    batch_size: int = 32  # images per step
+    lr: float = 1e-3  # AdamW learning rate of the LoRA
+    drop_text: float = 0.1  # fraction of images trained with the empty prompt
+    # train at the noisiest part of the sampling grid, where layout is decided: its first
+    # fraction of steps (1: every step)
+    noisy_fraction: float = 0.25
+    # fraction of each batch noised with the noise its image was generated from (the rest:
+    # fresh noise)
+    paired_noise: float = 0.5
+    checkpoint_every: int = 100  # steps between checkpoints
+    eval_prompts: int = 100  # judged prompts per split for the card (0: no evaluation)
+    eval_seed: int = 9  # seed of the card's evaluation prompts and noise
+    seed: int = 0  # prompts, noise and batches of distillation
+    device: str | None = None  # cuda, cpu, ... (None: $L2S_DEVICE, else CUDA if any)
+
+    def __post_init__(self) -> None:
+        from l2s.config import check_choice
+
+        check_text("--model", self.model)
+        check_text("--out", self.out, optional=True, path=True)
+        check_text("--classifier", self.classifier, optional=True, path=True)
+        check_choice("--recipe", self.recipe, RECIPES, LoRAError)
+        for name, low in (("images", 1), ("chunk", 1), ("rank", 1), ("steps", 1),
+                          ("batch_size", 1), ("checkpoint_every", 1), ("eval_prompts", 0),
+                          ("eval_seed", 0), ("seed", 0)):
+            check_integer(f"--{name.replace('_', '-')}", getattr(self, name), low,
+                          optional=False)
+        check_number("--alpha", self.alpha, 0, strict=True)
+        check_number("--lr", self.lr, 0, strict=True)
+        check_number("--drop-text", self.drop_text, 0)
+        check_number("--noisy-fraction", self.noisy_fraction, 0, strict=True)
+        check_number("--paired-noise", self.paired_noise, 0)
+        if self.paired_noise > 1:
+            raise LoRAError(f"--paired-noise {self.paired_noise}: give a fraction in [0, 1]")
+        if self.noisy_fraction > 1:
+            raise LoRAError(f"--noisy-fraction {self.noisy_fraction}: give a fraction in (0, 1]")
+        if self.drop_text >= 1:
+            raise LoRAError(f"--drop-text {self.drop_text}: give a fraction below 1")
+        for name in ("hold_out", "targets"):
+            v = getattr(self, name)
+            if isinstance(v, str):
+                object.__setattr__(self, name, tuple(x.strip() for x in v.split(",")
+                                                     if x.strip()))
+            elif v is not None:
+                object.__setattr__(self, name, tuple(v))
+        if not self.targets:
+            raise LoRAError("--targets: name at least one module (e.g. to_q,to_k,to_v,to_out.0)")
+        if self.out is None:
+            object.__setattr__(self, "out", f"runs/distill-{self.model.replace('/', '_')}")
+
+    def options(self) -> dict:
+        """This run in `l2s distill`'s option names: what config.yaml holds."""
+        values = asdict(self)
+        for name in ("hold_out", "targets"):
+            if values[name] is not None:
+                values[name] = ",".join(values[name])
+        return values
+
+    @classmethod
+    def from_options(cls, values: Mapping) -> DistillConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise LoRAError(f"unknown distill option(s) {', '.join(unknown)}: valid ones are "
+                            f"{', '.join(sorted(known))}")
+        return cls(**{k: v for k, v in values.items() if v is not None})
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> DistillConfig:
+        return cls.from_options(load_yaml(path))
+
+    def spec(self) -> LoRASpec:
+        return LoRASpec(self.rank, float(self.alpha), self.targets)
+
+    def identity(self) -> dict:
+        """What a resumed training must share with the run it continues (steps may grow)."""
+        return {k: v for k, v in self.options().items()
+                if k not in ("out", "steps", "checkpoint_every", "eval_prompts", "eval_seed",
+                             "device")}
+
+
+@dataclass
+class DistillResult:
+    """The LoRA folder, its card and how long each phase took."""
+
+    out: Path
+    card: dict
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {"out": str(self.out), "card": self.card, "seconds": self.seconds}
+
+
+def held_out(cfg: DistillConfig, objects: tuple[str, ...]) -> tuple[str, ...]:
+    hold = cfg.hold_out if cfg.hold_out is not None else objects[-1:]
+    unknown = [h for h in hold if h not in objects]
+    if unknown:
+        raise LoRAError(f"--hold-out {','.join(unknown)}: not an object of this model's "
+                        f"prompts ({', '.join(objects)})")
+    if len(objects) - len(hold) < 2:
+        raise LoRAError("--hold-out: at least two objects must stay for distillation")
+    return tuple(hold)
+
+
+def prompt_objects(denoiser: Denoiser) -> tuple[str, ...]:
+    """The objects of the distillation prompts: the model's closed vocabulary (the toys'
+    shapes), else GenEval's 80 names."""
+    if denoiser.known_objects:
+        return tuple(denoiser.known_objects)
+    from l2s.bench.suites import geneval_names
+
+    return geneval_names()
+
+
+def evaluate(denoiser: Denoiser, lora_denoiser: Denoiser, settings, objects, hold, n: int,
+             seed: int) -> dict:
+    """The judge's position accuracy of plain and plain+LoRA generation on n fresh prompts of
+    distilled pairs and n of held-out pairs (pairs containing a held-out object)."""
+    from l2s.distill.data import pair_prompt
+    from l2s.engine.sampling import sample, seeded_latents, to_uint8
+
+    world = denoiser.world
+    out = {"judge": world.judged_by, "prompts_per_split": n, "seed": seed}
+    splits = {"distilled_pairs": lambda r: pair_prompt([o for o in objects if o not in hold],
+                                                       r)}
+    if hold:
+        def held(r):
+            while True:
+                p = pair_prompt(objects, r)
+                if p.triplet.subject in hold or p.triplet.object in hold:
+                    return p
+        splits["held_out_pairs"] = held
+    for name, draw in splits.items():
+        rng = random.Random(seed * 1_000_003 + 17)
+        ps = [draw(rng) for _ in range(n)]
+        texts, trips = [p.prompt for p in ps], [[p.triplet] for p in ps]
+        seeds = [seed * 10_000_000 + 500_000 + i for i in range(n)]
+        res = {}
+        for label, d in (("plain", denoiser), ("plain+lora", lora_denoiser)):
+            with torch.no_grad():
+                imgs = sample(d, texts, steps=settings.steps, guidance=settings.guidance,
+                              latents=seeded_latents(d, seeds))
+            res[label] = sum(world.judge(to_uint8(imgs), trips)) / n
+        out[name] = res
+    return out
+
+
+def distill(cfg: DistillConfig, denoiser: Denoiser, callback: Callable[[dict], None] | None
+            = None, fresh: bool = False) -> DistillResult:
+    """Run `l2s distill`: data, training, the LoRA folder and its card."""
+    import copy
+
+    from l2s.distill import data as ddata
+    from l2s.distill.lora import attach, save_lora, with_lora
+    from l2s.distill.train import CHECKPOINT, train_lora
+    from l2s.steering.job import build_loss
+    from l2s.steering.options import SteerOptions
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    dump_yaml(cfg.options(), out / CONFIG_FILE)
+    checkpoint = out / CHECKPOINT
+    if fresh and checkpoint.exists():
+        checkpoint.unlink()
+    objects = prompt_objects(denoiser)
+    hold = held_out(cfg, objects)
+    settings = SteerOptions().resolve(cfg.model)
+    loss, loss_source = build_loss("l2s", denoiser, cfg.model, cfg.classifier)
+    seconds = {}
+    t0 = time.perf_counter()
+    counts = ddata.generate_chunks(denoiser, loss, settings, out / "data", objects=objects,
+                                   hold_out=hold, images=cfg.images, chunk=cfg.chunk,
+                                   seed=cfg.seed, callback=callback)
+    seconds["data"] = time.perf_counter() - t0
+    images, prompts, seeds = ddata.load_accepted(out / "data", -(-cfg.images // cfg.chunk))
+    if not prompts:
+        raise LoRAError(f"distill: the classifier accepted none of {counts['generated']} "
+                        "steered images: check the classifier (--classifier) or steer harder")
+    latents = denoiser.encode_image(images.float().div(255))
+    from l2s.engine.sampling import seeded_latents
+
+    paired = seeded_latents(denoiser, seeds) if cfg.paired_noise else None
+    # train a copy: the denoiser passed in stays the base model
+    net = copy.deepcopy(denoiser.attention_model)
+    trained = copy.copy(denoiser)
+    from l2s.distill.lora import network_attribute
+
+    setattr(trained, network_attribute(denoiser), net)
+    params = attach(net, cfg.spec(), seed=cfg.seed)
+    t0 = time.perf_counter()
+    grid = denoiser.timesteps(settings.steps)
+    grid = grid[:max(1, round(cfg.noisy_fraction * len(grid)))]
+    with torch.enable_grad():
+        history = train_lora(trained, net, params, latents, prompts, steps=cfg.steps,
+                             batch=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, grid=grid,
+                             drop_text=cfg.drop_text, checkpoint=checkpoint,
+                             checkpoint_every=cfg.checkpoint_every,
+                             identity=cfg.identity(), paired=paired,
+                             paired_fraction=cfg.paired_noise, callback=callback)
+    seconds["train"] = time.perf_counter() - t0
+    card = {
+        "format": "l2s-lora/1",
+        "base_model": cfg.model,
+        "base_fingerprint": denoiser.fingerprint,
+        "recipe": {"name": cfg.recipe,
+                   "what": "self-distillation: l2s-steered images the relation classifier "
+                           "accepts, the model's own denoising loss",
+                   "classifier": loss_source, "steering": asdict(settings)},
+        "lora": {"rank": cfg.rank, "alpha": cfg.alpha, "targets": list(cfg.targets),
+                 "parameters": sum(p.numel() for p in params)},
+        "data": {"objects": list(objects), "held_out_objects": list(hold),
+                 "generated": counts["generated"], "accepted": counts["accepted"],
+                 "seed": cfg.seed},
+        "training": {"steps": cfg.steps, "batch_size": cfg.batch_size, "lr": cfg.lr,
+                     "drop_text": cfg.drop_text, "noisy_fraction": cfg.noisy_fraction,
+                     "paired_noise": cfg.paired_noise,
+                     "timesteps": [float(t) for t in grid], "loss_history": history},
+        "measured": None,
+    }
+    save_lora(out, net, cfg.spec(), card)
+    if cfg.eval_prompts and denoiser.world is not None:
+        if callback:
+            callback({"phase": "evaluate", "prompts": cfg.eval_prompts})
+        t0 = time.perf_counter()
+        card["measured"] = evaluate(denoiser, with_lora(denoiser, out), settings, objects,
+                                    hold, cfg.eval_prompts, cfg.eval_seed)
+        seconds["evaluate"] = time.perf_counter() - t0
+        save_lora(out, net, cfg.spec(), card)
+    return DistillResult(out, card, seconds)

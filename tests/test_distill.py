@@ -1,0 +1,218 @@
+"""`l2s distill` and the LoRA path: diffusers-format folders, merging, the +lora bench methods,
+resumable training, held-out pairs, one-line errors."""
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from l2s.distill.lora import (
+    LoRAError,
+    LoRASpec,
+    attach,
+    resolve_lora,
+    save_lora,
+    shipped_lora,
+    with_lora,
+)
+
+
+def _random_lora(net, seed=0, spec=LoRASpec(rank=4, alpha=4.0)):
+    """Attach a LoRA whose B is non-zero (a fresh one is the identity)."""
+    params = attach(net, spec, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in net.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    return params, spec
+
+
+def _unet_out(unet, den, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn((2, *den.latent_shape), generator=g)
+    cond = den.encode_prompt(["a dog left of a cat", "a cup above a bowl"])
+    with torch.no_grad():
+        return unet(x, 500, encoder_hidden_states=cond["states"]).sample
+
+
+def test_lora_round_trip_merges_what_was_trained(den, tmp_path):
+    """The saved folder, merged into a copy of the network, computes what the network with the
+    attached LoRA computed (a wrong scale, a dropped module or a transposed A/B fails), and the
+    original denoiser is left as it was."""
+    net = copy.deepcopy(den.unet)
+    _, spec = _random_lora(net)
+    adapted_out = _unet_out(net, den)
+    base_out = _unet_out(den.unet, den)
+    save_lora(tmp_path, net, spec, {"base_fingerprint": den.fingerprint})
+    merged = with_lora(den, tmp_path)
+    assert torch.allclose(_unet_out(merged.unet, den), adapted_out, atol=1e-5)
+    assert not torch.allclose(adapted_out, base_out, atol=1e-3)  # the LoRA does something
+    assert torch.equal(_unet_out(den.unet, den), base_out)  # the base is untouched
+    # merged: plain modules, no LoRA layer left to cost time at every step
+    assert not any("lora" in n for n, _ in merged.unet.named_parameters())
+
+
+def test_diffusers_load_lora_weights_reads_the_folder_and_changes_the_output(tmp_path):
+    """A stock diffusers pipeline (tiny SD built from configs) loads the folder with
+    load_lora_weights and generates something else than without it."""
+    from diffusers import StableDiffusionPipeline
+
+    from l2s.families.tiny import tiny_sd, tiny_sd_components
+
+    unet, vae, text_encoder, tokenizer, scheduler = tiny_sd_components()
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                                   unet=unet, scheduler=scheduler, safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    den = tiny_sd()
+    net = copy.deepcopy(den.unet)
+    _, spec = _random_lora(net)
+    save_lora(tmp_path / "lora", net, spec, {"base_fingerprint": den.fingerprint})
+
+    def run():
+        return pipe("a dog left of a cat", num_inference_steps=2, output_type="np",
+                    generator=torch.Generator().manual_seed(0)).images
+
+    before = run()
+    pipe.load_lora_weights(tmp_path / "lora")
+    after = run()
+    assert not torch.allclose(torch.as_tensor(before), torch.as_tensor(after), atol=1e-4)
+    pipe.unload_lora_weights()
+    assert torch.allclose(torch.as_tensor(run()), torch.as_tensor(before), atol=1e-5)
+
+
+def test_lora_of_another_base_model_is_refused(den, tmp_path):
+    """A card naming another base model's fingerprint is refused in one line, not merged into
+    a network it was not trained on."""
+    net = copy.deepcopy(den.unet)
+    _, spec = _random_lora(net)
+    save_lora(tmp_path, net, spec, {"base_fingerprint": "0" * 64})
+    with pytest.raises(LoRAError, match="another base model"):
+        with_lora(den, tmp_path)
+
+
+def test_resolve_lora_names_the_fix(tmp_path):
+    """A missing folder, a folder without the weights file, and a model without a shipped LoRA
+    are one-line errors naming what to give."""
+    with pytest.raises(LoRAError, match="does not exist"):
+        resolve_lora(str(tmp_path / "nope"), "toy")
+    with pytest.raises(LoRAError, match="pytorch_lora_weights.safetensors"):
+        resolve_lora(str(tmp_path), "toy")
+    with pytest.raises(LoRAError, match="no LoRA ships"):
+        resolve_lora(None, "sd2.1-base")
+
+
+def test_bad_lora_path_is_a_one_line_cli_error(tmp_path):
+    from l2s.cli import app
+
+    r = CliRunner().invoke(app, ["steer", "a circle to the left of a square", "--lora",
+                                 str(tmp_path / "missing"), "--out", str(tmp_path / "o")])
+    assert r.exit_code == 2, r.output
+    assert r.output.strip().count("\n") == 0 and "--lora" in r.output
+    assert "Traceback" not in r.output
+
+
+def test_distill_prompts_never_use_held_out_objects():
+    """Every distillation prompt avoids the held-out objects (else held-out numbers measure
+    nothing), and prompt i depends only on (seed, i) (resumed chunks are the same)."""
+    from l2s.distill.data import distill_prompts
+
+    names = ("circle", "square", "triangle", "diamond", "cross", "ring")
+    ps = distill_prompts(names, ("ring",), 400, seed=3)
+    assert all("ring" not in (p.triplet.subject, p.triplet.object) for p in ps)
+    assert {p.triplet.subject for p in ps} == set(names[:-1])
+    assert distill_prompts(names, ("ring",), 5, seed=3, start=100) == ps[100:105]
+
+
+def test_distill_config_checks_and_round_trips(tmp_path):
+    from l2s.config import dump_yaml
+    from l2s.distill.job import DistillConfig
+
+    cfg = DistillConfig(hold_out="ring", targets="to_q, to_k", steps=5, out=str(tmp_path))
+    assert cfg.hold_out == ("ring",) and cfg.targets == ("to_q", "to_k")
+    dump_yaml(cfg.options(), tmp_path / "config.yaml")
+    assert DistillConfig.from_yaml(tmp_path / "config.yaml") == cfg
+    for bad in ({"rank": 0}, {"lr": -1.0}, {"recipe": "reward"}, {"drop_text": 1.0},
+                {"noisy_fraction": 0.0}):
+        with pytest.raises(Exception, match="--"):
+            DistillConfig(**bad)
+    with pytest.raises(LoRAError, match="unknown distill option"):
+        DistillConfig.from_options({"stepz": 3})
+
+
+@pytest.fixture(scope="module")
+def toy():
+    from l2s.engine.loading import load_backbone
+
+    return load_backbone("toy", device="cpu")
+
+
+def test_distill_resumes_to_the_lora_of_an_uninterrupted_run(toy, tmp_path, one_thread):
+    """Training cut after its first checkpoint and rerun with the same settings ends with the
+    same LoRA, bit for bit, as a run never cut (a batch drawn from the process's random state,
+    or moments not restored, would differ); the data chunks are generated once."""
+    from safetensors.torch import load_file
+
+    from l2s.distill.job import DistillConfig, distill
+
+    base = dict(images=4, chunk=2, batch_size=2, checkpoint_every=2, eval_prompts=0)
+    whole = distill(DistillConfig(out=str(tmp_path / "a"), steps=4, **base), toy)
+    cut = DistillConfig(out=str(tmp_path / "b"), steps=2, **base)
+    distill(cut, toy)
+    stamp = (tmp_path / "b" / "data" / "chunk-00000.safetensors").stat().st_mtime_ns
+    events = []
+    distill(DistillConfig(out=str(tmp_path / "b"), steps=4, **base), toy, callback=events.append)
+    assert any(e.get("resumed") and e["step"] == 2 for e in events)
+    assert (tmp_path / "b" / "data" / "chunk-00000.safetensors").stat().st_mtime_ns == stamp
+    a = load_file(str(whole.out / "pytorch_lora_weights.safetensors"))
+    b = load_file(str(tmp_path / "b" / "pytorch_lora_weights.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    card = json.loads((whole.out / "card.json").read_text())
+    assert card["base_fingerprint"] == toy.fingerprint
+    assert card["data"]["held_out_objects"] == ["ring"]
+    # other settings in the same folder: refused, not silently mixed
+    with pytest.raises(LoRAError, match="other settings"):
+        distill(DistillConfig(out=str(tmp_path / "b"), steps=6, **{**base, "lr": 0.5}), toy)
+
+
+def test_bench_json_has_the_lora_methods(toy, tmp_path, one_thread):
+    """plain+lora and l2s+lora are bench methods with seconds and the ratio to plain; the
+    LoRA changes plain+lora's images while plain keeps the base model's."""
+    from l2s.bench import BenchConfig, run_bench
+    from l2s.bench.store import image_path
+    from l2s.steering.options import SteerOptions
+
+    net = copy.deepcopy(toy.unet)
+    _, spec = _random_lora(net, spec=LoRASpec(rank=4, alpha=1.0))
+    save_lora(tmp_path / "lora", net, spec, {"base_fingerprint": toy.fingerprint})
+    cfg = BenchConfig(suite="shapes", methods=("plain", "plain+lora", "l2s+lora"), prompts=2,
+                      lora=str(tmp_path / "lora"), out=str(tmp_path / "bench"),
+                      options=SteerOptions(steps=4))
+    res = run_bench(cfg, denoiser=toy).to_json()
+    for m in ("plain+lora", "l2s+lora"):
+        assert {"position_accuracy", "both_present", "fused", "seconds",
+                "seconds_vs_plain"} <= set(res["methods"][m])
+    from PIL import Image
+
+    def pixels(method):
+        return torch.as_tensor(np.asarray(Image.open(image_path(tmp_path / "bench", method, 0,
+                                                                0))))
+
+    assert not torch.equal(pixels("plain"), pixels("plain+lora"))
+
+
+@pytest.mark.skipif(shipped_lora("toy") is None, reason="no shipped toy LoRA")
+def test_shipped_toy_lora_beats_plain_on_held_in_and_held_out_pairs(toy, one_thread):
+    """The shipped toy LoRA raises the judge's position accuracy over plain generation on a
+    small fixed set (seeds the distillation never used), held-out pairs included."""
+    from l2s.distill.job import evaluate
+    from l2s.steering.options import SteerOptions
+
+    settings = SteerOptions().resolve("toy")
+    res = evaluate(toy, with_lora(toy, resolve_lora("toy", "toy")), settings,
+                   toy.known_objects, ("ring",), 24, seed=123)
+    for split in ("distilled_pairs", "held_out_pairs"):
+        assert res[split]["plain+lora"] >= res[split]["plain"] + 0.2, res
