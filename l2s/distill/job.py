@@ -157,6 +157,18 @@ def held_out(cfg: DistillConfig, objects: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(hold)
 
 
+def _portable(path: str | None) -> str | None:
+    """A classifier card's path as the card records it: relative to the package for a shipped
+    one (l2s/classifiers/...), so a shipped LoRA's card names no machine's folders."""
+    if path is None:
+        return None
+    package = Path(__file__).resolve().parent.parent
+    try:
+        return str(Path("l2s") / Path(path).resolve().relative_to(package))
+    except ValueError:
+        return str(path)
+
+
 def prompt_objects(denoiser: Denoiser) -> tuple[str, ...]:
     """The objects of the distillation prompts: the model's closed vocabulary (the toys'
     shapes), else GenEval's 80 names."""
@@ -260,7 +272,7 @@ def distill(cfg: DistillConfig, denoiser: Denoiser, callback: Callable[[dict], N
         "recipe": {"name": cfg.recipe,
                    "what": "self-distillation: l2s-steered images the relation classifier "
                            "accepts, the model's own denoising loss",
-                   "classifier": loss_source, "steering": asdict(settings)},
+                   "classifier": _portable(loss_source), "steering": asdict(settings)},
         "lora": {"rank": cfg.rank, "alpha": cfg.alpha, "targets": list(cfg.targets),
                  "parameters": sum(p.numel() for p in params)},
         "data": {"objects": list(objects), "held_out_objects": list(hold),
