@@ -198,8 +198,8 @@ def test_bench_json_has_the_lora_methods(toy, tmp_path, one_thread):
     from PIL import Image
 
     def pixels(method):
-        return torch.as_tensor(np.asarray(Image.open(image_path(tmp_path / "bench", method, 0,
-                                                                0))))
+        return torch.as_tensor(np.array(Image.open(image_path(tmp_path / "bench", method, 0,
+                                                               0))))
 
     assert not torch.equal(pixels("plain"), pixels("plain+lora"))
 
