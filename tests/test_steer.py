@@ -130,6 +130,7 @@ _RESOLVED = {
     "sd3.5-medium": (40, 4.5, 0, 0.5, 16, 5.0, "sgd", 1e-5, 7e-5),
     "flux2-klein": (4, 1.0, 0, 1, 16, 5.0, "sgd", 1e-5, 7e-5),  # not yet tuned (as schnell)
     "flux2-dev": (50, 4.0, 0, 0.5, 16, 5.0, "sgd", 1e-5, 7e-5),  # not yet tuned (as flux-dev)
+    "qwen-image": (50, 4.0, 0, 0.5, 16, 5.0, "sgd", 1e-5, 7e-5),  # not yet tuned
     "someone/unknown-model": (50, 7.5, 0, 0.5, 16, 5.0, "sgd", 1e-5, 7e-5),
 }
 

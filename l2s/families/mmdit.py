@@ -101,7 +101,7 @@ class MMDiTDenoiser(Denoiser):
         self.text_encoders = text_encoders
         self.scheduler_config = dict(scheduler_config)
         self.name = name
-        self.vae_scale = vae_scale(vae)
+        self.vae_scale = self._vae_scale(vae)
         self.patch = patch
         size = checked_image_size(image_size or default_size, self.vae_scale * patch)
         self.image_size = size
@@ -141,6 +141,10 @@ class MMDiTDenoiser(Denoiser):
 
     def _make_capture(self, layer, original, sink, explicit: bool = False):
         raise NotImplementedError
+
+    def _vae_scale(self, vae: nn.Module | None) -> int:
+        """Pixels per latent cell (Qwen-Image's video VAE counts them its own way)."""
+        return vae_scale(vae)
 
     def _timesteps(self, t, batch: int, dtype: torch.dtype | None = None) -> torch.Tensor:
         """(batch,) copies of timestep t on the device: filled there from a Python number (no
