@@ -368,6 +368,11 @@ def test_cli_speed_runs_on_a_tiny_folder(tmp_path, folder):
     assert r.exit_code == 0, r.output
     rep = json.loads(out.read_text())
     assert rep["units"]["ours_iteration"]["ms"] > 0 and rep["text_len"] == 512
+    # --random-weights builds a preset's architecture: a folder is refused in one line that
+    # names qwen-image among the presets that build (its real rows: scripts/gpu).
+    r = CliRunner().invoke(app, ["speed", "--model", str(folder), "--random-weights",
+                                 "--units-only"])
+    assert r.exit_code == 2 and "qwen-image" in r.output and "Traceback" not in r.output
 
 
 def test_random_weights_build_the_preset_path_on_the_device():
