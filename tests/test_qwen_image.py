@@ -452,3 +452,31 @@ def test_steering_reads_nothing_from_the_device_per_iteration(pipe):
     from step_syncs import assert_step_syncs_do_not_grow
 
     assert_step_syncs_do_not_grow(tiny_denoiser(pipe), PROMPT)
+
+
+def test_compiled_steering_forward_traces_without_a_graph_break(pipe, monkeypatch):
+    """`--compile` on Qwen-Image: the maps forward (the recomputing TextKeyProbs included)
+    traces in one graph and moves the latent as the eager forward does."""
+    from torch._dynamo.utils import counters
+
+    import l2s.engine.compiled as compiled
+    from l2s.engine.sampling import seeded_latents
+    from l2s.relations import parse
+    from l2s.steering.loop import Steerer, SteerSettings
+    from l2s.steering.losses import CentroidLoss
+
+    den = tiny_denoiser(pipe)
+    torch._dynamo.reset()
+    monkeypatch.setitem(compiled._compiled, ("default", "cpu"), torch.compile(
+        compiled._maps_forward, backend="eager", dynamic=False))
+    x, moved = seeded_latents(den, [0]), {}
+    for mode in ("off", "default"):
+        s = SteerSettings(steps=3, guidance=1.0, steer_until=1, iterations=2, compile=mode,
+                          threshold_start=-1.0, threshold_end=-1.0, truncate_forward=False)
+        st = Steerer(den, [PROMPT], [parse(PROMPT)], CentroidLoss(margin=0.3), s)
+        counters.clear()
+        with st.recorder() as rec:
+            moved[mode] = st.update(rec, x, den.timesteps(3)[0], 0) - x
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert moved["off"].abs().max() > 0
+    torch.testing.assert_close(moved["default"], moved["off"], rtol=1e-4, atol=1e-6)

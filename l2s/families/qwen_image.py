@@ -108,7 +108,8 @@ PRESETS = (
     # because it has 4 steps); Qwen-Image samples 50 CFG steps as flux-dev, so it gets
     # the same.
     Preset("qwen-image", "qwen-image", "Qwen/Qwen-Image",
-           "Qwen-Image (20B MMDiT, Qwen2.5-VL-7B text encoder; true CFG 4; 1328 px)",
+           "Qwen-Image (20B MMDiT, Qwen2.5-VL-7B text encoder; true CFG 4; 1328 px); steering "
+           "defaults not yet tuned on real weights",
            1328, SteerDefaults(steps=50, guidance=4.0, step_size=5.0, iterations=16,
                                steer_until=0.5),
            configs=QWEN_IMAGE),
