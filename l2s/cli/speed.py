@@ -25,9 +25,10 @@ def speed(
     prompt: str = typer.Option(None, "--prompt", help="Two-object prompt with a relation "
                                                       "(default: one the model knows)."),
     random_weights: bool = typer.Option(False, "--random-weights",
-                                        help="Presets (SD, Flux, SD3.5): exact architecture "
-                                             "with random weights (no download; timing is "
-                                             "the same)."),
+                                        help="A real model's preset (any `l2s models` lists "
+                                             "but the toys): its exact architecture with "
+                                             "random weights (no download; timing is the "
+                                             "same)."),
     image_size: int = image_size_option(),
     device: str = device_option(),
     dtype: str = dtype_option(),
