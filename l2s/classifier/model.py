@@ -277,13 +277,17 @@ def save_classifier(model: nn.Module, card: dict, out_dir: str | Path) -> Path:
 
 
 def read_card(path: str | Path) -> tuple[Path, dict]:
-    """(card path, card) from a card.json or the folder holding it."""
-    p = Path(path).expanduser()
+    """(card path, card) from a card.json or the folder holding it, or from a hub repo id
+    (``user/name``, when no such local path exists: fetched into the HF cache, see
+    l2s.classifier.hub)."""
+    from l2s.classifier.hub import resolve_classifier
+
+    p = resolve_classifier(path)
     if p.is_dir():
         p = p / CARD_FILE
     if not p.is_file():
         raise ClassifierError(f"no classifier card at {p}: pass a card.json written by "
-                              "`l2s train`, or the folder holding it")
+                              "`l2s train`, the folder holding it, or a hub repo id user/name")
     try:
         card = json.loads(p.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:  # ValueError: bad JSON, or bytes that are not UTF-8
@@ -461,8 +465,15 @@ def default_classifier(model_name: str, fingerprint: str | None = None) -> Path 
 
 
 def card_origin(card_path: str | Path) -> str:
-    """'shipped' for a card that comes with l2s, 'imported from FILE' for a published
-    checkpoint `l2s classifier import` converted, else 'trained' (the user's)."""
+    """'shipped' for a card that comes with l2s, 'from the hub (user/name@revision)' for a
+    hub repo, 'imported from FILE' for a published checkpoint `l2s classifier import`
+    converted, else 'trained' (the user's)."""
+    from l2s.classifier.hub import hub_origin, is_repo_id
+
+    if is_repo_id(card_path):
+        return "from the hub"
+    if hub_origin(card_path):
+        return f"from the hub ({hub_origin(card_path)})"
     try:
         Path(card_path).resolve().relative_to(PACKAGE_CLASSIFIERS.resolve())
     except ValueError:

@@ -40,7 +40,7 @@ def bench(
                                           "(N plain candidates, the classifier keeps the most "
                                           "probable; bare: 4). l2s:CARD "
                                           "and l2s-verify:CARD steer with the classifier "
-                                          "card or folder CARD, so one run compares "
+                                          "card, folder or hub repo CARD, so one run compares "
                                           "classifiers. plain+lora and l2s+lora: with the "
                                           "--lora LoRA merged (`l2s distill`). Writes "
                                           "frontier.png (accuracy vs seconds per image) in "
@@ -54,7 +54,8 @@ def bench(
     seed: int = typer.Option(0, "--seed", help="Chooses the prompts and the image seeds."),
     options: SteerOptions = None,  # one flag per field (steer_options)
     classifier: str = typer.Option(None, "--classifier",
-                                   help="l2s: classifier card.json (default: the model's)."),
+                                   help="l2s: classifier card.json, folder or hub repo "
+                                        "user/name (default: the model's)."),
     lora: str = typer.Option(None, "--lora",
                              help="LoRA folder of the +lora methods (default: the model's "
                                   "shipped one: `--lora toy`)."),

@@ -1,4 +1,5 @@
-"""`l2s classifier import`: make a published L2S checkpoint usable by `l2s steer`."""
+"""`l2s classifier import` (make a published L2S checkpoint usable by `l2s steer`) and `l2s
+classifier push` (publish a classifier on the Hugging Face hub)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ import typer
 from l2s.classifier.layout import published_presets
 from l2s.cli.output import console, emit_json, output_options, status, user_errors
 
-app = typer.Typer(help="Relation classifiers: import the published L2S checkpoints.",
-                  no_args_is_help=True)
+app = typer.Typer(help="Relation classifiers: import the published L2S checkpoints, push one "
+                       "to the hub.", no_args_is_help=True)
 
 
 @app.command("import")
@@ -57,5 +58,41 @@ def import_(
             console.print(f"[yellow]note:[/] {note}")
         console.print(f"classifier card: {res.card_path}")
         console.print(f"[dim]{card['licence']}[/]")
+
+    run()
+
+
+@app.command("push")
+def push(
+    folder: str = typer.Argument(..., help="The classifier folder (card.json + "
+                                           "model.safetensors) `l2s train` wrote."),
+    repo_id: str = typer.Argument(..., help="Hub repo to upload to, user/name (created if "
+                                            "missing)."),
+    private: bool = typer.Option(False, "--private", help="Create the repo private."),
+    license: str = typer.Option(None, "--license",
+                                help="Licence id for the model card (e.g. mit, apache-2.0)."),
+    message: str = typer.Option(None, "--message", help="Commit message."),
+    json_out: bool = typer.Option(False, "--json", help="Print what was uploaded as JSON."),
+) -> None:
+    """Upload a classifier to the Hugging Face hub with a README model card.
+
+    The repo gets card.json and model.safetensors unchanged, a config.json (architecture and
+    classes) and a README.md (hub front matter: library_name, tags, base_model, license; body:
+    the base model and its fingerprint, training data, metrics, leakage diagnostic, licence).
+    Others then steer with `--classifier REPO_ID`. Log in first (`hf auth login`, a write
+    token).
+    """
+    from l2s.classifier.push import push_classifier
+
+    @user_errors
+    def run() -> None:
+        with status(f"pushing {folder} to {repo_id}", quiet=json_out):
+            res = push_classifier(folder, repo_id, private=private, license=license,
+                                  commit_message=message)
+        if json_out:
+            emit_json(res.to_json())
+            return
+        console.print(f"pushed {', '.join(res.files)} to {repo_id}: {res.url}")
+        console.print(f"steer with: --classifier {repo_id}")
 
     run()

@@ -40,8 +40,9 @@ def speed(
     lora: str = typer.Option(None, "--lora",
                              help="LoRA folder merged into the model before timing (`l2s "
                                   "distill`), or a model name for its shipped LoRA."),
-    classifier: str = typer.Option(None, "--classifier", help="Classifier card.json (default: "
-                                   "the model's; a random one of the same shape if none)."),
+    classifier: str = typer.Option(None, "--classifier", help="Classifier card.json, folder or "
+                                   "hub repo user/name (default: the model's; a random one "
+                                   "of the same shape if none)."),
     channels_last: bool = typer.Option(False, "--channels-last",
                                        help="Run the network in channels_last memory format "
                                             "(GPU lever)."),

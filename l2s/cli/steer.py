@@ -98,8 +98,9 @@ def steer(
                                     "or best-of (--candidates plain images, the classifier "
                                     "keeps the most probable)."),
     classifier: str = typer.Option(None, "--classifier",
-                                   help="Classifier card.json (default: the one `l2s train` "
-                                        "wrote for the model, else the shipped one)."),
+                                   help="Classifier card.json, its folder, or a hub repo "
+                                        "user/name (default: the one `l2s train` wrote for "
+                                        "the model, else the shipped one)."),
     lora: str = typer.Option(None, "--lora",
                              help="LoRA folder merged into the model (`l2s distill`), or a "
                                   "model name for its shipped LoRA (`--lora toy`)."),
