@@ -63,6 +63,7 @@ def import_(
 
 
 @app.command("push")
+@output_options
 def push(
     folder: str = typer.Argument(..., help="The classifier folder (card.json + "
                                            "model.safetensors) `l2s train` wrote."),
