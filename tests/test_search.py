@@ -74,6 +74,38 @@ def test_candidates_come_from_distinct_seeds_the_same_whatever_the_batch(toy, on
     assert not (to_uint8(both.candidates[0, 0]) == to_uint8(both.candidates[0, 1])).all()
 
 
+def test_a_batch_cap_generates_in_chunks_and_chooses_the_same_images(toy, one_thread):
+    """Bugs caught: a cap that is ignored (every candidate still in one batch), chunks that
+    restart the seeds or shuffle the rows (other candidates, or verdicts joined to the wrong
+    candidate), or a chunk that splits an image's candidates losing some of their verdicts.
+    The real toy classifier verifies, so the choice depends on every candidate's maps."""
+    from l2s.steering.job import build_loss
+
+    loss, _ = build_loss("l2s", toy, "toy", None)
+    triplets = [parse(p) for p in PROMPTS]
+    whole = best_of(toy, PROMPTS, triplets, [21, 22], 4, SETTINGS, loss)
+    calls = []
+    predict = toy.predict
+
+    def counting(*args, **kwargs):
+        calls.append(args[0].shape[0])
+        return predict(*args, **kwargs)
+
+    toy.predict = counting
+    try:  # 8 candidates in chunks of 3, 3 and 2: image 0's last candidate shares a chunk
+        capped = best_of(toy, PROMPTS, triplets, [21, 22], 4, SETTINGS, loss, batch_size=3)
+    finally:
+        del toy.predict
+    assert sorted(set(calls)) == [4, 6]  # CFG batches of 3 and 2 candidates, never 8
+    assert capped.seeds == whole.seeds
+    # the same images up to float rounding (matmuls of another batch size sum in another order)
+    assert torch.allclose(capped.candidates, whole.candidates, atol=1e-4)
+    assert torch.allclose(capped.p, whole.p, atol=1e-5)
+    assert len(set(whole.p[0].tolist())) == 4  # distinct verdicts: the choice is informative
+    assert capped.chosen == whole.chosen
+    assert torch.allclose(capped.images, whole.images, atol=1e-4)
+
+
 def test_the_verifier_reads_the_plain_pass_and_makes_no_forward_of_its_own(toy, one_thread):
     """Bugs caught: an extra denoiser forward per verdict step (best-of would then cost more
     than N plain generations), or reading the unconditional half of the CFG batch instead of

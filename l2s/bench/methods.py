@@ -66,6 +66,7 @@ class MethodSettings(Protocol):
     classifier: str | None  # classifier card (None: the model's default)
     lora: str | None  # the +lora methods' LoRA folder (None: the model's shipped one)
     options: SteerOptions  # steering options, resolved against the model by each method
+    batch_size: int  # images generated in one batch (best-of's candidates included)
 
 
 @dataclass(frozen=True)
@@ -185,8 +186,9 @@ def _check_candidates(option: str, arg: str) -> int:
                  check=_check_candidates)
 def best_of_method(ctx: MethodContext) -> Generate:
     """best-of:N: N plain candidates per image from distinct seeds (candidate 0: the image's
-    own), the run's classifier reading the maps of the plain pass keeps the most probable one
-    (``l2s.steering.search``); the suite's checker is never the verifier. Each record gets
+    own), generated --batch-size at a time; the run's classifier reading the maps of the plain
+    pass keeps the most probable one (``l2s.steering.search``); the suite's checker is never
+    the verifier. Each record gets
     the search ("best_of": seeds, verifier p, the kept candidate) and, judged after the
     method's time is taken, every candidate's verdict ("candidates_correct")."""
     from l2s.steering.job import build_loss
@@ -201,7 +203,7 @@ def best_of_method(ctx: MethodContext) -> Generate:
     def run(prompts: Sequence[BenchPrompt], seeds: Sequence[int]) -> Generated:
         triplets = [[t for t in p.triplets if t.steerable] for p in prompts]
         found = best_of(ctx.denoiser, [p.prompt for p in prompts], triplets, seeds, n,
-                        settings, loss)
+                        settings, loss, batch_size=cfg.batch_size)
         return Generated(found.images, [{"best_of": found.image_json(i)}
                                         for i in range(len(prompts))], found.candidates)
 

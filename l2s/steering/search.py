@@ -1,10 +1,11 @@
 """Best-of-N search: N plain candidates per image, the relation classifier as the verifier, the
 most probable candidate kept.
 
-The candidates of a batch are generated together, plainly (no gradient). The verifier reads
-the attention maps the plain pass already computes: at each step the loss reads best
-(``RelationLoss.verdict_steps``: the classifier's trained timesteps) the recorder is open
-during that step's guided forward and keeps the conditional branch's maps, so the search
+The candidates of a batch are generated plainly (no gradient), together or in chunks of at
+most ``batch_size`` (the same images: each candidate's noise depends on its seed alone).
+The verifier reads the attention maps the plain pass already computes: at each step the loss
+reads best (``RelationLoss.verdict_steps``: the classifier's trained timesteps) the recorder
+is open during that step's guided forward and keeps the conditional branch's maps, so the search
 costs N plain generations plus the classifier's forwards, and no denoiser forward of its own.
 A candidate's score is its log p(every relation holds) (the classifier's probability of the
 wanted class, multiplied over the image's relations) averaged over those steps; the
@@ -139,37 +140,46 @@ class _Verifier:
 
 
 def best_of(denoiser: Denoiser, prompts: Sequence[str], triplets: Sequence[Sequence[Triplet]],
-            seeds: Sequence[int], candidates: int, settings: SteerSettings, loss: RelationLoss
-            ) -> SearchResult:
+            seeds: Sequence[int], candidates: int, settings: SteerSettings, loss: RelationLoss,
+            batch_size: int | None = None) -> SearchResult:
     """For each prompt (seeded ``seeds[i]``), ``candidates`` plain images from the seeds
-    ``candidate_seed(seeds[i], k)``, all B x N generated in one batch, and the one the verifier
-    (``loss`` on the maps of the plain pass) finds most likely to show ``triplets[i]``'s
-    steerable relations. Images without one keep candidate 0 (their plain image)."""
+    ``candidate_seed(seeds[i], k)``, generated at most ``batch_size`` at a time (None: all
+    B x N in one batch), and the one the verifier (``loss`` on the maps of the plain pass)
+    finds most likely to show ``triplets[i]``'s steerable relations. Images without one keep
+    candidate 0 (their plain image)."""
     n = check_candidates("--candidates", candidates)
     b = len(prompts)
-    rows = [i for i in range(b) for _ in range(n)]
+    rows = [i for i in range(b) for _ in range(n)]  # image-major, candidate minor
     all_seeds = [[candidate_seed(s, k) for k in range(n)] for s in seeds]
+    flat_seeds = [s for per in all_seeds for s in per]
     relations = [[t for t in triplets[i] if t.steerable] for i in rows]
-    plan = RelationPlan.build(denoiser.tokenizer, [prompts[i] for i in rows], relations)
     steps = denoiser.timesteps(settings.steps)
-    verifier = _Verifier(denoiser, plan, loss, loss.verdict_steps(steps))
-    cond = denoiser.encode_prompt(list(prompts))
-    cond = cond.select(torch.tensor(rows, device=denoiser.device))
-    latents = seeded_latents(denoiser, [s for per in all_seeds for s in per])
-    try:
-        images = sample(denoiser, [prompts[i] for i in rows], steps=settings.steps,
-                        guidance=settings.guidance, latents=latents, callback=verifier,
-                        cond=cond)
-        verifier.collect()  # the last step's forward, when it is a verdict step
-    except torch.OutOfMemoryError as e:
-        raise SteerError(f"out of GPU memory generating {b} x {n} candidates in one batch: "
-                         "lower --num-images (steer) or --batch-size (bench), or the "
-                         "candidate count") from e
-    finally:
-        verifier.close()
-    log_p = verifier.log_p.reshape(b, n, -1)
-    chosen = log_p.mean(-1).argmax(1).tolist()  # the first candidate on a tie
-    cands = images.reshape(b, n, *images.shape[1:])
+    verdict = loss.verdict_steps(steps)
+    encoded = denoiser.encode_prompt(list(prompts))
+    size = len(rows) if batch_size is None else max(1, int(batch_size))
+    images, log_p = [], []
+    for lo in range(0, len(rows), size):
+        part = rows[lo:lo + size]
+        plan = RelationPlan.build(denoiser.tokenizer, [prompts[i] for i in part],
+                                  relations[lo:lo + size])
+        verifier = _Verifier(denoiser, plan, loss, verdict)
+        try:
+            images.append(sample(denoiser, [prompts[i] for i in part], steps=settings.steps,
+                                 guidance=settings.guidance,
+                                 latents=seeded_latents(denoiser, flat_seeds[lo:lo + size]),
+                                 callback=verifier,
+                                 cond=encoded.select(torch.tensor(part, device=denoiser.device))))
+            verifier.collect()  # the last step's forward, when it is a verdict step
+        except torch.OutOfMemoryError as e:
+            raise SteerError(f"out of GPU memory generating {len(part)} candidates in one batch: "
+                             "lower --num-images (steer) or --batch-size (bench), or the "
+                             "candidate count") from e
+        finally:
+            verifier.close()
+        log_p.append(verifier.log_p)
+    scores = torch.cat(log_p).reshape(b, n, -1)
+    chosen = scores.mean(-1).argmax(1).tolist()  # the first candidate on a tie
+    cands = torch.cat(images).reshape(b, n, *images[0].shape[1:])
     kept = cands[torch.arange(b, device=cands.device), torch.tensor(chosen, device=cands.device)]
-    return SearchResult(kept, cands, all_seeds, log_p, verifier.steps, chosen,
+    return SearchResult(kept, cands, all_seeds, scores, verdict, chosen,
                         [bool(relations[i * n]) for i in range(b)])
