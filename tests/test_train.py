@@ -631,3 +631,64 @@ def test_cli_warns_when_a_positive_only_classifier_reads_the_word(tmp_path, monk
     assert m["leakage"]["leaky"]
     assert m["test_leakage_by_timestep"]["801"]["wrong_caption_predicts_caption"] > 0.5
     assert m["test_leakage_by_timestep"]["401"]["wrong_caption_predicts_caption"] < 0.15
+
+
+def test_a_finished_train_is_not_silently_redone_unless_fresh(tmp_path, monkeypatch):
+    """Catches a rerun of a finished `l2s train` (same settings, same data) retraining and
+    overwriting the classifier: it says so in one line and trains nothing; --fresh retrains;
+    other settings or more data are a new run."""
+    app = _cli(monkeypatch)
+    make_cache(tmp_path / "cache", n_images=24)
+    args = ["--cache-dir", str(tmp_path / "cache"), "--model", "synthetic", "--epochs", "2",
+            "--d-model", "32", "--depth", "1", "--out", str(tmp_path / "clf"), "--device", "cpu"]
+    assert CliRunner().invoke(app, args).exit_code == 0
+    card = tmp_path / "clf" / "card.json"
+    # a mark that only a retrain removes
+    card.write_text(json.dumps({**json.loads(card.read_text()), "mark": 1}))
+    first = card.read_bytes()
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert " ".join(r.output.split()).count("already holds the classifier trained with these "
+                                            "settings and data") == 1
+    assert "--fresh retrains it" in " ".join(r.output.split())
+    assert len(r.output.strip().splitlines()) <= 2 and "epoch" not in r.output
+    assert card.read_bytes() == first  # not rewritten
+    r = CliRunner().invoke(app, [*args, "--json"])
+    assert r.exit_code == 0 and json.loads(r.stdout)["already_trained"] is True
+    # --fresh retrains (a new card)
+    r = CliRunner().invoke(app, [*args, "--fresh"])
+    assert r.exit_code == 0 and "already holds" not in r.output and "classifier card:" in r.output
+    assert "mark" not in json.loads(card.read_text())
+    # other settings: a new run, not "finished"
+    r = CliRunner().invoke(app, [*args, "--epochs", "1"])
+    assert r.exit_code == 0 and "already holds" not in r.output
+    assert json.loads(card.read_text())["training"]["epochs"] == 1
+    # more data in the cache since: a new run too
+    assert "already holds" in CliRunner().invoke(app, [*args, "--epochs", "1"]).output
+    make_cache(tmp_path / "cache", n_images=8, source="shapes", seed=1)
+    r = CliRunner().invoke(app, [*args, "--epochs", "1"])
+    assert r.exit_code == 0 and "already holds" not in r.output
+
+
+def test_finished_check_leaves_an_interrupted_run_to_resume(tmp_path):
+    """Catches the finished-run check taking over a folder with a saved half-finished run
+    (a card from an earlier finished run of the same settings beside it): it resumes."""
+    from l2s.classifier.checkpoint import CHECKPOINT_NAME
+
+    make_cache(tmp_path / "cache", n_images=24)
+    cfg = _cfg(tmp_path, epochs=3)
+    run_train(cfg, FakeBackbone())
+
+    def stop(ev):
+        if ev["epoch"] == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_train(cfg, FakeBackbone(), callback=stop, fresh=True)
+    assert (tmp_path / "out" / CHECKPOINT_NAME).is_file()
+    events = []
+    res = run_train(cfg, FakeBackbone(), callback=events.append)
+    assert not res.already_trained
+    assert [e.get("resumed", False) for e in events] == [True, True, False]
+    assert not (tmp_path / "out" / CHECKPOINT_NAME).exists()
+    assert run_train(cfg, FakeBackbone()).already_trained

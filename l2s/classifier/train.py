@@ -30,6 +30,7 @@ from l2s.classifier.checkpoint import (
 from l2s.classifier.data import SPLIT_MODES, MapData, TrainError, load_maps, split_images
 from l2s.classifier.model import (
     ARCHITECTURES,
+    CARD_FILE,
     TOKEN_MODES,
     ClassifierConfig,
     RelationClassifier,
@@ -217,6 +218,9 @@ class TrainResult:
     seconds: float = 0.0
     config_path: Path | None = None  # the run's options, beside the card
     inverted: InvertResult | None = None
+    # True when the folder already held a finished classifier of these settings and data: the
+    # card is that one, nothing was trained (``train(..., fresh=True)`` retrains)
+    already_trained: bool = False
 
     @property
     def metrics(self) -> dict:
@@ -227,7 +231,8 @@ class TrainResult:
                 "data": self.card["data"], "training": self.card["training"],
                 "seconds": self.seconds,
                 "config": None if self.config_path is None else str(self.config_path),
-                "inverted": None if self.inverted is None else self.inverted.to_json()}
+                "inverted": None if self.inverted is None else self.inverted.to_json(),
+                "already_trained": self.already_trained}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -455,7 +460,9 @@ def train(cfg: TrainConfig, denoiser=None, callback: Callable[[dict], None] | No
     ``resumed: True`` for the epochs a resumed run already had). The run's state is saved
     after every epoch (``l2s.classifier.checkpoint``): the same call after an interruption
     continues from the last finished epoch; ``fresh`` discards a saved state instead. The
-    run's options are written beside the card as config.yaml.
+    run's options are written beside the card as config.yaml. When the folder already holds
+    the finished classifier of these settings, backbone and data, nothing is trained: the
+    result is that card (``already_trained``); ``fresh`` retrains it.
     """
     start = time.perf_counter()
     if denoiser is None:
@@ -467,6 +474,35 @@ def train(cfg: TrainConfig, denoiser=None, callback: Callable[[dict], None] | No
     # one run per folder: a second would interleave epochs in one checkpoint
     with locks.exclusive(out / LOCK_NAME, "l2s train", out):
         return _train(cfg, denoiser, callback, fresh, out, start)
+
+
+# What a card's "training" holds beyond the settings, and the settings that do not change the
+# classifier (where it ran) or that a card leaves out (paths)
+_NOT_SETTINGS = ("epochs_run", "seconds", "parameters", "device", "cache_dir", "out")
+
+
+def finished_card(out: Path, resolved: TrainConfig, backbone: Mapping, counts: Mapping
+                  ) -> dict | None:
+    """The card in ``out`` when it is the finished result of ``resolved`` (its settings with
+    the defaults filled in) on this backbone and data (``_counts``), else None (no card, an
+    unreadable one, other settings, another backbone or other data: a new run)."""
+    try:
+        card = json.loads((out / CARD_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(card, dict) or not isinstance(card.get("training"), dict):
+        return None
+
+    def settings(values: Mapping) -> dict:  # as JSON holds them (tuples as lists)
+        return json.loads(json.dumps({k: v for k, v in values.items()
+                                      if k not in _NOT_SETTINGS}))
+
+    backbone_of = card.get("backbone") or {}
+    data = {k: v for k, v in (card.get("data") or {}).items() if k in counts}
+    same = (settings(card["training"]) == settings(resolved.settings())
+            and backbone_of.get("fingerprint") == backbone["fingerprint"]
+            and data == json.loads(json.dumps(dict(counts))))
+    return card if same else None
 
 
 def _train(cfg: TrainConfig, denoiser, callback: Callable[[dict], None] | None, fresh: bool,
@@ -514,6 +550,13 @@ def _train(cfg: TrainConfig, denoiser, callback: Callable[[dict], None] | None, 
     order = torch.Generator().manual_seed(cfg.seed)
 
     checkpoint = out / CHECKPOINT_NAME
+    if not fresh and not checkpoint.exists():  # a checkpoint: a run to resume, not finished
+        done = finished_card(out, resolved, backbone, _counts(data, parts))
+        if done is not None:
+            config_path = out / CONFIG_FILE
+            return TrainResult(out / CARD_FILE, done, done.get("history", []), 0.0,
+                               config_path if config_path.is_file() else None, inverted,
+                               already_trained=True)
     identity = run_identity(resolved.settings(), parts, len(data.image))
     if fresh:
         checkpoint.unlink(missing_ok=True)

@@ -117,8 +117,9 @@ def train(
                                help="cuda, cpu, ... (default: $L2S_DEVICE, else CUDA if any: "
                                     "under accelerate launch, each process's own GPU)."),
     fresh: bool = typer.Option(False, "--fresh",
-                               help="Discard the saved state of an interrupted run in the "
-                                    "classifier folder and start over."),
+                               help="Start over: discard the saved state of an interrupted "
+                                    "run in the classifier folder, or retrain the finished "
+                                    "classifier it holds."),
     config: str = config_option(),
     json_out: bool = typer.Option(False, "--json", help="Print the metrics JSON on stdout."),
 ) -> None:
@@ -128,6 +129,8 @@ def train(
     then writes the classifier's weights and card (metrics, data counts, settings). Training
     saves its state after every epoch: rerun the same command after an interruption and it
     continues from the last finished epoch, ending with the weights of an uninterrupted run.
+    A rerun once the classifier is finished (same settings and data) says so and trains
+    nothing; --fresh retrains it.
     """
     from l2s.engine.loading import load_backbone
 
@@ -183,6 +186,11 @@ def train(
                 bars.stop()
     if json_out:
         emit_json(res.to_json())
+        return
+    if res.already_trained:
+        console.print(f"{res.card_path.parent} already holds the classifier trained with these "
+                      f"settings and data ({res.card_path}): nothing to do; --fresh retrains "
+                      "it", highlight=False, soft_wrap=True)
         return
     tr = res.card["training"]
     corrupt = res.card["data"].get("corrupt_dropped", 0)
