@@ -75,7 +75,7 @@ def bench(
     out: str = typer.Option(None, "--out", "-o",
                             help="Results folder (default: out/bench-SUITE-MODEL); an "
                                  "interrupted run there resumes."),
-    config: str = config_option(),
+    config: str = config_option("num_images: 4"),
     json_out: bool = typer.Option(False, "--json", help="Print the summary JSON on stdout."),
 ) -> None:
     """Generate and score a benchmark suite; rerunning with the same --out resumes."""

@@ -118,7 +118,7 @@ def invert(
     device: str = device_option(),
     dtype: str = dtype_option(),
     stats: bool = typer.Option(False, "--stats", help="Only show what the cache holds."),
-    config: str = config_option(),
+    config: str = config_option("limit: 100"),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
 ) -> None:
     """Invert images and cache their attention maps under true and wrong captions.

@@ -142,9 +142,10 @@ def image_size_option():
     return typer.Option(None, "--image-size", help="Pixels (default: the model's).")
 
 
-def config_option():
-    """``--config FILE.yaml``: option values from a file; command-line flags override them."""
+def config_option(example: str):
+    """``--config FILE.yaml``: option values from a file; command-line flags override them.
+    ``example`` is a key of the command's own (``"num_images: 4"``), shown in the help."""
     return typer.Option(None, "--config", is_eager=True, callback=_load,
                         help="YAML file of option values, keys named like the options "
-                             "(num_images: 4); flags on the command line win. Each run writes "
+                             f"({example}); flags on the command line win. Each run writes "
                              f"its resolved {CONFIG_FILE} beside its outputs.")

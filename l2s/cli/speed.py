@@ -50,7 +50,7 @@ def speed(
                                   help="Steering forwards stop after the last recorded layer "
                                        "(default) or run the whole network."),
     out: str = typer.Option(None, "--out", "-o", help="Also write the report JSON here."),
-    config: str = config_option(),
+    config: str = config_option("repeats: 5"),
     json_out: bool = typer.Option(False, "--json", help="Print the report JSON on stdout."),
 ) -> None:
     """Time plain and steered steps, ours and reference-style, side by side.

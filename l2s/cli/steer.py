@@ -134,7 +134,7 @@ def steer(
     table: bool = typer.Option(False, "--table",
                                help="Show every steered step (loss, p(target), times) instead "
                                     "of the summary; --json always has them."),
-    config: str = config_option(),
+    config: str = config_option("num_images: 4"),
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
 ) -> None:
     """Generate images for PROMPT with its spatial relations steered into place.

@@ -120,7 +120,7 @@ def train(
                                help="Start over: discard the saved state of an interrupted "
                                     "run in the classifier folder, or retrain the finished "
                                     "classifier it holds."),
-    config: str = config_option(),
+    config: str = config_option("epochs: 20"),
     json_out: bool = typer.Option(False, "--json", help="Print the metrics JSON on stdout."),
 ) -> None:
     """Train a backbone's relation classifier on its cached attention maps.
