@@ -24,8 +24,11 @@ ap.add_argument("--prompt", default="a dog to the right of a teddy bear")
 args = ap.parse_args()
 
 if args.model:
-    pipe = StableDiffusionPipeline.from_pretrained(args.model, torch_dtype=torch.float16)
-    pipe = pipe.to("cuda" if torch.cuda.is_available() else "cpu")
+    # float16 only on a GPU: a CPU runs (most of) its ops in float32 only
+    cuda = torch.cuda.is_available()
+    pipe = StableDiffusionPipeline.from_pretrained(
+        args.model, torch_dtype=torch.float16 if cuda else torch.float32)
+    pipe = pipe.to("cuda" if cuda else "cpu")
     size, steps = None, 50
 else:
     from l2s.families.tiny import tiny_sd_components
