@@ -8,7 +8,7 @@ import typer
 from l2s.cli import app
 
 
-@pytest.mark.parametrize("name", ["steer", "invert", "train", "bench", "speed"])
+@pytest.mark.parametrize("name", ["steer", "invert", "train", "bench", "speed", "distill"])
 def test_config_help_example_is_an_option_of_the_command(name):
     """Catches invert/train/speed's --config help offering `num_images: 4`, a key they refuse
     (they have no --num-images)."""

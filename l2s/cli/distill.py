@@ -55,7 +55,7 @@ def distill(
     fresh: bool = typer.Option(False, "--fresh",
                                help="Discard the saved training state in --out (generated data "
                                     "is kept) and train from the start."),
-    config: str = config_option(),
+    config: str = config_option("steps: 500"),
     json_out: bool = typer.Option(False, "--json", help="Print the card JSON on stdout."),
 ) -> None:
     """Fine-tune a LoRA so that plain generation obeys spatial relations.
