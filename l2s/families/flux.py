@@ -117,10 +117,7 @@ class FluxDenoiser(MMDiTDenoiser):
 
     def model_output(self, latents, t, cond, guidance):
         b = latents.shape[0]
-        g = None
-        if self.guidance_mode == "embedded":
-            scale = self.default_guidance if guidance is None else guidance
-            g = torch.full((b,), float(scale), device=self.device, dtype=torch.float32)
+        g = self._embedded_guidance(b, guidance)
         timestep = self._timesteps(t, b, latents.dtype) / 1000
         return self.transformer(
             hidden_states=latents, timestep=timestep, guidance=g,

@@ -154,6 +154,14 @@ class MMDiTDenoiser(Denoiser):
             return t.to(self.device, dtype or torch.float32).expand(batch)
         return torch.full((batch,), float(t), device=self.device, dtype=dtype)
 
+    def _embedded_guidance(self, batch: int, guidance: float | None) -> torch.Tensor | None:
+        """(batch,) guidance scales for a transformer that embeds the scale (Flux.1-dev,
+        FLUX.2-dev), the preset's default when none is given; None for any other mode."""
+        if self.guidance_mode != "embedded":
+            return None
+        scale = self.default_guidance if guidance is None else guidance
+        return torch.full((batch,), float(scale), device=self.device, dtype=torch.float32)
+
     def _vae_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Our latents -> the VAE's (B, C, h, w) (identity unless packed)."""
         return latents
