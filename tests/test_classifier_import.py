@@ -315,3 +315,31 @@ def test_flux_layout_on_the_published_block_list():
     assert channels(layers) == 1368 and flux_layout(layers).order is None
     with pytest.raises(LayoutError, match="all 57 blocks"):
         flux_layout(layers[:19])  # layers="double"
+
+
+@pytest.mark.parametrize("preset,rows,config,n_maps", [
+    ("sd1.4", 200, None, 128), ("sd2.1-base", 200, None, 195),
+    ("flux-dev", 1400, "flux", 1368)])
+def test_a_preset_imports_from_its_architecture_with_no_weights(tmp_path, preset, rows, config,
+                                                                n_maps):
+    """Bug: importing for a preset loaded the whole backbone, so with HF_HUB_OFFLINE=1 and an
+    empty HF cache (conftest) it was refused although only the architecture is needed."""
+    from l2s.classifier.model import check_backbone
+    from l2s.engine.hub import hf_cache_dir
+    from l2s.engine.loading import load_architecture
+
+    ckpt = make_checkpoint(rows=rows, config=flux_config() if config else None)
+    res = _import(_save(tmp_path, ckpt), "--model", preset, "--out", tmp_path / "c", "--json")
+    assert res.exit_code == 0, res.output
+    card = json.loads((tmp_path / "c" / "card.json").read_text())
+    assert card["architecture"]["n_maps"] == n_maps
+    assert card["backbone"]["name"] == preset and card["backbone"]["fingerprint"] is None
+    assert not list(hf_cache_dir().glob("models--*"))  # nothing was downloaded
+    # Bound to the architecture: any weights of it pass, another layer list does not.
+    den = load_architecture(preset)
+    den.fingerprint = "weights-of-some-download"
+    check_backbone(card, den)
+    if preset.startswith("sd"):
+        with pytest.raises(Exception, match="belongs to backbone"):
+            check_backbone(card, load_architecture("sd2.1-base" if preset == "sd1.4"
+                                                   else "sd1.4"))

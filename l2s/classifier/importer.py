@@ -245,21 +245,38 @@ def _check_shape(ref, arch: ReferenceConfig, name: str) -> None:
                         f"{' or '.join(p for r in rest for p in r.presets)}")
 
 
+def has_architecture(model: str) -> bool:
+    """Whether ``model`` is a preset whose exact architecture l2s builds without weights."""
+    from l2s.engine.registry import presets
+
+    preset = presets().get(model)
+    return preset is not None and bool(preset.configs)
+
+
 def import_classifier(checkpoint: str | Path, model: str, *, out: str | Path | None = None,
                       force: bool = False, random_weights: bool = False, denoiser=None
                       ) -> ImportResult:
     """Convert a published checkpoint for backbone ``model`` and install it (``out``, else
-    where `l2s steer --model model` looks); returns the card."""
+    where `l2s steer --model model` looks); returns the card.
+
+    A preset is read from its known architecture (``load_architecture``: nothing is
+    downloaded or loaded) and the card binds to that architecture; a hub id or folder is
+    loaded, and the card binds to its weights' fingerprint; ``random_weights`` binds it to
+    the preset's random-weights build."""
     check_text("CHECKPOINT", checkpoint, path=True, error=ImportRefused)
     check_text("--model", model, error=ImportRefused)
     check_text("--out", out, optional=True, path=True, error=ImportRefused)
     src = Path(checkpoint).expanduser()
     ckpt = read_checkpoint(src)
+    # A preset's architecture is known without its weights: the card then binds to that
+    # architecture (its layer list), not to one set of weights (fingerprint None).
+    weightless = denoiser is None and not random_weights and has_architecture(model)
     if denoiser is None:
-        from l2s.engine.loading import load_backbone
+        from l2s.engine.loading import load_architecture, load_backbone
 
-        denoiser = load_backbone(model, device="cpu", dtype="fp32",
-                                 random_weights=random_weights)
+        denoiser = (load_architecture(model) if weightless else
+                    load_backbone(model, device="cpu", dtype="fp32",
+                                  random_weights=random_weights))
     layers = denoiser.cross_attention_layers()
     try:
         ref = reference_for(denoiser)
@@ -298,7 +315,9 @@ def import_classifier(checkpoint: str | Path, model: str, *, out: str | Path | N
                             "or --out DIR to install this one elsewhere (then steer with "
                             "--classifier DIR)")
     card = {
-        "backbone": {"name": denoiser.name, "fingerprint": denoiser.fingerprint,
+        # fingerprint None: any weights of this layer list (imported from the architecture)
+        "backbone": {"name": denoiser.name,
+                     "fingerprint": None if weightless else denoiser.fingerprint,
                      "layers": [{"name": la.name, "heads": la.heads} for la in layers],
                      "model": model},
         "timesteps": steps,

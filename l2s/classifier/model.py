@@ -304,7 +304,8 @@ def check_backbone(card: Mapping, denoiser, card_path: str | Path = "") -> None:
     """Raise ClassifierMismatchError unless the card was trained on this denoiser's maps."""
     bb = card.get("backbone") or {}
     mine = [{"name": la.name, "heads": la.heads} for la in denoiser.cross_attention_layers()]
-    same_fp = bb.get("fingerprint") == denoiser.fingerprint
+    # A card imported from a preset's architecture (fingerprint None) fits any weights of it
+    same_fp = bb.get("fingerprint") in (None, denoiser.fingerprint)
     same_layers = bb.get("layers") == mine
     if same_fp and same_layers:
         return
@@ -458,7 +459,7 @@ def default_classifier(model_name: str, fingerprint: str | None = None) -> Path 
                 fp = json.loads(card.read_text()).get("backbone", {}).get("fingerprint")
             except (OSError, ValueError, AttributeError):  # ValueError: bad JSON or UTF-8
                 continue
-            if fp != fingerprint:
+            if fp not in (None, fingerprint):  # None: any weights of the architecture
                 continue
         return card
     return None

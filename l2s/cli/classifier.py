@@ -20,7 +20,9 @@ def import_(
     model: str = typer.Option(..., "--model", "-m",
                               help="Backbone it was trained on: "
                                    + published_presets().replace(" or ", ", ")
-                                   + ", or a local diffusers folder / hub id."),
+                                   + " (a preset is read from its known architecture: "
+                                     "nothing is downloaded), or a local diffusers folder / "
+                                     "hub id (loaded)."),
     out: str = typer.Option(None, "--out", "-o",
                             help="Install here (default: where `l2s steer --model MODEL` "
                                  "looks)."),

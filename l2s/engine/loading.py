@@ -42,7 +42,7 @@ from l2s.errors import one_line
 
 __all__ = ["allow_pickle", "build_random", "check_folder", "clip_text_config", "config_json",
            "describe_presets", "hf_cache_dir", "hf_load_error", "hf_offline", "hub_file",
-           "hub_reachable", "is_available_locally", "load_backbone", "load_components",
+           "hub_reachable", "is_available_locally", "load_architecture", "load_backbone", "load_components",
            "pickle_refusal", "pickled_files", "quiet_loading", "RANDOM_WEIGHTS_WORDS",
            "random_tokenizers", "random_weights_preset", "rank_device", "resolve_device",
            "resolve_dtype", "weights_policy"]
@@ -179,6 +179,22 @@ def load_backbone(
                                    random_weights=random_weights))
 
 
+def load_architecture(model: str, *, dtype: str | torch.dtype = "fp32",
+                      image_size: int | None = None) -> Denoiser:
+    """A preset's exact architecture on the meta device: its layer list, heads, text length
+    and parameter shapes, with no weights allocated, read or downloaded (what `l2s classifier
+    import` and `l2s speed`'s memory estimate need). Refused, naming the presets that have
+    one, for a hub id, a folder or a preset without a built-in architecture."""
+    preset = random_weights_preset(presets().get(model), presets().values())
+    quiet_loading()
+    den = get_family(preset.family).load(LoadRequest(
+        model=model, preset=preset, source=preset.repo_id or model,
+        device=torch.device("meta"), dtype=resolve_dtype(dtype, torch.device("cpu")),
+        image_size=image_size, random_weights=True))
+    den.name = preset.name
+    return den
+
+
 # ------------------------------------------------------------------------ the loading policy
 
 def allow_pickle() -> bool:
@@ -311,8 +327,19 @@ def build_random(factories: Mapping[str, Callable[[], torch.nn.Module]], device:
                  dtype: torch.dtype, seed: int = 0) -> dict[str, torch.nn.Module]:
     """Every network of a random-weights architecture, built on the meta device and
     materialised once, in its dtype, on the device (``l2s.engine.materialise``): "vae" in
-    fp32 (as every family loads its VAE), the others in ``dtype``."""
+    fp32 (as every family loads its VAE), the others in ``dtype``. On the meta device itself
+    (``load_architecture``) nothing is materialised: the networks keep meta parameters."""
     from l2s.engine.materialise import materialise
+
+    if device.type == "meta":
+        from accelerate import init_empty_weights
+
+        def on_meta(make, dt):
+            with init_empty_weights(include_buffers=False):
+                return make().to(dt).requires_grad_(False).eval()
+
+        return {name: on_meta(make, torch.float32 if name == "vae" else dtype)
+                for name, make in factories.items()}
 
     return {name: materialise(make, device, torch.float32 if name == "vae" else dtype,
                               seed=seed)
