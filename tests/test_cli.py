@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 from typer.testing import CliRunner
 
 from l2s import __version__
@@ -52,5 +53,42 @@ def test_threads_option_sets_torch_threads():
         assert r.exit_code == 0 and torch.get_num_threads() == 1
         r = runner.invoke(app, ["--threads", "0", "models"])
         assert r.exit_code == 2 and "--threads" in r.output
+    finally:
+        torch.set_num_threads(n)
+
+
+@pytest.mark.parametrize("cpus,load,want", [(2, 6.0, 1), (2, 0.3, 2), (16, 0.0, 4),
+                                            (16, 13.5, 2), (4, 1.2, 3)])
+def test_default_threads_leave_room_for_the_load(monkeypatch, cpus, load, want):
+    """Bug: torch's one-thread-per-core default made `make demo` 5x slower than --threads 1
+    on a loaded 2-core machine; the default now subtracts the load and caps at 4."""
+    import os
+
+    from l2s.environment import default_threads
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cpus)), raising=False)
+    monkeypatch.setattr(os, "getloadavg", lambda: (load, load, load))
+    assert default_threads() == want
+
+
+def test_no_threads_option_takes_the_load_aware_default(monkeypatch):
+    """Bug: without --threads the CLI left torch's default (every core) on a loaded machine;
+    OMP_NUM_THREADS, when set, still wins."""
+    import os
+
+    import torch
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(os, "getloadavg", lambda: (6.0, 6.0, 6.0))
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        assert runner.invoke(app, ["models", "--json"]).exit_code == 0
+        assert torch.get_num_threads() == 1
+        torch.set_num_threads(2)
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        assert runner.invoke(app, ["models", "--json"]).exit_code == 0
+        assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(n)

@@ -46,9 +46,11 @@ def _root(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
                                  help="Print the version and exit."),
     threads: int = typer.Option(None, "--threads", min=1, callback=_threads,
-                                help="CPU threads for torch (default: torch's choice). 1 is "
-                                     "often fastest for the toy or when other jobs share the "
-                                     "CPU."),
+                                help="CPU threads for torch (default: the CPUs this "
+                                     "process may use, at most 4, less the 1-minute load "
+                                     "average, at least 1; torch's choice when "
+                                     "OMP_NUM_THREADS is set). 1 is often fastest for the toy "
+                                     "or when other jobs share the CPU."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle",
                                       help="Also load pickled .bin weights of a backbone or "
                                            "detector, local or from the hub (they can run "
@@ -57,9 +59,11 @@ def _root(
 ) -> None:
     """Learn-to-Steer command line."""
     if allow_pickle:
-        import os
-
         os.environ["L2S_ALLOW_PICKLE"] = "1"  # read by l2s.engine.loading.allow_pickle
+    if threads is None and not os.environ.get("OMP_NUM_THREADS"):
+        from l2s.environment import default_threads
+
+        threads = default_threads()  # torch's one-per-core collapses on a loaded machine
     if threads is not None:
         import torch
 

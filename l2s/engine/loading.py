@@ -42,10 +42,10 @@ from l2s.errors import one_line
 
 __all__ = ["allow_pickle", "build_random", "check_folder", "clip_text_config", "config_json",
            "describe_presets", "hf_cache_dir", "hf_load_error", "hf_offline", "hub_file",
-           "hub_reachable", "is_available_locally", "load_architecture", "load_backbone", "load_components",
-           "pickle_refusal", "pickled_files", "quiet_loading", "RANDOM_WEIGHTS_WORDS",
-           "random_tokenizers", "random_weights_preset", "rank_device", "resolve_device",
-           "resolve_dtype", "weights_policy"]
+           "hub_reachable", "is_available_locally", "load_architecture", "load_backbone",
+           "load_components", "pickle_refusal", "pickled_files", "quiet_loading",
+           "RANDOM_WEIGHTS_WORDS", "random_tokenizers", "random_weights_preset", "rank_device",
+           "resolve_device", "resolve_dtype", "weights_policy"]
 
 
 def resolve_device(device: str | None = None) -> torch.device:
