@@ -5,10 +5,29 @@ BIN := $(VENV)/bin
 
 .PHONY: install test test-all lint demo toy-model toy-mmdit toy-classifier toy-lora docs clean
 
-install:  ## virtualenv + CPU torch + l2s with dev tools
+# torch is installed first, from TORCH_INDEX: PyTorch's CPU index by default (a ~200 MB wheel;
+# PyPI's default Linux x86 wheel bundles CUDA, several GB). With an NVIDIA GPU pick a CUDA
+# build: `make install TORCH_INDEX=https://download.pytorch.org/whl/cu128` (the index
+# pytorch.org's selector names for your driver), or `make install TORCH_INDEX=` for PyPI's
+# default wheel. Where TORCH_INDEX does not answer (a machine that reaches only a package
+# mirror), torch comes from pip's own configured index, and install says so.
+TORCH ?= torch==2.13.0
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+
+install:  ## virtualenv + torch (CPU build unless TORCH_INDEX says otherwise) + l2s with dev tools
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q torch==2.13.0
+	@if [ -z "$(TORCH_INDEX)" ]; then \
+	  echo "torch: $(TORCH) from pip's configured index"; \
+	  $(BIN)/pip install -q "$(TORCH)"; \
+	elif $(BIN)/python -c "import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=30)" \
+	    "$(TORCH_INDEX)/torch/" 2>/dev/null; then \
+	  echo "torch: $(TORCH) from $(TORCH_INDEX)"; \
+	  $(BIN)/pip install -q "$(TORCH)" --index-url "$(TORCH_INDEX)"; \
+	else \
+	  echo "torch: $(TORCH_INDEX) does not answer; $(TORCH) from pip's configured index" >&2; \
+	  $(BIN)/pip install -q "$(TORCH)"; \
+	fi
 	$(BIN)/pip install -q -e ".[dev]"
 
 test:  ## the fast offline suite (what CI runs)
