@@ -145,6 +145,8 @@ class BenchResult:
     complete: bool = True  # every shard's images are scored
     notes: list[str] = field(default_factory=list)  # how the scoring departs from the original
     plot: Path | None = None  # frontier.png: position accuracy against seconds per image
+    # method -> its images in the suite's original harness layout (T2I-CompBench: --outpath)
+    exports: dict[str, Path] = field(default_factory=dict)
 
     @property
     def seconds(self) -> dict[str, float]:
@@ -153,7 +155,8 @@ class BenchResult:
     def to_json(self) -> dict:
         return {"suite": self.suite, "detector": self.detector, "methods": self.methods,
                 "warnings": self.warnings, "complete": self.complete, "notes": self.notes,
-                "plot": None if self.plot is None else str(self.plot)}
+                "plot": None if self.plot is None else str(self.plot),
+                "exports": {m: str(p) for m, p in self.exports.items()}}
 
 
 def image_seed(seed: int, prompt_index: int, image_index: int) -> int:
@@ -460,7 +463,8 @@ def summarise_run(cfg: BenchConfig, prompts: list[BenchPrompt], records: list[di
     by_method = {m: sorted(v.values(), key=lambda r: (r["prompt_index"], r["image_index"]))
                  for m, v in by_method.items() if m in cfg.methods}
     expected = len(prompts) * cfg.num_images
-    methods, warnings = {}, []
+    methods, warnings, exports = {}, [], {}
+    export = get_suite(cfg.suite).export
     for name in cfg.methods:
         recs = by_method.get(name, [])
         s = summarise(recs)
@@ -478,6 +482,8 @@ def summarise_run(cfg: BenchConfig, prompts: list[BenchPrompt], records: list[di
         method_sheets(out, name, recs)
         if recs:
             store.write_method_results(out, name, recs)
+            if export is not None:
+                exports[name] = export(out, recs, cfg.num_images)
     disagreement_sheet(out, {m: by_method.get(m, []) for m in cfg.methods})
     lengths = sorted({r["text_len"] for recs in by_method.values() for r in recs
                       if r.get("text_len") is not None})
@@ -501,4 +507,4 @@ def summarise_run(cfg: BenchConfig, prompts: list[BenchPrompt], records: list[di
     plot = frontier_plot(methods, out / "frontier.png",
                          title=f"{cfg.suite} on {cfg.model}, {len(prompts)} prompts")
     return BenchResult(cfg.suite, methods, out, cfg.detector_name, warnings, complete,
-                       detector_notes(cfg.suite, cfg.detector_name), plot)
+                       detector_notes(cfg.suite, cfg.detector_name), plot, exports)

@@ -9,6 +9,8 @@
                                             (filename relative to <out>/<method>): what GenEval's
                                             summary_scores.py reads as this method's score
     <out>/contact_<method>_<task>.png       contact sheets, paged (-2.png, ...); disagreements.png
+    <out>/<method>/compbench/samples/       compbench-spatial: T2I-CompBench's own names
+                                            (l2s.bench.exports)
 
 An image is written atomically (a hidden temporary name GenEval's `\\d+\\.png` never matches,
 then renamed) with its seed and generation seconds in PNG text chunks, and its result line is

@@ -14,7 +14,9 @@ import random
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
+from pathlib import Path
 
+from l2s.bench.exports import compbench_samples
 from l2s.bench.geneval import position_metadata
 from l2s.engine.registry import Registry
 from l2s.errors import L2SError
@@ -142,6 +144,9 @@ class Suite:
     prompts: Callable[[int | None, int], list[BenchPrompt]]
     images: int  # images per prompt by default (GenEval renders 4, T2I-CompBench 10)
     detector: str  # the --detector it scores with by default
+    # (out, one method's records, images per prompt) -> the folder where that method's images
+    # sit in the original harness's own layout, beside GenEval's (None: GenEval's only)
+    export: Callable[[Path, list[dict], int], Path | None] | None = None
 
 
 SUITE_REGISTRY: Registry[Suite] = Registry("suite", "l2s.suites")
@@ -189,7 +194,8 @@ for _suite in (
     Suite("geneval", _fixed(geneval_prompts), 4, "mask2former"),
     Suite("geneval-position", _fixed(lambda: geneval_prompts(position_only=True)), 4,
           "mask2former"),
-    Suite("compbench-spatial", _fixed(compbench_prompts), 10, "owlv2"),
+    Suite("compbench-spatial", _fixed(compbench_prompts), 10, "owlv2",
+          export=compbench_samples),
     Suite("multirel", lambda n, seed: multi_prompts(
         geneval_names(), GENERATED_PROMPTS if n is None else n, seed, "geneval"),
         4, "mask2former"),

@@ -115,6 +115,9 @@ def bench(
     console.print(summary_table(res, f"{suite} on {model} (detector {res.detector})"))
     console.print(f"per-image results: {res.out}/results*.jsonl; GenEval layout: "
                   f"{res.out}/<method>/; samples: {res.out}/contact_*.png")
+    if res.exports:
+        console.print(f"{suite}'s own harness layout: "
+                      + ", ".join(str(p) for p in res.exports.values()))
 
 
 def summary_table(res: BenchResult, title: str) -> Table:
