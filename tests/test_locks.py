@@ -192,3 +192,164 @@ def test_a_read_only_cache_trains_with_invert_never(tmp_path, monkeypatch, one_t
     assert res.card["data"]["corrupt_dropped"] == 1 and broken.exists()
     with pytest.raises(Exception, match="is not writable"):  # inverting into it still fails
         AttentionCache(tmp_path / "cache", FP)
+
+
+def _stale(path):
+    path.write_text(f"{socket.gethostname()} {_dead_pid()}\n")
+
+
+TAKER = """
+import sys, time
+from pathlib import Path
+from l2s import locks
+path, barrier = Path(sys.argv[1]), sys.argv[2]
+if barrier != "-":  # both takers have judged the file gone before either acts on it
+    real = locks.is_gone
+    def judged(h, _first=[True]):
+        gone = real(h)
+        if _first:
+            _first.clear()
+            Path(barrier, str(__import__("os").getpid())).touch()
+            while len(list(Path(barrier).iterdir())) < 2:
+                time.sleep(0.005)
+        return gone
+    locks.is_gone = judged
+print("took" if locks.take(path) is None else "refused", flush=True)
+sys.stdin.read()  # hold the file until told to go
+"""
+
+
+def _taker(path, barrier="-"):
+    import os as _os
+
+    env = {**_os.environ, "PYTHONPATH": _os.pathsep.join(sys.path)}
+    return subprocess.Popen([sys.executable, "-c", TAKER, str(path), str(barrier)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+
+
+def test_a_stale_lock_taken_over_meanwhile_by_another_process_is_not_taken_again(
+        tmp_path, monkeypatch):
+    """Catches the double takeover: this process judged a dead holder's lock gone, another
+    process took the lock over before this one removed it, and this one then deleted the
+    other's live lock and created its own (both went on writing one folder)."""
+    path = tmp_path / ".lock"
+    _stale(path)
+    real, other = locks.is_gone, []
+
+    def judged_then_overtaken(h):
+        gone = real(h)
+        if not other:  # between this judgement and its takeover, another process takes it
+            other.append(_taker(path))
+            assert other[0].stdout.readline().strip() == "took"
+        return gone
+
+    monkeypatch.setattr(locks, "is_gone", judged_then_overtaken)
+    try:
+        got = locks.take(path)
+        assert got is not None and got.pid == other[0].pid, "both processes took the lock"
+        assert path.read_text().split()[1] == str(other[0].pid)
+    finally:
+        other[0].communicate("")
+
+
+def test_two_processes_that_both_find_one_stale_lock_do_not_both_take_it(tmp_path):
+    """Catches the double takeover with two real processes that both judged the same dead
+    holder's lock gone before either acted: exactly one may take it, the other must see the
+    winner's live lock."""
+    for round_ in range(4):
+        path = tmp_path / f".lock{round_}"
+        _stale(path)
+        barrier = tmp_path / f"barrier{round_}"
+        barrier.mkdir()
+        procs = [_taker(path, barrier) for _ in range(2)]
+        said = [p.stdout.readline().strip() for p in procs]
+        owner = path.read_text().split()[1]
+        for p in procs:
+            p.communicate("")
+        assert sorted(said) == ["refused", "took"], said
+        assert owner == str(procs[said.index("took")].pid)
+
+
+def test_silence_is_measured_on_the_folders_clock_not_this_machines(tmp_path, monkeypatch):
+    """Catches another machine's lock judged by this machine's wall clock: a clock one hour
+    fast stole a live holder's lock, one an hour slow held a dead holder's for an extra hour.
+    A probe file stamped by the folder's own clock gives "now"."""
+    path = tmp_path / "claim"
+    real_time = time.time
+    monkeypatch.setattr(locks, "_offsets", {})
+    monkeypatch.setattr(time, "time", lambda: real_time() + 3600)  # this clock runs fast
+    path.write_text("elsewhere 123 4567\n")  # touched just now by its live holder
+    assert locks.take(path).host == "elsewhere"
+    monkeypatch.setattr(locks, "_offsets", {})
+    monkeypatch.setattr(time, "time", lambda: real_time() - 3600)  # this clock runs slow
+    _age_real = real_time() - locks.STALE_S - 60
+    os.utime(path, (_age_real, _age_real))  # silent for 11 minutes: its holder is gone
+    assert locks.take(path) is None
+    locks.release(path)
+
+
+def test_a_heartbeat_far_in_the_future_is_neither_taken_over_nor_held_in_silence(
+        tmp_path, sleeper):
+    """Catches a lock whose holder's clock runs a day ahead: by the wall-clock rule it looked
+    alive for a day plus ten minutes (a clock years ahead: forever), and nothing said why."""
+    from l2s.inversion.cache import writers
+
+    out = tmp_path / "out"
+    out.mkdir()
+    path = out / ".lock"
+    path.write_text("elsewhere 123 4567\n")
+    ahead = time.time() + 86400
+    os.utime(path, (ahead, ahead))
+    h = locks.take(path)
+    assert h is not None and h.ahead > 86000  # not taken over
+    with pytest.raises(locks.LockError, match=r"pid 123 on elsewhere, whose heartbeat is 24 h "
+                                              r"ahead .*clocks .* disagree.*delete .*\.lock"):
+        with locks.exclusive(path, "l2s train", out):
+            pass
+    assert path.read_text() == "elsewhere 123 4567\n"
+    # A claim in a shared cache names the same holder among the cache's writers.
+    (out / "claims").mkdir()
+    os.replace(path, out / "claims" / "img")
+    assert writers(out) == ["pid 123 on elsewhere, whose heartbeat is 24 h ahead of this "
+                            "folder's clock"]
+    # Within the tolerance a heartbeat slightly ahead is a live holder, as a recent one.
+    soon = time.time() + 60
+    os.utime(out / "claims" / "img", (soon, soon))
+    assert writers(out) == ["pid 123 on elsewhere"]
+
+
+def test_a_lock_error_says_how_long_the_holder_has_run(tmp_path, sleeper):
+    """Catches "running for 12 s" that measured the time since the last heartbeat (the file's
+    ctime moves with every touch), not since the holder started."""
+    path = tmp_path / ".lock"
+    time.sleep(1.1)
+    path.write_text(f"{socket.gethostname()} {sleeper.pid} {locks.process_start(sleeper.pid)}\n")
+    _age(path, 0)
+    with pytest.raises(locks.LockError, match=r"running for [1-9]\d* s"):
+        with locks.exclusive(path, "l2s train", tmp_path):
+            pass
+
+
+def test_an_invert_that_left_images_to_another_process_names_it(tmp_path, monkeypatch,
+                                                                 one_thread):
+    """Catches an invert that skipped images claimed by a process whose clock runs ahead (so
+    its claim is never taken over) without naming it: the images stayed missing in silence."""
+    from l2s.cli.invert import summary_lines
+    from l2s.engine.loading import load_backbone
+    from l2s.inversion.job import InvertConfig, run_invert
+    from l2s.inversion.loop import InversionConfig
+
+    den = load_backbone("toy")
+    claims = tmp_path / "c" / den.fingerprint / "claims"
+    claims.mkdir(parents=True)
+    (claims / "img").write_text("elsewhere 123 4567\n")
+    ahead = time.time() + 3 * 86400
+    os.utime(claims / "img", (ahead, ahead))
+    monkeypatch.setattr(AttentionCache, "claim", lambda self, key: False)
+    res = run_invert(InvertConfig(cache_dir=str(tmp_path / "c"), limit=1, batch_size=1,
+                                  inversion=InversionConfig(method="noise")), den)
+    assert res.left_to_others == 2
+    assert res.others == ["pid 123 on elsewhere, whose heartbeat is 3 days ahead of this "
+                          "folder's clock"]
+    assert any("(pid 123 on elsewhere, whose heartbeat is 3 days ahead" in line
+               for line in summary_lines(res))

@@ -71,8 +71,9 @@ def summary_lines(res) -> list[str]:
                      "backbone could not invert it); lower --min-psnr, invert with more --steps "
                      "or --fixed-point, or use --inversion noise (no reconstruction check)")
     if res.left_to_others:
+        by = f" ({'; '.join(res.others)})" if res.others else ""
         lines.append(f"{res.left_to_others} entries were being written by another process "
-                     "sharing this cache (not waited for; rerun to check)")
+                     f"sharing this cache{by} (not waited for; rerun to check)")
     if res.unreadable:
         more = len(res.unreadable) - 5
         lines.append("unreadable images: " + ", ".join(map(str, res.unreadable[:5]))

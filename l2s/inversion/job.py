@@ -180,6 +180,7 @@ class InvertResult:
     sources: dict = field(default_factory=dict)  # per-source kept/dropped reports
     corrupt_rebuilt: int = 0
     left_to_others: int = 0  # entries another process sharing the cache was writing
+    others: list = field(default_factory=list)  # those processes, as ``locks.Holder`` says
     stats: dict = field(default_factory=dict)
     seconds: float = 0.0
 
@@ -282,6 +283,8 @@ def invert(cfg: InvertConfig, denoiser: Denoiser | None = None,
         if result.left_to_others == left_before:  # else the mark stays until they are in
             cache.end_source(source)
     result.corrupt_rebuilt = len(cache.corrupt)
+    if result.left_to_others:
+        result.others = cache.writers()
     result.stats = cache.stats()
     result.seconds = time.perf_counter() - t_start
     return result
