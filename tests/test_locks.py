@@ -156,23 +156,14 @@ def test_training_while_another_process_writes_the_cache_says_so(tmp_path, sleep
     assert res.card["data"]["cache_being_written"] == [f"pid {sleeper.pid}"]
 
 
-def test_a_read_only_cache_trains_with_invert_never(tmp_path, monkeypatch, one_thread):
-    """Catches `train --invert never` refusing a cache it only reads ("cache folder ... is
-    not writable"): a read-only mount or another user's shared cache. A broken entry there is
-    left out, not deleted."""
+def _read_only(monkeypatch, folder) -> None:
+    """Make ``folder`` act as a read-only mount: writing, replacing or deleting there fails."""
     import builtins
     import errno
     import io
 
-    from test_train import FP, FakeBackbone, _cfg, make_cache
-
-    from l2s.classifier.train import run_train
-
-    cache = make_cache(tmp_path / "cache", n_images=24)
-    broken = sorted((cache.dir / "maps").glob("*/*.safetensors"))[0]
-    broken.write_bytes(broken.read_bytes()[:100])
     real_open, real_unlink, real_replace = builtins.open, os.unlink, os.replace
-    frozen = str(cache.dir)
+    frozen = str(folder)
 
     def refuse(path):
         if str(path).startswith(frozen):
@@ -188,10 +179,57 @@ def test_a_read_only_cache_trains_with_invert_never(tmp_path, monkeypatch, one_t
     monkeypatch.setattr(os, "unlink", lambda p, *a, **k: (refuse(p), real_unlink(p, *a, **k)))
     monkeypatch.setattr(os, "replace", lambda s, d, *a, **k: (refuse(d),
                                                               real_replace(s, d, *a, **k)))
+
+
+def test_a_read_only_cache_trains_with_invert_never(tmp_path, monkeypatch, one_thread):
+    """Catches `train --invert never` refusing a cache it only reads ("cache folder ... is
+    not writable"): a read-only mount or another user's shared cache. A broken entry there is
+    left out, not deleted, and the card says it is still there."""
+    from test_train import FP, FakeBackbone, _cfg, make_cache
+
+    from l2s.classifier.train import run_train
+
+    cache = make_cache(tmp_path / "cache", n_images=24)
+    broken = sorted((cache.dir / "maps").glob("*/*.safetensors"))[0]
+    broken.write_bytes(broken.read_bytes()[:100])
+    _read_only(monkeypatch, cache.dir)
     res = run_train(_cfg(tmp_path, epochs=1, invert="never"), FakeBackbone())
     assert res.card["data"]["corrupt_dropped"] == 1 and broken.exists()
+    assert res.card["data"]["corrupt_left_in_cache"] == 1
     with pytest.raises(Exception, match="is not writable"):  # inverting into it still fails
         AttentionCache(tmp_path / "cache", FP)
+
+
+def test_a_read_only_cache_is_not_said_to_have_lost_its_broken_entries(tmp_path, monkeypatch):
+    """Catches the warning "N broken cache entries were deleted" (and "has been deleted" when
+    every entry is broken) from a run that could delete nothing: the cache was read-only."""
+    from test_train import _cli, make_cache
+    from typer.testing import CliRunner
+
+    cache = make_cache(tmp_path / "cache", n_images=24)
+    entries = sorted((cache.dir / "maps").glob("*/*.safetensors"))
+    entries[0].write_bytes(entries[0].read_bytes()[:100])
+    app = _cli(monkeypatch)
+    _read_only(monkeypatch, cache.dir)
+    args = ["--model", "synthetic", "--cache-dir", str(tmp_path / "cache"), "--epochs", "1",
+            "--d-model", "32", "--depth", "1", "--device", "cpu", "--invert", "never"]
+    r = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "a")])
+    assert r.exit_code == 0, r.output
+    text = " ".join(r.output.split())
+    assert "deleted" not in text, text
+    assert "1 broken cache entries were left out (recorded in the card) and are still in the " \
+           "cache, which this run cannot change (read-only)" in text
+    monkeypatch.undo()  # the rest of the entries broken too
+    for e in entries[1:]:
+        e.write_bytes(e.read_bytes()[:100])
+    app = _cli(monkeypatch)
+    _read_only(monkeypatch, cache.dir)
+    r = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "b")])
+    text = " ".join(r.output.split())
+    assert r.exit_code == 2 and "Traceback" not in text, text
+    assert "deleted" not in text and "left in place" in text, text
+    assert all(e.exists() for e in entries)
+
 
 
 def _stale(path):

@@ -48,7 +48,8 @@ class MapData:
     timesteps: list[int]  # the recorded timesteps, in recording order
     layers: list[dict]  # [{"name", "heads"}] of the recorded layers
     cache_dir: str  # the cache folder of this backbone they were read from
-    corrupt: list[str] = field(default_factory=list)  # keys of broken entries deleted on reading
+    corrupt: list[str] = field(default_factory=list)  # keys of broken entries found on reading
+    corrupt_kept: list[str] = field(default_factory=list)  # those left in place (read-only)
     t_input: torch.Tensor | None = None  # (N,) the network's time input, when not t itself
     # Text keys every map was softmaxed over (recorded by `l2s invert`); None: unknown (some
     # entries were written before l2s recorded it)
@@ -171,6 +172,11 @@ def load_maps(cache_dir: str | Path | None, fingerprint: str, *, name: str, mode
                          f"({counts} tokens): maps over different key sets cannot train one "
                          "classifier; rebuild the cache at one length")
     if buf is None or n == 0:
+        if cache.kept:  # a read-only cache: nothing was deleted
+            raise TrainError(f"every cached entry for {name} in {cache.dir} is unreadable "
+                             f"({len(cache.corrupt)}; left in place, as this run cannot change "
+                             f"that cache): rebuild them with `l2s invert --model {model}` as "
+                             "someone who can write it, or invert into another --cache-dir")
         raise TrainError(f"every cached entry for {name} in {cache.dir} was unreadable and has "
                          f"been deleted ({len(cache.corrupt)}): rebuild them with "
                          f"`l2s invert --model {model}`")
@@ -186,7 +192,7 @@ def load_maps(cache_dir: str | Path | None, fingerprint: str, *, name: str, mode
     maps = buf[:n].flatten(0, 1)  # (E, T, 2, C, S, S) -> (E*T, 2, C, S, S), no copy
     return MapData(maps, torch.tensor(t), torch.tensor(y), torch.tensor(neg),
                    torch.tensor(prompt_y), image, split, source, ts_list, layer_list,
-                   str(cache.dir), list(cache.corrupt),
+                   str(cache.dir), list(cache.corrupt), list(cache.kept),
                    text_len=known[0] if len(text_lens) == 1 and known else None)
 
 

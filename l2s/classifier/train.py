@@ -622,7 +622,10 @@ def _train(cfg: TrainConfig, denoiser, callback: Callable[[dict], None] | None, 
         # No machine's paths in a card that is shared (cache_dir, out): config.yaml beside it
         # holds them for a rerun.
         "data": {**_counts(data, parts),
-                 "corrupt_dropped": len(data.corrupt),  # broken entries found and deleted
+                 "corrupt_dropped": len(data.corrupt),  # broken entries found and left out
+                 # of them, those left in the cache (it could not be changed: read-only)
+                 **({"corrupt_left_in_cache": len(data.corrupt_kept)}
+                    if data.corrupt_kept else {}),
                  # the cache was still being written (by these processes) when it was read
                  **({"cache_being_written": writers} if writers else {})},
         "metrics": metrics,

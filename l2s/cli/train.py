@@ -194,10 +194,16 @@ def train(
         return
     tr = res.card["training"]
     corrupt = res.card["data"].get("corrupt_dropped", 0)
-    if corrupt:
-        console.print(f"[yellow]warning:[/] {corrupt} broken cache entries were deleted and "
-                      "left out (recorded in the card); `l2s invert` with the same options "
+    kept = res.card["data"].get("corrupt_left_in_cache", 0)
+    if corrupt > kept:
+        console.print(f"[yellow]warning:[/] {corrupt - kept} broken cache entries were deleted "
+                      "and left out (recorded in the card); `l2s invert` with the same options "
                       "rebuilds them", highlight=False)
+    if kept:
+        console.print(f"[yellow]warning:[/] {kept} broken cache entries were left out "
+                      "(recorded in the card) and are still in the cache, which this run "
+                      "cannot change (read-only): `l2s invert` with the same options, run by "
+                      "someone who can write the cache, rebuilds them", highlight=False)
     busy = res.card["data"].get("cache_being_written")
     if busy:
         console.print(f"[yellow]warning:[/] the cache was still being written by "

@@ -187,7 +187,8 @@ class AttentionCache:
                                  "pass --cache-dir to a writable folder") from e
             self.read_only = True
         self.manifest_path = self.dir / "manifest.jsonl"
-        self.corrupt: list[str] = []  # keys found broken and deleted during this session
+        self.corrupt: list[str] = []  # keys found broken during this session (deleted, but
+        self.kept: list[str] = []  # these of them, which could not be: read-only, not ours)
         self._verified: set[str] = set()  # keys whose content checked out in this session
         self._claims: set[str] = set()  # claims this object holds
 
@@ -237,13 +238,23 @@ class AttentionCache:
                 meta = json.loads(f.metadata()["l2s"])
             check_entry(tensor, meta, key)
         except (SafetensorError, OSError, ValueError, KeyError, TypeError, AttributeError):
-            if not self.read_only:
-                path.unlink(missing_ok=True)
+            self._discard(path, key)
             self.corrupt.append(key)
             self._verified.discard(key)
             return None
         self._verified.add(key)
         return tensor, meta
+
+    def _discard(self, path: Path, key: str) -> None:
+        """Delete a broken cache file, so the caller rebuilds it; in a cache this process may
+        not change (read-only, or the file of another user) it stays, listed in ``kept``."""
+        if not self.read_only:
+            try:
+                path.unlink(missing_ok=True)
+                return
+            except OSError:
+                pass
+        self.kept.append(key)
 
     def get(self, key: str) -> Entry | None:
         """The entry, or None if absent; a corrupt entry is deleted, recorded and None."""
