@@ -575,7 +575,7 @@ def test_a_resume_with_another_classifier_is_refused(monkeypatch, tmp_path):
     recs = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
     assert {r["classifier"] for r in recs} == {str(card)}
     card.write_text(json.dumps({"format": CARD_FORMAT, "weights_sha256": "b" * 64}))  # retrained
-    with pytest.raises(BenchError, match=r"the steered images already there were steered with "
+    with pytest.raises(BenchError, match=r"the steered images already there were made with "
                                          r"the classifier .*card.json .* pass --classifier"):
         run_bench(BenchConfig(methods=("steered",), prompts=3, out=str(out)),
                   denoiser=object())
@@ -583,6 +583,99 @@ def test_a_resume_with_another_classifier_is_refused(monkeypatch, tmp_path):
     res = run_bench(BenchConfig(methods=("steered",), prompts=3, out=str(out)),
                     denoiser=object())
     assert res.complete and res.methods["steered"]["n_images"] == 3
+
+
+def test_images_scored_on_resume_keep_the_classifier_they_were_steered_with(monkeypatch,
+                                                                            tmp_path):
+    """Catches images saved but not scored (a kill between the two) scored on resume into
+    records without the classifier they were steered with: a run extended after another
+    classifier was installed then mixed the two without a word."""
+    from l2s.bench import store
+    from l2s.classifier.model import CARD_FORMAT
+
+    card = tmp_path / "cls" / "card.json"
+    card.parent.mkdir()
+    card.write_text(json.dumps({"format": CARD_FORMAT, "weights_sha256": "a" * 64}))
+    monkeypatch.setitem(bench.METHODS, "steered", _card_method(card))
+    out = tmp_path / "b"
+    real_append = store.append_record
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(store, "append_record", killed)  # killed once both images are saved
+    with pytest.raises(KeyboardInterrupt):
+        run_bench(BenchConfig(methods=("steered",), prompts=2, batch_size=2, out=str(out)),
+                  denoiser=object())
+    monkeypatch.setattr(store, "append_record", real_append)
+    assert len(list(out.rglob("samples/*.png"))) == 2
+    card.write_text(json.dumps({"format": CARD_FORMAT, "weights_sha256": "b" * 64}))
+    run_bench(BenchConfig(methods=("steered",), prompts=2, batch_size=2, out=str(out)),
+              denoiser=object())  # nothing to generate: the saved images are scored
+    recs = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+    assert len(recs) == 2 and len({r.get("classifier_sha256") for r in recs}) == 1
+    steered_with = recs[0].get("classifier_sha256")
+    assert steered_with and recs[0]["classifier"] == str(card)
+    with pytest.raises(BenchError, match=r"made with the classifier .*card.json \(sha256 "
+                                         + steered_with[:12]):
+        run_bench(BenchConfig(methods=("steered",), prompts=3, out=str(out)),
+                  denoiser=object())
+
+
+def test_a_resume_with_another_lora_is_refused(monkeypatch, tmp_path):
+    """Catches a +lora bench interrupted, another LoRA installed (or retrained in place), then
+    resumed: records did not name the LoRA, so half the images came from each."""
+    from l2s.distill.lora import WEIGHTS_FILE
+
+    lora = tmp_path / "lora"
+    lora.mkdir()
+    (lora / WEIGHTS_FILE).write_bytes(b"first")
+
+    def factory(ctx):
+        generate = _oracle()[0](ctx)
+
+        def run(prompts, seeds):
+            return generate(prompts, seeds)
+        run.lora = str(lora)
+        return run
+
+    monkeypatch.setitem(bench.METHODS, "plain+lora", factory)
+    out = tmp_path / "b"
+    run_bench(BenchConfig(methods=("plain+lora",), prompts=2, out=str(out)), denoiser=object())
+    recs = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+    assert {r["lora"] for r in recs} == {str(lora)} and all(r["lora_sha256"] for r in recs)
+    (lora / WEIGHTS_FILE).write_bytes(b"second")
+    with pytest.raises(BenchError, match=r"made with the LoRA .*lora .* this run uses .* pass "
+                                         r"--lora .*lora \(or that LoRA back in place\)"):
+        run_bench(BenchConfig(methods=("plain+lora",), prompts=3, out=str(out)),
+                  denoiser=object())
+    (lora / WEIGHTS_FILE).write_bytes(b"first")
+    res = run_bench(BenchConfig(methods=("plain+lora",), prompts=3, out=str(out)),
+                    denoiser=object())
+    assert res.complete and res.methods["plain+lora"]["n_images"] == 3
+
+
+def test_best_of_and_lora_methods_name_their_classifier_and_lora(tmp_path):
+    """Catches best-of (whose verifier is a classifier) and the +lora methods making records
+    without the classifier or LoRA they depend on."""
+    from l2s.bench.methods import METHODS, MethodContext
+    from l2s.bench.run import _card, _made_with
+    from l2s.classifier.model import sha256_file
+    from l2s.distill.lora import WEIGHTS_FILE, resolve_lora
+    from l2s.engine.loading import load_backbone
+    from l2s.steering.job import build_loss
+
+    den = load_backbone("toy")
+    cfg = BenchConfig(model="toy", out=str(tmp_path))
+    ctx = MethodContext(den, cfg, check=lambda images, prompts: [True] * len(prompts))
+    card = _card(build_loss("l2s", den, "toy")[1])
+    assert _made_with(METHODS["best-of"](ctx)) == card
+    lora = resolve_lora(None, "toy")
+    assert _made_with(METHODS["plain+lora"](ctx)) == {
+        "lora": str(lora), "lora_sha256": sha256_file(lora / WEIGHTS_FILE)}
+    assert _made_with(METHODS["l2s+lora"](ctx)) == {
+        **card, "lora": str(lora), "lora_sha256": sha256_file(lora / WEIGHTS_FILE)}
+    assert _made_with(METHODS["plain"](ctx)) is None
 
 
 def test_two_benches_on_one_out_are_refused_and_a_dead_ones_lock_is_taken_over(

@@ -222,7 +222,9 @@ def _lora_method(base: str) -> MethodFactory:
         cfg = ctx.config
         folder = resolve_lora(ctx.argument or getattr(cfg, "lora", None), cfg.model)
         adapted = with_lora(ctx.denoiser, folder)
-        return _steer_method(base)(replace(ctx, denoiser=adapted, argument=None))
+        run = _steer_method(base)(replace(ctx, denoiser=adapted, argument=None))
+        run.lora = str(folder)  # the LoRA it generates with: a resume must keep it
+        return run
 
     return factory
 

@@ -254,10 +254,13 @@ def _run(cfg: BenchConfig, out: Path, denoiser: Denoiser | None, detector: Detec
                               for r in p.metadata.get("include", [])):
         lazy.colors()
     generators = {m: lazy.method(m) for m in cfg.methods if fresh[m]}
-    # the classifier each steered method uses: a resume must steer with the one its images
-    # were steered with (another default classifier may have been installed since)
-    cards = {m: _card(getattr(g, "classifier", None)) for m, g in generators.items()}
-    _check_cards(out, records, cards)
+    # the classifier (steering, or best-of's verifier) and LoRA each method uses: a resume
+    # must use the ones its images were made with (another default classifier or LoRA may
+    # have been installed since), also for images saved but not scored
+    cards = {m: _made_with(g) for m, g in generators.items()}
+    pending = {m: [store.made_with(store.image_text(store.image_path(out, m, p.index, k)))
+                   for p, k in saved[m]] for m in cfg.methods}
+    _check_cards(out, records, cards, pending)
     store.write_config(out, cfg.to_json(), cfg.identity(), started)
     # the run in `l2s bench`'s option names: `l2s bench --config out/config.yaml` repeats it
     dump_yaml({**option_values(cfg, {"methods": "method"}), "shard": format_shard(cfg.shard)},
@@ -277,7 +280,7 @@ def _run(cfg: BenchConfig, out: Path, denoiser: Denoiser | None, detector: Detec
             if text_len is not None:
                 rec["text_len"] = text_len
             rec.update(cards.get(method) or {})
-        rec.update(extra or {})
+        rec.update(extra or {})  # a saved image's: the classifier and LoRA it was made with
         store.append_record(results, rec)
         records.append(rec)
         counts[method] += 1
@@ -294,7 +297,7 @@ def _run(cfg: BenchConfig, out: Path, denoiser: Denoiser | None, detector: Detec
             img, text = store.load_image(store.image_path(out, method, p.index, k))
             seconds = (float(text.get("l2s-seconds", "nan")),
                        float(text.get("l2s-cpu-seconds", "nan")))
-            scored(method, p, k, seconds, img)
+            scored(method, p, k, seconds, img, extra=store.made_with(text))
         # Batches never mix tasks more than the order of the suite does.
         queues[method] = [fresh[method][i:i + cfg.batch_size]
                           for i in range(0, len(fresh[method]), cfg.batch_size)]
@@ -315,10 +318,20 @@ def _run(cfg: BenchConfig, out: Path, denoiser: Denoiser | None, detector: Detec
             extras = _extras(output, [p for p, _ in batch], lazy)  # after the timing
             for (p, k), s, img in zip(batch, seeds, imgs, strict=True):
                 store.save_image(store.image_path(out, method, p.index, k), img, s, each,
-                                 each_cpu)
+                                 each_cpu, made_with=cards.get(method))
             for (p, k), img, extra in zip(batch, imgs, extras, strict=True):
                 scored(method, p, k, (each, each_cpu), img, generated=True, extra=extra)
     return summarise_run(cfg, prompts, records, out)
+
+
+def _made_with(generate) -> dict | None:
+    """What a method's generator is made with, for its records: {"classifier": card path,
+    "classifier_sha256": a fingerprint of the card and its weights} of the card it steers or
+    verifies with, {"lora": folder, "lora_sha256": its weights' sha256} of the LoRA it merges;
+    None for a method with neither."""
+    made = {**(_card(getattr(generate, "classifier", None)) or {}),
+            **(_lora(getattr(generate, "lora", None)) or {})}
+    return made or None
 
 
 def _card(source: str | None) -> dict | None:
@@ -335,22 +348,49 @@ def _card(source: str | None) -> dict | None:
     return {"classifier": str(path), "classifier_sha256": h.hexdigest()}
 
 
-def _check_cards(out: Path, records: list[dict], cards: dict[str, dict | None]) -> None:
-    """Refuse a run whose method would steer with another classifier than the images of that
-    method already in ``out`` were steered with."""
-    for method, card in cards.items():
-        if card is None:
-            continue
-        old = {(r.get("classifier"), r["classifier_sha256"]) for r in records
-               if r["method"] == method and r.get("classifier_sha256")}
-        other = sorted((p, h) for p, h in old if h != card["classifier_sha256"])
-        if other:
+def _lora(folder: str | None) -> dict | None:
+    """{"lora": folder, "lora_sha256": the sha256 of its weights} of the LoRA a method merges;
+    None for a method without one."""
+    if folder is None:
+        return None
+    from l2s.classifier.model import sha256_file
+    from l2s.distill.lora import WEIGHTS_FILE
+
+    return {"lora": str(folder), "lora_sha256": sha256_file(Path(folder) / WEIGHTS_FILE)}
+
+
+# (the fingerprint, what it names, the option that chooses it) of what a record is made with
+_MADE_WITH = (("classifier_sha256", "classifier", "--classifier"), ("lora_sha256", "LoRA",
+                                                                   "--lora"))
+
+
+def _check_cards(out: Path, records: list[dict], cards: dict[str, dict | None],
+                 pending: dict[str, list[dict]] | None = None) -> None:
+    """Refuse a run whose method would use another classifier or LoRA than the images of that
+    method already in ``out`` were made with: the scored ones (``records``), those saved but
+    not scored (``pending``: what their PNGs say), and this run's (``cards``)."""
+    pending = pending or {}
+    for method in sorted({*cards, *pending}):
+        card = cards.get(method) or {}
+        before = [r for r in records if r["method"] == method] + pending.get(method, [])
+        for key, what, option in _MADE_WITH:
+            name = key.removesuffix("_sha256")
+            old = sorted({(str(r.get(name)), r[key]) for r in before if r.get(key)})
+            now = card.get(key)
+            other = [(p, h) for p, h in old if h != (now or old[0][1])]
+            if not other:
+                continue
+            was = f"{other[0][0]} (sha256 {other[0][1][:12]})"
+            if now:
+                raise BenchError(
+                    f"{out}: the {method} images already there were made with the {what} "
+                    f"{was}, this run uses {card[name]} (sha256 {now[:12]}): one run uses one "
+                    f"{what}; pass {option} {other[0][0]} (or that {what} back in place), "
+                    "another --out, or delete that folder to start over")
             raise BenchError(
-                f"{out}: the {method} images already there were steered with the classifier "
-                f"{other[0][0]} (sha256 {other[0][1][:12]}), this run steers with "
-                f"{card['classifier']} (sha256 {card['classifier_sha256'][:12]}): one run "
-                f"steers with one classifier; pass --classifier {other[0][0]} (or that card "
-                "back in place), another --out, or delete that folder to start over")
+                f"{out}: the {method} images already there were made with two {what}s, "
+                f"{old[0][0]} (sha256 {old[0][1][:12]}) and {was}: one run uses one {what}; "
+                "pass another --out, or delete that folder to start over")
 
 
 def _extras(output, prompts: list[BenchPrompt], lazy: _Lazy) -> list[dict]:

@@ -61,15 +61,37 @@ def write_metadata(out: Path, method: str, index: int, metadata: dict) -> None:
 
 
 def save_image(path: Path, image: np.ndarray, seed: int, seconds: float,
-               cpu_seconds: float = float("nan")) -> None:
-    """Write an (H, W, 3) uint8 PNG atomically, its seed and generation (wall, CPU) time in
-    text chunks."""
+               cpu_seconds: float = float("nan"), made_with: dict | None = None) -> None:
+    """Write an (H, W, 3) uint8 PNG atomically, its seed, generation (wall, CPU) time and
+    ``made_with`` (the classifier and LoRA that made it, with their sha256) in text chunks."""
     path.parent.mkdir(parents=True, exist_ok=True)
     info = PngImagePlugin.PngInfo()
     info.add_text("l2s-seed", str(seed))
     info.add_text("l2s-seconds", f"{seconds:.6f}")
     info.add_text("l2s-cpu-seconds", f"{cpu_seconds:.6f}")
+    if made_with:
+        info.add_text(MADE_WITH_CHUNK, json.dumps(made_with, sort_keys=True))
     atomic_write(path, lambda tmp: Image.fromarray(image).save(tmp, format="PNG", pnginfo=info))
+
+
+MADE_WITH_CHUNK = "l2s-made-with"
+
+
+def made_with(text: dict[str, str]) -> dict:
+    """What a saved image's text chunks say it was made with (``save_image``'s
+    ``made_with``); {} for an image of an older l2s or a method without a classifier or LoRA."""
+    try:
+        got = json.loads(text.get(MADE_WITH_CHUNK, "{}"))
+    except ValueError:
+        return {}
+    return {k: v for k, v in got.items() if isinstance(v, str)} if isinstance(got, dict) else {}
+
+
+def image_text(path: Path) -> dict[str, str]:
+    """The text chunks a saved PNG holds before its pixels (``save_image`` writes them
+    there), without decoding the pixels."""
+    with Image.open(path) as im:
+        return {k: v for k, v in im.info.items() if isinstance(v, str)}
 
 
 def load_image(path: Path) -> tuple[np.ndarray, dict[str, str]]:
