@@ -325,14 +325,19 @@ def test_toy_command_of_the_docs_runs(block, args, tmp_path, monkeypatch, one_th
 @pytest.mark.slow
 @pytest.mark.parametrize("doc", SLOW_DOCS)
 def test_toy_commands_of_a_doc_run_in_order_made_small(doc, tmp_path, monkeypatch, one_thread):
-    """Every toy command of a doc, in its order, in one folder and cache, as a reader who
-    follows it (train reads what invert cached, steer the LoRA distill wrote, two benches
-    must not share an --out with other settings); each long job cut to a few samples."""
-    monkeypatch.chdir(tmp_path)
-    for block in SHELL_BLOCKS:
-        if block.doc == doc:
-            for args, parsed, _ in _runnable(block):
-                _run_l2s([*args, *SMALL.get(parsed.path[0], [])], str(block))
+    """Every toy command of a doc, in its order, as a reader who follows it: one cache for
+    the doc (train reads what an earlier invert cached), one folder per block (steer reads
+    the LoRA distill wrote; two benches of a block must not share an --out with other
+    settings); each long job cut to a few samples."""
+    runs = [(b, a, p) for b in SHELL_BLOCKS if b.doc == doc for a, p, _ in _runnable(b)]
+    for n, (block, args, parsed) in enumerate(runs):
+        folder = tmp_path / f"line-{block.line}"
+        folder.mkdir(exist_ok=True)
+        monkeypatch.chdir(folder)
+        small = SMALL.get(parsed.path[0], [])
+        if parsed.path[0] == "train":  # a one-epoch classifier must not become the default
+            small = [*small, "--out", f"small-classifier-{n}"]  # of the later commands
+        _run_l2s([*args, *small], str(block))
 
 
 # ---------------------------------------------------------------------------------------------
