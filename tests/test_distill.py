@@ -135,8 +135,9 @@ def test_distill_config_checks_and_round_trips(tmp_path):
     assert cfg.hold_out == ("ring",) and cfg.targets == ("to_q", "to_k")
     dump_yaml(cfg.options(), tmp_path / "config.yaml")
     assert DistillConfig.from_yaml(tmp_path / "config.yaml") == cfg
-    for bad in ({"rank": 0}, {"lr": -1.0}, {"recipe": "reward"}, {"drop_text": 1.0},
-                {"noisy_fraction": 0.0}):
+    assert DistillConfig(recipe="reward", keep=0.5).recipe == "reward"
+    for bad in ({"rank": 0}, {"lr": -1.0}, {"recipe": "nope"}, {"drop_text": 1.0},
+                {"noisy_fraction": 0.0}, {"keep": -1.0}):
         with pytest.raises(Exception, match="--"):
             DistillConfig(**bad)
     with pytest.raises(LoRAError, match="unknown distill option"):
@@ -176,6 +177,91 @@ def test_distill_resumes_to_the_lora_of_an_uninterrupted_run(toy, tmp_path, one_
     # other settings in the same folder: refused, not silently mixed
     with pytest.raises(LoRAError, match="other settings"):
         distill(DistillConfig(out=str(tmp_path / "b"), steps=6, **{**base, "lr": 0.5}), toy)
+
+
+def _reward_setup(toy, lr_scale=1.0):
+    from l2s.distill.lora import network_attribute
+    from l2s.steering.job import build_loss
+    from l2s.steering.options import SteerOptions
+
+    settings = SteerOptions(steps=6).resolve("toy")
+    loss, _ = build_loss("l2s", toy, "toy", None)
+    net = copy.deepcopy(toy.unet)
+    trained = copy.copy(toy)
+    setattr(trained, network_attribute(toy), net)
+    return settings, loss, net, trained
+
+
+def test_reward_lowers_the_classifier_loss_it_is_trained_on(toy, one_thread):
+    """A few reward steps on one fixed batch lower the classifier's loss on the latents the
+    LoRA's own sampling steps reach (a gradient of the wrong sign, or one that never reaches
+    the LoRA through the sampling steps, leaves it where it was)."""
+    from l2s.distill.data import distill_prompts
+    from l2s.distill.reward import reward_step
+    from l2s.engine.sampling import seeded_latents
+
+    settings, loss, net, trained = _reward_setup(toy)
+    params = attach(net, LoRASpec(rank=4, alpha=4.0), seed=0)
+    ps = distill_prompts(tuple(toy.known_objects), ("ring",), 2, seed=0)
+    texts, trips = [p.prompt for p in ps], [[p.triplet] for p in ps]
+    noise = seeded_latents(toy, [1, 2])
+    opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.0)
+    losses = []
+    with torch.enable_grad():
+        for _ in range(8):
+            value = reward_step(toy, trained, loss, settings, texts, trips, noise)[0]
+            opt.zero_grad()
+            value.backward()
+            opt.step()
+            losses.append(value.item())
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_reward_keep_term_measures_the_lora(toy, one_thread):
+    """The keep-close term is zero for a LoRA that changes nothing (a fresh one) and positive
+    for one that changes the network's outputs (a term read off the wrong network is zero)."""
+    from l2s.distill.data import distill_prompts
+    from l2s.distill.reward import reward_step
+    from l2s.engine.sampling import seeded_latents
+
+    settings, loss, net, trained = _reward_setup(toy)
+    attach(net, LoRASpec(rank=4, alpha=4.0), seed=0)
+    ps = distill_prompts(tuple(toy.known_objects), ("ring",), 2, seed=0)
+    texts, trips = [p.prompt for p in ps], [[p.triplet] for p in ps]
+    noise = seeded_latents(toy, [1, 2])
+    grid = toy.timesteps(settings.steps)
+    keep_t, keep_noise = [grid[-1], grid[2]], seeded_latents(toy, [3, 4])
+    with torch.no_grad():
+        fresh = reward_step(toy, trained, loss, settings, texts, trips, noise, keep_t,
+                            keep_noise)[1].item()
+        for n, p in net.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.full_like(p, 0.05))
+        changed = reward_step(toy, trained, loss, settings, texts, trips, noise, keep_t,
+                              keep_noise)[1].item()
+    assert fresh == 0.0 and changed > 1e-6, (fresh, changed)
+
+
+def test_reward_recipe_resumes_to_the_lora_of_an_uninterrupted_run(toy, tmp_path, one_thread):
+    """Recipe reward cut after its first checkpoint and rerun ends with the LoRA of a run
+    never cut (prompts and noise drawn from the process's random state would differ); its card
+    says which steps the reward read."""
+    from safetensors.torch import load_file
+
+    from l2s.distill.job import DistillConfig, distill
+
+    base = dict(recipe="reward", batch_size=2, checkpoint_every=1, eval_prompts=0, keep=1.0)
+    whole = distill(DistillConfig(out=str(tmp_path / "a"), steps=2, **base), toy)
+    distill(DistillConfig(out=str(tmp_path / "b"), steps=1, **base), toy)
+    distill(DistillConfig(out=str(tmp_path / "b"), steps=2, **base), toy)
+    a = load_file(str(whole.out / "pytorch_lora_weights.safetensors"))
+    b = load_file(str(tmp_path / "b" / "pytorch_lora_weights.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(v.abs().max() > 0 for k, v in a.items() if "lora_B" in k or "lora.up" in k)
+    card = json.loads((whole.out / "card.json").read_text())
+    assert card["recipe"]["name"] == "reward"
+    assert card["training"]["read_steps"] == [1, 2, 3, 4, 5]
+    assert card["data"]["held_out_objects"] == ["ring"]
 
 
 def test_bench_json_has_the_lora_methods(toy, tmp_path, one_thread):

@@ -19,7 +19,8 @@ def distill(
                                  "interrupted run there resumes."),
     recipe: str = typer.Option("self", "--recipe",
                                help="self: l2s-steered images the relation classifier accepts, "
-                                    "the model's own denoising loss (docs/distill.md)."),
+                                    "the model's own denoising loss; reward: the classifier's "
+                                    "loss through the first sampling steps (docs/distill.md)."),
     classifier: str = typer.Option(None, "--classifier",
                                    help="Classifier card steering and data selection use "
                                         "(default: the model's)."),
@@ -44,6 +45,9 @@ def distill(
     paired_noise: float = typer.Option(0.5, "--paired-noise",
                                        help="Fraction of each batch noised with the noise its "
                                             "image was generated from (else fresh noise)."),
+    keep: float = typer.Option(1.0, "--keep",
+                               help="Recipe reward: weight of the term keeping the LoRA's "
+                                    "outputs close to the base model's."),
     checkpoint_every: int = typer.Option(100, "--checkpoint-every",
                                          help="Steps between saved training states."),
     eval_prompts: int = typer.Option(100, "--eval-prompts",
@@ -60,12 +64,13 @@ def distill(
 ) -> None:
     """Fine-tune a LoRA so that plain generation obeys spatial relations.
 
-    Generates images with l2s steering on relation prompts (pairs with the --hold-out objects
-    never used), keeps those the relation classifier accepts, fine-tunes a LoRA on them with
-    the model's own denoising loss, and writes the LoRA folder in diffusers' format
-    (pipeline.load_lora_weights reads it) with card.json. Resumable: rerun the same command
-    after an interruption. Use it with --lora DIR on steer, bench (plain+lora, l2s+lora) and
-    speed.
+    Recipe self: generates images with l2s steering on relation prompts (pairs with the
+    --hold-out objects never used), keeps those the relation classifier accepts, fine-tunes a
+    LoRA on them with the model's own denoising loss. Recipe reward: trains the LoRA on the
+    relation classifier's loss at the latents of its own first sampling steps. Writes the
+    LoRA folder in diffusers' format (pipeline.load_lora_weights reads it) with card.json.
+    Resumable: rerun the same command after an interruption. Use it with --lora DIR on steer,
+    bench (plain+lora, l2s+lora) and speed.
     """
     from l2s.engine.loading import load_backbone
 
@@ -109,9 +114,13 @@ def distill(
         emit_json(res.to_json())
         return
     data = res.card["data"]
-    console.print(f"data: {data['accepted']} of {data['generated']} steered images accepted by "
-                  f"the classifier (held out: {', '.join(data['held_out_objects']) or 'none'})",
-                  highlight=False)
+    held = ", ".join(data["held_out_objects"]) or "none"
+    if "accepted" in data:
+        console.print(f"data: {data['accepted']} of {data['generated']} steered images accepted "
+                      f"by the classifier (held out: {held})", highlight=False)
+    else:
+        console.print(f"trained on {data['prompts']} relation prompts (held out: {held})",
+                      highlight=False)
     measured = res.card.get("measured")
     if measured:
         for split in ("distilled_pairs", "held_out_pairs"):

@@ -1,7 +1,7 @@
 """The `l2s distill` job (``l2s.distill``): fine-tune a LoRA so that plain generation obeys
-relations, by self-distillation of l2s steering.
+relations, by self-distillation of l2s steering or with the classifier's loss as a reward.
 
-Recipe "self" (the one built): (1) generate with l2s steering on relation prompts whose object
+Recipe "self": (1) generate with l2s steering on relation prompts whose object
 pairs avoid the held-out objects, keep the images the relation classifier accepts
 (``l2s.distill.data``); (2) fine-tune a LoRA on the backbone's network with its ordinary
 denoising loss on them (``l2s.distill.train``); (3) write the LoRA folder in diffusers'
@@ -9,7 +9,9 @@ format with its card (base model fingerprint, recipe, data, settings) and, where
 draws a world with a judge (the toys), the judge's verdict on plain vs plain+LoRA over fresh
 prompts, held-out pairs apart. The classifier only selects data: every number on the card
 comes from the judge. Each phase resumes: chunks of data already written are kept, training
-continues from its last checkpoint.
+continues from its last checkpoint. Recipe "reward" (``l2s.distill.reward``) generates no
+data: it trains the LoRA on the classifier's loss at the latents of its own first sampling
+steps, read by the frozen base model, then does (3).
 """
 
 from __future__ import annotations
@@ -33,7 +35,9 @@ from l2s.config import (
 from l2s.distill.lora import DEFAULT_TARGETS, LoRAError, LoRASpec
 from l2s.engine.backbone import Denoiser
 
-RECIPES = ("self",)  # self-distillation of l2s steering (the classifier-loss reward: not built)
+# "self": self-distillation of l2s steering (steered images, the denoising loss); "reward":
+# the relation classifier's loss through the first sampling steps (l2s.distill.reward)
+RECIPES = ("self", "reward")
 
 
 @dataclass(frozen=True)
@@ -62,6 +66,9 @@ class DistillConfig:
     # fraction of each batch noised with the noise its image was generated from (the rest:
     # fresh noise)
     paired_noise: float = 0.5
+    # recipe "reward": weight of the keep-close term (the LoRA's raw outputs against the
+    # base's over the whole sampling grid)
+    keep: float = 1.0
     checkpoint_every: int = 100  # steps between checkpoints
     eval_prompts: int = 100  # judged prompts per split for the card (0: no evaluation)
     eval_seed: int = 9  # seed of the card's evaluation prompts and noise
@@ -85,6 +92,7 @@ class DistillConfig:
         check_number("--drop-text", self.drop_text, 0)
         check_number("--noisy-fraction", self.noisy_fraction, 0, strict=True)
         check_number("--paired-noise", self.paired_noise, 0)
+        check_number("--keep", self.keep, 0)
         if self.paired_noise > 1:
             raise LoRAError(f"--paired-noise {self.paired_noise}: give a fraction in [0, 1]")
         if self.noisy_fraction > 1:
@@ -214,12 +222,11 @@ def evaluate(denoiser: Denoiser, lora_denoiser: Denoiser, settings, objects, hol
 
 def distill(cfg: DistillConfig, denoiser: Denoiser, callback: Callable[[dict], None] | None
             = None, fresh: bool = False) -> DistillResult:
-    """Run `l2s distill`: data, training, the LoRA folder and its card."""
+    """Run `l2s distill`: (recipe "self": data,) training, the LoRA folder and its card."""
     import copy
 
-    from l2s.distill import data as ddata
-    from l2s.distill.lora import attach, save_lora, with_lora
-    from l2s.distill.train import CHECKPOINT, train_lora
+    from l2s.distill.lora import network_attribute, save_lora, with_lora
+    from l2s.distill.train import CHECKPOINT
     from l2s.steering.job import build_loss
     from l2s.steering.options import SteerOptions
 
@@ -233,55 +240,28 @@ def distill(cfg: DistillConfig, denoiser: Denoiser, callback: Callable[[dict], N
     hold = held_out(cfg, objects)
     settings = SteerOptions().resolve(cfg.model)
     loss, loss_source = build_loss("l2s", denoiser, cfg.model, cfg.classifier)
-    seconds = {}
-    t0 = time.perf_counter()
-    counts = ddata.generate_chunks(denoiser, loss, settings, out / "data", objects=objects,
-                                   hold_out=hold, images=cfg.images, chunk=cfg.chunk,
-                                   seed=cfg.seed, callback=callback)
-    seconds["data"] = time.perf_counter() - t0
-    images, prompts, seeds = ddata.load_accepted(out / "data", -(-cfg.images // cfg.chunk))
-    if not prompts:
-        raise LoRAError(f"distill: the classifier accepted none of {counts['generated']} "
-                        "steered images: check the classifier (--classifier) or steer harder")
-    latents = denoiser.encode_image(images.float().div(255))
-    from l2s.engine.sampling import seeded_latents
-
-    paired = seeded_latents(denoiser, seeds) if cfg.paired_noise else None
+    seconds: dict[str, float] = {}
     # train a copy: the denoiser passed in stays the base model
     net = copy.deepcopy(denoiser.attention_model)
     trained = copy.copy(denoiser)
-    from l2s.distill.lora import network_attribute
-
     setattr(trained, network_attribute(denoiser), net)
-    params = attach(net, cfg.spec(), seed=cfg.seed)
-    t0 = time.perf_counter()
-    grid = denoiser.timesteps(settings.steps)
-    grid = grid[:max(1, round(cfg.noisy_fraction * len(grid)))]
-    with torch.enable_grad():
-        history = train_lora(trained, net, params, latents, prompts, steps=cfg.steps,
-                             batch=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, grid=grid,
-                             drop_text=cfg.drop_text, checkpoint=checkpoint,
-                             checkpoint_every=cfg.checkpoint_every,
-                             identity=cfg.identity(), paired=paired,
-                             paired_fraction=cfg.paired_noise, callback=callback)
-    seconds["train"] = time.perf_counter() - t0
+    if cfg.recipe == "self":
+        train_card, data_card = _train_self(cfg, denoiser, trained, net, loss, settings,
+                                            objects, hold, seconds, callback)
+    else:
+        train_card, data_card = _train_reward(cfg, denoiser, trained, net, loss, settings,
+                                              objects, hold, seconds, callback)
     card = {
         "format": "l2s-lora/1",
         "base_model": cfg.model,
         "base_fingerprint": denoiser.fingerprint,
-        "recipe": {"name": cfg.recipe,
-                   "what": "self-distillation: l2s-steered images the relation classifier "
-                           "accepts, the model's own denoising loss",
+        "recipe": {"name": cfg.recipe, "what": RECIPE_TEXT[cfg.recipe],
                    "classifier": _portable(loss_source), "steering": asdict(settings)},
         "lora": {"rank": cfg.rank, "alpha": cfg.alpha, "targets": list(cfg.targets),
-                 "parameters": sum(p.numel() for p in params)},
-        "data": {"objects": list(objects), "held_out_objects": list(hold),
-                 "generated": counts["generated"], "accepted": counts["accepted"],
-                 "seed": cfg.seed},
-        "training": {"steps": cfg.steps, "batch_size": cfg.batch_size, "lr": cfg.lr,
-                     "drop_text": cfg.drop_text, "noisy_fraction": cfg.noisy_fraction,
-                     "paired_noise": cfg.paired_noise,
-                     "timesteps": [float(t) for t in grid], "loss_history": history},
+                 "parameters": sum(p.numel() for p in net.parameters() if p.requires_grad)},
+        "data": {"objects": list(objects), "held_out_objects": list(hold), "seed": cfg.seed,
+                 **data_card},
+        "training": train_card,
         "measured": None,
     }
     save_lora(out, net, cfg.spec(), card)
@@ -294,3 +274,77 @@ def distill(cfg: DistillConfig, denoiser: Denoiser, callback: Callable[[dict], N
         seconds["evaluate"] = time.perf_counter() - t0
         save_lora(out, net, cfg.spec(), card)
     return DistillResult(out, card, seconds)
+
+
+RECIPE_TEXT = {
+    "self": "self-distillation: l2s-steered images the relation classifier accepts, the "
+            "model's own denoising loss",
+    "reward": "the relation classifier's loss, read by the frozen base model on the latents "
+              "of the first sampling steps run with the LoRA, backpropagated into the LoRA, "
+              "plus a keep-close term",
+}
+
+
+def _train_self(cfg, denoiser, trained, net, loss, settings, objects, hold, seconds,
+                callback) -> tuple[dict, dict]:
+    """Recipe "self": steered data the classifier accepts, then the denoising loss."""
+    from l2s.distill import data as ddata
+    from l2s.distill.lora import attach
+    from l2s.distill.train import CHECKPOINT, train_lora
+    from l2s.engine.sampling import seeded_latents
+
+    out = Path(cfg.out)
+    t0 = time.perf_counter()
+    counts = ddata.generate_chunks(denoiser, loss, settings, out / "data", objects=objects,
+                                   hold_out=hold, images=cfg.images, chunk=cfg.chunk,
+                                   seed=cfg.seed, callback=callback)
+    seconds["data"] = time.perf_counter() - t0
+    images, prompts, seeds = ddata.load_accepted(out / "data", -(-cfg.images // cfg.chunk))
+    if not prompts:
+        raise LoRAError(f"distill: the classifier accepted none of {counts['generated']} "
+                        "steered images: check the classifier (--classifier) or steer harder")
+    latents = denoiser.encode_image(images.float().div(255))
+    paired = seeded_latents(denoiser, seeds) if cfg.paired_noise else None
+    params = attach(net, cfg.spec(), seed=cfg.seed)
+    t0 = time.perf_counter()
+    grid = denoiser.timesteps(settings.steps)
+    grid = grid[:max(1, round(cfg.noisy_fraction * len(grid)))]
+    with torch.enable_grad():
+        history = train_lora(trained, net, params, latents, prompts, steps=cfg.steps,
+                             batch=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, grid=grid,
+                             drop_text=cfg.drop_text, checkpoint=out / CHECKPOINT,
+                             checkpoint_every=cfg.checkpoint_every,
+                             identity=cfg.identity(), paired=paired,
+                             paired_fraction=cfg.paired_noise, callback=callback)
+    seconds["train"] = time.perf_counter() - t0
+    train_card = {"steps": cfg.steps, "batch_size": cfg.batch_size, "lr": cfg.lr,
+                  "drop_text": cfg.drop_text, "noisy_fraction": cfg.noisy_fraction,
+                  "paired_noise": cfg.paired_noise,
+                  "timesteps": [float(t) for t in grid], "loss_history": history}
+    return train_card, {"generated": counts["generated"], "accepted": counts["accepted"]}
+
+
+def _train_reward(cfg, denoiser, trained, net, loss, settings, objects, hold, seconds,
+                  callback) -> tuple[dict, dict]:
+    """Recipe "reward": the classifier's loss through the first sampling steps."""
+    from l2s.distill.lora import attach
+    from l2s.distill.reward import read_steps, train_reward
+    from l2s.distill.train import CHECKPOINT
+
+    params = attach(net, cfg.spec(), seed=cfg.seed)
+    t0 = time.perf_counter()
+    with torch.enable_grad():
+        history = train_reward(denoiser, trained, net, params, loss, settings,
+                               objects=objects, hold_out=hold, steps=cfg.steps,
+                               batch=cfg.batch_size, lr=cfg.lr, keep=cfg.keep, seed=cfg.seed,
+                               checkpoint=Path(cfg.out) / CHECKPOINT,
+                               checkpoint_every=cfg.checkpoint_every,
+                               identity=cfg.identity(), callback=callback)
+    seconds["train"] = time.perf_counter() - t0
+    grid = denoiser.timesteps(settings.steps)
+    reads = read_steps(settings)
+    train_card = {"steps": cfg.steps, "batch_size": cfg.batch_size, "lr": cfg.lr,
+                  "keep": cfg.keep, "read_steps": reads,
+                  "read_timesteps": [float(grid[k]) for k in reads],
+                  "loss_history": history}
+    return train_card, {"prompts": cfg.steps * cfg.batch_size}
