@@ -148,6 +148,24 @@ def _expanded_nodes(node, seen: dict) -> int:
     return total
 
 
+def _check_unique_keys(node, path) -> None:
+    """Refuse an option given twice in a config file: yaml.safe_load keeps the last silently,
+    so `steps: 50` above a forgotten `steps: 5` would run 5 steps without a word."""
+    import yaml
+
+    if not isinstance(node, yaml.MappingNode):
+        return
+    seen: dict = {}
+    for key, _ in node.value:
+        if not isinstance(key, yaml.ScalarNode):
+            continue
+        name = str(key.value).replace("-", "_")
+        if name in seen:
+            raise ConfigError(f"config file {path} gives {key.value} twice (lines "
+                              f"{seen[name] + 1} and {key.start_mark.line + 1}): keep one")
+        seen[name] = key.start_mark.line
+
+
 def load_yaml(path: str | Path) -> dict:
     """The mapping in a YAML config file (``yaml.safe_load``); keys with dashes read as
     underscores, so ``num-images`` and ``num_images`` are the same option."""
@@ -165,6 +183,7 @@ def load_yaml(path: str | Path) -> dict:
                               "a config holds a few options; pass the .yaml file l2s wrote")
         text = raw.decode("utf-8")
         node = yaml.compose(text, Loader=yaml.SafeLoader)
+        _check_unique_keys(node, path)
         if node is not None and _expanded_nodes(node, {}) > MAX_CONFIG_NODES:
             raise ConfigError(f"config file {path} expands to more than {MAX_CONFIG_NODES} "
                               "values through its aliases (&anchor / *alias): write the "

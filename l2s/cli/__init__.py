@@ -5,14 +5,59 @@ from __future__ import annotations
 import os
 
 import typer
+from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageError
+from typer.core import TyperGroup
 
 from l2s import __version__
 from l2s.cli import bench, classifier, distill, doctor, invert, models, speed, steer, train
 from l2s.cli.options import SharedVocabulary
 from l2s.cli.output import output_options
 
+
+
+def _usage_error_line(e: ClickException) -> None:
+    """A mistake in the command line itself (an unknown option, a value of the wrong type, a
+    --config file refused) as one ``error:`` line naming where the options are listed, as
+    every other refusal: typer's own rendering is a six-line box wrapped at the terminal."""
+    from rich.markup import escape
+
+    from l2s.cli.output import console
+
+    ctx = getattr(e, "ctx", None)
+    # l2s's own checks (--config, --threads) name the fix; typer's (a wrong type, an unknown
+    # option) point to the help
+    own = getattr(getattr(e, "param", None), "callback", None) is not None
+    where = f": see `{ctx.command_path} --help`" if ctx is not None and not own else ""
+    message = " ".join(e.format_message().split()).rstrip(".")
+    console.print(f"[bold red]error:[/] {escape(message)}{escape(where)}", highlight=False,
+                  soft_wrap=True)
+
+
+class OneLineErrors(TyperGroup):
+    """The `l2s` group: usage errors of any of its commands print one line, exit code 2."""
+
+    def make_context(self, *args, **kwargs):
+        try:
+            return super().make_context(*args, **kwargs)
+        except NoArgsIsHelpError:
+            raise
+        except UsageError as e:  # the options before the command: --threads ...
+            _usage_error_line(e)
+            raise typer.Exit(e.exit_code) from None
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except NoArgsIsHelpError:  # `l2s classifier`: its help, as click does
+            raise
+        except UsageError as e:
+            _usage_error_line(e)
+            raise typer.Exit(e.exit_code) from None
+
+
 app = typer.Typer(
     name="l2s",
+    cls=OneLineErrors,
     help="Learn-to-Steer: make text-to-image diffusion models put objects where the prompt "
     "says, by steering the latent with a classifier trained on the model's own attention.",
     no_args_is_help=True,

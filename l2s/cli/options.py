@@ -68,10 +68,42 @@ def _load(ctx: typer.Context, param: typer.CallbackParam, value: str | None) -> 
         raise typer.BadParameter(f"{value} has unknown key(s) {', '.join(unknown)}: valid keys "
                                  f"are {', '.join(sorted(params))}", ctx=ctx, param=param)
     for name, v in data.items():
+        problem = _value_problem(name, v, params[name])
+        if problem:
+            raise typer.BadParameter(f"{value}: {problem}", ctx=ctx, param=param)
         if getattr(params[name], "multiple", False) and not isinstance(v, list | tuple):
             data[name] = [v]  # `data: shapes` for a repeatable option
     ctx.default_map = {**(ctx.default_map or {}), **data}
     return value
+
+
+def _value_problem(key: str, v, option) -> str | None:
+    """What is wrong with a config file's value ``v`` for ``option``, or None. The values the
+    command line could not have given are refused here, where typer would turn them into
+    something else: a list for a one-value option (was: taken), ``seed: true`` (was: seed 1),
+    ``compile: off`` (YAML 1.1 reads it as false: was "got 'False'"), dates and binary."""
+    import datetime
+
+    kind = getattr(getattr(option, "type_descriptor", None), "annotation", None)
+    multiple = getattr(option, "multiple", False)
+    for item in (v if multiple and isinstance(v, list | tuple) else [v]):
+        if item is None and not multiple:
+            return None
+        if isinstance(item, list | tuple | dict | set):
+            return (f"{key} takes one value, got {item!r}: write one value"
+                    + (" or a list of them" if multiple else f" ({key}: VALUE)"))
+        if isinstance(item, bytes | datetime.date):
+            return (f"{key} is a YAML {'binary' if isinstance(item, bytes) else 'date'} "
+                    f"({item!r}): quote the text, e.g. {key}: '...'")
+        if isinstance(item, bool) and kind is not bool:
+            word = "a whole number" if kind is int else "a number" if kind is float else "text"
+            return (f"{key} must be {word}, got the YAML boolean {str(item).lower()} (YAML "
+                    f"reads yes/no/on/off/true/false unquoted as booleans): "
+                    + (f"quote the text, e.g. {key}: '{'on' if item else 'off'}'"
+                       if word == "text" else f"give {word}"))
+        if kind is bool and not isinstance(item, bool):
+            return f"{key} must be true or false, got {item!r}"
+    return None
 
 
 def _option_help(f) -> str:

@@ -15,7 +15,9 @@ from rich.markup import escape
 
 from l2s.errors import L2SError, is_write_failure, one_line, out_of_memory
 
-console = Console(stderr=True)  # progress, tables and logs
+# progress, tables and logs; no emoji codes: messages quote user input, and rich would print
+# `--method best-of:-1:` as "best-of👎"
+console = Console(stderr=True, emoji=False)
 if not console.is_terminal and "COLUMNS" not in os.environ:
     # Off a terminal (logs, pipes, CI) rich would wrap at 80 columns, cutting the paths and
     # ids people copy from tables; a wide page keeps each value on one line.
