@@ -68,6 +68,10 @@ def check_seeds(name: str, seed: int, count: int = 1, *, last: int | None = None
     if seed is None:
         raise ConfigError(f"{name} must be a whole number, got None")
     check_integer(name, seed, 0)
+    if count > 1 and last is None and count - 1 > MAX_SEED:  # the count is what is too large
+        raise ConfigError(f"--num-images {count} gives that many image seeds, past "
+                          f"{MAX_SEED + 1} (2^32), where the noise generator's seeds wrap "
+                          "around: pass fewer --num-images")
     last = seed + count - 1 if last is None else last
     if last > MAX_SEED:
         raise ConfigError(f"{name} {seed} gives image seeds up to {last}, past {MAX_SEED} (2^32 "
@@ -82,10 +86,29 @@ def check_choice(name: str, value: str, choices, error: type[Exception] = Config
         raise error(f"{name} must be one of {', '.join(choices)}, got {value!r}")
 
 
+def expand_home(config, *names: str) -> None:
+    """Give the path fields ``names`` of ``config`` (a frozen dataclass) a leading ``~`` as
+    the home folder, as the checks read it: a quoted "~/x" (or ``--out=~/x``, which no shell
+    expands) was checked as $HOME/x and written to a folder named "~" in the working folder."""
+    for name in names:
+        value = getattr(config, name)
+        if isinstance(value, str) and value.startswith("~"):
+            object.__setattr__(config, name, os.path.expanduser(value))
+
+
 def check_writable_dir(path: str | Path, option: str = "--out", *,
                        given: str | Path | None = None) -> None:
     """Fail before any work if ``path`` (or the folder it would be made in) cannot be written.
     Messages quote ``given`` (default ``path``): the value the user passed to ``option``."""
+    try:
+        _check_writable_dir(path, option, given)
+    except OSError as e:  # a name too long, a loop of links: found while looking, not writing
+        shown = path if given is None else given
+        raise ConfigError(f"{option} {shown} cannot be used ({e.strerror or e}): pass another "
+                          f"{option}") from None
+
+
+def _check_writable_dir(path, option, given) -> None:
     p = Path(path).expanduser()
     path = path if given is None else given
     dangling = next((a for a in (p, *p.parents) if a.is_symlink() and not a.exists()), None)

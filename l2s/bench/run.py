@@ -41,6 +41,7 @@ from l2s.config import (
     check_seeds,
     check_text,
     dump_yaml,
+    expand_home,
     is_whole,
     option_values,
 )
@@ -106,6 +107,7 @@ class BenchConfig:
                     or not all(is_whole(v) for v in self.shard)
                     or not 0 <= self.shard[0] < self.shard[1]):
                 raise BenchError(f"--shard {self.shard!r}: use I/N with 0 <= I < N, e.g. 0/4")
+        expand_home(self, "out")
         if self.out is None:
             object.__setattr__(self, "out", f"out/bench-{self.suite}-"
                                             f"{self.model.replace('/', '_')}")

@@ -43,6 +43,7 @@ from l2s.config import (
     check_choice,
     check_integer,
     check_number,
+    check_seeds,
     check_text,
     check_writable_dir,
     dump_yaml,
@@ -136,6 +137,7 @@ class TrainConfig:
             check_integer(f"--{name.replace('_', '-')}", getattr(self, name), 1, TrainError,
                           optional=name in ("d_model", "depth", "limit"))
         check_integer("--seed", self.seed, error=TrainError, optional=False)
+        check_seeds("--seed", self.seed)  # as every command: 0 .. 2^32 - 1
         check_integer("--negatives", self.negatives, 0, TrainError, optional=False)
         if self.negatives > len(RELATIONS) - 1:
             raise TrainError(f"--negatives {self.negatives}: a caption has only "

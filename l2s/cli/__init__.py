@@ -14,7 +14,6 @@ from l2s.cli.options import SharedVocabulary
 from l2s.cli.output import output_options
 
 
-
 def _usage_error_line(e: ClickException) -> None:
     """A mistake in the command line itself (an unknown option, a value of the wrong type, a
     --config file refused) as one ``error:`` line naming where the options are listed, as

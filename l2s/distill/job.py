@@ -28,8 +28,10 @@ from l2s.config import (
     CONFIG_FILE,
     check_integer,
     check_number,
+    check_seeds,
     check_text,
     dump_yaml,
+    expand_home,
     load_yaml,
 )
 from l2s.distill.lora import DEFAULT_TARGETS, LoRAError, LoRASpec
@@ -87,6 +89,9 @@ class DistillConfig:
                           ("eval_seed", 0), ("seed", 0)):
             check_integer(f"--{name.replace('_', '-')}", getattr(self, name), low,
                           optional=False)
+        for name in ("seed", "eval_seed"):  # was: past 2^63 an overflow traceback
+            check_seeds(f"--{name.replace('_', '-')}", getattr(self, name))
+        expand_home(self, "out")
         check_number("--alpha", self.alpha, 0, strict=True)
         check_number("--lr", self.lr, 0, strict=True)
         check_number("--drop-text", self.drop_text, 0)
@@ -225,11 +230,14 @@ def distill(cfg: DistillConfig, denoiser: Denoiser, callback: Callable[[dict], N
     """Run `l2s distill`: (recipe "self": data,) training, the LoRA folder and its card."""
     import copy
 
-    from l2s.distill.lora import network_attribute, save_lora, with_lora
+    from l2s.config import check_writable_dir
+    from l2s.distill.lora import check_spec, network_attribute, save_lora, with_lora
     from l2s.distill.train import CHECKPOINT
     from l2s.steering.job import build_loss
     from l2s.steering.options import SteerOptions
 
+    check_writable_dir(cfg.out)  # was: FileExistsError for a file; before any work
+    check_spec(denoiser.attention_model, cfg.spec())
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     dump_yaml(cfg.options(), out / CONFIG_FILE)

@@ -70,17 +70,31 @@ def network_attribute(denoiser: Denoiser) -> str:
     raise LoRAError(f"LoRA: {denoiser.name}'s network is not a unet or transformer attribute")
 
 
-def attach(net: nn.Module, spec: LoRASpec, seed: int = 0) -> list[nn.Parameter]:
-    """Add a fresh trainable LoRA (peft) to ``net``; the base weights stay frozen. Returns the
-    LoRA parameters. lora_B starts at zero, so the adapted network starts as the base."""
-    from peft import LoraConfig
-
+def check_spec(net: nn.Module, spec: LoRASpec) -> None:
+    """Refuse targets ``net`` lacks and a rank wider than the layers it adapts, before any
+    work (were: found after every image of the data phase was generated; a rank of 10^20 a
+    torch traceback)."""
     targets = list(spec.targets)
     names = [n for n, _ in net.named_modules()]
     missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
     if missing:
         raise LoRAError(f"LoRA targets {', '.join(missing)} name no module of "
                         f"{type(net).__name__}: choose among its module names")
+    widths = [min(m.in_features, m.out_features) for n, m in net.named_modules()
+              if isinstance(m, nn.Linear) and any(n == t or n.endswith("." + t)
+                                                  for t in targets)]
+    if widths and spec.rank > min(widths):
+        raise LoRAError(f"--rank {spec.rank} is wider than the layers it adapts (the narrowest "
+                        f"is {min(widths)}): pass --rank {min(widths)} or less")
+
+
+def attach(net: nn.Module, spec: LoRASpec, seed: int = 0) -> list[nn.Parameter]:
+    """Add a fresh trainable LoRA (peft) to ``net``; the base weights stay frozen. Returns the
+    LoRA parameters. lora_B starts at zero, so the adapted network starts as the base."""
+    from peft import LoraConfig
+
+    targets = list(spec.targets)
+    check_spec(net, spec)
     torch.manual_seed(seed)
     net.requires_grad_(False)
     net.add_adapter(LoraConfig(r=spec.rank, lora_alpha=spec.alpha, target_modules=targets,

@@ -205,7 +205,16 @@ class Denoiser(ABC):
 
     # --- shared, through the schedule -----------------------------------------------------
     def timesteps(self, num_steps: int) -> list[Timestep]:
-        """The sampling timesteps, noisiest first."""
+        """The sampling timesteps, noisiest first; more steps than the schedule's training
+        timesteps is a ConfigError (was: a ValueError from diffusers, or for a flow a grid
+        of 10^20 sigmas built until memory ran out)."""
+        from l2s.errors import ConfigError
+
+        most = self.schedule.max_steps
+        if most is not None and num_steps > most:
+            raise ConfigError(f"--steps {num_steps}: {self.name} was trained on {most} "
+                              f"timesteps, so it samples in at most {most} steps: pass --steps "
+                              f"{most} or fewer")
         return self.schedule.timesteps(num_steps)
 
     def predict(self, latents: torch.Tensor, t: Timestep, cond: Conditioning,

@@ -58,7 +58,11 @@ def resolve_device(device: str | None = None) -> torch.device:
         return rank_device() or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(device)
-    except RuntimeError:
+    except (RuntimeError, TypeError):
+        dev = None
+    # torch knows more device types (meta, xpu, ...) than l2s runs on: `--device meta` was a
+    # NotImplementedError traceback while loading
+    if dev is None or dev.type not in ("cpu", "cuda", "mps"):
         raise BackboneError(f"{where}={device!r} is not a device: use cpu, cuda, cuda:N or mps"
                             ) from None
     if dev.type == "cuda":

@@ -27,6 +27,7 @@ class NoiseSchedule(ABC):
     """Time grid and deterministic moves of one diffusion process (float32 arithmetic)."""
 
     prediction: str  # what to_prediction returns and step consumes: "epsilon" or "velocity"
+    max_steps: int | None = None  # the most sampling steps: the training timesteps
 
     @abstractmethod
     def timesteps(self, num_steps: int) -> list[Timestep]:
@@ -95,6 +96,7 @@ class DDPMSchedule(NoiseSchedule):
         # Alphas as Python floats (float64): the DDIM arithmetic is done in fp32 whatever the
         # model, and reading one costs no tensor operation.
         self._alphas = scheduler.alphas_cumprod.double().tolist()
+        self.max_steps = len(self._alphas)  # diffusers refuses a finer grid than training's
         self._final_alpha = float(getattr(scheduler, "final_alpha_cumprod", self._alphas[0]))
 
     def alpha(self, t: Timestep | None) -> float:
@@ -139,6 +141,7 @@ class FlowMatchSchedule(NoiseSchedule):
                  sigmas: Callable[[int], Sequence[float]] | None = None,
                  num_train_timesteps: int = 1000) -> None:
         self.shift, self.num_train_timesteps = shift, num_train_timesteps
+        self.max_steps = num_train_timesteps
         self._sigmas = sigmas or (lambda n: shifted_sigmas(n, shift))
 
     def sigma(self, t: Timestep | None) -> float:

@@ -19,8 +19,10 @@ from l2s.config import (
     ConfigError,
     check_choice,
     check_integer,
+    check_seeds,
     check_text,
     dump_yaml,
+    expand_home,
     is_whole,
     load_yaml,
 )
@@ -83,7 +85,8 @@ class InvertConfig:
         check_integer("--limit", self.limit, 1)
         check_integer("--batch-size", self.batch_size, 1, optional=False)
         check_integer("--negatives", self.negatives, 0, optional=False)
-        check_integer("--seed", self.seed, optional=False)
+        check_seeds("--seed", self.seed)  # was: -1 a ValueError from the sampler's Random
+        expand_home(self, "cache_dir", "gqa_root", "folder")
         if self.negatives > len(RELATIONS) - 1:
             raise ConfigError(f"--negatives {self.negatives}: a caption has only "
                               f"{len(RELATIONS) - 1} wrong relations, so at most "

@@ -38,7 +38,9 @@ class InversionConfig:
             raise ConfigError(f"unknown inversion {self.method!r}: use one of "
                               f"{', '.join(INVERSION_METHODS)}")
         check_integer("--steps", self.steps, 1, optional=False)
-        check_integer("--fixed-point", self.fixed_point, 0, optional=False)
+        # each refinement is one more network call per step: past a few nothing improves, and
+        # 10^9 ran for days without a word
+        check_integer("--fixed-point", self.fixed_point, 0, optional=False, high=100)
         check_integer("--map-size", self.map_size, 1, optional=False)
         check_number("--min-psnr", self.min_psnr, -math.inf)
         if not isinstance(self.record_steps, tuple | list) or any(

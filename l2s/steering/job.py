@@ -18,6 +18,7 @@ from l2s.config import (
     check_text,
     check_writable_dir,
     dump_yaml,
+    expand_home,
     option_values,
 )
 from l2s.engine.backbone import Denoiser
@@ -124,6 +125,7 @@ class SteerConfig:
         check_text("--device", self.device, optional=True)
         check_text("--dtype", self.dtype, optional=True)
         check_text("--out", self.out, optional=True, path=True)
+        expand_home(self, "out")
 
     def to_json(self) -> dict:
         """The config as flat {option: value} (the steering options beside the others): the

@@ -73,7 +73,8 @@ class SpeedConfig:
         if not isinstance(self.options, SteerOptions):
             raise ConfigError(f"options must be a SteerOptions, got {self.options!r}")
         check_integer("--iterations", self.options.iterations, 1)
-        check_integer("--repeats", self.repeats, 1, optional=False)
+        # 10^20 timed forever without a word; a thousand repeats settle any mean
+        check_integer("--repeats", self.repeats, 1, optional=False, high=1000)
         check_text("--classifier", self.classifier, optional=True, path=True)
         check_text("--lora", self.lora, optional=True, path=True)
         check_text("--out", self.out, optional=True, path=True)
