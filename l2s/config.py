@@ -79,6 +79,22 @@ def check_seeds(name: str, seed: int, count: int = 1, *, last: int | None = None
                           f"{name}")
 
 
+def check_flag(name: str, value) -> None:
+    """``value`` is True or False: from Python, ``verify="no"`` is a true string (it turned
+    verification on) and ``1`` no flag."""
+    if not isinstance(value, bool):
+        raise ConfigError(f"{name} must be True or False, got {value!r}")
+
+
+def check_config(job: str, config, cls: type) -> None:
+    """A job is called with its own config: ``steer({"prompt": ...})`` or ``steer(None)`` was an
+    AttributeError from deep inside."""
+    if not isinstance(config, cls):
+        raise ConfigError(f"{job}() takes a {cls.__name__}, got {type(config).__name__}: build "
+                          f"one, e.g. {job}({cls.__name__}(...)) (help({cls.__name__}) lists "
+                          "its fields)")
+
+
 def check_choice(name: str, value: str, choices, error: type[Exception] = ConfigError) -> None:
     """Refuse a value outside ``choices``, naming the option (``error``: the caller's own
     exception type, e.g. a job's)."""

@@ -202,6 +202,11 @@ def parse(prompt: str) -> list[Triplet]:
     [A r1 B, B r2 C]. A clause that opens with a relation ("... and above a bowl") takes the
     previous clause's first noun phrase as its subject.
     """
+    if not isinstance(prompt, str):  # was: TypeError from re
+        from l2s.errors import ConfigError
+
+        raise ConfigError(f'the prompt must be text such as "a circle to the left of a square", '
+                          f"got {prompt!r}")
     protected = [m.span() for m in _PROTECTED_RE.finditer(prompt)]
     events: list[tuple[int, int, str | None]] = []  # (start, end, canonical relation | None=sep)
     for m in _RELATION_RE.finditer(prompt):

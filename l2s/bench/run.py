@@ -37,6 +37,7 @@ from l2s.config import (
     CONFIG_FILE,
     ConfigError,
     check_choice,
+    check_config,
     check_integer,
     check_seeds,
     check_text,
@@ -88,6 +89,9 @@ class BenchConfig:
             raise ConfigError(f"--method: give a tuple of methods such as ('plain', 'l2s'), "
                               f"got {self.methods!r}")
         for m in self.methods:
+            if not isinstance(m, str):  # was: AttributeError from check_method
+                raise ConfigError(f"--method takes names such as 'plain' or 'best-of:8', got "
+                                  f"{m!r} in {self.methods!r}")
             check_method(m, BenchError)
         # image seeds are seed * 10^7 + prompt * 1000 + image: 10000 prompts of at most 1000
         # images keep every image's seed its own
@@ -97,6 +101,7 @@ class BenchConfig:
         check_seeds("--seed", self.seed, last=image_seed(self.seed, 9999, 999))
         if not isinstance(self.options, SteerOptions):
             raise ConfigError(f"options must be a SteerOptions, got {self.options!r}")
+        check_text("--color-model", self.color_model)
         for name in ("classifier", "lora", "detector", "out"):
             check_text(f"--{name}", getattr(self, name), optional=True, path=True)
         for name in ("device", "dtype"):
@@ -195,6 +200,7 @@ def run_bench(cfg: BenchConfig, denoiser: Denoiser | None = None,
     Finished images are never recomputed; ``callback`` receives {"method", "done", "total"}
     after each scored image. ``detector``/``colors`` override the configured ones (tests).
     """
+    check_config("benchmark", cfg, BenchConfig)
     from l2s.steering.job import unused_options
 
     _check(cfg, denoiser)

@@ -41,6 +41,7 @@ from l2s.classifier.model import (
 from l2s.config import (
     CONFIG_FILE,
     check_choice,
+    check_config,
     check_integer,
     check_number,
     check_seeds,
@@ -127,6 +128,8 @@ class TrainConfig:
             check_text(option, value, optional=True, path=True, error=TrainError)
         for name in ("val_fraction", "test_fraction", "weight_decay", "plateau_factor",
                      "dropout"):
+            if getattr(self, name) is None:  # was: a TypeError comparing None below
+                raise TrainError(f"--{name.replace('_', '-')} must be a number, got None")
             check_number(f"--{name.replace('_', '-')}", getattr(self, name), 0)
         if not (0 < self.val_fraction < 1 and 0 < self.test_fraction < 1
                 and self.val_fraction + self.test_fraction < 1):
@@ -466,6 +469,7 @@ def train(cfg: TrainConfig, denoiser=None, callback: Callable[[dict], None] | No
     the finished classifier of these settings, backbone and data, nothing is trained: the
     result is that card (``already_trained``); ``fresh`` retrains it.
     """
+    check_config("train", cfg, TrainConfig)
     start = time.perf_counter()
     if denoiser is None:
         from l2s.engine.loading import load_backbone

@@ -26,6 +26,7 @@ import torch
 
 from l2s.config import (
     CONFIG_FILE,
+    check_config,
     check_integer,
     check_number,
     check_seeds,
@@ -104,8 +105,14 @@ class DistillConfig:
             raise LoRAError(f"--noisy-fraction {self.noisy_fraction}: give a fraction in (0, 1]")
         if self.drop_text >= 1:
             raise LoRAError(f"--drop-text {self.drop_text}: give a fraction below 1")
+        check_text("--device", self.device, optional=True)
         for name in ("hold_out", "targets"):
             v = getattr(self, name)
+            if v is not None and (not isinstance(v, str | tuple | list)
+                                  or not all(isinstance(x, str) for x in v)):
+                # was: TypeError ('int' object is not iterable), or [5] taken as a name
+                raise LoRAError(f"--{name.replace('_', '-')} takes names, comma-separated "
+                                f"(from Python a tuple of str), got {v!r}")
             if isinstance(v, str):
                 object.__setattr__(self, name, tuple(x.strip() for x in v.split(",")
                                                      if x.strip()))
@@ -126,6 +133,9 @@ class DistillConfig:
 
     @classmethod
     def from_options(cls, values: Mapping) -> DistillConfig:
+        if not isinstance(values, Mapping):
+            raise LoRAError(f"distill options must be a mapping of option: value, got "
+                            f"{type(values).__name__}")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -228,6 +238,7 @@ def evaluate(denoiser: Denoiser, lora_denoiser: Denoiser, settings, objects, hol
 def distill(cfg: DistillConfig, denoiser: Denoiser, callback: Callable[[dict], None] | None
             = None, fresh: bool = False) -> DistillResult:
     """Run `l2s distill`: (recipe "self": data,) training, the LoRA folder and its card."""
+    check_config("distillation", cfg, DistillConfig)
     import copy
 
     from l2s.config import check_writable_dir

@@ -165,6 +165,9 @@ def load_backbone(
     image_size: int | None = None,
 ) -> Denoiser:
     """Load a backbone by preset name ("toy", "sd1.4", "sd2.1", ...), hub id or local folder."""
+    if not isinstance(model, str | os.PathLike) or not str(model).strip():
+        raise BackboneError(f"--model must be a preset name, hub id or folder, got {model!r}")
+    model = os.fspath(model)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     resolve_sdpa_backends(None)  # a bad $L2S_SDPA_BACKENDS is refused before loading

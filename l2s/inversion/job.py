@@ -18,6 +18,7 @@ from l2s.config import (
     CONFIG_FILE,
     ConfigError,
     check_choice,
+    check_config,
     check_integer,
     check_seeds,
     check_text,
@@ -87,6 +88,8 @@ class InvertConfig:
         check_integer("--negatives", self.negatives, 0, optional=False)
         check_seeds("--seed", self.seed)  # was: -1 a ValueError from the sampler's Random
         expand_home(self, "cache_dir", "gqa_root", "folder")
+        check_text("--device", self.device, optional=True)
+        check_text("--dtype", self.dtype, optional=True)
         if self.negatives > len(RELATIONS) - 1:
             raise ConfigError(f"--negatives {self.negatives}: a caption has only "
                               f"{len(RELATIONS) - 1} wrong relations, so at most "
@@ -224,6 +227,7 @@ def invert(cfg: InvertConfig, denoiser: Denoiser | None = None,
     one dict per batch: source, expected (an upper bound on the samples), done, written,
     skipped, dropped (and ``final: True`` after a source's last batch).
     """
+    check_config("invert", cfg, InvertConfig)
     import time
 
     from l2s.inversion.sources import SourceOptions, SourceReport, expected_samples, iter_samples

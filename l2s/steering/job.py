@@ -13,6 +13,8 @@ from l2s.config import (
     CONFIG_FILE,
     ConfigError,
     check_choice,
+    check_config,
+    check_flag,
     check_integer,
     check_seeds,
     check_text,
@@ -126,6 +128,8 @@ class SteerConfig:
         check_text("--dtype", self.dtype, optional=True)
         check_text("--out", self.out, optional=True, path=True)
         expand_home(self, "out")
+        for name in ("verify", "compare_plain", "save_attention"):
+            check_flag(f"--{name.replace('_', '-')}", getattr(self, name))
 
     def to_json(self) -> dict:
         """The config as flat {option: value} (the steering options beside the others): the
@@ -262,6 +266,7 @@ def unique_dir(path: str | Path) -> Path:
 
 def steer(config: SteerConfig, denoiser: Denoiser | None = None, on_step=None) -> SteerResult:
     """Run `l2s steer`: generate ``num_images`` images for the prompt and report per step."""
+    check_config("steer", config, SteerConfig)
     triplets = parse(config.prompt)
     if config.out:  # before any work: a run whose images cannot be saved is lost
         check_writable_dir(config.out)

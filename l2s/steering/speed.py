@@ -31,7 +31,13 @@ from pathlib import Path
 
 import torch
 
-from l2s.config import check_integer, check_text, check_writable_file
+from l2s.config import (
+    check_config,
+    check_flag,
+    check_integer,
+    check_text,
+    check_writable_file,
+)
 from l2s.engine.backbone import Denoiser
 from l2s.engine.sampling import guided_prediction, sample, seeded_latents
 from l2s.engine.timing import Clock
@@ -78,6 +84,8 @@ class SpeedConfig:
         check_text("--classifier", self.classifier, optional=True, path=True)
         check_text("--lora", self.lora, optional=True, path=True)
         check_text("--out", self.out, optional=True, path=True)
+        for name in ("random_weights", "end_to_end", "channels_last", "truncate"):
+            check_flag(f"--{name.replace('_', '-')}", getattr(self, name))
 
     def to_json(self) -> dict:
         """The config as flat {option: value}: the report's "config"."""
@@ -161,6 +169,7 @@ def _default_prompt(denoiser: Denoiser) -> str:
 def speed(config: SpeedConfig, denoiser: Denoiser | None = None, on_unit=None) -> SpeedResult:
     """Measure the units and the end-to-end generations; write the report to ``config.out``
     (checked before the timing, which an unwritable report would waste) and return it."""
+    check_config("speed", config, SpeedConfig)
     from l2s.engine.loading import load_backbone
     from l2s.steering.job import PromptError
 

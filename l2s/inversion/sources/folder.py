@@ -121,6 +121,11 @@ def folder_source(options: SourceOptions, report: SourceReport, denoiser=None
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as err:
         raise SourceError(f"cannot read {path} ({err}): save it as UTF-8 text") from err
+    if not any(line.strip() for line in lines):  # was: "wrote 0 entries", exit 0
+        raise SourceError(f"{path} is empty: write one JSON line per image pair, e.g. "
+                          '{"image": "a.jpg", "subject": "dog", "object": "cat", "relation": '
+                          '"left of", "subject_box": [x1, y1, x2, y2], "object_box": [x1, y1, '
+                          'x2, y2]}')
     entries = []  # (line number, normalised entry)
     # A closed-vocabulary model (the toy) cannot tokenize other words: steer refuses them, so
     # their maps would teach the classifier nothing it can use.
