@@ -305,3 +305,43 @@ def test_shipped_toy_lora_beats_plain_on_held_in_and_held_out_pairs(toy, one_thr
                    toy.known_objects, ("ring",), 24, seed=123)
     for split in ("distilled_pairs", "held_out_pairs"):
         assert res[split]["plain+lora"] >= res[split]["plain"] + 0.2, res
+
+
+def test_two_distillations_on_one_out_are_refused_naming_the_other(toy, tmp_path, one_thread):
+    """Catches two `l2s distill` on one --out both generating the data chunks and writing one
+    checkpoint in turn: the second is refused naming the live one, nothing is written."""
+    import socket
+    import subprocess
+    import sys
+
+    from l2s import locks
+    from l2s.distill.job import LOCK_NAME, DistillConfig, distill
+
+    out = tmp_path / "out"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (out / LOCK_NAME).write_text(
+            f"{socket.gethostname()} {holder.pid} {locks.process_start(holder.pid)}\n")
+        with pytest.raises(locks.LockError, match=rf"in use by another l2s distill \(pid "
+                                                  rf"{holder.pid}"):
+            distill(DistillConfig(out=str(out), steps=1, images=2, chunk=2, batch_size=2,
+                                  eval_prompts=0), toy)
+        assert not (out / "data").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_lora_run_prints_no_transformers_warnings(tmp_path):
+    """Catches the diffusers pipeline import behind LoRA loading letting transformers warn
+    about torchvision image processors l2s never uses (two stray stderr lines per run)."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "l2s", "--threads", "1", "steer",
+                        "a circle to the left of a square", "--lora", "toy", "--method",
+                        "plain", "--out", str(tmp_path / "o"), "--quiet"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "[transformers]" not in r.stderr and "torchvision" not in r.stderr, r.stderr

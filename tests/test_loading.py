@@ -256,3 +256,16 @@ def test_engine_imports_nothing_above_it_and_loading_has_no_import_circle():
               "l2s.bench.detectors")]
     for a, a_name, b, b_name in pairs:
         assert not (b_name in _imports(pkg / b) and a_name in _imports(pkg / a)), (a, b)
+
+
+def test_an_unknown_dtype_names_the_option_and_the_spellings_help_gives():
+    """Catches the dtype refusal naming neither --dtype nor the float16 / bfloat16 / float32
+    spellings that --help offers."""
+    import torch
+
+    from l2s.engine.backbone import BackboneError
+    from l2s.engine.loading import resolve_dtype
+
+    with pytest.raises(BackboneError, match=r"--dtype 'half'.*float32, float16 or bfloat16"):
+        resolve_dtype("half", torch.device("cpu"))
+    assert resolve_dtype("bfloat16", torch.device("cpu")) is torch.bfloat16

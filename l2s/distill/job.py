@@ -41,6 +41,7 @@ from l2s.engine.backbone import Denoiser
 # "self": self-distillation of l2s steering (steered images, the denoising loss); "reward":
 # the relation classifier's loss through the first sampling steps (l2s.distill.reward)
 RECIPES = ("self", "reward")
+LOCK_NAME = ".lock"  # held in the output folder while a run writes it
 
 
 @dataclass(frozen=True)
@@ -239,18 +240,28 @@ def distill(cfg: DistillConfig, denoiser: Denoiser, callback: Callable[[dict], N
             = None, fresh: bool = False) -> DistillResult:
     """Run `l2s distill`: (recipe "self": data,) training, the LoRA folder and its card."""
     check_config("distillation", cfg, DistillConfig)
-    import copy
-
+    from l2s import locks
     from l2s.config import check_writable_dir
-    from l2s.distill.lora import check_spec, network_attribute, save_lora, with_lora
-    from l2s.distill.train import CHECKPOINT
-    from l2s.steering.job import build_loss
-    from l2s.steering.options import SteerOptions
+    from l2s.distill.lora import check_spec
 
     check_writable_dir(cfg.out)  # was: FileExistsError for a file; before any work
     check_spec(denoiser.attention_model, cfg.spec())
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
+    # one run per folder: a second would write the same data chunks and checkpoint twice
+    with locks.exclusive(out / LOCK_NAME, "l2s distill", out):
+        return _distill(cfg, denoiser, callback, fresh, out)
+
+
+def _distill(cfg: DistillConfig, denoiser: Denoiser, callback, fresh: bool, out: Path
+             ) -> DistillResult:
+    import copy
+
+    from l2s.distill.lora import network_attribute, save_lora, with_lora
+    from l2s.distill.train import CHECKPOINT
+    from l2s.steering.job import build_loss
+    from l2s.steering.options import SteerOptions
+
     dump_yaml(cfg.options(), out / CONFIG_FILE)
     checkpoint = out / CHECKPOINT
     if fresh and checkpoint.exists():

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from l2s.engine.backbone import Denoiser
+from l2s.engine.loading import quiet_transformers
 from l2s.errors import L2SError
 
 WEIGHTS_FILE = "pytorch_lora_weights.safetensors"  # diffusers' default LoRA weight name
@@ -56,7 +57,8 @@ def _pipeline_class(net: nn.Module):
     if name not in table:
         raise LoRAError(f"LoRA: no diffusers LoRA loader for a {name} network (supported: "
                         f"{', '.join(table)})")
-    cls = getattr(diffusers, table[name])
+    with quiet_transformers():  # the pipeline module's image processors warn without torchvision
+        cls = getattr(diffusers, table[name])
     return cls, "unet" if name == "UNet2DConditionModel" else "transformer"
 
 

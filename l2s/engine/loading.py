@@ -14,6 +14,7 @@ dtype choices shared by every family live here too.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict
@@ -104,6 +105,21 @@ def quiet_loading() -> None:
     diffusers.utils.logging.disable_progress_bar()
 
 
+@contextlib.contextmanager
+def quiet_transformers():
+    """transformers' warnings off while a diffusers pipeline module is imported for one of its
+    functions: the import pulls in the pipeline's image processors, and without torchvision
+    transformers warns on stderr about processors l2s never uses."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
     """fp16 on GPUs and fp32 on the CPU unless asked otherwise."""
     if isinstance(dtype, torch.dtype):
@@ -113,7 +129,8 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     names = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16,
              "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
     if dtype not in names:
-        raise BackboneError(f"unknown dtype {dtype!r}: use one of fp32, fp16, bf16")
+        raise BackboneError(f"--dtype {dtype!r} is not a dtype: use float32, float16 or "
+                            "bfloat16 (or fp32, fp16, bf16)")
     return names[dtype]
 
 

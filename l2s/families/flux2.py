@@ -39,7 +39,12 @@ from diffusers.models.transformers.transformer_flux2 import (
 
 from l2s.engine.backbone import BackboneError, Conditioning, CrossAttnLayer
 from l2s.engine.hub import config_json
-from l2s.engine.loading import build_random, load_components, random_weights_preset
+from l2s.engine.loading import (
+    build_random,
+    load_components,
+    quiet_transformers,
+    random_weights_preset,
+)
 from l2s.engine.registry import Family, LoadRequest, Preset, SteerDefaults, register_family
 from l2s.engine.schedules import FlowMatchSchedule
 from l2s.engine.tokens import TokenAlignmentError
@@ -50,7 +55,7 @@ from l2s.families.joint_attention import (
     flux_attention_layers,
     text_key_probs,
 )
-from l2s.families.mmdit import MMDiTDenoiser, mmdit_dtype, quiet_transformers
+from l2s.families.mmdit import MMDiTDenoiser, mmdit_dtype
 
 CHATS = ("qwen3", "mistral")  # klein's and dev's text encoders and chat templates
 

@@ -10,8 +10,6 @@ shift (and Flux-dev's resolution-dependent dynamic shift) cannot drift from thei
 
 from __future__ import annotations
 
-import contextlib
-
 import numpy as np
 import torch
 from torch import nn
@@ -26,6 +24,7 @@ from l2s.engine.backbone import (
     vae_scale,
 )
 from l2s.engine.hooks import HookError
+from l2s.engine.loading import quiet_transformers
 from l2s.engine.schedules import FlowMatchSchedule
 
 
@@ -33,21 +32,6 @@ def mmdit_dtype(dtype: torch.dtype) -> torch.dtype:
     """Flux and SD3 activations overflow fp16 (they were trained in bf16): a GPU's fp16
     default becomes bf16; fp32 (the CPU default) and bf16 stay."""
     return torch.bfloat16 if dtype == torch.float16 else dtype
-
-
-@contextlib.contextmanager
-def quiet_transformers():
-    """transformers' warnings off while a diffusers pipeline module is imported for one of its
-    functions: the import pulls in the pipeline's image processors, and without torchvision
-    transformers warns on stderr about processors l2s never uses."""
-    from transformers.utils import logging as hf_logging
-
-    level = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(level)
 
 
 def _calculate_shift():
