@@ -276,6 +276,13 @@ def _run(cfg: BenchConfig, out: Path, denoiser: Denoiser | None, detector: Detec
     results = out / store.results_name(cfg.shard)
     counts, queues = {}, {}
 
+    def provenance(method: str) -> dict:
+        """What makes this run's images of ``method``, for their records and PNGs: the text
+        length prompts are encoded as, the classifier and LoRA it uses."""
+        text_len = getattr(lazy.denoiser, "text_len", None)
+        return {**({"text_len": text_len} if text_len is not None else {}),
+                **(cards.get(method) or {})}
+
     def scored(method: str, p: BenchPrompt, k: int, seconds: tuple[float, float],
                img: np.ndarray, generated: bool = False, extra: dict | None = None
                ) -> None:
@@ -284,11 +291,8 @@ def _run(cfg: BenchConfig, out: Path, denoiser: Denoiser | None, detector: Detec
         was steered with and the method's own fields), count it and report progress."""
         rec = {**_record(method, p, k, cfg, seconds, img, lazy), **made}
         if generated:
-            text_len = getattr(lazy.denoiser, "text_len", None)
-            if text_len is not None:
-                rec["text_len"] = text_len
-            rec.update(cards.get(method) or {})
-        rec.update(extra or {})  # a saved image's: the classifier and LoRA it was made with
+            rec.update(provenance(method))
+        rec.update(extra or {})  # a saved image's: what its PNG says made it
         store.append_record(results, rec)
         records.append(rec)
         counts[method] += 1
@@ -299,7 +303,7 @@ def _run(cfg: BenchConfig, out: Path, denoiser: Denoiser | None, detector: Detec
         counts[method] = len(jobs) - len(todo[method])
         if callback:
             callback({"method": method, "done": counts[method], "total": len(jobs)})
-        for p in {p.index: p for p, _ in todo[method]}.values():
+        for p in mine:  # every prompt's: GenEval reads them, a damaged one is written again
             store.write_metadata(out, method, p.index, p.metadata)
         for p, k in saved[method]:
             img, text = store.load_image(store.image_path(out, method, p.index, k))
@@ -326,7 +330,7 @@ def _run(cfg: BenchConfig, out: Path, denoiser: Denoiser | None, detector: Detec
             extras = _extras(output, [p for p, _ in batch], lazy)  # after the timing
             for (p, k), s, img in zip(batch, seeds, imgs, strict=True):
                 store.save_image(store.image_path(out, method, p.index, k), img, s, each,
-                                 each_cpu, made_with=cards.get(method))
+                                 each_cpu, made_with=provenance(method))
             for (p, k), img, extra in zip(batch, imgs, extras, strict=True):
                 scored(method, p, k, (each, each_cpu), img, generated=True, extra=extra)
     return summarise_run(cfg, prompts, records, out)

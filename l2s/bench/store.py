@@ -53,17 +53,23 @@ def image_path(out: Path, method: str, index: int, image: int) -> Path:
 
 
 def write_metadata(out: Path, method: str, index: int, metadata: dict) -> None:
-    """GenEval's metadata.jsonl: the prompt's metadata as one JSON document."""
+    """GenEval's metadata.jsonl: the prompt's metadata as one JSON document (written again
+    when deleted or damaged)."""
     path = prompt_dir(out, method, index) / "metadata.jsonl"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path, json.dumps(metadata) + "\n")
+    text = json.dumps(metadata) + "\n"
+    try:
+        if path.read_bytes() == text.encode():
+            return
+    except OSError:
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, text)
 
 
 def save_image(path: Path, image: np.ndarray, seed: int, seconds: float,
                cpu_seconds: float = float("nan"), made_with: dict | None = None) -> None:
     """Write an (H, W, 3) uint8 PNG atomically, its seed, generation (wall, CPU) time and
-    ``made_with`` (the classifier and LoRA that made it, with their sha256) in text chunks."""
+    ``made_with`` (the text length, classifier and LoRA that made it) in text chunks."""
     path.parent.mkdir(parents=True, exist_ok=True)
     info = PngImagePlugin.PngInfo()
     info.add_text("l2s-seed", str(seed))
@@ -79,12 +85,15 @@ MADE_WITH_CHUNK = "l2s-made-with"
 
 def made_with(text: dict[str, str]) -> dict:
     """What a saved image's text chunks say it was made with (``save_image``'s
-    ``made_with``); {} for an image of an older l2s or a method without a classifier or LoRA."""
+    ``made_with``: text length, classifier and LoRA); {} for an image of an older l2s."""
     try:
         got = json.loads(text.get(MADE_WITH_CHUNK, "{}"))
     except ValueError:
         return {}
-    return {k: v for k, v in got.items() if isinstance(v, str)} if isinstance(got, dict) else {}
+    if not isinstance(got, dict):
+        return {}
+    return {k: v for k, v in got.items()
+            if isinstance(v, str) or (k == "text_len" and type(v) is int)}
 
 
 def image_text(path: Path) -> dict[str, str]:

@@ -32,10 +32,12 @@ from l2s.classifier.model import (
     ARCHITECTURES,
     CARD_FILE,
     TOKEN_MODES,
+    WEIGHTS_FILE,
     ClassifierConfig,
     RelationClassifier,
     num_parameters,
     save_classifier,
+    sha256_file,
     trained_classifier_dir,
 )
 from l2s.config import (
@@ -491,7 +493,8 @@ def finished_card(out: Path, resolved: TrainConfig, backbone: Mapping, counts: M
                   ) -> dict | None:
     """The card in ``out`` when it is the finished result of ``resolved`` (its settings with
     the defaults filled in) on this backbone and data (``_counts``), else None (no card, an
-    unreadable one, other settings, another backbone or other data: a new run)."""
+    unreadable one, weights damaged or gone, other settings, another backbone or other data:
+    a new run)."""
     try:
         card = json.loads((out / CARD_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -505,7 +508,11 @@ def finished_card(out: Path, resolved: TrainConfig, backbone: Mapping, counts: M
 
     backbone_of = card.get("backbone") or {}
     data = {k: v for k, v in (card.get("data") or {}).items() if k in counts}
-    same = (settings(card["training"]) == settings(resolved.settings())
+    try:  # its weights as the card wrote them (damaged or gone: trained again)
+        whole = sha256_file(out / WEIGHTS_FILE) == card.get("weights_sha256")
+    except OSError:
+        whole = False
+    same = (whole and settings(card["training"]) == settings(resolved.settings())
             and backbone_of.get("fingerprint") == backbone["fingerprint"]
             and data == json.loads(json.dumps(dict(counts))))
     return card if same else None
@@ -560,9 +567,10 @@ def _train(cfg: TrainConfig, denoiser, callback: Callable[[dict], None] | None, 
         done = finished_card(out, resolved, backbone, _counts(data, parts))
         if done is not None:
             config_path = out / CONFIG_FILE
+            # written again (deleted or damaged, it would not repeat the run)
+            dump_yaml({**cfg.options(), "out": str(out)}, config_path)
             return TrainResult(out / CARD_FILE, done, done.get("history", []), 0.0,
-                               config_path if config_path.is_file() else None, inverted,
-                               already_trained=True)
+                               config_path, inverted, already_trained=True)
     identity = run_identity(resolved.settings(), parts, len(data.image))
     if fresh:
         checkpoint.unlink(missing_ok=True)

@@ -175,8 +175,10 @@ class AttentionCache:
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
             probe = self.dir / ".write-probe"
-            probe.write_text("ok")
-            probe.unlink()
+            try:
+                probe.write_text("ok")
+            finally:  # a full disk creates the file, then fails the write: none left behind
+                probe.unlink(missing_ok=True)
         except OSError as e:
             file = next((a for a in self.dir.parents if a.is_file()), None)
             if file is not None:
