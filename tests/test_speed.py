@@ -102,3 +102,43 @@ def test_cli_speed_refuses_random_weights_for_the_toys_naming_every_buildable_pr
         assert r.exit_code == 2 and f"the {toy} preset ships its trained weights" in r.output
         listed = r.output.rsplit("use one of ", 1)[-1].strip().split(", ")
         assert sorted(listed) == sorted(buildable), r.output
+
+
+def test_speed_refuses_a_model_whose_weights_do_not_fit_before_building_it(monkeypatch):
+    """Bug: `l2s speed --model flux-dev --random-weights` started building tens of GB with no
+    memory check (and sd2.1 on a CPU printed nothing for minutes): the weights are now
+    counted on the meta device and compared with the free memory first, naming --force."""
+    from typer.testing import CliRunner
+
+    import l2s.engine.footprint as footprint
+    import l2s.engine.loading as loading
+    from l2s.cli import app
+
+    def no_build(*a, **k):
+        raise AssertionError("the model was built")
+
+    monkeypatch.setattr(loading, "load_backbone", no_build)
+    monkeypatch.setattr(footprint, "free_memory", lambda device: 10 ** 9)  # 1 GB free
+    monkeypatch.setattr(footprint, "matmul_rate", lambda device, dtype: 1e10)
+    res = CliRunner().invoke(app, ["--threads", "1", "speed", "--model", "sd1.4",
+                                   "--random-weights", "--repeats", "1"])
+    out = " ".join(res.output.split())
+    assert res.exit_code == 2, res.output
+    assert "needs 4.3 GB for its weights (float32) and cpu has 1.0 GB free" in out
+    assert "--force" in out and "Traceback" not in out
+    assert "estimate: weights 4.3 GB (float32)" in out and "TFLOP" in out
+
+
+def test_speed_estimate_counts_the_presets_weights_and_warns_on_a_cpu():
+    """The weights come from the preset's architecture (SD1.4: UNet 859.5M + CLIP text 123.1M
+    + VAE 83.7M parameters, float32), the forwards from the run's settings; a real model on a
+    CPU gets the GPU-benchmark warning, the shipped toy none."""
+    from l2s.steering.speed import cpu_warning, estimate
+
+    cfg = SpeedConfig(model="sd1.4", random_weights=True, repeats=1, end_to_end=False)
+    est = estimate(cfg)
+    assert abs(est.weight_bytes / 4 - (859.5e6 + 123.1e6 + 83.7e6)) < 2e6
+    assert est.forwards == 2 * (2 + 3 * 2)  # (warm-up + 1 repeat) x (CFG step, 2 iterations)
+    assert est.forward_flops > 1e11 and est.seconds > 0
+    assert "GPU benchmark" in cpu_warning(cfg, est)
+    assert cpu_warning(SpeedConfig(model="toy"), estimate(SpeedConfig(model="toy"))) is None

@@ -12,7 +12,7 @@ from l2s.cli.options import (
     image_size_option,
     steer_options,
 )
-from l2s.cli.output import console, emit_json, status, user_errors
+from l2s.cli.output import console, emit_json, status, user_errors, verbosity
 from l2s.steering import speed as speed_job
 from l2s.steering.options import SteerOptions
 from l2s.steering.speed import SpeedConfig
@@ -50,6 +50,9 @@ def speed(
                                   help="Steering forwards stop after the last recorded layer "
                                        "(default) or run the whole network."),
     out: str = typer.Option(None, "--out", "-o", help="Also write the report JSON here."),
+    force: bool = typer.Option(False, "--force",
+                               help="Build and time the model even when the estimate says "
+                                    "its weights do not fit the device's free memory."),
     config: str = config_option("repeats: 5"),
     json_out: bool = typer.Option(False, "--json", help="Print the report JSON on stdout."),
 ) -> None:
@@ -62,11 +65,22 @@ def speed(
     than views; the same count on a CPU, where launch overhead cannot be timed) and its host
     reads (each one a GPU sync). --iterations runs on every steered step (the worst case,
     the early exit disabled).
+
+    Before building a preset's model it prints an estimate (its weights' size from the
+    preset's architecture, the device's free memory, a floor on the time from the FLOPs of
+    one forward), refuses a model whose weights do not fit (--force runs it anyway), and
+    warns that on a CPU this GPU benchmark takes long.
     """
     cfg = SpeedConfig(model=model, prompt=prompt, random_weights=random_weights,
                       image_size=image_size, device=device, dtype=dtype, options=options,
                       repeats=repeats, end_to_end=end_to_end, classifier=classifier, lora=lora,
-                      channels_last=channels_last, truncate=truncate, out=out)
+                      channels_last=channels_last, truncate=truncate, out=out, force=force)
+
+    def on_note(line: str) -> None:  # the estimate (not with --quiet) and warnings
+        if line.startswith("warning:"):
+            console.print(f"[yellow]{line}[/]", highlight=False)
+        elif verbosity() >= 0:
+            console.print(line, highlight=False, markup=False)
 
     with status("timing", json_out) as spinner:
 
@@ -75,7 +89,7 @@ def speed(
                 value = f"{res['ms']:.1f} ms" if "ms" in res else f"{res['seconds']:.2f} s"
                 spinner.update(f"timing (last: {name} {value})")
 
-        report = speed_job.speed(cfg, on_unit=on_unit).to_json()
+        report = speed_job.speed(cfg, on_unit=on_unit, on_note=on_note).to_json()
     if json_out:
         emit_json(report)
         return

@@ -360,7 +360,8 @@ def build_random(factories: Mapping[str, Callable[[], torch.nn.Module]], device:
 
         def on_meta(make, dt):
             with init_empty_weights(include_buffers=False):
-                return make().to(dt).requires_grad_(False).eval()
+                # nn.Module.to, not diffusers' override: that one warns about casting
+                return torch.nn.Module.to(make(), dt).requires_grad_(False).eval()
 
         return {name: on_meta(make, torch.float32 if name == "vae" else dtype)
                 for name, make in factories.items()}

@@ -41,7 +41,7 @@ from l2s.config import (
 from l2s.engine.backbone import Denoiser
 from l2s.engine.sampling import guided_prediction, sample, seeded_latents
 from l2s.engine.timing import Clock
-from l2s.errors import ConfigError
+from l2s.errors import ConfigError, L2SError
 from l2s.inversion.cache import atomic_write_text
 from l2s.relations import parse
 from l2s.steering.loop import RelationPlan, Steerer, steer_latents
@@ -69,6 +69,8 @@ class SpeedConfig:
     channels_last: bool = False  # the attention model in channels_last (NHWC) memory format
     truncate: bool = True  # steering forwards stop after the last recorded layer
     out: str | None = None  # also write the report JSON to this file
+    # build and time the model even when its weights do not fit the device's free memory
+    force: bool = False
 
     def __post_init__(self) -> None:
         check_text("--model", self.model)
@@ -122,6 +124,109 @@ class SpeedResult:
         return doc
 
 
+class SpeedRefused(L2SError):
+    """The model would not fit the device: refused before it is built (``--force`` runs it)."""
+
+
+@dataclass(frozen=True)
+class SpeedEstimate:
+    """What a run will take, counted before the model is built: its weights' bytes and one
+    forward's FLOPs on the preset's meta-device architecture, the device's free memory and
+    the rate it multiplies matrices. None where unknown (a hub id or folder is not counted)."""
+
+    device: torch.device
+    dtype: str  # the networks' dtype
+    weight_bytes: int | None
+    free_bytes: int | None  # free GPU memory, or the system's available memory
+    forwards: int | None  # forward-equivalents the run does (a backward counted as 2)
+    forward_flops: int | None  # one batch-1 forward of the attention model
+    flops_per_second: float | None  # square matrix products on the device: a ceiling
+
+    @property
+    def fits(self) -> bool:
+        """False only when the weights alone exceed the free memory."""
+        return self.weight_bytes is None or self.free_bytes is None or \
+            self.weight_bytes <= self.free_bytes
+
+    @property
+    def seconds(self) -> float | None:
+        """A floor on the run's time: its FLOPs at the matrix-product rate."""
+        if not (self.forwards and self.forward_flops and self.flops_per_second):
+            return None
+        return self.forwards * self.forward_flops / self.flops_per_second
+
+    def describe(self) -> str:
+        gb = lambda b: f"{b / 1e9:.1f} GB"  # noqa: E731
+        parts = [f"weights {gb(self.weight_bytes)} ({self.dtype})"
+                 if self.weight_bytes is not None else "weights not counted (not a preset)"]
+        if self.free_bytes is not None:
+            parts.append(f"{gb(self.free_bytes)} free on {self.device.type}")
+        if self.seconds is not None:
+            parts.append(f"~{self.forwards} forwards of {self.forward_flops / 1e12:.2g} TFLOP at "
+                         f"{self.flops_per_second / 1e9:.3g} GFLOP/s (this {self.device.type}'s "
+                         f"matrix products): at least {_duration(self.seconds)}")
+        return "estimate: " + "; ".join(parts)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def estimate(config: SpeedConfig) -> SpeedEstimate:
+    """What ``config``'s run will take, without building its model: a preset with a built-in
+    architecture is counted on the meta device; a hub id, a folder or a shipped toy only get
+    the device's free memory."""
+    from l2s.engine import footprint
+    from l2s.engine.loading import load_architecture, resolve_device, resolve_dtype
+    from l2s.engine.registry import presets
+
+    device = resolve_device(config.device)
+    preset = presets().get(config.model)
+    free = footprint.free_memory(device)
+    if preset is None or not preset.configs:
+        return SpeedEstimate(device, str(resolve_dtype(config.dtype, device)).replace(
+            "torch.", ""), None, free, None, None, None)
+    den = load_architecture(config.model, dtype=resolve_dtype(config.dtype, device),
+                            image_size=config.image_size)
+    dtype = next(den.attention_model.parameters()).dtype  # a family may change it (bf16)
+    settings = config.options.resolve(config.model)
+    branches = 2 if den.guidance_mode == "cfg" else 1
+    steered, runs = settings.steered_count(), config.repeats + 1  # + the warm-up
+    forwards = runs * (branches + 3 * (3 if settings.compile != "off" else 2))
+    if config.end_to_end:  # plain, worst case, one iteration per steered step
+        forwards += 3 * settings.steps * branches + 3 * steered * (settings.iterations + 1)
+    return SpeedEstimate(device, str(dtype).replace("torch.", ""),
+                         footprint.weight_bytes(footprint.networks(den)), free, forwards,
+                         footprint.forward_flops(den), footprint.matmul_rate(device, dtype))
+
+
+def check_estimate(config: SpeedConfig, est: SpeedEstimate) -> None:
+    """Refuse, naming ``--force``, a model whose weights exceed the device's free memory."""
+    if est.fits or config.force:
+        return
+    raise SpeedRefused(
+        f"--model {config.model} needs {est.weight_bytes / 1e9:.1f} GB for its weights "
+        f"({est.dtype}) and {est.device.type} has {est.free_bytes / 1e9:.1f} GB free: use a "
+        "machine with more memory (a GPU), a smaller --dtype, or --force to try anyway")
+
+
+def cpu_warning(config: SpeedConfig, est: SpeedEstimate) -> str | None:
+    """The warning that `l2s speed` of a real model on a CPU measures little of use (the
+    shipped toys, CPU models, get none)."""
+    from l2s.engine.registry import presets
+
+    preset = presets().get(config.model)
+    if est.device.type != "cpu" or (preset is not None and not preset.configs):
+        return None
+    return ("l2s speed is a GPU benchmark (CUDA-synchronised times, kernel launches): on a CPU "
+            "a real model takes long and its times say little about a GPU; --units-only and "
+            "--repeats 1 shorten it")
+
+
 def timing_loss(denoiser: Denoiser, model: str, classifier: str | None) -> tuple[RelationLoss, str]:
     """The model's trained classifier loss, or a randomly initialised one of the same shape.
 
@@ -166,9 +271,14 @@ def _default_prompt(denoiser: Denoiser) -> str:
     return "a dog to the right of a teddy bear"
 
 
-def speed(config: SpeedConfig, denoiser: Denoiser | None = None, on_unit=None) -> SpeedResult:
+def speed(config: SpeedConfig, denoiser: Denoiser | None = None, on_unit=None,
+          on_note=None) -> SpeedResult:
     """Measure the units and the end-to-end generations; write the report to ``config.out``
-    (checked before the timing, which an unwritable report would waste) and return it."""
+    (checked before the timing, which an unwritable report would waste) and return it.
+
+    Before building the model: ``estimate`` (told to ``on_note`` with, on a CPU, a warning)
+    and a refusal (``SpeedRefused``) when its weights exceed the free memory, unless
+    ``config.force``."""
     check_config("speed", config, SpeedConfig)
     from l2s.engine.loading import load_backbone
     from l2s.steering.job import PromptError
@@ -176,6 +286,13 @@ def speed(config: SpeedConfig, denoiser: Denoiser | None = None, on_unit=None) -
     if config.out:
         check_writable_file(config.out)
     if denoiser is None:
+        est = estimate(config)
+        if on_note is not None:
+            on_note(est.describe())
+        check_estimate(config, est)
+        warning = cpu_warning(config, est)
+        if warning and on_note is not None:
+            on_note(f"warning: {warning}")
         denoiser = load_backbone(config.model, device=config.device, dtype=config.dtype,
                                  random_weights=config.random_weights,
                                  image_size=config.image_size)
