@@ -636,7 +636,7 @@ def test_cli_warns_when_a_positive_only_classifier_reads_the_word(tmp_path, monk
 def test_a_finished_train_is_not_silently_redone_unless_fresh(tmp_path, monkeypatch):
     """Catches a rerun of a finished `l2s train` (same settings, same data) retraining and
     overwriting the classifier: it says so in one line and trains nothing; --fresh retrains;
-    other settings or more data are a new run."""
+    other settings or more data are refused naming --fresh (they overwrote it silently)."""
     app = _cli(monkeypatch)
     make_cache(tmp_path / "cache", n_images=24)
     args = ["--cache-dir", str(tmp_path / "cache"), "--model", "synthetic", "--epochs", "2",
@@ -659,15 +659,21 @@ def test_a_finished_train_is_not_silently_redone_unless_fresh(tmp_path, monkeypa
     r = CliRunner().invoke(app, [*args, "--fresh"])
     assert r.exit_code == 0 and "already holds" not in r.output and "classifier card:" in r.output
     assert "mark" not in json.loads(card.read_text())
-    # other settings: a new run, not "finished"
+    # other settings: refused in one line naming --fresh (was: retrained and overwrote the
+    # classifier silently), the card untouched; --fresh replaces it
+    before = card.read_bytes()
     r = CliRunner().invoke(app, [*args, "--epochs", "1"])
-    assert r.exit_code == 0 and "already holds" not in r.output
-    assert json.loads(card.read_text())["training"]["epochs"] == 1
-    # more data in the cache since: a new run too
+    out = " ".join(r.output.split())
+    assert r.exit_code == 2 and "already holds a classifier of another run (epochs 2 -> 1)" \
+        in out and "--fresh to replace it" in out and "Traceback" not in out
+    assert card.read_bytes() == before
+    r = CliRunner().invoke(app, [*args, "--epochs", "1", "--fresh"])
+    assert r.exit_code == 0 and json.loads(card.read_text())["training"]["epochs"] == 1
     assert "already holds" in CliRunner().invoke(app, [*args, "--epochs", "1"]).output
+    # more data in the cache since: another run too, refused the same way
     make_cache(tmp_path / "cache", n_images=8, source="shapes", seed=1)
     r = CliRunner().invoke(app, [*args, "--epochs", "1"])
-    assert r.exit_code == 0 and "already holds" not in r.output
+    assert r.exit_code == 2 and "the cached data" in r.output and "--fresh" in r.output
 
 
 def test_finished_check_leaves_an_interrupted_run_to_resume(tmp_path):

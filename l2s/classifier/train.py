@@ -490,32 +490,42 @@ _NOT_SETTINGS = ("epochs_run", "seconds", "parameters", "device", "cache_dir", "
 
 
 def finished_card(out: Path, resolved: TrainConfig, backbone: Mapping, counts: Mapping
-                  ) -> dict | None:
-    """The card in ``out`` when it is the finished result of ``resolved`` (its settings with
-    the defaults filled in) on this backbone and data (``_counts``), else None (no card, an
-    unreadable one, weights damaged or gone, other settings, another backbone or other data:
-    a new run)."""
+                  ) -> tuple[dict | None, list[str]]:
+    """(the card in ``out``, how it differs from ``resolved``'s run): the differences are
+    empty when the card is the finished result of ``resolved`` (its settings with the
+    defaults filled in) on this backbone and data (``_counts``). (None, []) when ``out`` holds
+    no usable classifier (no card, an unreadable one, weights damaged or gone): a new run,
+    which loses nothing."""
+    path = out / CARD_FILE
+    if not path.exists():
+        return None, []
     try:
-        card = json.loads((out / CARD_FILE).read_text(encoding="utf-8"))
+        card = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return None
+        return None, []
     if not isinstance(card, dict) or not isinstance(card.get("training"), dict):
-        return None
+        return None, []
+    try:  # its weights as the card wrote them (damaged or gone: trained again)
+        if sha256_file(out / WEIGHTS_FILE) != card.get("weights_sha256"):
+            return None, []
+    except OSError:
+        return None, []
 
     def settings(values: Mapping) -> dict:  # as JSON holds them (tuples as lists)
         return json.loads(json.dumps({k: v for k, v in values.items()
                                       if k not in _NOT_SETTINGS}))
 
+    was, now = settings(card["training"]), settings(resolved.settings())
+    diff = [f"{k} {was.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(was) | set(now))
+            if was.get(k) != now.get(k)]
     backbone_of = card.get("backbone") or {}
+    if backbone_of.get("fingerprint") != backbone["fingerprint"]:
+        diff.append(f"backbone {backbone_of.get('name')} ({backbone_of.get('fingerprint')}) -> "
+                    f"{backbone['name']} ({backbone['fingerprint']})")
     data = {k: v for k, v in (card.get("data") or {}).items() if k in counts}
-    try:  # its weights as the card wrote them (damaged or gone: trained again)
-        whole = sha256_file(out / WEIGHTS_FILE) == card.get("weights_sha256")
-    except OSError:
-        whole = False
-    same = (whole and settings(card["training"]) == settings(resolved.settings())
-            and backbone_of.get("fingerprint") == backbone["fingerprint"]
-            and data == json.loads(json.dumps(dict(counts))))
-    return card if same else None
+    if data != json.loads(json.dumps(dict(counts))):
+        diff.append("the cached data (entries were added or removed since)")
+    return card, diff
 
 
 def _train(cfg: TrainConfig, denoiser, callback: Callable[[dict], None] | None, fresh: bool,
@@ -564,7 +574,11 @@ def _train(cfg: TrainConfig, denoiser, callback: Callable[[dict], None] | None, 
 
     checkpoint = out / CHECKPOINT_NAME
     if not fresh and not checkpoint.exists():  # a checkpoint: a run to resume, not finished
-        done = finished_card(out, resolved, backbone, _counts(data, parts))
+        done, diff = finished_card(out, resolved, backbone, _counts(data, parts))
+        if diff:  # another classifier is there: replacing it takes --fresh
+            raise TrainError(f"{out} already holds a classifier of another run "
+                             f"({'; '.join(diff[:4])}{'; ...' if len(diff) > 4 else ''}): "
+                             "rerun with --fresh to replace it (or choose another --out)")
         if done is not None:
             config_path = out / CONFIG_FILE
             # written again (deleted or damaged, it would not repeat the run)

@@ -118,8 +118,9 @@ def train(
                                     "under accelerate launch, each process's own GPU)."),
     fresh: bool = typer.Option(False, "--fresh",
                                help="Start over: discard the saved state of an interrupted "
-                                    "run in the classifier folder, or retrain the finished "
-                                    "classifier it holds."),
+                                    "run in the classifier folder, or replace the finished "
+                                    "classifier it holds (needed when its settings, backbone "
+                                    "or data differ)."),
     config: str = config_option("epochs: 20"),
     json_out: bool = typer.Option(False, "--json", help="Print the metrics JSON on stdout."),
 ) -> None:
@@ -130,7 +131,8 @@ def train(
     saves its state after every epoch: rerun the same command after an interruption and it
     continues from the last finished epoch, ending with the weights of an uninterrupted run.
     A rerun once the classifier is finished (same settings and data) says so and trains
-    nothing; --fresh retrains it.
+    nothing; --fresh retrains it. A folder holding a classifier (or an interrupted run) of
+    other settings, backbone or data is refused: --fresh replaces it, or choose another --out.
     """
     from l2s.engine.loading import load_backbone
 
