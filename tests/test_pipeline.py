@@ -85,3 +85,21 @@ def test_callback_steers_flux_and_sd3_pipelines_through_their_family(kind):
                              settings=SteerSettings(steps=4, steer_until=1, iterations=2,
                                                     step_size=3000.0))
     np.testing.assert_array_equal(_run_mmdit(pipe, idle, **extra), plain)
+
+
+@pytest.mark.parametrize("guidance", [0.0, 0.5, 1.0, 2.0])
+def test_guidance_scales_follow_the_pipelines_rule(guidance):
+    """Bug: l2s mixed in the unconditional branch at scales below 1 (0.5 extrapolated away
+    from the prompt, 0 gave the unconditional image) where diffusers'
+    do_classifier_free_guidance (guidance_scale > 1) uses the conditional prediction alone."""
+    from l2s.engine.sampling import denoise
+    from l2s.families.sd import from_pipeline
+
+    pipe = _pipe()
+    den = from_pipeline(pipe, "tiny")
+    x = den.prepare_latents(1, torch.Generator().manual_seed(0))
+    want = pipe("a dog left of a cat", num_inference_steps=4, guidance_scale=guidance,
+                height=32, width=32, latents=x.clone(), output_type="latent").images
+    got = denoise(den, x, den.encode_prompt(["a dog left of a cat"]), steps=4,
+                  guidance=guidance)
+    assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()

@@ -18,8 +18,10 @@ from l2s.errors import L2SError
 
 
 def uses_uncond(denoiser: Denoiser, guidance: float) -> bool:
-    """Whether guidance at this scale needs the unconditional branch (a CFG batch)."""
-    return denoiser.guidance_mode == "cfg" and guidance != 1.0
+    """Whether guidance at this scale needs the unconditional branch (a CFG batch): scales
+    above 1 only, diffusers' rule (``do_classifier_free_guidance``: guidance_scale > 1); at
+    1 or below the conditional prediction is used alone."""
+    return denoiser.guidance_mode == "cfg" and guidance > 1.0
 
 
 def guided_prediction(
@@ -33,8 +35,8 @@ def guided_prediction(
     """The guided prediction at one step, float32.
 
     CFG families run both branches in one batch and mix them (Ho & Salimans, 2022), which is
-    linear, so it holds for epsilon and velocity alike; "embedded" families get the scale as
-    a network input; "none" ignores it.
+    linear, so it holds for epsilon and velocity alike, at scales above 1 (``uses_uncond``);
+    "embedded" families get the scale as a network input; "none" ignores it.
     """
     if not uses_uncond(denoiser, guidance):
         return denoiser.predict(latents, t, cond, guidance=guidance)

@@ -30,7 +30,8 @@ class SteerOptions:
     """How to sample and how hard and how long to steer; every field optional."""
 
     steps: int | None = _option("Sampling steps")
-    guidance: float | None = _option("Guidance scale (CFG; Flux-dev: the embedded scale)")
+    guidance: float | None = _option("Guidance scale (CFG above 1, as diffusers; at 1 or "
+                                     "below the prompt alone; Flux-dev: the embedded scale)")
     steer_until: float | None = _option(
         "Steer before this fraction of the steps (< 1) or this step count (>= 1)")
     steer_from: int | None = _option("First steered step")
