@@ -7,7 +7,7 @@ returns a typed result.
     result = steer(SteerConfig("a circle to the left of a square", num_images=4))
 
     command       job                  config -> result
-    l2s steer     steer                SteerConfig -> SteerResult (images, report.json)
+    l2s steer     steer                SteerConfig -> SteerResult (PIL images, report.json)
     l2s invert    invert               InvertConfig -> InvertResult (counts, cache stats)
     l2s train     train                TrainConfig -> TrainResult (card, metrics)
     l2s bench     benchmark            BenchConfig -> BenchResult (summary per method)

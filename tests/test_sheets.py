@@ -58,11 +58,11 @@ def test_compare_plain_saves_and_judges_the_plain_images_beside_the_steered(tmp_
     ref = steer(SteerConfig(prompt=PROMPT, method="plain", num_images=3, options=OPTIONS),
                 denoiser=tiny).images
     np.testing.assert_array_equal(plain, ref)
-    assert not np.array_equal(plain, res.images)  # steering moved them
+    assert not np.array_equal(plain, res.pixels)  # steering moved them
     assert rep["achieved_plain"] == {"by": "brightness", "per_image": judge(plain, None),
                                      "count": sum(judge(plain, None)), "of": 3}
     assert any(np.array_equal(c, plain) for c in calls)
-    assert rep["achieved"]["per_image"] == judge(res.images, None)
+    assert rep["achieved"]["per_image"] == judge(res.pixels, None)
     grid = Image.open(rep["compare_grid"])
     assert grid.width > 3 * 128 and grid.height > 2 * 128  # 3 seeds x (plain, steered)
 

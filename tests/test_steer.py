@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -32,7 +33,14 @@ def _cfg(tmp_path, **kw):
 
 def test_report_format_and_files(tmp_path, tiny):
     res = steer(_cfg(tmp_path, num_images=2, compare_plain=True), denoiser=tiny)
-    assert res.images.shape == (2, 32, 32, 3)
+    assert res.pixels.shape == (2, 32, 32, 3)
+    # result.images are PIL images, as a diffusers pipeline's (were numpy arrays), and hold
+    # the pixels written to the PNGs
+    from PIL import Image
+
+    assert all(isinstance(im, Image.Image) and im.mode == "RGB" for im in res.images)
+    assert [np.asarray(im).tolist() for im in res.images] == \
+        [np.asarray(Image.open(p)).tolist() for p in res.paths]
     rep = json.loads((res.out / "report.json").read_text())
     assert rep["triplets"] == [{"subject": "dog", "relation": "left of", "object": "cat",
                                 "steerable": True}]

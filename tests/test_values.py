@@ -218,7 +218,7 @@ def test_steered_toy_image_slice_is_pinned():
                             options=SteerOptions(steps=6, steer_until=3, iterations=4,
                                                  steer_from=0, optimizer="sgd",
                                                  step_size=5.0)))
-    row = torch.tensor(res.images[0, 16, 8:24:2].astype(int))  # (8, 3) uint8 as int
+    row = torch.tensor(res.pixels[0, 16, 8:24:2].astype(int))  # (8, 3) uint8 as int
     expected = torch.tensor(EXPECTED_ROW)
     assert (row - expected).abs().max() <= 3, row.tolist()
 

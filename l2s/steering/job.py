@@ -248,12 +248,20 @@ def compare_grid(prompt: str, seeds: list[int], plain: np.ndarray, steered: np.n
 
 @dataclass
 class SteerResult:
-    """Images (N, H, W, 3) uint8, the JSON report, and the files written."""
+    """The images (PIL, as diffusers pipelines return them; ``pixels``: one uint8 array),
+    the JSON report, and the files written."""
 
-    images: np.ndarray
+    pixels: np.ndarray  # (N, H, W, 3) uint8
     report: dict
     out: Path | None = None
     paths: list[Path] = field(default_factory=list)
+
+    @property
+    def images(self) -> list:
+        """The images as PIL RGB images, in seed order (``pixels`` holds them as an array)."""
+        from PIL import Image
+
+        return [Image.fromarray(p) for p in self.pixels]
 
 
 def unique_dir(path: str | Path) -> Path:
