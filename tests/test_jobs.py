@@ -194,7 +194,9 @@ def test_a_python_invert_writes_the_config_that_repeats_it(tmp_path, den, one_th
                        inversion=FAST)
     res = job.invert(cfg, den)
     path = tmp_path / den.fingerprint / "config.yaml"
-    assert InvertConfig.from_yaml(path) == cfg
+    # the model's defaults written resolved (fixed_point None -> the toy's 2)
+    assert InvertConfig.from_yaml(path) == replace(cfg, inversion=cfg.inversion.resolve("toy"))
+    assert InvertConfig.from_yaml(path).inversion.fixed_point == 2
     assert job.invert(InvertConfig.from_yaml(path), den).skipped == res.written  # same entries
 
 

@@ -105,8 +105,10 @@ def invert(
     inversion: str = typer.Option("ddim", "--inversion",
                                   help="ddim (inversion + reconstruction PSNR) or noise "
                                        "(forward-noised image: fast bulk data)."),
-    fixed_point: int = typer.Option(2, "--fixed-point",
-                                    help="Fixed-point refinements per DDIM inversion step."),
+    fixed_point: int = typer.Option(None, "--fixed-point",
+                                    help="Fixed-point refinements per DDIM inversion step "
+                                         "(default: the model's, `l2s models --json`: 0, "
+                                         "plain Euler, on toy-mmdit; 2 elsewhere)."),
     min_psnr: float = typer.Option(20.0, "--min-psnr",
                                    help="Drop images reconstructing worse than this (dB)."),
     per_relation: str = typer.Option(None, "--per-relation",

@@ -397,6 +397,7 @@ def describe_presets() -> list[dict]:
             "image_size": p.image_size,
             "defaults": asdict(p.defaults),  # steps, guidance, steering (SteerDefaults)
             "training": asdict(p.training),  # classifier lr and size (TrainDefaults)
+            "inversion": asdict(p.inversion),  # fixed-point refinements (InvertDefaults)
             "available": is_available_locally(p.name),
             "random_weights": bool(p.configs),
         }

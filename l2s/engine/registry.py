@@ -80,6 +80,15 @@ class TrainDefaults:
 
 
 @dataclass(frozen=True)
+class InvertDefaults:
+    """A backbone's default inversion settings (`l2s invert`, and `l2s train`'s inversion)."""
+
+    # refinement iterations per inversion step (Pan et al. 2023; 0: plain DDIM / Euler
+    # inversion): whether they help depends on the model
+    fixed_point: int = 2
+
+
+@dataclass(frozen=True)
 class ReferenceLayout:
     """How the published L2S classifiers of a family read its maps (`l2s classifier import`).
 
@@ -114,6 +123,7 @@ class Preset:
     image_size: int  # default generation size in pixels
     defaults: SteerDefaults = SteerDefaults()  # its sampling and steering defaults
     training: TrainDefaults = TrainDefaults()  # its classifier-training defaults
+    inversion: InvertDefaults = InvertDefaults()  # its inversion defaults
     world: World | None = None  # what a closed-vocabulary model draws (None: open vocabulary)
     # Family-specific data, e.g. exact architecture configs for --random-weights.
     configs: dict = field(default_factory=dict, compare=False, repr=False)
@@ -316,6 +326,13 @@ def steer_defaults(model: str) -> SteerDefaults:
     else SteerDefaults()."""
     p = get_preset(model) or _like_preset(model)
     return p.defaults if p else SteerDefaults()
+
+
+def invert_defaults(model: str) -> InvertDefaults:
+    """The inversion defaults of ``model``: its preset's (or its look-alike preset's, as
+    ``steer_defaults``), else InvertDefaults()."""
+    p = get_preset(model) or _like_preset(model)
+    return p.inversion if p else InvertDefaults()
 
 
 def _like_preset(model: str) -> Preset | None:

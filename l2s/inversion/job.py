@@ -7,7 +7,7 @@ import random
 import sys
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from itertools import islice
 from pathlib import Path
 
@@ -233,6 +233,7 @@ def invert(cfg: InvertConfig, denoiser: Denoiser | None = None,
     from l2s.inversion.sources import SourceOptions, SourceReport, expected_samples, iter_samples
 
     t_start = time.perf_counter()
+    cfg = replace(cfg, inversion=cfg.inversion.resolve(cfg.model))  # the model's defaults
     if denoiser is None:
         from l2s.engine.loading import load_backbone
 

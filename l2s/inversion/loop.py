@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from l2s.config import ConfigError, check_integer, check_number, is_whole
 from l2s.engine.backbone import Conditioning, Denoiser
 from l2s.engine.hooks import AttentionRecorder
+from l2s.engine.registry import invert_defaults
 from l2s.engine.sampling import denoise
 
 INVERSION_METHODS = ("ddim", "noise")
@@ -28,7 +29,9 @@ class InversionConfig:
     # "noise": forward-noise the image at each step (the schedule's add_noise).
     method: str = "ddim"
     steps: int = 50  # length of the DDIM schedule the recorded steps index into
-    fixed_point: int = 2  # refinement iterations per DDIM inversion step (0: plain inversion)
+    # refinement iterations per DDIM inversion step (0: plain inversion; None: the model's,
+    # l2s.engine.registry.InvertDefaults, filled in by ``resolve``)
+    fixed_point: int | None = None
     record_steps: tuple[int, ...] = (5, 10, 15, 20, 25, 49)  # step indices (0 = noisiest)
     map_size: int = 16  # side of the recorded, resized attention maps
     min_psnr: float = 20.0  # ddim: drop images that reconstruct worse than this (dB)
@@ -40,7 +43,7 @@ class InversionConfig:
         check_integer("--steps", self.steps, 1, optional=False)
         # each refinement is one more network call per step: past a few nothing improves, and
         # 10^9 ran for days without a word
-        check_integer("--fixed-point", self.fixed_point, 0, optional=False, high=100)
+        check_integer("--fixed-point", self.fixed_point, 0, high=100)
         check_integer("--map-size", self.map_size, 1, optional=False)
         check_number("--min-psnr", self.min_psnr, -math.inf)
         if not isinstance(self.record_steps, tuple | list) or any(
@@ -54,6 +57,13 @@ class InversionConfig:
         if twice:  # each would be recorded, stored and trained on again
             raise ConfigError(f"--timesteps lists step {twice[0]} more than once: give each "
                               "recorded step once")
+
+    def resolve(self, model: str) -> InversionConfig:
+        """This config with every "model default" (None) filled in from ``model``'s
+        inversion defaults."""
+        if self.fixed_point is not None:
+            return self
+        return replace(self, fixed_point=invert_defaults(model).fixed_point)
 
     def latent_settings(self) -> dict:
         """What the cached latent trajectory depends on (not the recorded steps)."""
