@@ -102,3 +102,26 @@ def test_invert_and_train_with_json_tell_progress(monkeypatch, tmp_path, den):
 def test_every_command_takes_quiet_and_verbose(command):
     r = runner.invoke(app, [*command.split(), "--help"], env={"COLUMNS": "200"})
     assert r.exit_code == 0 and "--quiet" in r.output and "--verbose" in r.output
+
+
+def test_a_long_unit_still_gets_a_status_line_on_a_timer(monkeypatch, capsys):
+    """Catches a log silent during one long unit (a bench batch, an inversion batch): the
+    status lines came only with updates; now the last one is told again every
+    HEARTBEAT_EVERY seconds until the display stops, and never after."""
+    import time
+
+    monkeypatch.setattr(output, "HEARTBEAT_EVERY", 0.05)
+    with output.LineProgress(every=10.0) as bars:
+        task = bars.add_task("bench", total=4)
+        bars.update(task, completed=1)
+        time.sleep(0.6)  # one long unit: no update
+    lines = [x for x in capsys.readouterr().err.splitlines() if x]
+    assert lines[0].startswith("bench: 1/4 (25%)") and "still working" not in lines[0]
+    assert len(lines) >= 3 and all(x.startswith("bench: 1/4 (25%)") and
+                                   x.endswith("(still working)") for x in lines[1:])
+    time.sleep(0.2)
+    assert capsys.readouterr().err == ""  # stopped with the display
+    with output._LineStatus("training"):
+        time.sleep(0.6)
+    lines = [x for x in capsys.readouterr().err.splitlines() if x]
+    assert lines and lines[0].startswith("training (still working, elapsed 0:00)")

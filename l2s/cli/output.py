@@ -89,6 +89,9 @@ def user_errors(fn: Callable) -> Callable:
 # How much a command tells on stderr while it works: -1 --quiet, 0 default, 1 --verbose.
 _verbosity = 0
 PROGRESS_EVERY = 10.0  # seconds between one-line statuses off a terminal (and with --json)
+# The longest a status line stays silent while one long unit (a bench batch, an inversion
+# batch, an epoch) runs: the last line is told again, "still working", on a timer.
+HEARTBEAT_EVERY = 30.0
 
 
 def verbosity() -> int:
@@ -139,6 +142,41 @@ def _clock(seconds: float) -> str:
     return f"{h}:{rest // 60:02d}:{rest % 60:02d}" if h else f"{rest // 60}:{rest % 60:02d}"
 
 
+class _Heartbeat:
+    """Calls ``beat(now)`` about once a second on a daemon thread, from ``start`` to
+    ``stop``. The one lock (``lock``) is taken around each beat, and by the owner around its
+    own status lines, so the two never interleave; the beat only reads the owner's state and
+    prints."""
+
+    def __init__(self, beat: Callable[[float], None], now: Callable[[], float]) -> None:
+        import threading
+
+        self.lock = threading.Lock()
+        self._beat, self._now = beat, now
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        import threading
+
+        if self._thread is None:
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._run, name="l2s-heartbeat", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join(timeout=5)
+            self._thread = None
+
+    def _run(self) -> None:
+        while not self._stop.wait(min(1.0, HEARTBEAT_EVERY / 10)):
+            with self.lock:
+                if not self._stop.is_set():
+                    self._beat(self._now())
+
+
 class LineProgress:
     """The part of ``rich.progress.Progress`` the commands use, told as one-line statuses on
     stderr: "<task>: done/total (percent), rate/s, ETA m:ss, <info>", at a task's first
@@ -155,6 +193,7 @@ class LineProgress:
         self.live = SimpleNamespace(is_started=False)
         self._tasks: list[dict] = []
         self._now = time.monotonic
+        self._heart = _Heartbeat(self._beat, lambda: self._now())
 
     def __enter__(self) -> LineProgress:
         self.start()
@@ -165,9 +204,21 @@ class LineProgress:
 
     def start(self) -> None:
         self.live.is_started = True
+        if self.enabled:
+            self._heart.start()
 
     def stop(self) -> None:
         self.live.is_started = False
+        self._heart.stop()
+
+    def _beat(self, now: float) -> None:
+        """Tell an unfinished task's line again when it has been silent HEARTBEAT_EVERY s."""
+        for t in self._tasks:
+            done = t["total"] is not None and t["completed"] >= t["total"]
+            if t["said"] is not None and not done and now - t["said"] >= HEARTBEAT_EVERY:
+                t["said"] = now
+                console.print(self.line(t, now) + " (still working)", highlight=False,
+                              soft_wrap=True, markup=False)
 
     def add_task(self, description: str, total: float | None = None, completed: float = 0,
                  **fields) -> int:
@@ -192,8 +243,9 @@ class LineProgress:
         due = t["said"] is None or now - t["said"] >= self.every or \
             (done and t["said_done"] != t["completed"])
         if self.enabled and due:
-            t["said"], t["said_done"] = now, t["completed"]
-            console.print(self.line(t, now), highlight=False, soft_wrap=True, markup=False)
+            with self._heart.lock:
+                t["said"], t["said_done"] = now, t["completed"]
+                console.print(self.line(t, now), highlight=False, soft_wrap=True, markup=False)
 
     def line(self, t: dict, now: float) -> str:
         done, total = t["completed"], t["total"]
@@ -233,20 +285,33 @@ class _LineStatus:
 
         self.message, self._now = message, time.monotonic
         self.every = 0.0 if _verbosity > 0 else PROGRESS_EVERY
+        self._heart = _Heartbeat(self._beat, lambda: self._now())
 
     def __enter__(self) -> _LineStatus:
         if _verbosity > 0:
             console.print(f"{self.message} ...", highlight=False, soft_wrap=True, markup=False)
-        self.said = self._now() - self.every  # the first update is due at once
+        self.began = self._now()
+        self.said = self.began - self.every  # the first update is due at once
+        self.told = self.began  # when a line was last printed (the heartbeat's clock)
+        self.last = self.message
+        self._heart.start()
         return self
 
     def __exit__(self, *exc) -> None:
-        return None
+        self._heart.stop()
 
     def update(self, message: str) -> None:
-        if self._now() - self.said >= self.every:
-            self.said = self._now()
-            console.print(message, highlight=False, soft_wrap=True, markup=False)
+        with self._heart.lock:
+            self.last = message
+            if self._now() - self.said >= self.every:
+                self.said = self.told = self._now()
+                console.print(message, highlight=False, soft_wrap=True, markup=False)
+
+    def _beat(self, now: float) -> None:
+        if now - self.told >= HEARTBEAT_EVERY:
+            self.told = now
+            console.print(f"{self.last} (still working, elapsed {_clock(now - self.began)})",
+                          highlight=False, soft_wrap=True, markup=False)
 
 
 def status(message: str, quiet: bool = False):
