@@ -214,7 +214,12 @@ def test_python_train_inverts_what_the_cache_lacks_then_trains(tmp_path, one_thr
     stages = [ev["stage"] for ev in events]
     assert stages[0] == "invert" and events[0]["sources"] == ["shapes"]
     assert "result" in events[stages.index("train") - 1]  # the invert summary, then epochs
-    assert TrainConfig.from_yaml(res.config_path) == replace(cfg, out=str(tmp_path / "clf"))
+    # the model's defaults written as used (were null: the file repeated the run only while
+    # the defaults stayed the same)
+    (d_model, depth), lr = cfg.resolved_size(), cfg.resolved_lr()
+    assert TrainConfig.from_yaml(res.config_path) == replace(
+        cfg, out=str(tmp_path / "clf"), lr=lr, d_model=d_model, depth=depth)
+    assert None not in (lr, d_model, depth)
     assert "invert" not in res.card["training"]  # how data was gathered is not a setting
     assert json.loads(json.dumps(res.to_json()))["inverted"]["written"] == 48
     assert train(cfg).inverted is None  # the cache has shapes now: nothing to invert
@@ -236,10 +241,20 @@ def test_python_steer_and_bench_write_the_config_their_commands_repeat(tmp_path,
                             out=str(tmp_path / "s")))
     written = yaml.safe_load((res.out / "config.yaml").read_text())
     assert written["steps"] == 4 and written["seed"] == 3 and "options" not in written
+    # the model's defaults written as used (were null), the options given kept
+    from l2s.engine.registry import steer_defaults
+
+    toy = steer_defaults("toy")
+    assert (written["guidance"], written["step_size"], written["optimizer"]) == \
+        (toy.guidance, toy.step_size, toy.optimizer) and written["image_size"] == 32
+    assert written["iterations"] == 2 and written["steer_until"] == 2
     r = CliRunner().invoke(app, ["steer", "--config", str(res.out / "config.yaml"), "--json"])
     assert r.exit_code == 0, r.output
     again = json.loads(r.stdout)
-    assert again["settings"] == res.report["settings"] and again["seeds"] == [3]
+    # the same run: what was given, and the model's defaults now spelled out
+    assert again["settings"] == {k: written.get(k) if v is None else v
+                                 for k, v in res.report["settings"].items()}
+    assert again["seeds"] == [3]
 
     bench_out = tmp_path / "b"
     benchmark(BenchConfig(methods=("plain",), prompts=2, options=fast, out=str(bench_out)))

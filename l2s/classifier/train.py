@@ -666,8 +666,10 @@ def _train(cfg: TrainConfig, denoiser, callback: Callable[[dict], None] | None, 
     }
     card_path = save_classifier(model.cpu(), card, out)
     checkpoint.unlink(missing_ok=True)  # the card is the result now
-    # The options as given (None: the model's default), the folder as used: --config repeats it
-    config_path = dump_yaml({**cfg.options(), "out": str(out)}, out / CONFIG_FILE)
+    # The options with the model's defaults as used (lr, sizes), the device as given, the
+    # folder as used: --config repeats it whatever the defaults become
+    config_path = dump_yaml({**replace(resolved, device=cfg.device).options(),
+                             "out": str(out)}, out / CONFIG_FILE)
     return TrainResult(card_path, json.loads(card_path.read_text()), history, seconds,
                        config_path, inverted)
 

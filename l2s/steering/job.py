@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -395,8 +395,12 @@ def steer(config: SteerConfig, denoiser: Denoiser | None = None, on_step=None) -
                 for b, i in enumerate(steered)]
         report["out"] = str(out)
         atomic_write_text(out / "report.json", json.dumps(finite_json(report), indent=2))
-        # the run in `l2s steer`'s option names: `l2s steer --config out/config.yaml` repeats it
-        dump_yaml(option_values(config), out / CONFIG_FILE)
+        # the run in `l2s steer`'s option names, the model's defaults written as the values
+        # used: `l2s steer --config out/config.yaml` repeats it
+        h, w = denoiser.image_size
+        dump_yaml(option_values(replace(
+            config, options=config.options.with_all_model_defaults(config.model),
+            image_size=config.image_size or (h if h == w else None))), out / CONFIG_FILE)
         result.out = out
     return result
 

@@ -77,6 +77,13 @@ class SteerOptions:
         d = steer_defaults(model)
         return replace(self, **{n: getattr(d, n) for n in names if getattr(self, n) is None})
 
+    def with_all_model_defaults(self, model: str) -> SteerOptions:
+        """These options with every "model default" (None) filled in from ``model``'s
+        defaults: what a written config.yaml holds, so it repeats the run whatever the
+        defaults become (a loss_threshold left None stays None: the paper's schedule)."""
+        return self.with_model_defaults(model, *(f.name for f in fields(self)
+                                                 if f.metadata["model_default"]))
+
     def resolve(self, model: str) -> SteerSettings:
         """The concrete settings for ``model``: each option left None is the model's default
         (``l2s.engine.registry.steer_defaults``: its preset's or look-alike preset's, else
