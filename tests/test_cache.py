@@ -149,3 +149,32 @@ def test_written_files_respect_the_umask_not_mkstemps_owner_only_mode(tmp_path, 
         os.umask(old)
     assert {p.name: oct(p.stat().st_mode & 0o777) for p in written} == \
         {p.name: oct(0o666 & ~umask) for p in written}
+
+
+def test_a_killed_writers_temp_files_are_removed_and_a_live_writers_kept(tmp_path):
+    """Catches temp files of a writer killed between writing and renaming (SIGKILL: no
+    cleanup runs) left in the cache forever, and a sweep that deletes a live writer's."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from l2s import locks
+    from l2s.inversion.cache import remove_dead_temp_files, temp_prefix
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead_start = locks.process_start(dead.pid)
+    dead.wait()
+    host = locks.owner_text().split()[0]
+    (tmp_path / "maps" / "ab").mkdir(parents=True)
+    gone = tmp_path / "maps" / "ab" / f".tmp-{host}+{dead.pid}+{dead_start}+x1.safetensors"
+    live = tmp_path / "maps" / "ab" / f"{temp_prefix()}x2.safetensors"
+    fresh_unnamed = tmp_path / ".tmp-abc123.json"
+    old_unnamed = tmp_path / ".tmp-def456.json"
+    for p in (gone, live, fresh_unnamed, old_unnamed):
+        p.write_bytes(b"")
+    t = time.time() - 2 * 3600
+    os.utime(old_unnamed, (t, t))
+    assert remove_dead_temp_files(tmp_path) == 2
+    assert not gone.exists() and not old_unnamed.exists()
+    assert live.exists() and fresh_unnamed.exists()

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from l2s.distill.data import distill_prompts, image_seed
-from l2s.distill.train import load_checkpoint, save_checkpoint
+from l2s.distill.train import save_checkpoint, start_training
 from l2s.engine.backbone import Denoiser
 from l2s.engine.sampling import guided_prediction, seeded_latents, uses_uncond
 from l2s.steering.loop import Steerer, SteerSettings
@@ -125,13 +125,7 @@ def train_reward(base: Denoiser, trained: Denoiser, net, params: list, loss: Rel
     """Train the attached LoRA ``params`` of ``net`` (``trained``'s network) with the reward
     recipe for ``steps`` steps; returns the history (per checkpoint interval: the mean reward
     loss, keep-close loss and p(target) at the last read step)."""
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    step, history = 0, []
-    if checkpoint.is_file():
-        step, history = load_checkpoint(checkpoint, net, opt, params, identity)
-        if callback:
-            callback({"phase": "train", "step": step, "steps": steps, "resumed": True,
-                      "loss": history[-1]["loss"] if history else math.nan})
+    opt, step, history = start_training(net, params, lr, steps, checkpoint, identity, callback)
     grid = base.timesteps(settings.steps)
     net.train()
     sums = {"loss": 0.0, "keep": 0.0, "p_target": 0.0}

@@ -54,6 +54,21 @@ def _model_time(denoiser: Denoiser, ts: Sequence) -> torch.Tensor:
     return torch.tensor(list(ts), dtype=dtype, device=denoiser.device)
 
 
+def start_training(net, params: list, lr: float, steps: int, checkpoint: Path, identity: dict,
+                   callback: Callable[[dict], None] | None = None
+                   ) -> tuple[torch.optim.Optimizer, int, list[dict]]:
+    """(AdamW over ``params``, step, history): fresh, or restored from ``checkpoint`` when a
+    run of this ``identity`` left one (the callback hears that it resumed)."""
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    step, history = 0, []
+    if checkpoint.is_file():
+        step, history = load_checkpoint(checkpoint, net, opt, params, identity)
+        if callback:
+            callback({"phase": "train", "step": step, "steps": steps, "resumed": True,
+                      "loss": history[-1]["loss"] if history else math.nan})
+    return opt, step, history
+
+
 def save_checkpoint(path: Path, net, opt: torch.optim.Optimizer, params: list, step: int,
                     history: list[dict], identity: dict) -> None:
     from l2s.inversion.cache import atomic_write
@@ -106,13 +121,7 @@ def train_lora(denoiser: Denoiser, net, params: list, latents: torch.Tensor,
     from; a ``paired_fraction`` of each batch is noised with it instead of fresh noise (the
     straight path from that noise to the steered image, as reflow trains: the layout steering
     gave that very noise is the target, not only the average layout of the prompt)."""
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    step, history = 0, []
-    if checkpoint.is_file():
-        step, history = load_checkpoint(checkpoint, net, opt, params, identity)
-        if callback:
-            callback({"phase": "train", "step": step, "steps": steps, "resumed": True,
-                      "loss": history[-1]["loss"] if history else math.nan})
+    opt, step, history = start_training(net, params, lr, steps, checkpoint, identity, callback)
     unique = sorted(set(prompts))
     with torch.no_grad():
         table = denoiser.encode_prompt(unique + [""])

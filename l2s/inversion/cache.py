@@ -32,6 +32,7 @@ import math
 import os
 import socket
 import tempfile
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -85,6 +86,39 @@ def _umask() -> int:
     return mask
 
 
+TEMP_PREFIX = ".tmp-"
+OTHER_HOST_TEMP_S = 3600.0  # another machine's temp file older than this: its writer is gone
+
+
+def temp_prefix() -> str:
+    """The name prefix of this process's temp files: ``.tmp-HOST+PID+START+``, so a later run
+    can tell the leftovers of a killed writer (``remove_dead_temp_files``)."""
+    host, pid, start = locks.owner_text().split()
+    return f"{TEMP_PREFIX}{host}+{pid}+{start}+"
+
+
+def remove_dead_temp_files(folder: Path) -> int:
+    """Delete the temp files under ``folder`` whose writer is gone (killed between writing
+    and renaming: never read, only litter): on this machine when its process is gone, from
+    another machine after an hour, unnamed ones (older l2s) after an hour. Returns how many."""
+    removed = 0
+    for path in Path(folder).rglob(TEMP_PREFIX + "*"):
+        parts = path.name[len(TEMP_PREFIX):].split("+")
+        try:
+            age = time.time() - path.stat().st_mtime
+            if len(parts) >= 4 and parts[1].isdigit():
+                h = locks.Holder(parts[0], int(parts[1]), parts[2], age)
+                gone = locks.is_gone(h) if h.here else age > OTHER_HOST_TEMP_S
+            else:
+                gone = age > OTHER_HOST_TEMP_S
+            if gone and path.is_file():
+                path.unlink()
+                removed += 1
+        except OSError:
+            continue  # gone meanwhile, or not ours to delete
+    return removed
+
+
 def atomic_write(path: Path, write: Callable[[str], object]) -> None:
     """``write(tmp)`` into a temp file beside ``path``, then rename it into place: readers
     and interrupted runs never see a half-written file. The file gets the mode an ordinary
@@ -92,7 +126,7 @@ def atomic_write(path: Path, write: Callable[[str], object]) -> None:
     cache or another user's evaluation can read it."""
     with writing(path):
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temp_prefix(), suffix=path.suffix)
         os.close(fd)
         try:
             write(tmp)

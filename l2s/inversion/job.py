@@ -35,6 +35,7 @@ from l2s.inversion.cache import (
     atomic_write_text,
     content_key,
     image_hash,
+    remove_dead_temp_files,
 )
 from l2s.inversion.loop import (
     InversionConfig,
@@ -239,6 +240,8 @@ def invert(cfg: InvertConfig, denoiser: Denoiser | None = None,
 
         denoiser = load_backbone(cfg.model, device=cfg.device, dtype=cfg.dtype)
     cache = AttentionCache(cfg.cache_dir, denoiser.fingerprint)
+    if not cache.read_only:  # litter of a writer killed mid-write
+        remove_dead_temp_files(cache.dir)
     inv = cfg.inversion
     shard_index, shard_count = resolve_shard(cfg.shard) or (0, 1)
     layers = denoiser.cross_attention_layers()
