@@ -49,10 +49,10 @@ from l2s.engine.registry import Family, LoadRequest, Preset, SteerDefaults, regi
 from l2s.engine.schedules import FlowMatchSchedule
 from l2s.engine.tokens import TokenAlignmentError
 from l2s.families.joint_attention import (
-    CAPTURE_MODES,
     Sink,
     _explicit_attention,
     flux_attention_layers,
+    setup_capture,
     text_key_probs,
 )
 from l2s.families.mmdit import MMDiTDenoiser, mmdit_dtype
@@ -157,17 +157,8 @@ def text_key_probs_light(q_img: torch.Tensor, k_txt: torch.Tensor) -> torch.Tens
 
 
 class _Capture:
-    """What both FLUX.2 capture processors share: the layer, sink, text length and mode, and
-    the original processor's attention backend (kept, so its kernel choice stays)."""
-
-    def _setup(self, layer: CrossAttnLayer, sink: Sink | None, text_len: int, mode: str,
-               original) -> None:
-        if mode not in CAPTURE_MODES:
-            raise ValueError(f"unknown capture mode {mode!r}: use {', '.join(CAPTURE_MODES)}")
-        self.layer, self.sink, self.text_len, self.mode = layer, sink, text_len, mode
-        if original is not None:
-            self._attention_backend = original._attention_backend
-            self._parallel_config = original._parallel_config
+    """What both FLUX.2 capture processors share: handing the sink its maps, then attending
+    (their settings: ``setup_capture``)."""
 
     def _attend(self, query, key, value, attention_mask):
         """Hands the sink the maps ([text; image]: image queries x text keys), then attends."""
@@ -189,7 +180,7 @@ class Flux2CaptureProcessor(_Capture, Flux2AttnProcessor):
     def __init__(self, layer: CrossAttnLayer, sink: Sink | None, text_len: int, *,
                  mode: str = "capture", original: Flux2AttnProcessor | None = None) -> None:
         super().__init__()
-        self._setup(layer, sink, text_len, mode, original)
+        setup_capture(self, layer, sink, text_len, mode, original)
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
                  image_rotary_emb=None):
@@ -222,7 +213,7 @@ class Flux2SingleCaptureProcessor(_Capture, Flux2ParallelSelfAttnProcessor):
                  mode: str = "capture",
                  original: Flux2ParallelSelfAttnProcessor | None = None) -> None:
         super().__init__()
-        self._setup(layer, sink, text_len, mode, original)
+        setup_capture(self, layer, sink, text_len, mode, original)
 
     def __call__(self, attn, hidden_states, attention_mask=None, image_rotary_emb=None):
         hidden_states = attn.to_qkv_mlp_proj(hidden_states)

@@ -59,6 +59,19 @@ def _explicit_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
     return (probs @ v).transpose(1, 2)
 
 
+def setup_capture(proc, layer: CrossAttnLayer, sink: Sink | None, text_len: int, mode: str,
+                  original) -> None:
+    """What every diffusers-processor capture (Flux, FLUX.2, Qwen-Image) holds: the layer,
+    sink, text length and mode, and the original processor's attention backend and
+    context-parallel settings (kept, so its kernel choice stays)."""
+    if mode not in CAPTURE_MODES:
+        raise ValueError(f"unknown capture mode {mode!r}: use {', '.join(CAPTURE_MODES)}")
+    proc.layer, proc.sink, proc.text_len, proc.mode = layer, sink, text_len, mode
+    if original is not None:
+        proc._attention_backend = original._attention_backend
+        proc._parallel_config = original._parallel_config
+
+
 class FluxCaptureProcessor(FluxAttnProcessor):
     """FluxAttnProcessor that also hands a sink the image x text-key maps of its layer.
 
@@ -69,12 +82,7 @@ class FluxCaptureProcessor(FluxAttnProcessor):
     def __init__(self, layer: CrossAttnLayer, sink: Sink | None, text_len: int, *,
                  mode: str = "capture", original: FluxAttnProcessor | None = None) -> None:
         super().__init__()
-        if mode not in CAPTURE_MODES:
-            raise ValueError(f"unknown capture mode {mode!r}: use {', '.join(CAPTURE_MODES)}")
-        self.layer, self.sink, self.text_len, self.mode = layer, sink, text_len, mode
-        if original is not None:  # keep the attention backend / context-parallel settings
-            self._attention_backend = original._attention_backend
-            self._parallel_config = original._parallel_config
+        setup_capture(self, layer, sink, text_len, mode, original)
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
                  image_rotary_emb=None):

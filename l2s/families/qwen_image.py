@@ -49,7 +49,7 @@ from l2s.engine.loading import (
 from l2s.engine.registry import Family, LoadRequest, Preset, SteerDefaults, register_family
 from l2s.engine.tokens import TokenAlignmentError
 from l2s.families.flux import FluxDenoiser
-from l2s.families.joint_attention import CAPTURE_MODES, Sink, sd3_attention_layers
+from l2s.families.joint_attention import Sink, sd3_attention_layers, setup_capture
 from l2s.families.mmdit import MMDiTDenoiser, mmdit_dtype
 
 # QwenImagePipeline.prompt_template_encode and prompt_template_encode_start_idx.
@@ -170,17 +170,8 @@ def build_qwen_tokenizer(words=RANDOM_WEIGHTS_WORDS, *, model_max_length: int = 
                for s in ("", " ")]
     merges: list[tuple[str, str]] = []
     ranks: dict[tuple[str, str], int] = {}
-    for target in targets:  # left-to-right chains, then joins for what other merges split
-        for _ in range(2):
-            pieces = _bpe(target, ranks)
-            while len(pieces) > 1:
-                pair = (pieces[0], pieces[1])
-                ranks[pair] = len(merges)
-                merges.append(pair)
-                vocab.setdefault(pair[0] + pair[1], len(vocab))
-                pieces = _bpe(target, ranks)
-    # Later merges can split an earlier word again: every word must still be one token.
-    for target in targets:
+
+    def join(target: str) -> None:  # merge its first two pieces until it is one token
         pieces = _bpe(target, ranks)
         while len(pieces) > 1:
             pair = (pieces[0], pieces[1])
@@ -188,6 +179,13 @@ def build_qwen_tokenizer(words=RANDOM_WEIGHTS_WORDS, *, model_max_length: int = 
             merges.append(pair)
             vocab.setdefault(pair[0] + pair[1], len(vocab))
             pieces = _bpe(target, ranks)
+
+    for target in targets:  # left-to-right chains, then joins for what other merges split
+        for _ in range(2):
+            join(target)
+    # Later merges can split an earlier word again: every word must still be one token.
+    for target in targets:
+        join(target)
     tok = Qwen2Tokenizer(vocab=vocab, merges=merges,
                          model_max_length=model_max_length)
     tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS],
@@ -299,12 +297,7 @@ class QwenCaptureProcessor(QwenDoubleStreamAttnProcessor2_0):
                  mode: str = "capture",
                  original: QwenDoubleStreamAttnProcessor2_0 | None = None) -> None:
         super().__init__()
-        if mode not in CAPTURE_MODES:
-            raise ValueError(f"unknown capture mode {mode!r}: use {', '.join(CAPTURE_MODES)}")
-        self.layer, self.sink, self.text_len, self.mode = layer, sink, text_len, mode
-        if original is not None:  # keep the attention backend / context-parallel settings
-            self._attention_backend = original._attention_backend
-            self._parallel_config = original._parallel_config
+        setup_capture(self, layer, sink, text_len, mode, original)
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None,
                  encoder_hidden_states_mask=None, attention_mask=None, image_rotary_emb=None):
