@@ -728,3 +728,107 @@ def test_a_results_line_altered_but_still_parsing_is_found_and_scored_again(orac
     again = run_bench(cfg, denoiser=object())
     assert _scores(again) == _scores(first) and not oracle  # rescored from the saved image
     assert all(json.loads(x)["correct"] for x in path.read_text().splitlines())
+
+
+def _toy_defaults(monkeypatch, **changes):
+    """Change the toy preset's steering defaults (``steps=...``) or image size
+    (``image_size=...``) as a later l2s might."""
+    from dataclasses import replace
+
+    from l2s.engine import registry
+
+    toy = registry.presets()["toy"]
+    size = changes.pop("image_size", toy.image_size)
+    monkeypatch.setitem(registry._PRESETS, "toy", replace(
+        toy, image_size=size, defaults=replace(toy.defaults, **changes)))
+
+
+def test_bench_config_files_hold_the_model_defaults_so_config_repeats_the_run(
+        oracle, monkeypatch, tmp_path):
+    """Catches bench writing null for "the model's default" (steps, guidance, step size,
+    image size ...) into config.json and config.yaml: after the defaults changed, the same
+    command continued the folder with other settings unnoticed, and `--config OUT/config.yaml`
+    could not repeat the run it records."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from l2s.cli import app
+    from l2s.engine.registry import steer_defaults
+
+    toy = steer_defaults("toy")
+    run_bench(BenchConfig(methods=("oracle",), prompts=2, num_images=1, out=str(tmp_path)),
+              denoiser=object())
+    saved = json.loads((tmp_path / "config.json").read_text())
+    written = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    for d in (saved, written):
+        assert (d["steps"], d["guidance"], d["step_size"], d["iterations"], d["steer_until"],
+                d["steer_from"], d["optimizer"], d["image_size"]) == (
+            toy.steps, toy.guidance, toy.step_size, toy.iterations, toy.steer_until,
+            toy.steer_from, toy.optimizer, 32)
+    # the defaults change: the same command is another run now, the written file is not
+    _toy_defaults(monkeypatch, steps=toy.steps + 1, image_size=64)
+    with pytest.raises(BenchError, match=rf"other settings .*'steps': \({toy.steps}, "
+                                         rf"{toy.steps + 1}\)"):
+        run_bench(BenchConfig(methods=("oracle",), prompts=2, num_images=1,
+                              out=str(tmp_path)), denoiser=object())
+    oracle.clear()
+    r = CliRunner().invoke(app, ["bench", "--config", str(tmp_path / "config.yaml"),
+                                 "--prompts", "3", "--json"])
+    assert r.exit_code == 0, r.output  # resumed: only the new prompt is generated
+    assert oracle == [[image_seed(0, 2, 0)]]
+    assert json.loads(r.stdout)["methods"]["oracle"]["n_images"] == 3
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["steps"] == toy.steps
+
+
+def test_a_bench_folder_written_with_null_defaults_still_resumes(oracle, monkeypatch,
+                                                                  tmp_path):
+    """Catches a folder an older l2s wrote (config.json and the records' settings digest with
+    null for every model default) refused as "a run with other settings" once bench writes
+    the values: by its own command, by `--config` of the config.yaml now written (which holds
+    the values), and with its config.json deleted. A real difference is still refused."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from l2s.bench import run as bench_run
+    from l2s.cli import app
+    from l2s.engine.registry import steer_defaults
+    from l2s.steering.options import SteerOptions
+
+    def cfg(prompts, out=tmp_path / "a", **options):
+        return BenchConfig(methods=("oracle",), prompts=prompts, num_images=1, out=str(out),
+                           options=SteerOptions(**options))
+
+    def older_run(out):  # what bench wrote before it resolved the model's defaults
+        with monkeypatch.context() as m:
+            m.setattr(bench_run, "resolved_config", lambda c: c)
+            run_bench(cfg(2, out), denoiser=object())
+        saved = json.loads((out / "config.json").read_text())
+        assert saved["steps"] is None and saved["image_size"] is None
+
+    toy = steer_defaults("toy")
+    older_run(tmp_path / "a")
+    oracle.clear()
+    assert run_bench(cfg(3), denoiser=object()).complete  # the same command resumes
+    assert oracle == [[image_seed(0, 2, 0)]]
+    written = yaml.safe_load((tmp_path / "a" / "config.yaml").read_text())
+    assert (written["steps"], written["image_size"]) == (toy.steps, 32)
+    # --config of that file: the values spelled out are the defaults the nulls stood for
+    oracle.clear()
+    r = CliRunner().invoke(app, ["bench", "--config", str(tmp_path / "a" / "config.yaml"),
+                                 "--prompts", "4", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["methods"]["oracle"]["n_images"] == 4
+    assert oracle == [[image_seed(0, 3, 0)]]
+    assert json.loads((tmp_path / "a" / "config.json").read_text())["steps"] is None  # its form
+    with pytest.raises(BenchError, match="other settings"):  # a real difference still is
+        run_bench(cfg(4, steps=toy.steps + 1), denoiser=object())
+    # config.json deleted: the records' digest names the null form of this very command
+    other = tmp_path / "b"
+    older_run(other)
+    (other / "config.json").unlink()
+    oracle.clear()
+    assert run_bench(cfg(3, other), denoiser=object()).complete
+    assert oracle == [[image_seed(0, 2, 0)]]
+    assert run_bench(cfg(3, other, steps=toy.steps), denoiser=object()).complete  # spelled out
+    with pytest.raises(BenchError, match="other settings"):
+        run_bench(cfg(3, other, steps=toy.steps + 1), denoiser=object())

@@ -263,6 +263,19 @@ def test_python_steer_and_bench_write_the_config_their_commands_repeat(tmp_path,
     r = CliRunner().invoke(app, ["bench", "--config", str(bench_out / "config.yaml"), "--json"])
     assert r.exit_code == 0, r.output  # same settings: the finished run is found, not refused
     assert json.loads(r.stdout)["methods"]["plain"]["n_images"] == 2
+    # the model's defaults spelled out (image size, guidance ...) make the very same images
+    assert written["image_size"] == 32 and written["guidance"] is not None
+    r = CliRunner().invoke(app, ["bench", "--config", str(bench_out / "config.yaml"),
+                                 "--out", str(tmp_path / "b2"), "--json"])
+    assert r.exit_code == 0, r.output
+    pngs = sorted(p.relative_to(bench_out) for p in bench_out.glob("plain/*/samples/*.png"))
+    assert len(pngs) == 2
+    import numpy as np
+    from PIL import Image
+
+    for p in pngs:
+        assert np.array_equal(np.asarray(Image.open(bench_out / p)),
+                              np.asarray(Image.open(tmp_path / "b2" / p)))
 
 
 def test_invert_takes_device_and_dtype_like_every_job_command(tmp_path, monkeypatch):

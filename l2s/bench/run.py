@@ -47,7 +47,7 @@ from l2s.config import (
     option_values,
 )
 from l2s.engine.backbone import Denoiser
-from l2s.engine.registry import World, presets, world_of
+from l2s.engine.registry import World, get_preset, presets, world_of
 from l2s.engine.sampling import to_uint8
 from l2s.launcher import format_shard, resolve_shard
 from l2s.steering.options import SteerOptions
@@ -64,8 +64,8 @@ class BenchConfig:
     prompts: int | None = None  # first N prompts (None: all of a fixed suite, 200 generated)
     num_images: int | None = None  # images per prompt (None: the suite's, Suite.images)
     seed: int = 0  # picks generated prompt sets and every image's noise seed
-    # Sampling and steering (steered methods). config.json holds iterations and
-    # relation_schedule resolved (runs written before they could be None did).
+    # Sampling and steering (steered methods). config.json and config.yaml hold every model
+    # default resolved (``resolved_config``; a folder an older l2s began keeps its nulls).
     options: SteerOptions = field(default_factory=SteerOptions)
     classifier: str | None = None  # l2s: classifier card (None: the model's default)
     lora: str | None = None  # plain+lora, l2s+lora: LoRA folder (None: the model's shipped one)
@@ -138,6 +138,25 @@ class BenchConfig:
     @property
     def detector_name(self) -> str:
         return self.detector or DEFAULT_DETECTORS[self.suite]
+
+
+# The fields None stands for "the model's default" in: the model-default steering options and
+# the image size (what an older l2s wrote into config.json as null)
+MODEL_DEFAULT_KEYS = frozenset({"image_size"} | {f.name for f in fields(SteerOptions)
+                                                  if f.metadata["model_default"]})
+
+
+def resolved_config(cfg: BenchConfig) -> BenchConfig:
+    """``cfg`` with each "model default" (None) as the value it stands for: the model's
+    sampling and steering defaults (``SteerOptions.with_all_model_defaults``) and a preset's
+    image size (a hub id or folder no preset names keeps None: the size its own configs give).
+    What config.json and config.yaml hold, so `--config OUT/config.yaml` repeats the run
+    whatever l2s's defaults become; generation itself runs on ``cfg`` as given."""
+    preset = get_preset(cfg.model)
+    size = cfg.image_size if cfg.image_size is not None or preset is None else \
+        preset.image_size
+    return replace(cfg, options=cfg.options.with_all_model_defaults(cfg.model),
+                   image_size=size)
 
 
 @dataclass
@@ -228,13 +247,21 @@ def _run(cfg: BenchConfig, out: Path, denoiser: Denoiser | None, detector: Detec
     # a folder with no result yet (a run that stopped before its first image, e.g. out of
     # memory) takes the new settings; one with results keeps its own
     started = bool(records) or store.has_images(out)
-    store.check_config(out, cfg.identity(), started)
+    # the settings as used, and as this folder holds them: null where an older l2s's run in
+    # it wrote "the model's default" as null and this run uses that default
+    written = resolved_config(cfg)
+    nulls = _older_nulls(out, cfg, written.identity(), records) if started else set()
+    identity = {**written.identity(), **dict.fromkeys(nulls)}
+    store.check_config(out, identity, started)
     # every record names the settings it was made with: records of other settings are
     # refused even when config.json, which would have said so, is gone
-    settings = store.settings_digest(cfg.identity())
+    settings = store.settings_digest(identity)
     sampling = cfg.options.with_model_defaults(cfg.model, "steps", "guidance")
     made = {"settings": settings, "steps": sampling.steps, "guidance": sampling.guidance}
-    store.check_records(out, records, made, config_checked=(out / "config.json").exists())
+    # (a record whose digest is of these settings with no null left is this run's too: a
+    # folder whose config.json lacks fields bench gained since may hold both kinds)
+    store.check_records(out, records, made, config_checked=(out / "config.json").exists(),
+                        also={store.settings_digest(written.identity())})
     jobs = [(p, k) for p in mine for k in range(cfg.num_images)]
     records = _drop_lost_images(out, records, {(m, p.index, k) for m in cfg.methods
                                                for p, k in jobs})
@@ -269,10 +296,11 @@ def _run(cfg: BenchConfig, out: Path, denoiser: Denoiser | None, detector: Detec
     pending = {m: [store.made_with(store.image_text(store.image_path(out, m, p.index, k)))
                    for p, k in saved[m]] for m in cfg.methods}
     _check_cards(out, records, cards, pending)
-    store.write_config(out, cfg.to_json(), cfg.identity(), started)
-    # the run in `l2s bench`'s option names: `l2s bench --config out/config.yaml` repeats it
-    dump_yaml({**option_values(cfg, {"methods": "method"}), "shard": format_shard(cfg.shard)},
-              out / CONFIG_FILE)
+    store.write_config(out, {**written.to_json(), **dict.fromkeys(nulls)}, identity, started)
+    # the run in `l2s bench`'s option names, the model's defaults written as the values used:
+    # `l2s bench --config out/config.yaml` repeats it whatever the defaults become
+    dump_yaml({**option_values(written, {"methods": "method"}),
+               "shard": format_shard(cfg.shard)}, out / CONFIG_FILE)
     results = out / store.results_name(cfg.shard)
     counts, queues = {}, {}
 
@@ -334,6 +362,29 @@ def _run(cfg: BenchConfig, out: Path, denoiser: Denoiser | None, detector: Detec
             for (p, k), img, extra in zip(batch, imgs, extras, strict=True):
                 scored(method, p, k, (each, each_cpu), img, generated=True, extra=extra)
     return summarise_run(cfg, prompts, records, out)
+
+
+def _older_nulls(out: Path, cfg: BenchConfig, identity: dict, records: list[dict]
+                 ) -> set[str]:
+    """The model-default keys (``MODEL_DEFAULT_KEYS``) the run in ``out``, begun by an older
+    l2s, holds as null ("the model's default") where this run (``identity``: resolved) uses
+    that default: config.json's nulls; config.json gone, the keys this command leaves to the
+    model when the records' settings digest is the one they make. Those keys stay null in
+    config.json and in the records' digest, so that run resumes from its own command and
+    from `--config` of the config.yaml written now (which holds the values)."""
+    defaults = resolved_config(replace(cfg, options=SteerOptions(), image_size=None)).identity()
+    usual = {k for k in MODEL_DEFAULT_KEYS
+             if identity.get(k) is not None and identity.get(k) == defaults.get(k)}
+    path = out / "config.json"
+    if path.exists():
+        try:
+            old = json.loads(path.read_bytes().decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            return set()  # damaged: store.check_config refuses it
+        return {k for k in usual if old.get(k) is None} if isinstance(old, dict) else set()
+    given = {k for k in usual if cfg.identity().get(k) is None}
+    digest = store.settings_digest({**identity, **dict.fromkeys(given)})
+    return given if given and any(r.get("settings") == digest for r in records) else set()
 
 
 def _made_with(generate) -> dict | None:

@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Collection
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -254,12 +255,14 @@ def settings_digest(identity: dict) -> str:
                           ).hexdigest()[:16]
 
 
-def check_records(out: Path, records: list[dict], made: dict, config_checked: bool) -> None:
+def check_records(out: Path, records: list[dict], made: dict, config_checked: bool,
+                  also: Collection[str] = ()) -> None:
     """Refuse results made with other settings than ``made`` ({"settings": digest, "steps",
-    "guidance"}). Records of an older l2s carry no digest: config.json vouches for them, and
-    without it (deleted) they cannot be trusted to match."""
+    "guidance"}; ``also``: other digests of the same settings, written otherwise). Records of
+    an older l2s carry no digest: config.json vouches for them, and without it (deleted) they
+    cannot be trusted to match."""
     other = [r for r in records if r.get("settings", None if config_checked else "?")
-             not in (None, made["settings"])]
+             not in (None, made["settings"], *also)]
     if not other:
         return
     said = {k: sorted({str(r.get(k, "?")) for r in other}) for k in ("steps", "guidance")}
