@@ -251,9 +251,14 @@ def test_python_steer_and_bench_write_the_config_their_commands_repeat(tmp_path,
     r = CliRunner().invoke(app, ["steer", "--config", str(res.out / "config.yaml"), "--json"])
     assert r.exit_code == 0, r.output
     again = json.loads(r.stdout)
-    # the same run: what was given, and the model's defaults now spelled out
-    assert again["settings"] == {k: written.get(k) if v is None else v
-                                 for k, v in res.report["settings"].items()}
+    # report.json's settings are the values used, as config.yaml's (were: the image size and
+    # the loss threshold as given, null), so the repeated run reports the very same settings
+    assert res.report["settings"]["image_size"] == 32
+    assert res.report["settings"]["loss_threshold"] == written["loss_threshold"] \
+        == toy.loss_threshold
+    assert {k: v for k, v in res.report["settings"].items() if k in written} == \
+        {k: v for k, v in written.items() if k in res.report["settings"]}
+    assert again["settings"] == res.report["settings"]
     assert again["seeds"] == [3]
 
     bench_out = tmp_path / "b"
@@ -276,6 +281,21 @@ def test_python_steer_and_bench_write_the_config_their_commands_repeat(tmp_path,
     for p in pngs:
         assert np.array_equal(np.asarray(Image.open(bench_out / p)),
                               np.asarray(Image.open(tmp_path / "b2" / p)))
+
+
+def test_steer_best_of_writes_the_candidate_count_it_used(tmp_path, one_thread):
+    """Catches `steer --method best-of` without --candidates reporting and writing
+    candidates: null (the default count) where the run searched DEFAULT_CANDIDATES: its
+    config.yaml then repeated the run only while that default stayed."""
+    from l2s import SteerConfig, SteerOptions, steer
+    from l2s.steering.search import DEFAULT_CANDIDATES
+
+    res = steer(SteerConfig("a circle to the left of a square", method="best-of",
+                            options=SteerOptions(steps=3), out=str(tmp_path / "s")))
+    assert len(res.report["best_of"][0]["seeds"]) == DEFAULT_CANDIDATES
+    assert res.report["settings"]["candidates"] == DEFAULT_CANDIDATES
+    assert yaml.safe_load((res.out / "config.yaml").read_text())["candidates"] == \
+        DEFAULT_CANDIDATES
 
 
 def test_invert_takes_device_and_dtype_like_every_job_command(tmp_path, monkeypatch):

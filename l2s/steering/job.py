@@ -320,13 +320,22 @@ def steer(config: SteerConfig, denoiser: Denoiser | None = None, on_step=None) -
         images, stats = search.images, SteerStats()
     else:
         images, stats = (verified.images, verified.stats) if verified is not None else ran
+    # the run as used: the model's defaults (steering options, image size) and best-of's
+    # candidate count as their values; config.yaml and report.json's "settings" hold them
+    h, w = denoiser.image_size
+    used = replace(config, options=config.options.with_all_model_defaults(config.model),
+                   image_size=config.image_size or (h if h == w else None))
+    if config.method == "best-of" and config.candidates is None:
+        from l2s.steering.search import DEFAULT_CANDIDATES
+
+        used = replace(used, candidates=DEFAULT_CANDIDATES)
     report = {
         "prompt": config.prompt,
         "triplets": [{"subject": t.subject, "relation": t.relation, "object": t.object,
                       "steerable": t.steerable} for t in triplets],
         "method": method,
         "classifier": card,
-        "settings": {**config.to_json(), **asdict(settings)},
+        "settings": {**used.to_json(), **asdict(settings)},
         "image_size": list(denoiser.image_size),  # (H, W) pixels generated
         "text_len": denoiser.text_len,  # text tokens prompts were encoded as (the maps' keys)
         "seeds": seeds,
@@ -397,10 +406,7 @@ def steer(config: SteerConfig, denoiser: Denoiser | None = None, on_step=None) -
         atomic_write_text(out / "report.json", json.dumps(finite_json(report), indent=2))
         # the run in `l2s steer`'s option names, the model's defaults written as the values
         # used: `l2s steer --config out/config.yaml` repeats it
-        h, w = denoiser.image_size
-        dump_yaml(option_values(replace(
-            config, options=config.options.with_all_model_defaults(config.model),
-            image_size=config.image_size or (h if h == w else None))), out / CONFIG_FILE)
+        dump_yaml(option_values(used), out / CONFIG_FILE)
         result.out = out
     return result
 
