@@ -3,6 +3,7 @@ resumable training, held-out pairs, one-line errors."""
 
 import copy
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -345,3 +346,52 @@ def test_a_lora_run_prints_no_transformers_warnings(tmp_path):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "[transformers]" not in r.stderr and "torchvision" not in r.stderr, r.stderr
+
+
+def _reward_run(out, steps, **kw):
+    from l2s.distill.job import DistillConfig
+
+    return DistillConfig(out=str(out), recipe="reward", batch_size=2, checkpoint_every=1,
+                         eval_prompts=0, steps=steps, **kw)
+
+
+def test_distill_config_yaml_holds_the_held_out_objects_it_used(toy, tmp_path, one_thread):
+    """Catches `l2s distill`'s config.yaml writing hold_out: null ("the model's last
+    object") where the run held out the ring: --config of it repeated the run only while that
+    default stayed. `--config` of the file resumes the folder's training."""
+    import yaml
+
+    from l2s.distill.job import DistillConfig, distill
+
+    distill(_reward_run(tmp_path, 1), toy)
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["hold_out"] == "ring"
+    again = replace(DistillConfig.from_yaml(tmp_path / "config.yaml"), steps=2)
+    assert again.hold_out == ("ring",)
+    events = []
+    distill(again, toy, callback=events.append)
+    assert any(e.get("resumed") and e["step"] == 1 for e in events)
+
+
+def test_a_distill_folder_written_with_null_hold_out_still_resumes(toy, tmp_path, monkeypatch,
+                                                                   one_thread):
+    """Catches a training checkpoint an older l2s wrote (its identity holding hold_out null,
+    "the model's default") refused as "other settings" once the held-out objects are written
+    as used: by its own command and by `--config` of the config.yaml now written. Another
+    hold-out is still refused."""
+    from l2s.distill import job
+    from l2s.distill.job import DistillConfig, distill
+
+    with monkeypatch.context() as m:  # what distill's checkpoints held before
+        m.setattr(job, "_training_identity", lambda path, ident, default: {
+            **ident, "hold_out": None})
+        distill(_reward_run(tmp_path, 1), toy)
+    events = []
+    distill(_reward_run(tmp_path, 2), toy, callback=events.append)  # the same command
+    assert any(e.get("resumed") and e["step"] == 1 for e in events)
+    events.clear()
+    again = replace(DistillConfig.from_yaml(tmp_path / "config.yaml"), steps=3)
+    assert again.hold_out == ("ring",)
+    distill(again, toy, callback=events.append)
+    assert any(e.get("resumed") and e["step"] == 2 for e in events)
+    with pytest.raises(LoRAError, match="other settings"):
+        distill(_reward_run(tmp_path, 4, hold_out="square"), toy)

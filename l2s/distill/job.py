@@ -16,10 +16,11 @@ steps, read by the frozen base model, then does (3).
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -262,12 +263,16 @@ def _distill(cfg: DistillConfig, denoiser: Denoiser, callback, fresh: bool, out:
     from l2s.steering.job import build_loss
     from l2s.steering.options import SteerOptions
 
-    dump_yaml(cfg.options(), out / CONFIG_FILE)
+    objects = prompt_objects(denoiser)
+    hold = held_out(cfg, objects)
+    # this run in `l2s distill`'s option names, the held-out objects written as used (the
+    # model's default, null, was its last object): `--config OUT/config.yaml` repeats it
+    used = replace(cfg, hold_out=hold)
+    dump_yaml(used.options(), out / CONFIG_FILE)
     checkpoint = out / CHECKPOINT
     if fresh and checkpoint.exists():
         checkpoint.unlink()
-    objects = prompt_objects(denoiser)
-    hold = held_out(cfg, objects)
+    identity = _training_identity(checkpoint, used.identity(), hold == objects[-1:])
     settings = SteerOptions().resolve(cfg.model)
     loss, loss_source = build_loss("l2s", denoiser, cfg.model, cfg.classifier)
     seconds: dict[str, float] = {}
@@ -277,10 +282,10 @@ def _distill(cfg: DistillConfig, denoiser: Denoiser, callback, fresh: bool, out:
     setattr(trained, network_attribute(denoiser), net)
     if cfg.recipe == "self":
         train_card, data_card = _train_self(cfg, denoiser, trained, net, loss, settings,
-                                            objects, hold, seconds, callback)
+                                            objects, hold, identity, seconds, callback)
     else:
         train_card, data_card = _train_reward(cfg, denoiser, trained, net, loss, settings,
-                                              objects, hold, seconds, callback)
+                                              objects, hold, identity, seconds, callback)
     card = {
         "format": "l2s-lora/1",
         "base_model": cfg.model,
@@ -306,6 +311,24 @@ def _distill(cfg: DistillConfig, denoiser: Denoiser, callback, fresh: bool, out:
     return DistillResult(out, card, seconds)
 
 
+def _training_identity(checkpoint: Path, identity: dict, default_hold: bool) -> dict:
+    """The identity this run's training checkpoints carry: ``identity`` (the held-out
+    objects as used), or, where the checkpoint in the folder was written by an older l2s with
+    hold_out null ("the model's default") and this run holds out that default, that form:
+    the run resumes from its own command and from `--config` of the config.yaml written now."""
+    if not default_hold or not checkpoint.is_file():
+        return identity
+    from safetensors import SafetensorError, safe_open
+
+    older = {**identity, "hold_out": None}
+    try:
+        with safe_open(str(checkpoint), framework="pt") as f:
+            saved = json.loads((f.metadata() or {}).get("identity", "{}"))
+    except (OSError, SafetensorError, ValueError):
+        return identity  # unreadable: training refuses it, naming --fresh
+    return older if saved == json.loads(json.dumps(older, sort_keys=True)) else identity
+
+
 RECIPE_TEXT = {
     "self": "self-distillation: l2s-steered images the relation classifier accepts, the "
             "model's own denoising loss",
@@ -315,8 +338,8 @@ RECIPE_TEXT = {
 }
 
 
-def _train_self(cfg, denoiser, trained, net, loss, settings, objects, hold, seconds,
-                callback) -> tuple[dict, dict]:
+def _train_self(cfg, denoiser, trained, net, loss, settings, objects, hold, identity,
+                seconds, callback) -> tuple[dict, dict]:
     """Recipe "self": steered data the classifier accepts, then the denoising loss."""
     from l2s.distill import data as ddata
     from l2s.distill.lora import attach
@@ -344,7 +367,7 @@ def _train_self(cfg, denoiser, trained, net, loss, settings, objects, hold, seco
                              batch=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, grid=grid,
                              drop_text=cfg.drop_text, checkpoint=out / CHECKPOINT,
                              checkpoint_every=cfg.checkpoint_every,
-                             identity=cfg.identity(), paired=paired,
+                             identity=identity, paired=paired,
                              paired_fraction=cfg.paired_noise, callback=callback)
     seconds["train"] = time.perf_counter() - t0
     train_card = {"steps": cfg.steps, "batch_size": cfg.batch_size, "lr": cfg.lr,
@@ -354,8 +377,8 @@ def _train_self(cfg, denoiser, trained, net, loss, settings, objects, hold, seco
     return train_card, {"generated": counts["generated"], "accepted": counts["accepted"]}
 
 
-def _train_reward(cfg, denoiser, trained, net, loss, settings, objects, hold, seconds,
-                  callback) -> tuple[dict, dict]:
+def _train_reward(cfg, denoiser, trained, net, loss, settings, objects, hold, identity,
+                  seconds, callback) -> tuple[dict, dict]:
     """Recipe "reward": the classifier's loss through the first sampling steps."""
     from l2s.distill.lora import attach
     from l2s.distill.reward import read_steps, train_reward
@@ -369,7 +392,7 @@ def _train_reward(cfg, denoiser, trained, net, loss, settings, objects, hold, se
                                batch=cfg.batch_size, lr=cfg.lr, keep=cfg.keep, seed=cfg.seed,
                                checkpoint=Path(cfg.out) / CHECKPOINT,
                                checkpoint_every=cfg.checkpoint_every,
-                               identity=cfg.identity(), callback=callback)
+                               identity=identity, callback=callback)
     seconds["train"] = time.perf_counter() - t0
     grid = denoiser.timesteps(settings.steps)
     reads = read_steps(settings)
