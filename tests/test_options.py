@@ -201,6 +201,21 @@ def test_steering_range_that_steers_nothing_is_refused_when_resolved():
         SteerOptions(steps=10, steer_from=9, steer_until=0.5).resolve("toy")
 
 
+def test_the_model_defaults_spelled_out_resolve_as_left_out():
+    """Catches `steer --config OUT/config.yaml` of a `--steps 1` toy run refused ("--steer-from
+    1 leaves no step to steer"): the written file spells out the model's steer_from and
+    steer_until, which steer nothing at one step, as the run that wrote it did."""
+    from l2s.engine.registry import steer_defaults
+
+    toy = steer_defaults("toy")
+    left_out = SteerOptions(steps=1)
+    assert left_out.with_all_model_defaults("toy").resolve("toy") == left_out.resolve("toy")
+    assert SteerOptions(steps=1).resolve("toy").steered_count() == 0
+    with pytest.raises(ConfigError, match="--steer-from 1 \\(the model's default\\) leaves"):
+        SteerOptions(steps=1, steer_from=toy.steer_from,
+                     steer_until=toy.steer_until + 1).resolve("toy")
+
+
 @pytest.mark.parametrize("args,message", [
     (["steer", P, "--steps", "0"], "--steps must be >= 1, got 0"),
     (["bench", "--optimizer", "lbfgs"], "--optimizer must be one of sgd"),

@@ -98,9 +98,13 @@ class SteerOptions:
             v.update(threshold_start=threshold, threshold_end=threshold)
         settings = SteerSettings(**v)
         last = settings.steered_steps()
-        if (self.steer_from is not None or self.steer_until is not None) \
-                and not settings.steered_count():
-            default = " (the model's default)" if self.steer_from is None else ""
+        # refused only for a range the user chose: the model's own values spelled out (as a
+        # written config.yaml holds them) steer what the defaults steer, possibly nothing
+        # (`--steps 1` on the toy, which skips step 0)
+        chosen = [n for n in ("steer_from", "steer_until")
+                  if getattr(self, n) not in (None, getattr(defaults, n))]
+        if chosen and not settings.steered_count():
+            default = " (the model's default)" if "steer_from" not in chosen else ""
             raise ConfigError(f"--steer-from {settings.steer_from}{default} leaves no step to "
                               f"steer: steering ends before step {last} (--steer-until "
                               f"{settings.steer_until:g} of {settings.steps} steps); pass a "
