@@ -395,3 +395,35 @@ def test_a_distill_folder_written_with_null_hold_out_still_resumes(toy, tmp_path
     assert any(e.get("resumed") and e["step"] == 2 for e in events)
     with pytest.raises(LoRAError, match="other settings"):
         distill(_reward_run(tmp_path, 4, hold_out="square"), toy)
+
+
+def test_data_chunks_of_another_hold_out_or_classifier_are_regenerated(toy, tmp_path,
+                                                                         one_thread):
+    """Catches a rerun with another --hold-out (or seed, or classifier) training on the
+    chunks an earlier run left in the folder: their prompts hold the objects now held out.
+    A chunk of this very run is kept as it is."""
+    from l2s.distill.data import chunk_path, generate_chunks
+    from l2s.steering.job import build_loss
+    from l2s.steering.options import SteerOptions
+
+    settings = SteerOptions(steps=4).resolve("toy")
+    loss, _ = build_loss("l2s", toy, "toy", None)
+    folder = tmp_path / "data"
+    objects = tuple(toy.known_objects)
+
+    def run(hold, made_by):
+        generate_chunks(toy, loss, settings, folder, objects=objects, hold_out=hold,
+                        images=4, chunk=4, seed=0, made_by=made_by)
+        path = chunk_path(folder, 0)
+        return json.loads(path.with_suffix(".json").read_text())["prompts"], \
+            path.stat().st_mtime_ns
+
+    first, stamp = run(("ring",), {"classifier_sha256": "a"})
+    assert not any("ring" in p for p in first)
+    again, stamp2 = run(("ring",), {"classifier_sha256": "a"})
+    assert (again, stamp2) == (first, stamp)  # this run's chunk: kept
+    held = objects[0]
+    other, stamp3 = run((held,), {"classifier_sha256": "a"})
+    assert not any(held in p.split() for p in other), other
+    _, stamp4 = run((held,), {"classifier_sha256": "b"})
+    assert stamp4 != stamp3  # another classifier: made again

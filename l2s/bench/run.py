@@ -3,7 +3,6 @@ image as it comes, resume after a kill, shard across processes, summarise and co
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -402,13 +401,9 @@ def _card(source: str | None) -> dict | None:
     weights} of the card a method steers with; None for a method without one."""
     if source is None:
         return None
-    from l2s.classifier.model import WEIGHTS_FILE, read_card, sha256_file
+    from l2s.classifier.model import card_sha256, read_card
 
-    path, card = read_card(source)
-    h = hashlib.sha256(path.read_bytes())
-    if not card.get("weights_sha256"):  # a card that does not pin its weights
-        h.update(sha256_file(path.parent / str(card.get("weights", WEIGHTS_FILE))).encode())
-    return {"classifier": str(path), "classifier_sha256": h.hexdigest()}
+    return {"classifier": str(read_card(source)[0]), "classifier_sha256": card_sha256(source)}
 
 
 def _lora(folder: str | None) -> dict | None:

@@ -100,12 +100,26 @@ def read_chunk(path: Path) -> tuple[torch.Tensor, list[str], list[bool]] | None:
     return tensors["images"], meta["prompts"], [bool(a) for a in tensors["accepted"].tolist()]
 
 
+def _made_for(path: Path, texts: list[str], seeds: list[int], made_by: dict | None) -> bool:
+    """Whether the chunk at ``path`` holds these prompts and seeds, made by ``made_by``
+    (a chunk an older l2s wrote without it is judged by its prompts and seeds alone)."""
+    try:
+        meta = json.loads(path.with_suffix(".json").read_text())
+    except (OSError, ValueError):
+        return False
+    if meta.get("prompts") != texts or meta.get("seeds") != seeds:
+        return False
+    return "made_by" not in meta or meta["made_by"] == json.loads(json.dumps(made_by))
+
+
 def generate_chunks(denoiser: Denoiser, loss: RelationLoss, settings: SteerSettings,
                     folder: Path, *, objects: Sequence[str], hold_out: Sequence[str],
-                    images: int, chunk: int, seed: int,
+                    images: int, chunk: int, seed: int, made_by: dict | None = None,
                     callback: Callable[[dict], None] | None = None) -> dict:
     """Generate (or find) every chunk of ``images`` steered images in ``folder``; returns
-    {"generated", "accepted"} counts over all chunks."""
+    {"generated", "accepted"} counts over all chunks. A chunk found there is kept only if it
+    holds the prompts and seeds this run draws and was made by ``made_by`` (the classifier
+    and steering settings): a run with another hold-out, seed or classifier regenerates it."""
     from l2s.inversion.cache import atomic_write, atomic_write_text
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -114,17 +128,19 @@ def generate_chunks(denoiser: Denoiser, loss: RelationLoss, settings: SteerSetti
     for c in range(n_chunks):
         start, n = c * chunk, min(chunk, images - c * chunk)
         path = chunk_path(folder, c)
+        ps = distill_prompts(objects, hold_out, n, seed, start)
+        seeds = [image_seed(seed, i) for i in range(start, start + n)]
+        texts, trips = [p.prompt for p in ps], [[p.triplet] for p in ps]
         found = read_chunk(path) if path.is_file() else None
-        if found is None or len(found[1]) != n:
-            ps = distill_prompts(objects, hold_out, n, seed, start)
-            seeds = [image_seed(seed, i) for i in range(start, start + n)]
-            texts, trips = [p.prompt for p in ps], [[p.triplet] for p in ps]
+        if found is not None and not _made_for(path, texts, seeds, made_by):
+            found = None  # another run's chunk (other hold-out, seed or classifier): redo it
+        if found is None:
             imgs, _ = generate(denoiser, texts, trips, seeded_latents(denoiser, seeds),
                                settings, loss)
             ok = classifier_accepts(denoiser, imgs, texts, trips, loss, settings, seeds)
             u8 = torch.as_tensor(to_uint8(imgs))
-            atomic_write_text(path.with_suffix(".json"),
-                              json.dumps({"prompts": texts, "seeds": seeds}) + "\n")
+            atomic_write_text(path.with_suffix(".json"), json.dumps(
+                {"prompts": texts, "seeds": seeds, "made_by": made_by}) + "\n")
             atomic_write(path, lambda tmp, u8=u8, ok=ok: save_file(
                 {"images": u8.contiguous(), "accepted": torch.tensor(ok, dtype=torch.uint8)},
                 tmp))

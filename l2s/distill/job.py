@@ -341,6 +341,7 @@ RECIPE_TEXT = {
 def _train_self(cfg, denoiser, trained, net, loss, settings, objects, hold, identity,
                 seconds, callback) -> tuple[dict, dict]:
     """Recipe "self": steered data the classifier accepts, then the denoising loss."""
+    from l2s.classifier.model import card_sha256
     from l2s.distill import data as ddata
     from l2s.distill.lora import attach
     from l2s.distill.train import CHECKPOINT, train_lora
@@ -350,7 +351,9 @@ def _train_self(cfg, denoiser, trained, net, loss, settings, objects, hold, iden
     t0 = time.perf_counter()
     counts = ddata.generate_chunks(denoiser, loss, settings, out / "data", objects=objects,
                                    hold_out=hold, images=cfg.images, chunk=cfg.chunk,
-                                   seed=cfg.seed, callback=callback)
+                                   seed=cfg.seed, callback=callback,
+                                   made_by={"classifier_sha256": card_sha256(loss.source),
+                                            "steering": asdict(settings)})
     seconds["data"] = time.perf_counter() - t0
     images, prompts, seeds = ddata.load_accepted(out / "data", -(-cfg.images // cfg.chunk))
     if not prompts:
