@@ -10,6 +10,7 @@ from typer.core import TyperGroup
 
 from l2s import __version__
 from l2s.cli import bench, classifier, distill, doctor, invert, models, speed, steer, train
+from l2s.cli.helptext import reflow_commands
 from l2s.cli.options import SharedVocabulary
 from l2s.cli.output import output_options
 
@@ -33,7 +34,12 @@ def _usage_error_line(e: ClickException) -> None:
 
 
 class OneLineErrors(TyperGroup):
-    """The `l2s` group: usage errors of any of its commands print one line, exit code 2."""
+    """The `l2s` group: usage errors of any of its commands print one line, exit code 2; every
+    command's description flows to the terminal's width (its docstring's line breaks joined)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        reflow_commands(self)  # typer builds the subcommands first and hands them in here
 
     def make_context(self, *args, **kwargs):
         try:
