@@ -427,3 +427,22 @@ def test_data_chunks_of_another_hold_out_or_classifier_are_regenerated(toy, tmp_
     assert not any(held in p.split() for p in other), other
     _, stamp4 = run((held,), {"classifier_sha256": "b"})
     assert stamp4 != stamp3  # another classifier: made again
+
+
+def test_distill_off_a_terminal_tells_its_progress_on_stderr(toy, tmp_path, monkeypatch,
+                                                             one_thread):
+    """Catches `l2s distill` silent in a log (and with --json) until it ends: its data and
+    training phases print one-line statuses (done/total, rate, ETA) like every long command."""
+    from l2s.cli import app, output
+    from l2s.engine import loading
+
+    monkeypatch.setattr(loading, "load_backbone", lambda *a, **k: toy)
+    monkeypatch.setattr(output, "PROGRESS_EVERY", 0.0)
+    r = CliRunner().invoke(app, ["distill", "--out", str(tmp_path / "d"), "--images", "2",
+                                 "--chunk", "2", "--steps", "2", "--batch-size", "2",
+                                 "--eval-prompts", "0", "--json"])
+    assert r.exit_code == 0, r.output
+    lines = r.stderr.splitlines()
+    assert any(x.startswith("steered images: 2/2 (100%)") and "accepted" in x for x in lines)
+    assert any(x.startswith("training: 2/2 (100%)") and "loss" in x for x in lines), lines
+    json.loads(r.stdout)

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 
 from l2s.cli.options import config_option, device_option
-from l2s.cli.output import console, emit_json, status, user_errors
+from l2s.cli.output import console, emit_json, progress, status, user_errors
 from l2s.distill.job import DistillConfig
 
 
@@ -80,7 +80,7 @@ def distill(
                                       if k not in ("fresh", "config", "json_out")})
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[info]}"), TimeElapsedColumn())
-    bars = Progress(*columns, console=console, disable=json_out)
+    bars = progress(*columns, json_out=json_out, info=lambda f: f.get("info", ""))
     tasks: dict[str, int] = {}
 
     def on_event(ev: dict) -> None:
