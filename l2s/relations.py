@@ -249,6 +249,11 @@ def _with_article(noun: str, mentioned: set[str]) -> str:
     if noun in mentioned:
         return f"the {noun}"
     mentioned.add(noun)
+    return with_article(noun)
+
+
+def with_article(noun: str) -> str:
+    """"a ring", "an apple": a noun with its indefinite article."""
     return f"{'an' if noun[:1] in tuple('aeiou') else 'a'} {noun}"
 
 

@@ -160,7 +160,8 @@ def test_distill_resumes_to_the_lora_of_an_uninterrupted_run(toy, tmp_path, one_
 
     from l2s.distill.job import DistillConfig, distill
 
-    base = dict(images=4, chunk=2, batch_size=2, checkpoint_every=2, eval_prompts=0)
+    base = dict(images=4, chunk=2, batch_size=2, checkpoint_every=2, eval_prompts=0,
+                preserve=1)
     whole = distill(DistillConfig(out=str(tmp_path / "a"), steps=4, **base), toy)
     cut = DistillConfig(out=str(tmp_path / "b"), steps=2, **base)
     distill(cut, toy)
@@ -440,9 +441,43 @@ def test_distill_off_a_terminal_tells_its_progress_on_stderr(toy, tmp_path, monk
     monkeypatch.setattr(output, "PROGRESS_EVERY", 0.0)
     r = CliRunner().invoke(app, ["distill", "--out", str(tmp_path / "d"), "--images", "2",
                                  "--chunk", "2", "--steps", "2", "--batch-size", "2",
-                                 "--eval-prompts", "0", "--json"])
+                                 "--preserve", "1", "--eval-prompts", "0", "--json"])
     assert r.exit_code == 0, r.output
     lines = r.stderr.splitlines()
     assert any(x.startswith("steered images: 2/2 (100%)") and "accepted" in x for x in lines)
     assert any(x.startswith("training: 2/2 (100%)") and "loss" in x for x in lines), lines
     json.loads(r.stdout)
+
+
+def test_recipe_self_trains_plain_images_of_every_object_held_out_ones_too(toy, tmp_path,
+                                                                          monkeypatch,
+                                                                          one_thread):
+    """Catches the prior left out of training (a toy LoRA trained on ring-free prompts alone
+    drew the ring in 0.30 of held-out prompts) or made of pairs (held-out pairs would be seen):
+    training gets the steered images plus --preserve plain images per object, each prompt
+    naming one object, the held-out ring included; a rerun makes them no second time."""
+    from l2s.distill import train as dtrain
+    from l2s.distill.data import PRESERVE_FILE
+    from l2s.distill.job import DistillConfig, distill
+
+    seen = {}
+    real = dtrain.train_lora
+
+    def spy(denoiser, net, params, latents, prompts, **kw):
+        seen.update(n=len(latents), prompts=list(prompts), paired=kw["paired"])
+        return real(denoiser, net, params, latents, prompts, **kw)
+
+    monkeypatch.setattr(dtrain, "train_lora", spy)
+    cfg = DistillConfig(out=str(tmp_path / "d"), images=2, chunk=2, steps=1, batch_size=2,
+                        eval_prompts=0, preserve=2)
+    res = distill(cfg, toy)
+    objects = list(toy.known_objects)
+    singles = [p for p in seen["prompts"] if p.startswith("a ") and " " not in p[2:]]
+    assert sorted(singles) == sorted(f"a {o}" for o in objects for _ in range(2))
+    assert "a ring" in singles
+    assert seen["n"] == len(seen["prompts"]) == res.card["data"]["accepted"] + 12
+    assert seen["paired"].shape[0] == seen["n"]
+    assert res.card["data"]["preserved"] == 12
+    stamp = (tmp_path / "d" / "data" / PRESERVE_FILE).stat().st_mtime_ns
+    distill(replace(cfg, steps=2), toy)
+    assert (tmp_path / "d" / "data" / PRESERVE_FILE).stat().st_mtime_ns == stamp

@@ -46,7 +46,8 @@ FAST = {"steer", "models", "doctor"}  # toy commands cheap enough for the fast s
 SMALL = {"bench": ["--prompts", "2", "--num-images", "1"],
          "invert": ["--per-relation", "5,2,2"],
          "train": ["--epochs", "1"],
-         "distill": ["--images", "4", "--steps", "1", "--batch-size", "2", "--eval-prompts", "2"],
+         "distill": ["--images", "4", "--steps", "1", "--batch-size", "2", "--eval-prompts", "2",
+                     "--preserve", "1"],
          "speed": ["--repeats", "1"]}
 
 

@@ -300,7 +300,6 @@ def read_card(path: str | Path) -> tuple[Path, dict]:
     return p, card
 
 
-
 def card_sha256(source: str | Path) -> str:
     """A fingerprint of a classifier card and the weights it names: what records and data made
     with it carry, so another classifier (retrained in place, too) is told apart."""
@@ -309,6 +308,7 @@ def card_sha256(source: str | Path) -> str:
     if not card.get("weights_sha256"):  # a card that does not pin its weights
         h.update(sha256_file(path.parent / str(card.get("weights", WEIGHTS_FILE))).encode())
     return h.hexdigest()
+
 
 def check_backbone(card: Mapping, denoiser, card_path: str | Path = "") -> None:
     """Raise ClassifierMismatchError unless the card was trained on this denoiser's maps."""

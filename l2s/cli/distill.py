@@ -33,6 +33,10 @@ def distill(
                                  help="Objects (comma-separated) whose pairs are never "
                                       "distilled on (default: the model's last object, the "
                                       "toy's ring; \"\" for none)."),
+    preserve: int = typer.Option(100, "--preserve",
+                                 help="Recipe self: plain images per object of every object "
+                                      "alone (held-out ones too), trained beside the steered "
+                                      "ones so the LoRA keeps drawing every object; 0: none."),
     rank: int = typer.Option(8, "--rank", help="LoRA rank."),
     alpha: float = typer.Option(8.0, "--alpha", help="LoRA scale numerator (alpha / rank)."),
     targets: str = typer.Option("to_q,to_k,to_v,to_out.0", "--targets",
@@ -45,7 +49,7 @@ def distill(
     noisy_fraction: float = typer.Option(0.25, "--noisy-fraction",
                                          help="Train at this first fraction of the sampling "
                                               "steps (the noisiest, where layout is decided)."),
-    paired_noise: float = typer.Option(0.5, "--paired-noise",
+    paired_noise: float = typer.Option(1.0, "--paired-noise",
                                        help="Fraction of each batch noised with the noise its "
                                             "image was generated from (else fresh noise)."),
     keep: float = typer.Option(1.0, "--keep",
@@ -93,6 +97,11 @@ def distill(
                 tasks["data"] = bars.add_task("steered images", total=ev["total"], info="")
             bars.update(tasks["data"], completed=ev["done"],
                         info=f"accepted {ev['accepted']}")
+        elif phase == "preserve":
+            if "preserve" not in tasks:
+                tasks["preserve"] = bars.add_task("plain single-object images",
+                                                  total=ev["total"], info="")
+            bars.update(tasks["preserve"], completed=ev["done"])
         elif phase == "train":
             if "train" not in tasks:
                 if ev.get("resumed"):
@@ -119,8 +128,10 @@ def distill(
     data = res.card["data"]
     held = ", ".join(data["held_out_objects"]) or "none"
     if "accepted" in data:
+        kept = f", {data['preserved']} plain single-object images" if data.get("preserved") \
+            else ""
         console.print(f"data: {data['accepted']} of {data['generated']} steered images accepted "
-                      f"by the classifier (held out: {held})", highlight=False)
+                      f"by the classifier{kept} (held out: {held})", highlight=False)
     else:
         console.print(f"trained on {data['prompts']} relation prompts (held out: {held})",
                       highlight=False)

@@ -24,11 +24,13 @@ from safetensors.torch import load_file, save_file
 
 from l2s.engine.backbone import Denoiser
 from l2s.engine.sampling import seeded_latents, to_uint8
-from l2s.relations import RELATIONS, Triplet, format_prompt
+from l2s.relations import RELATIONS, Triplet, format_prompt, with_article
 from l2s.steering.loop import Steerer, SteerSettings, generate
 from l2s.steering.losses import RelationLoss
 
 CHUNK_PATTERN = "chunk-{:05d}.safetensors"
+PRESERVE_FILE = "preserve.safetensors"  # plain single-object images (recipe self's prior)
+PRESERVE_OFFSET = 100_000_000  # their image indices: far above any steered image's
 
 
 @dataclass(frozen=True)
@@ -125,6 +127,8 @@ def generate_chunks(denoiser: Denoiser, loss: RelationLoss, settings: SteerSetti
     folder.mkdir(parents=True, exist_ok=True)
     n_chunks = -(-images // chunk)
     total = accepted = 0
+    if callback:  # the display starts its clock here, before the first chunk
+        callback({"phase": "data", "done": 0, "total": images, "accepted": 0})
     for c in range(n_chunks):
         start, n = c * chunk, min(chunk, images - c * chunk)
         path = chunk_path(folder, c)
@@ -168,3 +172,49 @@ def load_accepted(folder: Path, chunks: int) -> tuple[torch.Tensor, list[str], l
         prompts += [texts[i] for i in keep]
         seeds += [chunk_seeds[i] for i in keep]
     return (torch.cat(imgs) if imgs else torch.zeros(0, dtype=torch.uint8)), prompts, seeds
+
+
+def preserve_prompts(objects: Sequence[str], per_object: int) -> list[str]:
+    """``per_object`` prompts naming each object alone ("a ring"), held-out ones included."""
+    return [with_article(o) for o in objects for _ in range(per_object)]
+
+
+def preserved_images(denoiser: Denoiser, settings: SteerSettings, folder: Path, *,
+                     objects: Sequence[str], per_object: int, seed: int,
+                     made_by: dict | None = None,
+                     callback: Callable[[dict], None] | None = None
+                     ) -> tuple[torch.Tensor, list[str], list[int]]:
+    """The base model's plain images (N, H, W, 3) uint8 of every object alone, their prompts
+    and noise seeds: generated once into ``folder`` (kept there while prompts, seeds and
+    ``made_by`` match), the prior that keeps a LoRA drawing every object (recipe self trains
+    them beside the steered images; an object no distilled prompt names is otherwise
+    forgotten). They name no pair and no relation, so held-out pairs stay unseen."""
+    from l2s.engine.sampling import sample
+    from l2s.inversion.cache import atomic_write, atomic_write_text
+
+    texts = preserve_prompts(objects, per_object)
+    seeds = [image_seed(seed, PRESERVE_OFFSET + i) for i in range(len(texts))]
+    path = folder / PRESERVE_FILE
+    found = read_chunk(path) if path.is_file() else None
+    if found is not None and _made_for(path, texts, seeds, made_by):
+        return found[0], texts, seeds
+    folder.mkdir(parents=True, exist_ok=True)
+    parts = []
+    if callback:  # the display starts its clock here, before the first batch
+        callback({"phase": "preserve", "done": 0, "total": len(texts)})
+    for start in range(0, len(texts), 50):
+        with torch.no_grad():
+            imgs = sample(denoiser, texts[start:start + 50], steps=settings.steps,
+                          guidance=settings.guidance,
+                          latents=seeded_latents(denoiser, seeds[start:start + 50]))
+        parts.append(torch.as_tensor(to_uint8(imgs)))
+        if callback:
+            callback({"phase": "preserve", "done": start + len(parts[-1]),
+                      "total": len(texts)})
+    u8 = torch.cat(parts)
+    atomic_write_text(path.with_suffix(".json"), json.dumps(
+        {"prompts": texts, "seeds": seeds, "made_by": made_by}) + "\n")
+    atomic_write(path, lambda tmp: save_file(
+        {"images": u8.contiguous(), "accepted": torch.ones(len(texts), dtype=torch.uint8)},
+        tmp))
+    return u8, texts, seeds
