@@ -57,6 +57,24 @@ def test_lora_round_trip_merges_what_was_trained(den, tmp_path):
     assert not any("lora" in n for n, _ in merged.unet.named_parameters())
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_lora_files_respect_the_umask_and_leave_no_temp_behind(den, tmp_path, umask):
+    """Catches the LoRA weights written owner-only (0600, diffusers' own writer) whatever the
+    umask: a LoRA folder shared with another user could not be read. Nothing else is left."""
+    import os
+
+    net = copy.deepcopy(den.unet)
+    _, spec = _random_lora(net)
+    old = os.umask(umask)
+    try:
+        save_lora(tmp_path, net, spec, {"base_fingerprint": den.fingerprint})
+    finally:
+        os.umask(old)
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in tmp_path.iterdir()}
+    assert modes == {"pytorch_lora_weights.safetensors": oct(0o666 & ~umask),
+                     "card.json": oct(0o666 & ~umask)}
+
+
 def test_diffusers_load_lora_weights_reads_the_folder_and_changes_the_output(tmp_path):
     """A stock diffusers pipeline (tiny SD built from configs) loads the folder with
     load_lora_weights and generates something else than without it."""

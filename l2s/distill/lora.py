@@ -127,15 +127,24 @@ def set_lora_state(net: nn.Module, state: dict[str, torch.Tensor]) -> None:
 
 def save_lora(folder: str | Path, net: nn.Module, spec: LoRASpec, card: dict) -> Path:
     """Write the attached LoRA of ``net`` into ``folder`` in diffusers' format, and its card."""
-    from l2s.inversion.cache import atomic_write_text
+    import os
+    import tempfile
+
+    from l2s.inversion.cache import atomic_write_text, file_mode, temp_prefix, writing
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     cls, prefix = _pipeline_class(net)
     metadata = {"r": spec.rank, "lora_alpha": spec.alpha,
                 "target_modules": sorted(spec.targets)}
-    cls.save_lora_weights(folder, **{f"{prefix}_lora_layers": lora_state(net),
-                                     f"{prefix}_lora_adapter_metadata": metadata})
+    # written beside, then renamed into place with the umask's mode: a killed run never leaves
+    # half a weights file, and others can read it (diffusers writes it owner-only)
+    with writing(folder / WEIGHTS_FILE), \
+            tempfile.TemporaryDirectory(dir=folder, prefix=temp_prefix()) as tmp:
+        cls.save_lora_weights(tmp, **{f"{prefix}_lora_layers": lora_state(net),
+                                      f"{prefix}_lora_adapter_metadata": metadata})
+        os.chmod(Path(tmp) / WEIGHTS_FILE, file_mode())
+        os.replace(Path(tmp) / WEIGHTS_FILE, folder / WEIGHTS_FILE)
     atomic_write_text(folder / CARD_FILE, json.dumps(card, indent=2, sort_keys=True) + "\n")
     return folder
 

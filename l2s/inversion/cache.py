@@ -119,6 +119,11 @@ def remove_dead_temp_files(folder: Path) -> int:
     return removed
 
 
+def file_mode() -> int:
+    """The mode an ordinary ``open`` gives a new file: 0666 less the umask."""
+    return 0o666 & ~_umask()
+
+
 def atomic_write(path: Path, write: Callable[[str], object]) -> None:
     """``write(tmp)`` into a temp file beside ``path``, then rename it into place: readers
     and interrupted runs never see a half-written file. The file gets the mode an ordinary
@@ -130,7 +135,7 @@ def atomic_write(path: Path, write: Callable[[str], object]) -> None:
         os.close(fd)
         try:
             write(tmp)
-            os.chmod(tmp, 0o666 & ~_umask())
+            os.chmod(tmp, file_mode())
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
