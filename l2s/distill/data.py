@@ -102,6 +102,19 @@ def read_chunk(path: Path) -> tuple[torch.Tensor, list[str], list[bool]] | None:
     return tensors["images"], meta["prompts"], [bool(a) for a in tensors["accepted"].tolist()]
 
 
+def write_chunk(path: Path, images: torch.Tensor, accepted: Sequence[bool], texts: list[str],
+                seeds: list[int], made_by: dict | None) -> None:
+    """Write a data file (uint8 images and their acceptance) and its JSON (prompts, seeds,
+    what made them), each atomically: what ``read_chunk`` and ``_made_for`` read back."""
+    from l2s.inversion.cache import atomic_write, atomic_write_text
+
+    atomic_write_text(path.with_suffix(".json"), json.dumps(
+        {"prompts": texts, "seeds": seeds, "made_by": made_by}) + "\n")
+    atomic_write(path, lambda tmp: save_file(
+        {"images": images.contiguous(),
+         "accepted": torch.tensor(list(accepted), dtype=torch.uint8)}, tmp))
+
+
 def _made_for(path: Path, texts: list[str], seeds: list[int], made_by: dict | None) -> bool:
     """Whether the chunk at ``path`` holds these prompts and seeds, made by ``made_by``
     (a chunk an older l2s wrote without it is judged by its prompts and seeds alone)."""
@@ -122,8 +135,6 @@ def generate_chunks(denoiser: Denoiser, loss: RelationLoss, settings: SteerSetti
     {"generated", "accepted"} counts over all chunks. A chunk found there is kept only if it
     holds the prompts and seeds this run draws and was made by ``made_by`` (the classifier
     and steering settings): a run with another hold-out, seed or classifier regenerates it."""
-    from l2s.inversion.cache import atomic_write, atomic_write_text
-
     folder.mkdir(parents=True, exist_ok=True)
     n_chunks = -(-images // chunk)
     total = accepted = 0
@@ -143,11 +154,7 @@ def generate_chunks(denoiser: Denoiser, loss: RelationLoss, settings: SteerSetti
                                settings, loss)
             ok = classifier_accepts(denoiser, imgs, texts, trips, loss, settings, seeds)
             u8 = torch.as_tensor(to_uint8(imgs))
-            atomic_write_text(path.with_suffix(".json"), json.dumps(
-                {"prompts": texts, "seeds": seeds, "made_by": made_by}) + "\n")
-            atomic_write(path, lambda tmp, u8=u8, ok=ok: save_file(
-                {"images": u8.contiguous(), "accepted": torch.tensor(ok, dtype=torch.uint8)},
-                tmp))
+            write_chunk(path, u8, ok, texts, seeds, made_by)
             found = (u8, texts, ok)
         total += len(found[1])
         accepted += sum(found[2])
@@ -190,7 +197,6 @@ def preserved_images(denoiser: Denoiser, settings: SteerSettings, folder: Path, 
     them beside the steered images; an object no distilled prompt names is otherwise
     forgotten). They name no pair and no relation, so held-out pairs stay unseen."""
     from l2s.engine.sampling import sample
-    from l2s.inversion.cache import atomic_write, atomic_write_text
 
     texts = preserve_prompts(objects, per_object)
     seeds = [image_seed(seed, PRESERVE_OFFSET + i) for i in range(len(texts))]
@@ -212,9 +218,5 @@ def preserved_images(denoiser: Denoiser, settings: SteerSettings, folder: Path, 
             callback({"phase": "preserve", "done": start + len(parts[-1]),
                       "total": len(texts)})
     u8 = torch.cat(parts)
-    atomic_write_text(path.with_suffix(".json"), json.dumps(
-        {"prompts": texts, "seeds": seeds, "made_by": made_by}) + "\n")
-    atomic_write(path, lambda tmp: save_file(
-        {"images": u8.contiguous(), "accepted": torch.ones(len(texts), dtype=torch.uint8)},
-        tmp))
+    write_chunk(path, u8, [True] * len(texts), texts, seeds, made_by)
     return u8, texts, seeds
